@@ -1,0 +1,113 @@
+// libgemma3: load a Gemma 3 checkpoint, open sessions, generate text.
+//
+//   auto model = gemma3::Model::load("gemma-3-270m-q4_k_m.gguf", {});
+//   if (!model.ok()) { report(model.status()); }
+//   auto session = (*model)->new_session({});
+//   (*session)->feed_chat({{"user", "Hello"}});
+//   (*session)->generate({}, [](const gemma3::TokenEvent& e) { print(e.text); return true; });
+//
+// Every fallible call returns a Status/Result; the library never exits.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "gemma3/status.h"
+#include "gemma3/tokenizer.h"
+
+namespace gemma3 {
+
+enum class BackendKind { kAuto, kCpu, kCuda };
+
+struct LoadOptions {
+  BackendKind backend = BackendKind::kAuto;
+  int threads = 0;        // 0: one per core
+  int context = 0;        // KV cache length in tokens; 0: min(model max, 8192)
+  std::string mmproj;     // llama.cpp vision projector GGUF (optional)
+  bool progress = false;  // progress bar on stderr while mapping/checking large files
+};
+
+struct ChatMessage {
+  std::string role;  // "system", "user", "model" ("assistant" is accepted as "model")
+  std::string content;
+};
+
+struct SamplingOptions {
+  float temperature = 0.0f;  // 0: greedy
+  int top_k = 0;             // 0: off
+  float top_p = 1.0f;        // 1: off
+  float min_p = 0.0f;        // 0: off
+  float repeat_penalty = 1.0f;
+  int repeat_last_n = 64;
+  uint64_t seed = 0;
+};
+
+struct GenerateOptions {
+  int max_tokens = 256;               // -1: until a stop token or the context is full
+  SamplingOptions sampling;
+  std::vector<std::string> stop_strings;
+  const std::atomic<bool>* cancel = nullptr;  // set to true from any thread to stop
+};
+
+struct TokenEvent {
+  int32_t id;
+  std::string text;  // bytes this token adds to the output (may be a partial UTF-8 sequence)
+};
+
+struct Stats {
+  int prompt_tokens = 0;
+  double prefill_seconds = 0;
+  int generated_tokens = 0;
+  double decode_seconds = 0;
+};
+
+// Named activation dump: (layer or -1, name, values). Installed on a session for debugging.
+using ActivationHook = std::function<void(int layer, const std::string& name, const float* data, int64_t n)>;
+
+class Session;
+
+class Model {
+ public:
+  virtual ~Model() = default;
+  static Result<std::shared_ptr<Model>> load(const std::string& path, const LoadOptions& options);
+
+  virtual const Tokenizer& tokenizer() const = 0;
+  virtual int context_length() const = 0;  // tokens a session can hold
+  virtual int vocab_size() const = 0;      // logits per position
+  virtual std::string description() const = 0;
+  virtual Result<std::unique_ptr<Session>> new_session() = 0;
+};
+
+class Session {
+ public:
+  virtual ~Session() = default;
+
+  // Appends token ids to the context and runs them through the model (chunked prefill).
+  virtual Status feed_tokens(const std::vector<int32_t>& ids) = 0;
+  // Plain text: BOS (if the context is empty) + text, no chat template.
+  virtual Status feed_text(const std::string& text) = 0;
+  // Renders messages with the Gemma 3 chat template, ending with the generation prompt
+  // "<start_of_turn>model\n". On a non-empty session this continues the conversation.
+  virtual Status feed_chat(const std::vector<ChatMessage>& messages) = 0;
+
+  // Samples tokens until a stop id (1, 106), a stop string, max_tokens, the context limit
+  // (an out-of-range error) or the callback returning false.
+  virtual Status generate(const GenerateOptions& options, const std::function<bool(const TokenEvent&)>& on_token) = 0;
+
+  // Logits of the last fed position ([vocab_size] floats), valid after feed_* / generate.
+  virtual const std::vector<float>& last_logits() const = 0;
+  // Logits of every position fed by the next feed_* call are kept when enabled (perplexity, tests).
+  virtual void keep_all_logits(bool keep) = 0;
+  virtual const std::vector<float>& all_logits() const = 0;  // [n_fed, vocab_size]
+
+  virtual int position() const = 0;  // tokens in the context
+  virtual void clear() = 0;          // forget the context
+  virtual const Stats& stats() const = 0;
+  virtual void set_activation_hook(ActivationHook hook) = 0;
+};
+
+}  // namespace gemma3
