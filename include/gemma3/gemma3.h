@@ -22,13 +22,16 @@
 namespace gemma3 {
 
 enum class BackendKind { kAuto, kCpu, kCuda };
+enum class KvType { kBF16, kF32 };  // element type of the KV cache
 
 struct LoadOptions {
   BackendKind backend = BackendKind::kAuto;
-  int threads = 0;        // 0: one per core
-  int context = 0;        // KV cache length in tokens; 0: min(model max, 8192)
-  std::string mmproj;     // llama.cpp vision projector GGUF (optional)
-  bool progress = false;  // progress bar on stderr while mapping/checking large files
+  int threads = 0;  // 0: one per core
+  int context = 0;  // KV cache length in tokens; 0: min(model max, 8192)
+  KvType kv_type = KvType::kBF16;
+  int prefill_chunk = 256;  // tokens per prefill step (also sizes the local-layer rings)
+  std::string mmproj;       // llama.cpp vision projector GGUF (optional)
+  bool progress = false;    // progress bar on stderr while mapping/checking large files
 };
 
 struct ChatMessage {
@@ -47,7 +50,7 @@ struct SamplingOptions {
 };
 
 struct GenerateOptions {
-  int max_tokens = 256;               // -1: until a stop token or the context is full
+  int max_tokens = 256;  // -1: until a stop token or the context is full
   SamplingOptions sampling;
   std::vector<std::string> stop_strings;
   const std::atomic<bool>* cancel = nullptr;  // set to true from any thread to stop
@@ -96,7 +99,8 @@ class Session {
 
   // Samples tokens until a stop id (1, 106), a stop string, max_tokens, the context limit
   // (an out-of-range error) or the callback returning false.
-  virtual Status generate(const GenerateOptions& options, const std::function<bool(const TokenEvent&)>& on_token) = 0;
+  virtual Status generate(const GenerateOptions& options,
+                          const std::function<bool(const TokenEvent&)>& on_token) = 0;
 
   // Logits of the last fed position ([vocab_size] floats), valid after feed_* / generate.
   virtual const std::vector<float>& last_logits() const = 0;

@@ -1,0 +1,91 @@
+// The op interface every backend implements: a small, Gemma-shaped op set. The model graph
+// (src/model/forward.cpp) is written once over it; no backend ever sees "Gemma".
+//
+// Activations are fp32 row-major buffers in backend memory (host for the CPU, device for CUDA),
+// allocated through the backend. Weights are uploaded once into BackendWeight objects.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "core/dtype.h"
+#include "core/tensor.h"
+#include "gemma3/status.h"
+
+namespace gemma3 {
+
+// A weight tensor as a backend holds it: a matrix [rows (out), cols (in)] or a vector [cols].
+class BackendWeight {
+ public:
+  virtual ~BackendWeight() = default;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  DType dtype = DType::kF32;
+};
+
+// One layer's K and V cache in backend memory. Position p lives in slot p % capacity.
+// k, v: [capacity, n_kv_heads, head_dim] of `dtype` (kF32 or kBF16).
+struct KvLayer {
+  void* k = nullptr;
+  void* v = nullptr;
+  int capacity = 0;
+  DType dtype = DType::kBF16;
+};
+
+struct AttentionParams {
+  int n_tokens = 0;  // queries, at absolute positions pos0 .. pos0 + n_tokens - 1
+  int pos0 = 0;
+  int n_heads = 0;  // query heads; query head h reads kv head h / (n_heads / n_kv_heads)
+  int n_kv_heads = 0;
+  int head_dim = 0;
+  float scale = 0;  // logits = (q . k) * scale
+  int window = 0;   // 0: causal (j <= i); W > 0: sliding, keys i - W < j <= i
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+
+  // ---- memory ----
+  virtual Result<void*> allocate(size_t bytes) = 0;  // zero-filled
+  virtual void release(void* ptr) = 0;
+  virtual void to_host(const void* src, void* dst_host, size_t bytes) = 0;
+  virtual void from_host(const void* src_host, void* dst, size_t bytes) = 0;
+  // Makes a weight usable by the ops. The view's data must outlive the returned object
+  // (the CPU backend reads mapped memory in place).
+  virtual Result<std::unique_ptr<BackendWeight>> upload(const TensorView& tensor) = 0;
+
+  // ---- ops (shapes in elements; all float* are backend memory) ----
+  // out[t, :] = row ids[t] of table (dequantized) * scale. ids: host, [n].
+  virtual void embed(const BackendWeight& table, const int32_t* ids, int n, float scale, float* out) = 0;
+  // out[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * w, for rows r < rows; w [dim] already
+  // holds (1 + w_hf): the +1 is applied once, at load time. In place allowed.
+  virtual void rmsnorm(const float* x, const BackendWeight& w, int64_t rows, int dim, float eps,
+                       float* out) = 0;
+  // out[t, o] = sum_i x[t, i] * W[o, i]; x [n, W.cols], out [n, W.rows]. fp32 accumulation.
+  virtual void matmul(const float* x, int n, const BackendWeight& w, float* out) = 0;
+  // Rotate-half RoPE in place on x [n, n_heads, head_dim], token t at position pos0 + t:
+  // angle_i = (pos / scale) * theta^(-2i/head_dim), pairs (i, i + head_dim/2).
+  virtual void rope(float* x, int n, int n_heads, int head_dim, int pos0, float theta, float scale) = 0;
+  // Writes k, v [n, n_kv_heads * head_dim] for positions pos0.. into the cache slots.
+  virtual void kv_write(const float* k, const float* v, int n, int pos0, int kv_width,
+                        const KvLayer& cache) = 0;
+  // out [n, n_heads * head_dim] = softmax(q k^T * scale + mask) v, over the cached keys visible
+  // to each query (see AttentionParams). q: [n, n_heads * head_dim].
+  virtual void attention(const float* q, const KvLayer& cache, const AttentionParams& p, float* out) = 0;
+  // out = gelu_tanh(g) * u, elementwise over n values.
+  virtual void gelu_gate(const float* g, const float* u, int64_t n, float* out) = 0;
+  // out = a + b, elementwise over n values (in place allowed).
+  virtual void add(const float* a, const float* b, int64_t n, float* out) = 0;
+};
+
+struct BackendOptions {
+  int threads = 0;
+};
+
+Result<std::unique_ptr<Backend>> make_cpu_backend(const BackendOptions& options);
+
+}  // namespace gemma3

@@ -1,0 +1,239 @@
+// The CPU reference backend: plain loops, fp32 accumulation, threaded over output rows or
+// (token, head) pairs. Obviously right first; the fast kernels are checked against it.
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "backend/backend.h"
+#include "core/quant.h"
+#include "core/thread_pool.h"
+
+namespace gemma3 {
+namespace {
+
+class CpuWeight final : public BackendWeight {
+ public:
+  TensorView view;  // data points into the mapped checkpoint (or memory the loader owns)
+
+  // dst[0..cols) = row r, dequantized to fp32 (fp8 rows scaled by their row scale).
+  void row(int64_t r, float* dst) const {
+    dequantize_row(dtype, view.row_ptr(r), dst, cols);
+    if (!view.row_scale.empty()) {
+      float s = view.row_scale.size() == 1 ? view.row_scale[0] : view.row_scale[r];
+      for (int64_t i = 0; i < cols; ++i) dst[i] *= s;
+    }
+  }
+};
+
+const CpuWeight& as_cpu(const BackendWeight& w) { return static_cast<const CpuWeight&>(w); }
+
+// Dot product with 8 independent fp32 partial sums (vectorizes; deterministic order).
+float dot(const float* a, const float* b, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) acc[k] += a[i + k] * b[i + k];
+  float s = 0;
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s + ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
+float load_kv(const void* base, DType t, int64_t index) {
+  if (t == DType::kF32) return static_cast<const float*>(base)[index];
+  return bf16_to_f32(static_cast<const uint16_t*>(base)[index]);
+}
+
+class CpuBackend final : public Backend {
+ public:
+  explicit CpuBackend(int threads) : pool_(threads) {}
+
+  std::string name() const override { return fmt::format("cpu ({} threads)", pool_.size()); }
+
+  Result<void*> allocate(size_t bytes) override {
+    void* p = std::calloc(std::max<size_t>(bytes, 1), 1);
+    if (!p) return out_of_memory(fmt::format("cannot allocate {} bytes of host memory", bytes));
+    return p;
+  }
+  void release(void* ptr) override { std::free(ptr); }
+  void to_host(const void* src, void* dst, size_t bytes) override { std::memcpy(dst, src, bytes); }
+  void from_host(const void* src, void* dst, size_t bytes) override { std::memcpy(dst, src, bytes); }
+
+  Result<std::unique_ptr<BackendWeight>> upload(const TensorView& t) override {
+    if (t.shape.empty() || t.shape.size() > 2)
+      return unsupported(fmt::format("tensor {}: {}-D weights are not supported", t.name, t.shape.size()));
+    auto w = std::make_unique<CpuWeight>();
+    w->view = t;
+    w->dtype = t.dtype;
+    w->rows = t.rows();
+    w->cols = t.cols();
+    auto rb = row_bytes(t.dtype, w->cols);
+    if (!rb || *rb * static_cast<uint64_t>(w->rows) != t.nbytes)
+      return invalid_file(fmt::format("tensor {}: {} bytes do not hold {} {} values", t.name, t.nbytes,
+                                      shape_to_string(t.shape), dtype_name(t.dtype)));
+    return std::unique_ptr<BackendWeight>(std::move(w));
+  }
+
+  void embed(const BackendWeight& table, const int32_t* ids, int n, float scale, float* out) override {
+    const CpuWeight& w = as_cpu(table);
+    const int64_t d = w.cols;
+    pool_.parallel_for(n, [&](int64_t b, int64_t e, int) {
+      for (int64_t t = b; t < e; ++t) {
+        float* o = out + t * d;
+        w.row(ids[t], o);
+        for (int64_t i = 0; i < d; ++i) o[i] *= scale;
+      }
+    });
+  }
+
+  void rmsnorm(const float* x, const BackendWeight& wt, int64_t rows, int dim, float eps,
+               float* out) override {
+    std::vector<float> w(dim);
+    as_cpu(wt).row(0, w.data());
+    pool_.parallel_for(
+        rows,
+        [&](int64_t b, int64_t e, int) {
+          for (int64_t r = b; r < e; ++r) {
+            const float* xr = x + r * dim;
+            float* o = out + r * dim;
+            float ss = 0;
+            for (int i = 0; i < dim; ++i) ss += xr[i] * xr[i];
+            // Matches HF Gemma3RMSNorm: x * rsqrt(mean(x^2) + eps) * (1 + w), in fp32.
+            const float inv = 1.0f / std::sqrt(ss / static_cast<float>(dim) + eps);
+            for (int i = 0; i < dim; ++i) o[i] = (xr[i] * inv) * w[i];
+          }
+        },
+        16);
+  }
+
+  void matmul(const float* x, int n, const BackendWeight& wt, float* out) override {
+    const CpuWeight& w = as_cpu(wt);
+    const int64_t k = w.cols, m = w.rows;
+    pool_.parallel_for(
+        m,
+        [&](int64_t b, int64_t e, int) {
+          std::vector<float> row(k);
+          for (int64_t o = b; o < e; ++o) {
+            w.row(o, row.data());
+            for (int t = 0; t < n; ++t) out[static_cast<int64_t>(t) * m + o] = dot(row.data(), x + t * k, k);
+          }
+        },
+        16);
+  }
+
+  void rope(float* x, int n, int n_heads, int head_dim, int pos0, float theta, float scale) override {
+    const int half = head_dim / 2;
+    // As HF computes it in fp32: inv_freq = 1 / theta^(2i/hd), divided by the linear factor,
+    // angle = float(pos) * inv_freq.
+    std::vector<float> inv_freq(half);
+    for (int i = 0; i < half; ++i)
+      inv_freq[i] =
+          (1.0f / std::pow(theta, static_cast<float>(2 * i) / static_cast<float>(head_dim))) / scale;
+    pool_.parallel_for(n, [&](int64_t b, int64_t e, int) {
+      std::vector<float> c(half), s(half);
+      for (int64_t t = b; t < e; ++t) {
+        const float pos = static_cast<float>(pos0 + t);
+        for (int i = 0; i < half; ++i) {
+          const float angle = pos * inv_freq[i];
+          c[i] = static_cast<float>(std::cos(static_cast<double>(angle)));
+          s[i] = static_cast<float>(std::sin(static_cast<double>(angle)));
+        }
+        for (int h = 0; h < n_heads; ++h) {
+          float* v = x + (t * n_heads + h) * head_dim;
+          for (int i = 0; i < half; ++i) {
+            const float a = v[i], bb = v[i + half];
+            v[i] = a * c[i] - bb * s[i];
+            v[i + half] = bb * c[i] + a * s[i];
+          }
+        }
+      }
+    });
+  }
+
+  void kv_write(const float* k, const float* v, int n, int pos0, int kv_width,
+                const KvLayer& cache) override {
+    for (int t = 0; t < n; ++t) {
+      const int64_t slot = (pos0 + t) % cache.capacity;
+      const float* ks = k + static_cast<int64_t>(t) * kv_width;
+      const float* vs = v + static_cast<int64_t>(t) * kv_width;
+      if (cache.dtype == DType::kF32) {
+        std::memcpy(static_cast<float*>(cache.k) + slot * kv_width, ks, kv_width * sizeof(float));
+        std::memcpy(static_cast<float*>(cache.v) + slot * kv_width, vs, kv_width * sizeof(float));
+      } else {
+        uint16_t* kd = static_cast<uint16_t*>(cache.k) + slot * kv_width;
+        uint16_t* vd = static_cast<uint16_t*>(cache.v) + slot * kv_width;
+        for (int i = 0; i < kv_width; ++i) {
+          kd[i] = f32_to_bf16(ks[i]);
+          vd[i] = f32_to_bf16(vs[i]);
+        }
+      }
+    }
+  }
+
+  void attention(const float* q, const KvLayer& cache, const AttentionParams& p, float* out) override {
+    const int hd = p.head_dim, group = p.n_heads / p.n_kv_heads;
+    const int64_t q_width = static_cast<int64_t>(p.n_heads) * hd,
+                  kv_width = static_cast<int64_t>(p.n_kv_heads) * hd;
+    pool_.parallel_for(static_cast<int64_t>(p.n_tokens) * p.n_heads, [&](int64_t b, int64_t e, int) {
+      std::vector<float> scores, key(hd), acc(hd);
+      for (int64_t th = b; th < e; ++th) {
+        const int64_t t = th / p.n_heads;
+        const int h = static_cast<int>(th % p.n_heads), g = h / group;
+        const int64_t i = p.pos0 + t;
+        const int64_t lo = p.window > 0 ? std::max<int64_t>(0, i - p.window + 1) : 0;
+        const float* qv = q + t * q_width + static_cast<int64_t>(h) * hd;
+        scores.resize(i - lo + 1);
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t j = lo; j <= i; ++j) {
+          const int64_t base = (j % cache.capacity) * kv_width + static_cast<int64_t>(g) * hd;
+          for (int d = 0; d < hd; ++d) key[d] = load_kv(cache.k, cache.dtype, base + d);
+          const float s = dot(qv, key.data(), hd) * p.scale;
+          scores[j - lo] = s;
+          mx = std::max(mx, s);
+        }
+        float sum = 0;
+        for (float& s : scores) sum += (s = std::exp(s - mx));
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t j = lo; j <= i; ++j) {
+          const int64_t base = (j % cache.capacity) * kv_width + static_cast<int64_t>(g) * hd;
+          const float w = scores[j - lo] / sum;
+          for (int d = 0; d < hd; ++d) acc[d] += w * load_kv(cache.v, cache.dtype, base + d);
+        }
+        std::memcpy(out + t * q_width + static_cast<int64_t>(h) * hd, acc.data(), hd * sizeof(float));
+      }
+    });
+  }
+
+  void gelu_gate(const float* g, const float* u, int64_t n, float* out) override {
+    constexpr float kSqrt2OverPi = 0.7978845608028654f;
+    pool_.parallel_for(
+        n,
+        [&](int64_t b, int64_t e, int) {
+          for (int64_t i = b; i < e; ++i) {
+            const float x = g[i];
+            // gelu_pytorch_tanh, applied to the gate projection (HF Gemma3MLP).
+            out[i] = 0.5f * x * (1.0f + std::tanh(kSqrt2OverPi * (x + 0.044715f * x * x * x))) * u[i];
+          }
+        },
+        4096);
+  }
+
+  void add(const float* a, const float* b, int64_t n, float* out) override {
+    for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
+  }
+
+ private:
+  ThreadPool pool_;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<Backend>> make_cpu_backend(const BackendOptions& options) {
+  return std::unique_ptr<Backend>(std::make_unique<CpuBackend>(options.threads));
+}
+
+}  // namespace gemma3

@@ -1,0 +1,152 @@
+#include "model/forward.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+
+namespace gemma3 {
+
+float embedding_scale(int hidden) { return round_bf16(std::sqrt(static_cast<float>(hidden))); }
+
+Result<BackendModel> BackendModel::upload(Backend& backend, const Weights& weights) {
+  BackendModel m;
+  auto up = [&](const TensorView& t, std::unique_ptr<BackendWeight>* out) -> Status {
+    GEMMA3_ASSIGN_OR_RETURN(*out, backend.upload(t));
+    return ok_status();
+  };
+  GEMMA3_TRY(up(weights.embed, &m.embed));
+  GEMMA3_TRY(up(weights.final_norm, &m.final_norm));
+  m.layers.resize(weights.layers.size());
+  for (size_t i = 0; i < weights.layers.size(); ++i) {
+    const LayerWeights& l = weights.layers[i];
+    Layer& d = m.layers[i];
+    for (auto [src, dst] : {std::pair{&l.attn_norm, &d.attn_norm},
+                            {&l.q, &d.q},
+                            {&l.k, &d.k},
+                            {&l.v, &d.v},
+                            {&l.q_norm, &d.q_norm},
+                            {&l.k_norm, &d.k_norm},
+                            {&l.o, &d.o},
+                            {&l.post_attn_norm, &d.post_attn_norm},
+                            {&l.ffn_norm, &d.ffn_norm},
+                            {&l.gate, &d.gate},
+                            {&l.up, &d.up},
+                            {&l.down, &d.down},
+                            {&l.post_ffn_norm, &d.post_ffn_norm}})
+      GEMMA3_TRY(up(*src, dst));
+  }
+  return m;
+}
+
+ForwardScratch::~ForwardScratch() {
+  for (void* p : owned_) backend_.release(p);
+}
+
+Status ForwardScratch::allocate(const ModelConfig& c, int chunk) {
+  const int64_t n = chunk;
+  for (auto [ptr, width] : {std::pair{&x, int64_t{c.hidden}},
+                            {&a, c.hidden},
+                            {&normed, c.hidden},
+                            {&q, c.q_width()},
+                            {&k, c.kv_width()},
+                            {&v, c.kv_width()},
+                            {&attn, c.q_width()},
+                            {&gate, c.intermediate},
+                            {&up, c.intermediate},
+                            {&logits, c.vocab_size}}) {
+    const int64_t rows = ptr == &logits ? std::min<int64_t>(n, kLogitRows) : n;
+    const uint64_t bytes = static_cast<uint64_t>(rows * width) * sizeof(float);
+    GEMMA3_ASSIGN_OR_RETURN(void* p, backend_.allocate(bytes));
+    owned_.push_back(p);
+    *ptr = static_cast<float*>(p);
+    bytes_ += bytes;
+  }
+  return ok_status();
+}
+
+Status forward(const ModelConfig& c, const BackendModel& w, Backend& be, KvCache& cache, ForwardScratch& s,
+               const ForwardRequest& req, float* logits_host, const ActivationHook* hook) {
+  const int n = req.n;
+  if (n < 1 || n > cache.plan().chunk)
+    return internal_error(fmt::format("forward: chunk of {} tokens, expected 1..{}", n, cache.plan().chunk));
+  if (req.pos0 < 0 || req.pos0 + n > cache.plan().context)
+    return out_of_range(fmt::format("positions {}..{} exceed the context of {} tokens", req.pos0,
+                                    req.pos0 + n - 1, cache.plan().context));
+  for (int t = 0; t < n; ++t)
+    if (req.ids[t] < 0 || req.ids[t] >= c.vocab_size)
+      return invalid_argument(
+          fmt::format("token id {} is outside the vocabulary [0, {})", req.ids[t], c.vocab_size));
+
+  const int64_t H = c.hidden, I = c.intermediate, qw = c.q_width(), kvw = c.kv_width();
+  const float eps = c.rms_norm_eps;
+  std::vector<float> dump;
+  auto emit = [&](int layer, const char* name, const float* buf, int64_t count) {
+    if (!hook || !*hook) return;
+    dump.resize(count);
+    be.to_host(buf, dump.data(), count * sizeof(float));
+    (*hook)(layer, name, dump.data(), count);
+  };
+
+  be.embed(*w.embed, req.ids, n, embedding_scale(c.hidden), s.x);
+  emit(-1, "embed", s.x, n * H);
+
+  for (int l = 0; l < c.n_layers; ++l) {
+    const BackendModel::Layer& L = w.layers[l];
+    const bool global = c.is_global(l);
+
+    // Attention block: norm -> q/k/v -> QK-norm -> RoPE -> cache -> attention -> o -> post-norm.
+    be.rmsnorm(s.x, *L.attn_norm, n, H, eps, s.normed);
+    be.matmul(s.normed, n, *L.q, s.q);
+    be.matmul(s.normed, n, *L.k, s.k);
+    be.matmul(s.normed, n, *L.v, s.v);
+    be.rmsnorm(s.q, *L.q_norm, int64_t{n} * c.n_heads, c.head_dim, eps, s.q);
+    be.rmsnorm(s.k, *L.k_norm, int64_t{n} * c.n_kv_heads, c.head_dim, eps, s.k);
+    const float theta = global ? c.rope_theta_global : c.rope_theta_local;
+    const float rope_scale = global ? c.rope_scale_global : 1.0f;  // linear scaling: global layers only
+    be.rope(s.q, n, c.n_heads, c.head_dim, req.pos0, theta, rope_scale);
+    be.rope(s.k, n, c.n_kv_heads, c.head_dim, req.pos0, theta, rope_scale);
+    emit(l, "q", s.q, n * qw);
+    emit(l, "k", s.k, n * kvw);
+    emit(l, "v", s.v, n * kvw);
+    be.kv_write(s.k, s.v, n, req.pos0, static_cast<int>(kvw), cache.layer(l));
+    AttentionParams ap;
+    ap.n_tokens = n;
+    ap.pos0 = req.pos0;
+    ap.n_heads = c.n_heads;
+    ap.n_kv_heads = c.n_kv_heads;
+    ap.head_dim = c.head_dim;
+    ap.scale = c.attn_scale();
+    ap.window = global ? 0 : c.sliding_window;
+    be.attention(s.q, cache.layer(l), ap, s.attn);
+    emit(l, "attn", s.attn, n * qw);
+    be.matmul(s.attn, n, *L.o, s.a);
+    be.rmsnorm(s.a, *L.post_attn_norm, n, H, eps, s.a);
+    be.add(s.x, s.a, n * H, s.x);
+    emit(l, "attn_residual", s.x, n * H);
+
+    // MLP block: norm -> GeGLU -> down -> post-norm.
+    be.rmsnorm(s.x, *L.ffn_norm, n, H, eps, s.normed);
+    be.matmul(s.normed, n, *L.gate, s.gate);
+    be.matmul(s.normed, n, *L.up, s.up);
+    be.gelu_gate(s.gate, s.up, n * I, s.gate);
+    be.matmul(s.gate, n, *L.down, s.a);
+    be.rmsnorm(s.a, *L.post_ffn_norm, n, H, eps, s.a);
+    be.add(s.x, s.a, n * H, s.x);
+    emit(l, "layer_out", s.x, n * H);
+  }
+
+  // Final norm and the tied LM head, for the rows whose logits are wanted.
+  const int first = req.all_logits ? 0 : n - 1, rows = n - first;
+  be.rmsnorm(s.x + first * H, *w.final_norm, rows, H, eps, s.normed);
+  emit(-1, "final_norm", s.normed, rows * H);
+  for (int r = 0; r < rows; r += ForwardScratch::kLogitRows) {
+    const int m = std::min(ForwardScratch::kLogitRows, rows - r);
+    be.matmul(s.normed + r * H, m, *w.embed, s.logits);
+    be.to_host(s.logits, logits_host + static_cast<int64_t>(r) * c.vocab_size,
+               static_cast<uint64_t>(m) * c.vocab_size * sizeof(float));
+  }
+  return ok_status();
+}
+
+}  // namespace gemma3

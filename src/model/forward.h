@@ -1,0 +1,75 @@
+// The Gemma 3 decoder, written once over the backend op interface
+// (../shared/reference/gemma3-architecture.md §2).
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "model/config.h"
+#include "model/kv_cache.h"
+#include "model/weights.h"
+
+namespace gemma3 {
+
+// The weights as the backend holds them (same structure as Weights).
+struct BackendModel {
+  struct Layer {
+    std::unique_ptr<BackendWeight> attn_norm, q, k, v, q_norm, k_norm, o, post_attn_norm, ffn_norm, gate, up,
+        down, post_ffn_norm;
+  };
+  std::unique_ptr<BackendWeight> embed, final_norm;
+  std::vector<Layer> layers;
+
+  static Result<BackendModel> upload(Backend& backend, const Weights& weights);
+};
+
+// Per-session activation buffers for chunks of up to `chunk` tokens, in backend memory.
+class ForwardScratch {
+ public:
+  ForwardScratch(Backend& backend) : backend_(backend) {}
+  ~ForwardScratch();
+  ForwardScratch(const ForwardScratch&) = delete;
+  ForwardScratch& operator=(const ForwardScratch&) = delete;
+  Status allocate(const ModelConfig& c, int chunk);
+  uint64_t bytes() const { return bytes_; }
+
+  float* x = nullptr;                    // [chunk, H] residual stream
+  float* a = nullptr;                    // [chunk, H] branch output
+  float* normed = nullptr;               // [chunk, H] normed input of a block
+  float* q = nullptr;                    // [chunk, nH*hd]
+  float* k = nullptr;                    // [chunk, nKV*hd]
+  float* v = nullptr;                    // [chunk, nKV*hd]
+  float* attn = nullptr;                 // [chunk, nH*hd]
+  float* gate = nullptr;                 // [chunk, I]
+  float* up = nullptr;                   // [chunk, I]
+  static constexpr int kLogitRows = 16;  // LM head rows computed per step
+  float* logits = nullptr;               // [min(chunk, kLogitRows), V]
+
+ private:
+  Backend& backend_;
+  std::vector<void*> owned_;
+  uint64_t bytes_ = 0;
+};
+
+using ActivationHook = std::function<void(int layer, const std::string& name, const float* data, int64_t n)>;
+
+struct ForwardRequest {
+  const int32_t* ids = nullptr;  // host, [n]
+  int n = 0;                     // 1 <= n <= chunk
+  int pos0 = 0;                  // absolute position of ids[0]
+  bool all_logits = false;       // logits for every token, else only for the last one
+};
+
+// Runs one chunk through the model, appending its K/V to the cache. Logits are copied to
+// logits_host: [n, V] when all_logits, else [V].
+Status forward(const ModelConfig& c, const BackendModel& w, Backend& backend, KvCache& cache,
+               ForwardScratch& s, const ForwardRequest& req, float* logits_host, const ActivationHook* hook);
+
+// bf16(sqrt(H)): the embedding scale is rounded to the checkpoints' dtype before the multiply
+// (HF Gemma3TextScaledWordEmbedding, gemma.cpp EmbeddingScaling; architecture §2.1).
+float embedding_scale(int hidden);
+
+}  // namespace gemma3
