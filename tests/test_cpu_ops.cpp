@@ -123,7 +123,7 @@ void check_attention(int window, int capacity, int chunk, DType kv_dtype, double
   for (int p0 = 0; p0 < total; p0 += chunk) {
     const int n = std::min(chunk, total - p0);
     be->kv_write(&k[size_t(p0) * kvw], &v[size_t(p0) * kvw], n, p0, kvw, cache);
-    AttentionParams p{n, p0, heads, kv_heads, hd, 0.3f, window};
+    AttentionParams p{n, p0, heads, kv_heads, hd, 0.3f, window, 0};
     std::vector<float> out(size_t(n) * qw);
     be->attention(&q[size_t(p0) * qw], cache, p, out.data());
     std::vector<float> qs(q.begin() + size_t(p0) * qw, q.begin() + size_t(p0 + n) * qw);

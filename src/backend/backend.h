@@ -40,8 +40,9 @@ struct AttentionParams {
   int n_heads = 0;  // query heads; query head h reads kv head h / (n_heads / n_kv_heads)
   int n_kv_heads = 0;
   int head_dim = 0;
-  float scale = 0;  // logits = (q . k) * scale
-  int window = 0;   // 0: causal (j <= i); W > 0: sliding, keys i - W < j <= i
+  float scale = 0;   // logits = (q . k) * scale
+  int window = 0;    // 0: causal (j <= i); W > 0: sliding, keys i - W < j <= i
+  int kv_start = 0;  // first position the cache holds (keys j < kv_start do not exist)
 };
 
 class Backend {

@@ -70,9 +70,9 @@ Status forward(const ModelConfig& c, const BackendModel& w, Backend& be, KvCache
   const int n = req.n;
   if (n < 1 || n > cache.plan().chunk)
     return internal_error(fmt::format("forward: chunk of {} tokens, expected 1..{}", n, cache.plan().chunk));
-  if (req.pos0 < 0 || req.pos0 + n > cache.plan().context)
-    return out_of_range(fmt::format("positions {}..{} exceed the context of {} tokens", req.pos0,
-                                    req.pos0 + n - 1, cache.plan().context));
+  if (req.kv_start < 0 || req.pos0 < req.kv_start || req.pos0 - req.kv_start + n > cache.plan().context)
+    return out_of_range(fmt::format("positions {}..{} (from {}) exceed the context of {} tokens", req.pos0,
+                                    req.pos0 + n - 1, req.kv_start, cache.plan().context));
   for (int t = 0; t < n; ++t)
     if (req.ids[t] < 0 || req.ids[t] >= c.vocab_size)
       return invalid_argument(
@@ -118,6 +118,7 @@ Status forward(const ModelConfig& c, const BackendModel& w, Backend& be, KvCache
     ap.head_dim = c.head_dim;
     ap.scale = c.attn_scale();
     ap.window = global ? 0 : c.sliding_window;
+    ap.kv_start = req.kv_start;
     be.attention(s.q, cache.layer(l), ap, s.attn);
     emit(l, "attn", s.attn, n * qw);
     be.matmul(s.attn, n, *L.o, s.a);

@@ -60,6 +60,8 @@ struct ForwardRequest {
   const int32_t* ids = nullptr;  // host, [n]
   int n = 0;                     // 1 <= n <= chunk
   int pos0 = 0;                  // absolute position of ids[0]
+  int kv_start = 0;              // position of the first token in the cache (0 unless a sequence
+                                 // starts at an offset, as in the RoPE tests)
   bool all_logits = false;       // logits for every token, else only for the last one
 };
 

@@ -184,7 +184,7 @@ class CpuBackend final : public Backend {
         const int64_t t = th / p.n_heads;
         const int h = static_cast<int>(th % p.n_heads), g = h / group;
         const int64_t i = p.pos0 + t;
-        const int64_t lo = p.window > 0 ? std::max<int64_t>(0, i - p.window + 1) : 0;
+        const int64_t lo = std::max<int64_t>(p.kv_start, p.window > 0 ? i - p.window + 1 : 0);
         const float* qv = q + t * q_width + static_cast<int64_t>(h) * hd;
         scores.resize(i - lo + 1);
         float mx = -std::numeric_limits<float>::infinity();
