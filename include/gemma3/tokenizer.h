@@ -52,6 +52,7 @@ class Tokenizer {
 
  private:
   struct Impl;
+  explicit Tokenizer(std::shared_ptr<const Impl> impl);
   std::shared_ptr<const Impl> impl_;
 };
 

@@ -1,0 +1,37 @@
+// The Gemma 3 instruction-tuned chat format, rendered directly as token ids
+// (gemma3-architecture.md §4.3; the Jinja template in the published tokenizer_config.json):
+//
+//   <bos><start_of_turn>user\n{system}\n\n{user}<end_of_turn>\n
+//   <start_of_turn>model\n{model}<end_of_turn>\n
+//   ...
+//   <start_of_turn>model\n                      <- add_generation_prompt
+//
+// <bos>, <start_of_turn> and <end_of_turn> are emitted as ids; the rest ("user\n", message
+// text, "\n") is encoded with parse_special=false, so a message that contains the text
+// "<end_of_turn>" cannot close its turn early.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "gemma3/gemma3.h"
+#include "gemma3/status.h"
+#include "gemma3/tokenizer.h"
+
+namespace gemma3 {
+
+// Roles: "user", "model" ("assistant" is renamed to "model"), and "system" only as the first
+// message, whose content (not trimmed, as in the template) plus "\n\n" is prepended to the
+// first user message. User/model content is trimmed of leading and trailing whitespace (Python
+// str.strip's whitespace set, as Jinja's `trim` uses). After an optional system message the roles
+// must alternate user, model, user, ... (an invalid-argument error otherwise).
+//
+// add_bos = false renders a continuation: the next turns of a session that already holds
+// earlier ones (ending in "<end_of_turn>\n" or with a model reply just generated). Rendering
+// [m0..mk] with add_bos and then [mk+1..mn] without it gives the same ids as rendering
+// [m0..mn] at once when mk is a model turn. A continuation must start with a user message
+// and may not contain a system message.
+Result<std::vector<int32_t>> render_chat(const Tokenizer& tokenizer, const std::vector<ChatMessage>& messages,
+                                         bool add_bos, bool add_generation_prompt);
+
+}  // namespace gemma3
