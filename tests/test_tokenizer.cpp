@@ -15,6 +15,7 @@
 
 #include "gemma3/tokenizer.h"
 #include "io/gguf.h"
+#include "io/gguf_writer.h"
 #include "model/spm_proto.h"
 #include "model/tokenizer_gguf.h"
 
@@ -329,6 +330,112 @@ TEST(TokenizerTiny, ModelFileErrors) {
   EXPECT_EQ(truncated.status().code(), ErrorCode::kInvalidFile);
   EXPECT_FALSE(Tokenizer::from_serialized_proto("").ok());
   EXPECT_FALSE(Tokenizer::from_serialized_proto(std::string("\x0f", 1)).ok());  // wire type 7
+}
+
+// ---- tokenizer_from_gguf on synthetic files -------------------------------------------------
+// A GGUF vocabulary as llama.cpp's converter writes it: <unk> CONTROL, USER_DEFINED pieces
+// with "▁" turned into spaces, and (262208-token files) <image_soft_token> CONTROL plus
+// [PAD...] UNUSED entries at the end.
+GgufWriter tiny_gguf_writer() {
+  TinyVocab v;
+  v.pieces.push_back("  ");  // id 273: "▁▁" in the original model
+  v.scores.push_back(-1000);
+  v.types.push_back(4);
+  v.pieces.push_back("<image_soft_token>");  // 274
+  v.scores.push_back(-1000);
+  v.types.push_back(3);
+  v.pieces.push_back("[PAD275]");  // 275
+  v.scores.push_back(-10000);
+  v.types.push_back(5);
+  GgufWriter w;
+  w.set_string("general.architecture", "gemma3");
+  w.set_string("tokenizer.ggml.model", "llama");
+  w.set_string_array("tokenizer.ggml.tokens", v.pieces);
+  w.set_f32_array("tokenizer.ggml.scores", v.scores);
+  w.set_i32_array("tokenizer.ggml.token_type", v.types);
+  w.set_u32("tokenizer.ggml.bos_token_id", 2);
+  w.set_u32("tokenizer.ggml.eos_token_id", 1);
+  w.set_u32("tokenizer.ggml.unknown_token_id", 3);
+  return w;
+}
+
+Result<Tokenizer> tokenizer_from_writer(const GgufWriter& w) {
+  const std::string path = ::testing::TempDir() + "/gemma3_tokenizer_test.gguf";
+  Status st = w.write(path, std::vector<std::vector<uint8_t>>{});
+  if (!st.ok()) return st;
+  Result<GgufFile> f = GgufFile::open(path);
+  std::remove(path.c_str());  // the mapping stays valid
+  if (!f.ok()) return f.status();
+  return tokenizer_from_gguf(f.value());
+}
+
+TEST(TokenizerGguf, ConverterQuirksAreRepaired) {
+  auto t = tokenizer_from_writer(tiny_gguf_writer());
+  ASSERT_TRUE(t.ok()) << t.status().to_string();
+  EXPECT_EQ(t->n_vocab(), kTinySize + 3);
+  EXPECT_EQ(t->type(3), PieceType::kUnknown);
+  EXPECT_EQ(t->piece(kTinySize), "\xE2\x96\x81\xE2\x96\x81");
+  EXPECT_EQ(encode_ok(*t, "hello  hello"), (Ids{kHello, kTinySize, kHello}));
+  Ids two_spaces = encode_ok(*t, "  ");
+  EXPECT_EQ(two_spaces, (Ids{kTinySize})) << "the user-defined \"▁▁\" piece must match two spaces";
+  EXPECT_EQ(t->decode(kTinySize), "  ");
+  EXPECT_EQ(t->find("<image_soft_token>"), kTinySize + 1);
+  EXPECT_EQ(t->type(kTinySize + 1), PieceType::kControl);
+  EXPECT_EQ(encode_ok(*t, "<image_soft_token>", true), (Ids{kTinySize + 1}));
+  EXPECT_EQ(t->type(kTinySize + 2), PieceType::kUnused);
+  EXPECT_EQ(t->decode(kTinySize + 2), "");
+}
+
+TEST(TokenizerGguf, EosMayBeEndOfTurn) {
+  GgufWriter w = tiny_gguf_writer();
+  w.set_u32("tokenizer.ggml.eos_token_id", 5);  // <end_of_turn>, as some -it exporters write
+  EXPECT_TRUE(tokenizer_from_writer(w).ok());
+}
+
+TEST(TokenizerGguf, Errors) {
+  auto expect_error = [](const GgufWriter& w, ErrorCode code, std::string_view needle) {
+    auto r = tokenizer_from_writer(w);
+    ASSERT_FALSE(r.ok()) << "accepted (" << needle << ")";
+    EXPECT_EQ(r.status().code(), code) << r.status().to_string();
+    EXPECT_NE(r.status().message().find(needle), std::string::npos) << r.status().message();
+  };
+  {
+    GgufWriter w = tiny_gguf_writer();
+    w.set_string("tokenizer.ggml.model", "gpt2");
+    expect_error(w, ErrorCode::kUnsupported, "gpt2");
+  }
+  {
+    GgufWriter w = tiny_gguf_writer();
+    std::vector<int32_t> types(kTinySize + 3, 1);
+    types[7] = 9;
+    w.set_i32_array("tokenizer.ggml.token_type", types);
+    expect_error(w, ErrorCode::kInvalidFile, "token_type[7] = 9");
+  }
+  {
+    GgufWriter w = tiny_gguf_writer();
+    w.set_f32_array("tokenizer.ggml.scores", {0.0f, 1.0f});
+    expect_error(w, ErrorCode::kInvalidFile, "2 scores");
+  }
+  {
+    GgufWriter w = tiny_gguf_writer();
+    w.remove_key("tokenizer.ggml.scores");
+    expect_error(w, ErrorCode::kNotFound, "tokenizer.ggml.scores");
+  }
+  {
+    GgufWriter w = tiny_gguf_writer();
+    w.set_u32("tokenizer.ggml.bos_token_id", 7);
+    expect_error(w, ErrorCode::kInvalidFile, "bos_token_id = 7");
+  }
+  {
+    GgufWriter w = tiny_gguf_writer();
+    w.set_u32("tokenizer.ggml.eos_token_id", 8);
+    expect_error(w, ErrorCode::kInvalidFile, "eos_token_id = 8");
+  }
+  {
+    GgufWriter w = tiny_gguf_writer();
+    w.set_u32("tokenizer.ggml.unknown_token_id", 100000);
+    expect_error(w, ErrorCode::kInvalidFile, "unknown_token_id = 100000");
+  }
 }
 
 // ---- the real Gemma 3 vocabulary -----------------------------------------------------------
