@@ -249,3 +249,48 @@ TEST_F(Real270m, LastLogitsAndGreedyContinuationMatchTransformers) {
 
 }  // namespace
 }  // namespace gemma3
+
+namespace gemma3 {
+namespace {
+
+std::string greedy(Session& s, int n) {
+  std::string out;
+  GenerateOptions g;
+  g.max_tokens = n;
+  Status st = s.generate(g, [&](const TokenEvent& e) {
+    out += e.text;
+    return true;
+  });
+  EXPECT_TRUE(st.ok()) << st.to_string();
+  return out;
+}
+
+// The base 270M's greedy continuation of "The capital of France is" is " the capital of the
+// country of France. ..." — identical in transformers (real270m_france golden), no "Paris"
+// within 48 tokens. A question/answer framing gets the fact out of it.
+TEST_F(Real270m, GreedyAnswerNamesParis) {
+  auto session = std::move(model_->new_session().value());
+  ASSERT_TRUE(session->feed_text("Question: What is the capital of France?\nAnswer:").ok());
+  EXPECT_NE(greedy(*session, 4).find("Paris"), std::string::npos);
+}
+
+// A multi-turn chat keeps its context: turn 2 fed on top of turn 1's cache gives the same
+// logits as a fresh session fed the whole conversation, and the answer can use turn 1.
+TEST_F(Real270m, ChatTurnsKeepTheirContext) {
+  auto chat = std::move(model_->new_session().value());
+  ASSERT_TRUE(chat->feed_chat({{"user", "My name is Ada."}}).ok());
+  const std::string reply = greedy(*chat, 12);
+  ASSERT_TRUE(chat->feed_chat({{"user", "What is my name?"}}).ok());
+  const std::vector<float> incremental = chat->last_logits();
+
+  auto fresh = std::move(model_->new_session().value());
+  ASSERT_TRUE(
+      fresh->feed_chat({{"user", "My name is Ada."}, {"model", reply}, {"user", "What is my name?"}}).ok());
+  EXPECT_EQ(fresh->position(), chat->position());
+  EXPECT_LT(rel_err(incremental, fresh->last_logits()), 1e-4);
+  const std::string answer = greedy(*chat, 16);
+  std::printf("  turn 1 reply: %s\n  turn 2 answer: %s\n", reply.c_str(), answer.c_str());
+}
+
+}  // namespace
+}  // namespace gemma3
