@@ -3,7 +3,6 @@
 // problem), and the real 270M checkpoint when it is present.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
-#include <unistd.h>
 
 #include <chrono>
 #include <cstdlib>
@@ -27,11 +26,11 @@ using ::testing::HasSubstr;
 
 using Bytes = std::vector<uint8_t>;
 
-// A fresh directory per test.
+// A fresh directory per test (named after the test, so reruns reuse it rather than pile up).
 std::string test_dir() {
   const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-  fs::path dir = fs::path(::testing::TempDir()) / (std::string("gguf_") + info->test_suite_name() + "_" +
-                                                   info->name() + "_" + std::to_string(getpid()));
+  fs::path dir = fs::path(::testing::TempDir()) /
+                 (std::string("gemma3_gguf_") + info->test_suite_name() + "_" + info->name());
   fs::remove_all(dir);
   fs::create_directories(dir);
   return dir.string();
