@@ -526,6 +526,33 @@ TEST(HfConfig, LoadFromFolder) {
   fs::remove_all(dir);
 }
 
+// tests/data/tiny/config.json was written by transformers 5.24 (rope_parameters, layer_types);
+// expected values read from that file by eye.
+TEST(HfConfig, TinyModelWrittenByNewTransformers) {
+  const std::string folder = std::string(GEMMA3_SOURCE_DIR) + "/tests/data/tiny";
+  if (!std::filesystem::exists(folder + "/config.json"))
+    GTEST_SKIP() << folder << "/config.json is not present";
+  auto c = load_hf_config(folder);
+  ASSERT_TRUE(c.ok()) << c.status().to_string();
+  EXPECT_EQ(c->size_label, "custom");
+  EXPECT_EQ(c->n_layers, 8);
+  EXPECT_EQ(c->hidden, 96);
+  EXPECT_EQ(c->intermediate, 160);
+  EXPECT_EQ(c->n_heads, 4);
+  EXPECT_EQ(c->n_kv_heads, 2);
+  EXPECT_EQ(c->head_dim, 32);
+  EXPECT_EQ(c->vocab_size, 512);
+  EXPECT_EQ(c->sliding_window, 8);
+  EXPECT_EQ(c->max_context, 4096);
+  EXPECT_FLOAT_EQ(c->query_pre_attn_scalar, 24.0f);
+  EXPECT_FLOAT_EQ(c->rope_theta_global, 1e6f);
+  EXPECT_FLOAT_EQ(c->rope_theta_local, 1e4f);
+  EXPECT_FLOAT_EQ(c->rope_scale_global, 8.0f);
+  EXPECT_EQ(c->eos_ids, (std::vector<int>{1}));
+  EXPECT_EQ(global_layers(*c), (std::vector<int>{5}));
+  EXPECT_FALSE(c->has_vision);
+}
+
 TEST(HfQuantization, CompressedTensorsFp8) {
   json j = json::parse(k4B);
   j["quantization_config"] = json::parse(R"({

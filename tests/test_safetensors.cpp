@@ -479,5 +479,33 @@ TEST(Safetensors, HeaderWhitespacePaddingIsAccepted) {
   EXPECT_EQ(view_bytes(*set->find_tensor("t")), bytes_of(f));
 }
 
+// The tiny random model in tests/data/tiny was written by the reference Python writer
+// (safetensors via transformers 5.24); its header was read with Python's json module to get
+// the values below.
+TEST(Safetensors, ReferenceWrittenTinyModel) {
+  const std::string folder = std::string(GEMMA3_SOURCE_DIR) + "/tests/data/tiny";
+  const std::string file = folder + "/model.safetensors";
+  if (!fs::exists(file)) GTEST_SKIP() << file << " is not present";
+  auto set = SafetensorsSet::open(folder);
+  ASSERT_TRUE(set.ok()) << set.status().to_string();
+  EXPECT_EQ(set->tensors().size(), 2u + 13u * 8u);  // embed + final norm + 13 per layer, 8 layers
+  const TensorView* embed = set->find_tensor("model.embed_tokens.weight");
+  ASSERT_NE(embed, nullptr);
+  EXPECT_EQ(embed->dtype, DType::kF32);
+  EXPECT_EQ(embed->shape, (std::vector<int64_t>{512, 96}));
+  const TensorView* q = set->find_tensor("model.layers.0.self_attn.q_proj.weight");
+  ASSERT_NE(q, nullptr);
+  EXPECT_EQ(q->shape, (std::vector<int64_t>{128, 96}));
+  EXPECT_EQ(set->find_tensor("model.norm.weight")->shape, (std::vector<int64_t>{96}));
+  // embed_tokens has data_offsets [0, 196608] and the header is 11184 bytes: compare the
+  // view's bytes with the file read independently.
+  std::ifstream f(file, std::ios::binary);
+  std::string bytes(196608, '\0');
+  f.seekg(8 + 11184);
+  f.read(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  ASSERT_TRUE(f.good());
+  EXPECT_EQ(view_bytes(*embed), bytes);
+}
+
 }  // namespace
 }  // namespace gemma3
