@@ -237,13 +237,16 @@ TEST_F(Real270m, LastLogitsAndGreedyContinuationMatchTransformers) {
                                })
                     .ok());
     const auto want = c["greedy_ids"].get<std::vector<int32_t>>();
-    // Stop ids end generation without an event; compare the common prefix up to a stop.
-    std::vector<int32_t> want_until_stop;
-    for (int32_t id : want) {
-      if (id == 1 || id == 106) break;
-      want_until_stop.push_back(id);
-    }
-    EXPECT_EQ(ids, want_until_stop) << name;
+    const auto margins = c["greedy_margins"].get<std::vector<double>>();
+    // Compare up to the first near-tie (top-2 logit gap < 0.05 in the reference: the France
+    // prompt has 0.013 at step 11, the chat prompt 0.003 at step 8), where rounding may pick
+    // either token, or a stop id (which ends generation without an event).
+    std::vector<int32_t> want_prefix;
+    for (size_t i = 0; i < want.size() && margins[i] >= 0.05 && want[i] != 1 && want[i] != 106; ++i)
+      want_prefix.push_back(want[i]);
+    ASSERT_GE(ids.size(), want_prefix.size()) << name;
+    ids.resize(want_prefix.size());
+    EXPECT_EQ(ids, want_prefix) << name;
   }
 }
 
