@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <cmath>
 #include <unordered_map>
 
@@ -234,6 +235,9 @@ Status Checkpoint::load_hf() {
     return invalid_file(fmt::format("{}: tokenizer.model has {} pieces but the embedding only {} rows", path_,
                                     tokenizer_.n_vocab(), c.vocab_size));
   c.bos_id = tokenizer_.bos_id();
+  // Stop on <eos> and <end_of_turn> whatever the config lists (a -pt config says only 1).
+  for (int32_t id : {tokenizer_.eos_id(), tokenizer_.end_of_turn_id()})
+    if (id >= 0 && std::find(c.eos_ids.begin(), c.eos_ids.end(), id) == c.eos_ids.end()) c.eos_ids.push_back(id);
   return bind(
       [&](const std::string& hf) -> const TensorView* {
         auto i = by_name.find(hf);
