@@ -5,14 +5,21 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/progress.h"
+
 namespace gemma3 {
 
 float embedding_scale(int hidden) { return round_bf16(std::sqrt(static_cast<float>(hidden))); }
 
-Result<BackendModel> BackendModel::upload(Backend& backend, const Weights& weights) {
+Result<BackendModel> BackendModel::upload(Backend& backend, const Weights& weights, bool progress) {
   BackendModel m;
+  uint64_t total = weights.embed.nbytes, done = 0;
+  for (const LayerWeights& l : weights.layers)
+    for (const TensorView* t : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down}) total += t->nbytes;
+  ProgressBar bar("loading", total, progress);
   auto up = [&](const TensorView& t, std::unique_ptr<BackendWeight>* out) -> Status {
     GEMMA3_ASSIGN_OR_RETURN(*out, backend.upload(t));
+    bar.update(done += t.shape.size() == 2 ? t.nbytes : 0);
     return ok_status();
   };
   GEMMA3_TRY(up(weights.embed, &m.embed));

@@ -23,7 +23,8 @@ struct BackendModel {
   std::unique_ptr<BackendWeight> embed, final_norm;
   std::vector<Layer> layers;
 
-  static Result<BackendModel> upload(Backend& backend, const Weights& weights);
+  // progress: draw a bar on stderr while uploading (large models).
+  static Result<BackendModel> upload(Backend& backend, const Weights& weights, bool progress = false);
 };
 
 // Per-session activation buffers for chunks of up to `chunk` tokens, in backend memory.

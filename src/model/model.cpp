@@ -233,7 +233,7 @@ Result<std::shared_ptr<Model>> Model::load(const std::string& path, const LoadOp
   BackendOptions bo;
   bo.threads = options.threads;
   GEMMA3_ASSIGN_OR_RETURN(m->backend, make_cpu_backend(bo));
-  GEMMA3_ASSIGN_OR_RETURN(m->weights, BackendModel::upload(*m->backend, m->ckpt->weights()));
+  GEMMA3_ASSIGN_OR_RETURN(m->weights, BackendModel::upload(*m->backend, m->ckpt->weights(), options.progress));
   return std::shared_ptr<Model>(std::move(m));
 }
 
