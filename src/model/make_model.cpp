@@ -526,7 +526,8 @@ ojson hf_config_json(const ModelConfig& c, bool vision) {
   if (!vision) {
     j["architectures"] = {"Gemma3ForCausalLM"};
     j["model_type"] = "gemma3_text";
-    for (auto& [k, v] : hf_text_config(c).items()) j[k] = v;
+    const ojson text = hf_text_config(c);  // named: items() of a temporary would dangle
+    for (auto& [k, v] : text.items()) j[k] = v;
     j["bos_token_id"] = 2;
     j["eos_token_id"] = {1, 106};
     j["pad_token_id"] = 0;

@@ -12,6 +12,7 @@
 #include "io/hf_config.h"
 #include "io/safetensors.h"
 #include "model/tokenizer_gguf.h"
+#include "model/vision_weights.h"
 
 namespace gemma3 {
 namespace {
@@ -161,8 +162,13 @@ Status Checkpoint::load_gguf() {
       return unsupported(fmt::format("{}: rope scaling type \"{}\" (Gemma 3 uses \"linear\")", path_, type));
     }
   }
-  if (f.has("gemma3.final_logit_softcapping") || f.has("gemma3.attn_logit_softcapping"))
-    return unsupported(fmt::format("{}: logit soft-capping is set; that is Gemma 2, not Gemma 3", path_));
+  for (const char* key : {"gemma3.final_logit_softcapping", "gemma3.attn_logit_softcapping"})
+    if (f.has(key))
+      return unsupported(fmt::format("{}: {} is set; logit soft-capping is Gemma 2, not Gemma 3", path_, key));
+  if (c.n_kv_heads > 0 && c.n_heads % c.n_kv_heads != 0)  // before validate(), to name the GGUF keys
+    return invalid_file(fmt::format(
+        "{}: gemma3.attention.head_count ({}) is not a multiple of gemma3.attention.head_count_kv ({})", path_,
+        c.n_heads, c.n_kv_heads));
   // Layer pattern: Ollama writes a BOOL array (true = sliding); otherwise an optional period.
   c.set_layer_pattern(6);
   if (f.has("gemma3.attention.sliding_window_pattern")) {
@@ -197,6 +203,9 @@ Status Checkpoint::load_gguf() {
   if (embd->shape.size() != 2)
     return invalid_file(fmt::format("{}: token_embd.weight has shape {}, expected [n_vocab, {}]", path_,
                                     shape_to_string(embd->shape), c.hidden));
+  if (embd->shape[1] != c.hidden)
+    return invalid_file(fmt::format("{}: gemma3.embedding_length = {} but token_embd.weight has shape {} (width {})",
+                                    path_, c.hidden, shape_to_string(embd->shape), embd->shape[1]));
   c.vocab_size = static_cast<int>(embd->shape[0]);
 
   GEMMA3_ASSIGN_OR_RETURN(tokenizer_, tokenizer_from_gguf(f));
@@ -238,12 +247,26 @@ Status Checkpoint::load_hf() {
   // Stop on <eos> and <end_of_turn> whatever the config lists (a -pt config says only 1).
   for (int32_t id : {tokenizer_.eos_id(), tokenizer_.end_of_turn_id()})
     if (id >= 0 && std::find(c.eos_ids.begin(), c.eos_ids.end(), id) == c.eos_ids.end()) c.eos_ids.push_back(id);
-  return bind(
+  GEMMA3_TRY(bind(
       [&](const std::string& hf) -> const TensorView* {
         auto i = by_name.find(hf);
         return i == by_name.end() ? nullptr : i->second;
       },
-      /*norms_hold_one=*/false);
+      /*norms_hold_one=*/false));
+  if (c.has_vision) {
+    GEMMA3_ASSIGN_OR_RETURN(vision_, load_vision_hf(*safetensors_, c.vision, c.hidden, path_));
+  }
+  return ok_status();
+}
+
+Status Checkpoint::attach_vision(const std::string& mmproj_path) {
+  if (vision_)
+    return invalid_argument(fmt::format("{}: {} already has a vision tower; not attaching {}", mmproj_path, path_,
+                                        mmproj_path));
+  GEMMA3_ASSIGN_OR_RETURN(vision_, load_vision_mmproj(mmproj_path, config_.hidden));
+  config_.has_vision = true;
+  config_.vision = vision_->config;
+  return ok_status();
 }
 
 Status Checkpoint::take_norm(const TensorView* t, const std::string& name, int64_t dim, bool holds_one,

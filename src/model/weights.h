@@ -19,6 +19,7 @@ namespace gemma3 {
 
 class GgufFile;
 class SafetensorsSet;
+struct VisionWeights;
 
 struct LayerWeights {
   TensorView attn_norm;       // [H]  (1+w), before attention
@@ -54,6 +55,12 @@ class Checkpoint {
   const std::vector<const TensorView*>& text_tensors() const { return text_tensors_; }
   uint64_t weight_bytes() const;
 
+  // The vision tower + projector: loaded by open() from a multimodal HF folder, or attached
+  // from a llama.cpp mmproj GGUF (formats.md §2.11), which must match this text model (the
+  // projection's width is H). Sets config().has_vision / vision. nullptr when there is none.
+  Status attach_vision(const std::string& mmproj_path);
+  const VisionWeights* vision() const { return vision_.get(); }
+
  private:
   Checkpoint();
   Status load_gguf();
@@ -72,6 +79,7 @@ class Checkpoint {
   std::unique_ptr<GgufFile> gguf_;
   std::unique_ptr<SafetensorsSet> safetensors_;
   std::deque<std::vector<float>> owned_;  // storage of norm weights (1 + w), fp32
+  std::unique_ptr<VisionWeights> vision_;
 };
 
 }  // namespace gemma3
