@@ -1,0 +1,399 @@
+// End-to-end tests of the `gemma3` binary (GEMMA3_CLI_PATH): flags, exit codes, and the
+// commands on the real 270M checkpoint (skipped when it is absent).
+//
+// Goldens come from outside this code base: token ids from the Hugging Face `tokenizers`
+// package, memory numbers from gemma3-architecture.md §5, "Paris" from the question itself.
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace {
+
+namespace fs = std::filesystem;
+
+struct CliResult {
+  int code = -1;  // exit status, or 128 + signal
+  std::string out, err;
+};
+
+std::string read_all(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+void write_all(const fs::path& p, const std::string& s) {
+  std::ofstream out(p, std::ios::binary);
+  out << s;
+}
+
+std::string shell_quote(const std::string& s) {
+  std::string q = "'";
+  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return q + "'";
+}
+
+fs::path temp_dir() {
+  static const fs::path dir = [] {
+    std::string tmpl = (fs::path(testing::TempDir()) / "gemma3_cli_XXXXXX").string();
+    const char* d = ::mkdtemp(tmpl.data());
+    return fs::path(d ? d : testing::TempDir());
+  }();
+  return dir;
+}
+
+// Runs `gemma3 args...` with stdout and stderr captured to files (and stdin from `input`).
+CliResult run_cli(const std::vector<std::string>& args, const std::string& input = "") {
+  const fs::path dir = temp_dir();
+  const fs::path out = dir / "stdout", err = dir / "stderr", in = dir / "stdin";
+  write_all(in, input);
+  std::string cmd = shell_quote(GEMMA3_CLI_PATH);
+  for (const auto& a : args) cmd += " " + shell_quote(a);
+  cmd +=
+      " <" + shell_quote(in.string()) + " >" + shell_quote(out.string()) + " 2>" + shell_quote(err.string());
+  const int status = std::system(cmd.c_str());
+  CliResult r;
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  r.out = read_all(out);
+  r.err = read_all(err);
+  return r;
+}
+
+std::string model_270m() {
+  if (const char* env = std::getenv("GEMMA3_MODEL_270M")) return env;
+  const char* home = std::getenv("HOME");
+  return std::string(home ? home : "") + "/.cache/gemma3/gemma-3-270m-q4_k_m.gguf";
+}
+
+#define REQUIRE_MODEL_270M()                                                                          \
+  const std::string model = model_270m();                                                             \
+  if (!fs::exists(model))                                                                             \
+    GTEST_SKIP() << "270M checkpoint not found at " << model << " (set GEMMA3_MODEL_270M or run the " \
+                 << "fetch script in models/)";
+
+// ---- usage ----------------------------------------------------------------------------------
+
+TEST(CliUsage, NoArgumentsListsCommands) {
+  const CliResult r = run_cli({});
+  EXPECT_EQ(r.code, 0);
+  for (const char* c : {"run", "chat", "perplexity", "tokenize", "info"})
+    EXPECT_NE(r.out.find(c), std::string::npos) << c;
+  EXPECT_EQ(run_cli({"--help"}).out, r.out);
+}
+
+TEST(CliUsage, Version) {
+  const CliResult r = run_cli({"--version"});
+  EXPECT_EQ(r.code, 0);
+  EXPECT_EQ(r.out.rfind("gemma3 ", 0), 0u) << r.out;
+}
+
+TEST(CliUsage, EveryCommandHasHelp) {
+  for (const char* c : {"run", "chat", "perplexity", "tokenize", "info"}) {
+    const CliResult r = run_cli({c, "--help"});
+    EXPECT_EQ(r.code, 0) << c;
+    EXPECT_NE(r.out.find(std::string("usage: gemma3 ") + c), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("-m, --model PATH"), std::string::npos) << r.out;
+    EXPECT_TRUE(r.err.empty()) << r.err;
+  }
+}
+
+TEST(CliUsage, UnknownCommandExits2) {
+  const CliResult r = run_cli({"frobnicate"});
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.err.find("unknown command 'frobnicate'"), std::string::npos) << r.err;
+}
+
+TEST(CliUsage, UnknownFlagExits2) {
+  const CliResult r = run_cli({"run", "-m", "m.gguf", "-p", "hi", "--bogus"});
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.err.find("gemma3 run: unknown option '--bogus'"), std::string::npos) << r.err;
+  EXPECT_TRUE(r.out.empty()) << r.out;
+}
+
+TEST(CliUsage, BadNumberExits2) {
+  CliResult r = run_cli({"run", "-m", "m.gguf", "-p", "hi", "--temp", "abc"});
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.err.find("gemma3 run: --temp expects a number, got 'abc'"), std::string::npos) << r.err;
+  r = run_cli({"perplexity", "-m", "m.gguf", "-f", "x.txt", "--ctx", "12x"});
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.err.find("--ctx expects an integer, got '12x'"), std::string::npos) << r.err;
+  r = run_cli({"info", "-m", "m.gguf", "--kv-type", "f8"});
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.err.find("--kv-type expects one of bf16|f32, got 'f8'"), std::string::npos) << r.err;
+}
+
+TEST(CliUsage, MissingValueExits2) {
+  const CliResult r = run_cli({"run", "-p", "hi", "-m"});
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.err.find("gemma3 run: -m expects a value"), std::string::npos) << r.err;
+}
+
+TEST(CliUsage, MissingModelFlagExits2) {
+  const CliResult r = run_cli({"run", "-p", "hi"});
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.err.find("-m MODEL is required"), std::string::npos) << r.err;
+}
+
+TEST(CliUsage, OutOfRangeSamplingValueExits2) {
+  const CliResult r = run_cli({"run", "-m", "m.gguf", "-p", "hi", "--top-p", "1.5"});
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.err.find("--top-p must be in (0, 1], got 1.5"), std::string::npos) << r.err;
+}
+
+// ---- input errors (checked before the model is loaded) -------------------------------------
+
+TEST(CliInput, EmptyPromptIsAClearError) {
+  const CliResult r = run_cli({"run", "-m", "m.gguf", "-p", ""});
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.err.find("the prompt is empty"), std::string::npos) << r.err;
+}
+
+TEST(CliInput, InvalidUtf8PromptExits3) {
+  const fs::path file = temp_dir() / "bad_utf8.txt";
+  write_all(file, std::string("caf\xC3", 4) + "\xFF tail");  // truncated é, then a byte never valid in UTF-8
+  const CliResult r = run_cli({"run", "-m", "m.gguf", "-f", file.string()});
+  EXPECT_EQ(r.code, 3);
+  EXPECT_NE(r.err.find("not valid UTF-8: byte 0xC3 at offset 3"), std::string::npos) << r.err;
+}
+
+TEST(CliInput, MissingPromptFileExits3WithPath) {
+  const std::string path = (temp_dir() / "no_such_prompt.txt").string();
+  const CliResult r = run_cli({"run", "-m", "m.gguf", "-f", path});
+  EXPECT_EQ(r.code, 3);
+  EXPECT_NE(r.err.find(path), std::string::npos) << r.err;
+}
+
+TEST(CliInput, MissingModelFileExits3WithPath) {
+  const std::string path = (temp_dir() / "no_such_dir" / "model.gguf").string();
+  for (const std::vector<std::string>& args : std::vector<std::vector<std::string>>{
+           {"info", "-m", path}, {"tokenize", "-m", path, "-p", "hi"}, {"run", "-m", path, "-p", "hi"}}) {
+    const CliResult r = run_cli(args);
+    EXPECT_EQ(r.code, 3) << args[0] << ": " << r.err;
+    EXPECT_NE(r.err.find(path), std::string::npos) << r.err;
+    EXPECT_EQ(r.err.rfind("gemma3 " + args[0] + ": ", 0), 0u) << r.err;
+  }
+}
+
+// ---- on the 270M checkpoint -----------------------------------------------------------------
+
+// gemma3-architecture.md §5, 270M: b = 2 (K,V) x 1 kv head x 256 x 2 B = 1024 B per slot; 3 global
+// and 15 local layers, W = 512. At T = 32768 the global part is 3 x 32768 x 1024 B = 96 MiB and
+// an all-global cache 18 x 32768 x 1024 B = 576 MiB. §5's local ring (7.5 MiB, total 103.5 MiB,
+// saving 5.57x) assumes W slots per layer, which is our plan with --chunk 1 (W + 1 - 1 slots);
+// with the default chunk of 256 each ring holds W + 255 = 767 slots: 15 x 767 x 1024 B.
+TEST(CliModel, InfoReports270MConfigAndMemoryPlan) {
+  REQUIRE_MODEL_270M();
+  CliResult r = run_cli({"info", "-m", model, "--ctx", "32768", "-o", "json"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["n_layers"], 18);
+  EXPECT_EQ(j["n_global_layers"], 3);
+  EXPECT_EQ(j["hidden"], 640);
+  EXPECT_EQ(j["intermediate"], 2048);
+  EXPECT_EQ(j["n_heads"], 4);
+  EXPECT_EQ(j["n_kv_heads"], 1);
+  EXPECT_EQ(j["head_dim"], 256);
+  EXPECT_EQ(j["sliding_window"], 512);
+  EXPECT_EQ(j["layer_pattern"], "LLLLLGLLLLLGLLLLLG");
+  EXPECT_EQ(j["size_label"], "270M");
+  EXPECT_EQ(j["vocab_rows"], 262144);
+  EXPECT_DOUBLE_EQ(j["attn_scale"].get<double>(), 0.0625);
+  const auto& m = j["memory"];
+  EXPECT_EQ(m["bytes_per_slot"], 1024);
+  EXPECT_EQ(m["kv_global_bytes"], 96ull << 20);
+  EXPECT_EQ(m["local_slots"], 767);
+  EXPECT_EQ(m["kv_local_bytes"], 15ull * 767 * 1024);
+  EXPECT_EQ(m["kv_all_global_bytes"], 576ull << 20);
+  EXPECT_EQ(m["kv_total_bytes"], (96ull << 20) + 15ull * 767 * 1024);
+
+  r = run_cli({"info", "-m", model, "--ctx", "32768", "--chunk", "1", "-o", "json"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto m1 = nlohmann::json::parse(r.out)["memory"];
+  EXPECT_EQ(m1["kv_local_bytes"], 7864320);    // §5 "local ring 7.5 MiB"
+  EXPECT_EQ(m1["kv_total_bytes"], 108527616);  // §5 "hybrid total 103.5 MiB"
+  EXPECT_NEAR(m1["kv_saving"].get<double>(), 5.57, 0.005);
+
+  // Default context is the model's max (32768), and the text form shows the same numbers.
+  r = run_cli({"info", "-m", model});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("memory plan at context 32768"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("96.00 MiB"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("576.00 MiB"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("18 (3 global, 15 local)"), std::string::npos) << r.out;
+}
+
+// Ids from the Hugging Face tokenizer, computed once by hand:
+//   tokenizers.Tokenizer.from_file("/work/shared/data/gemma3-tokenizer/tokenizer.json")
+//       .encode("Hello world", add_special_tokens=False).ids == [9259, 1902]
+//   (tokens ['Hello', '▁world'])
+TEST(CliModel, TokenizeHelloWorld) {
+  REQUIRE_MODEL_270M();
+  CliResult r = run_cli({"tokenize", "-m", model, "-p", "Hello world", "--ids"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out, "9259 1902\n");
+  r = run_cli({"tokenize", "-m", model, "-p", "Hello world"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out, "  9259 -> 'Hello'\n  1902 -> ' world'\n");
+}
+
+TEST(CliModel, TokenizeParseSpecial) {
+  REQUIRE_MODEL_270M();
+  // <end_of_turn> is id 106 (architecture reference §4.2) only when special text is parsed.
+  CliResult r = run_cli({"tokenize", "-m", model, "-p", "<end_of_turn>", "--ids", "--parse-special"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out, "106\n");
+  r = run_cli({"tokenize", "-m", model, "-p", "<end_of_turn>", "--ids"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out, "106\n");
+}
+
+// The checkpoint is the pretrained (not instruction-tuned) 270M. Greedy continuations, from
+// Hugging Face transformers 5.x (Gemma3ForCausalLM on this GGUF, dequantized to fp32):
+//   "The capital of France is"             -> " the capital of the country of France."  (no Paris)
+//   "The capital of France is the city of" -> " Paris. It is the most visited city in France."
+// so the test asks the second prompt.
+TEST(CliModel, RunRawGreedyKnowsTheCapitalOfFrance) {
+  REQUIRE_MODEL_270M();
+  const CliResult r = run_cli(
+      {"run", "-m", model, "--raw", "-p", "The capital of France is the city of", "-n", "8", "--temp", "0"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("Paris"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.back(), '\n');
+  EXPECT_NE(r.err.find("prompt:"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("generated: 8 tokens"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("tok/s"), std::string::npos) << r.err;
+  EXPECT_EQ(r.out.find("tok/s"), std::string::npos) << "statistics belong on stderr";
+}
+
+TEST(CliModel, RunPromptLongerThanContextExits4) {
+  REQUIRE_MODEL_270M();
+  std::string prompt;
+  for (int i = 0; i < 50; ++i) prompt += "one two three four ";
+  const CliResult r = run_cli({"run", "-m", model, "--raw", "--ctx", "32", "-p", prompt, "-n", "4"});
+  EXPECT_EQ(r.code, 4) << r.err;
+  EXPECT_NE(r.err.find("out of range"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("--ctx"), std::string::npos) << r.err;
+}
+
+// The pretrained 270M cannot hold a conversation: under the chat template it echoes the user's
+// text. It does copy from its context, though, which is what this test uses: asked "What is my
+// name?" in a session that holds the first turn, it answers with that turn's "My name is Ada";
+// after /clear it cannot. Goldens (24 greedy tokens each) from Hugging Face transformers on this
+// GGUF with the ids of the whole conversation (first turn, its 24-token reply, then
+// "<end_of_turn>\n<start_of_turn>user\nWhat is my name?<end_of_turn>\n<start_of_turn>model\n",
+// which equals apply_chat_template of the three messages):
+constexpr const char* kReply1 =
+    "My name is Ada. Reply OK. mendatanguser\nMy name is Ada. Reply OK. mendatanguser\nMy name";
+constexpr const char* kReply2 =
+    "My name is Ada. Reply OK. mendatanguser\nMy name\u3068\u306F? mendatanguser\nMy name\u3068\u306F? "
+    "mendatanguser";
+constexpr const char* kReplyFresh =
+    "What is your name? mendatanguser\nWhat is your name? mendatanguser\nWhat is your name? mendatanguser\n";
+
+TEST(CliModel, ChatFromPipeKeepsEarlierTurns) {
+  REQUIRE_MODEL_270M();
+  const std::string input =
+      "My name is Ada. Reply OK.\n"
+      "What is my name?\n"
+      "/clear\n"
+      "What is my name?\n"
+      "/exit\n"
+      "this line is never read\n";
+  const CliResult r = run_cli({"chat", "-m", model, "--temp", "0", "-n", "24"}, input);
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out.find("> "), std::string::npos) << "no prompt on a pipe";
+  // Each reply is followed by one newline; the first is known, so the rest can be split off.
+  const std::string reply1 = std::string(kReply1) + "\n";
+  ASSERT_EQ(r.out.rfind(reply1, 0), 0u) << r.out;
+  const std::string rest = r.out.substr(reply1.size());
+  const size_t cut = rest.find("\nWhat is your name?");
+  ASSERT_NE(cut, std::string::npos) << rest;
+  const std::string reply2 = rest.substr(0, cut);
+  const std::string reply_fresh = rest.substr(cut + 1);
+  EXPECT_NE(reply2.find("Ada"), std::string::npos) << "second turn must see the first: " << reply2;
+  EXPECT_EQ(reply_fresh.find("Ada"), std::string::npos) << "after /clear: " << reply_fresh;
+  EXPECT_EQ(reply2, kReply2);
+  EXPECT_EQ(reply_fresh, std::string(kReplyFresh) + "\n");
+  EXPECT_EQ(r.out.find("never read"), std::string::npos);
+}
+
+TEST(CliModel, PerplexityOfAShortText) {
+  REQUIRE_MODEL_270M();
+  std::string text;
+  for (int i = 0; i < 6; ++i) {
+    text +=
+        "The quick brown fox jumps over the lazy dog. Paris is the capital of France, and Berlin is the "
+        "capital of Germany. Water boils at one hundred degrees Celsius at sea level.\n";
+  }
+  const fs::path file = temp_dir() / "ppl.txt";
+  write_all(file, text);
+  // Golden from Hugging Face transformers on this GGUF (fp32, dequantized), with the same
+  // protocol ([bos] + text = 223 tokens, 3 windows of 64 with bos first, positions 32..62
+  // scored): ppl 2.13400, +/- 0.34155. We keep a bf16 KV cache and round the embedding scale to
+  // bf16 as the reference model does, so allow 2% (measured: 2.1400).
+  CliResult r = run_cli({"perplexity", "-m", model, "-f", file.string(), "--ctx", "64", "-o", "json"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["tokens_total"], 223);
+  EXPECT_EQ(j["chunks"], 3);
+  EXPECT_EQ(j["tokens_scored"], 3 * 31);  // 64 - 32 - 1 per window
+  const double ppl = j["ppl"];
+  EXPECT_NEAR(ppl, 2.13400, 0.02 * 2.13400);
+  EXPECT_NEAR(j["ppl_error"].get<double>(), 0.34155, 0.05 * 0.34155);
+  EXPECT_NEAR(std::log(ppl), j["nll"].get<double>(), 1e-9);
+
+  r = run_cli({"perplexity", "-m", model, "-f", file.string(), "--ctx", "64", "--chunks", "1"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out.rfind("ppl = ", 0), 0u) << r.out;
+  EXPECT_NE(r.err.find("[1/1]"), std::string::npos) << r.err;
+
+  // Too short for two windows: a clear error, exit 3.
+  r = run_cli({"perplexity", "-m", model, "-f", file.string(), "--ctx", "4096"});
+  EXPECT_EQ(r.code, 3);
+  EXPECT_NE(r.err.find("at least 2 x --ctx = 8192"), std::string::npos) << r.err;
+}
+
+// Ctrl-C during generation stops it cleanly: the process reports the statistics and exits 130.
+TEST(CliModel, SigintStopsGeneration) {
+  REQUIRE_MODEL_270M();
+  const fs::path out = temp_dir() / "sigint_out", err = temp_dir() / "sigint_err";
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    const int fo = ::open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    const int fe = ::open(err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    ::dup2(fo, STDOUT_FILENO);
+    ::dup2(fe, STDERR_FILENO);
+    ::execl(GEMMA3_CLI_PATH, "gemma3", "run", "-m", model.c_str(), "--raw", "-p", "Once upon a time", "-n",
+            "-1", "--ctx", "4096", "--temp", "0", static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  // Wait until tokens are streaming, then interrupt once.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  while (std::chrono::steady_clock::now() < deadline && (!fs::exists(out) || fs::file_size(out) < 8))
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  ::kill(pid, SIGINT);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  ASSERT_TRUE(WIFEXITED(status)) << "killed by a signal instead of exiting";
+  EXPECT_EQ(WEXITSTATUS(status), 130);
+  const std::string e = read_all(err);
+  EXPECT_NE(e.find("interrupted"), std::string::npos) << e;
+  EXPECT_NE(e.find("generated:"), std::string::npos) << e;
+}
+
+}  // namespace

@@ -1,0 +1,212 @@
+// gemma3 bench: prompt-processing and generation speed, measured the way llama.cpp's
+// llama-bench measures them so the two can be put side by side (tools/bench/compare-llamacpp.sh):
+//
+//  * ppN: a fresh context (after -d DEPTH untimed tokens), N random token ids fed as one
+//    prompt; tokens/s = N / time.
+//  * tgN: a fresh context (after DEPTH), N tokens fed one at a time, each computing the logits
+//    of its position (as llama-bench's test_gen does); tokens/s = N / time.
+//  * one untimed warm-up run of each test, then -r repetitions: mean and sample stddev of the
+//    per-repetition tokens/s.
+//
+// For tg the table also shows the weight bytes one token reads (every text tensor, the tied
+// embedding counted once: the LM head reads the whole table) and the bandwidth that implies.
+// On the CPU the bench measures a memory roofline itself: a multi-threaded memcpy of buffers
+// far larger than the caches (bytes read + bytes written per second).
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "cli_common.h"
+#include "commands.h"
+#include "model/weights.h"
+
+namespace gemma3::cli {
+
+namespace {
+
+double now_seconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+struct Spread {
+  double mean = 0, stddev = 0;
+};
+Spread spread(const std::vector<double>& v) {
+  Spread s;
+  if (v.empty()) return s;
+  for (double x : v) s.mean += x;
+  s.mean /= static_cast<double>(v.size());
+  if (v.size() > 1) {
+    double ss = 0;
+    for (double x : v) ss += (x - s.mean) * (x - s.mean);
+    s.stddev = std::sqrt(ss / static_cast<double>(v.size() - 1));
+  }
+  return s;
+}
+
+// Copy bandwidth (read + write bytes per second) of `threads` threads each copying its own
+// 64 MiB buffer; best of 5. Caches are far smaller, so this is DRAM speed.
+double memcpy_roofline(int threads) {
+  constexpr size_t kBytes = size_t{64} << 20;
+  std::vector<std::vector<char>> src(threads), dst(threads);
+  for (int i = 0; i < threads; ++i) {
+    src[i].assign(kBytes, static_cast<char>(i + 1));
+    dst[i].assign(kBytes, 0);
+  }
+  double best = 0;
+  for (int rep = 0; rep < 5; ++rep) {
+    const double t0 = now_seconds();
+    std::vector<std::thread> ts;
+    for (int i = 0; i < threads; ++i)
+      ts.emplace_back([&, i] { std::memcpy(dst[i].data(), src[i].data(), kBytes); });
+    for (auto& t : ts) t.join();
+    const double dt = now_seconds() - t0;
+    best = std::max(best, 2.0 * kBytes * threads / dt);
+  }
+  return best;
+}
+
+struct Result_ {
+  std::string test;
+  int n = 0;
+  std::vector<double> tps;
+};
+
+}  // namespace
+
+int cmd_bench(int argc, char** argv) {
+  ModelFlags model_flags;
+  model_flags.chunk = 512;  // llama-bench's default ubatch: pp512 is one step
+  int n_prompt = 512, n_gen = 128, depth = 0, reps = 5;
+  std::string output = "md";
+  ArgParser p("bench", "-m MODEL [-p 512] [-n 128] [-d DEPTH] [-r 5] [-t N] [-o md|json]",
+              "Prompt processing (ppN) and generation (tgN) speed, measured like llama-bench: random\n"
+              "tokens, one warm-up run, then -r repetitions; tokens/s as mean +/- stddev. For tg also\n"
+              "the weight bytes read per token and the bandwidth achieved, against a memcpy roofline\n"
+              "the bench measures on the CPU.");
+  model_flags.add_to(p);
+  p.add_option("-p,--n-prompt", "N", &n_prompt, "prompt tokens of the pp test; 0 skips it (default: 512)");
+  p.add_option("-n,--n-gen", "N", &n_gen, "generated tokens of the tg test; 0 skips it (default: 128)");
+  p.add_option("-d,--depth", "N", &depth, "tokens already in the context before each test (default: 0)");
+  p.add_option("-r,--repetitions", "N", &reps, "timed repetitions of each test (default: 5)");
+  p.add_choice("-o,--output", {"md", "json"}, &output, "report format (default: md)");
+  if (Status s = p.parse(argc, argv, 2); !s.ok()) return fail("bench", kExitUsage, s.message());
+  if (p.help_requested()) {
+    std::fputs(p.help_text().c_str(), stdout);
+    return kExitOk;
+  }
+  if (Status s = model_flags.check(); !s.ok()) return fail("bench", kExitUsage, s.message());
+  if (n_prompt < 0 || n_gen < 0 || depth < 0 || reps < 1)
+    return fail("bench", kExitUsage, "-p, -n and -d must be >= 0 and -r >= 1");
+  if (model_flags.context == 0) model_flags.context = depth + std::max(n_prompt, n_gen) + 1;
+
+  uint64_t weight_bytes = 0;
+  std::string size_label;
+  {  // tensor sizes only; the mapping is dropped before the model loads
+    auto ckpt = Checkpoint::open(model_flags.model);
+    if (!ckpt.ok()) return fail("bench", ckpt.status());
+    for (const TensorView* t : (*ckpt)->text_tensors()) weight_bytes += t->nbytes;
+    size_label = (*ckpt)->config().size_label;
+  }
+
+  auto loaded = load_model(model_flags);
+  if (!loaded.ok()) return fail("bench", loaded.status());
+  std::shared_ptr<Model> model = loaded->model;
+  auto session_or = model->new_session();
+  if (!session_or.ok()) return fail("bench", session_or.status());
+  Session& s = **session_or;
+
+  const int threads = model_flags.threads > 0
+                          ? model_flags.threads
+                          : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  std::mt19937 rng(1234);
+  std::uniform_int_distribution<int32_t> tok(0, model->vocab_size() - 1);
+  auto random_tokens = [&](int n) {
+    std::vector<int32_t> v(n);
+    for (int32_t& x : v) x = tok(rng);
+    return v;
+  };
+  // Context with DEPTH tokens (untimed).
+  auto reset = [&]() -> Status {
+    s.clear();
+    if (depth > 0) return s.feed_tokens(random_tokens(depth));
+    return ok_status();
+  };
+
+  std::vector<Result_> results;
+  if (n_prompt > 0) {
+    Result_ r{fmt::format("pp{}", n_prompt), n_prompt, {}};
+    for (int rep = -1; rep < reps; ++rep) {  // rep -1: warm-up
+      if (Status st = reset(); !st.ok()) return fail("bench", st);
+      const auto ids = random_tokens(n_prompt);
+      const double t0 = now_seconds();
+      if (Status st = s.feed_tokens(ids); !st.ok()) return fail("bench", st);
+      const double dt = now_seconds() - t0;
+      if (rep >= 0) r.tps.push_back(n_prompt / dt);
+    }
+    results.push_back(std::move(r));
+  }
+  if (n_gen > 0) {
+    Result_ r{fmt::format("tg{}", n_gen), n_gen, {}};
+    for (int rep = -1; rep < reps; ++rep) {
+      if (Status st = reset(); !st.ok()) return fail("bench", st);
+      const auto ids = random_tokens(n_gen);
+      const double t0 = now_seconds();
+      for (int i = 0; i < n_gen; ++i)
+        if (Status st = s.feed_tokens({ids[i]}); !st.ok()) return fail("bench", st);
+      const double dt = now_seconds() - t0;
+      if (rep >= 0) r.tps.push_back(n_gen / dt);
+    }
+    results.push_back(std::move(r));
+  }
+
+  const std::string backend = model->description();
+  const bool cpu = backend.find("cuda") == std::string::npos && backend.find("CUDA") == std::string::npos;
+  const double roofline = cpu ? memcpy_roofline(threads) : 0.0;
+
+  if (output == "json") {
+    nlohmann::json out = nlohmann::json::array();
+    for (const Result_& r : results) {
+      const Spread sp = spread(r.tps);
+      nlohmann::json j = {
+          {"model", model_flags.model}, {"size_label", size_label}, {"weight_bytes", weight_bytes},
+          {"backend", backend},         {"threads", threads},       {"test", r.test},
+          {"n_depth", depth},           {"samples_ts", r.tps},      {"avg_ts", sp.mean},
+          {"stddev_ts", sp.stddev}};
+      if (r.test.rfind("tg", 0) == 0) {
+        j["bytes_per_token"] = weight_bytes;
+        j["gb_per_s"] = sp.mean * static_cast<double>(weight_bytes) / 1e9;
+      }
+      if (roofline > 0) j["memcpy_gb_per_s"] = roofline / 1e9;
+      out.push_back(std::move(j));
+    }
+    std::printf("%s\n", out.dump(2).c_str());
+    return kExitOk;
+  }
+
+  std::printf("| model | size | backend | threads | test | t/s | bytes/token | GB/s |\n");
+  std::printf("| ----- | ---: | ------- | ------: | ---- | --: | ----------: | ---: |\n");
+  for (const Result_& r : results) {
+    const Spread sp = spread(r.tps);
+    const bool tg = r.test.rfind("tg", 0) == 0;
+    const std::string test = depth > 0 ? fmt::format("{} @ d{}", r.test, depth) : r.test;
+    std::printf("| gemma3 %s | %s | %s | %d | %s | %.2f ± %.2f | %s | %s |\n", size_label.c_str(),
+                human_bytes(weight_bytes).c_str(), backend.c_str(), threads, test.c_str(), sp.mean, sp.stddev,
+                tg ? human_bytes(weight_bytes).c_str() : "",
+                tg ? fmt::format("{:.1f}", sp.mean * static_cast<double>(weight_bytes) / 1e9).c_str() : "");
+  }
+  if (roofline > 0)
+    std::printf("\nmemory roofline (memcpy, %d threads): %.1f GB/s read+write -> tg bound ~%.1f t/s\n",
+                threads, roofline / 1e9, roofline / static_cast<double>(weight_bytes));
+  return kExitOk;
+}
+
+}  // namespace gemma3::cli

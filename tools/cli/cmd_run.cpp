@@ -1,0 +1,118 @@
+// gemma3 run: one prompt in, one streamed reply out.
+//
+// stdout carries only the generated text (streamed token by token, then a newline), so the
+// output can be piped; load time and prefill/decode speed go to stderr.
+#include <fmt/format.h>
+
+#include <cstdio>
+
+#include "cli_common.h"
+#include "commands.h"
+
+namespace gemma3::cli {
+
+namespace {
+
+// "prompt: 12 tokens in 0.05 s (240.0 tok/s)"
+void print_stats(const char* what, int tokens, double seconds) {
+  const double rate = seconds > 0 ? tokens / seconds : 0.0;
+  std::fprintf(stderr, "%-10s %d tokens in %.3f s (%.1f tok/s)\n", what, tokens, seconds, rate);
+}
+
+}  // namespace
+
+void print_session_stats(const Stats& s) {
+  print_stats("prompt:", s.prompt_tokens, s.prefill_seconds);
+  print_stats("generated:", s.generated_tokens, s.decode_seconds);
+}
+
+int cmd_run(int argc, char** argv) {
+  ModelFlags model_flags;
+  SamplingFlags sampling;
+  std::string prompt, file;
+  bool raw = false;
+
+  ArgParser p("run", "-m MODEL (-p PROMPT | -f FILE) [options]",
+              "Generates a reply to one prompt and streams it to stdout. The prompt is wrapped in the\n"
+              "Gemma 3 chat template (with --system as the system message) unless --raw is given, in\n"
+              "which case it is fed as <bos> + text. Statistics go to stderr. Ctrl-C stops generation.");
+  model_flags.add_to(p);
+  p.add_option("-p,--prompt", "TEXT", &prompt, "prompt text (taken literally)");
+  p.add_option("-f,--file", "FILE", &file, "read the prompt from FILE");
+  p.add_flag("--raw", &raw, "no chat template: feed <bos> + the prompt as plain text");
+  sampling.add_to(p);
+
+  if (Status s = p.parse(argc, argv, 2); !s.ok()) return fail("run", kExitUsage, s.message());
+  if (p.help_requested()) {
+    std::fputs(p.help_text().c_str(), stdout);
+    return kExitOk;
+  }
+  if (Status s = model_flags.check(); !s.ok()) return fail("run", kExitUsage, s.message());
+  if (Status s = sampling.check(p); !s.ok()) return fail("run", kExitUsage, s.message());
+  if (raw && p.given("--system"))
+    return fail("run", kExitUsage, "--system needs the chat template; drop --raw");
+  if (prompt.empty() && file.empty() && !p.given("-p") && !p.given("--prompt"))
+    return fail("run", kExitUsage, "a prompt is required: -p TEXT or -f FILE");
+  auto text = read_prompt(prompt, file, "prompt");
+  if (!text.ok()) return fail("run", text.status());
+
+  install_interrupt_handler();
+  auto loaded = load_model(model_flags);
+  if (!loaded.ok()) return fail("run", loaded.status());
+  std::shared_ptr<Model> model = loaded->model;
+  std::fprintf(stderr, "load:       %.3f s\n", loaded->load_seconds);
+  if (model_flags.verbose) {
+    std::fprintf(
+        stderr, "sampling:   temp %g, top-k %d, top-p %g, min-p %g, repeat-penalty %g (last %d), seed %llu\n",
+        sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p, sampling.repeat_penalty,
+        sampling.repeat_last_n, static_cast<unsigned long long>(sampling.seed));
+  }
+
+  auto session_or = model->new_session();
+  if (!session_or.ok()) return fail("run", session_or.status());
+  std::unique_ptr<Session> session = std::move(session_or).value();
+
+  Status fed;
+  if (raw) {
+    fed = session->feed_text(*text);
+  } else {
+    std::vector<ChatMessage> messages;
+    if (!sampling.system.empty()) messages.push_back({"system", sampling.system});
+    messages.push_back({"user", *text});
+    fed = session->feed_chat(messages);
+  }
+  if (!fed.ok()) {
+    return fail("run", fed);  // out of range: the library names the token counts and --ctx
+  }
+  if (interrupt_flag().load()) {
+    std::fprintf(stderr, "interrupted during prefill\n");
+    return kExitInterrupted;
+  }
+
+  const GenerateOptions options = sampling.generate_options(&interrupt_flag());
+  Status gen = session->generate(options, [](const TokenEvent& e) {
+    std::fwrite(e.text.data(), 1, e.text.size(), stdout);
+    std::fflush(stdout);
+    return true;
+  });
+  std::fputc('\n', stdout);
+  std::fflush(stdout);
+
+  const bool interrupted = interrupt_flag().load() || gen.code() == ErrorCode::kCancelled;
+  print_session_stats(session->stats());
+  if (interrupted) {
+    std::fprintf(stderr, "interrupted\n");
+    return kExitInterrupted;
+  }
+  if (!gen.ok()) {
+    if (gen.code() == ErrorCode::kOutOfRange) {
+      return fail(
+          "run", kExitResource,
+          fmt::format("{}; raise --ctx (now {}) or lower -n", gen.to_string(), model->context_length()));
+    }
+    return fail("run", gen);
+  }
+  return kExitOk;
+}
+
+}  // namespace gemma3::cli
