@@ -6,8 +6,9 @@
 #   scripts/setup.sh
 set -euo pipefail
 
+# clang + libclang-rt-14-dev (libFuzzer, sanitizer runtimes): scripts/fuzz.sh.
 packages=(cmake ninja-build g++ pkg-config libsentencepiece-dev libstb-dev libfmt-dev
-          nlohmann-json3-dev libgtest-dev libgmock-dev)
+          nlohmann-json3-dev libgtest-dev libgmock-dev clang libclang-rt-14-dev)
 
 for arg in "$@"; do
   case "$arg" in
