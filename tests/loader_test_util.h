@@ -25,6 +25,7 @@ struct TensorPlan {
   DType dtype;
   std::vector<int64_t> shape;  // HF order
   const TensorView* src = nullptr;
+  std::vector<uint8_t> bytes;  // when non-empty, written instead of src
 };
 
 struct GgufEdit {
@@ -76,6 +77,8 @@ inline void rewrite_gguf(const std::string& src, const std::string& dst, const G
   for (const TensorPlan& p : plan) ASSERT_TRUE(w.add_tensor(p.name, p.dtype, p.shape).ok()) << p.name;
   if (edit.after) edit.after(w);
   Status s = w.write(dst, [&](size_t i, const GgufWriter::TensorInfo& info, GgufSink& sink) -> Status {
+    if (i < plan.size() && !plan[i].bytes.empty())
+      return sink.write(plan[i].bytes.data(), plan[i].bytes.size());
     const TensorView* t = i < plan.size() ? plan[i].src : nullptr;
     if (t && t->nbytes == info.nbytes) return sink.write(t->data, t->nbytes);
     std::vector<uint8_t> zeros(info.nbytes);

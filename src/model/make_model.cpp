@@ -584,6 +584,7 @@ uint8_t f32_to_f8e4m3(float x) {
   float a = std::abs(x);
   if (std::isnan(x)) return 0x7F;
   if (!(a < 448.0f)) return sign | 0x7E;  // saturate (e4m3fn has no infinity)
+  if (a == 0.0f) return sign;
   int e;
   std::frexp(a, &e);  // a = m * 2^e, m in [0.5, 1)
   int exp = e - 1;    // a = 1.f * 2^exp
