@@ -168,7 +168,12 @@ int cmd_bench(int argc, char** argv) {
     results.push_back(std::move(r));
   }
 
-  const std::string backend = model->description();
+  // "..., backend cpu avx2 (2 threads), context 513" -> "cpu avx2 (2 threads)"
+  std::string backend = model->description();
+  if (const size_t b = backend.find("backend "); b != std::string::npos) {
+    backend = backend.substr(b + 8);
+    if (const size_t e = backend.find(", context"); e != std::string::npos) backend.resize(e);
+  }
   const bool cpu = backend.find("cuda") == std::string::npos && backend.find("CUDA") == std::string::npos;
   const double roofline = cpu ? memcpy_roofline(threads) : 0.0;
 

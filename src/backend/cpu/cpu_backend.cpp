@@ -1,5 +1,8 @@
 // The CPU reference backend: plain loops, fp32 accumulation, threaded over output rows or
-// (token, head) pairs. Obviously right first; the fast kernels are checked against it.
+// (token, head) pairs. Obviously right first; the fast kernels (cpu_fast_backend.cpp) are
+// checked against it. Also the factory that picks between the two.
+#include "backend/cpu/cpu_backend.h"
+
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -48,11 +51,11 @@ float load_kv(const void* base, DType t, int64_t index) {
   return bf16_to_f32(static_cast<const uint16_t*>(base)[index]);
 }
 
-class CpuBackend final : public Backend {
+class RefCpuBackend final : public Backend {
  public:
-  explicit CpuBackend(int threads) : pool_(threads) {}
+  explicit RefCpuBackend(int threads) : pool_(threads) {}
 
-  std::string name() const override { return fmt::format("cpu ({} threads)", pool_.size()); }
+  std::string name() const override { return fmt::format("cpu reference ({} threads)", pool_.size()); }
 
   Result<void*> allocate(size_t bytes) override {
     void* p = std::calloc(std::max<size_t>(bytes, 1), 1);
@@ -232,8 +235,18 @@ class CpuBackend final : public Backend {
 
 }  // namespace
 
+Result<std::unique_ptr<Backend>> make_cpu_ref_backend(int threads) {
+  return std::unique_ptr<Backend>(std::make_unique<RefCpuBackend>(threads));
+}
+
+Result<std::unique_ptr<Backend>> make_cpu_backend_named(int threads, const std::string& kernels) {
+  if (kernels == "ref" || kernels == "reference") return make_cpu_ref_backend(threads);
+  return make_cpu_fast_backend(threads, kernels);
+}
+
 Result<std::unique_ptr<Backend>> make_cpu_backend(const BackendOptions& options) {
-  return std::unique_ptr<Backend>(std::make_unique<CpuBackend>(options.threads));
+  const char* env = std::getenv("GEMMA3_CPU_KERNELS");
+  return make_cpu_backend_named(options.threads, env && *env ? env : "auto");
 }
 
 }  // namespace gemma3

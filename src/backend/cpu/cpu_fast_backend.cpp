@@ -1,0 +1,418 @@
+// The fast CPU backend: same ops and semantics as the reference backend (cpu_backend.cpp),
+// built from the kernel table of cpu_kernels.h.
+//
+//  * matmul: activations are quantized once per call to int8 blocks (BlockQ16A) when the
+//    weight is quantized; weights are read in place from the mapped file (no repacking, so
+//    resident memory stays the file plus the KV cache plus the scratch below). Work is split
+//    over output rows; each row is decoded once per tile of up to kMaxTile tokens, and tokens
+//    are walked in blocks of kTokenBlock so their activations stay in L2.
+//  * attention: one task per (token, kv head, key split) handles every query head of the GQA
+//    group, so each cached key/value row is read once per group, not once per head. Only the
+//    keys a query sees are visited (window and ring: slot = position % capacity). In decode the
+//    keys are split over the threads and the partial softmaxes merged (flash-decoding).
+//  * rope: the cos/sin of a chunk's positions are computed once per (theta, scale) and reused
+//    by every layer.
+//
+// Scratch owned by the backend (grown on demand, never shrunk): quantized activations
+// (chunk x cols / 32 x 40 bytes), attention partials and score rows, the rope tables.
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <vector>
+
+#include "backend/backend.h"
+#include "backend/cpu/cpu_backend.h"
+#include "backend/cpu/cpu_kernels.h"
+#include "backend/cpu/cpu_pool.h"
+#include "core/quant.h"
+
+namespace gemma3 {
+namespace {
+
+using cpu::BlockQ16A;
+using cpu::KernelSet;
+using cpu::kMaxTile;
+
+constexpr int kTokenBlock = 64;  // tokens whose activations are walked together per row
+
+class FastWeight final : public BackendWeight {
+ public:
+  TensorView view;
+  uint64_t row_stride = 0;
+  std::vector<float> values;  // 1-D tensors (norm weights): dequantized once at upload
+
+  const uint8_t* row_ptr(int64_t r) const {
+    return static_cast<const uint8_t*>(view.data) + static_cast<uint64_t>(r) * row_stride;
+  }
+  void row(int64_t r, float* dst) const {
+    dequantize_row(dtype, row_ptr(r), dst, cols);
+    if (!view.row_scale.empty()) {
+      const float s = view.row_scale.size() == 1 ? view.row_scale[0] : view.row_scale[r];
+      for (int64_t i = 0; i < cols; ++i) dst[i] *= s;
+    }
+  }
+};
+
+const FastWeight& as_fast(const BackendWeight& w) { return static_cast<const FastWeight&>(w); }
+
+class FastCpuBackend final : public Backend {
+ public:
+  FastCpuBackend(int threads, const KernelSet& k) : pool_(threads), k_(k) {}
+
+  std::string name() const override { return fmt::format("cpu {} ({} threads)", k_.name, pool_.size()); }
+
+  Result<void*> allocate(size_t bytes) override {
+    void* p = std::calloc(std::max<size_t>(bytes, 1), 1);
+    if (!p) return out_of_memory(fmt::format("cannot allocate {} bytes of host memory", bytes));
+    return p;
+  }
+  void release(void* ptr) override { std::free(ptr); }
+  void to_host(const void* src, void* dst, size_t bytes) override { std::memcpy(dst, src, bytes); }
+  void from_host(const void* src, void* dst, size_t bytes) override { std::memcpy(dst, src, bytes); }
+
+  Result<std::unique_ptr<BackendWeight>> upload(const TensorView& t) override {
+    if (t.shape.empty() || t.shape.size() > 2)
+      return unsupported(fmt::format("tensor {}: {}-D weights are not supported", t.name, t.shape.size()));
+    auto w = std::make_unique<FastWeight>();
+    w->view = t;
+    w->dtype = t.dtype;
+    w->rows = t.rows();
+    w->cols = t.cols();
+    auto rb = row_bytes(t.dtype, w->cols);
+    if (!rb || *rb * static_cast<uint64_t>(w->rows) != t.nbytes)
+      return invalid_file(fmt::format("tensor {}: {} bytes do not hold {} {} values", t.name, t.nbytes,
+                                      shape_to_string(t.shape), dtype_name(t.dtype)));
+    w->row_stride = *rb;
+    if (t.shape.size() == 1) {
+      w->values.resize(w->cols);
+      w->row(0, w->values.data());
+    }
+    return std::unique_ptr<BackendWeight>(std::move(w));
+  }
+
+  void embed(const BackendWeight& table, const int32_t* ids, int n, float scale, float* out) override {
+    const FastWeight& w = as_fast(table);
+    const int64_t d = w.cols;
+    pool_.run(n, [&](int64_t t, int) {
+      float* o = out + t * d;
+      w.row(ids[t], o);
+      for (int64_t i = 0; i < d; ++i) o[i] *= scale;
+    });
+  }
+
+  void rmsnorm(const float* x, const BackendWeight& wt, int64_t rows, int dim, float eps,
+               float* out) override {
+    const FastWeight& fw = as_fast(wt);
+    std::vector<float> tmp;
+    const float* w = fw.values.data();
+    if (fw.values.empty()) {  // a 2-D weight used as a norm: not expected, but stay correct
+      tmp.resize(dim);
+      fw.row(0, tmp.data());
+      w = tmp.data();
+    }
+    auto body = [&](int64_t b, int64_t e, int) {
+      for (int64_t r = b; r < e; ++r) {
+        const float* xr = x + r * dim;
+        float* o = out + r * dim;
+        float ss = 0;
+        for (int i = 0; i < dim; ++i) ss += xr[i] * xr[i];
+        const float inv = 1.0f / std::sqrt(ss / static_cast<float>(dim) + eps);
+        for (int i = 0; i < dim; ++i) o[i] = (xr[i] * inv) * w[i];
+      }
+    };
+    if (rows * dim < 16384) {
+      body(0, rows, 0);
+    } else {
+      pool_.run_ranges(rows, std::max<int64_t>(1, 8192 / dim), body);
+    }
+  }
+
+  void matmul(const float* x, int n, const BackendWeight& wt, float* out) override {
+    const FastWeight& w = as_fast(wt);
+    const int64_t k = w.cols, m = w.rows;
+    const int di = static_cast<int>(w.dtype);
+    cpu::DotFn fn = k_.dot[di];
+    bool q16 = k_.q16_acts[di];
+    if (!fn && w.view.row_scale.empty()) {
+      fn = cpu::portable_kernels().dot[di];
+      q16 = false;
+    }
+    if (!fn || (q16 && k % 32 != 0)) return matmul_generic(x, n, w, out);
+
+    // Activation rows as the kernel wants them: [n][k/32] BlockQ16A, or the fp32 rows as given.
+    acts_.resize(n);
+    if (q16) {
+      const int64_t nb = k / 32;
+      q16_.resize(static_cast<size_t>(n) * nb);
+      BlockQ16A* q = q16_.data();
+      auto quant = [&](int64_t b, int64_t e, int) {
+        for (int64_t t = b; t < e; ++t) k_.quantize_q16a(x + t * k, k, q + t * nb);
+      };
+      if (n >= 8)
+        pool_.run_ranges(n, 4, quant);
+      else
+        quant(0, n, 0);
+      for (int t = 0; t < n; ++t) acts_[t] = q + t * nb;
+    } else {
+      for (int t = 0; t < n; ++t) acts_[t] = x + static_cast<int64_t>(t) * k;
+    }
+
+    // Row chunks: enough tasks for load balance between threads, big enough to amortize the
+    // atomic claim (decode) and to reuse a row chunk across token blocks (prefill).
+    const int64_t target_tasks = static_cast<int64_t>(pool_.size()) * (n == 1 ? 16 : 8);
+    int64_t chunk = std::clamp<int64_t>(m / target_tasks, 4, n == 1 ? 512 : 64);
+    chunk = (chunk + 3) / 4 * 4;
+    const void* const* acts = acts_.data();
+    pool_.run_ranges(m, chunk, [&](int64_t r0, int64_t r1, int) {
+      float tmp[kMaxTile];
+      for (int tb = 0; tb < n; tb += kTokenBlock) {
+        const int te = std::min(n, tb + kTokenBlock);
+        for (int64_t r = r0; r < r1; ++r) {
+          const uint8_t* wr = w.row_ptr(r);
+          for (int t = tb; t < te; t += kMaxTile) {
+            const int nt = std::min(kMaxTile, te - t);
+            fn(k, wr, acts + t, nt, tmp);
+            for (int i = 0; i < nt; ++i) out[static_cast<int64_t>(t + i) * m + r] = tmp[i];
+          }
+        }
+      }
+    });
+  }
+
+  void rope(float* x, int n, int n_heads, int head_dim, int pos0, float theta, float scale) override {
+    const int half = head_dim / 2;
+    const RopeTable& tab = rope_table(n, head_dim, pos0, theta, scale);
+    auto body = [&](int64_t b, int64_t e, int) {
+      for (int64_t t = b; t < e; ++t) {
+        const float* c = tab.cos.data() + t * half;
+        const float* s = tab.sin.data() + t * half;
+        for (int h = 0; h < n_heads; ++h) {
+          float* v = x + (t * n_heads + h) * head_dim;
+          for (int i = 0; i < half; ++i) {
+            const float a = v[i], bb = v[i + half];
+            v[i] = a * c[i] - bb * s[i];
+            v[i + half] = bb * c[i] + a * s[i];
+          }
+        }
+      }
+    };
+    if (n < 8)
+      body(0, n, 0);
+    else
+      pool_.run_ranges(n, 4, body);
+  }
+
+  void kv_write(const float* k, const float* v, int n, int pos0, int kv_width,
+                const KvLayer& cache) override {
+    for (int t = 0; t < n; ++t) {
+      const int64_t slot = (pos0 + t) % cache.capacity;
+      const float* ks = k + static_cast<int64_t>(t) * kv_width;
+      const float* vs = v + static_cast<int64_t>(t) * kv_width;
+      if (cache.dtype == DType::kF32) {
+        std::memcpy(static_cast<float*>(cache.k) + slot * kv_width, ks, kv_width * sizeof(float));
+        std::memcpy(static_cast<float*>(cache.v) + slot * kv_width, vs, kv_width * sizeof(float));
+      } else {
+        uint16_t* kd = static_cast<uint16_t*>(cache.k) + slot * kv_width;
+        uint16_t* vd = static_cast<uint16_t*>(cache.v) + slot * kv_width;
+        for (int i = 0; i < kv_width; ++i) {
+          kd[i] = f32_to_bf16(ks[i]);
+          vd[i] = f32_to_bf16(vs[i]);
+        }
+      }
+    }
+  }
+
+  void attention(const float* q, const KvLayer& cache, const AttentionParams& p, float* out) override;
+
+  void gelu_gate(const float* g, const float* u, int64_t n, float* out) override {
+    if (n < 8192) return k_.gelu_gate(g, u, n, out);
+    pool_.run_ranges(n, 4096, [&](int64_t b, int64_t e, int) { k_.gelu_gate(g + b, u + b, e - b, out + b); });
+  }
+
+  void add(const float* a, const float* b, int64_t n, float* out) override {
+    for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
+  }
+
+ private:
+  struct RopeTable {
+    int n = -1, head_dim = 0, pos0 = 0;
+    float theta = 0, scale = 0;
+    std::vector<float> cos, sin;  // [n, head_dim / 2]
+  };
+
+  // Same arithmetic as the reference: fp32 inv_freq and angle, cos/sin evaluated in double.
+  const RopeTable& rope_table(int n, int head_dim, int pos0, float theta, float scale) {
+    for (RopeTable& t : rope_)
+      if (t.n == n && t.head_dim == head_dim && t.pos0 == pos0 && t.theta == theta && t.scale == scale)
+        return t;
+    RopeTable& t = rope_[rope_next_];
+    rope_next_ = (rope_next_ + 1) % 2;
+    const int half = head_dim / 2;
+    std::vector<float> inv_freq(half);
+    for (int i = 0; i < half; ++i)
+      inv_freq[i] =
+          (1.0f / std::pow(theta, static_cast<float>(2 * i) / static_cast<float>(head_dim))) / scale;
+    t.cos.resize(static_cast<size_t>(n) * half);
+    t.sin.resize(static_cast<size_t>(n) * half);
+    for (int r = 0; r < n; ++r) {
+      const float pos = static_cast<float>(pos0 + r);
+      for (int i = 0; i < half; ++i) {
+        const float angle = pos * inv_freq[i];
+        t.cos[static_cast<size_t>(r) * half + i] = static_cast<float>(std::cos(static_cast<double>(angle)));
+        t.sin[static_cast<size_t>(r) * half + i] = static_cast<float>(std::sin(static_cast<double>(angle)));
+      }
+    }
+    t.n = n;
+    t.head_dim = head_dim;
+    t.pos0 = pos0;
+    t.theta = theta;
+    t.scale = scale;
+    return t;
+  }
+
+  // Fallback for dtypes without a kernel (fp8 with row scales, odd column counts): dequantize
+  // each row to fp32 and dot it with every token.
+  void matmul_generic(const float* x, int n, const FastWeight& w, float* out) {
+    const int64_t k = w.cols, m = w.rows;
+    pool_.run_ranges(m, 16, [&](int64_t b, int64_t e, int) {
+      std::vector<float> row(k);
+      for (int64_t o = b; o < e; ++o) {
+        w.row(o, row.data());
+        for (int t = 0; t < n; ++t)
+          out[static_cast<int64_t>(t) * m + o] = k_.dot_f32(row.data(), x + t * k, k);
+      }
+    });
+  }
+
+  cpu::CpuPool pool_;
+  const KernelSet& k_;
+  std::vector<const void*> acts_;
+  std::vector<BlockQ16A> q16_;
+  RopeTable rope_[2];
+  int rope_next_ = 0;
+  // attention scratch: per-thread key/value row and score buffers, and split partials
+  std::vector<std::vector<float>> att_thread_;
+  std::vector<float> att_part_;
+};
+
+// Attention. A task handles query token t, kv head g, and keys [lo, hi] of split s; for each
+// of the `group` query heads it produces (max, sum, acc[hd]) of its keys. With one split the
+// task writes the normalized output directly; otherwise a merge pass combines the splits.
+void FastCpuBackend::attention(const float* q, const KvLayer& cache, const AttentionParams& p, float* out) {
+  const int hd = p.head_dim, group = p.n_heads / p.n_kv_heads;
+  const int64_t q_width = static_cast<int64_t>(p.n_heads) * hd,
+                kv_width = static_cast<int64_t>(p.n_kv_heads) * hd;
+  const int threads = pool_.size();
+  const int64_t pairs = static_cast<int64_t>(p.n_tokens) * p.n_kv_heads;
+  // Longest key range of any query: the last token sees the most keys.
+  const int64_t last = p.pos0 + p.n_tokens - 1;
+  const int64_t max_len = last - std::max<int64_t>(p.kv_start, p.window > 0 ? last - p.window + 1 : 0) + 1;
+  int splits = 1;
+  if (pairs < 2 * threads && max_len >= 256)
+    splits = static_cast<int>(std::min<int64_t>((2 * threads + pairs - 1) / pairs * 2, max_len / 128));
+  splits = std::max(splits, 1);
+  const int64_t part_stride = static_cast<int64_t>(hd) + 2;  // acc[hd], max, sum
+  if (splits > 1) att_part_.resize(static_cast<size_t>(pairs) * splits * group * part_stride);
+  if (static_cast<int>(att_thread_.size()) < threads) att_thread_.resize(threads);
+  const bool f32 = cache.dtype == DType::kF32;
+
+  pool_.run(pairs * splits, [&](int64_t task, int th) {
+    const int64_t pair = task / splits;
+    const int s = static_cast<int>(task % splits);
+    const int64_t t = pair / p.n_kv_heads;
+    const int g = static_cast<int>(pair % p.n_kv_heads);
+    const int64_t i = p.pos0 + t;
+    const int64_t lo_all = std::max<int64_t>(p.kv_start, p.window > 0 ? i - p.window + 1 : 0);
+    const int64_t len_all = i - lo_all + 1;
+    const int64_t lo = lo_all + len_all * s / splits, hi = lo_all + len_all * (s + 1) / splits;  // [lo, hi)
+    const int64_t len = hi - lo;
+    std::vector<float>& buf = att_thread_[th];
+    // layout: key row [hd] | scores [group][len] | acc [group][hd]
+    const size_t need = static_cast<size_t>(hd) + static_cast<size_t>(group) * (len + hd);
+    if (buf.size() < need) buf.resize(need);
+    float* row = buf.data();
+    float* scores = row + hd;
+    float* acc = scores + static_cast<int64_t>(group) * len;
+    const float* qg = q + t * q_width + static_cast<int64_t>(g) * group * hd;
+
+    auto kv_row = [&](const void* base, int64_t j) -> const float* {
+      const int64_t off = (j % cache.capacity) * kv_width + static_cast<int64_t>(g) * hd;
+      if (f32) return static_cast<const float*>(base) + off;
+      k_.bf16_to_f32(static_cast<const uint16_t*>(base) + off, row, hd);
+      return row;
+    };
+    for (int64_t j = lo; j < hi; ++j) {
+      const float* kr = kv_row(cache.k, j);
+      for (int h = 0; h < group; ++h) scores[h * len + (j - lo)] = k_.dot_f32(qg + h * hd, kr, hd) * p.scale;
+    }
+    float mx[64], sum[64];  // group <= 64 (Gemma: 1..8)
+    for (int h = 0; h < group; ++h) {
+      float* sc = scores + h * len;
+      float m = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < len; ++j) m = std::max(m, sc[j]);
+      mx[h] = m;
+      sum[h] = len > 0 ? k_.exp_sub_sum(sc, len, m) : 0.0f;
+      std::fill(acc + h * hd, acc + (h + 1) * hd, 0.0f);
+    }
+    for (int64_t j = lo; j < hi; ++j) {
+      const float* vr = kv_row(cache.v, j);
+      for (int h = 0; h < group; ++h) k_.axpy_f32(scores[h * len + (j - lo)], vr, acc + h * hd, hd);
+    }
+    if (splits == 1) {
+      for (int h = 0; h < group; ++h) {
+        float* o = out + t * q_width + static_cast<int64_t>(g * group + h) * hd;
+        const float inv = 1.0f / sum[h];
+        for (int d = 0; d < hd; ++d) o[d] = acc[h * hd + d] * inv;
+      }
+    } else {
+      for (int h = 0; h < group; ++h) {
+        float* part = att_part_.data() + ((pair * splits + s) * group + h) * part_stride;
+        std::memcpy(part, acc + h * hd, hd * sizeof(float));
+        part[hd] = mx[h];
+        part[hd + 1] = sum[h];
+      }
+    }
+  });
+  if (splits == 1) return;
+  for (int64_t pair = 0; pair < pairs; ++pair) {
+    const int64_t t = pair / p.n_kv_heads;
+    const int g = static_cast<int>(pair % p.n_kv_heads);
+    for (int h = 0; h < group; ++h) {
+      float m = -std::numeric_limits<float>::infinity();
+      for (int s = 0; s < splits; ++s) {
+        const float* part = att_part_.data() + ((pair * splits + s) * group + h) * part_stride;
+        if (part[hd + 1] > 0) m = std::max(m, part[hd]);
+      }
+      float* o = out + t * q_width + static_cast<int64_t>(g * group + h) * hd;
+      std::fill(o, o + hd, 0.0f);
+      float total = 0;
+      for (int s = 0; s < splits; ++s) {
+        const float* part = att_part_.data() + ((pair * splits + s) * group + h) * part_stride;
+        if (part[hd + 1] <= 0) continue;
+        const float f = std::exp(part[hd] - m);
+        total += part[hd + 1] * f;
+        k_.axpy_f32(f, part, o, hd);
+      }
+      const float inv = 1.0f / total;
+      for (int d = 0; d < hd; ++d) o[d] *= inv;
+    }
+  }
+}
+
+}  // namespace
+
+Result<std::unique_ptr<Backend>> make_cpu_fast_backend(int threads, const std::string& kernels) {
+  const cpu::KernelSet* k = cpu::select_kernels(kernels.c_str());
+  if (!k)
+    return unsupported(
+        fmt::format("CPU kernels '{}' are unknown or cannot run on this CPU (have: portable{})", kernels,
+                    cpu::cpu_has_avx2() ? ", avx2" : ""));
+  return std::unique_ptr<Backend>(std::make_unique<FastCpuBackend>(threads, *k));
+}
+
+}  // namespace gemma3

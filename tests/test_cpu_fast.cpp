@@ -1,0 +1,282 @@
+// The fast CPU kernels against the reference backend (the oracle) on random inputs of awkward
+// sizes: every weight dtype with a kernel, every kernel table this CPU can run, 1..67 tokens.
+//
+// Quantized weights meet activations quantized to int16 blocks of 32, so the fast matmul is
+// not bit-equal to the reference: the bound used is the worst case of that rounding,
+// sum_i |w_i| * (amax of x's block / 65534), plus fp32 slack.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "backend/cpu/cpu_backend.h"
+#include "backend/cpu/cpu_kernels.h"
+#include "backend/cpu/cpu_pool.h"
+#include "core/quant.h"
+
+namespace gemma3 {
+namespace {
+
+std::vector<std::string> fast_kernel_names() {
+  std::vector<std::string> names = {"portable"};
+  if (cpu::select_kernels("avx2")) names.push_back("avx2");
+  return names;
+}
+
+std::unique_ptr<Backend> fast(const std::string& kernels, int threads = 2) {
+  auto b = make_cpu_fast_backend(threads, kernels);
+  EXPECT_TRUE(b.ok()) << kernels;
+  return std::move(b.value());
+}
+std::unique_ptr<Backend> ref(int threads = 2) { return std::move(make_cpu_ref_backend(threads).value()); }
+
+std::vector<float> randn(size_t n, uint32_t seed, float scale = 1.0f) {
+  std::mt19937 g(seed);
+  std::normal_distribution<float> d(0.0f, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = d(g);
+  return v;
+}
+
+// A random [rows, cols] tensor of dtype t: random bytes (every bit pattern of the quants),
+// with the fp16 scales overwritten by sane random values.
+std::vector<uint8_t> random_weight(DType t, int64_t rows, int64_t cols, uint32_t seed) {
+  const uint64_t bytes = row_bytes(t, cols).value() * rows;
+  std::vector<uint8_t> w(bytes);
+  std::mt19937 g(seed);
+  std::uniform_int_distribution<int> byte(0, 255);
+  std::uniform_real_distribution<float> scale(0.001f, 0.02f), val(-2.0f, 2.0f);
+  auto put_f16 = [&](uint64_t off, float v) {
+    const uint16_t h = f32_to_f16(v);
+    std::memcpy(&w[off], &h, 2);
+  };
+  if (t == DType::kF32 || t == DType::kF16 || t == DType::kBF16) {
+    for (int64_t i = 0; i < rows * cols; ++i) {
+      const float v = val(g);
+      if (t == DType::kF32) std::memcpy(&w[i * 4], &v, 4);
+      if (t == DType::kF16) put_f16(i * 2, v);
+      if (t == DType::kBF16) {
+        const uint16_t b = f32_to_bf16(v);
+        std::memcpy(&w[i * 2], &b, 2);
+      }
+    }
+    return w;
+  }
+  for (auto& b : w) b = static_cast<uint8_t>(byte(g));
+  const auto& info = dtype_info(t);
+  for (uint64_t blk = 0; blk < bytes / info.block_bytes; ++blk) {
+    const uint64_t o = blk * info.block_bytes;
+    switch (t) {
+      case DType::kQ4_K:
+      case DType::kQ5_K:
+        put_f16(o, scale(g));
+        put_f16(o + 2, scale(g));
+        break;
+      case DType::kQ6_K: put_f16(o + 208, scale(g)); break;
+      case DType::kQ4_1:
+      case DType::kQ5_1:
+        put_f16(o, scale(g) * 4);
+        put_f16(o + 2, -scale(g) * 8);  // the block minimum
+        break;
+      default: put_f16(o, scale(g) * 4); break;
+    }
+  }
+  return w;
+}
+
+struct MatmulCase {
+  DType dtype;
+  int64_t rows, cols;
+};
+
+std::string fmt_case(const std::string& kernels, const MatmulCase& c, int n) {
+  return kernels + " " + dtype_name(c.dtype) + " [" + std::to_string(c.rows) + "x" + std::to_string(c.cols) +
+         "] n=" + std::to_string(n);
+}
+
+void check_matmul(const std::string& kernels, const MatmulCase& c, int n, uint32_t seed) {
+  SCOPED_TRACE(fmt_case(kernels, c, n));
+  auto wbytes = random_weight(c.dtype, c.rows, c.cols, seed);
+  TensorView view{"w", c.dtype, {c.rows, c.cols}, wbytes.data(), wbytes.size(), {}};
+  auto x = randn(static_cast<size_t>(n) * c.cols, seed + 1);
+  auto rb = ref(), fb = fast(kernels);
+  auto rw = rb->upload(view).value();
+  auto fw = fb->upload(view).value();
+  std::vector<float> want(static_cast<size_t>(n) * c.rows), got(want.size(), -1.0f);
+  rb->matmul(x.data(), n, *rw, want.data());
+  fb->matmul(x.data(), n, *fw, got.data());
+
+  const bool quantized = dtype_info(c.dtype).block_elems > 1;
+  std::vector<float> wrow(c.cols);
+  for (int64_t o = 0; o < c.rows; ++o) {
+    dequantize_row(c.dtype, wbytes.data() + o * (wbytes.size() / c.rows), wrow.data(), c.cols);
+    for (int t = 0; t < n; ++t) {
+      const float* xt = x.data() + static_cast<int64_t>(t) * c.cols;
+      double bound = 0, mag = 0;
+      for (int64_t b = 0; b < c.cols; b += 32) {
+        float amax = 0;
+        for (int i = 0; i < 32 && b + i < c.cols; ++i) amax = std::max(amax, std::fabs(xt[b + i]));
+        for (int i = 0; i < 32 && b + i < c.cols; ++i) {
+          bound += std::fabs(wrow[b + i]) * amax / 65534.0;
+          mag += std::fabs(wrow[b + i] * xt[b + i]);
+        }
+      }
+      const double tol = (quantized ? bound * 1.01 : 0.0) + 1e-5 * mag + 1e-6;
+      const float w_ = want[t * c.rows + o], g_ = got[t * c.rows + o];
+      ASSERT_NEAR(g_, w_, tol) << "row " << o << " token " << t;
+    }
+  }
+}
+
+TEST(CpuFast, MatmulMatchesReferenceForEveryKernelDtype) {
+  const MatmulCase cases[] = {
+      {DType::kQ4_0, 37, 160}, {DType::kQ5_0, 37, 160}, {DType::kQ8_0, 37, 160}, {DType::kQ4_K, 13, 768},
+      {DType::kQ5_K, 13, 768}, {DType::kQ6_K, 13, 768}, {DType::kF16, 11, 200},  {DType::kBF16, 11, 203},
+      {DType::kF32, 9, 77},    {DType::kQ4_1, 7, 96},   {DType::kQ5_1, 7, 96},   {DType::kIQ4_NL, 7, 64},
+  };
+  uint32_t seed = 10;
+  for (const std::string& k : fast_kernel_names())
+    for (const MatmulCase& c : cases)
+      for (int n : {1, 2, 3, 4, 5, 9, 67}) check_matmul(k, c, n, seed++);
+}
+
+TEST(CpuFast, MatmulOfManyRowsSplitsWorkWithoutGaps) {
+  // More rows than one task holds, odd count; both threads take part.
+  for (const std::string& k : fast_kernel_names()) {
+    check_matmul(k, {DType::kQ8_0, 4099, 64}, 1, 77);
+    check_matmul(k, {DType::kQ6_K, 1031, 256}, 6, 78);
+  }
+}
+
+TEST(CpuFast, QuantizedActivationsRoundTrip) {
+  auto x = randn(96, 5, 3.0f);
+  x[40] = 0;  // a block may hold zeros only: d = 0, no division by zero
+  for (int i = 64; i < 96; ++i) x[i] = 0;
+  for (const std::string& k : fast_kernel_names()) {
+    const cpu::KernelSet* ks = cpu::select_kernels(k.c_str());
+    ASSERT_NE(ks, nullptr);
+    cpu::BlockQ16A q[3];
+    ks->quantize_q16a(x.data(), 96, q);
+    for (int b = 0; b < 3; ++b) {
+      float amax = 0;
+      int sum = 0;
+      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[b * 32 + i]));
+      EXPECT_FLOAT_EQ(q[b].d, amax / 32767.0f) << k;
+      for (int i = 0; i < 32; ++i) {
+        EXPECT_NEAR(q[b].d * q[b].q[i], x[b * 32 + i], q[b].d * 0.5f + 1e-7f) << k << " " << b << " " << i;
+        sum += q[b].q[i];
+      }
+      EXPECT_FLOAT_EQ(q[b].s, q[b].d * sum) << k;
+    }
+  }
+}
+
+// Attention through the fast backend equals the reference: GQA groups, windows, rings,
+// bf16/f32 caches, decode (key splits merged) and prefill.
+void check_attention(const std::string& kernels, int n_heads, int n_kv, int hd, int window, int capacity,
+                     int pos0, int n, int kv_start, DType kv_type) {
+  SCOPED_TRACE(kernels + " heads " + std::to_string(n_heads) + "/" + std::to_string(n_kv) + " window " +
+               std::to_string(window) + " cap " + std::to_string(capacity) + " pos0 " + std::to_string(pos0) +
+               " n " + std::to_string(n));
+  auto rb = ref(), fb = fast(kernels);
+  const int kvw = n_kv * hd, qw = n_heads * hd;
+  const size_t elem = kv_type == DType::kF32 ? 4 : 2;
+  std::vector<uint8_t> kc(static_cast<size_t>(capacity) * kvw * elem), vc(kc.size());
+  KvLayer cache{kc.data(), vc.data(), capacity, kv_type};
+  // Fill the cache as a session would: every position from kv_start up to pos0 + n - 1.
+  const int total = pos0 + n - kv_start;
+  auto k = randn(static_cast<size_t>(total) * kvw, 21), v = randn(k.size(), 22);
+  for (int t = 0; t < total; ++t)
+    rb->kv_write(k.data() + t * kvw, v.data() + t * kvw, 1, kv_start + t, kvw, cache);
+  auto q = randn(static_cast<size_t>(n) * qw, 23);
+  AttentionParams p;
+  p.n_tokens = n;
+  p.pos0 = pos0;
+  p.n_heads = n_heads;
+  p.n_kv_heads = n_kv;
+  p.head_dim = hd;
+  p.scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  p.window = window;
+  p.kv_start = kv_start;
+  std::vector<float> want(static_cast<size_t>(n) * qw), got(want.size(), -7.0f);
+  rb->attention(q.data(), cache, p, want.data());
+  fb->attention(q.data(), cache, p, got.data());
+  for (size_t i = 0; i < want.size(); ++i) ASSERT_NEAR(got[i], want[i], 2e-5f) << "at " << i;
+}
+
+TEST(CpuFast, AttentionMatchesReference) {
+  for (const std::string& k : fast_kernel_names()) {
+    // prefill chunk, GQA group 4, causal
+    check_attention(k, 4, 1, 64, 0, 64, 0, 37, 0, DType::kBF16);
+    // decode at a long context: keys split over threads and merged
+    check_attention(k, 4, 1, 256, 0, 1100, 1000, 1, 0, DType::kBF16);
+    check_attention(k, 8, 2, 32, 0, 900, 700, 2, 0, DType::kF32);
+    // sliding window through a ring of W + chunk - 1 slots, decode and prefill
+    check_attention(k, 4, 1, 256, 512, 512 + 7, 1300, 1, 0, DType::kBF16);
+    check_attention(k, 4, 2, 16, 24, 24 + 8 - 1, 100, 8, 0, DType::kF32);
+    // a sequence that starts at an offset
+    check_attention(k, 2, 1, 8, 0, 600, 100030, 3, 99700, DType::kF32);
+  }
+}
+
+TEST(CpuFast, ElementwiseOpsMatchReference) {
+  auto rb = ref();
+  for (const std::string& k : fast_kernel_names()) {
+    SCOPED_TRACE(k);
+    auto fb = fast(k);
+    // gelu gate: the fast exp-based tanh stays within a few ulp of std::tanh
+    auto g = randn(20001, 31, 3.0f), u = randn(20001, 32);
+    g[5] = 30.0f, g[6] = -30.0f, g[7] = 0.0f, g[8] = 1e-6f;
+    std::vector<float> want(g.size()), got(g.size());
+    rb->gelu_gate(g.data(), u.data(), g.size(), want.data());
+    fb->gelu_gate(g.data(), u.data(), g.size(), got.data());
+    for (size_t i = 0; i < g.size(); ++i)
+      ASSERT_NEAR(got[i], want[i], 1e-6f + 2e-6f * std::fabs(want[i])) << i;
+    // rmsnorm with many rows (threaded) and rope at a large position
+    const int rows = 300, dim = 640;
+    auto x = randn(static_cast<size_t>(rows) * dim, 33), w = randn(dim, 34);
+    TensorView wv{"n", DType::kF32, {dim}, w.data(), w.size() * 4, {}};
+    auto rw = rb->upload(wv).value();
+    auto fw = fb->upload(wv).value();
+    std::vector<float> a(x.size()), b(x.size());
+    rb->rmsnorm(x.data(), *rw, rows, dim, 1e-6f, a.data());
+    fb->rmsnorm(x.data(), *fw, rows, dim, 1e-6f, b.data());
+    for (size_t i = 0; i < a.size(); ++i) ASSERT_FLOAT_EQ(b[i], a[i]) << i;
+    auto r1 = randn(static_cast<size_t>(13) * 4 * 256, 35), r2 = r1;
+    rb->rope(r1.data(), 13, 4, 256, 31000, 1e6f, 8.0f);
+    fb->rope(r2.data(), 13, 4, 256, 31000, 1e6f, 8.0f);
+    fb->rope(r2.data(), 13, 4, 256, 31000, 1e6f, 8.0f);  // second call: cached table
+    rb->rope(r1.data(), 13, 4, 256, 31000, 1e6f, 8.0f);
+    EXPECT_EQ(r1, r2);
+  }
+}
+
+TEST(CpuFast, PoolRunsEveryTaskOnce) {
+  for (int threads : {1, 2, 3}) {
+    cpu::CpuPool pool(threads);
+    for (int64_t n : {0, 1, 2, 5, 1000}) {
+      std::vector<std::atomic<int>> hits(n);
+      for (int rep = 0; rep < 50; ++rep) pool.run(n, [&](int64_t t, int) { hits[t].fetch_add(1); });
+      for (int64_t i = 0; i < n; ++i) ASSERT_EQ(hits[i].load(), 50) << threads << " " << n << " " << i;
+    }
+    int64_t covered = 0;
+    std::atomic<int64_t> sum{0};
+    pool.run_ranges(1001, 64, [&](int64_t b, int64_t e, int) { sum.fetch_add(e - b); });
+    covered = sum.load();
+    EXPECT_EQ(covered, 1001);
+  }
+}
+
+TEST(CpuFast, UnknownKernelNameIsAnError) {
+  auto b = make_cpu_fast_backend(1, "sse9");
+  EXPECT_FALSE(b.ok());
+  EXPECT_NE(b.status().message().find("sse9"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace gemma3
