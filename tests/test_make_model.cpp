@@ -3,8 +3,10 @@
 // (types per tensor, metadata, vocabulary), and the fp8 folder holds the same model as the bf16
 // GGUF of the same seed.
 #include <gtest/gtest.h>
+#include <sys/wait.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 
@@ -292,6 +294,39 @@ TEST_F(MakeModel, Real270mShapeRuns) {
   c->reset();
   expect_healthy(logits_of(p), "270m");
   fs::remove(p);
+}
+
+}  // namespace
+}  // namespace gemma3
+
+namespace gemma3 {
+namespace {
+
+// The CLI front end: flags, exit codes (docs/cli.md: 0 ok, 2 usage), output that loads.
+int run_cli(const std::string& args) {
+  const int rc =
+      std::system((std::string(GEMMA3_CLI_PATH) + " make-model " + args + " >/dev/null 2>&1").c_str());
+  return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+}
+
+TEST(MakeModelCli, WritesLoadableFilesAndRejectsBadFlags) {
+  if (!fs::exists(GEMMA3_CLI_PATH)) GTEST_SKIP() << "CLI not built at " << GEMMA3_CLI_PATH;
+  const std::string d = testutil::temp_dir("make_model_cli");
+  EXPECT_EQ(run_cli("--size tiny --type q4_0 --vision --seed 4 -o " + d + "/t.gguf"), 0);
+  auto c = Checkpoint::open(d + "/t.gguf");
+  ASSERT_TRUE(c.ok()) << c.status().to_string();
+  EXPECT_TRUE((*c)->attach_vision(d + "/t.mmproj.gguf").ok());
+  EXPECT_EQ(run_cli("--size tiny --type fp8 --layers 3 -o " + d + "/hf"), 0);
+  auto h = Checkpoint::open(d + "/hf");
+  ASSERT_TRUE(h.ok()) << h.status().to_string();
+  EXPECT_EQ((*h)->config().n_layers, 3);
+  EXPECT_EQ(run_cli("--size tiny --type q4_0"), 2);                   // no -o
+  EXPECT_EQ(run_cli("--size 3b -o " + d + "/x.gguf"), 2);             // unknown size
+  EXPECT_EQ(run_cli("--size 270m --vision -o " + d + "/x.gguf"), 2);  // 270M has no vision tower
+  EXPECT_EQ(run_cli("--size tiny --heads 4 --kv-heads 3 -o " + d + "/x.gguf"), 2);
+  EXPECT_EQ(run_cli("--size tiny --vocab 100 -o " + d + "/x.gguf"), 2);
+  EXPECT_FALSE(fs::exists(d + "/x.gguf"));
+  fs::remove_all(d);
 }
 
 }  // namespace
