@@ -2,6 +2,7 @@
 // every type, run to finite, non-degenerate logits, follow the GGUF conventions of formats.md
 // (types per tensor, metadata, vocabulary), and the fp8 folder holds the same model as the bf16
 // GGUF of the same seed.
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 
@@ -278,6 +279,25 @@ TEST_F(MakeModel, Fp8FolderMatchesBf16Gguf) {
   EXPECT_GT(corr_bf16, 0.999);
   EXPECT_LT(corr_other, 0.5);
   EXPECT_GT(err_other, 0.3);
+}
+
+// Over max_shard_bytes the fp8 folder is sharded (model-0000k-of-0000n + index) and loads the same.
+TEST_F(MakeModel, Fp8FolderShards) {
+  MakeModelOptions o;
+  o.size = "tiny";
+  o.seed = 8;
+  o.type = DType::kF8E4M3;
+  const auto whole = logits_of(make(*dir_, "fp8_whole", o));
+  o.max_shard_bytes = 200 << 10;
+  const std::string d = make(*dir_, "fp8_sharded", o);
+  EXPECT_FALSE(fs::exists(d + "/model.safetensors"));
+  EXPECT_TRUE(fs::exists(d + "/model.safetensors.index.json"));
+  int shards = 0;  // about 1 MB of tensors in 200 KB shards
+  for (const auto& e : fs::directory_iterator(d))
+    shards += e.path().filename().string().starts_with("model-0000");
+  EXPECT_GE(shards, 4);
+  EXPECT_TRUE(fs::exists(d + fmt::format("/model-00001-of-{:05}.safetensors", shards)));
+  EXPECT_EQ(logits_of(d), whole);
 }
 
 // A full-size 270M (18 layers, H 640, 262144-token vocabulary): generate, load, run.
