@@ -142,8 +142,12 @@ void q8_0_t(int64_t k, const uint8_t* w, Acts a, float* out) {
 // checkpoints we run are the LM head and V: memory-bound in decode either way.
 template <int NT>
 void q8_0f_t(int64_t k, const uint8_t* w, const float* const* a, float* out) {
-  __m256 acc[NT];
-  for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
+  // Independent FMA chains per token: with one token, four (one per 8-lane part) so the FMA
+  // latency does not bound the LM head's streaming rate; with more tokens, they already are.
+  constexpr int kChains = NT == 1 ? 4 : NT == 2 ? 2 : 1;
+  __m256 acc[kChains][NT];
+  for (int c = 0; c < kChains; ++c)
+    for (int t = 0; t < NT; ++t) acc[c][t] = _mm256_setzero_ps();
   for (int64_t b = 0; b < k / 32; ++b) {
     const uint8_t* blk = w + b * 34;
     const __m256 dw = _mm256_set1_ps(load_f16(blk));
@@ -151,10 +155,15 @@ void q8_0f_t(int64_t k, const uint8_t* w, const float* const* a, float* out) {
       const __m128i q8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 2 + 8 * part));
       const __m256 wf = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)), dw);
       for (int t = 0; t < NT; ++t)
-        acc[t] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(a[t] + b * 32 + 8 * part), acc[t]);
+        acc[part % kChains][t] =
+            _mm256_fmadd_ps(wf, _mm256_loadu_ps(a[t] + b * 32 + 8 * part), acc[part % kChains][t]);
     }
   }
-  for (int t = 0; t < NT; ++t) out[t] = hsum(acc[t]);
+  for (int t = 0; t < NT; ++t) {
+    __m256 sum = acc[0][t];
+    for (int c = 1; c < kChains; ++c) sum = _mm256_add_ps(sum, acc[c][t]);
+    out[t] = hsum(sum);
+  }
 }
 
 void q8_0f(int64_t k, const void* w, const void* const* a, int nt, float* out) {
