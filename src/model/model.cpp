@@ -228,7 +228,8 @@ Result<std::shared_ptr<Model>> Model::load(const std::string& path, const LoadOp
         fmt::format("context {} exceeds the model's maximum of {} tokens", options.context, c.max_context));
   if (options.prefill_chunk < 1 || options.prefill_chunk > 65536)
     return invalid_argument(fmt::format("prefill chunk {} must be in [1, 65536]", options.prefill_chunk));
-  if (!options.mmproj.empty()) return unsupported("vision (--mmproj) is not implemented yet");
+  // The projector is loaded and checked now; encoding images comes with the vision issue.
+  if (!options.mmproj.empty()) GEMMA3_TRY(m->ckpt->attach_vision(options.mmproj));
   m->context = options.context ? options.context : std::min(c.max_context, 8192);
   BackendOptions bo;
   bo.threads = options.threads;
