@@ -1,0 +1,274 @@
+// Per-element decoders of every weight type we load, usable from host and device code
+// (formats.md §3; ggml's block layouts). One struct per type:
+//   kElems  elements per block, kBytes bytes per block,
+//   get(block, e) = value of element e (0 <= e < kElems) of the block starting at `block`.
+// They reproduce src/core/quant.cpp's dequantizers bit for bit (the CPU test
+// BlockDecode.MatchesReferenceDequantizer checks every type on random blocks): same operand
+// order, and on the device the products use __fmul_rn/__fsub_rn so nvcc cannot contract them
+// into FMAs, which would round differently.
+//
+// Alignment: on the device, 16-bit and 32-bit fields are read with aligned loads. That holds
+// because weights live in cudaMalloc'd buffers (256-byte aligned) with rows packed back to back,
+// and every block size and field offset used with ld16/ld32 is a multiple of the field size.
+// On the host every load is assembled byte by byte (no alignment assumed).
+//
+// This header is CUDA-free when compiled by a host compiler; it could replace the scalar block
+// functions of src/core/quant.cpp (one set of decoders), which it was written to match.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define GEMMA3_HD __host__ __device__ __forceinline__
+#else
+#define GEMMA3_HD inline
+#endif
+
+namespace gemma3::blocks {
+
+// ---- scalar helpers -------------------------------------------------------------------------
+
+GEMMA3_HD float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+
+// Rounded exactly once, never fused (so host and device agree to the bit).
+GEMMA3_HD float mul(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+GEMMA3_HD float sub(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+GEMMA3_HD float add(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+// Little-endian loads. p must be 2- (ld16) or 4-byte (ld32) aligned on the device.
+GEMMA3_HD uint32_t ld16(const uint8_t* p) {
+#if defined(__CUDA_ARCH__)
+  return *reinterpret_cast<const uint16_t*>(p);
+#else
+  return static_cast<uint32_t>(p[0]) | (static_cast<uint32_t>(p[1]) << 8);
+#endif
+}
+GEMMA3_HD uint32_t ld32(const uint8_t* p) {
+#if defined(__CUDA_ARCH__)
+  return *reinterpret_cast<const uint32_t*>(p);
+#else
+  return static_cast<uint32_t>(p[0]) | (static_cast<uint32_t>(p[1]) << 8) |
+         (static_cast<uint32_t>(p[2]) << 16) | (static_cast<uint32_t>(p[3]) << 24);
+#endif
+}
+
+// IEEE half -> float, exact; same cases as f16_to_f32 in src/core/dtype.cpp.
+GEMMA3_HD float half_to_float(uint32_t h) {
+  const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1F, mant = h & 0x3FF;
+  if (exp == 0) {
+    const float v = static_cast<float>(mant) * 5.9604644775390625e-8f;  // mant * 2^-24, exact
+    return sign ? -v : v;
+  }
+  if (exp == 31) return bits_float(sign | 0x7F800000u | (mant << 13));
+  return bits_float(sign | ((exp - 15 + 127) << 23) | (mant << 13));
+}
+GEMMA3_HD float ld_half(const uint8_t* p) { return half_to_float(ld16(p)); }
+
+// fp8 e4m3fn -> float (formats.md §5.1): bias 7, no infinities, S.1111.111 is NaN.
+GEMMA3_HD float e4m3_to_float(uint32_t v) {
+  const bool neg = (v & 0x80) != 0;
+  const uint32_t exp = (v >> 3) & 0xF, mant = v & 7;
+  float r;
+  if (exp == 15 && mant == 7) {
+    r = bits_float(0x7FC00000u);  // quiet NaN, as std::numeric_limits<float>::quiet_NaN()
+  } else if (exp == 0) {
+    r = static_cast<float>(mant) * 0.001953125f;  // 2^-6 * m/8 = m * 2^-9, exact
+  } else {
+    r = bits_float(((exp - 7 + 127) << 23) | (mant << 20));  // 2^(e-7) * (1 + m/8)
+  }
+  return neg ? -r : r;
+}
+
+// Legacy nibble order (§3.2): byte j holds element j (low) and element j+16 (high).
+GEMMA3_HD int legacy_nibble(const uint8_t* qs, int e) { return e < 16 ? (qs[e] & 0xF) : (qs[e - 16] >> 4); }
+
+// IQ4_NL / IQ4_XS codebook (§3.4, ggml kvalues_iq4nl) packed into two words, so that host and
+// device share it without a table in memory: entry q is byte q of (kLo, kHi).
+GEMMA3_HD int iq4nl_value(int q) {
+  const uint64_t kLo = 0xf6eaddcfbfad9881ull;  // -127 -104 -83 -65 -49 -35 -22 -10
+  const uint64_t kHi = 0x7159453526190d01ull;  //    1   13  25  38  53  69  89 113
+  return static_cast<int8_t>(((q < 8 ? kLo : kHi) >> (8 * (q & 7))) & 0xFF);
+}
+
+// Q4_K/Q5_K 6-bit (scale, min) of 32-element sub-block j (§3.3, get_scale_min_k4).
+GEMMA3_HD void scale_min_k4(int j, const uint8_t* s, int* sc, int* mn) {
+  if (j < 4) {
+    *sc = s[j] & 63;
+    *mn = s[j + 4] & 63;
+  } else {
+    *sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+    *mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+  }
+}
+
+// ---- one struct per type --------------------------------------------------------------------
+
+struct F32 {
+  static constexpr int kElems = 1, kBytes = 4;
+  GEMMA3_HD static float get(const uint8_t* x, int) { return bits_float(ld32(x)); }
+};
+struct F16 {
+  static constexpr int kElems = 1, kBytes = 2;
+  GEMMA3_HD static float get(const uint8_t* x, int) { return ld_half(x); }
+};
+struct BF16 {
+  static constexpr int kElems = 1, kBytes = 2;
+  GEMMA3_HD static float get(const uint8_t* x, int) { return bits_float(ld16(x) << 16); }
+};
+struct F8E4M3 {  // raw value; the caller applies the row scale
+  static constexpr int kElems = 1, kBytes = 1;
+  GEMMA3_HD static float get(const uint8_t* x, int) { return e4m3_to_float(x[0]); }
+};
+
+struct Q4_0 {  // 18 bytes: d, qs[16]
+  static constexpr int kElems = 32, kBytes = 18;
+  GEMMA3_HD static float get(const uint8_t* x, int e) {
+    return mul(static_cast<float>(legacy_nibble(x + 2, e) - 8), ld_half(x));
+  }
+};
+struct Q4_1 {  // 20 bytes: d, m, qs[16]
+  static constexpr int kElems = 32, kBytes = 20;
+  GEMMA3_HD static float get(const uint8_t* x, int e) {
+    return add(mul(static_cast<float>(legacy_nibble(x + 4, e)), ld_half(x)), ld_half(x + 2));
+  }
+};
+struct Q5_0 {  // 22 bytes: d, qh u32 (at offset 2: read as two u16), qs[16]
+  static constexpr int kElems = 32, kBytes = 22;
+  GEMMA3_HD static float get(const uint8_t* x, int e) {
+    const uint32_t qh = ld16(x + 2) | (ld16(x + 4) << 16);
+    const int q = legacy_nibble(x + 6, e) | static_cast<int>(((qh >> e) & 1) << 4);
+    return mul(static_cast<float>(q - 16), ld_half(x));
+  }
+};
+struct Q5_1 {  // 24 bytes: d, m, qh u32, qs[16]
+  static constexpr int kElems = 32, kBytes = 24;
+  GEMMA3_HD static float get(const uint8_t* x, int e) {
+    const uint32_t qh = ld32(x + 4);
+    const int q = legacy_nibble(x + 8, e) | static_cast<int>(((qh >> e) & 1) << 4);
+    return add(mul(static_cast<float>(q), ld_half(x)), ld_half(x + 2));
+  }
+};
+struct Q8_0 {  // 34 bytes: d, qs[32] int8
+  static constexpr int kElems = 32, kBytes = 34;
+  GEMMA3_HD static float get(const uint8_t* x, int e) {
+    return mul(static_cast<float>(static_cast<int8_t>(x[2 + e])), ld_half(x));
+  }
+};
+struct IQ4_NL {  // 18 bytes: d, qs[16]
+  static constexpr int kElems = 32, kBytes = 18;
+  GEMMA3_HD static float get(const uint8_t* x, int e) {
+    return mul(ld_half(x), static_cast<float>(iq4nl_value(legacy_nibble(x + 2, e))));
+  }
+};
+
+struct Q2_K {  // 84 bytes: scales[16], qs[64], d, dmin
+  static constexpr int kElems = 256, kBytes = 84;
+  GEMMA3_HD static float get(const uint8_t* x, int e) {
+    const int h = e / 128, s = (e / 32) % 4, t = (e / 16) % 2, l = e % 16;
+    const int q = (x[16 + 32 * h + 16 * t + l] >> (2 * s)) & 3;
+    const int sc = x[e / 16];
+    return sub(mul(mul(ld_half(x + 80), static_cast<float>(sc & 0xF)), static_cast<float>(q)),
+               mul(ld_half(x + 82), static_cast<float>(sc >> 4)));
+  }
+};
+struct Q3_K {  // 110 bytes: hmask[32], qs[64], scales[12], d
+  static constexpr int kElems = 256, kBytes = 110;
+  GEMMA3_HD static float get(const uint8_t* x, int e) {
+    const uint8_t* scales = x + 96;
+    const int b = e / 16;
+    const int low = b < 8 ? (scales[b] & 0xF) : (scales[b - 8] >> 4);
+    const int high = (scales[8 + b % 4] >> (2 * (b / 4))) & 3;
+    const int sb = (low | (high << 4)) - 32;
+    const int h = e / 128, s = (e / 32) % 4, t = (e / 16) % 2, l = e % 16;
+    const int lo2 = (x[32 + 32 * h + 16 * t + l] >> (2 * s)) & 3;
+    const bool hi = (x[16 * t + l] >> (4 * h + s)) & 1;
+    const int q = hi ? lo2 : lo2 - 4;
+    return mul(mul(ld_half(x + 108), static_cast<float>(sb)), static_cast<float>(q));
+  }
+};
+struct Q4_K {  // 144 bytes: d, dmin, scales[12], qs[128]
+  static constexpr int kElems = 256, kBytes = 144;
+  GEMMA3_HD static float get(const uint8_t* x, int e) {
+    const int c = e / 64, l = e % 32, j = e / 32;
+    int sc, mn;
+    scale_min_k4(j, x + 4, &sc, &mn);
+    const uint8_t byte = x[16 + 32 * c + l];
+    const int q = (e % 64) >= 32 ? (byte >> 4) : (byte & 0xF);
+    return sub(mul(mul(ld_half(x), static_cast<float>(sc)), static_cast<float>(q)),
+               mul(ld_half(x + 2), static_cast<float>(mn)));
+  }
+};
+struct Q5_K {  // 176 bytes: d, dmin, scales[12], qh[32], qs[128]
+  static constexpr int kElems = 256, kBytes = 176;
+  GEMMA3_HD static float get(const uint8_t* x, int e) {
+    const int c = e / 64, l = e % 32, j = e / 32;
+    int sc, mn;
+    scale_min_k4(j, x + 4, &sc, &mn);
+    const uint8_t byte = x[48 + 32 * c + l];
+    const int q = ((e % 64) >= 32 ? (byte >> 4) : (byte & 0xF)) + 16 * ((x[16 + l] >> j) & 1);
+    return sub(mul(mul(ld_half(x), static_cast<float>(sc)), static_cast<float>(q)),
+               mul(ld_half(x + 2), static_cast<float>(mn)));
+  }
+};
+struct Q6_K {  // 210 bytes: ql[128], qh[64], scales[16] int8, d
+  static constexpr int kElems = 256, kBytes = 210;
+  GEMMA3_HD static float get(const uint8_t* x, int e) {
+    // Element e = 128h + 32k + l takes its low nibble from ql[64h + l + 32(k&1)] (low half for
+    // k < 2, high half otherwise) and its two high bits from qh[32h + l] >> 2k.
+    const int h = e / 128, k = (e % 128) / 32, l = e % 32;
+    const uint8_t low = x[64 * h + l + 32 * (k & 1)];
+    const int q = (k >= 2 ? (low >> 4) : (low & 0xF)) | (((x[128 + 32 * h + l] >> (2 * k)) & 3) << 4);
+    const float sc = static_cast<float>(static_cast<int8_t>(x[192 + e / 16]));
+    return mul(mul(ld_half(x + 208), sc), static_cast<float>(q - 32));
+  }
+};
+struct IQ4_XS {  // 136 bytes: d, scales_h u16, scales_l[4], qs[128]
+  static constexpr int kElems = 256, kBytes = 136;
+  GEMMA3_HD static float get(const uint8_t* x, int e) {
+    const int j = e / 32;
+    const uint32_t scales_h = ld16(x + 2);
+    const int ls =
+        ((x[4 + j / 2] >> (4 * (j % 2))) & 0xF) | static_cast<int>(((scales_h >> (2 * j)) & 3) << 4);
+    const float dl = mul(ld_half(x), static_cast<float>(ls - 32));
+    return mul(dl, static_cast<float>(iq4nl_value(legacy_nibble(x + 8 + 16 * j, e % 32))));
+  }
+};
+
+// Element i of a row that starts at `row` (whole blocks of D).
+template <class D>
+GEMMA3_HD float row_value(const uint8_t* row, int64_t i) {
+  if constexpr (D::kElems == 1) {
+    return D::get(row + i * D::kBytes, 0);
+  } else {
+    return D::get(row + (i / D::kElems) * D::kBytes, static_cast<int>(i % D::kElems));
+  }
+}
+
+}  // namespace gemma3::blocks
