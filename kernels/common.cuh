@@ -1,0 +1,73 @@
+// Device helpers shared by the kernel families: warp/block reductions, launch-error checks,
+// and the one runtime DType -> decoder-type switch used by every weight-reading op.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "block_decode.h"
+#include "launch.h"
+
+namespace gemma3::cuda {
+
+inline cudaStream_t as_stream(Stream s) { return static_cast<cudaStream_t>(s); }
+
+// The error of the last launch, as the int every launcher returns.
+inline int launch_result() { return static_cast<int>(cudaGetLastError()); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+  return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, <= 1024); every thread gets the result.
+// `scratch` holds >= 32 floats of shared memory; the call ends with the block synchronized.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  v = warp_sum(v);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float total = 0;
+  for (int w = 0; w < warps; ++w) total += scratch[w];  // same order in every thread
+  __syncthreads();
+  return total;
+}
+
+// Calls f(Decoder{}) with the block decoder of t (block_decode.h); cudaErrorInvalidValue for a
+// type without one (none today: every DType we load has a decoder).
+template <class F>
+int dispatch_dtype(DType t, F&& f) {
+  switch (t) {
+    case DType::kF32: return f(blocks::F32{});
+    case DType::kF16: return f(blocks::F16{});
+    case DType::kBF16: return f(blocks::BF16{});
+    case DType::kF8E4M3: return f(blocks::F8E4M3{});
+    case DType::kQ4_0: return f(blocks::Q4_0{});
+    case DType::kQ4_1: return f(blocks::Q4_1{});
+    case DType::kQ5_0: return f(blocks::Q5_0{});
+    case DType::kQ5_1: return f(blocks::Q5_1{});
+    case DType::kQ8_0: return f(blocks::Q8_0{});
+    case DType::kQ2_K: return f(blocks::Q2_K{});
+    case DType::kQ3_K: return f(blocks::Q3_K{});
+    case DType::kQ4_K: return f(blocks::Q4_K{});
+    case DType::kQ5_K: return f(blocks::Q5_K{});
+    case DType::kQ6_K: return f(blocks::Q6_K{});
+    case DType::kIQ4_NL: return f(blocks::IQ4_NL{});
+    case DType::kIQ4_XS: return f(blocks::IQ4_XS{});
+  }
+  return static_cast<int>(cudaErrorInvalidValue);
+}
+
+// Row scale of row r (fp8 weights), 1 for every other type.
+__device__ __forceinline__ float row_scale_of(const WeightRef& w, int64_t r) {
+  if (w.n_scales == 0) return 1.0f;
+  return w.n_scales == 1 ? w.row_scale[0] : w.row_scale[r];
+}
+
+inline unsigned grid_for(int64_t n, int threads) {
+  const int64_t blocks = (n + threads - 1) / threads;
+  return static_cast<unsigned>(blocks < 65535 * 32 ? blocks
+                                                   : 65535 * 32);  // grid-stride loops cover the rest
+}
+
+}  // namespace gemma3::cuda

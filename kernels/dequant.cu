@@ -1,0 +1,57 @@
+// Row dequantization: weight tiles for the cuBLAS matmul path, and the embedding lookup.
+#include "common.cuh"
+
+namespace gemma3::cuda {
+namespace {
+
+// out[(r - row0) * cols + i] = W[r, i] * row_scale(r) for row0 <= r < row0 + n_rows.
+// Preconditions: any grid/block shape (grid-stride loop over n_rows * cols elements).
+template <class D>
+__global__ void dequant_rows_kernel(WeightRef w, int64_t row0, int64_t n_rows, float* out) {
+  const int64_t total = n_rows * w.cols;
+  for (int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; idx < total;
+       idx += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t r = row0 + idx / w.cols, i = idx % w.cols;
+    const uint8_t* row = static_cast<const uint8_t*>(w.data) + r * w.row_bytes;
+    out[idx] = blocks::mul(blocks::row_value<D>(row, i), row_scale_of(w, r));
+  }
+}
+
+// out[t, i] = (W[ids[t], i] * row_scale(ids[t])) * scale, the CPU reference's order.
+// Preconditions: grid.y = n tokens; ids in [0, rows) (checked on the host by the caller).
+template <class D>
+__global__ void embed_kernel(WeightRef w, const int32_t* ids, float scale, float* out) {
+  const int t = blockIdx.y;
+  const int64_t r = ids[t];
+  const uint8_t* row = static_cast<const uint8_t*>(w.data) + r * w.row_bytes;
+  const float s = row_scale_of(w, r);
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < w.cols;
+       i += int64_t{gridDim.x} * blockDim.x)
+    out[t * w.cols + i] = blocks::mul(blocks::mul(blocks::row_value<D>(row, i), s), scale);
+}
+
+}  // namespace
+
+int launch_dequant_rows(const WeightRef& w, int64_t row0, int64_t n_rows, float* out, Stream stream) {
+  if (row0 < 0 || n_rows < 0 || row0 + n_rows > w.rows) return static_cast<int>(cudaErrorInvalidValue);
+  if (n_rows == 0 || w.cols == 0) return 0;
+  constexpr int kThreads = 256;
+  return dispatch_dtype(w.dtype, [&](auto d) {
+    dequant_rows_kernel<decltype(d)>
+        <<<grid_for(n_rows * w.cols, kThreads), kThreads, 0, as_stream(stream)>>>(w, row0, n_rows, out);
+    return launch_result();
+  });
+}
+
+int launch_embed(const WeightRef& w, const int32_t* ids, int n, float scale, float* out, Stream stream) {
+  if (n < 0 || n > 65535) return static_cast<int>(cudaErrorInvalidValue);
+  if (n == 0 || w.cols == 0) return 0;
+  constexpr int kThreads = 256;
+  const dim3 grid(static_cast<unsigned>((w.cols + kThreads - 1) / kThreads), static_cast<unsigned>(n));
+  return dispatch_dtype(w.dtype, [&](auto d) {
+    embed_kernel<decltype(d)><<<grid, kThreads, 0, as_stream(stream)>>>(w, ids, scale, out);
+    return launch_result();
+  });
+}
+
+}  // namespace gemma3::cuda
