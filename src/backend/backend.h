@@ -89,4 +89,12 @@ struct BackendOptions {
 
 Result<std::unique_ptr<Backend>> make_cpu_backend(const BackendOptions& options);
 
+// The CUDA backend (src/backend/cuda/, kernels/): device 0, one stream. In a build without
+// CUDA make_cuda_backend returns "unsupported" and cuda_backend_available() false.
+Result<std::unique_ptr<Backend>> make_cuda_backend(const BackendOptions& options);
+bool cuda_backend_available();  // built with CUDA and at least one device visible
+// Ops return void, so the CUDA backend keeps the first error it hits; this synchronizes and
+// returns it (ok for any other backend).
+Status cuda_backend_status(Backend& backend);
+
 }  // namespace gemma3
