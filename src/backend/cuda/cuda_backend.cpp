@@ -140,7 +140,8 @@ class CudaBackend final : public Backend {
     if (error_.ok() && check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream()), "to_host") &&
         check(cudaStreamSynchronize(stream()), "to_host (synchronize)"))
       return;
-    if (bytes > 0) std::memset(dst, 0xFF, bytes);  // NaN in every float: a failed backend never yields plausible numbers
+    if (bytes > 0)
+      std::memset(dst, 0xFF, bytes);  // NaN in every float: a failed backend never yields plausible numbers
   }
 
   void from_host(const void* src, void* dst, size_t bytes) override {
