@@ -88,8 +88,8 @@ def tensor(name, ne, typ=GGML_F32, fill=0.25):
 
 def micro_gemma3():
     tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "\u2581", "a", "b",
-              "<0x0A>"]
-    types = [3, 3, 3, 2, 3, 3, 1, 1, 1, 6]
+              "\u2581a"]
+    types = [3, 3, 3, 2, 3, 3, 1, 1, 1, 1]  # no BYTE pieces: SentencePiece wants all 256 or none
     H, I, HD, V = 4, 4, 2, len(tokens)
     kvs = [
         ("general.architecture", STR, "gemma3"),

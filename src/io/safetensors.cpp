@@ -329,7 +329,10 @@ Status attach_fp8_scales(Assembly& a) {
     if (s.dtype != DType::kF32 && s.dtype != DType::kBF16 && s.dtype != DType::kF16)
       return invalid_file(fmt::format("{}: scale tensor '{}' has dtype {}, expected F32, BF16 or F16",
                                       file(*si), s.name, loadable_dtype(s.dtype).name));
-    const int64_t rows = w.rows();
+    // Rows: the product of every dimension but the last. Not TensorView::rows() (numel / cols),
+    // which divides by zero for a zero-width weight such as shape [2, 0].
+    int64_t rows = 1;
+    for (size_t d = 0; d + 1 < w.shape.size(); ++d) rows *= w.shape[d];  // no overflow: numel was checked
     const int64_t n = s.numel();
     const bool per_tensor = n == 1;
     const bool per_row = (s.shape.size() == 1 && s.shape[0] == rows) ||
