@@ -59,6 +59,10 @@ class Backend {
   // (the CPU backend reads mapped memory in place).
   virtual Result<std::unique_ptr<BackendWeight>> upload(const TensorView& tensor) = 0;
 
+  // Waits for queued work and returns the first error any op hit since the backend was made
+  // (ops return void; a device backend records failures instead). The CPU backend never fails.
+  virtual Status status() { return ok_status(); }
+
   // ---- ops (shapes in elements; all float* are backend memory) ----
   // out[t, :] = row ids[t] of table (dequantized) * scale. ids: host, [n].
   virtual void embed(const BackendWeight& table, const int32_t* ids, int n, float scale, float* out) = 0;

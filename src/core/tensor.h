@@ -27,7 +27,11 @@ struct TensorView {
     for (int64_t d : shape) n *= d;
     return n;
   }
-  int64_t rows() const { return shape.empty() ? 1 : numel() / shape.back(); }
+  int64_t rows() const {  // product of the leading dimensions (no division: a 0 column count is legal)
+    int64_t n = 1;
+    for (size_t i = 0; i + 1 < shape.size(); ++i) n *= shape[i];
+    return n;
+  }
   int64_t cols() const { return shape.empty() ? 1 : shape.back(); }
   uint64_t row_stride_bytes() const { return rows() ? nbytes / static_cast<uint64_t>(rows()) : 0; }
   const uint8_t* row_ptr(int64_t r) const {

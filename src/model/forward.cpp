@@ -154,7 +154,7 @@ Status forward(const ModelConfig& c, const BackendModel& w, Backend& be, KvCache
     be.to_host(s.logits, logits_host + static_cast<int64_t>(r) * c.vocab_size,
                static_cast<uint64_t>(m) * c.vocab_size * sizeof(float));
   }
-  return ok_status();
+  return be.status();
 }
 
 }  // namespace gemma3

@@ -219,8 +219,6 @@ Result<std::shared_ptr<Model>> Model::load(const std::string& path, const LoadOp
   m->options = options;
   GEMMA3_ASSIGN_OR_RETURN(m->ckpt, Checkpoint::open(path));
   const ModelConfig& c = m->ckpt->config();
-  if (options.backend == BackendKind::kCuda)
-    return unsupported("the CUDA backend is not available in this build yet; use --backend cpu");
   if (options.context < 0)
     return invalid_argument(fmt::format("context {} must be positive", options.context));
   if (options.context > c.max_context)
@@ -233,8 +231,15 @@ Result<std::shared_ptr<Model>> Model::load(const std::string& path, const LoadOp
   m->context = options.context ? options.context : std::min(c.max_context, 8192);
   BackendOptions bo;
   bo.threads = options.threads;
-  GEMMA3_ASSIGN_OR_RETURN(m->backend, make_cpu_backend(bo));
-  GEMMA3_ASSIGN_OR_RETURN(m->weights, BackendModel::upload(*m->backend, m->ckpt->weights(), options.progress));
+  const bool cuda = options.backend == BackendKind::kCuda ||
+                    (options.backend == BackendKind::kAuto && cuda_backend_available());
+  if (cuda) {
+    GEMMA3_ASSIGN_OR_RETURN(m->backend, make_cuda_backend(bo));
+  } else {
+    GEMMA3_ASSIGN_OR_RETURN(m->backend, make_cpu_backend(bo));
+  }
+  GEMMA3_ASSIGN_OR_RETURN(m->weights,
+                          BackendModel::upload(*m->backend, m->ckpt->weights(), options.progress));
   return std::shared_ptr<Model>(std::move(m));
 }
 

@@ -108,7 +108,7 @@ class CudaBackend final : public Backend {
   std::string name() const override { return fmt::format("cuda ({})", device_name_); }
 
   // Synchronizes and returns the first error any call has hit.
-  Status status() {
+  Status status() override {
     if (error_.ok() && stream_) check(cudaStreamSynchronize(stream()), "cudaStreamSynchronize");
     return error_;
   }
