@@ -11,6 +11,7 @@
 #include <functional>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <unistd.h>
 #include <vector>
 
 #include "io/gguf.h"
@@ -128,9 +129,10 @@ inline void drop_safetensors(const std::string& path, const std::vector<std::str
   o << hs << out_data;
 }
 
-// A fresh, empty folder under the test temp dir.
+// A fresh, empty folder under the test temp dir, private to this process: ctest runs each
+// test in its own process, in parallel, and suites set up and tear down their folder.
 inline std::string temp_dir(const std::string& name) {
-  const std::string d = testing::TempDir() + "gemma3_" + name;
+  const std::string d = testing::TempDir() + "gemma3_" + name + "_" + std::to_string(getpid());
   std::filesystem::remove_all(d);
   std::filesystem::create_directories(d);
   return d;
