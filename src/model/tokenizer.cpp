@@ -26,6 +26,7 @@
 #include <array>
 #include <unordered_map>
 
+#include "core/utf8.h"
 #include "io/mapped_file.h"
 #include "model/spm_proto.h"
 
@@ -63,41 +64,6 @@ int parse_byte_piece(std::string_view s) {
   };
   const int hi = hex(s[3]), lo = hex(s[4]);
   return hi < 0 || lo < 0 ? -1 : hi * 16 + lo;
-}
-
-// Byte offset of the first invalid UTF-8 sequence (overlong forms, surrogates and code points
-// above U+10FFFF are invalid), or npos.
-size_t find_invalid_utf8(std::string_view s) {
-  size_t i = 0;
-  while (i < s.size()) {
-    const uint8_t c = static_cast<uint8_t>(s[i]);
-    size_t n;
-    uint32_t cp;
-    if (c < 0x80) {
-      ++i;
-      continue;
-    } else if (c >= 0xC2 && c <= 0xDF) {
-      n = 2, cp = c & 0x1F;
-    } else if (c >= 0xE0 && c <= 0xEF) {
-      n = 3, cp = c & 0x0F;
-    } else if (c >= 0xF0 && c <= 0xF4) {
-      n = 4, cp = c & 0x07;
-    } else {
-      return i;
-    }
-    if (i + n > s.size()) return i;
-    for (size_t k = 1; k < n; ++k) {
-      const uint8_t cc = static_cast<uint8_t>(s[i + k]);
-      if ((cc & 0xC0) != 0x80) return i;
-      cp = (cp << 6) | (cc & 0x3F);
-    }
-    if ((n == 3 && cp < 0x800) || (n == 4 && (cp < 0x10000 || cp > 0x10FFFF)) ||
-        (cp >= 0xD800 && cp <= 0xDFFF)) {
-      return i;
-    }
-    i += n;
-  }
-  return std::string_view::npos;
 }
 
 std::string replace_all(std::string_view s, std::string_view from, std::string_view to) {

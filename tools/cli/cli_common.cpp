@@ -16,6 +16,8 @@
 #include <random>
 #include <sstream>
 
+#include "core/utf8.h"
+
 namespace gemma3::cli {
 
 int exit_code_for(ErrorCode code) {
@@ -353,36 +355,8 @@ Result<std::string> read_file(const std::string& path) {
 }
 
 std::optional<size_t> find_invalid_utf8(std::string_view s) {
-  size_t i = 0;
-  while (i < s.size()) {
-    const auto c = static_cast<uint8_t>(s[i]);
-    size_t n;
-    uint32_t cp;
-    if (c < 0x80) {
-      ++i;
-      continue;
-    } else if (c >= 0xC2 && c <= 0xDF) {
-      n = 2, cp = c & 0x1F;
-    } else if (c >= 0xE0 && c <= 0xEF) {
-      n = 3, cp = c & 0x0F;
-    } else if (c >= 0xF0 && c <= 0xF4) {
-      n = 4, cp = c & 0x07;
-    } else {
-      return i;
-    }
-    if (i + n > s.size()) return i;
-    for (size_t k = 1; k < n; ++k) {
-      const auto cc = static_cast<uint8_t>(s[i + k]);
-      if ((cc & 0xC0) != 0x80) return i;
-      cp = (cp << 6) | (cc & 0x3F);
-    }
-    // Overlong forms, UTF-16 surrogates and code points above U+10FFFF are invalid.
-    if ((n == 3 && cp < 0x800) || (n == 4 && (cp < 0x10000 || cp > 0x10FFFF)) ||
-        (cp >= 0xD800 && cp <= 0xDFFF))
-      return i;
-    i += n;
-  }
-  return std::nullopt;
+  const size_t bad = gemma3::find_invalid_utf8(s);
+  return bad == std::string_view::npos ? std::nullopt : std::optional<size_t>(bad);
 }
 
 Result<std::string> read_prompt(const std::string& prompt, const std::string& file, const std::string& what) {

@@ -17,22 +17,42 @@
 #include "core/thread_pool.h"
 
 namespace gemma3 {
+
+void HostWeight::row(int64_t r, float* dst) const {
+  dequantize_row(dtype, row_ptr(r), dst, cols);
+  if (!view.row_scale.empty()) {
+    const float s = view.row_scale.size() == 1 ? view.row_scale[0] : view.row_scale[r];
+    for (int64_t i = 0; i < cols; ++i) dst[i] *= s;
+  }
+}
+
+Result<void*> HostBackend::allocate(size_t bytes) {
+  void* p = std::calloc(std::max<size_t>(bytes, 1), 1);
+  if (!p) return out_of_memory(fmt::format("cannot allocate {} bytes of host memory", bytes));
+  return p;
+}
+void HostBackend::release(void* ptr) { std::free(ptr); }
+void HostBackend::to_host(const void* src, void* dst, size_t bytes) { std::memcpy(dst, src, bytes); }
+void HostBackend::from_host(const void* src, void* dst, size_t bytes) { std::memcpy(dst, src, bytes); }
+
+Status HostBackend::bind(const TensorView& t, HostWeight* w) {
+  if (t.shape.empty() || t.shape.size() > 2)
+    return unsupported(fmt::format("tensor {}: {}-D weights are not supported", t.name, t.shape.size()));
+  w->view = t;
+  w->dtype = t.dtype;
+  w->rows = t.rows();
+  w->cols = t.cols();
+  auto rb = row_bytes(t.dtype, w->cols);
+  if (!rb || *rb * static_cast<uint64_t>(w->rows) != t.nbytes)
+    return invalid_file(fmt::format("tensor {}: {} bytes do not hold {} {} values", t.name, t.nbytes,
+                                    shape_to_string(t.shape), dtype_name(t.dtype)));
+  w->row_stride = *rb;
+  return ok_status();
+}
+
 namespace {
 
-class CpuWeight final : public BackendWeight {
- public:
-  TensorView view;  // data points into the mapped checkpoint (or memory the loader owns)
-
-  // dst[0..cols) = row r, dequantized to fp32 (fp8 rows scaled by their row scale).
-  void row(int64_t r, float* dst) const {
-    dequantize_row(dtype, view.row_ptr(r), dst, cols);
-    if (!view.row_scale.empty()) {
-      float s = view.row_scale.size() == 1 ? view.row_scale[0] : view.row_scale[r];
-      for (int64_t i = 0; i < cols; ++i) dst[i] *= s;
-    }
-  }
-};
-
+using CpuWeight = HostWeight;
 const CpuWeight& as_cpu(const BackendWeight& w) { return static_cast<const CpuWeight&>(w); }
 
 // Dot product with 8 independent fp32 partial sums (vectorizes; deterministic order).
@@ -51,33 +71,15 @@ float load_kv(const void* base, DType t, int64_t index) {
   return bf16_to_f32(static_cast<const uint16_t*>(base)[index]);
 }
 
-class RefCpuBackend final : public Backend {
+class RefCpuBackend final : public HostBackend {
  public:
   explicit RefCpuBackend(int threads) : pool_(threads) {}
 
   std::string name() const override { return fmt::format("cpu reference ({} threads)", pool_.size()); }
 
-  Result<void*> allocate(size_t bytes) override {
-    void* p = std::calloc(std::max<size_t>(bytes, 1), 1);
-    if (!p) return out_of_memory(fmt::format("cannot allocate {} bytes of host memory", bytes));
-    return p;
-  }
-  void release(void* ptr) override { std::free(ptr); }
-  void to_host(const void* src, void* dst, size_t bytes) override { std::memcpy(dst, src, bytes); }
-  void from_host(const void* src, void* dst, size_t bytes) override { std::memcpy(dst, src, bytes); }
-
   Result<std::unique_ptr<BackendWeight>> upload(const TensorView& t) override {
-    if (t.shape.empty() || t.shape.size() > 2)
-      return unsupported(fmt::format("tensor {}: {}-D weights are not supported", t.name, t.shape.size()));
     auto w = std::make_unique<CpuWeight>();
-    w->view = t;
-    w->dtype = t.dtype;
-    w->rows = t.rows();
-    w->cols = t.cols();
-    auto rb = row_bytes(t.dtype, w->cols);
-    if (!rb || *rb * static_cast<uint64_t>(w->rows) != t.nbytes)
-      return invalid_file(fmt::format("tensor {}: {} bytes do not hold {} {} values", t.name, t.nbytes,
-                                      shape_to_string(t.shape), dtype_name(t.dtype)));
+    GEMMA3_TRY(bind(t, w.get()));
     return std::unique_ptr<BackendWeight>(std::move(w));
   }
 

@@ -6,12 +6,39 @@
 // GEMMA3_CPU_KERNELS says otherwise: "ref" (reference backend), "portable", "avx2", "auto".
 #pragma once
 
+#include <cstdint>
 #include <memory>
 #include <string>
 
 #include "backend/backend.h"
 
 namespace gemma3 {
+
+// A weight read in place from host memory (the mapped checkpoint): rows of row_stride bytes.
+class HostWeight : public BackendWeight {
+ public:
+  TensorView view;
+  uint64_t row_stride = 0;
+
+  const uint8_t* row_ptr(int64_t r) const {
+    return static_cast<const uint8_t*>(view.data) + static_cast<uint64_t>(r) * row_stride;
+  }
+  // dst[0..cols) = row r dequantized to fp32 (fp8 rows scaled by their row scale).
+  void row(int64_t r, float* dst) const;
+};
+
+// Host memory and weight checks shared by the CPU backends.
+class HostBackend : public Backend {
+ public:
+  Result<void*> allocate(size_t bytes) override;  // zero-filled
+  void release(void* ptr) override;
+  void to_host(const void* src, void* dst, size_t bytes) override;
+  void from_host(const void* src, void* dst, size_t bytes) override;
+
+ protected:
+  // Fills w from t after checking t is 1-D or 2-D and its bytes hold whole rows of its type.
+  static Status bind(const TensorView& t, HostWeight* w);
+};
 
 Result<std::unique_ptr<Backend>> make_cpu_ref_backend(int threads);
 // kernels: "auto" (best for this CPU), "portable", "avx2"; an error if it cannot run here.

@@ -40,54 +40,22 @@ using cpu::kMaxTile;
 
 constexpr int kTokenBlock = 64;  // tokens whose activations are walked together per row
 
-class FastWeight final : public BackendWeight {
+class FastWeight final : public HostWeight {
  public:
-  TensorView view;
-  uint64_t row_stride = 0;
   std::vector<float> values;  // 1-D tensors (norm weights): dequantized once at upload
-
-  const uint8_t* row_ptr(int64_t r) const {
-    return static_cast<const uint8_t*>(view.data) + static_cast<uint64_t>(r) * row_stride;
-  }
-  void row(int64_t r, float* dst) const {
-    dequantize_row(dtype, row_ptr(r), dst, cols);
-    if (!view.row_scale.empty()) {
-      const float s = view.row_scale.size() == 1 ? view.row_scale[0] : view.row_scale[r];
-      for (int64_t i = 0; i < cols; ++i) dst[i] *= s;
-    }
-  }
 };
 
 const FastWeight& as_fast(const BackendWeight& w) { return static_cast<const FastWeight&>(w); }
 
-class FastCpuBackend final : public Backend {
+class FastCpuBackend final : public HostBackend {
  public:
   FastCpuBackend(int threads, const KernelSet& k) : pool_(threads), k_(k) {}
 
   std::string name() const override { return fmt::format("cpu {} ({} threads)", k_.name, pool_.size()); }
 
-  Result<void*> allocate(size_t bytes) override {
-    void* p = std::calloc(std::max<size_t>(bytes, 1), 1);
-    if (!p) return out_of_memory(fmt::format("cannot allocate {} bytes of host memory", bytes));
-    return p;
-  }
-  void release(void* ptr) override { std::free(ptr); }
-  void to_host(const void* src, void* dst, size_t bytes) override { std::memcpy(dst, src, bytes); }
-  void from_host(const void* src, void* dst, size_t bytes) override { std::memcpy(dst, src, bytes); }
-
   Result<std::unique_ptr<BackendWeight>> upload(const TensorView& t) override {
-    if (t.shape.empty() || t.shape.size() > 2)
-      return unsupported(fmt::format("tensor {}: {}-D weights are not supported", t.name, t.shape.size()));
     auto w = std::make_unique<FastWeight>();
-    w->view = t;
-    w->dtype = t.dtype;
-    w->rows = t.rows();
-    w->cols = t.cols();
-    auto rb = row_bytes(t.dtype, w->cols);
-    if (!rb || *rb * static_cast<uint64_t>(w->rows) != t.nbytes)
-      return invalid_file(fmt::format("tensor {}: {} bytes do not hold {} {} values", t.name, t.nbytes,
-                                      shape_to_string(t.shape), dtype_name(t.dtype)));
-    w->row_stride = *rb;
+    GEMMA3_TRY(bind(t, w.get()));
     if (t.shape.size() == 1) {
       w->values.resize(w->cols);
       w->row(0, w->values.data());
