@@ -35,6 +35,26 @@ void HostBackend::release(void* ptr) { std::free(ptr); }
 void HostBackend::to_host(const void* src, void* dst, size_t bytes) { std::memcpy(dst, src, bytes); }
 void HostBackend::from_host(const void* src, void* dst, size_t bytes) { std::memcpy(dst, src, bytes); }
 
+void HostBackend::kv_write(const float* k, const float* v, int n, int pos0, int kv_width,
+                           const KvLayer& cache) {
+  for (int t = 0; t < n; ++t) {
+    const int64_t slot = (pos0 + t) % cache.capacity;
+    const float* ks = k + static_cast<int64_t>(t) * kv_width;
+    const float* vs = v + static_cast<int64_t>(t) * kv_width;
+    if (cache.dtype == DType::kF32) {
+      std::memcpy(static_cast<float*>(cache.k) + slot * kv_width, ks, kv_width * sizeof(float));
+      std::memcpy(static_cast<float*>(cache.v) + slot * kv_width, vs, kv_width * sizeof(float));
+    } else {
+      uint16_t* kd = static_cast<uint16_t*>(cache.k) + slot * kv_width;
+      uint16_t* vd = static_cast<uint16_t*>(cache.v) + slot * kv_width;
+      for (int i = 0; i < kv_width; ++i) {
+        kd[i] = f32_to_bf16(ks[i]);
+        vd[i] = f32_to_bf16(vs[i]);
+      }
+    }
+  }
+}
+
 Status HostBackend::bind(const TensorView& t, HostWeight* w) {
   if (t.shape.empty() || t.shape.size() > 2)
     return unsupported(fmt::format("tensor {}: {}-D weights are not supported", t.name, t.shape.size()));
@@ -157,26 +177,6 @@ class RefCpuBackend final : public HostBackend {
         }
       }
     });
-  }
-
-  void kv_write(const float* k, const float* v, int n, int pos0, int kv_width,
-                const KvLayer& cache) override {
-    for (int t = 0; t < n; ++t) {
-      const int64_t slot = (pos0 + t) % cache.capacity;
-      const float* ks = k + static_cast<int64_t>(t) * kv_width;
-      const float* vs = v + static_cast<int64_t>(t) * kv_width;
-      if (cache.dtype == DType::kF32) {
-        std::memcpy(static_cast<float*>(cache.k) + slot * kv_width, ks, kv_width * sizeof(float));
-        std::memcpy(static_cast<float*>(cache.v) + slot * kv_width, vs, kv_width * sizeof(float));
-      } else {
-        uint16_t* kd = static_cast<uint16_t*>(cache.k) + slot * kv_width;
-        uint16_t* vd = static_cast<uint16_t*>(cache.v) + slot * kv_width;
-        for (int i = 0; i < kv_width; ++i) {
-          kd[i] = f32_to_bf16(ks[i]);
-          vd[i] = f32_to_bf16(vs[i]);
-        }
-      }
-    }
   }
 
   void attention(const float* q, const KvLayer& cache, const AttentionParams& p, float* out) override {

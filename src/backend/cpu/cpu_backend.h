@@ -34,6 +34,8 @@ class HostBackend : public Backend {
   void release(void* ptr) override;
   void to_host(const void* src, void* dst, size_t bytes) override;
   void from_host(const void* src, void* dst, size_t bytes) override;
+  // Writes positions pos0.. into ring slots p % capacity, fp32 or bf16 (round to nearest even).
+  void kv_write(const float* k, const float* v, int n, int pos0, int kv_width, const KvLayer& cache) override;
 
  protected:
   // Fills w from t after checking t is 1-D or 2-D and its bytes hold whole rows of its type.
