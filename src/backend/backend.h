@@ -26,7 +26,11 @@ class BackendWeight {
 };
 
 // One layer's K and V cache in backend memory. Position p lives in slot p % capacity.
-// k, v: [capacity, n_kv_heads, head_dim] of `dtype` (kF32 or kBF16).
+// k, v: [capacity, n_kv_heads, head_dim] of `dtype`:
+//   kF32, kBF16: plain elements;
+//   kQ8_0: each (slot, kv head) row of head_dim values is head_dim / 32 GGUF Q8_0 blocks
+//          (fp16 scale + 32 int8), i.e. 34 * head_dim / 32 bytes per row (head_dim % 32 == 0);
+//   kF8E4M3: one e4m3fn byte per value, no scale (saturating conversion, as vLLM's default).
 struct KvLayer {
   void* k = nullptr;
   void* v = nullptr;
@@ -62,6 +66,9 @@ class Backend {
   // Waits for queued work and returns the first error any op hit since the backend was made
   // (ops return void; a device backend records failures instead). The CPU backend never fails.
   virtual Status status() { return ok_status(); }
+  // Bytes the backend can still allocate; 0 when unknown or not worth planning (host memory).
+  // The memory planner compares its plan with this before allocating anything.
+  virtual uint64_t free_bytes() { return 0; }
 
   // ---- ops (shapes in elements; all float* are backend memory) ----
   // out[t, :] = row ids[t] of table (dequantized) * scale. ids: host, [n].
