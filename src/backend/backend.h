@@ -47,6 +47,12 @@ struct AttentionParams {
   float scale = 0;   // logits = (q . k) * scale
   int window = 0;    // 0: causal (j <= i); W > 0: sliding, keys i - W < j <= i
   int kv_start = 0;  // first position the cache holds (keys j < kv_start do not exist)
+  // A bidirectional group (an image's soft tokens; the vision tower uses the whole input):
+  // a query at position i in [bidir_begin, bidir_end) also sees every key j in that range,
+  // whatever the window (visibility is OR-ed, as in transformers). Empty range: none. The
+  // group lies inside this call's tokens.
+  int bidir_begin = 0;
+  int bidir_end = 0;
 };
 
 class Backend {
