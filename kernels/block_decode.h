@@ -16,6 +16,7 @@
 // functions of src/core/quant.cpp (one set of decoders), which it was written to match.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -104,6 +105,90 @@ GEMMA3_HD float e4m3_to_float(uint32_t v) {
     r = bits_float(((exp - 7 + 127) << 23) | (mant << 20));  // 2^(e-7) * (1 + m/8)
   }
   return neg ? -r : r;
+}
+
+// ---- encoders (KV cache writes, fp8 weight quantization) --------------------------------
+// Host and device versions compute the same bits; the CPU test BlockDecode.EncodersMatchCpu checks the
+// host side against src/core/dtype.cpp's f32_to_f16, make_model's f32_to_f8e4m3 and quant.cpp's
+// Q8_0 quantizer, whose algorithms these are.
+
+GEMMA3_HD float div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+// Round to nearest, ties to even (nearbyint in the default rounding mode).
+GEMMA3_HD float rint_even(float x) {
+#if defined(__CUDA_ARCH__)
+  return rintf(x);
+#else
+  return std::nearbyint(x);
+#endif
+}
+GEMMA3_HD uint32_t float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+#endif
+}
+
+// float -> IEEE half bits, round to nearest even; f32_to_f16 in src/core/dtype.cpp.
+GEMMA3_HD uint16_t float_to_half(float f) {
+  const uint32_t u = float_bits(f);
+  const uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7FFFFFFFu;
+  if (a > 0x7F800000u) return static_cast<uint16_t>(sign | 0x7E00u | ((a >> 13) & 0x3FFu));  // NaN
+  if (a >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);                        // >= 65520: inf
+  if (a < 0x38800000u)  // below 2^-14: subnormal; scaling by 2^24 is exact
+    return static_cast<uint16_t>(sign | static_cast<uint32_t>(rint_even(mul(bits_float(a), 16777216.0f))));
+  uint32_t h = ((((a >> 23) - 127 + 15)) << 10) | ((a & 0x7FFFFFu) >> 13);
+  const uint32_t rem = a & 0x1FFFu;
+  if (rem > 0x1000u || (rem == 0x1000u && (h & 1))) ++h;  // a carry bumps the exponent: correct
+  return static_cast<uint16_t>(sign | h);
+}
+
+// float -> e4m3fn byte, round to nearest even, saturating: |x| >= 448 and +-inf give +-448
+// (e4m3fn has no infinity; vLLM's fp8 KV cache does the same), NaN gives 0 so a cache or
+// weight never holds a NaN code. The algorithm of make_model's f32_to_f8e4m3 (which maps NaN
+// to 0x7F) and of HostBackend::kv_write's encoder, with exponent bits instead of frexp/ldexp
+// (the 2^k scalings below are exact).
+GEMMA3_HD uint8_t float_to_e4m3(float x) {
+  const uint32_t u = float_bits(x);
+  const uint32_t sign = (u >> 24) & 0x80u, a_bits = u & 0x7FFFFFFFu;
+  if (a_bits > 0x7F800000u) return 0;
+  const float a = bits_float(a_bits);
+  if (!(a < 448.0f)) return static_cast<uint8_t>(sign | 0x7E);
+  if (a_bits == 0) return static_cast<uint8_t>(sign);
+  // a = 1.f * 2^exp for normal floats; fp32 subnormals (< 2^-126) are far below e4m3's range
+  // and land in the subnormal branch, which only needs a * 2^9.
+  int exp = static_cast<int>(a_bits >> 23) - 127;
+  if (exp < -6) {  // e4m3 subnormal: a = q * 2^-9, q in 0..8 (8 is the smallest normal's bits)
+    return static_cast<uint8_t>(sign | static_cast<uint32_t>(rint_even(mul(a, 512.0f))));
+  }
+  // a * 2^(3 - exp) in [8, 16): exact (exp in -6..8).
+  int q = static_cast<int>(rint_even(mul(a, bits_float(static_cast<uint32_t>(127 + 3 - exp) << 23)))) - 8;
+  if (q == 8) q = 0, ++exp;
+  const int biased = exp + 7;
+  if (biased > 15 || (biased == 15 && q == 7)) return static_cast<uint8_t>(sign | 0x7E);
+  return static_cast<uint8_t>(sign | static_cast<uint32_t>(biased << 3) | static_cast<uint32_t>(q));
+}
+
+// GGUF Q8_0 block from its 32 values (ggml quantize_row_q8_0_ref, quant.cpp's quant_q8_0):
+// d = amax / 127 stored as half, q = round_half_away(x * (1 / d)) (0 when d == 0). Split in
+// two steps so a device warp can compute amax with shuffles: q8_0_inverse(amax) then
+// q8_0_quant(x, inverse) per element.
+GEMMA3_HD float q8_0_scale(float amax) { return div_rn(amax, 127.0f); }
+GEMMA3_HD float q8_0_inverse(float d) { return d != 0.0f ? div_rn(1.0f, d) : 0.0f; }
+GEMMA3_HD int8_t q8_0_quant(float x, float inverse) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<int8_t>(static_cast<int>(roundf(__fmul_rn(x, inverse))));
+#else
+  return static_cast<int8_t>(std::lround(x * inverse));
+#endif
 }
 
 // Legacy nibble order (§3.2): byte j holds element j (low) and element j+16 (high).

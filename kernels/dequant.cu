@@ -30,7 +30,45 @@ __global__ void embed_kernel(WeightRef w, const int32_t* ids, float scale, float
     out[t * w.cols + i] = blocks::mul(blocks::mul(blocks::row_value<D>(row, i), s), scale);
 }
 
+// Per-row fp8 quantization (launch_quantize_fp8_rows): one block per row (grid-stride over
+// rows), amax by a block max, then each element divided by the row scale (correctly rounded,
+// as the host reference x / scale) and encoded.
+// Preconditions: blockDim.x = kQuantThreads (a multiple of 32), any gridDim.x.
+constexpr int kQuantThreads = 256;
+template <class D>
+__global__ void __launch_bounds__(kQuantThreads)
+    quantize_fp8_rows_kernel(WeightRef w, uint8_t* dst, float* scales) {
+  __shared__ float scratch[32];
+  for (int64_t r = blockIdx.x; r < w.rows; r += gridDim.x) {  // uniform over the block
+    const uint8_t* row = static_cast<const uint8_t*>(w.data) + r * w.row_bytes;
+    float amax = 0;
+    for (int64_t i = threadIdx.x; i < w.cols; i += kQuantThreads)
+      amax = fmaxf(amax, fabsf(blocks::row_value<D>(row, i)));
+    amax = block_max(amax, scratch);
+    const float s = amax > 0 ? blocks::div_rn(amax, 448.0f) : 1.0f;
+    if (threadIdx.x == 0) scales[r] = s;
+    for (int64_t i = threadIdx.x; i < w.cols; i += kQuantThreads)
+      dst[r * w.cols + i] = blocks::float_to_e4m3(blocks::div_rn(blocks::row_value<D>(row, i), s));
+  }
+}
+
 }  // namespace
+
+int launch_quantize_fp8_rows(const WeightRef& w, uint8_t* dst, float* scales, Stream stream) {
+  if (w.n_scales != 0 || w.rows < 0 || w.cols < 0) return static_cast<int>(cudaErrorInvalidValue);
+  if (w.rows == 0 || w.cols == 0) return 0;
+  const unsigned grid = static_cast<unsigned>(w.rows < 65535 * 16 ? w.rows : 65535 * 16);
+  auto run = [&](auto d) {
+    quantize_fp8_rows_kernel<decltype(d)><<<grid, kQuantThreads, 0, as_stream(stream)>>>(w, dst, scales);
+    return launch_result();
+  };
+  switch (w.dtype) {
+    case DType::kF32: return run(blocks::F32{});
+    case DType::kF16: return run(blocks::F16{});
+    case DType::kBF16: return run(blocks::BF16{});
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
+}
 
 int launch_dequant_rows(const WeightRef& w, int64_t row0, int64_t n_rows, float* out, Stream stream) {
   if (row0 < 0 || n_rows < 0 || row0 + n_rows > w.rows) return static_cast<int>(cudaErrorInvalidValue);

@@ -1,8 +1,11 @@
-// KV-cache writes and attention over the cache (ring slots, sliding window, GQA).
+// KV-cache writes and attention over the cache (ring slots, sliding window, bidirectional
+// groups, GQA; fp32, bf16, Q8_0 and fp8 caches dequantized on the fly, fp32 math).
 //
-// Attention is one block per (query token, head) with an online softmax over the visible keys,
-// tile by tile. It is the obviously-right version; a split-KV decode kernel (several blocks
-// per head for long contexts at n_tokens = 1, combined by a second pass) is the next step.
+// Attention runs one block per (query token, head, key split). Each block does an online
+// softmax over its share of the visible keys, tile by tile. With one split (prefill, short
+// contexts) it writes the output; with several (decode over long contexts: flash-decoding) it
+// writes a partial (running max m, running sum l, unnormalized accumulator) and a second
+// kernel combines the splits of each (token, head).
 #include "common.cuh"
 
 namespace gemma3::cuda {
@@ -17,12 +20,8 @@ __device__ __forceinline__ uint16_t to_bf16(float f) {
   return static_cast<uint16_t>(u >> 16);
 }
 
-__device__ __forceinline__ float load_kv(const float* p, int64_t i) { return p[i]; }
-__device__ __forceinline__ float load_kv(const uint16_t* p, int64_t i) {
-  return __uint_as_float(static_cast<uint32_t>(p[i]) << 16);
-}
-
-// cache[(pos0 + t) % capacity, c] = src[t, c] for t < n, c < kv_width, for both K and V.
+// Elementwise cache stores: cache[(pos0 + t) % capacity, c] = encode(src[t, c]) for t < n,
+// c < kv_width, K and V. T: float (fp32), uint16_t (bf16 bits) or uint8_t (e4m3fn).
 // Preconditions: any 1-D grid (grid-stride loop over n * kv_width).
 template <class T>
 __global__ void kv_write_kernel(const float* k, const float* v, int n, int pos0, int kv_width, T* ck, T* cv,
@@ -32,13 +31,48 @@ __global__ void kv_write_kernel(const float* k, const float* v, int n, int pos0,
        idx += int64_t{gridDim.x} * blockDim.x) {
     const int64_t t = idx / kv_width, c = idx % kv_width;
     const int64_t dst = ((pos0 + t) % capacity) * kv_width + c;
-    if constexpr (sizeof(T) == 2) {
+    if constexpr (sizeof(T) == 4) {
+      ck[dst] = k[idx];
+      cv[dst] = v[idx];
+    } else if constexpr (sizeof(T) == 2) {
       ck[dst] = to_bf16(k[idx]);
       cv[dst] = to_bf16(v[idx]);
     } else {
-      ck[dst] = k[idx];
-      cv[dst] = v[idx];
+      ck[dst] = blocks::float_to_e4m3(k[idx]);
+      cv[dst] = blocks::float_to_e4m3(v[idx]);
     }
+  }
+}
+
+// One Q8_0 block (32 values) per warp, lane e holding element e: amax by shuffles (max is
+// exact, so the order does not matter), then the shared encoder (block_decode.h). A slot holds
+// kv_width / 32 blocks of 34 bytes: block b of token t goes to slot_base + 34 b.
+// Preconditions: blockDim.x a multiple of 32, any 1-D grid (warp-stride loop over
+// n * kv_width / 32 blocks; the loop bound is uniform across a warp), kv_width % 32 == 0.
+__device__ __forceinline__ void q8_0_store(float x, int lane, uint8_t* blk) {
+  float amax = fabsf(x);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, o));
+  const float d = blocks::q8_0_scale(amax);
+  if (lane == 0) {
+    const uint16_t h = blocks::float_to_half(d);
+    blk[0] = static_cast<uint8_t>(h & 0xFF);
+    blk[1] = static_cast<uint8_t>(h >> 8);
+  }
+  blk[2 + lane] = static_cast<uint8_t>(blocks::q8_0_quant(x, blocks::q8_0_inverse(d)));
+}
+
+__global__ void kv_write_q8_0_kernel(const float* k, const float* v, int n, int pos0, int kv_width,
+                                     uint8_t* ck, uint8_t* cv, int capacity) {
+  const int lane = threadIdx.x % 32;
+  const int64_t per_slot = kv_width / 32, total = int64_t{n} * per_slot;
+  const int64_t warps = int64_t{gridDim.x} * (blockDim.x / 32);
+  for (int64_t b = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / 32; b < total; b += warps) {
+    const int64_t t = b / per_slot, blk = b % per_slot;
+    const int64_t dst = (((pos0 + t) % capacity) * per_slot + blk) * blocks::Q8_0::kBytes;
+    const int64_t src = t * kv_width + blk * 32 + lane;
+    q8_0_store(k[src], lane, ck + dst);
+    q8_0_store(v[src], lane, cv + dst);
   }
 }
 
@@ -46,26 +80,49 @@ constexpr int kAttnThreads = 128;  // 4 warps
 constexpr int kAttnWarps = kAttnThreads / 32;
 constexpr int kAttnTile = 32;  // keys scored per step
 constexpr int kAttnDimsPerThread = kAttentionMaxHeadDim / kAttnThreads;
+constexpr int kMinSplitKeys = 256;   // a split's keys: at least this many ...
+constexpr int kMaxSplitKeys = 1024;  // ... and at most this many, unless kMaxSplits forces more
+constexpr int kMaxSplits = 1024;     // grid.y and the combine kernel's shared weights
 
-// out[t, h, :] = sum_j softmax_j(q[t, h, :] . K[j, g, :] * scale) V[j, g, :] over the keys j the
-// query at position i = pos0 + t sees: max(kv_start, i - window + 1 if window else 0) <= j <= i,
-// key j in cache slot j % capacity, g = h / (n_heads / n_kv_heads). Online softmax in fp32
-// (running max m, running sum l, accumulator rescaled by exp(m_old - m_new)), one final divide.
-// Preconditions: gridDim.x = n_tokens * n_heads, blockDim.x = kAttnThreads, dynamic shared
-// memory head_dim floats, head_dim <= kAttentionMaxHeadDim, n_heads % n_kv_heads == 0.
-template <class T>
-__global__ void __launch_bounds__(kAttnThreads) attention_kernel(AttentionArgs a) {
+// Keys visible to query t (position i = pos0 + t): the contiguous range [lo, hi],
+//   lo = max(kv_start, i - W + 1 if W else 0), hi = i, except that a query in the
+//   bidirectional group [bb, be) also sees the later keys of its group: hi = be - 1. The window
+//   still bounds keys from below (backend.h AttentionParams; transformers' sliding mask is
+//   (causal OR same group) AND j > i - W).
+__host__ __device__ __forceinline__ void visible_keys(const AttentionArgs& a, int t, int64_t* lo,
+                                                      int64_t* hi) {
+  const int64_t i = int64_t{a.pos0} + t;
+  int64_t l = a.window > 0 ? i - a.window + 1 : 0;
+  if (l < a.kv_start) l = a.kv_start;
+  *lo = l;
+  *hi = i >= a.bidir_begin && i < a.bidir_end ? int64_t{a.bidir_end} - 1 : i;
+}
+
+// For each (token t, head h) = blockIdx.x and split s = blockIdx.y: online softmax of
+// q[t, h, :] . K[j, g, :] * scale over the keys j of split s, lo + s * chunk <= j <
+// min(hi + 1, lo + (s + 1) * chunk) ([lo, hi] = visible_keys(t)), key j in cache slot
+// j % capacity, g = h / (n_heads / n_kv_heads), D the cache's block decoder. Running max m,
+// running sum l, accumulator rescaled by exp(m_old - m_new), all fp32.
+// splits == 1: out[t, h, :] = acc / l. Otherwise partials[(blockIdx.x * splits + s) * (hd + 2)
+// + {0: m, 1: l, 2 + d: acc[d]}], m = -inf and l = 0 for an empty split.
+// Preconditions: gridDim = (n_tokens * n_heads, splits), blockDim.x = kAttnThreads, dynamic
+// shared memory head_dim floats, head_dim <= kAttentionMaxHeadDim, n_heads % n_kv_heads == 0,
+// head_dim % D::kElems == 0.
+template <class D>
+__global__ void __launch_bounds__(kAttnThreads) attention_kernel(AttentionArgs a, int splits, int chunk) {
   extern __shared__ float q_s[];    // [head_dim] this block's query
   __shared__ float p_s[kAttnTile];  // scores of the current key tile
   const int hd = a.head_dim;
   const int t = blockIdx.x / a.n_heads, h = blockIdx.x % a.n_heads;
-  const int g = h / (a.n_heads / a.n_kv_heads);
-  const int64_t q_width = int64_t{a.n_heads} * hd, kv_width = int64_t{a.n_kv_heads} * hd;
-  const int64_t i = int64_t{a.pos0} + t;
-  int64_t lo = a.window > 0 ? i - a.window + 1 : 0;
-  if (lo < a.kv_start) lo = a.kv_start;
-  const T* kc = static_cast<const T*>(a.k);
-  const T* vc = static_cast<const T*>(a.v);
+  const int64_t gd = int64_t{h / (a.n_heads / a.n_kv_heads)} * hd;  // kv head's first element in a slot
+  const int64_t q_width = int64_t{a.n_heads} * hd;
+  const int64_t slot_bytes = int64_t{a.n_kv_heads} * hd / D::kElems * D::kBytes;
+  int64_t lo, hi;
+  visible_keys(a, t, &lo, &hi);
+  const int64_t begin = lo + int64_t{blockIdx.y} * chunk;
+  const int64_t end = hi + 1 < begin + chunk ? hi + 1 : begin + chunk;  // exclusive; <= begin: empty
+  const uint8_t* kc = static_cast<const uint8_t*>(a.k);
+  const uint8_t* vc = static_cast<const uint8_t*>(a.v);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 
   for (int d = threadIdx.x; d < hd; d += kAttnThreads) q_s[d] = a.q[t * q_width + int64_t{h} * hd + d];
@@ -73,12 +130,12 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(AttentionArgs a
 
   float acc[kAttnDimsPerThread] = {};  // output dims threadIdx.x + kAttnThreads * c
   float m = -INFINITY, l = 0.0f;
-  for (int64_t j0 = lo; j0 <= i; j0 += kAttnTile) {
-    const int count = static_cast<int>(i - j0 + 1 < kAttnTile ? i - j0 + 1 : kAttnTile);
+  for (int64_t j0 = begin; j0 < end; j0 += kAttnTile) {  // bounds uniform over the block
+    const int count = static_cast<int>(end - j0 < kAttnTile ? end - j0 : kAttnTile);
     for (int jj = warp; jj < count; jj += kAttnWarps) {  // one warp per key
-      const T* key = kc + ((j0 + jj) % a.capacity) * kv_width + int64_t{g} * hd;
+      const uint8_t* key = kc + ((j0 + jj) % a.capacity) * slot_bytes;
       float s = 0;
-      for (int d = lane; d < hd; d += 32) s += q_s[d] * load_kv(key, d);
+      for (int d = lane; d < hd; d += 32) s += q_s[d] * blocks::row_value<D>(key, gd + d);
       s = warp_sum(s);
       if (lane == 0) p_s[jj] = s * a.scale;
     }
@@ -92,55 +149,164 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(AttentionArgs a
     for (int jj = 0; jj < count; ++jj) {
       const float p = expf(p_s[jj] - m_new);
       l += p;
-      const T* val = vc + ((j0 + jj) % a.capacity) * kv_width + int64_t{g} * hd;
+      const uint8_t* val = vc + ((j0 + jj) % a.capacity) * slot_bytes;
 #pragma unroll
       for (int c = 0; c < kAttnDimsPerThread; ++c) {
         const int d = threadIdx.x + kAttnThreads * c;
-        if (d < hd) acc[c] += p * load_kv(val, d);
+        if (d < hd) acc[c] += p * blocks::row_value<D>(val, gd + d);
       }
     }
     m = m_new;
     __syncthreads();  // p_s is rewritten by the next tile
   }
-  float* o = a.out + t * q_width + int64_t{h} * hd;
+  if (splits == 1) {
+    float* o = a.out + t * q_width + int64_t{h} * hd;
+#pragma unroll
+    for (int c = 0; c < kAttnDimsPerThread; ++c) {
+      const int d = threadIdx.x + kAttnThreads * c;
+      if (d < hd) o[d] = acc[c] / l;  // l >= 1: the key at the running max contributes exp(0)
+    }
+    return;
+  }
+  float* part = a.partials + (int64_t{blockIdx.x} * splits + blockIdx.y) * (hd + 2);
+  if (threadIdx.x == 0) {
+    part[0] = m;
+    part[1] = l;
+  }
 #pragma unroll
   for (int c = 0; c < kAttnDimsPerThread; ++c) {
     const int d = threadIdx.x + kAttnThreads * c;
-    if (d < hd) o[d] = acc[c] / l;  // l >= 1: the key at the running max contributes exp(0)
+    if (d < hd) part[2 + d] = acc[c];
   }
+}
+
+// out[t, h, :] = sum_s w_s acc_s / sum_s w_s l_s, w_s = exp(m_s - max_s m_s) (0 for an empty
+// split, m_s = -inf; split 0 is never empty, so the max is finite).
+// Preconditions: gridDim.x = n_tokens * n_heads, blockDim.x = kAttnThreads, dynamic shared
+// memory `splits` floats, partials written by attention_kernel with the same splits.
+__global__ void __launch_bounds__(kAttnThreads)
+    attention_combine_kernel(const float* partials, int splits, int n_heads, int hd, float* out) {
+  extern __shared__ float w_s[];  // [splits] split weights
+  const float* rows = partials + int64_t{blockIdx.x} * splits * (hd + 2);
+  float mx = -INFINITY;
+  for (int s = 0; s < splits; ++s) mx = fmaxf(mx, rows[int64_t{s} * (hd + 2)]);
+  for (int s = threadIdx.x; s < splits; s += kAttnThreads) {
+    const float ms = rows[int64_t{s} * (hd + 2)];
+    w_s[s] = ms == -INFINITY ? 0.0f : expf(ms - mx);
+  }
+  __syncthreads();
+  float l = 0;
+  for (int s = 0; s < splits; ++s) l += w_s[s] * rows[int64_t{s} * (hd + 2) + 1];  // same order everywhere
+  const int t = blockIdx.x / n_heads, h = blockIdx.x % n_heads;
+  float* o = out + (int64_t{t} * n_heads + h) * hd;
+  for (int d = threadIdx.x; d < hd; d += kAttnThreads) {
+    float acc = 0;
+    for (int s = 0; s < splits; ++s) acc += w_s[s] * rows[int64_t{s} * (hd + 2) + 2 + d];
+    o[d] = acc / l;
+  }
+}
+
+template <class F>
+int dispatch_kv(DType t, F&& f) {
+  switch (t) {
+    case DType::kF32: return f(blocks::F32{});
+    case DType::kBF16: return f(blocks::BF16{});
+    case DType::kQ8_0: return f(blocks::Q8_0{});
+    case DType::kF8E4M3: return f(blocks::F8E4M3{});
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
+}
+
+bool bad_attention_args(const AttentionArgs& a) {
+  const bool bidir = a.bidir_begin < a.bidir_end;
+  return a.n_tokens < 0 || a.pos0 < 0 || a.n_heads < 1 || a.n_kv_heads < 1 || a.n_heads % a.n_kv_heads != 0 ||
+         a.head_dim < 1 || a.head_dim > kAttentionMaxHeadDim || a.capacity < 1 || a.window < 0 ||
+         a.kv_start < 0 || a.kv_start > a.pos0 || int64_t{a.n_tokens} * a.n_heads > 0x7FFFFFFF ||
+         (a.kv_dtype == DType::kQ8_0 && a.head_dim % 32 != 0) || a.bidir_begin > a.bidir_end ||
+         (bidir && (a.bidir_begin < a.pos0 || a.bidir_end > int64_t{a.pos0} + a.n_tokens));
 }
 
 }  // namespace
 
 int launch_kv_write(const float* k, const float* v, int n, int pos0, int kv_width, void* cache_k,
-                    void* cache_v, int capacity, bool kv_bf16, Stream stream) {
+                    void* cache_v, int capacity, DType kv_dtype, Stream stream) {
   if (n < 0 || pos0 < 0 || kv_width < 0 || capacity < 1) return static_cast<int>(cudaErrorInvalidValue);
   if (n == 0 || kv_width == 0) return 0;
   constexpr int kThreads = 256;
   const unsigned grid = grid_for(int64_t{n} * kv_width, kThreads);
-  if (kv_bf16) {
-    kv_write_kernel<<<grid, kThreads, 0, as_stream(stream)>>>(
-        k, v, n, pos0, kv_width, static_cast<uint16_t*>(cache_k), static_cast<uint16_t*>(cache_v), capacity);
-  } else {
-    kv_write_kernel<<<grid, kThreads, 0, as_stream(stream)>>>(
-        k, v, n, pos0, kv_width, static_cast<float*>(cache_k), static_cast<float*>(cache_v), capacity);
+  const cudaStream_t s = as_stream(stream);
+  switch (kv_dtype) {
+    case DType::kF32:
+      kv_write_kernel<<<grid, kThreads, 0, s>>>(k, v, n, pos0, kv_width, static_cast<float*>(cache_k),
+                                                static_cast<float*>(cache_v), capacity);
+      break;
+    case DType::kBF16:
+      kv_write_kernel<<<grid, kThreads, 0, s>>>(k, v, n, pos0, kv_width, static_cast<uint16_t*>(cache_k),
+                                                static_cast<uint16_t*>(cache_v), capacity);
+      break;
+    case DType::kF8E4M3:
+      kv_write_kernel<<<grid, kThreads, 0, s>>>(k, v, n, pos0, kv_width, static_cast<uint8_t*>(cache_k),
+                                                static_cast<uint8_t*>(cache_v), capacity);
+      break;
+    case DType::kQ8_0:
+      if (kv_width % 32 != 0) return static_cast<int>(cudaErrorInvalidValue);
+      // One warp per block: n * kv_width / 32 warps = n * kv_width threads, as the grid above.
+      kv_write_q8_0_kernel<<<grid, kThreads, 0, s>>>(k, v, n, pos0, kv_width, static_cast<uint8_t*>(cache_k),
+                                                     static_cast<uint8_t*>(cache_v), capacity);
+      break;
+    default: return static_cast<int>(cudaErrorInvalidValue);
   }
   return launch_result();
 }
 
-int launch_attention(const AttentionArgs& a, Stream stream) {
-  if (a.n_tokens < 0 || a.pos0 < 0 || a.n_heads < 1 || a.n_kv_heads < 1 || a.n_heads % a.n_kv_heads != 0 ||
-      a.head_dim < 1 || a.head_dim > kAttentionMaxHeadDim || a.capacity < 1 || a.window < 0 ||
-      a.kv_start < 0 || a.kv_start > a.pos0 || int64_t{a.n_tokens} * a.n_heads > 0x7FFFFFFF)
-    return static_cast<int>(cudaErrorInvalidValue);
-  if (a.n_tokens == 0) return 0;
-  const unsigned grid = static_cast<unsigned>(a.n_tokens * a.n_heads);
-  const size_t smem = static_cast<size_t>(a.head_dim) * sizeof(float);
-  if (a.kv_bf16) {
-    attention_kernel<uint16_t><<<grid, kAttnThreads, smem, as_stream(stream)>>>(a);
-  } else {
-    attention_kernel<float><<<grid, kAttnThreads, smem, as_stream(stream)>>>(a);
+AttentionPlan attention_plan(const AttentionArgs& a) {
+  AttentionPlan p;
+  if (bad_attention_args(a) || a.n_tokens == 0) return p;
+  int64_t longest = 1;
+  for (int t = 0; t < a.n_tokens; ++t) {
+    int64_t lo, hi;
+    visible_keys(a, t, &lo, &hi);
+    longest = hi - lo + 1 > longest ? hi - lo + 1 : longest;
   }
+  p.longest = longest;
+  p.chunk = static_cast<int>(longest);
+  // Split only when the (token, head) rows alone leave the device mostly idle: aim for about
+  // 4 blocks per multiprocessor, each split between kMinSplitKeys and kMaxSplitKeys keys
+  // (a multiple of the key tile). One token at 128K keys and 8 heads: 128 splits of 1024.
+  const int64_t rows = int64_t{a.n_tokens} * a.n_heads;
+  const int64_t target = 4 * int64_t{a.sm_count > 0 ? a.sm_count : 1};
+  if (rows >= target || longest <= kMinSplitKeys) return p;
+  const int64_t want = (target + rows - 1) / rows;
+  int64_t chunk = (longest + want - 1) / want;
+  chunk = chunk < kMinSplitKeys ? kMinSplitKeys : chunk > kMaxSplitKeys ? kMaxSplitKeys : chunk;
+  if ((longest + chunk - 1) / chunk > kMaxSplits) chunk = (longest + kMaxSplits - 1) / kMaxSplits;
+  chunk = (chunk + kAttnTile - 1) / kAttnTile * kAttnTile;
+  const int64_t splits = (longest + chunk - 1) / chunk;
+  if (splits <= 1) return p;
+  p.splits = static_cast<int>(splits);
+  p.chunk = static_cast<int>(chunk);
+  p.workspace_floats = rows * splits * (a.head_dim + 2);
+  return p;
+}
+
+int launch_attention(const AttentionArgs& a, Stream stream) {
+  if (bad_attention_args(a)) return static_cast<int>(cudaErrorInvalidValue);
+  if (a.n_tokens == 0) return 0;
+  const AttentionPlan p = attention_plan(a);
+  // Every visible range must fit the ring, or its oldest keys were overwritten.
+  if (p.longest > a.capacity) return static_cast<int>(cudaErrorInvalidValue);
+  if (p.splits > 1 && (!a.partials || a.partial_floats < p.workspace_floats))
+    return static_cast<int>(cudaErrorInvalidValue);
+  const dim3 grid(static_cast<unsigned>(a.n_tokens * a.n_heads), static_cast<unsigned>(p.splits));
+  const size_t smem = static_cast<size_t>(a.head_dim) * sizeof(float);
+  const cudaStream_t s = as_stream(stream);
+  const int rc = dispatch_kv(a.kv_dtype, [&](auto d) {
+    attention_kernel<decltype(d)><<<grid, kAttnThreads, smem, s>>>(a, p.splits, p.chunk);
+    return launch_result();
+  });
+  if (rc != 0 || p.splits == 1) return rc;
+  attention_combine_kernel<<<grid.x, kAttnThreads, static_cast<size_t>(p.splits) * sizeof(float), s>>>(
+      a.partials, p.splits, a.n_heads, a.head_dim, a.out);
   return launch_result();
 }
 

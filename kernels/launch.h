@@ -31,6 +31,12 @@ int launch_dequant_rows(const WeightRef& w, int64_t row0, int64_t n_rows, float*
 // out[t, :] = W[ids[t], :] * scale for t < n; ids: device, [n], each in [0, rows).
 int launch_embed(const WeightRef& w, const int32_t* ids, int n, float scale, float* out, Stream stream);
 
+// fp8 weights (BackendOptions::fp8_weights): for each row r of w (F32, F16 or BF16, no row
+// scale), scales[r] = amax_r / 448 (1 for an all-zero row) and dst[r * cols + i] =
+// e4m3(W[r, i] / scales[r]) (round to nearest even, saturating; block_decode.h float_to_e4m3).
+// dst: [rows, cols] bytes, scales: [rows].
+int launch_quantize_fp8_rows(const WeightRef& w, uint8_t* dst, float* scales, Stream stream);
+
 // ---- gemv.cu ----
 constexpr int kGemvMaxTokens = 8;
 // out[t, o] = sum_i x[t, i] * W[o, i], x [n, cols], out [n, rows], 1 <= n <= kGemvMaxTokens.
@@ -49,26 +55,75 @@ int launch_rope(float* x, int n, int n_heads, int head_dim, int pos0, const floa
                 Stream stream);
 
 // ---- kv_attention.cu ----
-// Cache rows of positions pos0 .. pos0 + n - 1 (slot p % capacity) from k, v [n, kv_width];
-// cache elements are fp32 (kv_bf16 false) or bf16 rounded to nearest even.
+// Cache rows of positions pos0 .. pos0 + n - 1 (slot p % capacity) from k, v [n, kv_width].
+// kv_dtype (backend.h's KvLayer): kF32; kBF16 (round to nearest even); kQ8_0 (kv_width / 32
+// GGUF blocks per slot, quantized as ggml's quantize_row_q8_0_ref; kv_width % 32 == 0);
+// kF8E4M3 (one saturating e4m3fn byte per value). Bytes identical to HostBackend::kv_write.
 int launch_kv_write(const float* k, const float* v, int n, int pos0, int kv_width, void* cache_k,
-                    void* cache_v, int capacity, bool kv_bf16, Stream stream);
+                    void* cache_v, int capacity, DType kv_dtype, Stream stream);
 
 struct AttentionArgs {
   const float* q = nullptr;  // [n_tokens, n_heads * head_dim]
-  const void* k = nullptr;   // [capacity, n_kv_heads * head_dim], fp32 or bf16
+  const void* k = nullptr;   // [capacity, n_kv_heads * head_dim] of kv_dtype (as kv_write)
   const void* v = nullptr;
   float* out = nullptr;  // [n_tokens, n_heads * head_dim]
-  bool kv_bf16 = true;
+  DType kv_dtype = DType::kBF16;
   int capacity = 0;
   int n_tokens = 0, pos0 = 0;
   int n_heads = 0, n_kv_heads = 0, head_dim = 0;
   float scale = 0;
-  int window = 0;    // 0: causal; W > 0: keys i - W < j <= i
-  int kv_start = 0;  // keys j < kv_start do not exist
+  int window = 0;                      // 0: causal; W > 0: keys i - W < j <= i
+  int kv_start = 0;                    // keys j < kv_start do not exist
+  int bidir_begin = 0, bidir_end = 0;  // queries in [begin, end) also see keys in [begin, end)
+  // Split-KV (flash-decoding) workspace: attention_plan(...).workspace_floats floats, or null
+  // when the plan has one split. `sm_count` sizes the split count (device multiprocessors).
+  float* partials = nullptr;
+  int64_t partial_floats = 0;
+  int sm_count = 132;
 };
 constexpr int kAttentionMaxHeadDim = 512;
+
+// How launch_attention divides the work: each (token, head) row's visible keys are cut into
+// `splits` chunks of `chunk` keys, one block each, combined by a second kernel when splits > 1.
+struct AttentionPlan {
+  int splits = 1;
+  int chunk = 0;                 // keys per split (the longest visible range when splits == 1)
+  int64_t longest = 0;           // keys of the longest visible range (must fit the ring)
+  int64_t workspace_floats = 0;  // n_tokens * n_heads * splits * (head_dim + 2) when splits > 1
+};
+AttentionPlan attention_plan(const AttentionArgs& a);
 int launch_attention(const AttentionArgs& a, Stream stream);
+
+// ---- sample.cu ----
+// The device half of Backend::sample (backend.h; the rules of src/model/sampler.h). The logits
+// row is turned into keys: key[i] = z[i] / temperature (z[i] when temperature <= 0), where
+// z = logits with edit_ids[0 .. n_bans) set to -inf and edit_ids[n_bans .. n_edits) (the
+// repetition-penalized ids, unique, none banned) divided (z > 0) or multiplied by `penalty`.
+struct SampleArgs {
+  const float* logits = nullptr;  // [n] (the allowed ids)
+  int n = 0;
+  const int32_t* edit_ids = nullptr;  // device, [n_edits], unique
+  int n_bans = 0, n_edits = 0;
+  float penalty = 1.0f, temperature = 0.0f;
+  int top_k = 0;              // softmax limit for the stats (0: all n)
+  void* workspace = nullptr;  // sample_workspace_bytes(n) bytes
+  size_t workspace_bytes = 0;
+};
+size_t sample_workspace_bytes(int n);
+// Greedy: *out_id (device) = the first index of the largest key (std::max_element's choice).
+int launch_sample_argmax(const SampleArgs& a, int32_t* out_id, Stream stream);
+// Sampling: the keys sorted descending, ties by ascending id (a stable radix sort of the ids
+// in order), and per-block statistics: counts[b] = keys != -inf, sums[b] = sum over sorted
+// positions i < (top_k > 0 ? min(top_k, n) : n) of (double) expf(key_i - key_0) (0 when all
+// keys are -inf). Pointers into the workspace, valid until the next call.
+constexpr int kSampleStatBlocks = 128;
+struct SampleSorted {
+  const float* keys = nullptr;   // [n]
+  const int32_t* ids = nullptr;  // [n]
+  const double* sums = nullptr;  // [kSampleStatBlocks]
+  const int* counts = nullptr;   // [kSampleStatBlocks]
+};
+int launch_sample_sort(const SampleArgs& a, SampleSorted* out, Stream stream);
 
 // ---- elementwise.cu ----
 // out = gelu_tanh(g) * u over n values.

@@ -4,7 +4,10 @@
 // that the host/device block decoders of kernels/block_decode.h reproduce src/core/quant.cpp.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <random>
@@ -13,6 +16,7 @@
 #include "backend/backend.h"
 #include "core/quant.h"
 #include "model/forward.h"
+#include "model/make_model.h"
 #include "model/weights.h"
 
 namespace gemma3 {
@@ -109,6 +113,52 @@ TEST(BlockDecode, MatchesReferenceDequantizer) {
         ADD_FAILURE() << dtype_name(t) << " element " << i << ": decoder " << got << ", reference " << ref[i];
     }
     EXPECT_EQ(bad, 0) << dtype_name(t);
+  }
+}
+
+// The encoders the CUDA kv_write and fp8 weight upload use (block_decode.h), on the host,
+// against the CPU code whose algorithms they copy: f32_to_f16 (dtype.cpp), f32_to_f8e4m3
+// (make_model.cpp; NaN differs by design: 0x7F there, 0 in the KV/weight encoder) and the
+// Q8_0 quantizer (quant.cpp). Every 2^16-th float bit pattern plus special values.
+TEST(BlockDecode, EncodersMatchCpu) {
+  std::vector<float> xs = {0.0f,           -0.0f,         448.0f,       -448.0f,        447.9f,
+                           464.0f,         480.0f,        1e30f,        INFINITY,       -INFINITY,
+                           0.015625f,      0.0146484375f, 0.001953125f, 0.0009765625f,  0.00097656251f,
+                           65504.0f,       65519.99f,     65520.0f,     6.1035156e-05f, 5.9604645e-08f,
+                           2.9802322e-08f, 1e-40f};
+  for (uint64_t u = 0; u < (uint64_t{1} << 32); u += 65521) {
+    float f;
+    const uint32_t b = static_cast<uint32_t>(u);
+    std::memcpy(&f, &b, 4);
+    xs.push_back(f);
+  }
+  int bad = 0;
+  for (float x : xs) {
+    if (!std::isnan(x) && blocks::float_to_half(x) != f32_to_f16(x) && ++bad <= 3)
+      ADD_FAILURE() << "half of " << x << ": " << blocks::float_to_half(x) << " vs " << f32_to_f16(x);
+    const uint8_t want = std::isnan(x) ? 0 : f32_to_f8e4m3(x);
+    if (blocks::float_to_e4m3(x) != want && ++bad <= 3)
+      ADD_FAILURE() << "e4m3 of " << x << ": " << int(blocks::float_to_e4m3(x)) << " vs " << int(want);
+  }
+  EXPECT_EQ(bad, 0);
+  // Q8_0: whole blocks of normals at several scales, and an all-zero block.
+  for (float scale : {0.0f, 1e-3f, 1.0f, 300.0f}) {
+    const auto x = randn(32 * 16, 77, 1.0f);
+    std::vector<float> xv(x.size());
+    for (size_t i = 0; i < x.size(); ++i) xv[i] = x[i] * scale;
+    std::vector<uint8_t> want(34 * 16), got(34 * 16);
+    quantize_row(DType::kQ8_0, xv.data(), want.data(), static_cast<int64_t>(xv.size()));
+    for (int blk = 0; blk < 16; ++blk) {
+      float amax = 0;
+      for (int e = 0; e < 32; ++e) amax = std::max(amax, std::fabs(xv[blk * 32 + e]));
+      const float d = blocks::q8_0_scale(amax), inv = blocks::q8_0_inverse(d);
+      const uint16_t h = blocks::float_to_half(d);
+      got[34 * blk] = static_cast<uint8_t>(h & 0xFF);
+      got[34 * blk + 1] = static_cast<uint8_t>(h >> 8);
+      for (int e = 0; e < 32; ++e)
+        got[34 * blk + 2 + e] = static_cast<uint8_t>(blocks::q8_0_quant(xv[blk * 32 + e], inv));
+    }
+    EXPECT_EQ(got, want) << "scale " << scale;
   }
 }
 
@@ -379,25 +429,52 @@ TEST_F(CudaOps, RopeMatchesCpuIncludingLargePositions) {
   }
 }
 
+const DType kKvTypes[] = {DType::kF32, DType::kBF16, DType::kQ8_0, DType::kF8E4M3};
+
 TEST_F(CudaOps, KvWriteIsBitExactAndWrapsTheRing) {
-  for (DType dt : {DType::kF32, DType::kBF16}) {
+  for (DType dt : kKvTypes) {
     const int kvw = 2 * 128, capacity = 10, n = 7, pos0 = 26;  // slots 6..9 then 0..2
-    const size_t elem = dt == DType::kF32 ? 4 : 2, bytes = static_cast<size_t>(capacity) * kvw * elem;
-    const auto k = randn(static_cast<size_t>(n * kvw), 4), v = randn(static_cast<size_t>(n * kvw), 5);
+    const size_t bytes = static_cast<size_t>(capacity) * *row_bytes(dt, kvw);
+    auto k = randn(static_cast<size_t>(n * kvw), 4), v = randn(static_cast<size_t>(n * kvw), 5, 100.0f);
+    // Saturation, NaN, zero blocks and halfway cases for the 8-bit encoders.
+    k[3] = 1000.0f, k[4] = -INFINITY, k[5] = NAN, v[7] = 0.0f;
+    for (int i = 32; i < 64; ++i) k[i] = 0.0f;
+    k[70] = 0.0146484375f;  // halfway between two e4m3 values
     std::vector<uint8_t> ck(bytes, 0), cv(bytes, 0);
     cpu_->kv_write(k.data(), v.data(), n, pos0, kvw, KvLayer{ck.data(), cv.data(), capacity, dt});
     Buf kg(*gpu_, k), vg(*gpu_, v), ckg(*gpu_, bytes), cvg(*gpu_, bytes);
     gpu_->kv_write(kg.f(), vg.f(), n, pos0, kvw, KvLayer{ckg.get(), cvg.get(), capacity, dt});
-    // fp32 copies and bf16 round-to-nearest-even are exact operations: identical bytes.
+    // Copies, round-to-nearest-even and the Q8_0 quantizer (correctly rounded divide, products
+    // and round-half-away) are exact operations on both sides: identical bytes.
     EXPECT_EQ(ckg.read<uint8_t>(), ck) << dtype_name(dt);
     EXPECT_EQ(cvg.read<uint8_t>(), cv) << dtype_name(dt);
   }
+}
+
+// Cache bytes of type dt holding `values` ([slots, kv_width]), encoded by the CPU code (not the
+// encoders under test): quantize_row for F32/BF16/Q8_0, make_model's e4m3 for F8E4M3.
+std::vector<uint8_t> encode_cache(DType dt, const std::vector<float>& values, int kv_width) {
+  const uint64_t rb = *row_bytes(dt, kv_width);
+  const size_t slots = values.size() / kv_width;
+  std::vector<uint8_t> out(slots * rb);
+  for (size_t s = 0; s < slots; ++s) {
+    const float* src = values.data() + s * kv_width;
+    uint8_t* dst = out.data() + s * rb;
+    if (dt == DType::kF8E4M3) {
+      for (int i = 0; i < kv_width; ++i) dst[i] = f32_to_f8e4m3(src[i]);
+    } else {
+      quantize_row(dt, src, dst, kv_width);
+    }
+  }
+  return out;
 }
 
 TEST_F(CudaOps, AttentionMatchesCpu) {
   struct Case {
     const char* what;
     int n_tokens, pos0, n_heads, n_kv_heads, hd, window, kv_start, capacity;
+    int bidir_begin = 0, bidir_end = 0;
+    bool all_types = true;  // false: the largest cases run with a bf16 cache only
   };
   const int W = 8;
   const Case cases[] = {
@@ -412,25 +489,29 @@ TEST_F(CudaOps, AttentionMatchesCpu) {
       {"long causal, several key tiles", 3, 300, 8, 4, 256, 0, 0, 512},
       {"long causal ring", 2, 1000, 2, 1, 128, 0, 0, 1100},
       {"head_dim 32, GQA 2", 6, 3, 4, 2, 32, 0, 0, 16},
+      // Bidirectional groups: queries in [begin, end) also see the later keys of the group.
+      {"bidir group inside a causal prefill", 10, 5, 4, 2, 128, 0, 0, 32, 8, 13},
+      {"bidir group at the chunk's ends", 6, 20, 4, 4, 64, 0, 0, 32, 20, 26},
+      {"bidir group on a sliding layer (longer than W)", 12, 20, 4, 2, 128, W, 0, W + 12 - 1, 22, 32},
+      {"bidir group of one token", 4, 9, 2, 1, 128, 0, 0, 16, 10, 11},
+      {"vision tower: the whole input bidirectional", 7, 0, 4, 4, 64, 0, 0, 7, 0, 7},
+      // Split-KV decode (one block per (token, head, key chunk), then a combine pass): few
+      // (token, head) rows and long visible ranges, at sizes that leave partial chunks/tiles.
+      {"split: one token over 5000 keys", 1, 4999, 8, 4, 256, 0, 0, 5000},
+      {"split: 3 tokens, 2 heads, ~1030 keys after kv_start", 3, 1800, 2, 1, 128, 0, 770, 1900},
+      {"split: sliding ring, 1 token, window 1024", 1, 70001, 8, 2, 128, 1024, 0, 1024 + 15},
+      {"split: bidir group at the end of a long range", 3, 3000, 4, 1, 128, 0, 0, 3003, 3000, 3003},
+      {"split: one token over 100003 keys", 1, 100002, 2, 1, 128, 0, 0, 100003, 0, 0, false},
+      {"split: one token at 128K, 8 heads (the most splits)", 1, 131071, 8, 1, 256, 0, 0, 131072, 0, 0,
+       false},
   };
-  for (DType dt : {DType::kF32, DType::kBF16}) {
+  for (DType dt : kKvTypes) {
     for (const Case& c : cases) {
+      if (!c.all_types && dt != DType::kBF16) continue;
       const int kvw = c.n_kv_heads * c.hd, qw = c.n_heads * c.hd;
-      const size_t elem = dt == DType::kF32 ? 4 : 2, bytes = static_cast<size_t>(c.capacity) * kvw * elem;
-      // Identical cache contents on both sides: random values (bf16 patterns of normals).
-      std::vector<uint8_t> ck(bytes), cv(bytes);
-      const auto kr = randn(static_cast<size_t>(c.capacity) * kvw, 31),
-                 vr = randn(static_cast<size_t>(c.capacity) * kvw, 32);
-      for (size_t i = 0; i < kr.size(); ++i) {
-        if (dt == DType::kF32) {
-          std::memcpy(ck.data() + 4 * i, &kr[i], 4);
-          std::memcpy(cv.data() + 4 * i, &vr[i], 4);
-        } else {
-          const uint16_t a = f32_to_bf16(kr[i]), b = f32_to_bf16(vr[i]);
-          std::memcpy(ck.data() + 2 * i, &a, 2);
-          std::memcpy(cv.data() + 2 * i, &b, 2);
-        }
-      }
+      // Identical cache contents on both sides.
+      const auto ck = encode_cache(dt, randn(static_cast<size_t>(c.capacity) * kvw, 31), kvw);
+      const auto cv = encode_cache(dt, randn(static_cast<size_t>(c.capacity) * kvw, 32), kvw);
       const auto q = randn(static_cast<size_t>(c.n_tokens) * qw, 33);
       AttentionParams p;
       p.n_tokens = c.n_tokens;
@@ -441,17 +522,53 @@ TEST_F(CudaOps, AttentionMatchesCpu) {
       p.scale = 1.0f / std::sqrt(static_cast<float>(c.hd));
       p.window = c.window;
       p.kv_start = c.kv_start;
+      p.bidir_begin = c.bidir_begin;
+      p.bidir_end = c.bidir_end;
       std::vector<float> ref(q.size());
-      cpu_->attention(q.data(), KvLayer{ck.data(), cv.data(), c.capacity, dt}, p, ref.data());
+      cpu_->attention(
+          q.data(), KvLayer{const_cast<uint8_t*>(ck.data()), const_cast<uint8_t*>(cv.data()), c.capacity, dt},
+          p, ref.data());
       Buf qg(*gpu_, q), ckg(*gpu_, ck), cvg(*gpu_, cv), og(*gpu_, q.size() * 4);
       gpu_->attention(qg.f(), KvLayer{ckg.get(), cvg.get(), c.capacity, dt}, p, og.f());
       const auto got = og.read();
-      // Same fp32 math but the q.k sums (hd terms) in another order and expf vs std::exp
+      // Same dequantized values (shared decoders), same fp32 math but the q.k sums (hd terms),
+      // the softmax sums and the split combination in another order, and expf vs std::exp
       // (<= 2 ulp): scores (|s| ~ 1..4) agree to ~1e-6 relative, so softmax weights do too;
-      // outputs are convex combinations of v (|v| < ~5), so |error| < ~1e-5. A masking or
-      // slot bug changes outputs by O(0.1).
+      // outputs are convex combinations of v (|v| < ~5), so |error| < ~1e-5. A masking, slot,
+      // split or dequantization bug changes outputs by O(0.01..0.1) even over 128K keys
+      // (outputs there are ~1/sqrt(keys) ~ 3e-3 but a wrong chunk moves them by as much).
+      const double tol = c.capacity > 10000 ? 3e-6 : 3e-5;
       for (size_t i = 0; i < ref.size(); ++i)
-        ASSERT_NEAR(got[i], ref[i], 3e-5) << c.what << " (" << dtype_name(dt) << ") i " << i;
+        ASSERT_NEAR(got[i], ref[i], tol) << c.what << " (" << dtype_name(dt) << ") i " << i;
+    }
+  }
+}
+
+// Decode attention timing (printed for tools/gpu-check.sh's summary; the numbers are checked
+// above): one token, 8 query heads over 2 kv heads, head_dim 256, bf16 and q8_0 caches, at
+// 4K..128K visible keys. Effective bandwidth = K + V bytes read / time.
+TEST_F(CudaOps, DecodeAttentionTiming) {
+  for (DType dt : {DType::kBF16, DType::kQ8_0}) {
+    for (int keys : {4096, 32768, 131072}) {
+      const int hd = 256, nkv = 2, nh = 8, kvw = nkv * hd;
+      const size_t bytes = static_cast<size_t>(keys) * *row_bytes(dt, kvw);
+      Buf ck(*gpu_, bytes), cv(*gpu_, bytes), q(*gpu_, randn(nh * hd, 1)), o(*gpu_, nh * hd * 4);
+      AttentionParams p;
+      p.n_tokens = 1, p.pos0 = keys - 1, p.n_heads = nh, p.n_kv_heads = nkv, p.head_dim = hd;
+      p.scale = 0.0625f;
+      const KvLayer cache{ck.get(), cv.get(), keys, dt};
+      gpu_->attention(q.f(), cache, p, o.f());  // warm-up (allocates the split partials)
+      ASSERT_TRUE(cuda_backend_status(*gpu_).ok());
+      const int reps = 20;
+      const auto t0 = std::chrono::steady_clock::now();
+      for (int r = 0; r < reps; ++r) gpu_->attention(q.f(), cache, p, o.f());
+      ASSERT_TRUE(cuda_backend_status(*gpu_).ok());
+      const double us =
+          std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / reps;
+      std::printf("timing: decode attention %s %6d keys: %8.1f us, %6.1f GB/s\n", dtype_name(dt), keys, us,
+                  2.0 * bytes / us / 1e3);
+      const auto out = o.read();
+      for (float v : out) ASSERT_TRUE(std::isfinite(v));  // zero caches: the output is 0
     }
   }
 }
@@ -488,6 +605,171 @@ TEST_F(CudaOps, BadArgumentsBecomeAStickyStatus) {
   const auto out = og.read();  // a failed backend returns NaN, never plausible numbers
   EXPECT_TRUE(std::isnan(out[0]));
   expect_failure_ = true;  // skip TearDown's status check: this backend is meant to have failed
+}
+
+TEST_F(CudaOps, AllocationFailureNamesBytesAndFreeAndIsNotSticky) {
+  const uint64_t free = gpu_->free_bytes();
+  EXPECT_GT(free, uint64_t{1} << 20);        // cudaMemGetInfo answered
+  auto r = gpu_->allocate(size_t{1} << 50);  // 1 PiB
+  ASSERT_FALSE(r.ok());
+  const std::string m = r.status().message();
+  EXPECT_NE(m.find("1125899906842624 bytes"), std::string::npos) << m;
+  EXPECT_NE(m.find("free"), std::string::npos) << m;
+  // The backend is still usable: an allocation failure is reported, not recorded.
+  Buf ok(*gpu_, 4096);
+  EXPECT_NE(ok.get(), nullptr);
+  EXPECT_TRUE(cuda_backend_status(*gpu_).ok());
+}
+
+// ---- sampling: Backend::sample on the device against the default (host Sampler) -----------
+
+struct SampleCase {
+  const char* what;
+  SamplingOptions o;
+  bool exact;  // false: the softmax sum is the device's (another order): allow rare flips
+};
+
+TEST_F(CudaOps, SampleMatchesCpuSampler) {
+  const int vocab = 262147;  // not a multiple of any block size
+  auto opts = [](float t, int k, float p, float mp, float pen) {
+    SamplingOptions o;
+    o.temperature = t, o.top_k = k, o.top_p = p, o.min_p = mp, o.repeat_penalty = pen;
+    return o;
+  };
+  const SampleCase cases[] = {
+      {"greedy", opts(0, 0, 1, 0, 1), true},
+      {"greedy with penalty", opts(0, 0, 1, 0, 1.3f), true},
+      {"top-k 1", opts(0.8f, 1, 1, 0, 1), true},
+      {"top-k 40, top-p 0.95, penalty", opts(0.8f, 40, 0.95f, 0, 1.1f), true},
+      {"top-k 64, min-p 0.05", opts(1.0f, 64, 1, 0.05f, 1), true},
+      {"top-k 1024 (all on the host)", opts(1.5f, 1024, 1, 0, 1), true},
+      {"top-k 5000, top-p 0.9", opts(1.0f, 5000, 0.9f, 0, 1), false},
+      {"no top-k, top-p 0.9", opts(1.0f, 0, 0.9f, 0, 1), false},
+      {"no top-k, min-p 0.1", opts(0.7f, 0, 1, 0.1f, 1), false},
+      {"plain temperature (full fallback)", opts(1.0f, 0, 1, 0, 1), false},
+  };
+  const std::vector<int32_t> banned = {0, 1, 3, 262146, 999999};  // one outside the vocab
+  std::vector<int32_t> history;
+  for (int i = 0; i < 100; ++i) history.push_back((i * 7919) % vocab);
+  Buf lg(*gpu_, static_cast<size_t>(vocab) * 4);
+  for (const SampleCase& c : cases) {
+    std::mt19937_64 rg(1234), rc(1234);
+    int same = 0;
+    const int steps = 40;
+    for (int step = 0; step < steps; ++step) {
+      // Peaked logits (a few strong ids, as a trained model's), with ties: values on a 1/8 grid.
+      auto logits = randn(vocab, 500 + step, 2.0f);
+      for (float& x : logits) x = std::round(x * 8) / 8;
+      for (int j = 0; j < 20; ++j) logits[(step * 131 + j * 9973) % vocab] += 12.0f - j * 0.5f;
+      logits[history[step % 100]] = 16.0f;  // a penalized id at the top
+      gpu_->from_host(logits.data(), lg.get(), logits.size() * 4);
+      const int32_t g = gpu_->sample(lg.f(), vocab, c.o, banned, history, rg);
+      const int32_t e = cpu_->sample(logits.data(), vocab, c.o, banned, history, rc);
+      same += g == e;
+      if (c.exact) ASSERT_EQ(g, e) << c.what << " step " << step;
+      ASSERT_TRUE(g >= 0 && g < vocab && std::find(banned.begin(), banned.end(), g) == banned.end())
+          << c.what << ": banned or out-of-range id " << g;
+    }
+    // Inexact cases differ from the CPU only by the rounding of one double sum (1e-16
+    // relative): a flip needs the draw or a cutoff within that of a boundary.
+    EXPECT_GE(same, steps - 1) << c.what;
+    EXPECT_EQ(rg(), rc()) << c.what << ": both took one value per step";
+  }
+}
+
+// The sampled frequencies follow the softmax of hand-picked logits (independent of both
+// samplers): logits {2, 1, 0, -1, -inf...} at temperature 1 with top-k 3 give probabilities
+// e^2, e^1, e^0 over their sum = 0.665, 0.245, 0.090.
+TEST_F(CudaOps, SampleFrequenciesFollowTheSoftmax) {
+  const int vocab = 5000;
+  std::vector<float> logits(vocab, -30.0f);
+  logits[4000] = 2, logits[17] = 1, logits[2500] = 0, logits[9] = -1;
+  Buf lg(*gpu_, logits);
+  SamplingOptions o;
+  o.temperature = 1, o.top_k = 3;
+  std::mt19937_64 rng(7);
+  const int n = 4000;
+  int hits[3] = {0, 0, 0};
+  for (int i = 0; i < n; ++i) {
+    const int32_t id = gpu_->sample(lg.f(), vocab, o, {}, {}, rng);
+    ASSERT_TRUE(id == 4000 || id == 17 || id == 2500) << id;
+    hits[id == 4000 ? 0 : id == 17 ? 1 : 2]++;
+  }
+  const double z = std::exp(2.0) + std::exp(1.0) + 1.0;
+  const double p[3] = {std::exp(2.0) / z, std::exp(1.0) / z, 1.0 / z};
+  for (int j = 0; j < 3; ++j) {
+    const double sd = std::sqrt(n * p[j] * (1 - p[j]));
+    EXPECT_NEAR(hits[j], n * p[j], 5 * sd) << "candidate " << j;  // 5 sigma: ~1e-6 false alarms
+  }
+}
+
+// --weights fp8: F32/F16/BF16 matrices become e4m3 + per-row scales at upload. Reference:
+// scale = amax / 448 (1 for a zero row), code = make_model's f32_to_f8e4m3(x / scale),
+// value = f8e4m3_to_f32(code) * scale, computed here on the host.
+TEST_F(CudaOps, Fp8WeightsQuantizeAtUpload) {
+  BackendOptions bo;
+  bo.fp8_weights = true;
+  auto fp8 = make_cuda_backend(bo);
+  ASSERT_TRUE(fp8.ok()) << fp8.status().to_string();
+  Backend& g8 = **fp8;
+  EXPECT_NE(g8.name().find("fp8"), std::string::npos) << g8.name();
+  for (DType t : {DType::kF32, DType::kF16, DType::kBF16}) {
+    for (int64_t cols : {37, 2100}) {
+      const int64_t rows = 45;
+      TestWeight tw(t, rows, cols, 90 + static_cast<uint32_t>(cols));
+      const uint64_t rb = *row_bytes(t, cols);
+      std::fill(tw.bytes.begin() + 3 * rb, tw.bytes.begin() + 4 * rb, 0);  // an all-zero row
+      std::fill(tw.dense.begin() + 3 * cols, tw.dense.begin() + 4 * cols, 0.0f);
+      // The host reference quantization.
+      std::vector<uint8_t> q(static_cast<size_t>(rows * cols));
+      std::vector<float> scales(rows), want(q.size());
+      for (int64_t r = 0; r < rows; ++r) {
+        float amax = 0;
+        for (int64_t i = 0; i < cols; ++i) amax = std::max(amax, std::fabs(tw.dense[r * cols + i]));
+        scales[r] = amax > 0 ? amax / 448.0f : 1.0f;
+        for (int64_t i = 0; i < cols; ++i) {
+          q[r * cols + i] = f32_to_f8e4m3(tw.dense[r * cols + i] / scales[r]);
+          want[r * cols + i] = f8e4m3_to_f32(q[r * cols + i]) * scales[r];
+        }
+      }
+      auto w = g8.upload(tw.view);
+      ASSERT_TRUE(w.ok()) << w.status().to_string();
+      EXPECT_EQ((*w)->dtype, DType::kF8E4M3);
+      std::vector<int32_t> ids(rows);
+      for (int64_t r = 0; r < rows; ++r) ids[r] = static_cast<int32_t>(r);
+      Buf og(g8, q.size() * 4);
+      g8.embed(**w, ids.data(), static_cast<int>(rows), 1.0f, og.f());
+      const auto got = og.read();
+      int bad = 0;
+      for (size_t i = 0; i < want.size(); ++i)
+        if (!same_float(got[i], want[i]) && ++bad <= 3)
+          ADD_FAILURE() << dtype_name(t) << " cols " << cols << " element " << i << ": " << got[i] << " vs "
+                        << want[i];
+      EXPECT_EQ(bad, 0) << dtype_name(t) << " cols " << cols;
+      // The matmul paths (GEMV, dequantize + cuBLAS) on the quantized weight, against the CPU
+      // reference on the reference fp8 tensor.
+      TensorView qv{"fp8_reference", DType::kF8E4M3, {rows, cols}, q.data(), q.size(), scales};
+      auto wc = cpu_->upload(qv);
+      ASSERT_TRUE(wc.ok());
+      for (int n : {1, 12}) {
+        const auto x = randn(static_cast<size_t>(n * cols), 3 + n);
+        Buf xg(g8, x), mg(g8, static_cast<size_t>(n * rows) * 4);
+        std::vector<float> ref(static_cast<size_t>(n * rows));
+        cpu_->matmul(x.data(), n, **wc, ref.data());
+        g8.matmul(xg.f(), n, **w, mg.f());
+        const auto m = mg.read();
+        for (int tk = 0; tk < n; ++tk)
+          for (int64_t o = 0; o < rows; ++o) {
+            double mag = 0;
+            for (int64_t i = 0; i < cols; ++i)
+              mag += std::fabs(double(want[o * cols + i]) * x[tk * cols + i]);
+            ASSERT_NEAR(m[tk * rows + o], ref[tk * rows + o], 1e-4 * mag + 1e-30)  // as MatmulMatchesCpu
+                << dtype_name(t) << " cols " << cols << " n " << n << " [" << tk << "," << o << "]";
+          }
+      }
+    }
+  }
+  EXPECT_TRUE(cuda_backend_status(g8).ok());
 }
 
 // ---- the tiny model, CUDA vs CPU through forward() -------------------------------------------

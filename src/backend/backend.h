@@ -8,11 +8,14 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <random>
 #include <string>
+#include <vector>
 
 #include "core/dtype.h"
 #include "core/tensor.h"
 #include "gemma3/status.h"
+#include "model/sampler.h"
 
 namespace gemma3 {
 
@@ -98,10 +101,32 @@ class Backend {
   virtual void gelu_gate(const float* g, const float* u, int64_t n, float* out) = 0;
   // out = a + b, elementwise over n values (in place allowed).
   virtual void add(const float* a, const float* b, int64_t n, float* out) = 0;
+
+  // ---- sampling ----
+  // The next token from one row of logits in backend memory ([n_allowed] fp32; ids >=
+  // n_allowed are never produced), by Sampler's rules (model/sampler.h): banned ids excluded,
+  // repetition penalty over history, temperature (0: greedy), top-k, top-p, min-p, one draw.
+  // Takes exactly one value from rng per call (this step's seed), greedy included, so a seeded
+  // run's tokens do not depend on the backend. This default copies the row to the host and runs
+  // Sampler; the CUDA backend picks on the device and copies back only the candidates it needs.
+  // Errors as for the ops (status()); a failed backend returns 0.
+  virtual int32_t sample(const float* logits, int n_allowed, const SamplingOptions& options,
+                         const std::vector<int32_t>& banned, const std::vector<int32_t>& history,
+                         std::mt19937_64& rng) {
+    std::vector<float> host(static_cast<size_t>(n_allowed));
+    to_host(logits, host.data(), host.size() * sizeof(float));
+    SamplingOptions o = options;
+    o.seed = rng();
+    return Sampler(o, n_allowed, banned).sample(host.data(), history);
+  }
 };
 
 struct BackendOptions {
   int threads = 0;
+  // CUDA only (`--weights fp8`): F32/F16/BF16 matrices are quantized at upload to fp8 e4m3fn
+  // with one fp32 scale per row (amax / 448), halving bf16's bytes per decode step. Vectors
+  // (norm weights) and already-quantized types are kept. Other backends ignore it.
+  bool fp8_weights = false;
 };
 
 Result<std::unique_ptr<Backend>> make_cpu_backend(const BackendOptions& options);

@@ -13,6 +13,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <random>
+#include <unordered_set>
 #include <vector>
 
 #include "backend/backend.h"
@@ -61,13 +63,14 @@ class CudaBackend final : public Backend {
   // fp32 elements of the dequantized weight tile for the cuBLAS path (n > 8 tokens): 64 MiB.
   static constexpr int64_t kScratchFloats = int64_t{16} << 20;
 
-  static Result<std::unique_ptr<CudaBackend>> create() {
+  static Result<std::unique_ptr<CudaBackend>> create(const BackendOptions& options) {
     int count = 0;
     cudaError_t e = cudaGetDeviceCount(&count);
     if (e != cudaSuccess)
       return unsupported("CUDA backend: no usable CUDA driver/device: " + cuda_error_text(e));
     if (count == 0) return unsupported("CUDA backend: no CUDA device is visible");
     auto b = std::unique_ptr<CudaBackend>(new CudaBackend());
+    b->fp8_weights_ = options.fp8_weights;
     if ((e = cudaSetDevice(0)) != cudaSuccess)
       return internal_error("CUDA backend: cudaSetDevice(0): " + cuda_error_text(e));
     cudaDeviceProp prop{};
@@ -78,6 +81,7 @@ class CudaBackend final : public Backend {
       return unsupported(
           fmt::format("CUDA backend: device 0 ({}) has compute capability {}.{}; 8.0 or newer is needed",
                       prop.name, prop.major, prop.minor));
+    b->sm_count_ = prop.multiProcessorCount;
     b->device_name_ = fmt::format("{}, sm_{}{}, {:.0f} GiB", prop.name, prop.major, prop.minor,
                                   static_cast<double>(prop.totalGlobalMem) / (1 << 30));
     cudaStream_t stream = nullptr;
@@ -101,11 +105,15 @@ class CudaBackend final : public Backend {
     if (stream_) (void)cudaStreamSynchronize(stream());
     if (scratch_) (void)cudaFree(scratch_);
     if (ids_) (void)cudaFree(ids_);
+    if (partials_) (void)cudaFree(partials_);
+    if (sample_ws_) (void)cudaFree(sample_ws_);
     if (cublas_) (void)cublasDestroy(static_cast<cublasHandle_t>(cublas_));
     if (stream_) (void)cudaStreamDestroy(stream());
   }
 
-  std::string name() const override { return fmt::format("cuda ({})", device_name_); }
+  std::string name() const override {
+    return fmt::format("cuda ({}{})", device_name_, fp8_weights_ ? ", fp8 weights" : "");
+  }
 
   // Synchronizes and returns the first error any call has hit.
   Status status() override {
@@ -115,15 +123,21 @@ class CudaBackend final : public Backend {
 
   // ---- memory ----
 
+  // cudaMemGetInfo's free device memory (other processes and our own allocations included);
+  // 0 if the query fails (the planner then skips its check).
+  uint64_t free_bytes() override {
+    size_t free = 0, total = 0;
+    if (cudaMemGetInfo(&free, &total) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return 0;
+    }
+    return free;
+  }
+
   Result<void*> allocate(size_t bytes) override {
     GEMMA3_TRY(error_);
     void* p = nullptr;
-    cudaError_t e = cudaMalloc(&p, std::max<size_t>(bytes, 1));
-    if (e != cudaSuccess) {
-      (void)cudaGetLastError();  // an allocation failure is not sticky; clear it
-      return out_of_memory(fmt::format("CUDA backend: cannot allocate {} bytes of device memory: {}", bytes,
-                                       cuda_error_text(e)));
-    }
+    GEMMA3_TRY(device_malloc(&p, bytes, "allocation"));
     if (!check(cudaMemsetAsync(p, 0, bytes, stream()), "cudaMemsetAsync") ||
         !check(cudaStreamSynchronize(stream()), "cudaStreamSynchronize")) {
       (void)cudaFree(p);
@@ -168,6 +182,12 @@ class CudaBackend final : public Backend {
         static_cast<int64_t>(t.row_scale.size()) != w->rows)
       return invalid_file(
           fmt::format("tensor {}: {} row scales for {} rows", t.name, t.row_scale.size(), w->rows));
+    const bool to_fp8 = fp8_weights_ && w->rows > 1 && t.row_scale.empty() &&
+                        (t.dtype == DType::kF32 || t.dtype == DType::kF16 || t.dtype == DType::kBF16);
+    if (to_fp8) {
+      GEMMA3_TRY(upload_fp8(t, w.get()));
+      return std::unique_ptr<BackendWeight>(std::move(w));
+    }
     GEMMA3_TRY(copy_to_device(t.data, t.nbytes, &w->data, t.name));
     if (!t.row_scale.empty()) {
       w->n_scales = static_cast<int64_t>(t.row_scale.size());
@@ -262,29 +282,21 @@ class CudaBackend final : public Backend {
   void kv_write(const float* k, const float* v, int n, int pos0, int kv_width,
                 const KvLayer& cache) override {
     if (!error_.ok() || n <= 0) return;
-    if (cache.dtype != DType::kF32 && cache.dtype != DType::kBF16) {
-      fail(
-          unsupported(fmt::format("kv_write: cache type {}, expected F32 or BF16", dtype_name(cache.dtype))));
-      return;
-    }
-    check_launch(cuda::launch_kv_write(k, v, n, pos0, kv_width, cache.k, cache.v, cache.capacity,
-                                       cache.dtype == DType::kBF16, stream_),
+    if (!kv_type_ok(cache.dtype, "kv_write")) return;
+    check_launch(cuda::launch_kv_write(k, v, n, pos0, kv_width, cache.k, cache.v, cache.capacity, cache.dtype,
+                                       stream_),
                  "kv_write");
   }
 
   void attention(const float* q, const KvLayer& cache, const AttentionParams& p, float* out) override {
     if (!error_.ok() || p.n_tokens <= 0) return;
-    if (cache.dtype != DType::kF32 && cache.dtype != DType::kBF16) {
-      fail(unsupported(
-          fmt::format("attention: cache type {}, expected F32 or BF16", dtype_name(cache.dtype))));
-      return;
-    }
+    if (!kv_type_ok(cache.dtype, "attention")) return;
     cuda::AttentionArgs a;
     a.q = q;
     a.k = cache.k;
     a.v = cache.v;
     a.out = out;
-    a.kv_bf16 = cache.dtype == DType::kBF16;
+    a.kv_dtype = cache.dtype;
     a.capacity = cache.capacity;
     a.n_tokens = p.n_tokens;
     a.pos0 = p.pos0;
@@ -294,6 +306,18 @@ class CudaBackend final : public Backend {
     a.scale = p.scale;
     a.window = p.window;
     a.kv_start = p.kv_start;
+    a.bidir_begin = p.bidir_begin;
+    a.bidir_end = p.bidir_end;
+    a.sm_count = sm_count_;
+    // Split-KV decode: the partials live in a growable scratch buffer (stream-ordered reuse).
+    const cuda::AttentionPlan plan = cuda::attention_plan(a);
+    if (plan.workspace_floats > 0) {
+      if (!reserve(&partials_, &partials_bytes_, static_cast<size_t>(plan.workspace_floats) * sizeof(float),
+                   "attention split partials"))
+        return;
+      a.partials = static_cast<float*>(partials_);
+      a.partial_floats = static_cast<int64_t>(partials_bytes_ / sizeof(float));
+    }
     check_launch(cuda::launch_attention(a, stream_), "attention");
   }
 
@@ -307,10 +331,108 @@ class CudaBackend final : public Backend {
     check_launch(cuda::launch_add(a, b, n, out, stream_), "add");
   }
 
+  // ---- sampling ----
+
+  // Backend::sample on the device. The keys (logits with bans, penalty and temperature) are
+  // made on the device; greedy copies back one id. Sampling sorts (key, id) pairs on the
+  // device and copies back the leading kHostCandidates pairs plus softmax statistics; the rest
+  // of sampler.cpp (softmax over the top-k, top-p, min-p, the draw) runs on those few on the
+  // host in the same double arithmetic, so for top_k <= kHostCandidates the token equals the
+  // CPU sampler's for the same rng. When top-p/min-p/the draw need candidates beyond them
+  // (top_k off with a flat distribution, or plain temperature sampling) all top-k pairs
+  // are copied back (the CPU path's cost) and the step finishes the same way.
+  int32_t sample(const float* logits, int n_allowed, const SamplingOptions& o,
+                 const std::vector<int32_t>& banned, const std::vector<int32_t>& history,
+                 std::mt19937_64& rng) override {
+    // The step's draw, as Sampler's uniform_real_distribution<double>(0, total) over a fresh
+    // mt19937_64(seed): total * u with u the canonical draw (libstdc++ computes u * (b - a) + a).
+    std::mt19937_64 gen(rng());
+    const double u = std::uniform_real_distribution<double>(0.0, 1.0)(gen);
+    if (!error_.ok() || n_allowed < 1) return 0;
+    // Edits: bans first, then the penalized ids of the history window (unique, not banned).
+    std::vector<int32_t> edits;
+    std::unordered_set<int32_t> seen;
+    for (int32_t id : banned)
+      if (id >= 0 && id < n_allowed && seen.insert(id).second) edits.push_back(id);
+    const int n_bans = static_cast<int>(edits.size());
+    if (o.repeat_penalty != 1.0f && o.repeat_last_n != 0) {
+      const size_t n = o.repeat_last_n < 0 ? history.size()
+                                           : std::min(history.size(), static_cast<size_t>(o.repeat_last_n));
+      for (auto it = history.end() - static_cast<std::ptrdiff_t>(n); it != history.end(); ++it)
+        if (*it >= 0 && *it < n_allowed && seen.insert(*it).second) edits.push_back(*it);
+    }
+    const size_t ws = cuda::sample_workspace_bytes(n_allowed);
+    const size_t edit_bytes = std::max<size_t>(edits.size(), 1) * sizeof(int32_t);
+    // Workspace: [ws bytes][edit ids][result id], 256-byte aligned parts.
+    const size_t edit_at = (ws + 255) / 256 * 256, id_at = edit_at + (edit_bytes + 255) / 256 * 256;
+    if (!reserve(&sample_ws_, &sample_ws_bytes_, id_at + sizeof(int32_t), "sampling workspace")) return 0;
+    auto* base = static_cast<uint8_t*>(sample_ws_);
+    auto* edit_ids = reinterpret_cast<int32_t*>(base + edit_at);
+    if (!edits.empty() && !check(cudaMemcpyAsync(edit_ids, edits.data(), edits.size() * sizeof(int32_t),
+                                                 cudaMemcpyHostToDevice, stream()),
+                                 "sample (edit ids)"))
+      return 0;
+    cuda::SampleArgs a;
+    a.logits = logits;
+    a.n = n_allowed;
+    a.edit_ids = edit_ids;
+    a.n_bans = n_bans;
+    a.n_edits = static_cast<int>(edits.size());
+    a.penalty = o.repeat_penalty;
+    a.temperature = o.temperature;
+    a.top_k = o.top_k;
+    a.workspace = sample_ws_;
+    a.workspace_bytes = ws;
+    if (o.temperature <= 0.0f) {
+      auto* id = reinterpret_cast<int32_t*>(base + id_at);
+      if (!check_launch(cuda::launch_sample_argmax(a, id, stream_), "sample (argmax)")) return 0;
+      int32_t host = 0;
+      to_host(id, &host, sizeof(host));
+      return error_.ok() ? host : 0;
+    }
+    cuda::SampleSorted sorted;
+    if (!check_launch(cuda::launch_sample_sort(a, &sorted, stream_), "sample (sort)")) return 0;
+    std::vector<double> sums(cuda::kSampleStatBlocks);
+    std::vector<int> counts(cuda::kSampleStatBlocks);
+    const int first = std::min(n_allowed, kHostCandidates);
+    std::vector<float> keys(static_cast<size_t>(first));
+    std::vector<int32_t> ids(static_cast<size_t>(first));
+    if (!check(cudaMemcpyAsync(sums.data(), sorted.sums, sums.size() * sizeof(double), cudaMemcpyDeviceToHost,
+                               stream()),
+               "sample (sums)") ||
+        !check(cudaMemcpyAsync(counts.data(), sorted.counts, counts.size() * sizeof(int),
+                               cudaMemcpyDeviceToHost, stream()),
+               "sample (counts)"))
+      return 0;
+    to_host(sorted.keys, keys.data(), keys.size() * sizeof(float));  // synchronizes all three
+    to_host(sorted.ids, ids.data(), ids.size() * sizeof(int32_t));
+    if (!error_.ok()) return 0;
+    int64_t count = 0;
+    double device_sum = 0;
+    for (int b = 0; b < cuda::kSampleStatBlocks; ++b) count += counts[b], device_sum += sums[b];
+    if (count == 0) return 0;  // every id banned (Sampler: no candidates)
+    const int64_t k = o.top_k > 0 && o.top_k < count ? o.top_k : count;
+    int32_t token = finish_sample(keys, ids, k, device_sum, o, u);
+    if (token >= 0) return token;
+    keys.resize(static_cast<size_t>(k));  // the rare case: every top-k candidate
+    ids.resize(static_cast<size_t>(k));
+    to_host(sorted.keys, keys.data(), keys.size() * sizeof(float));
+    to_host(sorted.ids, ids.data(), ids.size() * sizeof(int32_t));
+    token = finish_sample(keys, ids, k, device_sum, o, u);
+    return error_.ok() && token >= 0 ? token : 0;
+  }
+
  private:
   CudaBackend() = default;
 
   cudaStream_t stream() const { return static_cast<cudaStream_t>(stream_); }
+
+  bool kv_type_ok(DType t, const char* op) {
+    if (t == DType::kF32 || t == DType::kBF16 || t == DType::kQ8_0 || t == DType::kF8E4M3) return true;
+    fail(unsupported(
+        fmt::format("{}: cache type {}, expected F32, BF16, Q8_0 or F8_E4M3", op, dtype_name(t))));
+    return false;
+  }
 
   void fail(Status s) {
     if (error_.ok()) error_ = std::move(s);
@@ -330,6 +452,50 @@ class CudaBackend final : public Backend {
     return false;
   }
 
+  // --weights fp8: the F32/F16/BF16 matrix goes up as is, is quantized on the device into fp8
+  // e4m3 [rows, cols] + fp32 row scales (launch_quantize_fp8_rows), and the original is freed.
+  // The fp8 GEMV/dequant paths then serve it like a checkpoint's fp8 weight.
+  Status upload_fp8(const TensorView& t, CudaWeight* w) {
+    void* raw = nullptr;
+    GEMMA3_TRY(copy_to_device(t.data, t.nbytes, &raw, t.name + " (before fp8 quantization)"));
+    cuda::WeightRef src = w->ref();  // still the source type, no scales
+    src.data = raw;
+    Status s = device_malloc(&w->data, static_cast<size_t>(w->rows * w->cols), "tensor " + t.name + " (fp8)");
+    if (s.ok())
+      s = device_malloc(reinterpret_cast<void**>(&w->scales), static_cast<size_t>(w->rows) * sizeof(float),
+                        "tensor " + t.name + " (fp8 row scales)");
+    if (s.ok()) {
+      const int rc = cuda::launch_quantize_fp8_rows(src, static_cast<uint8_t*>(w->data), w->scales, stream_);
+      cudaError_t e = static_cast<cudaError_t>(rc);
+      if (e == cudaSuccess) e = cudaStreamSynchronize(stream());
+      if (e != cudaSuccess)
+        s = internal_error(
+            fmt::format("CUDA backend: tensor {}: fp8 quantization: {}", t.name, cuda_error_text(e)));
+    }
+    (void)cudaFree(raw);  // after the synchronize above (cudaFree also waits for the device)
+    GEMMA3_TRY(s);
+    w->dtype = DType::kF8E4M3;
+    w->row_bytes = static_cast<uint64_t>(w->cols);
+    w->n_scales = w->rows;
+    return ok_status();
+  }
+
+  // *p = cudaMalloc(max(bytes, 1)); on failure an out-of-memory Status naming what, the
+  // bytes needed and the bytes cudaMemGetInfo reports free. A failed cudaMalloc is not a
+  // sticky CUDA error: it is cleared, and the backend stays usable.
+  Status device_malloc(void** p, size_t bytes, const std::string& what) {
+    *p = nullptr;
+    const cudaError_t e = cudaMalloc(p, std::max<size_t>(bytes, 1));
+    if (e == cudaSuccess) return ok_status();
+    (void)cudaGetLastError();
+    *p = nullptr;
+    return out_of_memory(fmt::format(
+        "CUDA backend: {}: cannot allocate {} bytes ({:.1f} MiB) of device memory, {} bytes ({:.1f} MiB) "
+        "free: {}",
+        what, bytes, static_cast<double>(bytes) / (1 << 20), free_bytes(),
+        static_cast<double>(free_bytes()) / (1 << 20), cuda_error_text(e)));
+  }
+
   // *buf holds at least `bytes` (grown, never shrunk; cudaFree synchronizes the device first).
   bool reserve(void** buf, size_t* have, size_t bytes, const char* what) {
     if (bytes <= *have) return true;
@@ -338,12 +504,9 @@ class CudaBackend final : public Backend {
       *buf = nullptr;
       *have = 0;
     }
-    cudaError_t e = cudaMalloc(buf, bytes);
-    if (e != cudaSuccess) {
-      (void)cudaGetLastError();
-      *buf = nullptr;
-      fail(out_of_memory(
-          fmt::format("CUDA backend: {}: cannot allocate {} bytes: {}", what, bytes, cuda_error_text(e))));
+    Status s = device_malloc(buf, bytes, what);
+    if (!s.ok()) {
+      fail(std::move(s));
       return false;
     }
     *have = bytes;
@@ -351,15 +514,9 @@ class CudaBackend final : public Backend {
   }
 
   Status copy_to_device(const void* src, size_t bytes, void** dst, const std::string& what) {
-    cudaError_t e = cudaMalloc(dst, std::max<size_t>(bytes, 1));
-    if (e != cudaSuccess) {
-      (void)cudaGetLastError();
-      *dst = nullptr;
-      return out_of_memory(
-          fmt::format("CUDA backend: tensor {}: cannot allocate {} bytes of device memory: {}", what, bytes,
-                      cuda_error_text(e)));
-    }
-    if (bytes > 0 && (e = cudaMemcpy(*dst, src, bytes, cudaMemcpyHostToDevice)) != cudaSuccess)
+    GEMMA3_TRY(device_malloc(dst, bytes, "tensor " + what));
+    const cudaError_t e = bytes > 0 ? cudaMemcpy(*dst, src, bytes, cudaMemcpyHostToDevice) : cudaSuccess;
+    if (e != cudaSuccess)
       return internal_error(
           fmt::format("CUDA backend: tensor {}: upload of {} bytes: {}", what, bytes, cuda_error_text(e)));
     return ok_status();
@@ -380,6 +537,53 @@ class CudaBackend final : public Backend {
                                       w.cols, w.name, cublasGetStatusString(s))));
   }
 
+  // Pairs copied back after the device sort (top_k <= this: the whole choice on the host).
+  static constexpr int kHostCandidates = 1024;
+
+  // sampler.cpp after its sort, on the leading pairs of the sorted candidates (keys: logits /
+  // temperature, descending; ids). k: candidates kept by top-k (>= 1). When k <= keys.size()
+  // the softmax sum is taken here, in sampler.cpp's order; otherwise device_sum (the same sum
+  // in another order). Returns -1 when top-p, min-p or the draw reach past keys.size().
+  static int32_t finish_sample(const std::vector<float>& keys, const std::vector<int32_t>& ids, int64_t k,
+                               double device_sum, const SamplingOptions& o, double u) {
+    const int64_t have = std::min<int64_t>(k, static_cast<int64_t>(keys.size()));
+    const float mx = keys[0];
+    std::vector<float> p(static_cast<size_t>(have));
+    double sum = 0;
+    for (int64_t i = 0; i < have; ++i) sum += (p[i] = std::exp(keys[i] - mx));
+    if (have < k) sum = device_sum;
+    for (float& v : p) v = static_cast<float>(v / sum);
+    int64_t keep = k;
+    if (o.top_p < 1.0f) {
+      double cum = 0;
+      int64_t i = 0;
+      for (; i < have; ++i) {
+        cum += p[i];
+        if (cum >= o.top_p) break;
+      }
+      if (i < have)
+        keep = i + 1;
+      else if (have < k)
+        return -1;
+    }
+    if (o.min_p > 0.0f) {
+      const float floor = o.min_p * p[0];
+      int64_t kept = 1;
+      while (kept < keep && kept < have && p[kept] >= floor) ++kept;
+      if (kept == have && kept < keep) return -1;
+      keep = kept;
+    }
+    if (keep > have) return -1;
+    double total = 0;
+    for (int64_t i = 0; i < keep; ++i) total += p[i];
+    double r = total * u;
+    for (int64_t i = 0; i < keep; ++i) {
+      r -= p[i];
+      if (r < 0) return ids[i];
+    }
+    return ids[keep - 1];
+  }
+
   std::string device_name_;
   void* stream_ = nullptr;   // cudaStream_t
   void* cublas_ = nullptr;   // cublasHandle_t
@@ -387,14 +591,20 @@ class CudaBackend final : public Backend {
   size_t scratch_bytes_ = 0;
   void* ids_ = nullptr;  // [n] int32 token ids for embed
   size_t ids_bytes_ = 0;
+  void* partials_ = nullptr;  // split-KV attention partials, cuda::AttentionPlan::workspace_floats
+  size_t partials_bytes_ = 0;
+  void* sample_ws_ = nullptr;  // sampling: cuda::sample_workspace_bytes + edit ids + result id
+  size_t sample_ws_bytes_ = 0;
+  int sm_count_ = 132;
+  bool fp8_weights_ =
+      false;  // BackendOptions::fp8_weights  // multiprocessors of device 0 (sizes the split-KV attention)
   Status error_;  // first failure; sticky
 };
 
 }  // namespace
 
 Result<std::unique_ptr<Backend>> make_cuda_backend(const BackendOptions& options) {
-  (void)options;  // one device (0), one stream; nothing to configure yet
-  GEMMA3_ASSIGN_OR_RETURN(std::unique_ptr<CudaBackend> b, CudaBackend::create());
+  GEMMA3_ASSIGN_OR_RETURN(std::unique_ptr<CudaBackend> b, CudaBackend::create(options));
   return std::unique_ptr<Backend>(std::move(b));
 }
 
