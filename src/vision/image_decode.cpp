@@ -1,0 +1,364 @@
+// decode_image / load_image: stb_image behind a format sniff, header limits and an allocation
+// budget (image.h).
+//
+// Only the PNG, JPEG, BMP and GIF decoders of stb_image are compiled in (STBI_ONLY_*): stb's
+// TGA reader has no magic number and would "decode" arbitrary bytes, and PSD/HDR/PIC/PNM are not
+// formats a chat user sends. Formats Pillow reads but we do not (WebP, TIFF, ...) are named in
+// an "unsupported image format" error.
+//
+// Colour conversion follows the reference processor, not bare PIL: transformers'
+// convert_to_rgb composites any image with alpha (or a transparency key: palette/gray/RGB
+// tRNS, GIF transparent index) onto white with PIL.Image.alpha_composite, then drops alpha.
+// stb gives RGBA with the transparency key already applied, so we composite with Pillow's
+// integer formula (libImaging/AlphaComposite.c) and match it bit for bit.
+#include <fmt/format.h>
+#include <sys/stat.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string_view>
+
+#include "vision/image.h"
+
+namespace gemma3::vision {
+namespace {
+
+// ---- allocation budget -------------------------------------------------------------------
+// stb sizes its output from the header, which the limits check, but its zlib inflater grows its
+// buffer as long as the compressed stream goes on: a PNG with a 1x1 header and a 60 MB IDAT of
+// zeros would inflate to gigabytes. Every stb allocation goes through this per-thread budget;
+// over it, stb gets nullptr and fails with "outofmem".
+struct Budget {
+  size_t limit = 0;
+  size_t used = 0;
+  bool exceeded = false;
+};
+thread_local Budget* t_budget = nullptr;
+
+constexpr size_t kHeader = 16;  // size prefix; keeps the 16-byte alignment malloc gives
+
+bool budget_take(size_t n) {
+  Budget* b = t_budget;
+  if (b == nullptr) return true;
+  if (n > b->limit - b->used) {
+    b->exceeded = true;
+    return false;
+  }
+  b->used += n;
+  return true;
+}
+
+void budget_give(size_t n) {
+  if (t_budget != nullptr) t_budget->used -= std::min(n, t_budget->used);
+}
+
+void* stb_malloc(size_t n) {
+  if (n > std::numeric_limits<size_t>::max() - kHeader || !budget_take(n)) return nullptr;
+  auto* p = static_cast<unsigned char*>(std::malloc(n + kHeader));
+  if (p == nullptr) {
+    budget_give(n);
+    return nullptr;
+  }
+  std::memcpy(p, &n, sizeof n);
+  return p + kHeader;
+}
+
+void stb_free(void* q) {
+  if (q == nullptr) return;
+  unsigned char* p = static_cast<unsigned char*>(q) - kHeader;
+  size_t n;
+  std::memcpy(&n, p, sizeof n);
+  budget_give(n);
+  std::free(p);
+}
+
+void* stb_realloc(void* q, size_t n) {
+  if (q == nullptr) return stb_malloc(n);
+  unsigned char* p = static_cast<unsigned char*>(q) - kHeader;
+  size_t old;
+  std::memcpy(&old, p, sizeof old);
+  if (n > std::numeric_limits<size_t>::max() - kHeader) return nullptr;
+  if (n > old && !budget_take(n - old)) return nullptr;
+  auto* r = static_cast<unsigned char*>(std::realloc(p, n + kHeader));
+  if (r == nullptr) {
+    if (n > old) budget_give(n - old);
+    return nullptr;  // q stays valid, as realloc promises
+  }
+  if (n < old) budget_give(old - n);
+  std::memcpy(r, &n, sizeof n);
+  return r + kHeader;
+}
+
+}  // namespace
+}  // namespace gemma3::vision
+
+#define STB_IMAGE_IMPLEMENTATION
+#define STB_IMAGE_STATIC  // private copy: no clash with another stb_image in the process
+#define STBI_NO_STDIO     // we read files ourselves (size checked first)
+#define STBI_NO_LINEAR
+#define STBI_NO_HDR
+#define STBI_ONLY_PNG
+#define STBI_ONLY_JPEG
+#define STBI_ONLY_BMP
+#define STBI_ONLY_GIF
+// A compile-time backstop; the real limits are ImageLimits, checked from the header first.
+#define STBI_MAX_DIMENSIONS (1 << 20)
+#define STBI_MALLOC(sz) ::gemma3::vision::stb_malloc(sz)
+#define STBI_REALLOC(p, newsz) ::gemma3::vision::stb_realloc(p, newsz)
+#define STBI_FREE(p) ::gemma3::vision::stb_free(p)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-function"
+#pragma GCC diagnostic ignored "-Wsign-compare"
+#pragma GCC diagnostic ignored "-Wmissing-field-initializers"
+#pragma GCC diagnostic ignored "-Wimplicit-fallthrough"
+#include <stb_image.h>
+#pragma GCC diagnostic pop
+
+namespace gemma3::vision {
+namespace {
+
+constexpr const char* kSupported = "supported: PNG, JPEG, BMP, GIF";
+
+enum class Format { kPng, kJpeg, kBmp, kGif };
+
+const char* format_name(Format f) {
+  switch (f) {
+    case Format::kPng: return "PNG";
+    case Format::kJpeg: return "JPEG";
+    case Format::kBmp: return "BMP";
+    case Format::kGif: return "GIF";
+  }
+  return "?";
+}
+
+bool starts_with(std::span<const uint8_t> b, std::string_view magic, size_t at = 0) {
+  if (b.size() < at + magic.size()) return false;
+  return std::memcmp(b.data() + at, magic.data(), magic.size()) == 0;
+}
+
+// The format we decode, from the magic bytes; nullopt-like false when none matches.
+bool sniff_supported(std::span<const uint8_t> b, Format* out) {
+  using namespace std::string_view_literals;
+  if (starts_with(b, "\x89PNG\r\n\x1a\n"sv))
+    *out = Format::kPng;
+  else if (starts_with(b, "\xff\xd8\xff"sv))
+    *out = Format::kJpeg;
+  else if (starts_with(b, "BM"sv))
+    *out = Format::kBmp;
+  else if (starts_with(b, "GIF87a"sv) || starts_with(b, "GIF89a"sv))
+    *out = Format::kGif;
+  else
+    return false;
+  return true;
+}
+
+// Formats Pillow (or a browser) reads that we do not: named so the user knows to convert.
+const char* sniff_unsupported(std::span<const uint8_t> b) {
+  using namespace std::string_view_literals;
+  if (starts_with(b, "RIFF"sv) && starts_with(b, "WEBP"sv, 8)) return "WebP";
+  if (starts_with(b, "II*\0"sv) || starts_with(b, "MM\0*"sv)) return "TIFF";
+  if (starts_with(b, "ftypavif"sv, 4) || starts_with(b, "ftypavis"sv, 4)) return "AVIF";
+  if (starts_with(b, "ftyphei"sv, 4) || starts_with(b, "ftypheix"sv, 4) || starts_with(b, "ftypmif1"sv, 4))
+    return "HEIF";
+  if (starts_with(b, "\0\0\0\x0cjP  "sv) || starts_with(b, "\xff\x4f\xff\x51"sv)) return "JPEG 2000";
+  if (starts_with(b, "\xff\x0a"sv) || starts_with(b, "\0\0\0\x0cJXL "sv)) return "JPEG XL";
+  if (starts_with(b, "\0\0\1\0"sv)) return "ICO";
+  if (starts_with(b, "8BPS"sv)) return "PSD";
+  if (starts_with(b, "qoif"sv)) return "QOI";
+  if (starts_with(b, "DDS "sv)) return "DDS";
+  if (starts_with(b, "icns"sv)) return "ICNS";
+  if (starts_with(b, "#?RADIANCE"sv) || starts_with(b, "#?RGBE"sv)) return "Radiance HDR";
+  if (starts_with(b, "\x76\x2f\x31\x01"sv)) return "OpenEXR";
+  if (starts_with(b, "GIF"sv)) return "GIF (unknown version)";
+  if (b.size() >= 3 && b[0] == 'P' && b[1] >= '1' && b[1] <= '7' &&
+      (b[2] == '\n' || b[2] == ' ' || b[2] == '\r'))
+    return "PNM/PAM";
+  if (b.size() >= 3 && b[0] == 0x0a && b[1] <= 5 && b[2] == 1) return "PCX";
+  return nullptr;
+}
+
+std::string first_bytes(std::span<const uint8_t> b) {
+  std::string s;
+  for (size_t i = 0; i < b.size() && i < 8; ++i) s += fmt::format("{}{:02x}", i ? " " : "", b[i]);
+  return s;
+}
+
+// Pillow's alpha_composite of (r, g, b, a) over opaque white, one channel (AlphaComposite.c:
+// 7 fractional bits, division by 255 as ((x >> 8) + x) >> 8).
+uint8_t over_white(uint32_t c, uint32_t a) {
+  if (a == 0) return 255;
+  constexpr uint32_t kBits = 7;
+  const uint32_t blend = 255 * (255 - a);
+  const uint32_t outa255 = a * 255 + blend;
+  const uint32_t coef1 = a * 255 * 255 * (1u << kBits) / outa255;
+  const uint32_t coef2 = 255 * (1u << kBits) - coef1;
+  const uint32_t t = c * coef1 + 255 * coef2 + (0x80u << kBits);
+  return static_cast<uint8_t>((((t >> 8) + t) >> 8) >> kBits);
+}
+
+// stb's last failure reason, printable: stb has paths that fail without setting one (so the
+// reason is reset before each call) and one that puts the raw chunk type bytes in it.
+std::string failure_reason() {
+  const char* r = stbi__g_failure_reason;
+  if (r == nullptr || *r == '\0') return "no reason given by the decoder";
+  std::string out;
+  for (; *r; ++r) {
+    const auto c = static_cast<unsigned char>(*r);
+    out += c >= 0x20 && c < 0x7f ? std::string(1, char(c)) : fmt::format("\\x{:02x}", c);
+  }
+  return out;
+}
+
+uint32_t le32(std::span<const uint8_t> b, size_t at) {
+  return uint32_t(b[at]) | uint32_t(b[at + 1]) << 8 | uint32_t(b[at + 2]) << 16 | uint32_t(b[at + 3]) << 24;
+}
+
+// stb reads past the end of a BMP as zeros and "succeeds" (Pillow refuses such a file). For the
+// uncompressed layouts the pixel rows' extent follows from the header: check the file holds them.
+Status check_bmp_extent(std::span<const uint8_t> b, const std::string& name) {
+  if (b.size() < 34 || le32(b, 14) < 40) return ok_status();  // OS/2 headers: leave to stb
+  const int64_t w = static_cast<int32_t>(le32(b, 18)), h = static_cast<int32_t>(le32(b, 22));
+  const int bpp = b[28] | b[29] << 8;
+  const uint32_t compression = le32(b, 30);
+  if (compression != 0 && compression != 3 && compression != 6) return ok_status();  // RLE: variable size
+  if (w <= 0 || bpp <= 0 || bpp > 32) return ok_status();  // stb rejects these itself
+  const int64_t stride = (w * bpp + 31) / 32 * 4;
+  const int64_t end = int64_t{le32(b, 10)} + stride * (h < 0 ? -h : h);
+  if (end > static_cast<int64_t>(b.size())) {
+    return invalid_file(
+        fmt::format("{}: truncated BMP: the file has {} bytes but its {}x{} {}-bit pixel rows end at "
+                    "byte {}",
+                    name, b.size(), w, h < 0 ? -h : h, bpp, end));
+  }
+  return ok_status();
+}
+
+}  // namespace
+
+Result<Image> decode_image(std::span<const uint8_t> bytes, const std::string& name,
+                           const ImageLimits& limits) {
+  if (bytes.empty()) return invalid_file(fmt::format("{}: empty file (0 bytes), not an image", name));
+  if (bytes.size() > limits.max_file_bytes) {
+    return out_of_range(
+        fmt::format("{}: image file is {} bytes, over the limit of {} bytes (ImageLimits::max_file_bytes)",
+                    name, bytes.size(), limits.max_file_bytes));
+  }
+  Format format;
+  if (!sniff_supported(bytes, &format)) {
+    if (const char* other = sniff_unsupported(bytes)) {
+      return unsupported(fmt::format("{}: unsupported image format {} ({})", name, other, kSupported));
+    }
+    return invalid_file(
+        fmt::format("{}: not a PNG, JPEG, BMP or GIF image (first bytes: {})", name, first_bytes(bytes)));
+  }
+  const char* fname = format_name(format);
+  if (bytes.size() > static_cast<size_t>(std::numeric_limits<int>::max())) {  // stb takes an int length
+    return out_of_range(
+        fmt::format("{}: {} file of {} bytes is too large to decode", name, fname, bytes.size()));
+  }
+  const int len = static_cast<int>(bytes.size());
+
+  // The header alone: dimensions are checked before anything is allocated for the pixels.
+  int w = 0, h = 0, comp = 0;
+  stbi__g_failure_reason = nullptr;
+  if (!stbi_info_from_memory(bytes.data(), len, &w, &h, &comp)) {
+    return invalid_file(
+        fmt::format("{}: corrupt or truncated {} header ({})", name, fname, failure_reason()));
+  }
+  auto check_dims = [&](int cw, int ch) -> Status {
+    if (cw <= 0 || ch <= 0) {
+      return invalid_file(
+          fmt::format("{}: {} image has size {}x{}, expected at least 1x1", name, fname, cw, ch));
+    }
+    if (cw > limits.max_side || ch > limits.max_side) {
+      return out_of_range(
+          fmt::format("{}: {} image is {}x{} pixels, over the limit of {} pixels per side "
+                      "(ImageLimits::max_side)",
+                      name, fname, cw, ch, limits.max_side));
+    }
+    if (int64_t{cw} * ch > limits.max_pixels) {
+      return out_of_range(
+          fmt::format("{}: {} image is {}x{} = {} pixels, over the limit of {} pixels "
+                      "(ImageLimits::max_pixels)",
+                      name, fname, cw, ch, int64_t{cw} * ch, limits.max_pixels));
+    }
+    return ok_status();
+  };
+  GEMMA3_TRY(check_dims(w, h));
+  if (format == Format::kBmp) GEMMA3_TRY(check_bmp_extent(bytes, name));
+
+  // Budget: the worst decoder (progressive JPEG with padded MCUs, 16-bit interlaced PNG) needs
+  // about 20 bytes per pixel plus the compressed data; 32 per (padded) pixel + 2x the file is
+  // generous for real images and still stops a zlib bomb behind a small header.
+  Budget budget;
+  budget.limit =
+      static_cast<size_t>(32 * (int64_t{w} + 32) * (int64_t{h} + 32)) + 2 * bytes.size() + (size_t{16} << 20);
+  t_budget = &budget;
+  int dw = 0, dh = 0;
+  stbi__g_failure_reason = nullptr;
+  stbi_uc* rgba = stbi_load_from_memory(bytes.data(), len, &dw, &dh, &comp, 4);
+  if (rgba == nullptr) {
+    t_budget = nullptr;
+    if (budget.exceeded) {
+      return out_of_memory(
+          fmt::format("{}: decoding the {}x{} {} image needs more than {} bytes (a decompression "
+                      "bomb?); the budget is 32 bytes per pixel plus twice the file size",
+                      name, w, h, fname, budget.limit));
+    }
+    return invalid_file(
+        fmt::format("{}: cannot decode {} image ({}x{}): {}", name, fname, w, h, failure_reason()));
+  }
+  Status dims = check_dims(dw, dh);  // stb's decoder, not its header reader, had the last word
+  Image image;
+  if (dims.ok()) {
+    image.width = dw;
+    image.height = dh;
+    const size_t n = size_t(dw) * size_t(dh);
+    image.rgb.resize(n * 3);
+    for (size_t i = 0; i < n; ++i) {
+      const uint8_t* s = rgba + 4 * i;
+      uint8_t* d = image.rgb.data() + 3 * i;
+      if (s[3] == 255) {
+        d[0] = s[0], d[1] = s[1], d[2] = s[2];
+      } else {
+        d[0] = over_white(s[0], s[3]), d[1] = over_white(s[1], s[3]), d[2] = over_white(s[2], s[3]);
+      }
+    }
+  }
+  stbi_image_free(rgba);
+  t_budget = nullptr;
+  GEMMA3_TRY(dims);
+  return image;
+}
+
+Result<Image> load_image(const std::string& path, const ImageLimits& limits) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) {
+    const int err = errno;
+    if (err == ENOENT) return not_found(fmt::format("{}: image file not found", path));
+    return invalid_argument(fmt::format("{}: cannot open image file: {}", path, std::strerror(err)));
+  }
+  if (!S_ISREG(st.st_mode)) return invalid_argument(fmt::format("{}: not a regular file", path));
+  if (static_cast<uint64_t>(st.st_size) > limits.max_file_bytes) {
+    return out_of_range(
+        fmt::format("{}: image file is {} bytes, over the limit of {} bytes (ImageLimits::max_file_bytes)",
+                    path, st.st_size, limits.max_file_bytes));
+  }
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (f == nullptr) {
+    return invalid_argument(fmt::format("{}: cannot open image file: {}", path, std::strerror(errno)));
+  }
+  std::vector<uint8_t> bytes(static_cast<size_t>(st.st_size));
+  const size_t got = bytes.empty() ? 0 : std::fread(bytes.data(), 1, bytes.size(), f);
+  const bool read_error = std::ferror(f) != 0;
+  std::fclose(f);
+  if (read_error || got != bytes.size()) {
+    return invalid_file(fmt::format("{}: read {} of {} bytes of the image file", path, got, bytes.size()));
+  }
+  return decode_image(bytes, path, limits);
+}
+
+}  // namespace gemma3::vision
