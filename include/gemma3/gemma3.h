@@ -31,12 +31,17 @@ struct LoadOptions {
   KvType kv_type = KvType::kBF16;
   int prefill_chunk = 256;  // tokens per prefill step (also sizes the local-layer rings)
   std::string mmproj;       // llama.cpp vision projector GGUF (optional)
+  bool pan_and_scan = false;  // images: also encode Pan & Scan crops (docs/vision.md)
   bool progress = false;    // progress bar on stderr while mapping/checking large files
 };
 
 struct ChatMessage {
   std::string role;  // "system", "user", "model" ("assistant" is accepted as "model")
   std::string content;
+  // Image files for a user message, one per "<start_of_image>" marker in `content` (in order),
+  // or all placed before the text when the content has no marker (as the HF chat template does
+  // for image content items). Needs a model with a vision tower.
+  std::vector<std::string> images;
 };
 
 struct SamplingOptions {
@@ -66,6 +71,9 @@ struct Stats {
   double prefill_seconds = 0;
   int generated_tokens = 0;
   double decode_seconds = 0;
+  int images = 0;                   // images fed (each Pan & Scan crop counts as one)
+  int images_encoded = 0;           // of those, run through the vision tower (the rest were cached)
+  double image_encode_seconds = 0;  // decoding, preprocessing and the vision tower
 };
 
 // Named activation dump: (layer or -1, name, values). Installed on a session for debugging.
@@ -82,6 +90,7 @@ class Model {
   virtual int context_length() const = 0;  // tokens a session can hold
   virtual int vocab_size() const = 0;      // logits per position
   virtual std::string description() const = 0;
+  virtual int image_size() const = 0;  // pixels per side the vision tower takes; 0: no vision tower
   virtual Result<std::unique_ptr<Session>> new_session() = 0;
 };
 
@@ -96,6 +105,15 @@ class Session {
   // Renders messages with the Gemma 3 chat template, ending with the generation prompt
   // "<start_of_turn>model\n". On a non-empty session this continues the conversation.
   virtual Status feed_chat(const std::vector<ChatMessage>& messages) = 0;
+  // Appends one image: "\n\n" <start_of_image> N soft tokens <end_of_image> "\n\n" (N = 256 for
+  // the real models; docs/vision.md), or with Pan & Scan the original and its crops with their
+  // connecting text. Encoded images are cached in the session by file content, so asking again
+  // about the same image does not re-run the vision tower. Needs a model with a vision tower.
+  virtual Status feed_image(const std::string& path) = 0;
+  // The same for one preprocessed image: [3, S, S] floats, channels-first RGB, normalized as the
+  // image processor does (S = image_size(); no Pan & Scan).
+  virtual Status feed_image_pixels(const std::vector<float>& pixels) = 0;
+
 
   // Samples tokens until a stop id (1, 106), a stop string, max_tokens, the context limit
   // (an out-of-range error) or the callback returning false.

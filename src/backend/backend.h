@@ -51,12 +51,20 @@ struct AttentionParams {
   int window = 0;    // 0: causal (j <= i); W > 0: sliding, keys i - W < j <= i
   int kv_start = 0;  // first position the cache holds (keys j < kv_start do not exist)
   // A bidirectional group (an image's soft tokens; the vision tower uses the whole input):
-  // a query at position i in [bidir_begin, bidir_end) also sees every key j in that range,
-  // whatever the window (visibility is OR-ed, as in transformers). Empty range: none. The
-  // group lies inside this call's tokens.
+  // a query at position i in [bidir_begin, bidir_end) also sees the later keys j of that range
+  // (i < j < bidir_end). The window still bounds keys from below: on a sliding layer the keys
+  // are i - W < j <= max(i, bidir_end - 1). This is transformers 5.24's
+  // create_masks_for_vision_model, sliding = (causal OR same-image) AND (j > i - W), and JAX's
+  // (an image never exceeds the real models' windows, so only tiny test models see the AND).
+  // Empty range: none. The group lies inside this call's tokens.
   int bidir_begin = 0;
   int bidir_end = 0;
 };
+
+// The last key position query position i sees (i itself, or the end of its bidirectional group).
+inline int64_t attention_last_key(const AttentionParams& p, int64_t i) {
+  return i >= p.bidir_begin && i < p.bidir_end ? p.bidir_end - 1 : i;
+}
 
 class Backend {
  public:
@@ -119,6 +127,21 @@ class Backend {
     o.seed = rng();
     return Sampler(o, n_allowed, banned).sample(host.data(), history);
   }
+
+  // ---- vision tower ops (SigLIP + the Gemma 3 projector) ----
+  // Standard LayerNorm over rows of dim: out = (x - mean) / sqrt(var + eps) * w + b, biased
+  // variance, fp32 (torch.nn.LayerNorm). w, b: [dim]. In place allowed.
+  virtual void layernorm(const float* x, const BackendWeight& w, const BackendWeight& b, int64_t rows, int dim,
+                         float eps, float* out) = 0;
+  // out[r, :] = x[r, :] + b for r < rows; b: [dim] (b.cols). In place allowed.
+  virtual void add_bias(const float* x, const BackendWeight& b, int64_t rows, float* out) = 0;
+  // out = gelu_tanh(x) (gelu_pytorch_tanh), elementwise over n values. In place allowed.
+  virtual void gelu(const float* x, int64_t n, float* out) = 0;
+  // Average pooling of a side x side grid of dim-wide rows (x [side * side, dim], row-major
+  // grid) with a k x k kernel and stride k: out [(side/k)^2, dim], out row R * (side/k) + C
+  // averages grid rows kR..kR+k-1, cols kC..kC+k-1 (torch AvgPool2d on the [dim, side, side]
+  // view). side % k == 0.
+  virtual void avg_pool(const float* x, int side, int dim, int k, float* out) = 0;
 };
 
 struct BackendOptions {

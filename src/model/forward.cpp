@@ -80,7 +80,11 @@ Status forward(const ModelConfig& c, const BackendModel& w, Backend& be, KvCache
   if (req.kv_start < 0 || req.pos0 < req.kv_start || req.pos0 - req.kv_start + n > cache.plan().context)
     return out_of_range(fmt::format("positions {}..{} (from {}) exceed the context of {} tokens", req.pos0,
                                     req.pos0 + n - 1, req.kv_start, cache.plan().context));
-  for (int t = 0; t < n; ++t)
+  if (req.bidir_begin < req.bidir_end &&
+      (req.bidir_begin < req.pos0 || req.bidir_end > req.pos0 + n))
+    return internal_error(fmt::format("forward: bidirectional group {}..{} is outside the chunk {}..{}",
+                                      req.bidir_begin, req.bidir_end - 1, req.pos0, req.pos0 + n - 1));
+  for (int t = 0; t < n && !req.embeddings; ++t)
     if (req.ids[t] < 0 || req.ids[t] >= c.vocab_size)
       return invalid_argument(
           fmt::format("token id {} is outside the vocabulary [0, {})", req.ids[t], c.vocab_size));
@@ -95,7 +99,10 @@ Status forward(const ModelConfig& c, const BackendModel& w, Backend& be, KvCache
     (*hook)(layer, name, dump.data(), count);
   };
 
-  be.embed(*w.embed, req.ids, n, embedding_scale(c.hidden), s.x);
+  if (req.embeddings)
+    be.from_host(req.embeddings, s.x, static_cast<uint64_t>(n) * H * sizeof(float));
+  else
+    be.embed(*w.embed, req.ids, n, embedding_scale(c.hidden), s.x);
   emit(-1, "embed", s.x, n * H);
 
   for (int l = 0; l < c.n_layers; ++l) {
@@ -126,6 +133,8 @@ Status forward(const ModelConfig& c, const BackendModel& w, Backend& be, KvCache
     ap.scale = c.attn_scale();
     ap.window = global ? 0 : c.sliding_window;
     ap.kv_start = req.kv_start;
+    ap.bidir_begin = req.bidir_begin;
+    ap.bidir_end = req.bidir_end;
     be.attention(s.q, cache.layer(l), ap, s.attn);
     emit(l, "attn", s.attn, n * qw);
     be.matmul(s.attn, n, *L.o, s.a);

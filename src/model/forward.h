@@ -64,6 +64,13 @@ struct ForwardRequest {
   int kv_start = 0;              // position of the first token in the cache (0 unless a sequence
                                  // starts at an offset, as in the RoPE tests)
   bool all_logits = false;       // logits for every token, else only for the last one
+  // Image soft tokens (docs/vision.md): host [n, H] input rows used instead of embed(ids), not
+  // scaled by sqrt(H); ids are then only recorded, not looked up.
+  const float* embeddings = nullptr;
+  // A bidirectional group at absolute positions [bidir_begin, bidir_end) inside this chunk
+  // (backend.h AttentionParams); empty: none.
+  int bidir_begin = 0;
+  int bidir_end = 0;
 };
 
 // Runs one chunk through the model, appending its K/V to the cache. Logits are copied to

@@ -3,13 +3,21 @@
 
 #include <algorithm>
 #include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <mutex>
+#include <string_view>
+#include <unordered_map>
+
 
 #include "backend/backend.h"
 #include "gemma3/gemma3.h"
 #include "model/chat_template.h"
 #include "model/forward.h"
 #include "model/sampler.h"
+#include "model/vision.h"
 #include "model/weights.h"
+#include "vision/image.h"
 
 namespace gemma3 {
 namespace {
@@ -19,6 +27,20 @@ double seconds_since(Clock::time_point t) { return std::chrono::duration<double>
 
 class ModelImpl;
 
+// One stretch of a prompt: text ids, or an image's N soft tokens (ids all image_token_id) with
+// their embeddings [N, H], prefilled as one chunk with a bidirectional group.
+struct Piece {
+  std::vector<int32_t> ids;
+  std::shared_ptr<const std::vector<float>> embeddings;
+};
+
+// An image as the prompt shows it: the layout (one slot, or with Pan & Scan the original, its
+// crops and the connecting text) and each slot's projected features [N, H].
+struct EncodedImage {
+  std::vector<vision::PromptPiece> layout;
+  std::vector<std::shared_ptr<const std::vector<float>>> slots;
+};
+
 class SessionImpl final : public Session {
  public:
   SessionImpl(std::shared_ptr<ModelImpl> model, KvPlan plan);
@@ -27,6 +49,8 @@ class SessionImpl final : public Session {
   Status feed_tokens(const std::vector<int32_t>& ids) override;
   Status feed_text(const std::string& text) override;
   Status feed_chat(const std::vector<ChatMessage>& messages) override;
+  Status feed_image(const std::string& path) override;
+  Status feed_image_pixels(const std::vector<float>& pixels) override;
   Status generate(const GenerateOptions& options,
                   const std::function<bool(const TokenEvent&)>& on_token) override;
   const std::vector<float>& last_logits() const override { return last_logits_; }
@@ -42,7 +66,20 @@ class SessionImpl final : public Session {
   void set_activation_hook(ActivationHook hook) override { hook_ = std::move(hook); }
 
  private:
-  Status run(const std::vector<int32_t>& ids, bool keep_all);
+  Status run(const std::vector<int32_t>& ids, bool keep_all) { return run_pieces({Piece{ids, nullptr}}, keep_all); }
+  // Prefills pieces in order: text in chunks, each image block as one chunk. With keep_all,
+  // all_logits_ holds every position of all pieces.
+  Status run_pieces(const std::vector<Piece>& pieces, bool keep_all);
+  Status feed_pieces(const std::vector<Piece>& pieces);  // run_pieces + prompt stats
+  // The pieces of one image: "\n\n" <boi> | N soft tokens | <eoi> "\n\n" per slot (+ text).
+  Result<std::vector<Piece>> image_pieces(const EncodedImage& image);
+  // Decodes, preprocesses and encodes a file (or takes it from cache_).
+  Result<std::shared_ptr<const EncodedImage>> encode_file(const std::string& path);
+  Result<std::shared_ptr<const std::vector<float>>> encode_pixels(const std::vector<float>& pixels);
+  Status check_vision() const;
+
+  // Encoded images by content: file bytes hash + size + Pan & Scan flag (or the pixels' hash).
+  std::unordered_map<std::string, std::shared_ptr<const EncodedImage>> image_cache_;
 
   std::shared_ptr<ModelImpl> model_;
   KvCache cache_;
@@ -62,6 +99,8 @@ class ModelImpl final : public Model, public std::enable_shared_from_this<ModelI
   BackendModel weights;
   LoadOptions options;
   int context = 0;
+  std::unique_ptr<VisionEncoder> vision;  // null without a vision tower
+  std::mutex vision_mutex;                // the encoder's buffers are shared by all sessions
 
   const Tokenizer& tokenizer() const override { return ckpt->tokenizer(); }
   int context_length() const override { return context; }
@@ -71,6 +110,7 @@ class ModelImpl final : public Model, public std::enable_shared_from_this<ModelI
     return fmt::format("Gemma 3 {} ({} layers, hidden {}, {} from {}), backend {}, context {}", c.size_label,
                        c.n_layers, c.hidden, ckpt->format(), ckpt->path(), backend->name(), context);
   }
+  int image_size() const override { return vision ? vision->image_size() : 0; }
   Result<std::unique_ptr<Session>> new_session() override {
     const DType kv = options.kv_type == KvType::kF32 ? DType::kF32 : DType::kBF16;
     auto s = std::make_unique<SessionImpl>(shared_from_this(),
@@ -88,32 +128,199 @@ Status SessionImpl::init() {
   return scratch_.allocate(model_->ckpt->config(), cache_.plan().chunk);
 }
 
-Status SessionImpl::run(const std::vector<int32_t>& ids, bool keep_all) {
+Status SessionImpl::run_pieces(const std::vector<Piece>& pieces, bool keep_all) {
   const ModelConfig& c = model_->ckpt->config();
   const int ctx = cache_.plan().context;
-  if (ids.empty()) return ok_status();
-  if (tokens_.size() + ids.size() > static_cast<size_t>(ctx))
+  size_t total = 0;
+  for (const Piece& p : pieces) total += p.ids.size();
+  if (total == 0) return ok_status();
+  if (tokens_.size() + total > static_cast<size_t>(ctx))
     return out_of_range(
         fmt::format("the prompt needs {} tokens but the context holds {} ({} already used); "
                     "raise --ctx (the model allows up to {})",
-                    ids.size(), ctx, tokens_.size(), c.max_context));
+                    total, ctx, tokens_.size(), c.max_context));
   const int chunk = cache_.plan().chunk;
   const int64_t V = c.vocab_size;
-  if (keep_all) all_logits_.assign(ids.size() * V, 0.0f);
+  for (const Piece& p : pieces)
+    if (p.embeddings && static_cast<int>(p.ids.size()) > chunk)
+      return invalid_argument(fmt::format(
+          "an image is {} soft tokens, but the prefill chunk is {}: an image must be prefilled in one "
+          "chunk (its tokens attend to each other); raise --chunk to at least {}",
+          p.ids.size(), chunk, p.ids.size()));
+  if (keep_all) all_logits_.assign(total * V, 0.0f);
   last_logits_.resize(V);
   ActivationHook* hook = hook_ ? &hook_ : nullptr;
-  for (size_t off = 0; off < ids.size(); off += chunk) {
+  size_t row = 0;  // logit row of the next token
+  auto step = [&](const int32_t* ids, int n, const float* embeddings) -> Status {
     ForwardRequest req;
-    req.ids = ids.data() + off;
-    req.n = static_cast<int>(std::min<size_t>(chunk, ids.size() - off));
+    req.ids = ids;
+    req.n = n;
     req.pos0 = static_cast<int>(tokens_.size());
     req.all_logits = keep_all;
-    float* dst = keep_all ? all_logits_.data() + off * V : last_logits_.data();
+    if (embeddings) {  // an image: one chunk, its soft tokens see each other
+      req.embeddings = embeddings;
+      req.bidir_begin = req.pos0;
+      req.bidir_end = req.pos0 + n;
+    }
+    float* dst = keep_all ? all_logits_.data() + row * V : last_logits_.data();
     GEMMA3_TRY(forward(c, model_->weights, *model_->backend, cache_, scratch_, req, dst, hook));
-    tokens_.insert(tokens_.end(), req.ids, req.ids + req.n);
+    tokens_.insert(tokens_.end(), ids, ids + n);
+    row += n;
+    return ok_status();
+  };
+  for (size_t i = 0; i < pieces.size();) {
+    if (pieces[i].embeddings) {
+      const Piece& p = pieces[i++];
+      GEMMA3_TRY(step(p.ids.data(), static_cast<int>(p.ids.size()), p.embeddings->data()));
+      continue;
+    }
+    // Consecutive text pieces go through together, in chunks.
+    std::vector<int32_t> text;
+    for (; i < pieces.size() && !pieces[i].embeddings; ++i)
+      text.insert(text.end(), pieces[i].ids.begin(), pieces[i].ids.end());
+    for (size_t off = 0; off < text.size(); off += chunk)
+      GEMMA3_TRY(step(text.data() + off, static_cast<int>(std::min<size_t>(chunk, text.size() - off)), nullptr));
   }
   if (keep_all) std::copy(all_logits_.end() - V, all_logits_.end(), last_logits_.begin());
   return ok_status();
+}
+
+Status SessionImpl::feed_pieces(const std::vector<Piece>& pieces) {
+  const auto t0 = Clock::now();
+  GEMMA3_TRY(run_pieces(pieces, keep_all_));
+  for (const Piece& p : pieces) stats_.prompt_tokens += static_cast<int>(p.ids.size());
+  stats_.prefill_seconds += seconds_since(t0);
+  return ok_status();
+}
+
+Status SessionImpl::check_vision() const {
+  if (!model_->vision)
+    return unsupported(fmt::format(
+        "{} has no vision tower, so it cannot take images; use a multimodal checkpoint (4B, 12B, 27B) or "
+        "attach its projector with --mmproj",
+        model_->ckpt->path()));
+  return ok_status();
+}
+
+Result<std::shared_ptr<const std::vector<float>>> SessionImpl::encode_pixels(const std::vector<float>& pixels) {
+  VisionEncoder& enc = *model_->vision;
+  const int S = enc.image_size();
+  if (pixels.size() != static_cast<size_t>(3) * S * S)
+    return invalid_argument(fmt::format("image pixels: got {} floats, expected 3 x {} x {} = {}", pixels.size(), S,
+                                        S, 3 * S * S));
+  auto out = std::make_shared<std::vector<float>>(static_cast<size_t>(enc.tokens_per_image()) * enc.text_hidden());
+  const auto t0 = Clock::now();
+  {
+    std::lock_guard<std::mutex> lock(model_->vision_mutex);
+    ActivationHook* hook = hook_ ? &hook_ : nullptr;
+    GEMMA3_TRY(enc.encode(pixels.data(), out->data(), hook));
+  }
+  stats_.image_encode_seconds += seconds_since(t0);
+  ++stats_.images_encoded;
+  return std::shared_ptr<const std::vector<float>>(std::move(out));
+}
+
+Result<std::shared_ptr<const EncodedImage>> SessionImpl::encode_file(const std::string& path) {
+  const auto t0 = Clock::now();
+  // Read the bytes once: they are the cache key and the decoder's input.
+  const vision::ImageLimits limits;
+  std::error_code ec;
+  const uint64_t size = std::filesystem::file_size(path, ec);
+  if (ec) return not_found(fmt::format("image {}: {}", path, ec.message()));
+  if (size > limits.max_file_bytes)
+    return invalid_argument(
+        fmt::format("image {}: {} bytes is more than the {} allowed", path, size, limits.max_file_bytes));
+  std::string bytes(size, '\0');
+  std::ifstream in(path, std::ios::binary);
+  if (!in.read(bytes.data(), static_cast<std::streamsize>(size)))
+    return not_found(fmt::format("image {}: cannot read the file", path));
+  const bool pan_scan = model_->options.pan_and_scan;
+  const std::string key = fmt::format("file:{:016x}:{}:{}", std::hash<std::string_view>{}(bytes), size, pan_scan);
+  if (auto it = image_cache_.find(key); it != image_cache_.end()) return it->second;
+
+  const std::span<const uint8_t> span(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size());
+  GEMMA3_ASSIGN_OR_RETURN(vision::Image image, vision::decode_image(span, path, limits));
+  std::vector<vision::Image> views;  // slot 0: the whole image, then the Pan & Scan crops
+  if (pan_scan)
+    for (const vision::CropBox& box : vision::pan_and_scan_boxes(image.width, image.height))
+      views.push_back(vision::crop(image, box));
+  auto encoded = std::make_shared<EncodedImage>();
+  encoded->layout = vision::pan_and_scan_prompt(static_cast<int>(views.size()));
+  views.insert(views.begin(), std::move(image));
+  vision::PreprocessOptions pre;
+  pre.size = model_->vision->image_size();
+  const double decode_seconds = seconds_since(t0);
+  for (const vision::Image& v : views) {
+    GEMMA3_ASSIGN_OR_RETURN(auto features, encode_pixels(vision::preprocess(v, pre)));
+    encoded->slots.push_back(std::move(features));
+  }
+  stats_.image_encode_seconds += decode_seconds;
+  image_cache_[key] = encoded;
+  return std::shared_ptr<const EncodedImage>(std::move(encoded));
+}
+
+Result<std::vector<Piece>> SessionImpl::image_pieces(const EncodedImage& image) {
+  const ModelConfig& c = model_->ckpt->config();
+  const Tokenizer& tok = model_->tokenizer();
+  // <start_of_image>/<end_of_image>: the tokenizer's pieces (a GGUF carries no boi/eoi keys),
+  // else the config's ids.
+  const int32_t boi = tok.find("<start_of_image>").value_or(c.boi_id);
+  const int32_t eoi = tok.find("<end_of_image>").value_or(c.eoi_id);
+  if (boi < 0 || boi >= c.vocab_size || eoi < 0 || eoi >= c.vocab_size)
+    return unsupported(fmt::format("the vocabulary has no <start_of_image>/<end_of_image> tokens (ids {}, {})",
+                                   boi, eoi));
+  GEMMA3_ASSIGN_OR_RETURN(std::vector<int32_t> nl, tok.encode("\n\n"));
+  std::vector<Piece> pieces;
+  for (const vision::PromptPiece& lp : image.layout) {
+    if (lp.image < 0) {
+      GEMMA3_ASSIGN_OR_RETURN(std::vector<int32_t> ids, tok.encode(lp.text));
+      pieces.push_back({std::move(ids), nullptr});
+      continue;
+    }
+    if (lp.image >= static_cast<int>(image.slots.size()))
+      return internal_error(fmt::format("image layout names slot {} of {}", lp.image, image.slots.size()));
+    // JAX-style explicit ids (docs/vision.md): "\n\n" <boi> N x <image_soft_token> <eoi> "\n\n".
+    Piece open{nl, nullptr}, close{{eoi}, nullptr};
+    open.ids.push_back(boi);
+    close.ids.insert(close.ids.end(), nl.begin(), nl.end());
+    const auto& feats = image.slots[lp.image];
+    Piece soft{std::vector<int32_t>(feats->size() / c.hidden, c.image_token_id), feats};
+    pieces.push_back(std::move(open));
+    pieces.push_back(std::move(soft));
+    pieces.push_back(std::move(close));
+    ++stats_.images;
+  }
+  return pieces;
+}
+
+Status SessionImpl::feed_image(const std::string& path) {
+  GEMMA3_TRY(check_vision());
+  GEMMA3_ASSIGN_OR_RETURN(auto image, encode_file(path));
+  GEMMA3_ASSIGN_OR_RETURN(std::vector<Piece> pieces, image_pieces(*image));
+  if (tokens_.empty()) pieces.insert(pieces.begin(), Piece{{model_->tokenizer().bos_id()}, nullptr});
+  return feed_pieces(pieces);
+}
+
+Status SessionImpl::feed_image_pixels(const std::vector<float>& pixels) {
+  GEMMA3_TRY(check_vision());
+  const std::string key =
+      fmt::format("pixels:{:016x}:{}", std::hash<std::string_view>{}(std::string_view(
+                                           reinterpret_cast<const char*>(pixels.data()), pixels.size() * 4)),
+                  pixels.size());
+  std::shared_ptr<const EncodedImage> image;
+  if (auto it = image_cache_.find(key); it != image_cache_.end()) {
+    image = it->second;
+  } else {
+    GEMMA3_ASSIGN_OR_RETURN(auto features, encode_pixels(pixels));
+    auto e = std::make_shared<EncodedImage>();
+    e->layout = vision::pan_and_scan_prompt(0);
+    e->slots.push_back(std::move(features));
+    image_cache_[key] = e;
+    image = std::move(e);
+  }
+  GEMMA3_ASSIGN_OR_RETURN(std::vector<Piece> pieces, image_pieces(*image));
+  if (tokens_.empty()) pieces.insert(pieces.begin(), Piece{{model_->tokenizer().bos_id()}, nullptr});
+  return feed_pieces(pieces);
 }
 
 Status SessionImpl::feed_tokens(const std::vector<int32_t>& ids) {
@@ -141,10 +348,67 @@ Status SessionImpl::feed_chat(const std::vector<ChatMessage>& messages) {
     GEMMA3_ASSIGN_OR_RETURN(std::vector<int32_t> nl, tok.encode("\n"));
     ids.insert(ids.end(), nl.begin(), nl.end());
   }
-  GEMMA3_ASSIGN_OR_RETURN(std::vector<int32_t> turn, render_chat(tok, messages, /*add_bos=*/tokens_.empty(),
+  // Images: each "<start_of_image>" marker (or one per image before the text) is replaced by a
+  // sentinel character before rendering. It is a Unicode noncharacter, so no vocabulary piece
+  // contains it: it comes out as byte-fallback ids that no BPE merge crosses, i.e. the text on
+  // either side is tokenized as if split there (as HF's special token and JAX's split do), and
+  // its ids mark where each image block goes.
+  static constexpr std::string_view kMarker = "<start_of_image>", kSentinel = "\xEF\xB7\x90";  // U+FDD0
+  std::vector<ChatMessage> with_slots = messages;
+  std::vector<std::string> paths;
+  for (size_t i = 0; i < with_slots.size(); ++i) {
+    ChatMessage& m = with_slots[i];
+    if (m.images.empty()) continue;
+    GEMMA3_TRY(check_vision());
+    if (m.role != "user")
+      return invalid_argument(fmt::format("chat message {} ({}) has images; only user messages can", i, m.role));
+    if (m.content.find(kSentinel) != std::string::npos)
+      return invalid_argument(fmt::format("chat message {} contains U+FDD0, which marks image positions", i));
+    size_t markers = 0;
+    for (size_t at = m.content.find(kMarker); at != std::string::npos; at = m.content.find(kMarker, at + 1))
+      ++markers;
+    if (markers == 0) {
+      std::string prefix;
+      for (size_t k = 0; k < m.images.size(); ++k) prefix += kSentinel;
+      m.content = prefix + m.content;
+    } else if (markers != m.images.size()) {
+      return invalid_argument(fmt::format("chat message {} has {} \"<start_of_image>\" markers but {} images", i,
+                                          markers, m.images.size()));
+    } else {
+      for (size_t at = m.content.find(kMarker); at != std::string::npos; at = m.content.find(kMarker, at))
+        m.content.replace(at, kMarker.size(), kSentinel);
+    }
+    paths.insert(paths.end(), m.images.begin(), m.images.end());
+  }
+  GEMMA3_ASSIGN_OR_RETURN(std::vector<int32_t> turn, render_chat(tok, with_slots, /*add_bos=*/tokens_.empty(),
                                                                  /*add_generation_prompt=*/true));
   ids.insert(ids.end(), turn.begin(), turn.end());
-  GEMMA3_TRY(feed_tokens(ids));
+  if (paths.empty()) {
+    GEMMA3_TRY(feed_tokens(ids));
+    in_model_turn_ = true;
+    return ok_status();
+  }
+
+  GEMMA3_ASSIGN_OR_RETURN(std::vector<int32_t> mark, tok.encode(kSentinel));
+  for (int32_t id : mark)
+    if (tok.type(id) != PieceType::kByte)
+      return unsupported("this tokenizer has no byte fallback for U+FDD0, so chat cannot place images");
+  std::vector<Piece> pieces(1);
+  size_t slot = 0;
+  for (size_t i = 0; i < ids.size();) {
+    if (ids.size() - i >= mark.size() && std::equal(mark.begin(), mark.end(), ids.begin() + i)) {
+      if (slot == paths.size()) return internal_error("chat: more image slots than images");
+      GEMMA3_ASSIGN_OR_RETURN(auto image, encode_file(paths[slot++]));
+      GEMMA3_ASSIGN_OR_RETURN(std::vector<Piece> block, image_pieces(*image));
+      pieces.insert(pieces.end(), block.begin(), block.end());
+      pieces.emplace_back();
+      i += mark.size();
+    } else {
+      pieces.back().ids.push_back(ids[i++]);
+    }
+  }
+  if (slot != paths.size()) return internal_error("chat: fewer image slots than images");
+  GEMMA3_TRY(feed_pieces(pieces));
   in_model_turn_ = true;
   return ok_status();
 }
@@ -226,7 +490,7 @@ Result<std::shared_ptr<Model>> Model::load(const std::string& path, const LoadOp
         fmt::format("context {} exceeds the model's maximum of {} tokens", options.context, c.max_context));
   if (options.prefill_chunk < 1 || options.prefill_chunk > 65536)
     return invalid_argument(fmt::format("prefill chunk {} must be in [1, 65536]", options.prefill_chunk));
-  // The projector is loaded and checked now; encoding images comes with the vision issue.
+  // The vision tower + projector (HF multimodal folder, or --mmproj): checked now, uploaded below.
   if (!options.mmproj.empty()) GEMMA3_TRY(m->ckpt->attach_vision(options.mmproj));
   m->context = options.context ? options.context : std::min(c.max_context, 8192);
   BackendOptions bo;
@@ -240,6 +504,9 @@ Result<std::shared_ptr<Model>> Model::load(const std::string& path, const LoadOp
   }
   GEMMA3_ASSIGN_OR_RETURN(m->weights,
                           BackendModel::upload(*m->backend, m->ckpt->weights(), options.progress));
+  if (m->ckpt->vision()) {
+    GEMMA3_ASSIGN_OR_RETURN(m->vision, VisionEncoder::create(*m->backend, *m->ckpt->vision()));
+  }
   return std::shared_ptr<Model>(std::move(m));
 }
 

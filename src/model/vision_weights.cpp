@@ -295,6 +295,11 @@ Result<std::unique_ptr<VisionWeights>> load_vision_hf(const SafetensorsSet& set,
     static const char* kProj[] = {"multi_modal_projector.", "model.multi_modal_projector."};
     for (const char* p : projector ? kProj : kTower)
       if (const TensorView* t = set.find_tensor(std::string(p) + h)) return t;
+    // transformers 5.x save_pretrained writes the tower without "vision_model."
+    // ("vision_tower.embeddings...", "vision_tower.encoder.layers...").
+    if (!projector && h.rfind("vision_model.", 0) == 0)
+      for (const char* p : kTower)
+        if (const TensorView* t = set.find_tensor(std::string(p) + h.substr(13))) return t;
     return nullptr;
   };
   auto display = [&](const std::string& g) {

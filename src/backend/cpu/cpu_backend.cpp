@@ -55,6 +55,56 @@ void HostBackend::kv_write(const float* k, const float* v, int n, int pos0, int 
   }
 }
 
+void HostBackend::layernorm(const float* x, const BackendWeight& wt, const BackendWeight& bt, int64_t rows,
+                            int dim, float eps, float* out) {
+  std::vector<float> w(dim), b(dim);
+  static_cast<const HostWeight&>(wt).row(0, w.data());
+  static_cast<const HostWeight&>(bt).row(0, b.data());
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * dim;
+    float* o = out + r * dim;
+    // torch.nn.LayerNorm in fp32: mean, then the biased variance of (x - mean).
+    float mean = 0;
+    for (int i = 0; i < dim; ++i) mean += xr[i];
+    mean /= static_cast<float>(dim);
+    float var = 0;
+    for (int i = 0; i < dim; ++i) var += (xr[i] - mean) * (xr[i] - mean);
+    const float inv = 1.0f / std::sqrt(var / static_cast<float>(dim) + eps);
+    for (int i = 0; i < dim; ++i) o[i] = (xr[i] - mean) * inv * w[i] + b[i];
+  }
+}
+
+void HostBackend::add_bias(const float* x, const BackendWeight& bt, int64_t rows, float* out) {
+  const int64_t dim = bt.cols;
+  std::vector<float> b(dim);
+  static_cast<const HostWeight&>(bt).row(0, b.data());
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < dim; ++i) out[r * dim + i] = x[r * dim + i] + b[i];
+}
+
+void HostBackend::gelu(const float* x, int64_t n, float* out) {
+  constexpr float kSqrt2OverPi = 0.7978845608028654f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    out[i] = 0.5f * v * (1.0f + std::tanh(kSqrt2OverPi * (v + 0.044715f * v * v * v)));
+  }
+}
+
+void HostBackend::avg_pool(const float* x, int side, int dim, int k, float* out) {
+  const int out_side = side / k;
+  for (int R = 0; R < out_side; ++R)
+    for (int C = 0; C < out_side; ++C) {
+      float* o = out + (static_cast<int64_t>(R) * out_side + C) * dim;
+      std::fill(o, o + dim, 0.0f);
+      for (int dy = 0; dy < k; ++dy)
+        for (int dx = 0; dx < k; ++dx) {
+          const float* xr = x + (static_cast<int64_t>(R * k + dy) * side + (C * k + dx)) * dim;
+          for (int i = 0; i < dim; ++i) o[i] += xr[i];
+        }
+      for (int i = 0; i < dim; ++i) o[i] /= static_cast<float>(k * k);  // torch divides the sum
+    }
+}
+
 Status HostBackend::bind(const TensorView& t, HostWeight* w) {
   if (t.shape.empty() || t.shape.size() > 2)
     return unsupported(fmt::format("tensor {}: {}-D weights are not supported", t.name, t.shape.size()));
@@ -190,10 +240,11 @@ class RefCpuBackend final : public HostBackend {
         const int h = static_cast<int>(th % p.n_heads), g = h / group;
         const int64_t i = p.pos0 + t;
         const int64_t lo = std::max<int64_t>(p.kv_start, p.window > 0 ? i - p.window + 1 : 0);
+        const int64_t hi = attention_last_key(p, i);  // i, or the end of i's image group
         const float* qv = q + t * q_width + static_cast<int64_t>(h) * hd;
-        scores.resize(i - lo + 1);
+        scores.resize(hi - lo + 1);
         float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t j = lo; j <= i; ++j) {
+        for (int64_t j = lo; j <= hi; ++j) {
           const int64_t base = (j % cache.capacity) * kv_width + static_cast<int64_t>(g) * hd;
           for (int d = 0; d < hd; ++d) key[d] = load_kv(cache.k, cache.dtype, base + d);
           const float s = dot(qv, key.data(), hd) * p.scale;
@@ -203,7 +254,7 @@ class RefCpuBackend final : public HostBackend {
         float sum = 0;
         for (float& s : scores) sum += (s = std::exp(s - mx));
         std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int64_t j = lo; j <= i; ++j) {
+        for (int64_t j = lo; j <= hi; ++j) {
           const int64_t base = (j % cache.capacity) * kv_width + static_cast<int64_t>(g) * hd;
           const float w = scores[j - lo] / sum;
           for (int d = 0; d < hd; ++d) acc[d] += w * load_kv(cache.v, cache.dtype, base + d);

@@ -36,6 +36,13 @@ class HostBackend : public Backend {
   void from_host(const void* src, void* dst, size_t bytes) override;
   // Writes positions pos0.. into ring slots p % capacity, fp32 or bf16 (round to nearest even).
   void kv_write(const float* k, const float* v, int n, int pos0, int kv_width, const KvLayer& cache) override;
+  // Vision tower ops (backend.h), single-threaded plain loops: shared by both CPU backends;
+  // the tower's time goes to matmul and attention.
+  void layernorm(const float* x, const BackendWeight& w, const BackendWeight& b, int64_t rows, int dim, float eps,
+                 float* out) override;
+  void add_bias(const float* x, const BackendWeight& b, int64_t rows, float* out) override;
+  void gelu(const float* x, int64_t n, float* out) override;
+  void avg_pool(const float* x, int side, int dim, int k, float* out) override;
 
  protected:
   // Fills w from t after checking t is 1-D or 2-D and its bytes hold whole rows of its type.

@@ -276,7 +276,7 @@ void FastCpuBackend::attention(const float* q, const KvLayer& cache, const Atten
     const int g = static_cast<int>(pair % p.n_kv_heads);
     const int64_t i = p.pos0 + t;
     const int64_t lo_all = std::max<int64_t>(p.kv_start, p.window > 0 ? i - p.window + 1 : 0);
-    const int64_t len_all = i - lo_all + 1;
+    const int64_t len_all = attention_last_key(p, i) - lo_all + 1;  // through i's image group
     const int64_t lo = lo_all + len_all * s / splits, hi = lo_all + len_all * (s + 1) / splits;  // [lo, hi)
     const int64_t len = hi - lo;
     std::vector<float>& buf = att_thread_[th];

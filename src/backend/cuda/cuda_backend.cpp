@@ -20,6 +20,7 @@
 #include "backend/backend.h"
 #include "core/quant.h"
 #include "launch.h"
+#include "vision.h"
 
 namespace gemma3 {
 namespace {
@@ -329,6 +330,43 @@ class CudaBackend final : public Backend {
   void add(const float* a, const float* b, int64_t n, float* out) override {
     if (!error_.ok() || n <= 0) return;
     check_launch(cuda::launch_add(a, b, n, out, stream_), "add");
+  }
+
+  // ---- vision tower ops (kernels/vision.cu) ----
+
+  // The fp32 copy of a vector weight of `dim` values, or null after recording an error.
+  const float* vector_of(const BackendWeight& wt, int64_t dim, const char* op) {
+    const CudaWeight& w = as_cuda(wt);
+    if (!w.vec || w.cols != dim) {
+      fail(invalid_argument(
+          fmt::format("{}: weight {} is [{}, {}], expected a vector of {}", op, w.name, w.rows, w.cols, dim)));
+      return nullptr;
+    }
+    return w.vec;
+  }
+
+  void layernorm(const float* x, const BackendWeight& w, const BackendWeight& b, int64_t rows, int dim, float eps,
+                 float* out) override {
+    if (!error_.ok() || rows <= 0) return;
+    const float* wv = vector_of(w, dim, "layernorm");
+    const float* bv = wv ? vector_of(b, dim, "layernorm") : nullptr;
+    if (bv) check_launch(cuda::launch_layernorm(x, wv, bv, rows, dim, eps, out, stream_), "layernorm");
+  }
+
+  void add_bias(const float* x, const BackendWeight& b, int64_t rows, float* out) override {
+    if (!error_.ok() || rows <= 0) return;
+    if (const float* bv = vector_of(b, b.cols, "add_bias"))
+      check_launch(cuda::launch_add_bias(x, bv, rows, static_cast<int>(b.cols), out, stream_), "add_bias");
+  }
+
+  void gelu(const float* x, int64_t n, float* out) override {
+    if (!error_.ok() || n <= 0) return;
+    check_launch(cuda::launch_gelu(x, n, out, stream_), "gelu");
+  }
+
+  void avg_pool(const float* x, int side, int dim, int k, float* out) override {
+    if (!error_.ok()) return;
+    check_launch(cuda::launch_avg_pool(x, side, dim, k, out, stream_), "avg_pool");
   }
 
   // ---- sampling ----
