@@ -49,7 +49,9 @@ T* at(const SampleArgs& a, size_t offset) {
 // keys[i] = logits[i] (/ temperature when > 0), ids[i] = i. Any 1-D grid.
 __global__ void sample_keys_kernel(const float* logits, int n, float temperature, float* keys, int32_t* ids) {
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
-    keys[i] = temperature > 0 ? __fdiv_rn(logits[i], temperature) : logits[i];
+    // + 0.0f turns -0 into +0 (and changes nothing else): the radix sort orders -0 below +0,
+    // sampler.cpp's comparator treats them as equal (ties by id).
+    keys[i] = __fadd_rn(temperature > 0 ? __fdiv_rn(logits[i], temperature) : logits[i], 0.0f);
     ids[i] = i;
   }
 }
@@ -67,7 +69,7 @@ __global__ void sample_edit_kernel(const float* logits, const int32_t* edit_ids,
       z = logits[id];
       if (z != -INFINITY) z = z > 0 ? __fdiv_rn(z, penalty) : __fmul_rn(z, penalty);
     }
-    keys[id] = temperature > 0 ? __fdiv_rn(z, temperature) : z;
+    keys[id] = __fadd_rn(temperature > 0 ? __fdiv_rn(z, temperature) : z, 0.0f);  // -0 -> +0, as above
   }
 }
 
