@@ -22,7 +22,9 @@
 namespace gemma3 {
 
 enum class BackendKind { kAuto, kCpu, kCuda };
-enum class KvType { kBF16, kF32 };  // element type of the KV cache
+// Element type of the KV cache. kQ8_0: GGUF Q8_0 blocks (needs head_dim % 32 == 0), kF8: fp8
+// e4m3fn without scale; both about half of bf16, with attention reading them directly.
+enum class KvType { kBF16, kF32, kQ8_0, kF8 };
 
 struct LoadOptions {
   BackendKind backend = BackendKind::kAuto;
@@ -76,6 +78,16 @@ struct Stats {
   double image_encode_seconds = 0;  // decoding, preprocessing and the vision tower
 };
 
+// What one session of a model holds, in bytes (the memory planner's numbers; `gemma3 info`
+// prints the same). Weights are shared by all sessions; KV and scratch are per session.
+struct MemoryReport {
+  uint64_t weight_bytes = 0;
+  uint64_t kv_global_bytes = 0;  // global layers: every position of the context
+  uint64_t kv_local_bytes = 0;   // sliding-window layers' rings
+  uint64_t scratch_bytes = 0;    // activations of one prefill chunk
+  uint64_t total_bytes() const { return weight_bytes + kv_global_bytes + kv_local_bytes + scratch_bytes; }
+};
+
 // Named activation dump: (layer or -1, name, values). Installed on a session for debugging.
 using ActivationHook = std::function<void(int layer, const std::string& name, const float* data, int64_t n)>;
 
@@ -91,6 +103,8 @@ class Model {
   virtual int vocab_size() const = 0;      // logits per position
   virtual std::string description() const = 0;
   virtual int image_size() const = 0;  // pixels per side the vision tower takes; 0: no vision tower
+  // The plan Model::load checked against the backend's free memory (one session).
+  virtual MemoryReport memory_plan() const = 0;
   virtual Result<std::unique_ptr<Session>> new_session() = 0;
 };
 
@@ -114,7 +128,6 @@ class Session {
   // image processor does (S = image_size(); no Pan & Scan).
   virtual Status feed_image_pixels(const std::vector<float>& pixels) = 0;
 
-
   // Samples tokens until a stop id (1, 106), a stop string, max_tokens, the context limit
   // (an out-of-range error) or the callback returning false.
   virtual Status generate(const GenerateOptions& options,
@@ -130,6 +143,26 @@ class Session {
   virtual void clear() = 0;          // forget the context
   virtual const Stats& stats() const = 0;
   virtual void set_activation_hook(ActivationHook hook) = 0;
+  // Bytes this session allocated (KV, scratch) beside the model's weights.
+  virtual MemoryReport memory() const = 0;
+
+  // ---- long context ----
+  virtual const std::vector<int32_t>& tokens() const = 0;  // the context's ids, in order
+  // Context overflow, opt-in truncation (no shifting of ring buffers): clears the context and
+  // feeds the whole conversation `messages` (chat template, generation prompt at the end). When
+  // it plus `reserve` tokens for the reply does not fit, the oldest non-system messages are
+  // dropped first (a user turn with the model reply after it) and erased from `messages`.
+  // Returns how many messages were dropped; out-of-range when the last user turn alone does
+  // not fit. (The default everywhere else is an out-of-range error naming the limit.)
+  virtual Result<int> feed_chat_truncating(std::vector<ChatMessage>& messages, int reserve) = 0;
+  // The prompt cache. save_state writes the context (token ids, each layer's cached K/V for the
+  // live slots, the last logits) with a header naming the model (a fingerprint of its config and
+  // tensors) and the settings its bytes depend on (context, KV type, prefill chunk).
+  // load_state replaces the context with a saved one after checking all of it; on a mismatch or
+  // a truncated or corrupt file it returns an error naming the field and leaves the session as
+  // it was.
+  virtual Status save_state(const std::string& path) const = 0;
+  virtual Status load_state(const std::string& path) = 0;
 };
 
 }  // namespace gemma3

@@ -1,16 +1,61 @@
 #include "model/kv_cache.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <iterator>
+
+#include "model/weights.h"
 
 namespace gemma3 {
+
+DType kv_dtype(KvType t) {
+  switch (t) {
+    case KvType::kF32: return DType::kF32;
+    case KvType::kQ8_0: return DType::kQ8_0;
+    case KvType::kF8: return DType::kF8E4M3;
+    case KvType::kBF16: break;
+  }
+  return DType::kBF16;
+}
+
+const char* kv_type_name(KvType t) {
+  switch (t) {
+    case KvType::kF32: return "f32";
+    case KvType::kQ8_0: return "q8_0";
+    case KvType::kF8: return "fp8";
+    case KvType::kBF16: break;
+  }
+  return "bf16";
+}
+
+std::optional<KvType> kv_type_from_name(std::string_view name) {
+  for (KvType t : {KvType::kBF16, KvType::kF32, KvType::kQ8_0, KvType::kF8})
+    if (name == kv_type_name(t)) return t;
+  return std::nullopt;
+}
+
+Status check_kv_type(const ModelConfig& config, KvType t) {
+  if (t == KvType::kQ8_0 && config.head_dim % 32 != 0)
+    return unsupported(
+        fmt::format("KV type q8_0 needs head_dim % 32 == 0 (Q8_0 blocks of 32 per head row), "
+                    "this model has head_dim {}; use --kv-type bf16 or fp8",
+                    config.head_dim));
+  return ok_status();
+}
 
 KvPlan plan_kv(const ModelConfig& config, int context, int chunk, DType dtype) {
   KvPlan p;
   p.context = context;
   p.chunk = std::max(1, std::min(chunk, context));
   p.dtype = dtype;
-  const uint64_t elem = dtype == DType::kF32 ? 4 : 2;
-  p.bytes_per_slot = 2ull * config.n_kv_heads * config.head_dim * elem;
+  // One (slot, kv head) row of head_dim values (backend.h KvLayer); for Q8_0 a head_dim that is
+  // not a multiple of 32 is refused by check_kv_type before any plan is used.
+  const uint64_t row = row_bytes(dtype, config.head_dim).value_or(0);
+  p.bytes_per_slot = 2ull * config.n_kv_heads * row;
   p.capacity.resize(config.n_layers);
   for (int i = 0; i < config.n_layers; ++i) {
     const bool global = config.is_global(i);
@@ -37,8 +82,209 @@ Status KvCache::allocate(const ModelConfig& config) {
     l.dtype = plan_.dtype;
     GEMMA3_ASSIGN_OR_RETURN(l.k, backend_.allocate(half));
     GEMMA3_ASSIGN_OR_RETURN(l.v, backend_.allocate(half));
-    allocated_ += 2 * half;
+    (config.is_global(i) ? allocated_global_ : allocated_local_) += 2 * half;
   }
+  return ok_status();
+}
+
+}  // namespace gemma3
+
+// ---- session state ------------------------------------------------------------------------------
+
+namespace gemma3 {
+namespace {
+
+constexpr char kStateMagic[8] = {'G', '3', 'S', 'T', 'A', 'T', 'E', '\0'};
+constexpr uint32_t kStateVersion = 1;
+
+struct Fnv {
+  uint64_t h = 0xcbf29ce484222325ull;
+  void add(const void* p, size_t n) {
+    const uint8_t* b = static_cast<const uint8_t*>(p);
+    for (size_t i = 0; i < n; ++i) h = (h ^ b[i]) * 0x100000001b3ull;
+  }
+};
+
+// Appends to a file while hashing what it wrote.
+struct Writer {
+  std::ofstream out;
+  Fnv fnv;
+  void bytes(const void* p, size_t n) {
+    out.write(static_cast<const char*>(p), static_cast<std::streamsize>(n));
+    fnv.add(p, n);
+  }
+  template <typename T>
+  void pod(T v) {
+    bytes(&v, sizeof v);
+  }
+};
+
+// Reads from a buffer holding the whole file; every read checks the bytes are there.
+struct Reader {
+  const std::string& path;
+  const std::vector<char>& buf;
+  size_t at = 0;
+  Status take(void* dst, size_t n, const char* what) {
+    if (buf.size() - at < n)
+      return invalid_file(fmt::format("prompt cache {}: truncated at byte {} reading {} ({} bytes, {} left)",
+                                      path, at, what, n, buf.size() - at));
+    std::memcpy(dst, buf.data() + at, n);
+    at += n;
+    return ok_status();
+  }
+  template <typename T>
+  Result<T> pod(const char* what) {
+    T v;
+    GEMMA3_TRY(take(&v, sizeof v, what));
+    return v;
+  }
+};
+
+}  // namespace
+
+std::string model_fingerprint(const Checkpoint& ckpt) {
+  const ModelConfig& c = ckpt.config();
+  Fnv fnv;
+  for (const TensorView* t : ckpt.text_tensors()) {
+    fnv.add(t->name.data(), t->name.size());
+    const uint8_t dt = static_cast<uint8_t>(t->dtype);
+    fnv.add(&dt, 1);
+    fnv.add(&t->nbytes, sizeof t->nbytes);
+    if (t->data) fnv.add(t->data, std::min<uint64_t>(t->nbytes, 4096));
+  }
+  return fmt::format("Gemma 3 {} L{} H{} I{} heads {}/{} hd {} V{} W{} tensors {:016x}", c.size_label,
+                     c.n_layers, c.hidden, c.intermediate, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size,
+                     c.sliding_window, fnv.h);
+}
+
+Status save_session_state(const std::string& path, const SessionState& state, Backend& backend,
+                          const KvCache& cache) {
+  const KvPlan& plan = cache.plan();
+  const std::string tmp = path + ".tmp";
+  Writer w;
+  w.out.open(tmp, std::ios::binary | std::ios::trunc);
+  if (!w.out) return not_found(fmt::format("prompt cache {}: cannot create {}", path, tmp));
+  w.bytes(kStateMagic, sizeof kStateMagic);
+  w.pod(kStateVersion);
+  w.pod(static_cast<uint32_t>(state.fingerprint.size()));
+  w.bytes(state.fingerprint.data(), state.fingerprint.size());
+  w.pod(static_cast<int32_t>(plan.context));
+  w.pod(static_cast<int32_t>(plan.chunk));
+  w.pod(static_cast<uint32_t>(plan.dtype));
+  w.pod(static_cast<uint32_t>(plan.capacity.size()));
+  w.pod(static_cast<uint32_t>(plan.bytes_per_slot));
+  const uint32_t n = static_cast<uint32_t>(state.tokens.size());
+  w.pod(n);
+  w.pod(static_cast<uint8_t>(state.in_model_turn));
+  w.bytes(state.tokens.data(), n * sizeof(int32_t));
+  std::vector<char> host;
+  const uint64_t half_slot = plan.bytes_per_slot / 2;  // K (or V) of one slot
+  for (size_t i = 0; i < plan.capacity.size(); ++i) {
+    const uint32_t live = std::min<uint32_t>(n, plan.capacity[i]);
+    w.pod(static_cast<uint32_t>(plan.capacity[i]));
+    w.pod(live);
+    host.resize(live * half_slot);
+    for (void* src : {cache.layer(static_cast<int>(i)).k, cache.layer(static_cast<int>(i)).v}) {
+      backend.to_host(src, host.data(), host.size());
+      w.bytes(host.data(), host.size());
+    }
+  }
+  w.pod(static_cast<uint32_t>(state.last_logits.size()));
+  w.bytes(state.last_logits.data(), state.last_logits.size() * sizeof(float));
+  const uint64_t sum = w.fnv.h;
+  w.out.write(reinterpret_cast<const char*>(&sum), sizeof sum);
+  w.out.close();
+  if (!w.out) {
+    std::remove(tmp.c_str());
+    return internal_error(fmt::format("prompt cache {}: writing {} failed (disk full?)", path, tmp));
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    std::remove(tmp.c_str());
+    return internal_error(fmt::format("prompt cache {}: cannot rename {} into place", path, tmp));
+  }
+  return ok_status();
+}
+
+Status load_session_state(const std::string& path, int vocab, SessionState* state, Backend& backend,
+                          KvCache& cache) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return not_found(fmt::format("prompt cache {}: cannot open", path));
+  std::vector<char> buf((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (buf.size() < sizeof kStateMagic + 8 || std::memcmp(buf.data(), kStateMagic, sizeof kStateMagic) != 0)
+    return invalid_file(fmt::format("prompt cache {}: not a gemma3 session state (bad magic)", path));
+  uint64_t sum;
+  std::memcpy(&sum, buf.data() + buf.size() - 8, 8);
+  Fnv fnv;
+  fnv.add(buf.data(), buf.size() - 8);
+  Reader r{path, buf, sizeof kStateMagic};
+  GEMMA3_ASSIGN_OR_RETURN(uint32_t version, r.pod<uint32_t>("version"));
+  if (version != kStateVersion)
+    return invalid_file(
+        fmt::format("prompt cache {}: version {}, expected {}", path, version, kStateVersion));
+  if (fnv.h != sum)
+    return invalid_file(fmt::format("prompt cache {}: checksum mismatch (file truncated or corrupt)", path));
+
+  const KvPlan& plan = cache.plan();
+  GEMMA3_ASSIGN_OR_RETURN(uint32_t fp_len, r.pod<uint32_t>("fingerprint length"));
+  std::string fp(std::min<size_t>(fp_len, buf.size()), '\0');
+  GEMMA3_TRY(r.take(fp.data(), fp_len, "fingerprint"));
+  if (fp != state->fingerprint)
+    return invalid_argument(fmt::format("prompt cache {}: saved for another model ({}), this is {}", path, fp,
+                                        state->fingerprint));
+  auto expect = [&](const char* field, int64_t got, int64_t want, const char* hint) -> Status {
+    if (got == want) return ok_status();
+    return invalid_argument(
+        fmt::format("prompt cache {}: {} is {}, this session has {}{}", path, field, got, want, hint));
+  };
+  GEMMA3_ASSIGN_OR_RETURN(int32_t context, r.pod<int32_t>("context"));
+  GEMMA3_TRY(expect("context", context, plan.context, " (use the same --ctx)"));
+  GEMMA3_ASSIGN_OR_RETURN(int32_t chunk, r.pod<int32_t>("chunk"));
+  GEMMA3_TRY(expect("prefill chunk", chunk, plan.chunk, " (use the same --chunk)"));
+  GEMMA3_ASSIGN_OR_RETURN(uint32_t dtype, r.pod<uint32_t>("kv type"));
+  if (dtype != static_cast<uint32_t>(plan.dtype))
+    return invalid_argument(
+        fmt::format("prompt cache {}: KV type {}, this session has {} (use the same --kv-type)", path,
+                    dtype < 16 ? dtype_name(static_cast<DType>(dtype)) : "?", dtype_name(plan.dtype)));
+  GEMMA3_ASSIGN_OR_RETURN(uint32_t n_layers, r.pod<uint32_t>("layer count"));
+  GEMMA3_TRY(expect("layer count", n_layers, static_cast<int64_t>(plan.capacity.size()), ""));
+  GEMMA3_ASSIGN_OR_RETURN(uint32_t slot_bytes, r.pod<uint32_t>("bytes per slot"));
+  GEMMA3_TRY(expect("bytes per slot", slot_bytes, static_cast<int64_t>(plan.bytes_per_slot), ""));
+  GEMMA3_ASSIGN_OR_RETURN(uint32_t n, r.pod<uint32_t>("token count"));
+  if (n > static_cast<uint32_t>(plan.context))
+    return invalid_file(
+        fmt::format("prompt cache {}: {} tokens exceed the context {}", path, n, plan.context));
+  GEMMA3_ASSIGN_OR_RETURN(uint8_t in_model_turn, r.pod<uint8_t>("turn flag"));
+  std::vector<int32_t> tokens(n);
+  GEMMA3_TRY(r.take(tokens.data(), n * sizeof(int32_t), "tokens"));
+  const uint64_t half_slot = plan.bytes_per_slot / 2;
+  std::vector<size_t> kv_at(n_layers);  // offset of each layer's K bytes in buf
+  for (uint32_t i = 0; i < n_layers; ++i) {
+    GEMMA3_ASSIGN_OR_RETURN(uint32_t cap, r.pod<uint32_t>("layer capacity"));
+    GEMMA3_TRY(expect("layer capacity", cap, plan.capacity[i], ""));
+    GEMMA3_ASSIGN_OR_RETURN(uint32_t live, r.pod<uint32_t>("live slots"));
+    GEMMA3_TRY(expect("live slots", live, std::min<uint32_t>(n, cap), ""));
+    kv_at[i] = r.at;
+    if (buf.size() - r.at < 2 * live * half_slot)
+      return invalid_file(fmt::format("prompt cache {}: truncated in layer {}'s K/V", path, i));
+    r.at += 2 * live * half_slot;
+  }
+  GEMMA3_ASSIGN_OR_RETURN(uint32_t n_logits, r.pod<uint32_t>("vocab"));
+  GEMMA3_TRY(expect("vocab", n_logits, vocab, ""));
+  std::vector<float> logits(n_logits);
+  GEMMA3_TRY(r.take(logits.data(), n_logits * sizeof(float), "last logits"));
+  if (r.at + 8 != buf.size())
+    return invalid_file(
+        fmt::format("prompt cache {}: {} unexpected bytes at the end", path, buf.size() - r.at - 8));
+
+  // Everything checked: now the session changes.
+  for (uint32_t i = 0; i < n_layers; ++i) {
+    const size_t bytes = std::min<uint32_t>(n, plan.capacity[i]) * half_slot;
+    backend.from_host(buf.data() + kv_at[i], cache.layer(static_cast<int>(i)).k, bytes);
+    backend.from_host(buf.data() + kv_at[i] + bytes, cache.layer(static_cast<int>(i)).v, bytes);
+  }
+  state->tokens = std::move(tokens);
+  state->in_model_turn = in_model_turn != 0;
+  state->last_logits = std::move(logits);
   return ok_status();
 }
 

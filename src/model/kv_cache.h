@@ -5,19 +5,31 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
 #include <vector>
 
 #include "backend/backend.h"
+#include "gemma3/gemma3.h"
 #include "model/config.h"
 
 namespace gemma3 {
+
+// The cache element type of a KvType (kBF16, kF32, kQ8_0, kF8E4M3), and its CLI spelling.
+DType kv_dtype(KvType t);
+const char* kv_type_name(KvType t);  // "bf16", "f32", "q8_0", "fp8"
+std::optional<KvType> kv_type_from_name(std::string_view name);
+// Whether the model's heads can be cached in `t`: Q8_0 blocks must not straddle two heads'
+// rows, so it needs head_dim % 32 == 0 (Gemma 3: 256, 128).
+Status check_kv_type(const ModelConfig& config, KvType t);
 
 struct KvPlan {
   int context = 0;                // tokens a session can hold
   int chunk = 0;                  // max tokens per prefill step
   DType dtype = DType::kBF16;     // element type of K and V
   std::vector<int> capacity;      // [L] slots per layer
-  uint64_t bytes_per_slot = 0;    // K + V of one position in one layer: 2 * nKV * hd * elem
+  uint64_t bytes_per_slot = 0;    // K + V of one position in one layer: 2 * nKV * row_bytes(hd)
   uint64_t global_bytes = 0;      // all global layers
   uint64_t local_bytes = 0;       // all local rings
   uint64_t all_global_bytes = 0;  // what caching every layer at full context would need
@@ -36,13 +48,49 @@ class KvCache {
   Status allocate(const ModelConfig& config);
   const KvPlan& plan() const { return plan_; }
   const KvLayer& layer(int i) const { return layers_[i]; }
-  uint64_t allocated_bytes() const { return allocated_; }
+  uint64_t allocated_bytes() const { return allocated_global_ + allocated_local_; }
+  uint64_t allocated_global_bytes() const { return allocated_global_; }
+  uint64_t allocated_local_bytes() const { return allocated_local_; }
 
  private:
   Backend& backend_;
   KvPlan plan_;
   std::vector<KvLayer> layers_;
-  uint64_t allocated_ = 0;
+  uint64_t allocated_global_ = 0, allocated_local_ = 0;
 };
+
+// ---- session state (the prompt cache) -------------------------------------------------------
+
+class Checkpoint;
+
+// "Gemma 3 270M L18 H640 ... tensors <hash>": the config plus an FNV-1a hash of every text
+// tensor's name, type, size and first 4 KiB, so a state never meets another model's weights.
+std::string model_fingerprint(const Checkpoint& ckpt);
+
+// A saved context. File layout (little-endian; tests/test_long_context.cpp):
+//   "G3STATE\0" u32 version (1)
+//   u32 n, fingerprint [n bytes]
+//   i32 context, i32 chunk, u32 kv dtype (DType), u32 n_layers, u32 bytes_per_slot
+//   u32 n_tokens, u8 in_model_turn, i32 tokens[n_tokens]
+//   per layer: u32 capacity, u32 live = min(n_tokens, capacity), K [live slots], V [live slots]
+//     (slot p % capacity holds position p, so the live slots are 0 .. live-1)
+//   u32 vocab, f32 last_logits[vocab]
+//   u64 FNV-1a of every byte before it
+struct SessionState {
+  std::string fingerprint;
+  std::vector<int32_t> tokens;
+  bool in_model_turn = false;
+  std::vector<float> last_logits;
+};
+
+// Writes `state` and the live slots of `cache` to path (through a temporary file renamed into
+// place, so an interrupted save never leaves a damaged file under that name).
+Status save_session_state(const std::string& path, const SessionState& state, Backend& backend,
+                          const KvCache& cache);
+// Reads path, checks the fingerprint against state->fingerprint, the settings against cache's
+// plan, the sizes and the checksum; only then copies K/V into `cache` and fills tokens,
+// in_model_turn and last_logits (whose size must be `vocab`).
+Status load_session_state(const std::string& path, int vocab, SessionState* state, Backend& backend,
+                          KvCache& cache);
 
 }  // namespace gemma3

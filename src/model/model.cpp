@@ -9,11 +9,11 @@
 #include <string_view>
 #include <unordered_map>
 
-
 #include "backend/backend.h"
 #include "gemma3/gemma3.h"
 #include "model/chat_template.h"
 #include "model/forward.h"
+#include "model/memory_plan.h"
 #include "model/sampler.h"
 #include "model/vision.h"
 #include "model/weights.h"
@@ -64,6 +64,11 @@ class SessionImpl final : public Session {
   }
   const Stats& stats() const override { return stats_; }
   void set_activation_hook(ActivationHook hook) override { hook_ = std::move(hook); }
+  MemoryReport memory() const override;
+  const std::vector<int32_t>& tokens() const override { return tokens_; }
+  Result<int> feed_chat_truncating(std::vector<ChatMessage>& messages, int reserve) override;
+  Status save_state(const std::string& path) const override;
+  Status load_state(const std::string& path) override;
 
  private:
   Status run(const std::vector<int32_t>& ids, bool keep_all) { return run_pieces({Piece{ids, nullptr}}, keep_all); }
@@ -99,6 +104,7 @@ class ModelImpl final : public Model, public std::enable_shared_from_this<ModelI
   BackendModel weights;
   LoadOptions options;
   int context = 0;
+  MemoryPlan plan;  // one session's memory, checked against the backend before uploading
   std::unique_ptr<VisionEncoder> vision;  // null without a vision tower
   std::mutex vision_mutex;                // the encoder's buffers are shared by all sessions
 
@@ -110,11 +116,11 @@ class ModelImpl final : public Model, public std::enable_shared_from_this<ModelI
     return fmt::format("Gemma 3 {} ({} layers, hidden {}, {} from {}), backend {}, context {}", c.size_label,
                        c.n_layers, c.hidden, ckpt->format(), ckpt->path(), backend->name(), context);
   }
+  MemoryReport memory_plan() const override { return plan.report(); }
   int image_size() const override { return vision ? vision->image_size() : 0; }
   Result<std::unique_ptr<Session>> new_session() override {
-    const DType kv = options.kv_type == KvType::kF32 ? DType::kF32 : DType::kBF16;
-    auto s = std::make_unique<SessionImpl>(shared_from_this(),
-                                           plan_kv(ckpt->config(), context, options.prefill_chunk, kv));
+    auto s = std::make_unique<SessionImpl>(
+        shared_from_this(), plan_kv(ckpt->config(), context, options.prefill_chunk, kv_dtype(options.kv_type)));
     GEMMA3_TRY(s->init());
     return std::unique_ptr<Session>(std::move(s));
   }
@@ -126,6 +132,62 @@ SessionImpl::SessionImpl(std::shared_ptr<ModelImpl> model, KvPlan plan)
 Status SessionImpl::init() {
   GEMMA3_TRY(cache_.allocate(model_->ckpt->config()));
   return scratch_.allocate(model_->ckpt->config(), cache_.plan().chunk);
+}
+
+MemoryReport SessionImpl::memory() const {
+  MemoryReport r;
+  r.weight_bytes = model_->plan.weight_bytes;
+  r.kv_global_bytes = cache_.allocated_global_bytes();
+  r.kv_local_bytes = cache_.allocated_local_bytes();
+  r.scratch_bytes = scratch_.bytes();
+  return r;
+}
+
+Result<int> SessionImpl::feed_chat_truncating(std::vector<ChatMessage>& messages, int reserve) {
+  const int ctx = cache_.plan().context;
+  int dropped = 0;
+  while (true) {
+    GEMMA3_ASSIGN_OR_RETURN(std::vector<int32_t> ids,
+                            render_chat(model_->tokenizer(), messages, /*add_bos=*/true, /*add_generation_prompt=*/true));
+    if (ids.size() + static_cast<size_t>(std::max(reserve, 0)) <= static_cast<size_t>(ctx)) {
+      clear();
+      GEMMA3_TRY(feed_tokens(ids));
+      in_model_turn_ = true;
+      return dropped;
+    }
+    size_t first = 0;  // the oldest non-system message
+    while (first < messages.size() && messages[first].role == "system") ++first;
+    if (messages.size() - first <= 1)
+      return out_of_range(fmt::format(
+          "the last message needs {} tokens and {} are kept for the reply, but the context holds {}; raise --ctx",
+          ids.size(), reserve, ctx));
+    // Drop it, and any model replies after it, so the conversation still opens with a user turn.
+    do {
+      messages.erase(messages.begin() + static_cast<std::ptrdiff_t>(first));
+      ++dropped;
+    } while (messages.size() - first > 1 && messages[first].role != "user");
+  }
+}
+
+Status SessionImpl::save_state(const std::string& path) const {
+  SessionState st;
+  st.fingerprint = model_fingerprint(*model_->ckpt);
+  st.tokens = tokens_;
+  st.in_model_turn = in_model_turn_;
+  st.last_logits = last_logits_;
+  return save_session_state(path, st, *model_->backend, cache_);
+}
+
+Status SessionImpl::load_state(const std::string& path) {
+  SessionState st;
+  st.fingerprint = model_fingerprint(*model_->ckpt);
+  GEMMA3_TRY(load_session_state(path, model_->vocab_size(), &st, *model_->backend, cache_));
+  clear();
+  tokens_ = std::move(st.tokens);
+  in_model_turn_ = st.in_model_turn;
+  last_logits_ = std::move(st.last_logits);
+  all_logits_.clear();
+  return ok_status();
 }
 
 Status SessionImpl::run_pieces(const std::vector<Piece>& pieces, bool keep_all) {
@@ -490,6 +552,7 @@ Result<std::shared_ptr<Model>> Model::load(const std::string& path, const LoadOp
         fmt::format("context {} exceeds the model's maximum of {} tokens", options.context, c.max_context));
   if (options.prefill_chunk < 1 || options.prefill_chunk > 65536)
     return invalid_argument(fmt::format("prefill chunk {} must be in [1, 65536]", options.prefill_chunk));
+  GEMMA3_TRY(check_kv_type(c, options.kv_type));
   // The vision tower + projector (HF multimodal folder, or --mmproj): checked now, uploaded below.
   if (!options.mmproj.empty()) GEMMA3_TRY(m->ckpt->attach_vision(options.mmproj));
   m->context = options.context ? options.context : std::min(c.max_context, 8192);
@@ -502,6 +565,9 @@ Result<std::shared_ptr<Model>> Model::load(const std::string& path, const LoadOp
   } else {
     GEMMA3_ASSIGN_OR_RETURN(m->backend, make_cpu_backend(bo));
   }
+  // Weights + one session's KV and scratch, checked before anything large is allocated.
+  m->plan = plan_memory(c, m->ckpt->weight_bytes(), m->context, options.prefill_chunk, kv_dtype(options.kv_type));
+  GEMMA3_TRY(check_fits(m->plan, m->backend->free_bytes(), m->backend->name()));
   GEMMA3_ASSIGN_OR_RETURN(m->weights,
                           BackendModel::upload(*m->backend, m->ckpt->weights(), options.progress));
   if (m->ckpt->vision()) {

@@ -17,6 +17,7 @@
 #include <sstream>
 
 #include "core/utf8.h"
+#include "model/kv_cache.h"
 
 namespace gemma3::cli {
 
@@ -248,7 +249,8 @@ void ModelFlags::add_to(ArgParser& p, bool with_context) {
     p.add_option("--ctx", "N", &context, "context length in tokens (default: min(model max, 8192))");
   p.add_option("-t,--threads", "N", &threads, "CPU threads (default: one per core)");
   p.add_choice("--backend", {"auto", "cpu", "cuda"}, &backend, "compute backend (default: auto)");
-  p.add_choice("--kv-type", {"bf16", "f32"}, &kv_type, "KV cache element type (default: bf16)");
+  p.add_choice("--kv-type", {"bf16", "f32", "q8_0", "fp8"}, &kv_type,
+               "KV cache element type; q8_0 and fp8 halve it (default: bf16)");
   p.add_option("--chunk", "N", &chunk, "tokens per prefill step (default: 256)");
   p.add_flag("-v,--verbose", &verbose, "print model details and per-step information to stderr");
 }
@@ -268,7 +270,7 @@ LoadOptions ModelFlags::load_options() const {
                                   : BackendKind::kAuto;
   o.threads = threads;
   o.context = context;
-  o.kv_type = kv_type == "f32" ? KvType::kF32 : KvType::kBF16;
+  o.kv_type = kv_type_from_name(kv_type).value_or(KvType::kBF16);  // add_choice admits only known names
   o.prefill_chunk = chunk;
   o.progress = verbose;
   return o;

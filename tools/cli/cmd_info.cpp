@@ -1,6 +1,7 @@
 // gemma3 info: what a checkpoint is and what it will cost to run. Reads only metadata (no
-// backend, no KV cache); the memory plan is plan_kv() itself, with the same prefill chunk and
-// KV type a session would use, so the KV numbers equal what `run` allocates at that context.
+// backend, no KV cache); the memory plan is plan_memory() itself (src/model/memory_plan.h), the
+// function Model::load checks against the backend's free memory, with the same prefill chunk
+// and KV type a session would use, so the numbers equal what `run` allocates at that context.
 #include <fmt/format.h>
 
 #include <cstdio>
@@ -11,6 +12,7 @@
 #include "commands.h"
 #include "core/dtype.h"
 #include "model/kv_cache.h"
+#include "model/memory_plan.h"
 #include "model/weights.h"
 
 namespace gemma3::cli {
@@ -35,13 +37,14 @@ int cmd_info(int argc, char** argv) {
   std::string model_path, kv_type = "bf16", output = "text";
   int context = 0, chunk = 256;
   bool list_tensors = false;
-  ArgParser p("info", "-m MODEL [--ctx N] [--kv-type bf16|f32] [-o text|json]",
+  ArgParser p("info", "-m MODEL [--ctx N] [--kv-type bf16|f32|q8_0|fp8] [-o text|json]",
               "Architecture and config of a checkpoint, its tensor types, and the memory plan at a\n"
               "context length: weights, KV cache of the global layers, the local layers' rings, and the\n"
               "all-global cache a model without sliding windows would need.");
   p.add_option("-m,--model", "PATH", &model_path, "model: a .gguf file or a Hugging Face folder (required)");
   p.add_option("--ctx", "N", &context, "context for the memory plan (default: the model's max context)");
-  p.add_choice("--kv-type", {"bf16", "f32"}, &kv_type, "KV cache element type (default: bf16)");
+  p.add_choice("--kv-type", {"bf16", "f32", "q8_0", "fp8"}, &kv_type,
+               "KV cache element type (default: bf16)");
   p.add_option("--chunk", "N", &chunk,
                "prefill chunk the plan assumes; local rings hold W+N-1 slots (default: 256)");
   p.add_choice("-o,--output", {"text", "json"}, &output, "output format (default: text)");
@@ -70,7 +73,10 @@ int cmd_info(int argc, char** argv) {
     tensor_bytes += t->nbytes;
   }
   const uint64_t weight_bytes = ckpt.weight_bytes();
-  const KvPlan plan = plan_kv(c, context, chunk, kv_type == "f32" ? DType::kF32 : DType::kBF16);
+  const KvType kv = *kv_type_from_name(kv_type);  // add_choice admits only known names
+  if (Status s = check_kv_type(c, kv); !s.ok()) return fail("info", s);
+  const MemoryPlan mplan = plan_memory(c, ckpt.weight_bytes(), context, chunk, kv_dtype(kv));
+  const KvPlan& plan = mplan.kv;
   const int n_global = c.n_global_layers();
   const int n_local = c.n_layers - n_global;
   int local_slots = 0;  // ring slots of one local layer (all local layers have the same)
@@ -124,7 +130,8 @@ int cmd_info(int argc, char** argv) {
           {"kv_total_bytes", plan.total_bytes()},
           {"kv_all_global_bytes", plan.all_global_bytes},
           {"kv_saving", saving},
-          {"total_bytes", weight_bytes + plan.total_bytes()}}},
+          {"scratch_bytes", mplan.scratch_bytes},
+          {"total_bytes", mplan.total_bytes()}}},
     };
     if (list_tensors) {
       nlohmann::json list = nlohmann::json::array();
@@ -187,7 +194,8 @@ int cmd_info(int argc, char** argv) {
   mem("kv total", plan.total_bytes(), "");
   mem("kv all-global", plan.all_global_bytes,
       fmt::format("if every layer cached the full context: {:.2f}x more", saving));
-  mem("total", weight_bytes + plan.total_bytes(), "weights + kv");
+  mem("scratch", mplan.scratch_bytes, fmt::format("activations of one {}-token chunk", plan.chunk));
+  mem("total", mplan.total_bytes(), "weights + kv + scratch (one session)");
   if (context > c.max_context)
     o += fmt::format("note: context {} exceeds the model's max context {}\n", context, c.max_context);
   std::fwrite(o.data(), 1, o.size(), stdout);

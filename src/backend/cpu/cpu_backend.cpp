@@ -35,21 +35,48 @@ void HostBackend::release(void* ptr) { std::free(ptr); }
 void HostBackend::to_host(const void* src, void* dst, size_t bytes) { std::memcpy(dst, src, bytes); }
 void HostBackend::from_host(const void* src, void* dst, size_t bytes) { std::memcpy(dst, src, bytes); }
 
+namespace {
+
+// fp32 -> e4m3fn (formats.md §5.1: bias 7, max 448, S.1111.111 the only NaN), round to nearest
+// even, saturating: |x| >= 448 and +-inf give +-448 (as vLLM's fp8 KV cache does); NaN gives 0,
+// so the cache never holds a NaN.
+uint8_t f32_to_f8e4m3_sat(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  const uint8_t sign = static_cast<uint8_t>((u >> 24) & 0x80);
+  const float a = std::fabs(x);
+  if (std::isnan(x)) return 0;
+  if (a >= 448.0f) return sign | 0x7E;
+  if (a < 0.015625f) {  // below 2^-6: subnormal m * 2^-9; m = 8 is the smallest normal, 0x08
+    return sign | static_cast<uint8_t>(std::nearbyint(a * 512.0f));
+  }
+  const uint32_t ua = u & 0x7FFFFFFFu;
+  const uint32_t exp = (ua >> 23) - 127 + 7;  // 1..15
+  const uint32_t mant = ua & 0x7FFFFF;
+  uint32_t h = (exp << 3) | (mant >> 20);
+  const uint32_t rem = mant & 0xFFFFF;
+  if (rem > 0x80000 || (rem == 0x80000 && (h & 1))) ++h;  // a carry bumps the exponent
+  return sign | static_cast<uint8_t>(std::min<uint32_t>(h, 0x7E));
+}
+
+}  // namespace
+
 void HostBackend::kv_write(const float* k, const float* v, int n, int pos0, int kv_width,
                            const KvLayer& cache) {
+  // A slot is kv_width values in the cache's layout (backend.h KvLayer). Q8_0 blocks of 32 never
+  // straddle two heads (head_dim % 32 == 0), so quantizing the whole slot as one row gives
+  // exactly the per-(slot, head) rows.
+  const uint64_t slot_bytes = row_bytes(cache.dtype, kv_width).value_or(0);
   for (int t = 0; t < n; ++t) {
     const int64_t slot = (pos0 + t) % cache.capacity;
-    const float* ks = k + static_cast<int64_t>(t) * kv_width;
-    const float* vs = v + static_cast<int64_t>(t) * kv_width;
-    if (cache.dtype == DType::kF32) {
-      std::memcpy(static_cast<float*>(cache.k) + slot * kv_width, ks, kv_width * sizeof(float));
-      std::memcpy(static_cast<float*>(cache.v) + slot * kv_width, vs, kv_width * sizeof(float));
-    } else {
-      uint16_t* kd = static_cast<uint16_t*>(cache.k) + slot * kv_width;
-      uint16_t* vd = static_cast<uint16_t*>(cache.v) + slot * kv_width;
-      for (int i = 0; i < kv_width; ++i) {
-        kd[i] = f32_to_bf16(ks[i]);
-        vd[i] = f32_to_bf16(vs[i]);
+    const float* src[2] = {k + static_cast<int64_t>(t) * kv_width, v + static_cast<int64_t>(t) * kv_width};
+    void* base[2] = {cache.k, cache.v};
+    for (int kv = 0; kv < 2; ++kv) {
+      uint8_t* dst = static_cast<uint8_t*>(base[kv]) + slot * slot_bytes;
+      if (cache.dtype == DType::kF8E4M3) {
+        for (int i = 0; i < kv_width; ++i) dst[i] = f32_to_f8e4m3_sat(src[kv][i]);
+      } else {
+        quantize_row(cache.dtype, src[kv], dst, kv_width);  // F32 copy, BF16 round to nearest even, Q8_0
       }
     }
   }
@@ -136,9 +163,11 @@ float dot(const float* a, const float* b, int64_t n) {
   return s + ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
 }
 
-float load_kv(const void* base, DType t, int64_t index) {
-  if (t == DType::kF32) return static_cast<const float*>(base)[index];
-  return bf16_to_f32(static_cast<const uint16_t*>(base)[index]);
+// dst[0..hd) = the K or V row of kv head g in slot `slot`, dequantized (layout: backend.h KvLayer).
+void load_kv_row(const void* base, DType t, int64_t slot, int g, int n_kv_heads, int hd, float* dst) {
+  const uint64_t row = row_bytes(t, hd).value_or(0);
+  const uint8_t* p = static_cast<const uint8_t*>(base) + (slot * n_kv_heads + g) * row;
+  dequantize_row(t, p, dst, hd);  // F8E4M3: the raw e4m3 value (the KV cache has no scale)
 }
 
 class RefCpuBackend final : public HostBackend {
@@ -231,10 +260,9 @@ class RefCpuBackend final : public HostBackend {
 
   void attention(const float* q, const KvLayer& cache, const AttentionParams& p, float* out) override {
     const int hd = p.head_dim, group = p.n_heads / p.n_kv_heads;
-    const int64_t q_width = static_cast<int64_t>(p.n_heads) * hd,
-                  kv_width = static_cast<int64_t>(p.n_kv_heads) * hd;
+    const int64_t q_width = static_cast<int64_t>(p.n_heads) * hd;
     pool_.parallel_for(static_cast<int64_t>(p.n_tokens) * p.n_heads, [&](int64_t b, int64_t e, int) {
-      std::vector<float> scores, key(hd), acc(hd);
+      std::vector<float> scores, row(hd), acc(hd);
       for (int64_t th = b; th < e; ++th) {
         const int64_t t = th / p.n_heads;
         const int h = static_cast<int>(th % p.n_heads), g = h / group;
@@ -245,9 +273,8 @@ class RefCpuBackend final : public HostBackend {
         scores.resize(hi - lo + 1);
         float mx = -std::numeric_limits<float>::infinity();
         for (int64_t j = lo; j <= hi; ++j) {
-          const int64_t base = (j % cache.capacity) * kv_width + static_cast<int64_t>(g) * hd;
-          for (int d = 0; d < hd; ++d) key[d] = load_kv(cache.k, cache.dtype, base + d);
-          const float s = dot(qv, key.data(), hd) * p.scale;
+          load_kv_row(cache.k, cache.dtype, j % cache.capacity, g, p.n_kv_heads, hd, row.data());
+          const float s = dot(qv, row.data(), hd) * p.scale;
           scores[j - lo] = s;
           mx = std::max(mx, s);
         }
@@ -255,9 +282,9 @@ class RefCpuBackend final : public HostBackend {
         for (float& s : scores) sum += (s = std::exp(s - mx));
         std::fill(acc.begin(), acc.end(), 0.0f);
         for (int64_t j = lo; j <= hi; ++j) {
-          const int64_t base = (j % cache.capacity) * kv_width + static_cast<int64_t>(g) * hd;
+          load_kv_row(cache.v, cache.dtype, j % cache.capacity, g, p.n_kv_heads, hd, row.data());
           const float w = scores[j - lo] / sum;
-          for (int d = 0; d < hd; ++d) acc[d] += w * load_kv(cache.v, cache.dtype, base + d);
+          for (int d = 0; d < hd; ++d) acc[d] += w * row[d];
         }
         std::memcpy(out + t * q_width + static_cast<int64_t>(h) * hd, acc.data(), hd * sizeof(float));
       }

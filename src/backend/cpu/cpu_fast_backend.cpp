@@ -253,8 +253,7 @@ class FastCpuBackend final : public HostBackend {
 // task writes the normalized output directly; otherwise a merge pass combines the splits.
 void FastCpuBackend::attention(const float* q, const KvLayer& cache, const AttentionParams& p, float* out) {
   const int hd = p.head_dim, group = p.n_heads / p.n_kv_heads;
-  const int64_t q_width = static_cast<int64_t>(p.n_heads) * hd,
-                kv_width = static_cast<int64_t>(p.n_kv_heads) * hd;
+  const int64_t q_width = static_cast<int64_t>(p.n_heads) * hd;
   const int threads = pool_.size();
   const int64_t pairs = static_cast<int64_t>(p.n_tokens) * p.n_kv_heads;
   // Longest key range of any query: the last token sees the most keys.
@@ -267,7 +266,13 @@ void FastCpuBackend::attention(const float* q, const KvLayer& cache, const Atten
   const int64_t part_stride = static_cast<int64_t>(hd) + 2;  // acc[hd], max, sum
   if (splits > 1) att_part_.resize(static_cast<size_t>(pairs) * splits * group * part_stride);
   if (static_cast<int>(att_thread_.size()) < threads) att_thread_.resize(threads);
-  const bool f32 = cache.dtype == DType::kF32;
+  // e4m3fn byte -> fp32, for an fp8 cache.
+  static const struct F8Table {
+    float v[256];
+    F8Table() {
+      for (int i = 0; i < 256; ++i) v[i] = f8e4m3_to_f32(static_cast<uint8_t>(i));
+    }
+  } f8;
 
   pool_.run(pairs * splits, [&](int64_t task, int th) {
     const int64_t pair = task / splits;
@@ -289,10 +294,27 @@ void FastCpuBackend::attention(const float* q, const KvLayer& cache, const Atten
     const float* qg = q + t * q_width + static_cast<int64_t>(g) * group * hd;
 
     auto kv_row = [&](const void* base, int64_t j) -> const float* {
-      const int64_t off = (j % cache.capacity) * kv_width + static_cast<int64_t>(g) * hd;
-      if (f32) return static_cast<const float*>(base) + off;
-      k_.bf16_to_f32(static_cast<const uint16_t*>(base) + off, row, hd);
-      return row;
+      const int64_t r = (j % cache.capacity) * p.n_kv_heads + g;  // (slot, head) row index
+      switch (cache.dtype) {
+        case DType::kF32: return static_cast<const float*>(base) + r * hd;
+        case DType::kQ8_0: {
+          const uint8_t* b = static_cast<const uint8_t*>(base) + r * (hd / 32) * 34;
+          for (int blk = 0; blk < hd / 32; ++blk, b += 34) {
+            uint16_t d16;
+            std::memcpy(&d16, b, 2);
+            const float d = f16_to_f32(d16);
+            const int8_t* qs = reinterpret_cast<const int8_t*>(b + 2);
+            for (int i = 0; i < 32; ++i) row[blk * 32 + i] = d * static_cast<float>(qs[i]);
+          }
+          return row;
+        }
+        case DType::kF8E4M3: {
+          const uint8_t* b = static_cast<const uint8_t*>(base) + r * hd;
+          for (int i = 0; i < hd; ++i) row[i] = f8.v[b[i]];
+          return row;
+        }
+        default: k_.bf16_to_f32(static_cast<const uint16_t*>(base) + r * hd, row, hd); return row;
+      }
     };
     for (int64_t j = lo; j < hi; ++j) {
       const float* kr = kv_row(cache.k, j);
@@ -307,6 +329,8 @@ void FastCpuBackend::attention(const float* q, const KvLayer& cache, const Atten
       sum[h] = len > 0 ? k_.exp_sub_sum(sc, len, m) : 0.0f;
       std::fill(acc + h * hd, acc + (h + 1) * hd, 0.0f);
     }
+    // The K or V row of kv head g for position j, as fp32 (read in place when the cache is
+    // fp32, else dequantized into `row`; layouts: backend.h KvLayer).
     for (int64_t j = lo; j < hi; ++j) {
       const float* vr = kv_row(cache.v, j);
       for (int h = 0; h < group; ++h) k_.axpy_f32(scores[h * len + (j - lo)], vr, acc + h * hd, hd);

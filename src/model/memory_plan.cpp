@@ -1,0 +1,45 @@
+#include "model/memory_plan.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+
+#include "model/forward.h"
+
+namespace gemma3 {
+
+MemoryReport MemoryPlan::report() const {
+  MemoryReport r;
+  r.weight_bytes = weight_bytes;
+  r.kv_global_bytes = kv.global_bytes;
+  r.kv_local_bytes = kv.local_bytes;
+  r.scratch_bytes = scratch_bytes;
+  return r;
+}
+
+uint64_t scratch_bytes(const ModelConfig& c, int chunk) {
+  const uint64_t n = static_cast<uint64_t>(chunk);
+  const uint64_t widths = 3ull * c.hidden + 2ull * c.q_width() + 2ull * c.kv_width() + 2ull * c.intermediate;
+  const uint64_t logit_rows = std::min<uint64_t>(n, ForwardScratch::kLogitRows);
+  return (n * widths + logit_rows * c.vocab_size) * sizeof(float);
+}
+
+MemoryPlan plan_memory(const ModelConfig& c, uint64_t weight_bytes, int context, int chunk, DType kv) {
+  MemoryPlan p;
+  p.weight_bytes = weight_bytes;
+  p.kv = plan_kv(c, context, chunk, kv);
+  p.scratch_bytes = scratch_bytes(c, p.kv.chunk);  // the chunk as the plan clamps it
+  return p;
+}
+
+Status check_fits(const MemoryPlan& plan, uint64_t free_bytes, const std::string& backend_name) {
+  if (free_bytes == 0 || plan.total_bytes() <= free_bytes) return ok_status();
+  auto gib = [](uint64_t b) { return fmt::format("{:.2f} GiB", static_cast<double>(b) / (1ull << 30)); };
+  return out_of_memory(
+      fmt::format("{} needs {} (weights {}, KV {}, scratch {}) at context {} with KV type {}, {} free; "
+                  "lower --ctx or use --kv-type q8_0",
+                  backend_name, gib(plan.total_bytes()), gib(plan.weight_bytes), gib(plan.kv.total_bytes()),
+                  gib(plan.scratch_bytes), plan.kv.context, dtype_name(plan.kv.dtype), gib(free_bytes)));
+}
+
+}  // namespace gemma3

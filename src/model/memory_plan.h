@@ -1,0 +1,35 @@
+// The memory planner: what one session of a model costs before anything is allocated —
+// weights, KV cache (global layers, local rings) and the forward scratch for one prefill chunk.
+// `gemma3 info` prints it and Model::load checks it against the backend's free memory, so the
+// numbers a user reads are the ones the engine allocates (tests/test_long_context.cpp checks).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "backend/backend.h"
+#include "gemma3/gemma3.h"
+#include "model/config.h"
+#include "model/kv_cache.h"
+
+namespace gemma3 {
+
+struct MemoryPlan {
+  uint64_t weight_bytes = 0;   // the text model's tensors, as the backend holds them
+  KvPlan kv;                   // one session's cache
+  uint64_t scratch_bytes = 0;  // one session's ForwardScratch
+  uint64_t total_bytes() const { return weight_bytes + kv.total_bytes() + scratch_bytes; }
+  MemoryReport report() const;
+};
+
+// Bytes ForwardScratch::allocate(c, chunk) takes (src/model/forward.h: nine [chunk, width]
+// fp32 buffers and [min(chunk, kLogitRows), V] logits).
+uint64_t scratch_bytes(const ModelConfig& c, int chunk);
+
+MemoryPlan plan_memory(const ModelConfig& c, uint64_t weight_bytes, int context, int chunk, DType kv);
+
+// Ok when free_bytes is 0 (unknown: host memory) or the plan fits; otherwise a
+// resource-exhausted error: "<backend> needs X GiB (weights A, KV B, scratch C), Y GiB free".
+Status check_fits(const MemoryPlan& plan, uint64_t free_bytes, const std::string& backend_name);
+
+}  // namespace gemma3
