@@ -38,6 +38,15 @@ std::string real_model_path() {
   return std::string(home ? home : "") + "/.cache/gemma3/gemma-3-270m-q4_k_m.gguf";
 }
 
+fs::path temp_dir() {
+  static const fs::path dir = [] {
+    std::string tmpl = (fs::path(testing::TempDir()) / "gemma3_longctx_XXXXXX").string();
+    const char* d = ::mkdtemp(tmpl.data());
+    return fs::path(d ? d : testing::TempDir());
+  }();
+  return dir;
+}
+
 std::vector<float> randn(size_t n, uint32_t seed, float scale = 1.0f) {
   std::mt19937 g(seed);
   std::normal_distribution<float> d(0.0f, scale);
@@ -371,8 +380,30 @@ TEST(MemoryPlan, SessionAllocatesWhatThePlanSays) {
   }
 }
 
-// The planner on a 27B config at 128K (gemma3-architecture.md: 62 layers, 10 global... the
-// config below is the published one) — the number docs/perf.md quotes.
+// `gemma3 info` prints the plan a loaded model allocates: the same bytes, field for field.
+TEST(MemoryPlan, InfoPrintsWhatTheSessionAllocates) {
+  for (KvType kv : {KvType::kBF16, KvType::kQ8_0, KvType::kF8}) {
+    const fs::path out = temp_dir() / "info.json";
+    const std::string cmd = std::string("'") + GEMMA3_CLI_PATH + "' info -m '" + kData +
+                            "/tiny' --ctx 100 --chunk 7 --kv-type " + kv_type_name(kv) + " -o json > '" +
+                            out.string() + "'";
+    ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+    std::ifstream f(out);
+    const auto j = nlohmann::json::parse(f)["memory"];
+    auto model = load_model(kData + "/tiny", kv, 100, 7);
+    ASSERT_TRUE(model);
+    auto s = std::move(model->new_session().value());
+    const MemoryReport got = s->memory();
+    EXPECT_EQ(j["weight_bytes"].get<uint64_t>(), got.weight_bytes);
+    EXPECT_EQ(j["kv_global_bytes"].get<uint64_t>(), got.kv_global_bytes);
+    EXPECT_EQ(j["kv_local_bytes"].get<uint64_t>(), got.kv_local_bytes);
+    EXPECT_EQ(j["scratch_bytes"].get<uint64_t>(), got.scratch_bytes);
+    EXPECT_EQ(j["total_bytes"].get<uint64_t>(), got.total_bytes());
+  }
+}
+
+// The planner on Gemma 3 27B's published config (62 layers, every 6th global: 10 global, 52
+// local; 16 kv heads of 128; window 1024) at 128K: the numbers docs/perf.md quotes.
 TEST(MemoryPlan, Gemma27bAt128k) {
   ModelConfig c;
   c.size_label = "27B";
@@ -489,15 +520,6 @@ TEST(ContextOverflow, TruncateDropsOldestTurnsAndRefeeds) {
 
 // ---- session state (prompt cache) --------------------------------------------------------------
 
-fs::path temp_dir() {
-  static const fs::path dir = [] {
-    std::string tmpl = (fs::path(testing::TempDir()) / "gemma3_longctx_XXXXXX").string();
-    const char* d = ::mkdtemp(tmpl.data());
-    return fs::path(d ? d : testing::TempDir());
-  }();
-  return dir;
-}
-
 std::vector<int32_t> some_tokens(int n) {
   std::vector<int32_t> ids = {2};
   for (int i = 1; i < n; ++i) ids.push_back(10 + (i * 37) % 400);
@@ -554,7 +576,7 @@ TEST(PromptCache, MismatchedSettingsAndDamagedFilesAreRejected) {
     EXPECT_NE(st.message().find(c.expect), std::string::npos) << st.message();
     EXPECT_EQ(s->position(), 2) << "a failed restore leaves the session as it was";
   }
-  // Another model (the tiny GGUF conversion at f32: same config, other tensors).
+  // Another model (the tiny model's Q8_0 GGUF conversion: same config, other tensors).
   {
     auto other = load_model(kData + "/tiny-q8_0.gguf", KvType::kBF16, 64, 5);
     ASSERT_TRUE(other);
