@@ -101,6 +101,8 @@ struct ModelFlags {
   std::string backend = "auto";
   std::string kv_type = "bf16";
   bool verbose = false;
+  std::string mmproj;         // --mmproj: vision projector GGUF beside a text GGUF
+  bool pan_and_scan = false;  // --pan-and-scan: images also as Pan & Scan crops
 
   void add_to(ArgParser& parser, bool with_context = true);
   // Checks ranges after parsing (-m present, --ctx >= 0, ...); returns a usage error.

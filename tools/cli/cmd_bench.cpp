@@ -98,6 +98,9 @@ int cmd_bench(int argc, char** argv) {
   p.add_option("-d,--depth", "N", &depth, "tokens already in the context before each test (default: 0)");
   p.add_option("-r,--repetitions", "N", &reps, "timed repetitions of each test (default: 5)");
   p.add_choice("-o,--output", {"md", "json"}, &output, "report format (default: md)");
+  bool image = false;
+  p.add_flag("-i,--image", &image,
+             "also time encoding one image (random pixels): the vision tower + projector, -r times");
   if (Status s = p.parse(argc, argv, 2); !s.ok()) return fail("bench", kExitUsage, s.message());
   if (p.help_requested()) {
     std::fputs(p.help_text().c_str(), stdout);
@@ -107,6 +110,7 @@ int cmd_bench(int argc, char** argv) {
   if (n_prompt < 0 || n_gen < 0 || depth < 0 || reps < 1)
     return fail("bench", kExitUsage, "-p, -n and -d must be >= 0 and -r >= 1");
   if (model_flags.context == 0) model_flags.context = depth + std::max(n_prompt, n_gen) + 1;
+  if (image && !p.given("--ctx")) model_flags.context = std::max(model_flags.context, 1024);  // N + 6 ids
 
   uint64_t weight_bytes = 0;
   std::string size_label;
@@ -168,6 +172,23 @@ int cmd_bench(int argc, char** argv) {
     results.push_back(std::move(r));
   }
 
+  // Image encoding: fresh random pixels each time (so the session's image cache never hits);
+  // the seconds are the session's image_encode_seconds (tower + projector, no prefill).
+  std::vector<double> encode_s;
+  if (image) {
+    const int S = model->image_size();
+    if (S == 0) return fail("bench", kExitUsage, "--image needs a multimodal model or --mmproj");
+    std::uniform_real_distribution<float> px(-1.0f, 1.0f);
+    for (int rep = -1; rep < reps; ++rep) {
+      s.clear();
+      std::vector<float> pixels(static_cast<size_t>(3) * S * S);
+      for (float& x : pixels) x = px(rng);
+      const double before = s.stats().image_encode_seconds;
+      if (Status st = s.feed_image_pixels(pixels); !st.ok()) return fail("bench", st);
+      if (rep >= 0) encode_s.push_back(s.stats().image_encode_seconds - before);
+    }
+  }
+
   // "..., backend cpu avx2 (2 threads), context 513" -> "cpu avx2 (2 threads)"
   std::string backend = model->description();
   if (const size_t b = backend.find("backend "); b != std::string::npos) {
@@ -193,6 +214,17 @@ int cmd_bench(int argc, char** argv) {
       if (roofline > 0) j["memcpy_gb_per_s"] = roofline / 1e9;
       out.push_back(std::move(j));
     }
+    if (!encode_s.empty()) {
+      const Spread sp = spread(encode_s);
+      out.push_back({{"model", model_flags.model},
+                     {"backend", backend},
+                     {"threads", threads},
+                     {"test", "image"},
+                     {"image_size", model->image_size()},
+                     {"samples_s", encode_s},
+                     {"avg_s", sp.mean},
+                     {"stddev_s", sp.stddev}});
+    }
     std::printf("%s\n", out.dump(2).c_str());
     return kExitOk;
   }
@@ -207,6 +239,11 @@ int cmd_bench(int argc, char** argv) {
                 human_bytes(weight_bytes).c_str(), backend.c_str(), threads, test.c_str(), sp.mean, sp.stddev,
                 tg ? human_bytes(weight_bytes).c_str() : "",
                 tg ? fmt::format("{:.1f}", sp.mean * static_cast<double>(weight_bytes) / 1e9).c_str() : "");
+  }
+  if (!encode_s.empty()) {
+    const Spread sp = spread(encode_s);
+    std::printf("\nimage encode (%dx%d px, vision tower + projector): %.3f ± %.3f s\n", model->image_size(),
+                model->image_size(), sp.mean, sp.stddev);
   }
   if (roofline > 0)
     std::printf("\nmemory roofline (memcpy, %d threads): %.1f GB/s read+write -> tg bound ~%.1f t/s\n",

@@ -2,7 +2,8 @@
 // the turns before it and only the new user message is prefilled.
 //
 // Input is read line by line from stdin, from a terminal or a pipe. Each non-empty line is one
-// user turn. Commands: /clear (forget the conversation), /exit or /quit (or end of input).
+// user turn. Commands: /clear (forget the conversation), /exit or /quit (or end of input),
+// /image PATH (attach an image to the next message; repeatable).
 // The "> " prompt is printed only when stdin is a terminal, so piped output holds just the
 // replies, one per line.
 #include <fmt/format.h>
@@ -37,7 +38,8 @@ int cmd_chat(int argc, char** argv) {
   ArgParser p("chat", "-m MODEL [options]",
               "Interactive chat with the Gemma 3 chat template. Reads one user message per line from\n"
               "stdin (a terminal or a pipe) and streams each reply to stdout. /clear forgets the\n"
-              "conversation; /exit, /quit or end of input quits. Ctrl-C stops the current reply;\n"
+              "conversation; /image PATH attaches an image to the next message (multimodal model or\n"
+              "--mmproj); /exit, /quit or end of input quits. Ctrl-C stops the current reply;\n"
               "a second Ctrl-C exits.");
   model_flags.add_to(p);
   sampling.add_to(p);
@@ -81,6 +83,7 @@ int cmd_chat(int argc, char** argv) {
     return std::nullopt;
   };
 
+  std::vector<std::string> images;  // /image paths for the next user message
   std::string line;
   while (true) {
     if (terminal) {
@@ -95,8 +98,14 @@ int cmd_chat(int argc, char** argv) {
     const std::string message = trim(line);
     if (message.empty()) continue;
     if (message == "/exit" || message == "/quit") break;
+    if (message.rfind("/image ", 0) == 0) {
+      images.push_back(trim(message.substr(7)));
+      if (terminal) std::fprintf(stderr, "(image %s goes with the next message)\n", images.back().c_str());
+      continue;
+    }
     if (message == "/clear") {
       session->clear();
+      images.clear();
       if (terminal) std::fprintf(stderr, "(conversation cleared)\n");
       continue;
     }
@@ -112,7 +121,8 @@ int cmd_chat(int argc, char** argv) {
     // The system message belongs to the first user turn of a conversation (the template
     // prepends it to that turn's text), so it is sent again after /clear.
     if (session->position() == 0 && !sampling.system.empty()) messages.push_back({"system", sampling.system});
-    messages.push_back({"user", message});
+    messages.push_back({"user", message, std::move(images)});
+    images.clear();
     if (Status s = session->feed_chat(messages); !s.ok()) {
       if (auto code = turn_error(s)) return *code;
       continue;
@@ -141,6 +151,9 @@ int cmd_chat(int argc, char** argv) {
       turn.prefill_seconds = after.prefill_seconds - before.prefill_seconds;
       turn.generated_tokens = after.generated_tokens - before.generated_tokens;
       turn.decode_seconds = after.decode_seconds - before.decode_seconds;
+      turn.images = after.images - before.images;
+      turn.images_encoded = after.images_encoded - before.images_encoded;
+      turn.image_encode_seconds = after.image_encode_seconds - before.image_encode_seconds;
       print_session_stats(turn);
       std::fprintf(stderr, "context: %d / %d tokens\n", session->position(), model->context_length());
     }

@@ -24,12 +24,16 @@ void print_stats(const char* what, int tokens, double seconds) {
 void print_session_stats(const Stats& s) {
   print_stats("prompt:", s.prompt_tokens, s.prefill_seconds);
   print_stats("generated:", s.generated_tokens, s.decode_seconds);
+  if (s.images > 0)
+    std::fprintf(stderr, "images:    %d (%d encoded) in %.3f s\n", s.images, s.images_encoded,
+                 s.image_encode_seconds);
 }
 
 int cmd_run(int argc, char** argv) {
   ModelFlags model_flags;
   SamplingFlags sampling;
   std::string prompt, file;
+  std::vector<std::string> images;
   bool raw = false;
 
   ArgParser p("run", "-m MODEL (-p PROMPT | -f FILE) [options]",
@@ -40,6 +44,9 @@ int cmd_run(int argc, char** argv) {
   p.add_option("-p,--prompt", "TEXT", &prompt, "prompt text (taken literally)");
   p.add_option("-f,--file", "FILE", &file, "read the prompt from FILE");
   p.add_flag("--raw", &raw, "no chat template: feed <bos> + the prompt as plain text");
+  p.add_list("--image", "PATH", &images,
+             "an image for the prompt (repeatable); placed at each \"<start_of_image>\" in the prompt,\n"
+             "or before the text. Needs a multimodal model or --mmproj");
   sampling.add_to(p);
 
   if (Status s = p.parse(argc, argv, 2); !s.ok()) return fail("run", kExitUsage, s.message());
@@ -74,11 +81,13 @@ int cmd_run(int argc, char** argv) {
 
   Status fed;
   if (raw) {
-    fed = session->feed_text(*text);
+    for (const std::string& image : images)  // images first, then the text
+      if (fed.ok()) fed = session->feed_image(image);
+    if (fed.ok()) fed = session->feed_text(*text);
   } else {
     std::vector<ChatMessage> messages;
     if (!sampling.system.empty()) messages.push_back({"system", sampling.system});
-    messages.push_back({"user", *text});
+    messages.push_back({"user", *text, images});
     fed = session->feed_chat(messages);
   }
   if (!fed.ok()) {
