@@ -56,9 +56,10 @@ if [[ -n "$missing" ]]; then echo "unresolved libraries:"; echo "$missing"; fi
 
 echo "== CUDA tests ($(elapsed) s)"
 # Includes attention over 100K-128K keys checked against the CPU reference (a few seconds of
-# host time each), device sampling, fp8 weight upload and the decode attention timing.
+# host time each), device sampling, fp8 weight upload, the decode attention timing, and the
+# vision ops (tests/test_cuda_vision_ops.cpp).
 test_log=$(mktemp)
-timeout 300 "$bin/gemma3_tests" --gtest_filter='BlockDecode*:CudaOps*' --gtest_color=no >"$test_log" 2>&1
+timeout 300 "$bin/gemma3_tests" --gtest_filter='BlockDecode*:CudaOps*:CudaVisionOps*' --gtest_color=no >"$test_log" 2>&1
 tests_rc=$?
 grep -v '^timing:' "$test_log" | tail -n 60
 echo "tests exit code: $tests_rc"
