@@ -16,6 +16,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <random>
 
 #include "backend/backend.h"
 #include "backend/cpu/cpu_backend.h"
@@ -371,6 +372,133 @@ TEST(Vision, Errors) {
     EXPECT_FALSE((*s)->feed_image(kDir + "/no-such.png").ok());
     EXPECT_EQ((*s)->position(), 0);
   }
+}
+
+}  // namespace
+}  // namespace gemma3
+
+namespace gemma3 {
+namespace {
+
+// The fast CPU attention against the reference with a bidirectional group, at awkward shapes:
+// the group at the start/middle/end of the chunk, windows smaller than / equal to / larger than
+// the group, ring slots that wrap, and a long context with few tokens (the split-key path).
+TEST(VisionAttention, FastMatchesReferenceWithBidirectionalGroups) {
+  auto ref = make_cpu_backend_named(2, "ref");
+  auto fast = make_cpu_backend_named(4, "auto");  // 4 threads: 2 tokens x 2 kv heads split their keys
+  ASSERT_TRUE(ref.ok() && fast.ok());
+  struct Case {
+    int pos0, n, bb, be, window, capacity;
+  };
+  const Case cases[] = {
+      {0, 64, 0, 64, 0, 64},       // the vision tower: everything bidirectional
+      {5, 20, 8, 24, 8, 32},       // group longer than the window, ring of W + n - 1 + some
+      {5, 20, 5, 9, 8, 27},        // group at the chunk start, ring exactly W + n - 1
+      {5, 20, 21, 25, 4, 23},      // group at the chunk end, window 4
+      {40, 17, 41, 57, 16, 40},    // window = group length, ring wraps
+      {40, 17, 41, 57, 17, 40},    // window = group + 1
+      {700, 2, 700, 702, 0, 800},  // few tokens, long context: split keys
+  };
+  std::mt19937 g(7);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  for (const Case& c : cases) {
+    ASSERT_LE(c.be, c.pos0 + c.n);
+    SCOPED_TRACE(::testing::Message() << "pos0 " << c.pos0 << " n " << c.n << " group " << c.bb << ".."
+                                      << c.be << " window " << c.window);
+    const int n_heads = 4, n_kv = 2, hd = 16, kvw = n_kv * hd;
+    const int total = c.pos0 + c.n;
+    std::vector<float> k(static_cast<size_t>(total) * kvw), v(k.size()),
+        q(static_cast<size_t>(c.n) * n_heads * hd);
+    for (float* a : {k.data(), v.data()})
+      for (size_t i = 0; i < k.size(); ++i) a[i] = d(g);
+    for (float& x : q) x = d(g);
+    AttentionParams p;
+    p.n_tokens = c.n;
+    p.pos0 = c.pos0;
+    p.n_heads = n_heads;
+    p.n_kv_heads = n_kv;
+    p.head_dim = hd;
+    p.scale = 0.25f;
+    p.window = c.window;
+    p.kv_start = 0;
+    p.bidir_begin = c.bb;
+    p.bidir_end = c.be;
+    std::vector<float> out[2];
+    int b = 0;
+    for (Backend* be : {ref->get(), fast->get()}) {
+      std::vector<float> kc(static_cast<size_t>(c.capacity) * kvw), vc(kc.size());
+      KvLayer layer{kc.data(), vc.data(), c.capacity, DType::kF32};
+      // Every position up to the chunk; older ones are overwritten in the ring as in a session.
+      be->kv_write(k.data(), v.data(), total, 0, kvw, layer);
+      out[b].assign(q.size(), 0.0f);
+      be->attention(q.data(), layer, p, out[b].data());
+      ++b;
+    }
+    float m = 0;
+    for (size_t i = 0; i < q.size(); ++i) m = std::max(m, std::fabs(out[0][i] - out[1][i]));
+    EXPECT_LE(m, 2e-6f);
+    // The group is really used: the first query of the group sees the group's later keys.
+    AttentionParams causal = p;
+    causal.bidir_begin = causal.bidir_end = 0;
+    std::vector<float> kc(static_cast<size_t>(c.capacity) * kvw), vc(kc.size()), plain(q.size());
+    KvLayer layer{kc.data(), vc.data(), c.capacity, DType::kF32};
+    (*ref)->kv_write(k.data(), v.data(), total, 0, kvw, layer);
+    (*ref)->attention(q.data(), layer, causal, plain.data());
+    const size_t first = static_cast<size_t>(c.bb - c.pos0) * n_heads * hd;
+    float changed = 0;
+    for (size_t i = first; i < first + n_heads * hd; ++i)
+      changed = std::max(changed, std::fabs(plain[i] - out[0][i]));
+    EXPECT_GT(changed, 1e-3f);
+  }
+}
+
+// A wide image with Pan & Scan: the original and two crops, each its own block, with HF's
+// connecting text; without Pan & Scan one block.
+TEST(Vision, PanAndScanAddsCrops) {
+  REQUIRE_GOLDENS();
+  // A 600 x 300 24-bit BMP (ratio 2: two 300 x 300 crops, both >= 256 px).
+  const int W = 600, Hh = 300, stride = W * 3;
+  std::vector<uint8_t> bmp(54 + static_cast<size_t>(stride) * Hh);
+  auto put32 = [&](size_t at, uint32_t x) {
+    for (int i = 0; i < 4; ++i) bmp[at + i] = static_cast<uint8_t>(x >> (8 * i));
+  };
+  bmp[0] = 'B';
+  bmp[1] = 'M';
+  put32(2, static_cast<uint32_t>(bmp.size()));
+  put32(10, 54);
+  put32(14, 40);
+  put32(18, W);
+  put32(22, Hh);
+  bmp[26] = 1;
+  bmp[28] = 24;
+  put32(34, static_cast<uint32_t>(stride * Hh));
+  for (size_t i = 54; i < bmp.size(); ++i) bmp[i] = static_cast<uint8_t>((i * 131) >> 3);
+  const std::string path = testing::TempDir() + "/vision_wide.bmp";
+  {
+    std::ofstream f(path, std::ios::binary);
+    f.write(reinterpret_cast<const char*>(bmp.data()), static_cast<std::streamsize>(bmp.size()));
+  }
+  for (bool pan : {false, true}) {
+    LoadOptions o;
+    o.backend = BackendKind::kCpu;
+    o.context = 512;
+    o.prefill_chunk = 64;
+    o.pan_and_scan = pan;
+    auto m = Model::load(kDir, o);
+    ASSERT_TRUE(m.ok()) << m.status().to_string();
+    auto s = (*m)->new_session();
+    ASSERT_TRUE(s.ok());
+    Status st = (*s)->feed_image(path);
+    ASSERT_TRUE(st.ok()) << st.to_string();
+    EXPECT_EQ((*s)->stats().images, pan ? 3 : 1);
+    EXPECT_EQ((*s)->stats().images_encoded, pan ? 3 : 1);
+    const int block = 16 + 2 + 2 * 2;  // N + boi/eoi + two "\n\n" (two byte tokens each here)
+    if (!pan)
+      EXPECT_EQ((*s)->position(), 1 + block);
+    else
+      EXPECT_GT((*s)->position(), 1 + 3 * block);  // plus "Here is the original image" ...
+  }
+  std::filesystem::remove(path);
 }
 
 }  // namespace
