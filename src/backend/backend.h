@@ -131,8 +131,8 @@ class Backend {
   // ---- vision tower ops (SigLIP + the Gemma 3 projector) ----
   // Standard LayerNorm over rows of dim: out = (x - mean) / sqrt(var + eps) * w + b, biased
   // variance, fp32 (torch.nn.LayerNorm). w, b: [dim]. In place allowed.
-  virtual void layernorm(const float* x, const BackendWeight& w, const BackendWeight& b, int64_t rows, int dim,
-                         float eps, float* out) = 0;
+  virtual void layernorm(const float* x, const BackendWeight& w, const BackendWeight& b, int64_t rows,
+                         int dim, float eps, float* out) = 0;
   // out[r, :] = x[r, :] + b for r < rows; b: [dim] (b.cols). In place allowed.
   virtual void add_bias(const float* x, const BackendWeight& b, int64_t rows, float* out) = 0;
   // out = gelu_tanh(x) (gelu_pytorch_tanh), elementwise over n values. In place allowed.

@@ -71,7 +71,9 @@ class SessionImpl final : public Session {
   Status load_state(const std::string& path) override;
 
  private:
-  Status run(const std::vector<int32_t>& ids, bool keep_all) { return run_pieces({Piece{ids, nullptr}}, keep_all); }
+  Status run(const std::vector<int32_t>& ids, bool keep_all) {
+    return run_pieces({Piece{ids, nullptr}}, keep_all);
+  }
   // Prefills pieces in order: text in chunks, each image block as one chunk. With keep_all,
   // all_logits_ holds every position of all pieces.
   Status run_pieces(const std::vector<Piece>& pieces, bool keep_all);
@@ -241,7 +243,8 @@ Status SessionImpl::run_pieces(const std::vector<Piece>& pieces, bool keep_all) 
     for (; i < pieces.size() && !pieces[i].embeddings; ++i)
       text.insert(text.end(), pieces[i].ids.begin(), pieces[i].ids.end());
     for (size_t off = 0; off < text.size(); off += chunk)
-      GEMMA3_TRY(step(text.data() + off, static_cast<int>(std::min<size_t>(chunk, text.size() - off)), nullptr));
+      GEMMA3_TRY(
+          step(text.data() + off, static_cast<int>(std::min<size_t>(chunk, text.size() - off)), nullptr));
   }
   if (keep_all) std::copy(all_logits_.end() - V, all_logits_.end(), last_logits_.begin());
   return ok_status();
@@ -264,13 +267,15 @@ Status SessionImpl::check_vision() const {
   return ok_status();
 }
 
-Result<std::shared_ptr<const std::vector<float>>> SessionImpl::encode_pixels(const std::vector<float>& pixels) {
+Result<std::shared_ptr<const std::vector<float>>> SessionImpl::encode_pixels(
+    const std::vector<float>& pixels) {
   VisionEncoder& enc = *model_->vision;
   const int S = enc.image_size();
   if (pixels.size() != static_cast<size_t>(3) * S * S)
-    return invalid_argument(fmt::format("image pixels: got {} floats, expected 3 x {} x {} = {}", pixels.size(), S,
-                                        S, 3 * S * S));
-  auto out = std::make_shared<std::vector<float>>(static_cast<size_t>(enc.tokens_per_image()) * enc.text_hidden());
+    return invalid_argument(fmt::format("image pixels: got {} floats, expected 3 x {} x {} = {}",
+                                        pixels.size(), S, S, 3 * S * S));
+  auto out =
+      std::make_shared<std::vector<float>>(static_cast<size_t>(enc.tokens_per_image()) * enc.text_hidden());
   const auto t0 = Clock::now();
   {
     std::lock_guard<std::mutex> lock(model_->vision_mutex);
@@ -297,7 +302,8 @@ Result<std::shared_ptr<const EncodedImage>> SessionImpl::encode_file(const std::
   if (!in.read(bytes.data(), static_cast<std::streamsize>(size)))
     return not_found(fmt::format("image {}: cannot read the file", path));
   const bool pan_scan = model_->options.pan_and_scan;
-  const std::string key = fmt::format("file:{:016x}:{}:{}", std::hash<std::string_view>{}(bytes), size, pan_scan);
+  const std::string key =
+      fmt::format("file:{:016x}:{}:{}", std::hash<std::string_view>{}(bytes), size, pan_scan);
   if (auto it = image_cache_.find(key); it != image_cache_.end()) return it->second;
 
   const std::span<const uint8_t> span(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size());
@@ -329,8 +335,8 @@ Result<std::vector<Piece>> SessionImpl::image_pieces(const EncodedImage& image) 
   const int32_t boi = tok.find("<start_of_image>").value_or(c.boi_id);
   const int32_t eoi = tok.find("<end_of_image>").value_or(c.eoi_id);
   if (boi < 0 || boi >= c.vocab_size || eoi < 0 || eoi >= c.vocab_size)
-    return unsupported(fmt::format("the vocabulary has no <start_of_image>/<end_of_image> tokens (ids {}, {})",
-                                   boi, eoi));
+    return unsupported(
+        fmt::format("the vocabulary has no <start_of_image>/<end_of_image> tokens (ids {}, {})", boi, eoi));
   GEMMA3_ASSIGN_OR_RETURN(std::vector<int32_t> nl, tok.encode("\n\n"));
   std::vector<Piece> pieces;
   for (const vision::PromptPiece& lp : image.layout) {
@@ -423,7 +429,8 @@ Status SessionImpl::feed_chat(const std::vector<ChatMessage>& messages) {
     if (m.images.empty()) continue;
     GEMMA3_TRY(check_vision());
     if (m.role != "user")
-      return invalid_argument(fmt::format("chat message {} ({}) has images; only user messages can", i, m.role));
+      return invalid_argument(
+          fmt::format("chat message {} ({}) has images; only user messages can", i, m.role));
     if (m.content.find(kSentinel) != std::string::npos)
       return invalid_argument(fmt::format("chat message {} contains U+FDD0, which marks image positions", i));
     size_t markers = 0;
@@ -434,8 +441,8 @@ Status SessionImpl::feed_chat(const std::vector<ChatMessage>& messages) {
       for (size_t k = 0; k < m.images.size(); ++k) prefix += kSentinel;
       m.content = prefix + m.content;
     } else if (markers != m.images.size()) {
-      return invalid_argument(fmt::format("chat message {} has {} \"<start_of_image>\" markers but {} images", i,
-                                          markers, m.images.size()));
+      return invalid_argument(fmt::format("chat message {} has {} \"<start_of_image>\" markers but {} images",
+                                          i, markers, m.images.size()));
     } else {
       for (size_t at = m.content.find(kMarker); at != std::string::npos; at = m.content.find(kMarker, at))
         m.content.replace(at, kMarker.size(), kSentinel);

@@ -253,7 +253,8 @@ void ModelFlags::add_to(ArgParser& p, bool with_context) {
                "KV cache element type; q8_0 and fp8 halve it (default: bf16)");
   p.add_option("--chunk", "N", &chunk, "tokens per prefill step (default: 256)");
   p.add_flag("-v,--verbose", &verbose, "print model details and per-step information to stderr");
-  p.add_option("--mmproj", "FILE", &mmproj, "vision tower + projector GGUF (llama.cpp mmproj) for a text GGUF");
+  p.add_option("--mmproj", "FILE", &mmproj,
+               "vision tower + projector GGUF (llama.cpp mmproj) for a text GGUF");
   p.add_flag("--pan-and-scan", &pan_and_scan,
              "images: also encode Pan & Scan crops of wide/tall images (as HF's do_pan_and_scan)");
 }

@@ -338,15 +338,15 @@ class CudaBackend final : public Backend {
   const float* vector_of(const BackendWeight& wt, int64_t dim, const char* op) {
     const CudaWeight& w = as_cuda(wt);
     if (!w.vec || w.cols != dim) {
-      fail(invalid_argument(
-          fmt::format("{}: weight {} is [{}, {}], expected a vector of {}", op, w.name, w.rows, w.cols, dim)));
+      fail(invalid_argument(fmt::format("{}: weight {} is [{}, {}], expected a vector of {}", op, w.name,
+                                        w.rows, w.cols, dim)));
       return nullptr;
     }
     return w.vec;
   }
 
-  void layernorm(const float* x, const BackendWeight& w, const BackendWeight& b, int64_t rows, int dim, float eps,
-                 float* out) override {
+  void layernorm(const float* x, const BackendWeight& w, const BackendWeight& b, int64_t rows, int dim,
+                 float eps, float* out) override {
     if (!error_.ok() || rows <= 0) return;
     const float* wv = vector_of(w, dim, "layernorm");
     const float* bv = wv ? vector_of(b, dim, "layernorm") : nullptr;
