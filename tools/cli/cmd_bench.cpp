@@ -2,7 +2,10 @@
 // llama-bench measures them so the two can be put side by side (tools/bench/compare-llamacpp.sh):
 //
 //  * ppN: a fresh context (after -d DEPTH untimed tokens), N random token ids fed as one
-//    prompt; tokens/s = N / time.
+//    prompt; tokens/s = N / time. -d takes a list (-d 0,8192,32768): every test runs at each
+//    depth. The DEPTH tokens are prefilled once per depth and the session state is saved, then
+//    restored before each run (Session::save_state/load_state), as llama-bench keeps the depth
+//    prefix and only drops what a test added.
 //  * tgN: a fresh context (after DEPTH), N tokens fed one at a time, each computing the logits
 //    of its position (as llama-bench's test_gen does); tokens/s = N / time.
 //  * one untimed warm-up run of each test, then -r repetitions: mean and sample stddev of the
@@ -13,6 +16,7 @@
 // On the CPU the bench measures a memory roofline itself: a multi-threaded memcpy of buffers
 // far larger than the caches (bytes read + bytes written per second).
 #include <fmt/format.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -77,6 +81,7 @@ double memcpy_roofline(int threads) {
 struct Result_ {
   std::string test;
   int n = 0;
+  int depth = 0;
   std::vector<double> tps;
 };
 
@@ -85,8 +90,8 @@ struct Result_ {
 int cmd_bench(int argc, char** argv) {
   ModelFlags model_flags;
   model_flags.chunk = 512;  // llama-bench's default ubatch: pp512 is one step
-  int n_prompt = 512, n_gen = 128, depth = 0, reps = 5;
-  std::string output = "md";
+  int n_prompt = 512, n_gen = 128, reps = 5;
+  std::string output = "md", depth_list = "0";
   ArgParser p("bench", "-m MODEL [-p 512] [-n 128] [-d DEPTH] [-r 5] [-t N] [-o md|json]",
               "Prompt processing (ppN) and generation (tgN) speed, measured like llama-bench: random\n"
               "tokens, one warm-up run, then -r repetitions; tokens/s as mean +/- stddev. For tg also\n"
@@ -95,7 +100,8 @@ int cmd_bench(int argc, char** argv) {
   model_flags.add_to(p);
   p.add_option("-p,--n-prompt", "N", &n_prompt, "prompt tokens of the pp test; 0 skips it (default: 512)");
   p.add_option("-n,--n-gen", "N", &n_gen, "generated tokens of the tg test; 0 skips it (default: 128)");
-  p.add_option("-d,--depth", "N", &depth, "tokens already in the context before each test (default: 0)");
+  p.add_option("-d,--depth", "N[,N...]", &depth_list,
+               "tokens already in the context before each test; a list runs each depth (default: 0)");
   p.add_option("-r,--repetitions", "N", &reps, "timed repetitions of each test (default: 5)");
   p.add_choice("-o,--output", {"md", "json"}, &output, "report format (default: md)");
   bool image = false;
@@ -107,9 +113,20 @@ int cmd_bench(int argc, char** argv) {
     return kExitOk;
   }
   if (Status s = model_flags.check(); !s.ok()) return fail("bench", kExitUsage, s.message());
-  if (n_prompt < 0 || n_gen < 0 || depth < 0 || reps < 1)
-    return fail("bench", kExitUsage, "-p, -n and -d must be >= 0 and -r >= 1");
-  if (model_flags.context == 0) model_flags.context = depth + std::max(n_prompt, n_gen) + 1;
+  std::vector<int> depths;
+  for (size_t b = 0; b <= depth_list.size();) {
+    const size_t e = std::min(depth_list.find(',', b), depth_list.size());
+    const auto d = parse_int(std::string_view(depth_list).substr(b, e - b));
+    if (!d || *d < 0 || *d > (1 << 30))
+      return fail("bench", kExitUsage,
+                  fmt::format("-d expects numbers >= 0 separated by commas, got '{}'", depth_list));
+    depths.push_back(static_cast<int>(*d));
+    b = e + 1;
+  }
+  if (n_prompt < 0 || n_gen < 0 || reps < 1)
+    return fail("bench", kExitUsage, "-p and -n must be >= 0 and -r >= 1");
+  const int max_depth = *std::max_element(depths.begin(), depths.end());
+  if (model_flags.context == 0) model_flags.context = max_depth + std::max(n_prompt, n_gen) + 1;
   if (image && !p.given("--ctx")) model_flags.context = std::max(model_flags.context, 1024);  // N + 6 ids
 
   uint64_t weight_bytes = 0;
@@ -138,39 +155,50 @@ int cmd_bench(int argc, char** argv) {
     for (int32_t& x : v) x = tok(rng);
     return v;
   };
-  // Context with DEPTH tokens (untimed).
+  // Context with `depth` tokens (untimed): prefilled once per depth, then restored from a
+  // saved state.
+  int depth = 0, state_depth = -1;
+  const std::string state_file = fmt::format("/tmp/gemma3-bench-{}.state", ::getpid());
   auto reset = [&]() -> Status {
     s.clear();
-    if (depth > 0) return s.feed_tokens(random_tokens(depth));
+    if (depth == 0) return ok_status();
+    if (state_depth == depth) return s.load_state(state_file);
+    GEMMA3_TRY(s.feed_tokens(random_tokens(depth)));
+    GEMMA3_TRY(s.save_state(state_file));
+    state_depth = depth;
     return ok_status();
   };
 
   std::vector<Result_> results;
-  if (n_prompt > 0) {
-    Result_ r{fmt::format("pp{}", n_prompt), n_prompt, {}};
-    for (int rep = -1; rep < reps; ++rep) {  // rep -1: warm-up
-      if (Status st = reset(); !st.ok()) return fail("bench", st);
-      const auto ids = random_tokens(n_prompt);
-      const double t0 = now_seconds();
-      if (Status st = s.feed_tokens(ids); !st.ok()) return fail("bench", st);
-      const double dt = now_seconds() - t0;
-      if (rep >= 0) r.tps.push_back(n_prompt / dt);
+  for (const int d : depths) {
+    depth = d;
+    if (n_prompt > 0) {
+      Result_ r{fmt::format("pp{}", n_prompt), n_prompt, depth, {}};
+      for (int rep = -1; rep < reps; ++rep) {  // rep -1: warm-up
+        if (Status st = reset(); !st.ok()) return fail("bench", st);
+        const auto ids = random_tokens(n_prompt);
+        const double t0 = now_seconds();
+        if (Status st = s.feed_tokens(ids); !st.ok()) return fail("bench", st);
+        const double dt = now_seconds() - t0;
+        if (rep >= 0) r.tps.push_back(n_prompt / dt);
+      }
+      results.push_back(std::move(r));
     }
-    results.push_back(std::move(r));
-  }
-  if (n_gen > 0) {
-    Result_ r{fmt::format("tg{}", n_gen), n_gen, {}};
-    for (int rep = -1; rep < reps; ++rep) {
-      if (Status st = reset(); !st.ok()) return fail("bench", st);
-      const auto ids = random_tokens(n_gen);
-      const double t0 = now_seconds();
-      for (int i = 0; i < n_gen; ++i)
-        if (Status st = s.feed_tokens({ids[i]}); !st.ok()) return fail("bench", st);
-      const double dt = now_seconds() - t0;
-      if (rep >= 0) r.tps.push_back(n_gen / dt);
+    if (n_gen > 0) {
+      Result_ r{fmt::format("tg{}", n_gen), n_gen, depth, {}};
+      for (int rep = -1; rep < reps; ++rep) {
+        if (Status st = reset(); !st.ok()) return fail("bench", st);
+        const auto ids = random_tokens(n_gen);
+        const double t0 = now_seconds();
+        for (int i = 0; i < n_gen; ++i)
+          if (Status st = s.feed_tokens({ids[i]}); !st.ok()) return fail("bench", st);
+        const double dt = now_seconds() - t0;
+        if (rep >= 0) r.tps.push_back(n_gen / dt);
+      }
+      results.push_back(std::move(r));
     }
-    results.push_back(std::move(r));
   }
+  if (state_depth >= 0) std::remove(state_file.c_str());
 
   // Image encoding: fresh random pixels each time (so the session's image cache never hits);
   // the seconds are the session's image_encode_seconds (tower + projector, no prefill).
@@ -205,7 +233,7 @@ int cmd_bench(int argc, char** argv) {
       nlohmann::json j = {
           {"model", model_flags.model}, {"size_label", size_label}, {"weight_bytes", weight_bytes},
           {"backend", backend},         {"threads", threads},       {"test", r.test},
-          {"n_depth", depth},           {"samples_ts", r.tps},      {"avg_ts", sp.mean},
+          {"n_depth", r.depth},         {"samples_ts", r.tps},      {"avg_ts", sp.mean},
           {"stddev_ts", sp.stddev}};
       if (r.test.rfind("tg", 0) == 0) {
         j["bytes_per_token"] = weight_bytes;
@@ -234,7 +262,7 @@ int cmd_bench(int argc, char** argv) {
   for (const Result_& r : results) {
     const Spread sp = spread(r.tps);
     const bool tg = r.test.rfind("tg", 0) == 0;
-    const std::string test = depth > 0 ? fmt::format("{} @ d{}", r.test, depth) : r.test;
+    const std::string test = r.depth > 0 ? fmt::format("{} @ d{}", r.test, r.depth) : r.test;
     std::printf("| gemma3 %s | %s | %s | %d | %s | %.2f ± %.2f | %s | %s |\n", size_label.c_str(),
                 human_bytes(weight_bytes).c_str(), backend.c_str(), threads, test.c_str(), sp.mean, sp.stddev,
                 tg ? human_bytes(weight_bytes).c_str() : "",

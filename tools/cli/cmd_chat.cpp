@@ -43,6 +43,10 @@ int cmd_chat(int argc, char** argv) {
               "a second Ctrl-C exits.");
   model_flags.add_to(p);
   sampling.add_to(p);
+  std::string overflow = "error";
+  p.add_choice("--context-overflow", {"error", "truncate"}, &overflow,
+               "when the conversation outgrows --ctx: error (default), or truncate: drop the oldest\n"
+               "turns (the system message stays) and prefill the rest again");
   if (Status s = p.parse(argc, argv, 2); !s.ok()) return fail("chat", kExitUsage, s.message());
   if (p.help_requested()) {
     std::fputs(p.help_text().c_str(), stdout);
@@ -83,6 +87,13 @@ int cmd_chat(int argc, char** argv) {
     return std::nullopt;
   };
 
+  // The conversation so far (truncate mode re-renders it after dropping old turns). The reply
+  // tokens reserved when fitting it: -n, or a quarter of the context for open-ended replies.
+  const bool truncate = overflow == "truncate";
+  std::vector<ChatMessage> history;
+  const int reserve = sampling.n_predict > 0 ? std::min(sampling.n_predict, model->context_length() / 2)
+                                             : model->context_length() / 4;
+
   std::vector<std::string> images;  // /image paths for the next user message
   std::string line;
   while (true) {
@@ -105,6 +116,7 @@ int cmd_chat(int argc, char** argv) {
     }
     if (message == "/clear") {
       session->clear();
+      history.clear();
       images.clear();
       if (terminal) std::fprintf(stderr, "(conversation cleared)\n");
       continue;
@@ -116,24 +128,39 @@ int cmd_chat(int argc, char** argv) {
       continue;
     }
 
-    const Stats before = session->stats();  // cumulative since the session was (re)started
+    Stats before = session->stats();  // cumulative since the session was (re)started
     std::vector<ChatMessage> messages;
     // The system message belongs to the first user turn of a conversation (the template
     // prepends it to that turn's text), so it is sent again after /clear.
     if (session->position() == 0 && !sampling.system.empty()) messages.push_back({"system", sampling.system});
     messages.push_back({"user", message, std::move(images)});
     images.clear();
-    if (Status s = session->feed_chat(messages); !s.ok()) {
-      if (auto code = turn_error(s)) return *code;
+    if (history.empty()) history = messages;
+    else history.push_back(messages.back());
+    Status fed = session->feed_chat(messages);
+    if (truncate && (fed.code() == ErrorCode::kOutOfRange ||
+                     (fed.ok() && model->context_length() - session->position() < reserve))) {
+      auto dropped = session->feed_chat_truncating(history, reserve);
+      fed = dropped.status();
+      before = {};  // the session was cleared and refilled: this turn's stats start at 0
+      if (dropped.ok() && (terminal || model_flags.verbose))
+        std::fprintf(stderr, "(context full: dropped the %d oldest messages)\n", *dropped);
+    }
+    if (!fed.ok()) {
+      history.clear();
+      if (auto code = turn_error(fed)) return *code;
       continue;
     }
 
     const GenerateOptions options = sampling.generate_options(&interrupt_flag());
-    Status gen = session->generate(options, [](const TokenEvent& e) {
+    std::string reply;
+    Status gen = session->generate(options, [&reply](const TokenEvent& e) {
+      reply += e.text;
       std::fwrite(e.text.data(), 1, e.text.size(), stdout);
       std::fflush(stdout);
       return true;
     });
+    history.push_back({"model", reply});
     std::fputc('\n', stdout);
     std::fflush(stdout);
     if (interrupt_flag().load() || gen.code() == ErrorCode::kCancelled) {
@@ -141,6 +168,7 @@ int cmd_chat(int argc, char** argv) {
       continue;
     }
     if (!gen.ok()) {
+      history.clear();
       if (auto code = turn_error(gen)) return *code;
       continue;
     }

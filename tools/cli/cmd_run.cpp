@@ -8,6 +8,7 @@
 
 #include "cli_common.h"
 #include "commands.h"
+#include "model/chat_template.h"
 
 namespace gemma3::cli {
 
@@ -17,6 +18,34 @@ namespace {
 void print_stats(const char* what, int tokens, double seconds) {
   const double rate = seconds > 0 ? tokens / seconds : 0.0;
   std::fprintf(stderr, "%-10s %d tokens in %.3f s (%.1f tok/s)\n", what, tokens, seconds, rate);
+}
+
+// --prompt-cache: feeds the prompt's ids, restoring a saved state first when its tokens are a
+// prefix of them (then only the rest is prefilled), and saves the state after the prompt.
+Status feed_with_prompt_cache(Session& session, const std::string& cache_file,
+                              const std::vector<int32_t>& ids) {
+  size_t reused = 0;
+  if (std::FILE* f = std::fopen(cache_file.c_str(), "rb")) {
+    std::fclose(f);
+    const Status st = session.load_state(cache_file);
+    const auto& saved = session.tokens();
+    if (st.ok() && saved.size() <= ids.size() && std::equal(saved.begin(), saved.end(), ids.begin())) {
+      reused = saved.size();
+    } else {
+      std::fprintf(stderr, "prompt cache: not reused (%s)\n",
+                   st.ok() ? "its tokens are not a prefix of this prompt" : st.to_string().c_str());
+      session.clear();
+    }
+  }
+  if (reused == ids.size() && reused > 0) {
+    std::fprintf(stderr, "prompt cache: all %zu prompt tokens restored from %s\n", reused, cache_file.c_str());
+    return ok_status();
+  }
+  if (reused > 0)
+    std::fprintf(stderr, "prompt cache: %zu of %zu prompt tokens restored from %s\n", reused, ids.size(),
+                 cache_file.c_str());
+  GEMMA3_TRY(session.feed_tokens(std::vector<int32_t>(ids.begin() + static_cast<std::ptrdiff_t>(reused), ids.end())));
+  return session.save_state(cache_file);
 }
 
 }  // namespace
@@ -35,6 +64,7 @@ int cmd_run(int argc, char** argv) {
   std::string prompt, file;
   std::vector<std::string> images;
   bool raw = false;
+  std::string prompt_cache;
 
   ArgParser p("run", "-m MODEL (-p PROMPT | -f FILE) [options]",
               "Generates a reply to one prompt and streams it to stdout. The prompt is wrapped in the\n"
@@ -44,6 +74,9 @@ int cmd_run(int argc, char** argv) {
   p.add_option("-p,--prompt", "TEXT", &prompt, "prompt text (taken literally)");
   p.add_option("-f,--file", "FILE", &file, "read the prompt from FILE");
   p.add_flag("--raw", &raw, "no chat template: feed <bos> + the prompt as plain text");
+  p.add_option("--prompt-cache", "FILE", &prompt_cache,
+               "reuse the prefilled prompt saved in FILE when it is a prefix of this prompt (same\n"
+               "model, --ctx, --kv-type, --chunk), prefill only the rest, and save the state to FILE");
   p.add_list("--image", "PATH", &images,
              "an image for the prompt (repeatable); placed at each \"<start_of_image>\" in the prompt,\n"
              "or before the text. Needs a multimodal model or --mmproj");
@@ -56,6 +89,8 @@ int cmd_run(int argc, char** argv) {
   }
   if (Status s = model_flags.check(); !s.ok()) return fail("run", kExitUsage, s.message());
   if (Status s = sampling.check(p); !s.ok()) return fail("run", kExitUsage, s.message());
+  if (!prompt_cache.empty() && p.given("--image"))
+    return fail("run", kExitUsage, "--prompt-cache is for text prompts; drop --image");
   if (raw && p.given("--system"))
     return fail("run", kExitUsage, "--system needs the chat template; drop --raw");
   if (prompt.empty() && file.empty() && !p.given("-p") && !p.given("--prompt"))
@@ -80,7 +115,20 @@ int cmd_run(int argc, char** argv) {
   std::unique_ptr<Session> session = std::move(session_or).value();
 
   Status fed;
-  if (raw) {
+  if (!prompt_cache.empty()) {
+    // The prompt's ids exactly as feed_text / feed_chat would make them.
+    Result<std::vector<int32_t>> ids = std::vector<int32_t>{};
+    if (raw) {
+      ids = model->tokenizer().encode(*text);
+      if (ids.ok()) ids->insert(ids->begin(), model->tokenizer().bos_id());
+    } else {
+      std::vector<ChatMessage> messages;
+      if (!sampling.system.empty()) messages.push_back({"system", sampling.system});
+      messages.push_back({"user", *text});
+      ids = render_chat(model->tokenizer(), messages, /*add_bos=*/true, /*add_generation_prompt=*/true);
+    }
+    fed = ids.ok() ? feed_with_prompt_cache(*session, prompt_cache, *ids) : ids.status();
+  } else if (raw) {
     for (const std::string& image : images)  // images first, then the text
       if (fed.ok()) fed = session->feed_image(image);
     if (fed.ok()) fed = session->feed_text(*text);
