@@ -612,5 +612,28 @@ TEST(PromptCache, MismatchedSettingsAndDamagedFilesAreRejected) {
   EXPECT_EQ(s->position(), 0);
 }
 
+// `gemma3 run --prompt-cache`: the second run restores the saved prompt and prefills only what
+// the longer prompt adds, and generates what a run without the cache generates.
+TEST(PromptCache, RunReusesASavedPrefix) {
+  const fs::path cache = temp_dir() / "run.state", out = temp_dir() / "run.out", err = temp_dir() / "run.err";
+  std::filesystem::remove(cache);
+  auto run = [&](const std::string& prompt, bool with_cache) {
+    std::string cmd = std::string("'") + GEMMA3_CLI_PATH + "' run -m '" + kData +
+                      "/tiny' --raw --ctx 64 --chunk 4 --temp 0 -n 6 -p '" + prompt + "'";
+    if (with_cache) cmd += " --prompt-cache '" + cache.string() + "'";
+    cmd += " > '" + out.string() + "' 2> '" + err.string() + "'";
+    EXPECT_EQ(std::system(cmd.c_str()), 0) << cmd;
+    std::ifstream o(out), e(err);
+    std::string so((std::istreambuf_iterator<char>(o)), {}), se((std::istreambuf_iterator<char>(e)), {});
+    return std::pair{so, se};
+  };
+  run("the quick brown fox", true);
+  ASSERT_TRUE(fs::exists(cache));
+  const auto [cached_out, cached_err] = run("the quick brown fox jumps over", true);
+  EXPECT_NE(cached_err.find("prompt tokens restored"), std::string::npos) << cached_err;
+  const auto [plain_out, plain_err] = run("the quick brown fox jumps over", false);
+  EXPECT_EQ(cached_out, plain_out);
+}
+
 }  // namespace
 }  // namespace gemma3
