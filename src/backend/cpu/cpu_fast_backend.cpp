@@ -1,11 +1,12 @@
 // The fast CPU backend: same ops and semantics as the reference backend (cpu_backend.cpp),
 // built from the kernel table of cpu_kernels.h.
 //
-//  * matmul: activations are quantized once per call to int8 blocks (BlockQ16A) when the
-//    weight is quantized; weights are read in place from the mapped file (no repacking, so
+//  * matmul, all in fp32 (activations are never quantized; the result is the reference's up to
+//    summation order). Weights are read in place from the mapped file (no repacked copy, so
 //    resident memory stays the file plus the KV cache plus the scratch below). Work is split
-//    over output rows; each row is decoded once per tile of up to kMaxTile tokens, and tokens
-//    are walked in blocks of kTokenBlock so their activations stay in L2.
+//    over output rows. Under kGemmMinTokens tokens (decode), each row is decoded in registers
+//    once per tile of up to kMaxTile tokens; from kGemmMinTokens on (prefill), panels of
+//    kGemmPanel rows are dequantized to fp32 and multiplied by an fp32 GEMM kernel.
 //  * attention: one task per (token, kv head, key split) handles every query head of the GQA
 //    group, so each cached key/value row is read once per group, not once per head. Only the
 //    keys a query sees are visited (window and ring: slot = position % capacity). In decode the
@@ -13,8 +14,8 @@
 //  * rope: the cos/sin of a chunk's positions are computed once per (theta, scale) and reused
 //    by every layer.
 //
-// Scratch owned by the backend (grown on demand, never shrunk): quantized activations
-// (chunk x cols / 32 x 40 bytes), attention partials and score rows, the rope tables.
+// Scratch owned by the backend (grown on demand, never shrunk): per thread 2 x kGemmPanel x cols
+// fp32 GEMM panels (256 KiB at cols 2048), attention partials and score rows, the rope tables.
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -34,11 +35,14 @@
 namespace gemma3 {
 namespace {
 
-using cpu::BlockQ16A;
 using cpu::KernelSet;
+using cpu::kGemmPanel;
 using cpu::kMaxTile;
 
 constexpr int kTokenBlock = 64;  // tokens whose activations are walked together per row
+// From this many tokens on, matmul dequantizes weight panels and runs the fp32 GEMM (prefill);
+// below, the dot kernels (decode), which decode each weight block once in registers.
+constexpr int kGemmMinTokens = 16;
 
 class FastWeight final : public HostWeight {
  public:
@@ -105,30 +109,12 @@ class FastCpuBackend final : public HostBackend {
     const int64_t k = w.cols, m = w.rows;
     const int di = static_cast<int>(w.dtype);
     cpu::DotFn fn = k_.dot[di];
-    bool q16 = k_.q16_acts[di];
-    if (!fn && w.view.row_scale.empty()) {
-      fn = cpu::portable_kernels().dot[di];
-      q16 = false;
-    }
-    if (!fn || (q16 && k % 32 != 0)) return matmul_generic(x, n, w, out);
+    if (!fn && w.view.row_scale.empty()) fn = cpu::portable_kernels().dot[di];
+    if (n >= kGemmMinTokens && k_.gemm_f32) return matmul_gemm(x, n, w, out);
+    if (!fn) return matmul_generic(x, n, w, out);
 
-    // Activation rows as the kernel wants them: [n][k/32] BlockQ16A, or the fp32 rows as given.
     acts_.resize(n);
-    if (q16) {
-      const int64_t nb = k / 32;
-      q16_.resize(static_cast<size_t>(n) * nb);
-      BlockQ16A* q = q16_.data();
-      auto quant = [&](int64_t b, int64_t e, int) {
-        for (int64_t t = b; t < e; ++t) k_.quantize_q16a(x + t * k, k, q + t * nb);
-      };
-      if (n >= 8)
-        pool_.run_ranges(n, 4, quant);
-      else
-        quant(0, n, 0);
-      for (int t = 0; t < n; ++t) acts_[t] = q + t * nb;
-    } else {
-      for (int t = 0; t < n; ++t) acts_[t] = x + static_cast<int64_t>(t) * k;
-    }
+    for (int t = 0; t < n; ++t) acts_[t] = x + static_cast<int64_t>(t) * k;
 
     // Row chunks: enough tasks for load balance between threads, big enough to amortize the
     // atomic claim (decode) and to reuse a row chunk across token blocks (prefill).
@@ -223,6 +209,39 @@ class FastCpuBackend final : public HostBackend {
     return t;
   }
 
+  // Prefill: each task dequantizes a panel of kGemmPanel weight rows to fp32 (per-thread
+  // buffer: [kGemmPanel][k] rows, then the kernel's packed copy of them; <= 256 KiB at k = 2048) and multiplies it with all n
+  // tokens in the kernel's register tiles. The dequantization is amortized over the n tokens,
+  // and the fp32 products add no activation rounding (the result is the reference's up to
+  // summation order).
+  void matmul_gemm(const float* x, int n, const FastWeight& w, float* out) {
+    const int64_t k = w.cols, m = w.rows;
+    const int di = static_cast<int>(w.dtype);
+    const bool f32 = w.dtype == DType::kF32 && w.view.row_scale.empty() && w.row_stride % 4 == 0;
+    auto deq = w.view.row_scale.empty() ? k_.dequant[di] : nullptr;
+    if (static_cast<int>(gemm_buf_.size()) < pool_.size()) gemm_buf_.resize(pool_.size());
+    pool_.run_ranges(m, kGemmPanel, [&](int64_t r0, int64_t r1, int th) {
+      const int nr = static_cast<int>(r1 - r0);
+      std::vector<float>& buf = gemm_buf_[th];
+      if (static_cast<int64_t>(buf.size()) < 2 * kGemmPanel * k) buf.resize(2 * kGemmPanel * k);
+      const float* panel;
+      int64_t ld = k;
+      if (f32) {  // F32 rows are used in place
+        panel = reinterpret_cast<const float*>(w.row_ptr(r0));
+        ld = static_cast<int64_t>(w.row_stride / 4);
+      } else {
+        for (int i = 0; i < nr; ++i) {
+          if (deq)
+            deq(w.row_ptr(r0 + i), k, buf.data() + i * k);
+          else
+            w.row(r0 + i, buf.data() + i * k);
+        }
+        panel = buf.data();
+      }
+      k_.gemm_f32(panel, ld, nr, x, k, n, k, out + r0, m, buf.data() + kGemmPanel * k);
+    });
+  }
+
   // Fallback for dtypes without a kernel (fp8 with row scales, odd column counts): dequantize
   // each row to fp32 and dot it with every token.
   void matmul_generic(const float* x, int n, const FastWeight& w, float* out) {
@@ -240,7 +259,7 @@ class FastCpuBackend final : public HostBackend {
   cpu::CpuPool pool_;
   const KernelSet& k_;
   std::vector<const void*> acts_;
-  std::vector<BlockQ16A> q16_;
+  std::vector<std::vector<float>> gemm_buf_;  // per thread: 2 x [kGemmPanel][k] (rows, packed)
   RopeTable rope_[2];
   int rope_next_ = 0;
   // attention scratch: per-thread key/value row and score buffers, and split partials

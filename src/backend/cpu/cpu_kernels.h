@@ -3,13 +3,14 @@
 // `#pragma GCC target`, so the library still runs on any x86-64 (and non-x86) CPU; the table is
 // picked at run time from the CPU's features (select_kernels()).
 //
-// Quantized weights are multiplied by activations quantized to int16 blocks of 32 (BlockQ16A):
-// integer products within a block (madd_epi16), fp32 across blocks. int16 rather than
-// llama.cpp's int8 activations: on AVX2 it costs the same instructions per block (two
-// madd_epi16 instead of maddubs + madd) and its rounding error is 256x smaller, so the model
-// still matches the fp32 transformers goldens (int8 activations move the 270M's logits by ~3%). Float
-// weights (F32/F16/BF16) take fp32 activations. The reference backend stays the oracle:
-// tests/test_cpu_fast.cpp checks every kernel here against it.
+// Activations are never quantized: every kernel computes in fp32 from fp32 activations, so the
+// fast path equals the reference up to fp32 summation order, whatever the batch size.
+//  * Decode (few tokens): dot[dtype] reads a weight row once, decoding each block into
+//    registers, for up to kMaxTile tokens.
+//  * Prefill (many tokens): dequant[dtype] turns kGemmPanel rows into fp32 once, and gemm_f32
+//    multiplies them with every token in register tiles (an fp32 GEMM: weights reused from L2).
+// The reference backend stays the oracle: tests/test_cpu_fast.cpp checks every kernel here
+// against it.
 #pragma once
 
 #include <cstddef>
@@ -19,30 +20,27 @@
 
 namespace gemma3::cpu {
 
-// 32 activations quantized to int16 with one scale: x[i] ~= d * q[i], d = amax / 32767.
-// s = d * sum(q) lets kernels of offset formats (Q4_K/Q5_K mins) fold the offset into one multiply.
-struct BlockQ16A {
-  float d;
-  float s;
-  int16_t q[32];
-};
-static_assert(sizeof(BlockQ16A) == 72, "BlockQ16A is 72 bytes");
-
-constexpr int kMaxTile = 4;  // tokens one dot call handles (weights decoded once for all)
+constexpr int kGemmPanel = 16;  // weight rows per gemm_f32 call
+constexpr int kMaxTile = 4;     // tokens one dot call handles (weights decoded once for all)
 constexpr int kNumDTypes = static_cast<int>(DType::kIQ4_XS) + 1;
 
-// out[t] = dot(weight row w (k elements of the weight's dtype), activation row a[t]) for
-// t < nt <= kMaxTile. a[t] points at k/32 BlockQ16A for quantized weights, k floats for float ones.
+// out[t] = dot(weight row w (k elements of the weight's dtype), activation row a[t] (k floats))
+// for t < nt <= kMaxTile.
 using DotFn = void (*)(int64_t k, const void* w, const void* const* a, int nt, float* out);
 
 struct KernelSet {
   const char* name;  // "avx2", "portable"
-  // dst[0 .. k/32) = blocks of x[0 .. k); k % 32 == 0.
-  void (*quantize_q16a)(const float* x, int64_t k, BlockQ16A* dst);
   // Per weight dtype: the dot kernel, or null (the backend then dequantizes rows to fp32).
   DotFn dot[kNumDTypes];
-  // Whether dot[dtype] takes BlockQ16A activations (else fp32).
-  bool q16_acts[kNumDTypes];
+  // Prefill GEMM: weight rows dequantized to fp32 once per matmul (amortized over the tokens),
+  // then a register-tiled fp32 kernel; exact up to fp32 rounding (no activation quantization).
+  // dequant[dtype]: dst[0 .. k) = one row of that dtype (as core/quant.h's dequantize_row, up to
+  // fp32 rounding), or null: the backend uses the reference dequantizer.
+  void (*dequant[kNumDTypes])(const void* w, int64_t k, float* dst);
+  // out[t * ldo + r] = dot(w + r * ldw, x + t * ldx) over k elements, r < nr <= kGemmPanel,
+  // t < nt. scratch: kGemmPanel * k floats (the kernel's packed copy of the rows).
+  void (*gemm_f32)(const float* w, int64_t ldw, int nr, const float* x, int64_t ldx, int nt, int64_t k,
+                   float* out, int64_t ldo, float* scratch);
   // fp32 helpers used by attention and the elementwise ops.
   float (*dot_f32)(const float* a, const float* b, int64_t n);
   void (*axpy_f32)(float a, const float* x, float* y, int64_t n);            // y += a * x

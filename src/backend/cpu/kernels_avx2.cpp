@@ -4,9 +4,9 @@
 // library templates whose AVX2 copies could be picked by the linker for other callers).
 //
 // Weight decoding follows ggml's block layouts (formats.md §3; the reference dequantizers in
-// core/quant.cpp): each 32-element sub-block becomes 32 int8 lanes, widened to int16 and
-// multiplied by the int16 activations with madd_epi16 into int32 lanes, then scaled in fp32
-// by d_weight * d_activation.
+// core/quant.cpp): each 32-element block becomes 32 int8 lanes plus fp32 scales (Blk), then
+// fp32 (widened and FMA'd against fp32 activations in decode, or dequantized into the prefill
+// GEMM's panels).
 #include <cstdint>
 #include <cstring>
 
@@ -62,159 +62,17 @@ inline __m256i bytes_from_bits_32(const uint8_t* p) {
   return _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
 }
 
-// Weights of one 32-element block as two int16 vectors (elements 0..15, 16..31).
-struct W16 {
-  __m256i lo, hi;
+// ---- quantized weight blocks ---------------------------------------------------------------
+
+// One 32-element block of a weight row: element i = q[i] * (i < 16 ? s_lo : s_hi) - m, q as
+// int8 lanes. Every format with a kernel reduces to this (Q4_K/Q5_K: per-sub-block scale and
+// min; Q6_K: a scale per 16 elements), so one dot kernel and one dequantizer serve them all.
+struct Blk {
+  __m256i q;
+  float s_lo, s_hi, m;
 };
-inline W16 widen_signed(__m256i w) {
-  return {_mm256_cvtepi8_epi16(_mm256_castsi256_si128(w)),
-          _mm256_cvtepi8_epi16(_mm256_extracti128_si256(w, 1))};
-}
-inline W16 widen_unsigned(__m256i w) {
-  return {_mm256_cvtepu8_epi16(_mm256_castsi256_si128(w)),
-          _mm256_cvtepu8_epi16(_mm256_extracti128_si256(w, 1))};
-}
-// 8 fp32 lanes whose sum is sum_i w[i] * q[i] over the block (exact in int32).
-inline __m256 dot16(const W16& w, const int16_t* q) {
-  const __m256i p =
-      _mm256_add_epi32(_mm256_madd_epi16(w.lo, loadu256(q)), _mm256_madd_epi16(w.hi, loadu256(q + 16)));
-  return _mm256_cvtepi32_ps(p);
-}
 
-// ---- activation quantizer -----------------------------------------------------------------
-
-void quantize_q16a(const float* x, int64_t k, BlockQ16A* dst) {
-  const __m256 sign_mask = _mm256_set1_ps(-0.0f);
-  for (int64_t b = 0; b < k / 32; ++b) {
-    const float* v = x + b * 32;
-    __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8), v2 = _mm256_loadu_ps(v + 16),
-           v3 = _mm256_loadu_ps(v + 24);
-    __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign_mask, v0), _mm256_andnot_ps(sign_mask, v1)),
-                             _mm256_max_ps(_mm256_andnot_ps(sign_mask, v2), _mm256_andnot_ps(sign_mask, v3)));
-    __m128 m4 = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-    const float amax = _mm_cvtss_f32(m4);
-    const float d = amax / 32767.0f, id = amax > 0 ? 32767.0f / amax : 0.0f;
-    const __m256 mul = _mm256_set1_ps(id);
-    constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-    __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, mul), kRound));
-    __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, mul), kRound));
-    __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, mul), kRound));
-    __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, mul), kRound));
-    const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
-    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
-    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
-    // packs interleave 128-bit lanes; the permute restores element order.
-    i0 = _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xD8);
-    i2 = _mm256_permute4x64_epi64(_mm256_packs_epi32(i2, i3), 0xD8);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst[b].q), i0);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst[b].q + 16), i2);
-    dst[b].d = d;
-    dst[b].s = d * static_cast<float>(_mm_cvtsi128_si32(s4));
-  }
-}
-
-// ---- quantized dot kernels: one weight row x NT activation rows ----------------------------
-
-using Acts = const BlockQ16A* const*;
-
-template <int NT>
-void q8_0_t(int64_t k, const uint8_t* w, Acts a, float* out) {
-  __m256 acc[NT];
-  for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < k / 32; ++b) {
-    const uint8_t* blk = w + b * 34;
-    const float dw = load_f16(blk);
-    const __m256i ws = loadu256(blk + 2);
-    const W16 w16 = widen_signed(ws);
-    for (int t = 0; t < NT; ++t) {
-      const BlockQ16A& x = a[t][b];
-      acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dw * x.d), dot16(w16, x.q), acc[t]);
-    }
-  }
-  for (int t = 0; t < NT; ++t) out[t] = hsum(acc[t]);
-}
-
-// Q8_0 against fp32 activations: the weights are exact int8 x scale, so this path adds no
-// activation rounding at all (the tiny Q8_0 goldens hold to 1e-4). The Q8_0 tensors of the
-// checkpoints we run are the LM head and V: memory-bound in decode either way.
-template <int NT>
-void q8_0f_t(int64_t k, const uint8_t* w, const float* const* a, float* out) {
-  // Independent FMA chains per token: with one token, four (one per 8-lane part) so the FMA
-  // latency does not bound the LM head's streaming rate; with more tokens, they already are.
-  constexpr int kChains = NT == 1 ? 4 : NT == 2 ? 2 : 1;
-  __m256 acc[kChains][NT];
-  for (int c = 0; c < kChains; ++c)
-    for (int t = 0; t < NT; ++t) acc[c][t] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < k / 32; ++b) {
-    const uint8_t* blk = w + b * 34;
-    const __m256 dw = _mm256_set1_ps(load_f16(blk));
-    for (int part = 0; part < 4; ++part) {
-      const __m128i q8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 2 + 8 * part));
-      const __m256 wf = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)), dw);
-      for (int t = 0; t < NT; ++t)
-        acc[part % kChains][t] =
-            _mm256_fmadd_ps(wf, _mm256_loadu_ps(a[t] + b * 32 + 8 * part), acc[part % kChains][t]);
-    }
-  }
-  for (int t = 0; t < NT; ++t) {
-    __m256 sum = acc[0][t];
-    for (int c = 1; c < kChains; ++c) sum = _mm256_add_ps(sum, acc[c][t]);
-    out[t] = hsum(sum);
-  }
-}
-
-void q8_0f(int64_t k, const void* w, const void* const* a, int nt, float* out) {
-  const uint8_t* wb = static_cast<const uint8_t*>(w);
-  const float* const* x = reinterpret_cast<const float* const*>(a);
-  switch (nt) {
-    case 1: return q8_0f_t<1>(k, wb, x, out);
-    case 2: return q8_0f_t<2>(k, wb, x, out);
-    case 3: return q8_0f_t<3>(k, wb, x, out);
-    default: return q8_0f_t<4>(k, wb, x, out);
-  }
-}
-
-template <int NT>
-void q4_0_t(int64_t k, const uint8_t* w, Acts a, float* out) {
-  __m256 acc[NT];
-  for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < k / 32; ++b) {
-    const uint8_t* blk = w + b * 18;
-    const float dw = load_f16(blk);
-    const __m256i ws = _mm256_sub_epi8(bytes_from_nibbles_32(blk + 2), _mm256_set1_epi8(8));
-    const W16 w16 = widen_signed(ws);
-    for (int t = 0; t < NT; ++t) {
-      const BlockQ16A& x = a[t][b];
-      acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dw * x.d), dot16(w16, x.q), acc[t]);
-    }
-  }
-  for (int t = 0; t < NT; ++t) out[t] = hsum(acc[t]);
-}
-
-template <int NT>
-void q5_0_t(int64_t k, const uint8_t* w, Acts a, float* out) {
-  __m256 acc[NT];
-  for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < k / 32; ++b) {
-    const uint8_t* blk = w + b * 22;  // d, qh u32, qs[16]
-    const float dw = load_f16(blk);
-    // q - 16 as int8: the 5th bit clear means the value is negative (0xF0 | low nibble).
-    const __m256i hi =
-        _mm256_andnot_si256(bytes_from_bits_32(blk + 2), _mm256_set1_epi8(static_cast<char>(0xF0)));
-    const __m256i ws = _mm256_or_si256(bytes_from_nibbles_32(blk + 6), hi);
-    const W16 w16 = widen_signed(ws);
-    for (int t = 0; t < NT; ++t) {
-      const BlockQ16A& x = a[t][b];
-      acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dw * x.d), dot16(w16, x.q), acc[t]);
-    }
-  }
-  for (int t = 0; t < NT; ++t) out[t] = hsum(acc[t]);
-}
-
-// Q4_K / Q5_K 6-bit (scale, min) pairs of the 8 sub-blocks (get_scale_min_k4).
+// Q4_K / Q5_K 6-bit (scale, min) pairs of the 8 sub-blocks (get_scale_min_k4), times d / dmin.
 inline void k4_scales(const uint8_t* s, float d, float dmin, float* sc, float* mn) {
   for (int j = 0; j < 8; ++j) {
     int a, m;
@@ -230,100 +88,164 @@ inline void k4_scales(const uint8_t* s, float d, float dmin, float* sc, float* m
   }
 }
 
-template <int NT>
-void q4_k_t(int64_t k, const uint8_t* w, Acts a, float* out) {
-  __m256 acc[NT];
-  float mins[NT];
-  for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps(), mins[t] = 0;
-  const __m256i m4 = _mm256_set1_epi8(0x0F);
-  for (int64_t sb = 0; sb < k / 256; ++sb) {
-    const uint8_t* blk = w + sb * 144;  // d, dmin, scales[12], qs[128]
-    float sc[8], mn[8];
-    k4_scales(blk + 4, load_f16(blk), load_f16(blk + 2), sc, mn);
-    const uint8_t* qs = blk + 16;
-    for (int j = 0; j < 4; ++j) {
-      const __m256i q4 = loadu256(qs + 32 * j);
-      const __m256i lo = _mm256_and_si256(q4, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
-      const W16 wl = widen_unsigned(lo), wh = widen_unsigned(hi);
-      for (int t = 0; t < NT; ++t) {
-        const BlockQ16A& x0 = a[t][sb * 8 + 2 * j];
-        const BlockQ16A& x1 = a[t][sb * 8 + 2 * j + 1];
-        acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(sc[2 * j] * x0.d), dot16(wl, x0.q), acc[t]);
-        acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(sc[2 * j + 1] * x1.d), dot16(wh, x1.q), acc[t]);
-        mins[t] += mn[2 * j] * x0.s + mn[2 * j + 1] * x1.s;
+// f(b, blk) for every 32-element block b of a row of k elements of dtype T (ggml layouts,
+// formats.md §3; the reference dequantizers in core/quant.cpp).
+template <DType T, class F>
+inline void each_block(const uint8_t* p, int64_t k, F&& f) {
+  if constexpr (T == DType::kQ4_0 || T == DType::kQ5_0) {
+    constexpr int kBytes = T == DType::kQ4_0 ? 18 : 22;  // d, [qh u32], qs[16]
+    for (int64_t b = 0; b < k / 32; ++b, p += kBytes) {
+      const float d = load_f16(p);
+      __m256i q;
+      if constexpr (T == DType::kQ4_0) {
+        q = _mm256_sub_epi8(bytes_from_nibbles_32(p + 2), _mm256_set1_epi8(8));
+      } else {  // q - 16 as int8: the 5th bit clear means negative (0xF0 | low nibble)
+        const __m256i hi =
+            _mm256_andnot_si256(bytes_from_bits_32(p + 2), _mm256_set1_epi8(static_cast<char>(0xF0)));
+        q = _mm256_or_si256(bytes_from_nibbles_32(p + 6), hi);
       }
+      f(b, Blk{q, d, d, 0.0f});
     }
-  }
-  for (int t = 0; t < NT; ++t) out[t] = hsum(acc[t]) - mins[t];
-}
-
-template <int NT>
-void q5_k_t(int64_t k, const uint8_t* w, Acts a, float* out) {
-  __m256 acc[NT];
-  float mins[NT];
-  for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps(), mins[t] = 0;
-  const __m256i m4 = _mm256_set1_epi8(0x0F), m1 = _mm256_set1_epi8(1);
-  for (int64_t sb = 0; sb < k / 256; ++sb) {
-    const uint8_t* blk = w + sb * 176;  // d, dmin, scales[12], qh[32], qs[128]
-    float sc[8], mn[8];
-    k4_scales(blk + 4, load_f16(blk), load_f16(blk + 2), sc, mn);
-    __m256i hb = loadu256(blk + 16);
-    const uint8_t* qs = blk + 48;
-    for (int j = 0; j < 4; ++j) {
-      const __m256i q4 = loadu256(qs + 32 * j);
-      const __m256i lo =
-          _mm256_or_si256(_mm256_and_si256(q4, m4), _mm256_slli_epi16(_mm256_and_si256(hb, m1), 4));
-      const __m256i hi =
-          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4, 4), m4),
-                          _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 1), m1), 4));
-      hb = _mm256_srli_epi16(hb, 2);
-      const W16 wl = widen_unsigned(lo), wh = widen_unsigned(hi);
-      for (int t = 0; t < NT; ++t) {
-        const BlockQ16A& x0 = a[t][sb * 8 + 2 * j];
-        const BlockQ16A& x1 = a[t][sb * 8 + 2 * j + 1];
-        acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(sc[2 * j] * x0.d), dot16(wl, x0.q), acc[t]);
-        acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(sc[2 * j + 1] * x1.d), dot16(wh, x1.q), acc[t]);
-        mins[t] += mn[2 * j] * x0.s + mn[2 * j + 1] * x1.s;
-      }
-    }
-  }
-  for (int t = 0; t < NT; ++t) out[t] = hsum(acc[t]) - mins[t];
-}
-
-template <int NT>
-void q6_k_t(int64_t k, const uint8_t* w, Acts a, float* out) {
-  __m256 acc[NT];
-  for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
-  const __m256i m4 = _mm256_set1_epi8(0x0F), m3 = _mm256_set1_epi8(3), m30 = _mm256_set1_epi8(0x30),
-                k32 = _mm256_set1_epi8(32);
-  for (int64_t sb = 0; sb < k / 256; ++sb) {
-    const uint8_t* blk = w + sb * 210;  // ql[128], qh[64], scales[16] int8, d
-    const float d = load_f16(blk + 208);
-    for (int n = 0; n < 2; ++n) {
-      const uint8_t* ql = blk + 64 * n;
-      const uint8_t* qh = blk + 128 + 32 * n;
-      const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192) + 8 * n;
-      const __m256i l0 = loadu256(ql), l1 = loadu256(ql + 32), h = loadu256(qh);
-      __m256i q[4];
-      q[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(h, m3), 4));
-      q[1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(h, 2), m30));
-      q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(h, m30));
-      q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
-                             _mm256_and_si256(_mm256_srli_epi16(h, 2), m30));
-      for (int kk = 0; kk < 4; ++kk) {
-        // (q - 32) * scale, the scale of elements 0..15 being sc[2kk], of 16..31 sc[2kk+1]:
-        // |value| <= 32 * 128, so products with int16 activations still fit int32 pairs.
-        W16 w16 = widen_signed(_mm256_sub_epi8(q[kk], k32));
-        w16.lo = _mm256_mullo_epi16(w16.lo, _mm256_set1_epi16(sc[2 * kk]));
-        w16.hi = _mm256_mullo_epi16(w16.hi, _mm256_set1_epi16(sc[2 * kk + 1]));
-        for (int t = 0; t < NT; ++t) {
-          const BlockQ16A& x = a[t][sb * 8 + n * 4 + kk];
-          acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d), dot16(w16, x.q), acc[t]);
+  } else if constexpr (T == DType::kQ4_K || T == DType::kQ5_K) {
+    constexpr bool kQ5 = T == DType::kQ5_K;  // d, dmin, scales[12], [qh[32]], qs[128]
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m1 = _mm256_set1_epi8(1);
+    for (int64_t sb = 0; sb < k / 256; ++sb, p += kQ5 ? 176 : 144) {
+      float sc[8], mn[8];
+      k4_scales(p + 4, load_f16(p), load_f16(p + 2), sc, mn);
+      const uint8_t* qs = p + (kQ5 ? 48 : 16);
+      __m256i hb = kQ5 ? loadu256(p + 16) : _mm256_setzero_si256();
+      for (int j = 0; j < 4; ++j) {
+        const __m256i q4 = loadu256(qs + 32 * j);
+        __m256i lo = _mm256_and_si256(q4, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
+        if constexpr (kQ5) {
+          lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(hb, m1), 4));
+          hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 1), m1), 4));
+          hb = _mm256_srli_epi16(hb, 2);
         }
+        f(sb * 8 + 2 * j, Blk{lo, sc[2 * j], sc[2 * j], mn[2 * j]});
+        f(sb * 8 + 2 * j + 1, Blk{hi, sc[2 * j + 1], sc[2 * j + 1], mn[2 * j + 1]});
+      }
+    }
+  } else {
+    static_assert(T == DType::kQ6_K);  // ql[128], qh[64], scales[16] int8, d
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m3 = _mm256_set1_epi8(3), m30 = _mm256_set1_epi8(0x30),
+                  k32 = _mm256_set1_epi8(32);
+    for (int64_t sb = 0; sb < k / 256; ++sb, p += 210) {
+      const float d = load_f16(p + 208);
+      for (int n = 0; n < 2; ++n) {
+        const uint8_t* ql = p + 64 * n;
+        const uint8_t* qh = p + 128 + 32 * n;
+        const int8_t* sc = reinterpret_cast<const int8_t*>(p + 192) + 8 * n;
+        const __m256i l0 = loadu256(ql), l1 = loadu256(ql + 32), h = loadu256(qh);
+        __m256i q[4];
+        q[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(h, m3), 4));
+        q[1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(h, 2), m30));
+        q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(h, m30));
+        q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                               _mm256_and_si256(_mm256_srli_epi16(h, 2), m30));
+        for (int kk = 0; kk < 4; ++kk)
+          f(sb * 8 + n * 4 + kk, Blk{_mm256_sub_epi8(q[kk], k32), d * static_cast<float>(sc[2 * kk]),
+                                     d * static_cast<float>(sc[2 * kk + 1]), 0.0f});
       }
     }
   }
-  for (int t = 0; t < NT; ++t) out[t] = hsum(acc[t]);
+}
+
+// The 32 int8 lanes of q as four fp32 vectors (elements 0-7, 8-15, 16-23, 24-31).
+inline void to_f32(__m256i q, __m256* f) {
+  const __m128i a = _mm256_castsi256_si128(q), b = _mm256_extracti128_si256(q, 1);
+  f[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(a));
+  f[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(a, 8)));
+  f[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+  f[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+}
+
+// ---- quantized weights x fp32 activations: one weight row x NT tokens ----------------------
+//
+// Activations stay fp32 (no activation rounding: decode and prefill give the reference's
+// result up to summation order, so a token's logits do not depend on how it was batched).
+// Per block: sum(q * x) over each half in fp32, times the half's scale; the min of Q4_K/Q5_K
+// times sum(x) in its own accumulator. Two chains (lo/hi halves) per token hide FMA latency.
+template <DType T, int NT>
+void qdot_t(int64_t k, const uint8_t* w, const float* const* a, float* out) {
+  constexpr bool kMin = T == DType::kQ4_K || T == DType::kQ5_K;
+  __m256 lo[NT], hi[NT], mins[NT];
+  for (int t = 0; t < NT; ++t) lo[t] = hi[t] = mins[t] = _mm256_setzero_ps();
+  each_block<T>(w, k, [&](int64_t b, const Blk& blk) {
+    __m256 f[4];
+    to_f32(blk.q, f);
+    const __m256 s_lo = _mm256_set1_ps(blk.s_lo), s_hi = _mm256_set1_ps(blk.s_hi);
+    for (int t = 0; t < NT; ++t) {
+      const float* x = a[t] + b * 32;
+      const __m256 x0 = _mm256_loadu_ps(x), x1 = _mm256_loadu_ps(x + 8), x2 = _mm256_loadu_ps(x + 16),
+                   x3 = _mm256_loadu_ps(x + 24);
+      lo[t] = _mm256_fmadd_ps(_mm256_fmadd_ps(f[1], x1, _mm256_mul_ps(f[0], x0)), s_lo, lo[t]);
+      hi[t] = _mm256_fmadd_ps(_mm256_fmadd_ps(f[3], x3, _mm256_mul_ps(f[2], x2)), s_hi, hi[t]);
+      if constexpr (kMin)
+        mins[t] = _mm256_fmadd_ps(_mm256_add_ps(_mm256_add_ps(x0, x1), _mm256_add_ps(x2, x3)),
+                                  _mm256_set1_ps(blk.m), mins[t]);
+    }
+  });
+  for (int t = 0; t < NT; ++t) out[t] = hsum(_mm256_sub_ps(_mm256_add_ps(lo[t], hi[t]), mins[t]));
+}
+
+template <DType T>
+void qdot(int64_t k, const void* w, const void* const* a, int nt, float* out) {
+  const uint8_t* wb = static_cast<const uint8_t*>(w);
+  const float* const* x = reinterpret_cast<const float* const*>(a);
+  switch (nt) {
+    case 1: return qdot_t<T, 1>(k, wb, x, out);
+    case 2: return qdot_t<T, 2>(k, wb, x, out);
+    case 3: return qdot_t<T, 3>(k, wb, x, out);
+    default: return qdot_t<T, 4>(k, wb, x, out);
+  }
+}
+
+// Q8_0 has its own kernel: its int8 lanes widen straight from memory. Per block and token,
+// sum(q * x) in fp32, then one FMA by the block scale into one of two accumulators (even and
+// odd blocks), so consecutive blocks' chains overlap. Q8_0 is the 270M's LM head (73% of the
+// bytes read per decoded token).
+template <int NT>
+inline void q8_0_block(const uint8_t* blk, const float* const* a, int64_t b, __m256* acc) {
+  const __m256 d = _mm256_set1_ps(load_f16(blk));
+  __m256 f[4];
+  for (int part = 0; part < 4; ++part)
+    f[part] = _mm256_cvtepi32_ps(
+        _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 2 + 8 * part))));
+#pragma GCC unroll 4
+  for (int t = 0; t < NT; ++t) {
+    const float* x = a[t] + b * 32;
+    __m256 sum = _mm256_mul_ps(f[0], _mm256_loadu_ps(x));
+    sum = _mm256_fmadd_ps(f[1], _mm256_loadu_ps(x + 8), sum);
+    sum = _mm256_fmadd_ps(f[2], _mm256_loadu_ps(x + 16), sum);
+    sum = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(x + 24), sum);
+    acc[t] = _mm256_fmadd_ps(sum, d, acc[t]);
+  }
+}
+
+template <int NT>
+void q8_0f_t(int64_t k, const uint8_t* w, const float* const* a, float* out) {
+  __m256 even[NT], odd[NT];
+  for (int t = 0; t < NT; ++t) even[t] = odd[t] = _mm256_setzero_ps();
+  const int64_t nb = k / 32;
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    q8_0_block<NT>(w + b * 34, a, b, even);
+    q8_0_block<NT>(w + (b + 1) * 34, a, b + 1, odd);
+  }
+  if (b < nb) q8_0_block<NT>(w + b * 34, a, b, even);
+  for (int t = 0; t < NT; ++t) out[t] = hsum(_mm256_add_ps(even[t], odd[t]));
+}
+
+void q8_0f(int64_t k, const void* w, const void* const* a, int nt, float* out) {
+  const uint8_t* wb = static_cast<const uint8_t*>(w);
+  const float* const* x = reinterpret_cast<const float* const*>(a);
+  switch (nt) {
+    case 1: return q8_0f_t<1>(k, wb, x, out);
+    case 2: return q8_0f_t<2>(k, wb, x, out);
+    case 3: return q8_0f_t<3>(k, wb, x, out);
+    default: return q8_0f_t<4>(k, wb, x, out);
+  }
 }
 
 // ---- float weights x fp32 activations ------------------------------------------------------
@@ -373,25 +295,6 @@ void float_t(int64_t k, const uint8_t* w, const float* const* a, float* out) {
   }
 }
 
-// nt (1..kMaxTile) -> the template instance.
-#define GEMMA3_Q_DOT(name)                                                        \
-  void name(int64_t k, const void* w, const void* const* a, int nt, float* out) { \
-    const uint8_t* wb = static_cast<const uint8_t*>(w);                           \
-    Acts x = reinterpret_cast<Acts>(a);                                           \
-    switch (nt) {                                                                 \
-      case 1: return name##_t<1>(k, wb, x, out);                                  \
-      case 2: return name##_t<2>(k, wb, x, out);                                  \
-      case 3: return name##_t<3>(k, wb, x, out);                                  \
-      default: return name##_t<4>(k, wb, x, out);                                 \
-    }                                                                             \
-  }
-GEMMA3_Q_DOT(q4_0)
-GEMMA3_Q_DOT(q5_0)
-GEMMA3_Q_DOT(q4_k)
-GEMMA3_Q_DOT(q5_k)
-GEMMA3_Q_DOT(q6_k)
-#undef GEMMA3_Q_DOT
-
 template <int Kind>
 void float_dot(int64_t k, const void* w, const void* const* a, int nt, float* out) {
   const uint8_t* wb = static_cast<const uint8_t*>(w);
@@ -412,6 +315,138 @@ void f16_dot(int64_t k, const void* w, const void* const* a, int nt, float* out)
 }
 void bf16_dot(int64_t k, const void* w, const void* const* a, int nt, float* out) {
   float_dot<kKindBF16>(k, w, a, nt, out);
+}
+
+// ---- dequantization to fp32 rows (the prefill GEMM's weight panels) -------------------------
+
+// out[0 .. 32) = the block's fp32 values. Multiply then subtract, as the reference rounds.
+inline void put32(const Blk& blk, float* out) {
+  __m256 f[4];
+  to_f32(blk.q, f);
+  const __m256 s_lo = _mm256_set1_ps(blk.s_lo), s_hi = _mm256_set1_ps(blk.s_hi), m = _mm256_set1_ps(blk.m);
+  _mm256_storeu_ps(out, _mm256_sub_ps(_mm256_mul_ps(f[0], s_lo), m));
+  _mm256_storeu_ps(out + 8, _mm256_sub_ps(_mm256_mul_ps(f[1], s_lo), m));
+  _mm256_storeu_ps(out + 16, _mm256_sub_ps(_mm256_mul_ps(f[2], s_hi), m));
+  _mm256_storeu_ps(out + 24, _mm256_sub_ps(_mm256_mul_ps(f[3], s_hi), m));
+}
+
+template <DType T>
+void deq(const void* w, int64_t k, float* y) {
+  if constexpr (T == DType::kQ8_0) {
+    const uint8_t* p = static_cast<const uint8_t*>(w);
+    for (int64_t b = 0; b < k / 32; ++b, p += 34) {
+      const float d = load_f16(p);
+      put32(Blk{loadu256(p + 2), d, d, 0.0f}, y + b * 32);
+    }
+  } else {
+    each_block<T>(static_cast<const uint8_t*>(w), k,
+                  [y](int64_t b, const Blk& blk) { put32(blk, y + b * 32); });
+  }
+}
+
+void deq_f16(const void* w, int64_t k, float* y) {
+  const uint8_t* p = static_cast<const uint8_t*>(w);
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) _mm256_storeu_ps(y + i, load8<kKindF16>(p, i));
+  for (; i < k; ++i) y[i] = load1<kKindF16>(p, i);
+}
+
+void deq_bf16(const void* w, int64_t k, float* y) {
+  const uint8_t* p = static_cast<const uint8_t*>(w);
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) _mm256_storeu_ps(y + i, load8<kKindBF16>(p, i));
+  for (; i < k; ++i) y[i] = load1<kKindBF16>(p, i);
+}
+
+// ---- fp32 GEMM -----------------------------------------------------------------------------
+
+// The panel's rows transposed to wp[k][kGemmPanel] (rows >= nr zero), so one k step of the
+// kernel loads 16 rows' weights as two vectors. 8x8 blocks through registers.
+void pack_panel(const float* w, int64_t ldw, int nr, int64_t k, float* wp) {
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8)
+    for (int g = 0; g < kGemmPanel / 8; ++g) {
+      __m256 r[8];
+      for (int j = 0; j < 8; ++j)
+        r[j] = 8 * g + j < nr ? _mm256_loadu_ps(w + (8 * g + j) * ldw + i) : _mm256_setzero_ps();
+      const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+      const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+      const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+      const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+      const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+      const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+      const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+      const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+      float* o = wp + i * kGemmPanel + 8 * g;  // column c of the block -> o + c * kGemmPanel
+      _mm256_storeu_ps(o + 0 * kGemmPanel, _mm256_permute2f128_ps(u0, u4, 0x20));
+      _mm256_storeu_ps(o + 1 * kGemmPanel, _mm256_permute2f128_ps(u1, u5, 0x20));
+      _mm256_storeu_ps(o + 2 * kGemmPanel, _mm256_permute2f128_ps(u2, u6, 0x20));
+      _mm256_storeu_ps(o + 3 * kGemmPanel, _mm256_permute2f128_ps(u3, u7, 0x20));
+      _mm256_storeu_ps(o + 4 * kGemmPanel, _mm256_permute2f128_ps(u0, u4, 0x31));
+      _mm256_storeu_ps(o + 5 * kGemmPanel, _mm256_permute2f128_ps(u1, u5, 0x31));
+      _mm256_storeu_ps(o + 6 * kGemmPanel, _mm256_permute2f128_ps(u2, u6, 0x31));
+      _mm256_storeu_ps(o + 7 * kGemmPanel, _mm256_permute2f128_ps(u3, u7, 0x31));
+    }
+  for (; i < k; ++i)
+    for (int r = 0; r < kGemmPanel; ++r) wp[i * kGemmPanel + r] = r < nr ? w[r * ldw + i] : 0.0f;
+}
+
+// NT tokens x 16 rows: 2 * NT accumulators (12 of the 16 ymm registers at NT = 6), two weight
+// vectors per k step each serving NT tokens, one broadcast activation serving 16 rows: 8 loads
+// per 12 FMAs, no horizontal sums (the lanes are output rows).
+template <int NT>
+void gemm_tile(const float* wp, const float* x, int64_t ldx, int64_t k, int nr, float* out, int64_t ldo) {
+  // Named per token and fully unrolled: GCC keeps a 2-D accumulator array on the stack.
+  __m256 a0[NT], a1[NT];
+  const float* xt[NT];
+#pragma GCC unroll 8
+  for (int t = 0; t < NT; ++t) a0[t] = a1[t] = _mm256_setzero_ps(), xt[t] = x + t * ldx;
+  for (int64_t i = 0; i < k; ++i) {
+    const __m256 w0 = _mm256_loadu_ps(wp + i * kGemmPanel), w1 = _mm256_loadu_ps(wp + i * kGemmPanel + 8);
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t) {
+      const __m256 xv = _mm256_broadcast_ss(xt[t] + i);
+      a0[t] = _mm256_fmadd_ps(w0, xv, a0[t]);
+      a1[t] = _mm256_fmadd_ps(w1, xv, a1[t]);
+    }
+  }
+  if (nr == kGemmPanel) {
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t) {
+      _mm256_storeu_ps(out + t * ldo, a0[t]);
+      _mm256_storeu_ps(out + t * ldo + 8, a1[t]);
+    }
+    return;
+  }
+  float tmp[NT][kGemmPanel];
+#pragma GCC unroll 8
+  for (int t = 0; t < NT; ++t) {
+    _mm256_storeu_ps(tmp[t], a0[t]);
+    _mm256_storeu_ps(tmp[t] + 8, a1[t]);
+  }
+  for (int t = 0; t < NT; ++t)
+    for (int r = 0; r < nr; ++r) out[t * ldo + r] = tmp[t][r];
+}
+
+constexpr int kGemmTokens = 6;
+
+// The panel is packed once (scratch: kGemmPanel * k floats) and stays in L2 while every group
+// of kGemmTokens tokens passes over it.
+void gemm_f32(const float* w, int64_t ldw, int nr, const float* x, int64_t ldx, int nt, int64_t k, float* out,
+              int64_t ldo, float* scratch) {
+  pack_panel(w, ldw, nr, k, scratch);
+  for (int t = 0; t < nt; t += kGemmTokens) {
+    const float* xt = x + t * ldx;
+    float* ot = out + t * ldo;
+    switch (nt - t < kGemmTokens ? nt - t : kGemmTokens) {
+      case 1: gemm_tile<1>(scratch, xt, ldx, k, nr, ot, ldo); break;
+      case 2: gemm_tile<2>(scratch, xt, ldx, k, nr, ot, ldo); break;
+      case 3: gemm_tile<3>(scratch, xt, ldx, k, nr, ot, ldo); break;
+      case 4: gemm_tile<4>(scratch, xt, ldx, k, nr, ot, ldo); break;
+      case 5: gemm_tile<5>(scratch, xt, ldx, k, nr, ot, ldo); break;
+      default: gemm_tile<6>(scratch, xt, ldx, k, nr, ot, ldo); break;
+    }
+  }
 }
 
 // ---- fp32 helpers ---------------------------------------------------------------------------
@@ -520,20 +555,25 @@ namespace {
 KernelSet make_avx2() {
   KernelSet k{};
   k.name = "avx2";
-  k.quantize_q16a = quantize_q16a;
-  auto set = [&k](DType t, DotFn fn, bool q8) {
-    k.dot[static_cast<int>(t)] = fn;
-    k.q16_acts[static_cast<int>(t)] = q8;
-  };
-  set(DType::kF32, f32_dot, false);
-  set(DType::kF16, f16_dot, false);
-  set(DType::kBF16, bf16_dot, false);
-  set(DType::kQ8_0, q8_0f, false);  // q8_0_t (int16 activations) is the faster prefill option
-  set(DType::kQ4_0, q4_0, true);
-  set(DType::kQ5_0, q5_0, true);
-  set(DType::kQ4_K, q4_k, true);
-  set(DType::kQ5_K, q5_k, true);
-  set(DType::kQ6_K, q6_k, true);
+  auto set = [&k](DType t, DotFn fn) { k.dot[static_cast<int>(t)] = fn; };
+  set(DType::kF32, f32_dot);
+  set(DType::kF16, f16_dot);
+  set(DType::kBF16, bf16_dot);
+  set(DType::kQ8_0, q8_0f);
+  set(DType::kQ4_0, qdot<DType::kQ4_0>);
+  set(DType::kQ5_0, qdot<DType::kQ5_0>);
+  set(DType::kQ4_K, qdot<DType::kQ4_K>);
+  set(DType::kQ5_K, qdot<DType::kQ5_K>);
+  set(DType::kQ6_K, qdot<DType::kQ6_K>);
+  k.dequant[static_cast<int>(DType::kF16)] = deq_f16;
+  k.dequant[static_cast<int>(DType::kBF16)] = deq_bf16;
+  k.dequant[static_cast<int>(DType::kQ8_0)] = deq<DType::kQ8_0>;
+  k.dequant[static_cast<int>(DType::kQ4_0)] = deq<DType::kQ4_0>;
+  k.dequant[static_cast<int>(DType::kQ5_0)] = deq<DType::kQ5_0>;
+  k.dequant[static_cast<int>(DType::kQ4_K)] = deq<DType::kQ4_K>;
+  k.dequant[static_cast<int>(DType::kQ5_K)] = deq<DType::kQ5_K>;
+  k.dequant[static_cast<int>(DType::kQ6_K)] = deq<DType::kQ6_K>;
+  k.gemm_f32 = gemm_f32;
   k.dot_f32 = dot_f32;
   k.axpy_f32 = axpy_f32;
   k.bf16_to_f32 = bf16_row;

@@ -44,21 +44,11 @@ float exp_sub_sum(float* x, int64_t n, float max) {
   return sum;
 }
 
-void quantize_q16a(const float* x, int64_t k, BlockQ16A* dst) {
-  for (int64_t b = 0; b < k / 32; ++b) {
-    const float* v = x + b * 32;
-    float amax = 0;
-    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(v[i]));
-    const float d = amax / 32767.0f, id = d > 0 ? 1.0f / d : 0.0f;
-    int sum = 0;
-    for (int i = 0; i < 32; ++i) {
-      const int q = static_cast<int>(std::nearbyint(v[i] * id));
-      dst[b].q[i] = static_cast<int16_t>(q);
-      sum += q;
-    }
-    dst[b].d = d;
-    dst[b].s = d * static_cast<float>(sum);
-  }
+// out[t * ldo + r] = dot(row r, token t): the plain loop of the prefill GEMM.
+void gemm_f32(const float* w, int64_t ldw, int nr, const float* x, int64_t ldx, int nt, int64_t k, float* out,
+              int64_t ldo, float* /*scratch*/) {
+  for (int t = 0; t < nt; ++t)
+    for (int r = 0; r < nr; ++r) out[t * ldo + r] = dot_f32(w + r * ldw, x + t * ldx, k);
 }
 
 // Any weight dtype: dequantize the row once, then fp32 dots with each token's activations.
@@ -79,7 +69,6 @@ void dot_dequant(int64_t k, const void* w, const void* const* a, int nt, float* 
 KernelSet make_portable() {
   KernelSet k{};
   k.name = "portable";
-  k.quantize_q16a = quantize_q16a;
   k.dot[static_cast<int>(DType::kF32)] = dot_dequant<DType::kF32>;
   k.dot[static_cast<int>(DType::kF16)] = dot_dequant<DType::kF16>;
   k.dot[static_cast<int>(DType::kBF16)] = dot_dequant<DType::kBF16>;
@@ -96,6 +85,7 @@ KernelSet make_portable() {
   k.dot[static_cast<int>(DType::kIQ4_NL)] = dot_dequant<DType::kIQ4_NL>;
   k.dot[static_cast<int>(DType::kIQ4_XS)] = dot_dequant<DType::kIQ4_XS>;
   // kF8E4M3 has a row scale the kernel does not see: left null, the backend handles it.
+  k.gemm_f32 = gemm_f32;  // dequant[] stays null: the reference dequantizer
   k.dot_f32 = dot_f32;
   k.axpy_f32 = axpy_f32;
   k.bf16_to_f32 = bf16_row;
