@@ -551,12 +551,23 @@ class CudaBackend final : public Backend {
     return true;
   }
 
+  // On our stream, then synchronized: a plain cudaMemcpy runs on the legacy default stream,
+  // which our non-blocking stream does not wait for, and from pageable memory it may return
+  // before the last DMA lands (CUDA's "API synchronization behavior"), so a kernel queued next
+  // (upload_fp8's quantizer) could read a partly copied tensor.
   Status copy_to_device(const void* src, size_t bytes, void** dst, const std::string& what) {
     GEMMA3_TRY(device_malloc(dst, bytes, "tensor " + what));
-    const cudaError_t e = bytes > 0 ? cudaMemcpy(*dst, src, bytes, cudaMemcpyHostToDevice) : cudaSuccess;
-    if (e != cudaSuccess)
+    cudaError_t e = cudaSuccess;
+    if (bytes > 0) {
+      e = cudaMemcpyAsync(*dst, src, bytes, cudaMemcpyHostToDevice, stream());
+      if (e == cudaSuccess) e = cudaStreamSynchronize(stream());
+    }
+    if (e != cudaSuccess) {
+      (void)cudaFree(*dst);  // the caller keeps nothing of a failed copy
+      *dst = nullptr;
       return internal_error(
           fmt::format("CUDA backend: tensor {}: upload of {} bytes: {}", what, bytes, cuda_error_text(e)));
+    }
     return ok_status();
   }
 
@@ -633,10 +644,9 @@ class CudaBackend final : public Backend {
   size_t partials_bytes_ = 0;
   void* sample_ws_ = nullptr;  // sampling: cuda::sample_workspace_bytes + edit ids + result id
   size_t sample_ws_bytes_ = 0;
-  int sm_count_ = 132;
-  bool fp8_weights_ =
-      false;  // BackendOptions::fp8_weights  // multiprocessors of device 0 (sizes the split-KV attention)
-  Status error_;  // first failure; sticky
+  int sm_count_ = 132;        // multiprocessors of device 0 (sizes the split-KV attention)
+  bool fp8_weights_ = false;  // BackendOptions::fp8_weights
+  Status error_;              // first failure; sticky
 };
 
 }  // namespace
