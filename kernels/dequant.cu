@@ -18,16 +18,17 @@ __global__ void dequant_rows_kernel(WeightRef w, int64_t row0, int64_t n_rows, f
 }
 
 // out[t, i] = (W[ids[t], i] * row_scale(ids[t])) * scale, the CPU reference's order.
-// Preconditions: grid.y = n tokens; ids in [0, rows) (checked on the host by the caller).
+// Preconditions: any 1-D grid (grid-stride loop over n * cols, so any n: a grid.y of tokens
+// would stop at 65535); ids in [0, rows) (checked on the host by the caller).
 template <class D>
-__global__ void embed_kernel(WeightRef w, const int32_t* ids, float scale, float* out) {
-  const int t = blockIdx.y;
-  const int64_t r = ids[t];
-  const uint8_t* row = static_cast<const uint8_t*>(w.data) + r * w.row_bytes;
-  const float s = row_scale_of(w, r);
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < w.cols;
-       i += int64_t{gridDim.x} * blockDim.x)
-    out[t * w.cols + i] = blocks::mul(blocks::mul(blocks::row_value<D>(row, i), s), scale);
+__global__ void embed_kernel(WeightRef w, const int32_t* ids, int n, float scale, float* out) {
+  const int64_t total = int64_t{n} * w.cols;
+  for (int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; idx < total;
+       idx += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t r = ids[idx / w.cols], i = idx % w.cols;
+    const uint8_t* row = static_cast<const uint8_t*>(w.data) + r * w.row_bytes;
+    out[idx] = blocks::mul(blocks::mul(blocks::row_value<D>(row, i), row_scale_of(w, r)), scale);
+  }
 }
 
 // Per-row fp8 quantization (launch_quantize_fp8_rows): one block per row (grid-stride over
@@ -82,12 +83,12 @@ int launch_dequant_rows(const WeightRef& w, int64_t row0, int64_t n_rows, float*
 }
 
 int launch_embed(const WeightRef& w, const int32_t* ids, int n, float scale, float* out, Stream stream) {
-  if (n < 0 || n > 65535) return static_cast<int>(cudaErrorInvalidValue);
+  if (n < 0) return static_cast<int>(cudaErrorInvalidValue);
   if (n == 0 || w.cols == 0) return 0;
   constexpr int kThreads = 256;
-  const dim3 grid(static_cast<unsigned>((w.cols + kThreads - 1) / kThreads), static_cast<unsigned>(n));
   return dispatch_dtype(w.dtype, [&](auto d) {
-    embed_kernel<decltype(d)><<<grid, kThreads, 0, as_stream(stream)>>>(w, ids, scale, out);
+    embed_kernel<decltype(d)>
+        <<<grid_for(int64_t{n} * w.cols, kThreads), kThreads, 0, as_stream(stream)>>>(w, ids, n, scale, out);
     return launch_result();
   });
 }

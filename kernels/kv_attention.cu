@@ -78,25 +78,8 @@ __global__ void kv_write_q8_0_kernel(const float* k, const float* v, int n, int 
 
 constexpr int kAttnThreads = 128;  // 4 warps
 constexpr int kAttnWarps = kAttnThreads / 32;
-constexpr int kAttnTile = 32;  // keys scored per step
+constexpr int kAttnTile = kAttentionKeyTile;  // keys scored per step
 constexpr int kAttnDimsPerThread = kAttentionMaxHeadDim / kAttnThreads;
-constexpr int kMinSplitKeys = 256;   // a split's keys: at least this many ...
-constexpr int kMaxSplitKeys = 1024;  // ... and at most this many, unless kMaxSplits forces more
-constexpr int kMaxSplits = 1024;     // grid.y and the combine kernel's shared weights
-
-// Keys visible to query t (position i = pos0 + t): the contiguous range [lo, hi],
-//   lo = max(kv_start, i - W + 1 if W else 0), hi = i, except that a query in the
-//   bidirectional group [bb, be) also sees the later keys of its group: hi = be - 1. The window
-//   still bounds keys from below (backend.h AttentionParams; transformers' sliding mask is
-//   (causal OR same group) AND j > i - W).
-__host__ __device__ __forceinline__ void visible_keys(const AttentionArgs& a, int t, int64_t* lo,
-                                                      int64_t* hi) {
-  const int64_t i = int64_t{a.pos0} + t;
-  int64_t l = a.window > 0 ? i - a.window + 1 : 0;
-  if (l < a.kv_start) l = a.kv_start;
-  *lo = l;
-  *hi = i >= a.bidir_begin && i < a.bidir_end ? int64_t{a.bidir_end} - 1 : i;
-}
 
 // For each (token t, head h) = blockIdx.x and split s = blockIdx.y: online softmax of
 // q[t, h, :] . K[j, g, :] * scale over the keys j of split s, lo + s * chunk <= j <
@@ -217,21 +200,22 @@ int dispatch_kv(DType t, F&& f) {
   }
 }
 
-bool bad_attention_args(const AttentionArgs& a) {
-  const bool bidir = a.bidir_begin < a.bidir_end;
-  return a.n_tokens < 0 || a.pos0 < 0 || a.n_heads < 1 || a.n_kv_heads < 1 || a.n_heads % a.n_kv_heads != 0 ||
-         a.head_dim < 1 || a.head_dim > kAttentionMaxHeadDim || a.capacity < 1 || a.window < 0 ||
-         a.kv_start < 0 || a.kv_start > a.pos0 || int64_t{a.n_tokens} * a.n_heads > 0x7FFFFFFF ||
-         (a.kv_dtype == DType::kQ8_0 && a.head_dim % 32 != 0) || a.bidir_begin > a.bidir_end ||
-         (bidir && (a.bidir_begin < a.pos0 || a.bidir_end > int64_t{a.pos0} + a.n_tokens));
-}
-
 }  // namespace
 
 int launch_kv_write(const float* k, const float* v, int n, int pos0, int kv_width, void* cache_k,
                     void* cache_v, int capacity, DType kv_dtype, Stream stream) {
   if (n < 0 || pos0 < 0 || kv_width < 0 || capacity < 1) return static_cast<int>(cudaErrorInvalidValue);
   if (n == 0 || kv_width == 0) return 0;
+  if (n > capacity) {
+    // A chunk longer than the ring: only its last `capacity` tokens survive (the CPU's
+    // sequential writes leave exactly those). Writing all of them would have two threads
+    // store different tokens into one slot, in no defined order.
+    const int skip = n - capacity;
+    k += int64_t{skip} * kv_width;
+    v += int64_t{skip} * kv_width;
+    pos0 += skip;
+    n = capacity;
+  }
   constexpr int kThreads = 256;
   const unsigned grid = grid_for(int64_t{n} * kv_width, kThreads);
   const cudaStream_t s = as_stream(stream);
@@ -259,42 +243,12 @@ int launch_kv_write(const float* k, const float* v, int n, int pos0, int kv_widt
   return launch_result();
 }
 
-AttentionPlan attention_plan(const AttentionArgs& a) {
-  AttentionPlan p;
-  if (bad_attention_args(a) || a.n_tokens == 0) return p;
-  int64_t longest = 1;
-  for (int t = 0; t < a.n_tokens; ++t) {
-    int64_t lo, hi;
-    visible_keys(a, t, &lo, &hi);
-    longest = hi - lo + 1 > longest ? hi - lo + 1 : longest;
-  }
-  p.longest = longest;
-  p.chunk = static_cast<int>(longest);
-  // Split only when the (token, head) rows alone leave the device mostly idle: aim for about
-  // 4 blocks per multiprocessor, each split between kMinSplitKeys and kMaxSplitKeys keys
-  // (a multiple of the key tile). One token at 128K keys and 8 heads: 128 splits of 1024.
-  const int64_t rows = int64_t{a.n_tokens} * a.n_heads;
-  const int64_t target = 4 * int64_t{a.sm_count > 0 ? a.sm_count : 1};
-  if (rows >= target || longest <= kMinSplitKeys) return p;
-  const int64_t want = (target + rows - 1) / rows;
-  int64_t chunk = (longest + want - 1) / want;
-  chunk = chunk < kMinSplitKeys ? kMinSplitKeys : chunk > kMaxSplitKeys ? kMaxSplitKeys : chunk;
-  if ((longest + chunk - 1) / chunk > kMaxSplits) chunk = (longest + kMaxSplits - 1) / kMaxSplits;
-  chunk = (chunk + kAttnTile - 1) / kAttnTile * kAttnTile;
-  const int64_t splits = (longest + chunk - 1) / chunk;
-  if (splits <= 1) return p;
-  p.splits = static_cast<int>(splits);
-  p.chunk = static_cast<int>(chunk);
-  p.workspace_floats = rows * splits * (a.head_dim + 2);
-  return p;
-}
-
 int launch_attention(const AttentionArgs& a, Stream stream) {
   if (bad_attention_args(a)) return static_cast<int>(cudaErrorInvalidValue);
   if (a.n_tokens == 0) return 0;
   const AttentionPlan p = attention_plan(a);
-  // Every visible range must fit the ring, or its oldest keys were overwritten.
-  if (p.longest > a.capacity) return static_cast<int>(cudaErrorInvalidValue);
+  // Every key this call reads must still be in the ring (AttentionPlan::span).
+  if (p.span > a.capacity) return static_cast<int>(cudaErrorInvalidValue);
   if (p.splits > 1 && (!a.partials || a.partial_floats < p.workspace_floats))
     return static_cast<int>(cudaErrorInvalidValue);
   const dim3 grid(static_cast<unsigned>(a.n_tokens * a.n_heads), static_cast<unsigned>(p.splits));

@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "block_decode.h"  // GEMMA3_HD
 #include "core/dtype.h"
 
 namespace gemma3::cuda {
@@ -83,15 +84,79 @@ struct AttentionArgs {
 };
 constexpr int kAttentionMaxHeadDim = 512;
 
+constexpr int kAttentionKeyTile = 32;  // keys the attention kernel scores per step
+constexpr int kMinSplitKeys = 256;     // a split's keys: at least this many ...
+constexpr int kMaxSplitKeys = 1024;    // ... and at most this many, unless kMaxSplits forces more
+constexpr int kMaxSplits = 1024;       // grid.y and the combine kernel's shared weights
+
+// Keys visible to query t (position i = pos0 + t): the contiguous range [lo, hi],
+//   lo = max(kv_start, i - W + 1 if W else 0), hi = i, except that a query in the
+//   bidirectional group [bb, be) also sees the later keys of its group: hi = be - 1. The window
+//   still bounds keys from below (backend.h AttentionParams; transformers' sliding mask is
+//   (causal OR same group) AND j > i - W). Never empty when kv_start <= pos0.
+GEMMA3_HD void visible_keys(const AttentionArgs& a, int t, int64_t* lo, int64_t* hi) {
+  const int64_t i = int64_t{a.pos0} + t;
+  int64_t l = a.window > 0 ? i - a.window + 1 : 0;
+  if (l < a.kv_start) l = a.kv_start;
+  *lo = l;
+  *hi = i >= a.bidir_begin && i < a.bidir_end ? int64_t{a.bidir_end} - 1 : i;
+}
+
+// Arguments launch_attention refuses (cudaErrorInvalidValue), the ring check aside.
+inline bool bad_attention_args(const AttentionArgs& a) {
+  const bool bidir = a.bidir_begin < a.bidir_end;
+  return a.n_tokens < 0 || a.pos0 < 0 || a.n_heads < 1 || a.n_kv_heads < 1 || a.n_heads % a.n_kv_heads != 0 ||
+         a.head_dim < 1 || a.head_dim > kAttentionMaxHeadDim || a.capacity < 1 || a.window < 0 ||
+         a.kv_start < 0 || a.kv_start > a.pos0 || int64_t{a.n_tokens} * a.n_heads > 0x7FFFFFFF ||
+         (a.kv_dtype == DType::kQ8_0 && a.head_dim % 32 != 0) || a.bidir_begin > a.bidir_end ||
+         (bidir && (a.bidir_begin < a.pos0 || a.bidir_end > int64_t{a.pos0} + a.n_tokens));
+}
+
 // How launch_attention divides the work: each (token, head) row's visible keys are cut into
 // `splits` chunks of `chunk` keys, one block each, combined by a second kernel when splits > 1.
 struct AttentionPlan {
   int splits = 1;
   int chunk = 0;                 // keys per split (the longest visible range when splits == 1)
-  int64_t longest = 0;           // keys of the longest visible range (must fit the ring)
+  int64_t longest = 0;           // keys of the longest visible range
   int64_t workspace_floats = 0;  // n_tokens * n_heads * splits * (head_dim + 2) when splits > 1
+  // Positions lo(0) .. pos0 + n_tokens - 1: every key the call reads (the last query reads the
+  // newest; lo is nondecreasing in t). They must all be in the ring at once, span <= capacity,
+  // or slot j % capacity already holds a later position than j (launch_attention refuses).
+  int64_t span = 0;
 };
-AttentionPlan attention_plan(const AttentionArgs& a);
+
+// Host-only planning (no device work); the default plan for bad arguments or no tokens.
+// Split only when the (token, head) rows alone leave the device mostly idle: aim for about
+// 4 blocks per multiprocessor, each split between kMinSplitKeys and kMaxSplitKeys keys (a
+// multiple of the key tile). One token at 128K keys and 8 heads: 128 splits of 1024.
+inline AttentionPlan attention_plan(const AttentionArgs& a) {
+  AttentionPlan p;
+  if (bad_attention_args(a) || a.n_tokens == 0) return p;
+  int64_t longest = 1, lo0 = 0, hi0 = 0;
+  visible_keys(a, 0, &lo0, &hi0);
+  for (int t = 0; t < a.n_tokens; ++t) {
+    int64_t lo, hi;
+    visible_keys(a, t, &lo, &hi);
+    longest = hi - lo + 1 > longest ? hi - lo + 1 : longest;
+  }
+  p.longest = longest;
+  p.span = int64_t{a.pos0} + a.n_tokens - lo0;
+  p.chunk = static_cast<int>(longest < 0x7FFFFFFF ? longest : 0x7FFFFFFF);
+  const int64_t rows = int64_t{a.n_tokens} * a.n_heads;
+  const int64_t target = 4 * int64_t{a.sm_count > 0 ? a.sm_count : 1};
+  if (rows >= target || longest <= kMinSplitKeys) return p;
+  const int64_t want = (target + rows - 1) / rows;
+  int64_t chunk = (longest + want - 1) / want;
+  chunk = chunk < kMinSplitKeys ? kMinSplitKeys : chunk > kMaxSplitKeys ? kMaxSplitKeys : chunk;
+  if ((longest + chunk - 1) / chunk > kMaxSplits) chunk = (longest + kMaxSplits - 1) / kMaxSplits;
+  chunk = (chunk + kAttentionKeyTile - 1) / kAttentionKeyTile * kAttentionKeyTile;
+  const int64_t splits = (longest + chunk - 1) / chunk;
+  if (splits <= 1) return p;
+  p.splits = static_cast<int>(splits);
+  p.chunk = static_cast<int>(chunk);
+  p.workspace_floats = rows * splits * (a.head_dim + 2);
+  return p;
+}
 int launch_attention(const AttentionArgs& a, Stream stream);
 
 // ---- sample.cu ----

@@ -13,6 +13,7 @@
 #include <random>
 
 #include "../kernels/block_decode.h"
+#include "../kernels/launch.h"
 #include "backend/backend.h"
 #include "core/quant.h"
 #include "model/forward.h"
@@ -160,6 +161,94 @@ TEST(BlockDecode, EncodersMatchCpu) {
     }
     EXPECT_EQ(got, want) << "scale " << scale;
   }
+}
+
+// ---- attention planning (kernels/launch.h, host code: runs everywhere) -----------------------
+
+cuda::AttentionArgs attention_args(int n_tokens, int pos0, int n_heads, int window, int kv_start,
+                                   int capacity, int bidir_begin = 0, int bidir_end = 0, int sm_count = 132) {
+  cuda::AttentionArgs a;
+  a.n_tokens = n_tokens, a.pos0 = pos0, a.n_heads = n_heads, a.n_kv_heads = 1, a.head_dim = 128;
+  a.window = window, a.kv_start = kv_start, a.capacity = capacity;
+  a.bidir_begin = bidir_begin, a.bidir_end = bidir_end, a.sm_count = sm_count;
+  return a;
+}
+
+// visible_keys against the mask as backend.h states it, key by key: j is visible to query i iff
+// j >= kv_start, (j <= i or i and j both in [bidir_begin, bidir_end)), and (no window or
+// j > i - W). The visible set must be exactly the range [lo, hi] (never empty).
+TEST(AttentionPlan, VisibleKeysAreTheSpecsMask) {
+  const cuda::AttentionArgs cases[] = {
+      attention_args(1, 0, 1, 0, 0, 16),           attention_args(5, 10, 1, 4, 0, 16),
+      attention_args(6, 3, 1, 4, 5 - 2, 16),       attention_args(10, 5, 1, 0, 0, 32, 8, 13),
+      attention_args(12, 20, 1, 8, 0, 19, 22, 32), attention_args(7, 0, 1, 0, 0, 7, 0, 7),
+      attention_args(4, 30, 1, 3, 29, 8, 31, 34),
+  };
+  for (const cuda::AttentionArgs& a : cases) {
+    ASSERT_FALSE(cuda::bad_attention_args(a));
+    for (int t = 0; t < a.n_tokens; ++t) {
+      const int64_t i = a.pos0 + t;
+      int64_t lo, hi;
+      cuda::visible_keys(a, t, &lo, &hi);
+      EXPECT_LE(lo, hi) << "t " << t;
+      for (int64_t j = 0; j < a.pos0 + a.n_tokens + 3; ++j) {
+        const bool group = i >= a.bidir_begin && i < a.bidir_end && j >= a.bidir_begin && j < a.bidir_end;
+        const bool want = j >= a.kv_start && (j <= i || group) && (a.window == 0 || j > i - a.window);
+        EXPECT_EQ(j >= lo && j <= hi, want) << "pos0 " << a.pos0 << " t " << t << " j " << j;
+      }
+    }
+  }
+}
+
+// Split-KV plans: the splits of the longest row cover it with no empty tail split, chunks are
+// whole key tiles, grid.y stays within kMaxSplits, and the workspace matches. Hand-computed
+// anchors: 1 token x 8 heads over 128K keys on 132 SMs wants 4 * 132 / 8 = 66 splits of 1986
+// keys, clamped to 1024: 128 splits; 1 token x 1 head over 2M keys: 1024 splits of 2048.
+TEST(AttentionPlan, SplitsCoverTheLongestRow) {
+  struct Case {
+    cuda::AttentionArgs a;
+    int splits;  // expected, or 0: only the invariants
+  };
+  const Case cases[] = {
+      {attention_args(1, 131071, 8, 0, 0, 131072), 128},
+      {attention_args(1, 4999, 8, 0, 0, 5000), 0},
+      {attention_args(3, 1800, 2, 0, 770, 1900), 0},
+      {attention_args(1, 70001, 8, 1024, 0, 1039), 0},
+      {attention_args(1, 2097151, 1, 0, 0, 2097152), 1024},
+      {attention_args(1, 200, 8, 0, 0, 256), 1},                 // short: no split
+      {attention_args(512, 4096, 8, 0, 0, 8192), 1},             // prefill: rows fill the device
+      {attention_args(1, 100000, 8, 0, 0, 100001, 0, 0, 0), 0},  // sm_count unknown
+  };
+  for (const Case& c : cases) {
+    const cuda::AttentionPlan p = cuda::attention_plan(c.a);
+    const std::string what = "pos0 " + std::to_string(c.a.pos0) + " heads " + std::to_string(c.a.n_heads);
+    if (c.splits) EXPECT_EQ(p.splits, c.splits) << what;
+    EXPECT_GE(p.splits, 1) << what;
+    EXPECT_LE(p.splits, cuda::kMaxSplits) << what;
+    EXPECT_GE(int64_t{p.splits} * p.chunk, p.longest) << what;
+    EXPECT_LT(int64_t{p.splits - 1} * p.chunk, p.longest) << what << ": an empty last split";
+    if (p.splits > 1) {
+      EXPECT_EQ(p.chunk % cuda::kAttentionKeyTile, 0) << what;
+      EXPECT_EQ(p.workspace_floats, int64_t{c.a.n_tokens} * c.a.n_heads * p.splits * (c.a.head_dim + 2))
+          << what;
+    } else {
+      EXPECT_EQ(p.workspace_floats, 0) << what;
+    }
+  }
+}
+
+// The ring check: every key one call reads must be in the ring together. A local layer's ring
+// of W + chunk - 1 slots (kv_cache.cpp) holds exactly a full chunk's keys; one slot less does
+// not. A bidirectional group on a sliding layer reads up to its end from its first query's
+// window start.
+TEST(AttentionPlan, SpanIsEveryKeyTheCallReads) {
+  const int W = 512, chunk = 256;
+  EXPECT_EQ(cuda::attention_plan(attention_args(chunk, 1000, 4, W, 0, W + chunk - 1)).span, W + chunk - 1);
+  EXPECT_EQ(cuda::attention_plan(attention_args(1, 5000, 4, W, 0, W)).span, W);  // decode
+  EXPECT_EQ(cuda::attention_plan(attention_args(chunk, 100, 4, W, 0, W + chunk - 1)).span, 100 + chunk);
+  EXPECT_EQ(cuda::attention_plan(attention_args(10, 40, 4, 0, 37, 64)).span, 13);         // kv_start
+  EXPECT_EQ(cuda::attention_plan(attention_args(12, 20, 4, 8, 0, 19, 22, 32)).span, 19);  // 13 .. 31
+  EXPECT_EQ(cuda::attention_plan(attention_args(4, 10, 4, 0, 11, 64)).span, 0);  // kv_start > pos0: bad
 }
 
 // ---- GPU suites -------------------------------------------------------------------------------
@@ -380,6 +469,23 @@ TEST_F(CudaOps, EmbedIsBitExactForEveryType) {
   }
 }
 
+// More tokens than a grid.y of tokens could hold (65535): the embed kernel's grid-stride loop.
+TEST_F(CudaOps, EmbedTakesAnyNumberOfTokens) {
+  const int64_t rows = 50, cols = 37;
+  TestWeight tw(DType::kF16, rows, cols, 22);
+  auto wg = gpu_->upload(tw.view);
+  auto wc = cpu_->upload(tw.view);
+  ASSERT_TRUE(wg.ok() && wc.ok());
+  const int n = 70001;
+  std::vector<int32_t> ids(n);
+  for (int t = 0; t < n; ++t) ids[t] = (t * 7) % rows;
+  Buf og(*gpu_, static_cast<size_t>(n * cols) * 4);
+  std::vector<float> ref(static_cast<size_t>(n * cols));
+  cpu_->embed(**wc, ids.data(), n, 2.5f, ref.data());
+  gpu_->embed(**wg, ids.data(), n, 2.5f, og.f());
+  EXPECT_EQ(og.read(), ref);  // one exact product per element (f16 values * 2.5 fit fp32)
+}
+
 TEST_F(CudaOps, RmsNormMatchesCpu) {
   for (int dim : {37, 128, 256, 1152, 5376}) {
     for (int64_t rows : {1, 7}) {
@@ -432,22 +538,27 @@ TEST_F(CudaOps, RopeMatchesCpuIncludingLargePositions) {
 const DType kKvTypes[] = {DType::kF32, DType::kBF16, DType::kQ8_0, DType::kF8E4M3};
 
 TEST_F(CudaOps, KvWriteIsBitExactAndWrapsTheRing) {
-  for (DType dt : kKvTypes) {
-    const int kvw = 2 * 128, capacity = 10, n = 7, pos0 = 26;  // slots 6..9 then 0..2
-    const size_t bytes = static_cast<size_t>(capacity) * *row_bytes(dt, kvw);
-    auto k = randn(static_cast<size_t>(n * kvw), 4), v = randn(static_cast<size_t>(n * kvw), 5, 100.0f);
-    // Saturation, NaN, zero blocks and halfway cases for the 8-bit encoders.
-    k[3] = 1000.0f, k[4] = -INFINITY, k[5] = NAN, v[7] = 0.0f;
-    for (int i = 32; i < 64; ++i) k[i] = 0.0f;
-    k[70] = 0.0146484375f;  // halfway between two e4m3 values
-    std::vector<uint8_t> ck(bytes, 0), cv(bytes, 0);
-    cpu_->kv_write(k.data(), v.data(), n, pos0, kvw, KvLayer{ck.data(), cv.data(), capacity, dt});
-    Buf kg(*gpu_, k), vg(*gpu_, v), ckg(*gpu_, bytes), cvg(*gpu_, bytes);
-    gpu_->kv_write(kg.f(), vg.f(), n, pos0, kvw, KvLayer{ckg.get(), cvg.get(), capacity, dt});
-    // Copies, round-to-nearest-even and the Q8_0 quantizer (correctly rounded divide, products
-    // and round-half-away) are exact operations on both sides: identical bytes.
-    EXPECT_EQ(ckg.read<uint8_t>(), ck) << dtype_name(dt);
-    EXPECT_EQ(cvg.read<uint8_t>(), cv) << dtype_name(dt);
+  // 7 tokens at 26: slots 6..9 then 0..2. 13 tokens at 5 (more than the ring): the CPU's
+  // sequential writes leave the last 10 (positions 8..17); the device must not race two
+  // tokens onto one slot.
+  for (auto [n, pos0] : {std::pair{7, 26}, std::pair{13, 5}}) {
+    for (DType dt : kKvTypes) {
+      const int kvw = 2 * 128, capacity = 10;
+      const size_t bytes = static_cast<size_t>(capacity) * *row_bytes(dt, kvw);
+      auto k = randn(static_cast<size_t>(n * kvw), 4), v = randn(static_cast<size_t>(n * kvw), 5, 100.0f);
+      // Saturation, NaN, zero blocks and halfway cases for the 8-bit encoders.
+      k[3] = 1000.0f, k[4] = -INFINITY, k[5] = NAN, v[7] = 0.0f;
+      for (int i = 32; i < 64; ++i) k[i] = 0.0f;
+      k[70] = 0.0146484375f;  // halfway between two e4m3 values
+      std::vector<uint8_t> ck(bytes, 0), cv(bytes, 0);
+      cpu_->kv_write(k.data(), v.data(), n, pos0, kvw, KvLayer{ck.data(), cv.data(), capacity, dt});
+      Buf kg(*gpu_, k), vg(*gpu_, v), ckg(*gpu_, bytes), cvg(*gpu_, bytes);
+      gpu_->kv_write(kg.f(), vg.f(), n, pos0, kvw, KvLayer{ckg.get(), cvg.get(), capacity, dt});
+      // Copies, round-to-nearest-even and the Q8_0 quantizer (correctly rounded divide, products
+      // and round-half-away) are exact operations on both sides: identical bytes.
+      EXPECT_EQ(ckg.read<uint8_t>(), ck) << dtype_name(dt) << " n " << n;
+      EXPECT_EQ(cvg.read<uint8_t>(), cv) << dtype_name(dt) << " n " << n;
+    }
   }
 }
 
