@@ -585,7 +585,7 @@ TEST_F(CudaOps, AttentionMatchesCpu) {
     const char* what;
     int n_tokens, pos0, n_heads, n_kv_heads, hd, window, kv_start, capacity;
     int bidir_begin = 0, bidir_end = 0;
-    bool all_types = true;  // false: the largest cases run with a bf16 cache only
+    bool all_types = true;  // false: a bf16 cache only (the largest cases; head_dim 72 has no Q8_0)
   };
   const int W = 8;
   const Case cases[] = {
@@ -606,6 +606,9 @@ TEST_F(CudaOps, AttentionMatchesCpu) {
       {"bidir group on a sliding layer (longer than W)", 12, 20, 4, 2, 128, W, 0, W + 12 - 1, 22, 32},
       {"bidir group of one token", 4, 9, 2, 1, 128, 0, 0, 16, 10, 11},
       {"vision tower: the whole input bidirectional", 7, 0, 4, 4, 64, 0, 0, 7, 0, 7},
+      // SigLIP's head_dim 72 (not a multiple of 32: partly idle lanes; no Q8_0 cache for it).
+      {"vision head_dim 72", 9, 0, 4, 4, 72, 0, 0, 9, 0, 9, false},
+      {"head_dim 512 (the kernel's maximum)", 3, 5, 2, 1, 512, 0, 0, 8},
       // Split-KV decode (one block per (token, head, key chunk), then a combine pass): few
       // (token, head) rows and long visible ranges, at sizes that leave partial chunks/tiles.
       {"split: one token over 5000 keys", 1, 4999, 8, 4, 256, 0, 0, 5000},
