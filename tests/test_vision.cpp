@@ -221,7 +221,7 @@ TEST(Vision, BidirectionalGroupIsWhatMakesTheDifference) {
   ASSERT_TRUE(w.ok());
   const std::vector<int32_t> ids = g.ids("one_image");
   const std::vector<float> projected = g.load("projected");
-  const int N = c.vision.tokens_per_image, H = c.hidden, V = c.vocab_size;
+  const int N = c.vision.tokens_per_image, V = c.vocab_size;
   const int first = static_cast<int>(std::find(ids.begin(), ids.end(), g.image_token()) - ids.begin());
   for (bool bidir : {true, false}) {
     KvCache cache(**be, plan_kv(c, 64, 32, DType::kF32));
@@ -252,7 +252,6 @@ TEST(Vision, BidirectionalGroupIsWhatMakesTheDifference) {
     const std::vector<float> other = g.load(bidir ? "one_image_causal.logits" : "one_image.logits");
     EXPECT_GT(max_diff(logits, other, V, V), 0.1f) << "the group changed nothing";
   }
-  (void)H;
 }
 
 TEST(Vision, SecondQuestionAboutTheSameImageUsesTheCache) {

@@ -123,6 +123,7 @@ class Session {
   // the real models; docs/vision.md), or with Pan & Scan the original and its crops with their
   // connecting text. Encoded images are cached in the session by file content, so asking again
   // about the same image does not re-run the vision tower. Needs a model with a vision tower.
+  // On an empty context <bos> comes first, as with feed_text.
   virtual Status feed_image(const std::string& path) = 0;
   // The same for one preprocessed image: [3, S, S] floats, channels-first RGB, normalized as the
   // image processor does (S = image_size(); no Pan & Scan).
