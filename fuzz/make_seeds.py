@@ -12,6 +12,9 @@ no third-party packages, so they do not depend on our own writer:
                 config, a compressed-tensors quantization_config
   tokenizer     mode byte + text (plain/special), mode byte + tests/data/tiny/tokenizer.model
   chat_template flags byte + role-byte-prefixed messages separated by NUL
+  image         tiny PNG (RGB, RGBA, 16-bit gray, palette+tRNS, gray+alpha, Adam7), JPEG
+                (baseline 4:2:0, progressive, gray), BMP (24/32-bit, 8-bit palette) and GIF
+                (one frame; two frames with transparency), written by Pillow (skipped without it)
 """
 import json
 import os
@@ -214,4 +217,38 @@ put("tokenizer", "proto_load.model", b"\x03" + model)
 put("chat_template", "two_turns", b"\x03\x00Hello\x00\x01Hi there\x00\x00How are you?")
 put("chat_template", "system_first", b"\x01\x03Be brief.\x00\x00  What is 2+2?  \n")
 put("chat_template", "continuation", b"\x02\x00next question \xe2\x80\x83\x00\x02answer\x00\x00<end_of_turn>")
+# ---- images (Pillow writes them: an independent encoder) -----------------------------------
+try:
+    import io
+    from PIL import Image
+except ImportError:
+    Image = None
+    print("Pillow missing: image seeds not written")
+if Image is not None:
+    def img_bytes(im, fmt, **kw):
+        b = io.BytesIO()
+        im.save(b, fmt, **kw)
+        return b.getvalue()
+
+    def grad(w, h, mode="RGB"):
+        im = Image.new("RGB", (w, h))
+        im.putdata([((x * 40) % 256, (y * 60) % 256, (x * y * 13) % 256) for y in range(h) for x in range(w)])
+        return im.convert(mode)
+
+    put("image", "rgb_8x6.png", img_bytes(grad(8, 6), "PNG"))
+    put("image", "rgba_5x4.png", img_bytes(grad(5, 4, "RGBA"), "PNG"))
+    put("image", "gray16_4x4.png", img_bytes(grad(4, 4, "L").convert("I;16"), "PNG"))
+    put("image", "pal_trns_6x3.png", img_bytes(grad(6, 3).quantize(colors=4), "PNG", transparency=1))
+    put("image", "la_3x5.png", img_bytes(grad(3, 5, "LA"), "PNG"))
+    put("image", "adam7_9x9.png", img_bytes(grad(9, 9), "PNG", interlace=1))
+    put("image", "baseline_16x8.jpg", img_bytes(grad(16, 8), "JPEG", quality=80, subsampling=2))
+    put("image", "progressive_16x16.jpg", img_bytes(grad(16, 16), "JPEG", quality=70, progressive=True))
+    put("image", "gray_8x8.jpg", img_bytes(grad(8, 8, "L"), "JPEG"))
+    put("image", "rgb_5x3.bmp", img_bytes(grad(5, 3), "BMP"))
+    put("image", "rgba_4x2.bmp", img_bytes(grad(4, 2, "RGBA"), "BMP"))
+    put("image", "pal_7x3.bmp", img_bytes(grad(7, 3).quantize(colors=8), "BMP"))
+    put("image", "one_6x4.gif", img_bytes(grad(6, 4).quantize(colors=8), "GIF"))
+    put("image", "two_frames_5x5.gif", img_bytes(grad(5, 5).quantize(colors=8), "GIF", save_all=True,
+                                                append_images=[grad(5, 5).rotate(90).quantize(colors=8)],
+                                                transparency=2, duration=50))
 print("seeds written to", OUT)

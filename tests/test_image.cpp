@@ -401,6 +401,46 @@ TEST(ImageLimits, EmptyNonImageUnsupportedMissing) {
   EXPECT_FALSE(r.ok());
 }
 
+// fuzz_image finding 1 (fuzz/corpus/image/crash-jpeg-dht-*): a JPEG DHT segment
+// whose 16 code counts add up to 259 made stb_image 2.27 write past its Huffman size table
+// (UBSan index 257 out of bounds in stbi__build_huffman). Refused before stb runs now.
+TEST(ImageRegressions, JpegHuffmanTableWithMoreThan256Codes) {
+  // The second input has the bad table before SOF, where stbi_info_from_memory read it.
+  for (const char* crash : {"crash-jpeg-dht-over-256-codes", "crash-jpeg-dht-before-sof"}) {
+    SCOPED_TRACE(crash);
+    const std::vector<uint8_t> b = read_bytes(std::string(GEMMA3_SOURCE_DIR) + "/fuzz/corpus/image/" + crash);
+    ASSERT_FALSE(b.empty());
+    Result<Image> r = decode_image(b, "crash.jpg");
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.status().code(), ErrorCode::kInvalidFile);
+    EXPECT_NE(message_of(r).find("codes (at most 256)"), std::string::npos) << message_of(r);
+  }
+  // The same table inside an APP1 payload (say an EXIF blob) is not a DHT stb reads: accepted.
+  std::vector<uint8_t> jpg = read_bytes(kImages + "photo_96x64.jpg");
+  std::vector<uint8_t> app = {0xff, 0xe1, 0, 2 + 21, 0xff, 0xc4, 0, 19, 0x00};  // APP1 of 21 bytes
+  for (int k = 0; k < 16; ++k) app.push_back(k < 2 ? 255 : 0);
+  jpg.insert(jpg.begin() + 2, app.begin(), app.end());
+  Result<Image> r = decode_image(jpg, "exif.jpg");
+  EXPECT_TRUE(r.ok()) << message_of(r);
+}
+
+// fuzz_image finding 2 (fuzz/corpus/image/crash-jpeg-undefined-huffman-table): a progressive
+// scan selecting a Huffman table that no DHT defined made stb 2.27 read its uninitialized
+// (malloc'ed) table: UBSan "index -31 out of bounds" in stbi__jpeg_huff_decode, depending on
+// what the heap held. stb's allocations are zeroed now, so the input fails the same way always.
+TEST(ImageRegressions, JpegScanWithUndefinedHuffmanTable) {
+  const std::vector<uint8_t> b =
+      read_bytes(std::string(GEMMA3_SOURCE_DIR) + "/fuzz/corpus/image/crash-jpeg-undefined-huffman-table");
+  ASSERT_FALSE(b.empty());
+  for (int i = 0; i < 3; ++i) {  // and after other decodes left data on the heap
+    Result<Image> r = decode_image(b, "crash.jpg");
+    ASSERT_FALSE(r.ok());
+    EXPECT_NE(message_of(r).find("cannot decode JPEG image (16x16): bad huffman code"), std::string::npos)
+        << message_of(r);
+    ASSERT_TRUE(load_image(kImages + "photo_96x64.jpg").ok());
+  }
+}
+
 // A PNG whose header says 1x1 but whose IDAT inflates to ~100 MB: the allocation budget stops
 // the inflater (stb would otherwise grow its buffer to the stream's end).
 TEST(ImageLimits, ZlibBombStopsAtTheBudget) {

@@ -11,6 +11,10 @@
 // tRNS, GIF transparent index) onto white with PIL.Image.alpha_composite, then drops alpha.
 // stb gives RGBA with the transparency key already applied, so we composite with Pillow's
 // integer formula (libImaging/AlphaComposite.c) and match it bit for bit.
+//
+// One deliberate difference: a 16-bit grayscale PNG opens in Pillow as mode "I;16", whose
+// conversion to RGB clips each value to 255 (a mostly white image); stb keeps the high byte, as
+// Pillow itself does for 16-bit RGB/RGBA PNGs. We keep stb's, the image the user sees.
 #include <fmt/format.h>
 #include <sys/stat.h>
 
@@ -57,7 +61,11 @@ void budget_give(size_t n) {
 
 void* stb_malloc(size_t n) {
   if (n > std::numeric_limits<size_t>::max() - kHeader || !budget_take(n)) return nullptr;
-  auto* p = static_cast<unsigned char*>(std::malloc(n + kHeader));
+  // Zeroed (calloc): stb 2.27 mallocs its JPEG decoder state and reads a Huffman table a scan
+  // selects even when no DHT defined it. Zeroed, such a table decodes every code as symbol 0
+  // through its fast lookup (a garbage image, no out-of-bounds index); uninitialized, its
+  // garbage deltas index out of bounds (fuzz_image finding 2).
+  auto* p = static_cast<unsigned char*>(std::calloc(1, n + kHeader));
   if (p == nullptr) {
     budget_give(n);
     return nullptr;
@@ -236,6 +244,48 @@ Status check_bmp_extent(std::span<const uint8_t> b, const std::string& name) {
   return ok_status();
 }
 
+// stb_image 2.27 (Debian's libstb-dev 0.0~git20220908) trusts a JPEG DHT segment's 16 code
+// counts: when they add up to more than 256, stbi__build_huffman writes past its 257-entry size
+// table and the values loop past its 256-entry value table (a heap/stack overflow found by
+// fuzz_image; newer stb checks n > 256). We cannot patch the system header, so such tables are
+// refused before stb runs. stb finds a marker only right after an 0xFF byte, so every DHT it
+// could read starts at some "FF C4" in the file: each one is checked the way stb would read it
+// (bytes past the end read as 0, as stbi__get8 gives). The payloads of the APPn/COM segments
+// that stb skips by length in the header are left out, so an EXIF blob does not trip the check.
+Status check_jpeg_huffman_tables(std::span<const uint8_t> b, const std::string& name) {
+  auto at = [&](size_t i) -> uint32_t { return i < b.size() ? b[i] : 0; };
+  std::vector<bool> skipped(b.size(), false);
+  for (size_t p = 2; p + 3 < b.size() && b[p] == 0xff;) {  // the header walk stb does, SOI to SOF
+    while (p < b.size() && b[p] == 0xff) ++p;
+    const uint32_t m = at(p), len = at(p + 1) << 8 | at(p + 2);
+    if (len < 2 || (m >= 0xc0 && m <= 0xcf && m != 0xc4 && m != 0xc8 && m != 0xcc) || m == 0xda || m == 0xd9)
+      break;
+    if ((m >= 0xe0 && m <= 0xef) || m == 0xfe)
+      std::fill(skipped.begin() + std::min(b.size(), p + 3),
+                skipped.begin() + std::min(b.size(), p + 1 + len), true);
+    p += 1 + len;
+  }
+  for (size_t i = 0; i + 1 < b.size(); ++i) {
+    if (b[i] != 0xff || b[i + 1] != 0xc4 || skipped[i + 1]) continue;
+    size_t p = i + 2;
+    int64_t left = int64_t(at(p) << 8 | at(p + 1)) - 2;
+    p += 2;
+    while (left > 0 && p <= b.size()) {
+      const uint32_t q = at(p++);
+      if ((q >> 4) > 1 || (q & 15) > 3) break;  // stb refuses the segment here
+      uint32_t n = 0;
+      for (int k = 0; k < 16; ++k) n += at(p++);
+      if (n > 256) {
+        return invalid_file(fmt::format(
+            "{}: corrupt JPEG: Huffman table at byte {} declares {} codes (at most 256)", name, i, n));
+      }
+      p += n;
+      left -= 17 + int64_t{n};
+    }
+  }
+  return ok_status();
+}
+
 }  // namespace
 
 Result<Image> decode_image(std::span<const uint8_t> bytes, const std::string& name,
@@ -262,6 +312,8 @@ Result<Image> decode_image(std::span<const uint8_t> bytes, const std::string& na
   const int len = static_cast<int>(bytes.size());
 
   // The header alone: dimensions are checked before anything is allocated for the pixels.
+  // Before stb reads even the header: stbi_info parses the DHT segments before SOF too.
+  if (format == Format::kJpeg) GEMMA3_TRY(check_jpeg_huffman_tables(bytes, name));
   int w = 0, h = 0, comp = 0;
   stbi__g_failure_reason = nullptr;
   if (!stbi_info_from_memory(bytes.data(), len, &w, &h, &comp)) {
@@ -305,7 +357,8 @@ Result<Image> decode_image(std::span<const uint8_t> bytes, const std::string& na
     if (budget.exceeded) {
       return out_of_memory(
           fmt::format("{}: decoding the {}x{} {} image needs more than {} bytes (a decompression "
-                      "bomb?); the budget is 32 bytes per pixel plus twice the file size",
+                      "bomb?); the budget is 32 bytes per pixel (of the size padded by 32), twice the file "
+                      "size and 16 MiB",
                       name, w, h, fname, budget.limit));
     }
     return invalid_file(
