@@ -95,6 +95,12 @@ fi
 
 echo "== summary ($(elapsed) s)"
 echo "CUDA tests: $([[ $tests_rc == 0 ]] && echo passed || echo "FAILED (exit $tests_rc)")"
+# A skipped GPU suite exits 0 too: say so, with the reason (e.g. a driver older than CUDA 13's
+# runtime gives cudaErrorInsufficientDriver, and nothing ran on the GPU at all).
+skipped=$(grep -c '^\[  SKIPPED \] Cuda.* ms)$' "$test_log" || true)
+if (( skipped > 0 )); then
+  echo "WARNING: $skipped CUDA tests SKIPPED: $(grep -m1 -o 'no CUDA backend here.*\|no tiny-vision fixture.*' "$test_log")"
+fi
 grep '^timing:' "$test_log" || true
 rm -f "$test_log"
 for r in "${rows[@]}"; do echo "$r"; done
