@@ -99,6 +99,67 @@ TEST(ChatTemplateTiny, RoleErrors) {
   expect_error({}, true, "no messages");
 }
 
+// Image slots: where each image's block goes in the rendered ids. Expected positions are
+// counted by hand from the template: <bos> <start_of_turn> "user\n" ...
+TEST(ChatTemplateTiny, ImageSlots) {
+  const Tokenizer t = tiny_tokenizer();
+  auto ids_of = [&](const std::string& s) {
+    auto r = t.encode(s, /*parse_special=*/false);
+    EXPECT_TRUE(r.ok());
+    return r.ok() ? r.value() : Ids{};
+  };
+  const size_t user_nl = ids_of("user\n").size();
+  {  // no markers: every image right after "user\n", before the text
+    ChatMessage m{"user", "hello"};
+    m.images = {"a.png", "b.png"};
+    std::vector<size_t> slots;
+    auto r = render_chat(t, {m}, true, true, &slots);
+    ASSERT_TRUE(r.ok()) << r.status().to_string();
+    EXPECT_EQ(slots, (std::vector<size_t>{2 + user_nl, 2 + user_nl}));
+    Ids want = {2, 4};
+    for (const auto& part : {ids_of("user\n"), ids_of("hello")})
+      want.insert(want.end(), part.begin(), part.end());
+    EXPECT_EQ(Ids(r->begin(), r->begin() + static_cast<long>(want.size())), want);
+  }
+  {  // markers: the text is split there and the marker text itself is gone
+    ChatMessage m{"user", "he<start_of_image>llo<start_of_image>"};
+    m.images = {"a.png", "b.png"};
+    std::vector<size_t> slots;
+    auto r = render_chat(t, {m}, true, true, &slots);
+    ASSERT_TRUE(r.ok()) << r.status().to_string();
+    const Ids head = ids_of("user\nhe"), mid = ids_of("llo");
+    EXPECT_EQ(slots, (std::vector<size_t>{2 + head.size(), 2 + head.size() + mid.size()}));
+    Ids want = {2, 4};
+    want.insert(want.end(), head.begin(), head.end());
+    want.insert(want.end(), mid.begin(), mid.end());
+    want.push_back(5);  // <end_of_turn>: nothing between the last marker and the end of the turn
+    EXPECT_EQ(Ids(r->begin(), r->begin() + static_cast<long>(want.size())), want);
+  }
+  {  // a system prefix comes before images that precede the text
+    ChatMessage m{"user", "hello"};
+    m.images = {"a.png"};
+    std::vector<size_t> slots;
+    auto r = render_chat(t, {{"system", "he"}, m}, true, true, &slots);
+    ASSERT_TRUE(r.ok()) << r.status().to_string();
+    EXPECT_EQ(slots, (std::vector<size_t>{2 + ids_of("user\nhe\n\n").size()}));
+  }
+  auto expect_error = [&](std::vector<ChatMessage> ms, bool with_slots, const std::string& needle) {
+    std::vector<size_t> slots;
+    auto r = render_chat(t, ms, true, true, with_slots ? &slots : nullptr);
+    ASSERT_FALSE(r.ok());
+    EXPECT_NE(r.status().message().find(needle), std::string::npos) << r.status().message();
+  };
+  ChatMessage two_markers{"user", "<start_of_image><start_of_image>"};
+  two_markers.images = {"a.png"};
+  expect_error({two_markers}, true, "2 \"<start_of_image>\" markers but 1 images");
+  ChatMessage model_image{"model", "x"};
+  model_image.images = {"a.png"};
+  expect_error({{"user", "a"}, model_image}, true, "only user messages");
+  ChatMessage plain{"user", "x"};
+  plain.images = {"a.png"};
+  expect_error({plain}, false, "need a session");
+}
+
 TEST(ChatTemplateTiny, NoTurnPiecesIsUnsupported) {
   std::vector<std::string> pieces = {"<pad>", "<eos>", "<bos>", "<unk>", "a"};
   auto t = Tokenizer::from_vocab(pieces, {0, 0, 0, 0, 0}, {3, 3, 3, 2, 1});

@@ -53,7 +53,8 @@ std::string_view trim(std::string_view s) {
 }  // namespace
 
 Result<std::vector<int32_t>> render_chat(const Tokenizer& tokenizer, const std::vector<ChatMessage>& messages,
-                                         bool add_bos, bool add_generation_prompt) {
+                                         bool add_bos, bool add_generation_prompt,
+                                         std::vector<size_t>* image_slots) {
   const int32_t sot = tokenizer.start_of_turn_id(), eot = tokenizer.end_of_turn_id();
   if (sot < 0 || eot < 0) {
     return unsupported(
@@ -105,9 +106,49 @@ Result<std::vector<int32_t>> render_chat(const Tokenizer& tokenizer, const std::
     // "<start_of_turn>" ids, then "{role}\n{system\n\n if first}{content}" as text, "<end_of_turn>", "\n".
     std::string text = fmt::format("{}\n{}{}", role, i == first ? system_prefix : "", trim(m.content));
     ids.push_back(sot);
-    auto body = tokenizer.encode(text, /*parse_special=*/false);
-    if (!body.ok()) return body.status().with_context(fmt::format("chat template: message {}", i));
-    ids.insert(ids.end(), body->begin(), body->end());
+    // The text split at the image slots: segments[0] slot segments[1] slot ... (one segment
+    // when there are no images).
+    std::vector<std::string_view> segments;
+    if (m.images.empty()) {
+      segments.push_back(text);
+    } else {
+      if (role != "user")
+        return invalid_argument(
+            fmt::format("chat template: message {} ({}) has images; only user messages can", i, m.role));
+      if (!image_slots)
+        return invalid_argument(fmt::format("chat template: message {} has images, which need a session", i));
+      static constexpr std::string_view kMarker = "<start_of_image>";
+      const std::string_view all = text;
+      // "user\n" and the system prefix come before images that precede the text.
+      const size_t head = role.size() + 1 + (i == first ? system_prefix.size() : 0);
+      size_t markers = 0;
+      for (size_t at = all.find(kMarker); at != std::string_view::npos; at = all.find(kMarker, at + 1))
+        ++markers;
+      if (markers == 0) {
+        segments.push_back(all.substr(0, head));
+        for (size_t k = 1; k < m.images.size(); ++k) segments.push_back({});
+        segments.push_back(all.substr(head));
+      } else if (markers != m.images.size()) {
+        return invalid_argument(
+            fmt::format("chat template: message {} has {} \"<start_of_image>\" markers but {} "
+                        "images",
+                        i, markers, m.images.size()));
+      } else {
+        size_t from = 0;
+        for (size_t at = all.find(kMarker); at != std::string_view::npos; at = all.find(kMarker, from)) {
+          segments.push_back(all.substr(from, at - from));
+          from = at + kMarker.size();
+        }
+        segments.push_back(all.substr(from));
+      }
+    }
+    for (size_t k = 0; k < segments.size(); ++k) {
+      if (k > 0) image_slots->push_back(ids.size());
+      if (segments[k].empty()) continue;
+      auto body = tokenizer.encode(std::string(segments[k]), /*parse_special=*/false);
+      if (!body.ok()) return body.status().with_context(fmt::format("chat template: message {}", i));
+      ids.insert(ids.end(), body->begin(), body->end());
+    }
     ids.push_back(eot);
     GEMMA3_ASSIGN_OR_RETURN(std::vector<int32_t> nl, tokenizer.encode("\n"));
     ids.insert(ids.end(), nl.begin(), nl.end());

@@ -31,7 +31,15 @@ namespace gemma3 {
 // [m0..mk] with add_bos and then [mk+1..mn] without it gives the same ids as rendering
 // [m0..mn] at once when mk is a model turn. A continuation must start with a user message
 // and may not contain a system message.
+//
+// Images: a user message with images gets one image slot per "<start_of_image>" marker in its
+// content (their count must equal images.size()), or, with no markers, one slot per image at
+// the start of the text (where the HF template puts image items that precede the text). The
+// text between slots is encoded piece by piece, so nothing merges across an image. Slot k's
+// position (index into the returned ids where image k's block goes, in message order) is
+// appended to *image_slots; images with image_slots == nullptr are an error.
 Result<std::vector<int32_t>> render_chat(const Tokenizer& tokenizer, const std::vector<ChatMessage>& messages,
-                                         bool add_bos, bool add_generation_prompt);
+                                         bool add_bos, bool add_generation_prompt,
+                                         std::vector<size_t>* image_slots = nullptr);
 
 }  // namespace gemma3

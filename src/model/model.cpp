@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <deque>
 #include <filesystem>
 #include <fstream>
 #include <mutex>
@@ -86,7 +87,18 @@ class SessionImpl final : public Session {
   Status check_vision() const;
 
   // Encoded images by content: file bytes hash + size + Pan & Scan flag (or the pixels' hash).
+  // At most kImageCacheSize entries (~2.6 MB each for 4B), oldest evicted first.
+  static constexpr size_t kImageCacheSize = 16;
   std::unordered_map<std::string, std::shared_ptr<const EncodedImage>> image_cache_;
+  std::deque<std::string> image_cache_order_;
+  void remember_image(const std::string& key, std::shared_ptr<const EncodedImage> image) {
+    if (image_cache_.size() >= kImageCacheSize) {
+      image_cache_.erase(image_cache_order_.front());
+      image_cache_order_.pop_front();
+    }
+    image_cache_[key] = std::move(image);
+    image_cache_order_.push_back(key);
+  }
 
   std::shared_ptr<ModelImpl> model_;
   KvCache cache_;
@@ -149,13 +161,20 @@ Result<int> SessionImpl::feed_chat_truncating(std::vector<ChatMessage>& messages
   const int ctx = cache_.plan().context;
   int dropped = 0;
   while (true) {
-    GEMMA3_ASSIGN_OR_RETURN(std::vector<int32_t> ids,
-                            render_chat(model_->tokenizer(), messages, /*add_bos=*/true, /*add_generation_prompt=*/true));
+    std::vector<size_t> slots;
+    GEMMA3_ASSIGN_OR_RETURN(std::vector<int32_t> ids, render_chat(model_->tokenizer(), messages, /*add_bos=*/true,
+                                                                  /*add_generation_prompt=*/true, &slots));
+    // Without images the rendered ids are exact; image blocks add tokens only feeding knows (Pan &
+    // Scan crops), so then the conversation is fed and checked.
     if (ids.size() + static_cast<size_t>(std::max(reserve, 0)) <= static_cast<size_t>(ctx)) {
       clear();
-      GEMMA3_TRY(feed_tokens(ids));
-      in_model_turn_ = true;
-      return dropped;
+      Status fed = slots.empty() ? feed_tokens(ids) : feed_chat(messages);
+      if (fed.ok() && position() + std::max(reserve, 0) <= ctx) {
+        in_model_turn_ = true;
+        return dropped;
+      }
+      clear();
+      if (!fed.ok() && fed.code() != ErrorCode::kOutOfRange) return fed;
     }
     size_t first = 0;  // the oldest non-system message
     while (first < messages.size() && messages[first].role == "system") ++first;
@@ -323,7 +342,7 @@ Result<std::shared_ptr<const EncodedImage>> SessionImpl::encode_file(const std::
     encoded->slots.push_back(std::move(features));
   }
   stats_.image_encode_seconds += decode_seconds;
-  image_cache_[key] = encoded;
+  remember_image(key, encoded);
   return std::shared_ptr<const EncodedImage>(std::move(encoded));
 }
 
@@ -383,7 +402,7 @@ Status SessionImpl::feed_image_pixels(const std::vector<float>& pixels) {
     auto e = std::make_shared<EncodedImage>();
     e->layout = vision::pan_and_scan_prompt(0);
     e->slots.push_back(std::move(features));
-    image_cache_[key] = e;
+    remember_image(key, e);
     image = std::move(e);
   }
   GEMMA3_ASSIGN_OR_RETURN(std::vector<Piece> pieces, image_pieces(*image));
@@ -416,67 +435,37 @@ Status SessionImpl::feed_chat(const std::vector<ChatMessage>& messages) {
     GEMMA3_ASSIGN_OR_RETURN(std::vector<int32_t> nl, tok.encode("\n"));
     ids.insert(ids.end(), nl.begin(), nl.end());
   }
-  // Images: each "<start_of_image>" marker (or one per image before the text) is replaced by a
-  // sentinel character before rendering. It is a Unicode noncharacter, so no vocabulary piece
-  // contains it: it comes out as byte-fallback ids that no BPE merge crosses, i.e. the text on
-  // either side is tokenized as if split there (as HF's special token and JAX's split do), and
-  // its ids mark where each image block goes.
-  static constexpr std::string_view kMarker = "<start_of_image>", kSentinel = "\xEF\xB7\x90";  // U+FDD0
-  std::vector<ChatMessage> with_slots = messages;
+  // Images go where render_chat leaves slots (at "<start_of_image>" markers, or before the text).
   std::vector<std::string> paths;
-  for (size_t i = 0; i < with_slots.size(); ++i) {
-    ChatMessage& m = with_slots[i];
+  for (const ChatMessage& m : messages) {
     if (m.images.empty()) continue;
     GEMMA3_TRY(check_vision());
-    if (m.role != "user")
-      return invalid_argument(
-          fmt::format("chat message {} ({}) has images; only user messages can", i, m.role));
-    if (m.content.find(kSentinel) != std::string::npos)
-      return invalid_argument(fmt::format("chat message {} contains U+FDD0, which marks image positions", i));
-    size_t markers = 0;
-    for (size_t at = m.content.find(kMarker); at != std::string::npos; at = m.content.find(kMarker, at + 1))
-      ++markers;
-    if (markers == 0) {
-      std::string prefix;
-      for (size_t k = 0; k < m.images.size(); ++k) prefix += kSentinel;
-      m.content = prefix + m.content;
-    } else if (markers != m.images.size()) {
-      return invalid_argument(fmt::format("chat message {} has {} \"<start_of_image>\" markers but {} images",
-                                          i, markers, m.images.size()));
-    } else {
-      for (size_t at = m.content.find(kMarker); at != std::string::npos; at = m.content.find(kMarker, at))
-        m.content.replace(at, kMarker.size(), kSentinel);
-    }
     paths.insert(paths.end(), m.images.begin(), m.images.end());
   }
-  GEMMA3_ASSIGN_OR_RETURN(std::vector<int32_t> turn, render_chat(tok, with_slots, /*add_bos=*/tokens_.empty(),
-                                                                 /*add_generation_prompt=*/true));
+  std::vector<size_t> slots;
+  GEMMA3_ASSIGN_OR_RETURN(std::vector<int32_t> turn, render_chat(tok, messages, /*add_bos=*/tokens_.empty(),
+                                                                 /*add_generation_prompt=*/true, &slots));
+  const size_t offset = ids.size();
   ids.insert(ids.end(), turn.begin(), turn.end());
   if (paths.empty()) {
     GEMMA3_TRY(feed_tokens(ids));
     in_model_turn_ = true;
     return ok_status();
   }
+  if (slots.size() != paths.size()) return internal_error("chat: image slots and images differ in number");
 
-  GEMMA3_ASSIGN_OR_RETURN(std::vector<int32_t> mark, tok.encode(kSentinel));
-  for (int32_t id : mark)
-    if (tok.type(id) != PieceType::kByte)
-      return unsupported("this tokenizer has no byte fallback for U+FDD0, so chat cannot place images");
   std::vector<Piece> pieces(1);
-  size_t slot = 0;
-  for (size_t i = 0; i < ids.size();) {
-    if (ids.size() - i >= mark.size() && std::equal(mark.begin(), mark.end(), ids.begin() + i)) {
-      if (slot == paths.size()) return internal_error("chat: more image slots than images");
-      GEMMA3_ASSIGN_OR_RETURN(auto image, encode_file(paths[slot++]));
-      GEMMA3_ASSIGN_OR_RETURN(std::vector<Piece> block, image_pieces(*image));
-      pieces.insert(pieces.end(), block.begin(), block.end());
-      pieces.emplace_back();
-      i += mark.size();
-    } else {
-      pieces.back().ids.push_back(ids[i++]);
-    }
+  size_t from = 0;
+  for (size_t k = 0; k < slots.size(); ++k) {
+    const size_t at = offset + slots[k];
+    pieces.back().ids.insert(pieces.back().ids.end(), ids.begin() + from, ids.begin() + at);
+    GEMMA3_ASSIGN_OR_RETURN(auto image, encode_file(paths[k]));
+    GEMMA3_ASSIGN_OR_RETURN(std::vector<Piece> block, image_pieces(*image));
+    pieces.insert(pieces.end(), block.begin(), block.end());
+    pieces.emplace_back();
+    from = at;
   }
-  if (slot != paths.size()) return internal_error("chat: fewer image slots than images");
+  pieces.back().ids.insert(pieces.back().ids.end(), ids.begin() + from, ids.end());
   GEMMA3_TRY(feed_pieces(pieces));
   in_model_turn_ = true;
   return ok_status();
