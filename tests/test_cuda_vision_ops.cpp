@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <deque>
 #include <random>
 
@@ -113,7 +114,9 @@ TEST_F(CudaVisionOps, LayerNormAddBiasGeluAvgPool) {
 // The tiny-vision tower + projector end to end (matmul via cuBLAS for the 64 patches,
 // attention with the all-patches bidirectional group) on the GPU vs the CPU reference.
 TEST_F(CudaVisionOps, TinyVisionEncoderMatchesCpu) {
-  const std::string dir = std::string(GEMMA3_SOURCE_DIR) + "/tests/data/tiny-vision";
+  // GEMMA3_SOURCE_DIR in the environment: the GPU machine runs this binary from a copy of the tree.
+  const char* root = std::getenv("GEMMA3_SOURCE_DIR");
+  const std::string dir = std::string(root && *root ? root : GEMMA3_SOURCE_DIR) + "/tests/data/tiny-vision";
   auto ckpt = Checkpoint::open(dir);
   if (!ckpt.ok()) GTEST_SKIP() << "no tiny-vision fixture: " << ckpt.status().to_string();
   const VisionWeights& vw = *(*ckpt)->vision();

@@ -27,8 +27,9 @@ struct ImageLimits {
   int max_side = 16384;                          // either dimension
 };
 
-// Decodes PNG, JPEG, BMP, GIF (first frame), ... to RGB (grayscale and alpha converted: alpha is
-// dropped, as PIL's convert("RGB") does). Errors name `name` (a file path or "<memory>").
+// Decodes PNG, JPEG, BMP, GIF (first frame) to RGB: grayscale is expanded and transparent pixels
+// are composited onto white, as transformers' convert_to_rgb does (the reference processor).
+// Errors name `name` (a file path or "<memory>").
 Result<Image> decode_image(std::span<const uint8_t> bytes, const std::string& name,
                            const ImageLimits& limits = {});
 // Reads and decodes a file (size checked before reading).
