@@ -3,8 +3,11 @@
 //
 // The fast matmul computes in fp32 like the reference, in another summation order: the bound
 // is 1e-5 of sum_i |w_i x_i|. Token counts cover the decode dot kernels (< 16) and the GEMM.
+// Decode through an int8 kernel (dot_q8) also rounds the activations to int8: see
+// q8_rounding_bound() for that bound.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -98,6 +101,36 @@ std::string fmt_case(const std::string& kernels, const MatmulCase& c, int n) {
          "] n=" + std::to_string(n);
 }
 
+// The int8 activation rounding of one dot, bounded. Block b of a token's row is stored as
+// d_b q_i with d_b = max_b|x| / 127 and q_i = round(x_i / d_b), so x_i = d_b q_i + e_i with
+// |e_i| <= d_b / 2. The kernel multiplies the weight quants' scaled values v_i = s q^w_i by
+// d_b q_i (a format with a min, w_i = v_i - m_b, takes m_b * sum(x) from the exact fp32 sum), so
+// |dot error| <= sum_b d_b / 2 * sum_{i in b} |v_i| = sum_b d_b / 2 * sum_{i in b} |w_i + m_b|.
+// For random x this worst case is ~sqrt(32 k / 32) times the typical error; relative to
+// sum |w x| it is ~1 / 254 (2^-8), the typical error ~2^-8 / sqrt(k): a real bug (wrong
+// block, scale or sign) exceeds it. The 1.001 covers d_b and 1 / d_b rounding in fp32.
+// m_b: the row dequantized with its quant bytes zeroed is -m_b at every element (Q4_K/Q5_K).
+double q8_rounding_bound(DType t, const uint8_t* row, const float* w, const float* x, int64_t k) {
+  std::vector<float> off(k, 0.0f);
+  if (t == DType::kQ4_K || t == DType::kQ5_K) {
+    const int64_t bb = dtype_info(t).block_bytes;
+    std::vector<uint8_t> zeroed(row, row + k / 256 * bb);
+    for (int64_t sb = 0; sb < k / 256; ++sb)
+      std::memset(&zeroed[sb * bb + 16], 0, bb - 16);  // after d, dmin, scales[12]: qh, qs
+    dequantize_row(t, zeroed.data(), off.data(), k);
+  }
+  double bound = 0;
+  for (int64_t b = 0; b < k / 32; ++b) {
+    double amax = 0, wsum = 0;
+    for (int64_t i = 32 * b; i < 32 * b + 32; ++i) {
+      amax = std::max(amax, static_cast<double>(std::fabs(x[i])));
+      wsum += std::fabs(static_cast<double>(w[i]) - off[i]);
+    }
+    bound += amax / 127.0 / 2.0 * wsum;
+  }
+  return 1.001 * bound;
+}
+
 void check_matmul(const std::string& kernels, const MatmulCase& c, int n, uint32_t seed) {
   SCOPED_TRACE(fmt_case(kernels, c, n));
   auto wbytes = random_weight(c.dtype, c.rows, c.cols, seed);
@@ -110,14 +143,18 @@ void check_matmul(const std::string& kernels, const MatmulCase& c, int n, uint32
   rb->matmul(x.data(), n, *rw, want.data());
   fb->matmul(x.data(), n, *fw, got.data());
 
+  const bool int8 =
+      n < cpu::kGemmMinTokens && cpu::select_kernels(kernels.c_str())->dot_q8[static_cast<int>(c.dtype)];
   std::vector<float> wrow(c.cols);
   for (int64_t o = 0; o < c.rows; ++o) {
-    dequantize_row(c.dtype, wbytes.data() + o * (wbytes.size() / c.rows), wrow.data(), c.cols);
+    const uint8_t* rb_ = wbytes.data() + o * (wbytes.size() / c.rows);
+    dequantize_row(c.dtype, rb_, wrow.data(), c.cols);
     for (int t = 0; t < n; ++t) {
       const float* xt = x.data() + static_cast<int64_t>(t) * c.cols;
       double mag = 0;
       for (int64_t i = 0; i < c.cols; ++i) mag += std::fabs(wrow[i] * xt[i]);
-      const double tol = 1e-5 * mag + 1e-6;  // fp32 throughout: summation order only
+      double tol = 1e-5 * mag + 1e-6;  // fp32 summation order
+      if (int8) tol += q8_rounding_bound(c.dtype, rb_, wrow.data(), xt, c.cols);
       const float w_ = want[t * c.rows + o], g_ = got[t * c.rows + o];
       ASSERT_NEAR(g_, w_, tol) << "row " << o << " token " << t;
     }
@@ -134,6 +171,75 @@ TEST(CpuFast, MatmulMatchesReferenceForEveryKernelDtype) {
   for (const std::string& k : fast_kernel_names())
     for (const MatmulCase& c : cases)
       for (int n : {1, 2, 3, 4, 5, 9, 15, 16, 23, 67}) check_matmul(k, c, n, seed++);
+}
+
+// Decode shapes of the 270M through the int8 kernels: every token count 1..15 (tiles of
+// kMaxTile and their tails), row counts that are no multiple of a task's rows.
+TEST(CpuFast, DecodeMatmulEveryTokenCount) {
+  const MatmulCase cases[] = {{DType::kQ8_0, 67, 640},  {DType::kQ5_0, 29, 640}, {DType::kQ4_K, 19, 2048},
+                              {DType::kQ6_K, 11, 2048}, {DType::kQ4_0, 7, 1024}, {DType::kQ5_K, 5, 512}};
+  uint32_t seed = 500;
+  for (const std::string& k : fast_kernel_names())
+    for (const MatmulCase& c : cases)
+      for (int n = 1; n < cpu::kGemmMinTokens; ++n) check_matmul(k, c, n, seed++);
+}
+
+// The int8 kernels' rounding is the activations' alone: on typical (Gaussian) inputs a dot's
+// error is far below the worst case (~sqrt(k / 32) smaller; at k = 640: checked < 1 / 4 of it
+// summed over rows, so a kernel that rounds more, e.g. weights too, would fail).
+TEST(CpuFast, Int8DecodeErrorIsTypicallySmall) {
+  for (const std::string& kn : fast_kernel_names()) {
+    const cpu::KernelSet* ks = cpu::select_kernels(kn.c_str());
+    for (DType t : {DType::kQ8_0, DType::kQ5_0, DType::kQ4_K, DType::kQ6_K}) {
+      if (!ks->dot_q8[static_cast<int>(t)]) continue;
+      SCOPED_TRACE(kn + " " + dtype_name(t));
+      const int64_t rows = 64, k = 1024;
+      auto w = random_weight(t, rows, k, 900 + static_cast<int>(t));
+      const int64_t rbytes = static_cast<int64_t>(w.size()) / rows;
+      auto x = randn(k, 901);
+      TensorView view{"w", t, {rows, k}, w.data(), w.size(), {}};
+      auto fb = fast(kn);
+      auto fw = fb->upload(view).value();
+      std::vector<float> got(rows);
+      fb->matmul(x.data(), 1, *fw, got.data());
+      double err = 0, bound = 0;
+      std::vector<float> wrow(k);
+      for (int64_t r = 0; r < rows; ++r) {
+        dequantize_row(t, w.data() + r * rbytes, wrow.data(), k);
+        double want = 0;
+        for (int64_t i = 0; i < k; ++i) want += static_cast<double>(wrow[i]) * x[i];
+        err += std::fabs(got[r] - want);
+        bound += q8_rounding_bound(t, w.data() + r * rbytes, wrow.data(), x.data(), k);
+      }
+      EXPECT_LT(err, bound / 4);
+      EXPECT_GT(err, 0.0);  // activations really are rounded (not the fp32 path)
+    }
+  }
+}
+
+// quantize_q8 against its definition.
+TEST(CpuFast, QuantizeQ8MatchesDefinition) {
+  for (const std::string& kn : fast_kernel_names()) {
+    const cpu::KernelSet* ks = cpu::select_kernels(kn.c_str());
+    if (!ks->quantize_q8) continue;
+    auto x = randn(256, 902, 3.0f);
+    std::fill(x.begin() + 64, x.begin() + 96, 0.0f);  // an all-zero block: d = 0, q = 0
+    x[5] = 1e-30f;
+    std::vector<cpu::Q8Block> q(256 / 32);
+    ks->quantize_q8(x.data(), 256, q.data());
+    for (int b = 0; b < 8; ++b) {
+      float amax = 0, sum = 0;
+      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[32 * b + i])), sum += x[32 * b + i];
+      ASSERT_FLOAT_EQ(q[b].d, amax / 127.0f) << kn << " block " << b;
+      ASSERT_NEAR(q[b].sum, sum, 1e-5f * 32 * amax) << kn << " block " << b;
+      for (int i = 0; i < 32; ++i) {
+        const float xi = x[32 * b + i];
+        ASSERT_LE(std::abs(static_cast<int>(q[b].q[i])), 127);
+        ASSERT_LE(std::fabs(xi - q[b].d * q[b].q[i]), q[b].d * 0.5001f + 1e-30f)
+            << kn << " b " << b << " i " << i;
+      }
+    }
+  }
 }
 
 TEST(CpuFast, MatmulOfManyRowsSplitsWorkWithoutGaps) {

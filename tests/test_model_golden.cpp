@@ -7,10 +7,12 @@
 // hidden states; a real bug (wrong norm, rope, mask, scale) moves values by 1e-2 or more.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <string>
 
 #include "gemma3/gemma3.h"
 #include "model/forward.h"
@@ -190,6 +192,18 @@ std::string real_model_path() {
   return std::string(home ? home : "") + "/.cache/gemma3/gemma-3-270m-q4_k_m.gguf";
 }
 
+// The default (fast) CPU path quantizes decode activations (matmuls of < 16 tokens, and the LM
+// head of the last token) to int8 blocks of 32, as llama.cpp does: each dot is off by up to
+// ~2^-8 / sqrt(k / 32) of sum |w x|, compounded over 18 layers and maximized over 262144
+// logits. Measured on the 270M: max rel logit error 3.4e-2 (france prompt, all decode) and
+// 1.0e-2 (chat prompt, LM head only); decode vs prefill of the same tokens 4.8e-2. The bound
+// below leaves 2-3x of margin; the greedy tokens and top-1 checks stay exact.
+// GEMMA3_CPU_KERNELS=ref (the fp32 reference) keeps the tight bounds.
+bool int8_decode() {
+  const char* e = std::getenv("GEMMA3_CPU_KERNELS");
+  return !(e && (std::string(e) == "ref" || std::string(e) == "reference"));
+}
+
 class Real270m : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
@@ -223,7 +237,7 @@ TEST_F(Real270m, LastLogitsAndGreedyContinuationMatchTransformers) {
     ASSERT_TRUE(session->feed_tokens(tokens_of(c)).ok());
     // The reference ran the same dequantized weights in fp32; the LM head sums 640 products.
     const double e = rel_err(session->last_logits(), read_array(c, "last_logits"));
-    EXPECT_LT(e, 1e-3) << name;
+    EXPECT_LT(e, int8_decode() ? 1e-1 : 1e-3) << name;
     std::printf("  %s: last-position logits max rel error %.2e\n", name, e);
     // Greedy continuation, token for token.
     std::vector<int32_t> ids;
@@ -290,7 +304,10 @@ TEST_F(Real270m, ChatTurnsKeepTheirContext) {
   ASSERT_TRUE(
       fresh->feed_chat({{"user", "My name is Ada."}, {"model", reply}, {"user", "What is my name?"}}).ok());
   EXPECT_EQ(fresh->position(), chat->position());
-  EXPECT_LT(rel_err(incremental, fresh->last_logits()), 1e-4);
+  // Turn 2 alone runs through decode (int8 activations), the fresh session through prefill.
+  EXPECT_LT(rel_err(incremental, fresh->last_logits()), int8_decode() ? 1e-1 : 1e-4);
+  const auto top = [](const std::vector<float>& v) { return std::max_element(v.begin(), v.end()) - v.begin(); };
+  EXPECT_EQ(top(incremental), top(fresh->last_logits()));
   const std::string answer = greedy(*chat, 16);
   std::printf("  turn 1 reply: %s\n  turn 2 answer: %s\n", reply.c_str(), answer.c_str());
 }

@@ -1,12 +1,13 @@
 // The fast CPU backend: same ops and semantics as the reference backend (cpu_backend.cpp),
 // built from the kernel table of cpu_kernels.h.
 //
-//  * matmul, all in fp32 (activations are never quantized; the result is the reference's up to
-//    summation order). Weights are read in place from the mapped file (no repacked copy, so
-//    resident memory stays the file plus the KV cache plus the scratch below). Work is split
-//    over output rows. Under kGemmMinTokens tokens (decode), each row is decoded in registers
-//    once per tile of up to kMaxTile tokens; from kGemmMinTokens on (prefill), panels of
-//    kGemmPanel rows are dequantized to fp32 and multiplied by an fp32 GEMM kernel.
+//  * matmul. Weights are read in place from the mapped file (no repacked copy, so resident
+//    memory stays the file plus the KV cache plus the scratch below). Work is split over output
+//    rows. Under kGemmMinTokens tokens (decode), the activations are quantized to int8 blocks
+//    once per call (where the kernel table has an int8 kernel for the weight dtype, else they
+//    stay fp32) and each row is decoded in registers once per tile of up to kMaxTile tokens;
+//    from kGemmMinTokens on (prefill), panels of kGemmPanel rows are dequantized to fp32 and
+//    multiplied by an fp32 GEMM kernel (the reference's result up to summation order).
 //  * attention: one task per (token, kv head, key split) handles every query head of the GQA
 //    group, so each cached key/value row is read once per group, not once per head. Only the
 //    keys a query sees are visited (window and ring: slot = position % capacity). In decode the
@@ -39,10 +40,9 @@ using cpu::KernelSet;
 using cpu::kGemmPanel;
 using cpu::kMaxTile;
 
+using cpu::kGemmMinTokens;
+
 constexpr int kTokenBlock = 64;  // tokens whose activations are walked together per row
-// From this many tokens on, matmul dequantizes weight panels and runs the fp32 GEMM (prefill);
-// below, the dot kernels (decode), which decode each weight block once in registers.
-constexpr int kGemmMinTokens = 16;
 
 class FastWeight final : public HostWeight {
  public:
@@ -111,7 +111,20 @@ class FastCpuBackend final : public HostBackend {
     cpu::DotFn fn = k_.dot[di];
     if (!fn && w.view.row_scale.empty()) fn = cpu::portable_kernels().dot[di];
     if (n >= kGemmMinTokens && k_.gemm_f32) return matmul_gemm(x, n, w, out);
-    if (!fn) return matmul_generic(x, n, w, out);
+    // Decode with int8 activations: each token's row quantized once here (n * k / 32 blocks,
+    // cheap next to the m * k weights), then the int8 dot kernels.
+    const cpu::DotQ8Fn fn8 = w.view.row_scale.empty() && k % 32 == 0 ? k_.dot_q8[di] : nullptr;
+    if (fn8) {
+      const int64_t nb = k / 32;
+      q8_.resize(static_cast<size_t>(n) * nb);
+      q8_acts_.resize(n);
+      for (int t = 0; t < n; ++t) {
+        k_.quantize_q8(x + static_cast<int64_t>(t) * k, k, q8_.data() + t * nb);
+        q8_acts_[t] = q8_.data() + t * nb;
+      }
+    } else if (!fn) {
+      return matmul_generic(x, n, w, out);
+    }
 
     acts_.resize(n);
     for (int t = 0; t < n; ++t) acts_[t] = x + static_cast<int64_t>(t) * k;
@@ -122,6 +135,7 @@ class FastCpuBackend final : public HostBackend {
     int64_t chunk = std::clamp<int64_t>(m / target_tasks, 4, n == 1 ? 512 : 64);
     chunk = (chunk + 3) / 4 * 4;
     const void* const* acts = acts_.data();
+    const cpu::Q8Block* const* acts8 = q8_acts_.data();
     pool_.run_ranges(m, chunk, [&](int64_t r0, int64_t r1, int) {
       float tmp[kMaxTile];
       for (int tb = 0; tb < n; tb += kTokenBlock) {
@@ -130,7 +144,10 @@ class FastCpuBackend final : public HostBackend {
           const uint8_t* wr = w.row_ptr(r);
           for (int t = tb; t < te; t += kMaxTile) {
             const int nt = std::min(kMaxTile, te - t);
-            fn(k, wr, acts + t, nt, tmp);
+            if (fn8)
+              fn8(k, wr, acts8 + t, nt, tmp);
+            else
+              fn(k, wr, acts + t, nt, tmp);
             for (int i = 0; i < nt; ++i) out[static_cast<int64_t>(t + i) * m + r] = tmp[i];
           }
         }
@@ -259,6 +276,8 @@ class FastCpuBackend final : public HostBackend {
   cpu::CpuPool pool_;
   const KernelSet& k_;
   std::vector<const void*> acts_;
+  std::vector<cpu::Q8Block> q8_;              // decode: [n][k / 32] quantized activations
+  std::vector<const cpu::Q8Block*> q8_acts_;  // token t's blocks
   std::vector<std::vector<float>> gemm_buf_;  // per thread: 2 x [kGemmPanel][k] (rows, packed)
   RopeTable rope_[2];
   int rope_next_ = 0;

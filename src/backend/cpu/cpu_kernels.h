@@ -3,10 +3,14 @@
 // `#pragma GCC target`, so the library still runs on any x86-64 (and non-x86) CPU; the table is
 // picked at run time from the CPU's features (select_kernels()).
 //
-// Activations are never quantized: every kernel computes in fp32 from fp32 activations, so the
-// fast path equals the reference up to fp32 summation order, whatever the batch size.
-//  * Decode (few tokens): dot[dtype] reads a weight row once, decoding each block into
-//    registers, for up to kMaxTile tokens.
+//  * Decode (few tokens): where the table has dot_q8[dtype], each token's activations are
+//    quantized once per matmul to int8 blocks of 32 (Q8Block) and the kernel multiplies int8
+//    weights by int8 activations in integer registers (llama.cpp's approach: ~4x fewer vector
+//    ops per weight than decoding to fp32; relative rounding of a dot ~2^-8 / sqrt(k / 32)).
+//    Otherwise dot[dtype] reads a weight row once, decoding each block into registers against
+//    fp32 activations, for up to kMaxTile tokens.
+//    Decode and prefill therefore differ by the activation rounding (~1e-3 relative in logits),
+//    as in llama.cpp.
 //  * Prefill (many tokens): dequant[dtype] turns kGemmPanel rows into fp32 once, and gemm_f32
 //    multiplies them with every token in register tiles (an fp32 GEMM: weights reused from L2).
 // The reference backend stays the oracle: tests/test_cpu_fast.cpp checks every kernel here
@@ -21,17 +25,37 @@
 namespace gemma3::cpu {
 
 constexpr int kGemmPanel = 16;  // weight rows per gemm_f32 call
-constexpr int kMaxTile = 4;     // tokens one dot call handles (weights decoded once for all)
+// From this many tokens on, matmul dequantizes weight panels and runs the fp32 GEMM (prefill);
+// below, the dot kernels (decode), which decode each weight block once in registers.
+constexpr int kGemmMinTokens = 16;
+constexpr int kMaxTile = 4;  // tokens one dot call handles (weights decoded once for all)
 constexpr int kNumDTypes = static_cast<int>(DType::kIQ4_XS) + 1;
 
 // out[t] = dot(weight row w (k elements of the weight's dtype), activation row a[t] (k floats))
 // for t < nt <= kMaxTile.
 using DotFn = void (*)(int64_t k, const void* w, const void* const* a, int nt, float* out);
 
+// Decode activations quantized to int8 (llama.cpp's q8_0 plus a block sum): the 32 elements
+// x[32 b .. 32 b + 32) of a row become q[i] with x ~= d * q[i], d = max|x| / 127, so
+// |x - d q| <= d / 2 (round to nearest). `sum` is the fp32 sum of the block's 32 inputs, which
+// the formats with a min (Q4_K, Q5_K: w = s q - m) need for m * sum(x).
+struct Q8Block {
+  float d;
+  float sum;
+  int8_t q[32];
+};
+// out[t] = dot(weight row w (k elements), activation row a[t] (k / 32 blocks)), t < nt <= kMaxTile.
+using DotQ8Fn = void (*)(int64_t k, const void* w, const Q8Block* const* a, int nt, float* out);
+
 struct KernelSet {
   const char* name;  // "avx2", "portable"
   // Per weight dtype: the dot kernel, or null (the backend then dequantizes rows to fp32).
   DotFn dot[kNumDTypes];
+  // Decode with int8 activations: per weight dtype an int8 x int8 dot kernel (products summed
+  // exactly in int32 per block, then scaled in fp32), or null (the backend then uses dot[]).
+  // quantize_q8 turns a row of k floats (k % 32 == 0) into k / 32 blocks.
+  DotQ8Fn dot_q8[kNumDTypes];
+  void (*quantize_q8)(const float* x, int64_t k, Q8Block* out);
   // Prefill GEMM: weight rows dequantized to fp32 once per matmul (amortized over the tokens),
   // then a register-tiled fp32 kernel; exact up to fp32 rounding (no activation quantization).
   // dequant[dtype]: dst[0 .. k) = one row of that dtype (as core/quant.h's dequantize_row, up to

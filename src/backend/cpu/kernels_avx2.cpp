@@ -92,7 +92,12 @@ inline void k4_scales(const uint8_t* s, float d, float dmin, float* sc, float* m
 // formats.md §3; the reference dequantizers in core/quant.cpp).
 template <DType T, class F>
 inline void each_block(const uint8_t* p, int64_t k, F&& f) {
-  if constexpr (T == DType::kQ4_0 || T == DType::kQ5_0) {
+  if constexpr (T == DType::kQ8_0) {  // d, qs[32] int8
+    for (int64_t b = 0; b < k / 32; ++b, p += 34) {
+      const float d = load_f16(p);
+      f(b, Blk{loadu256(p + 2), d, d, 0.0f});
+    }
+  } else if constexpr (T == DType::kQ4_0 || T == DType::kQ5_0) {
     constexpr int kBytes = T == DType::kQ4_0 ? 18 : 22;  // d, [qh u32], qs[16]
     for (int64_t b = 0; b < k / 32; ++b, p += kBytes) {
       const float d = load_f16(p);
@@ -248,6 +253,89 @@ void q8_0f(int64_t k, const void* w, const void* const* a, int nt, float* out) {
   }
 }
 
+// ---- quantized weights x int8 activations (decode) -----------------------------------------
+//
+// Per block: the 32 int8 products summed exactly in int32 by maddubs (u8 x s8 -> pairs in
+// int16) and madd (pairs of int16 -> int32), 8 lanes of 4 elements each (lanes 0-3: elements
+// 0-15, lanes 4-7: 16-31), converted to fp32 and FMA'd by (weight scale x activation scale).
+// maddubs needs one unsigned operand: Q4_K/Q5_K quants are 0..31 already; signed weights use
+// the sign trick |w| x (a * sign(w)). No int16 overflow: |w| <= 128, |a| <= 127, two products
+// per lane: 2 * 128 * 127 = 32512 < 32767. Q4_K/Q5_K's min term m * sum(x) uses the block's
+// fp32 activation sum. Even and odd blocks feed separate accumulators (overlapping FMA chains).
+template <bool kSigned>
+inline __m256i dot_i8(__m256i w, __m256i a) {
+  __m256i p;
+  if constexpr (kSigned)
+    p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
+  else
+    p = _mm256_maddubs_epi16(w, a);
+  return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+}
+
+template <DType T, int NT>
+void q8dot_t(int64_t k, const uint8_t* w, const Q8Block* const* a, float* out) {
+  constexpr bool kMin = T == DType::kQ4_K || T == DType::kQ5_K;
+  __m256 even[NT], odd[NT];
+  float mins[NT];
+  for (int t = 0; t < NT; ++t) even[t] = odd[t] = _mm256_setzero_ps(), mins[t] = 0.0f;
+  each_block<T>(w, k, [&](int64_t b, const Blk& blk) {
+    // Q6_K has a scale per 16 elements (lanes 0-3 vs 4-7); the other formats one per block.
+    const __m256 s = T == DType::kQ6_K ? _mm256_set_m128(_mm_set1_ps(blk.s_hi), _mm_set1_ps(blk.s_lo))
+                                       : _mm256_set1_ps(blk.s_lo);
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; ++t) {
+      const Q8Block& ab = a[t][b];
+      const __m256 p = _mm256_cvtepi32_ps(dot_i8<!kMin>(blk.q, loadu256(ab.q)));
+      const __m256 sd = _mm256_mul_ps(s, _mm256_set1_ps(ab.d));
+      if (b & 1)
+        odd[t] = _mm256_fmadd_ps(p, sd, odd[t]);
+      else
+        even[t] = _mm256_fmadd_ps(p, sd, even[t]);
+      if constexpr (kMin) mins[t] += blk.m * ab.sum;
+    }
+  });
+  for (int t = 0; t < NT; ++t) out[t] = hsum(_mm256_add_ps(even[t], odd[t])) - mins[t];
+}
+
+template <DType T>
+void q8dot(int64_t k, const void* w, const Q8Block* const* a, int nt, float* out) {
+  const uint8_t* wb = static_cast<const uint8_t*>(w);
+  switch (nt) {
+    case 1: return q8dot_t<T, 1>(k, wb, a, out);
+    case 2: return q8dot_t<T, 2>(k, wb, a, out);
+    case 3: return q8dot_t<T, 3>(k, wb, a, out);
+    default: return q8dot_t<T, 4>(k, wb, a, out);
+  }
+}
+
+// x[0 .. k) -> k / 32 blocks: d = max|x| / 127, q = round-to-nearest(x / d) in -127..127.
+void quantize_q8(const float* x, int64_t k, Q8Block* out) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (int64_t b = 0; b < k / 32; ++b, x += 32) {
+    __m256 v[4];
+    for (int j = 0; j < 4; ++j) v[j] = _mm256_loadu_ps(x + 8 * j);
+    __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                              _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
+    __m128 m4 = _mm_max_ps(_mm256_extractf128_ps(mx, 1), _mm256_castps256_ps128(mx));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float amax = _mm_cvtss_f32(m4);
+    const float d = amax / 127.0f;
+    const __m256 id = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+    out[b].d = d;
+    out[b].sum = hsum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
+    __m256i i[4];
+    for (int j = 0; j < 4; ++j)
+      i[j] = _mm256_cvtps_epi32(
+          _mm256_round_ps(_mm256_mul_ps(v[j], id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    // packs works per 128-bit lane: the bytes come out as 0-3 8-11 16-19 24-27 4-7 12-15 20-23
+    // 28-31 (in groups of 4 elements); the permute puts them back in order.
+    const __m256i q = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[b].q),
+                        _mm256_permutevar8x32_epi32(q, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  }
+}
+
 // ---- float weights x fp32 activations ------------------------------------------------------
 
 enum FloatKind { kKindF32, kKindF16, kKindBF16 };
@@ -332,16 +420,8 @@ inline void put32(const Blk& blk, float* out) {
 
 template <DType T>
 void deq(const void* w, int64_t k, float* y) {
-  if constexpr (T == DType::kQ8_0) {
-    const uint8_t* p = static_cast<const uint8_t*>(w);
-    for (int64_t b = 0; b < k / 32; ++b, p += 34) {
-      const float d = load_f16(p);
-      put32(Blk{loadu256(p + 2), d, d, 0.0f}, y + b * 32);
-    }
-  } else {
-    each_block<T>(static_cast<const uint8_t*>(w), k,
-                  [y](int64_t b, const Blk& blk) { put32(blk, y + b * 32); });
-  }
+  each_block<T>(static_cast<const uint8_t*>(w), k,
+                [y](int64_t b, const Blk& blk) { put32(blk, y + b * 32); });
 }
 
 void deq_f16(const void* w, int64_t k, float* y) {
@@ -565,6 +645,14 @@ KernelSet make_avx2() {
   set(DType::kQ4_K, qdot<DType::kQ4_K>);
   set(DType::kQ5_K, qdot<DType::kQ5_K>);
   set(DType::kQ6_K, qdot<DType::kQ6_K>);
+  auto set8 = [&k](DType t, DotQ8Fn fn) { k.dot_q8[static_cast<int>(t)] = fn; };
+  set8(DType::kQ8_0, q8dot<DType::kQ8_0>);
+  set8(DType::kQ4_0, q8dot<DType::kQ4_0>);
+  set8(DType::kQ5_0, q8dot<DType::kQ5_0>);
+  set8(DType::kQ4_K, q8dot<DType::kQ4_K>);
+  set8(DType::kQ5_K, q8dot<DType::kQ5_K>);
+  set8(DType::kQ6_K, q8dot<DType::kQ6_K>);
+  k.quantize_q8 = quantize_q8;
   k.dequant[static_cast<int>(DType::kF16)] = deq_f16;
   k.dequant[static_cast<int>(DType::kBF16)] = deq_bf16;
   k.dequant[static_cast<int>(DType::kQ8_0)] = deq<DType::kQ8_0>;
