@@ -133,7 +133,7 @@ TEST(CliUsage, BadNumberExits2) {
   EXPECT_NE(r.err.find("--ctx expects an integer, got '12x'"), std::string::npos) << r.err;
   r = run_cli({"info", "-m", "m.gguf", "--kv-type", "f8"});
   EXPECT_EQ(r.code, 2);
-  EXPECT_NE(r.err.find("--kv-type expects one of bf16|f32, got 'f8'"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("--kv-type expects one of bf16|f32|q8_0|fp8, got 'f8'"), std::string::npos) << r.err;
 }
 
 TEST(CliUsage, MissingValueExits2) {

@@ -171,4 +171,25 @@ float f8e4m3_to_f32(uint8_t v) {
   return neg ? -r : r;
 }
 
+uint8_t f32_to_f8e4m3(float x) {
+  const uint8_t sign = std::signbit(x) ? 0x80 : 0x00;
+  float a = std::abs(x);
+  if (std::isnan(x)) return 0x7F;
+  if (!(a < 448.0f)) return sign | 0x7E;  // saturate (e4m3fn has no infinity)
+  if (a == 0.0f) return sign;
+  int e;
+  std::frexp(a, &e);  // a = m * 2^e, m in [0.5, 1)
+  int exp = e - 1;    // a = 1.f * 2^exp
+  if (exp < -6) {
+    // Subnormal: a = q * 2^-9, q in 0..7; q == 8 rounds up to the smallest normal 2^-6.
+    const int q = static_cast<int>(std::nearbyint(std::ldexp(a, 9)));
+    return static_cast<uint8_t>(sign | q);  // q == 8 is exponent 1, mantissa 0: the same bits
+  }
+  int q = static_cast<int>(std::nearbyint(std::ldexp(a, 3 - exp))) - 8;  // mantissa 0..8
+  if (q == 8) q = 0, ++exp;
+  const int biased = exp + 7;
+  if (biased > 15 || (biased == 15 && q == 7)) return sign | 0x7E;
+  return static_cast<uint8_t>(sign | (biased << 3) | q);
+}
+
 }  // namespace gemma3

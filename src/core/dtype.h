@@ -56,5 +56,8 @@ inline float bf16_to_f32(uint16_t b) {
 uint16_t f32_to_bf16(float f);
 inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 float f8e4m3_to_f32(uint8_t v);
+// f32 -> fp8 e4m3fn, round to nearest even, saturating at +-448 (e4m3fn has no infinity);
+// NaN gives 0x7F, the format's NaN.
+uint8_t f32_to_f8e4m3(float x);
 
 }  // namespace gemma3

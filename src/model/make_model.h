@@ -78,7 +78,4 @@ struct SynthVocab {
 inline constexpr int kMakeModelMinVocab = 400;
 SynthVocab make_synth_vocab(int n, bool gguf_types);
 
-// f32 -> fp8 e4m3fn, round to nearest even, saturating at +-448 (no inf in e4m3fn).
-uint8_t f32_to_f8e4m3(float x);
-
 }  // namespace gemma3

@@ -37,27 +37,9 @@ void HostBackend::from_host(const void* src, void* dst, size_t bytes) { std::mem
 
 namespace {
 
-// fp32 -> e4m3fn (formats.md §5.1: bias 7, max 448, S.1111.111 the only NaN), round to nearest
-// even, saturating: |x| >= 448 and +-inf give +-448 (as vLLM's fp8 KV cache does); NaN gives 0,
-// so the cache never holds a NaN.
-uint8_t f32_to_f8e4m3_sat(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  const uint8_t sign = static_cast<uint8_t>((u >> 24) & 0x80);
-  const float a = std::fabs(x);
-  if (std::isnan(x)) return 0;
-  if (a >= 448.0f) return sign | 0x7E;
-  if (a < 0.015625f) {  // below 2^-6: subnormal m * 2^-9; m = 8 is the smallest normal, 0x08
-    return sign | static_cast<uint8_t>(std::nearbyint(a * 512.0f));
-  }
-  const uint32_t ua = u & 0x7FFFFFFFu;
-  const uint32_t exp = (ua >> 23) - 127 + 7;  // 1..15
-  const uint32_t mant = ua & 0x7FFFFF;
-  uint32_t h = (exp << 3) | (mant >> 20);
-  const uint32_t rem = mant & 0xFFFFF;
-  if (rem > 0x80000 || (rem == 0x80000 && (h & 1))) ++h;  // a carry bumps the exponent
-  return sign | static_cast<uint8_t>(std::min<uint32_t>(h, 0x7E));
-}
+// The fp8 KV cache never holds a NaN: NaN is stored as 0 (saturation as f32_to_f8e4m3; the
+// CUDA encoder in kernels/block_decode.h does the same).
+uint8_t kv_f8e4m3(float x) { return std::isnan(x) ? 0 : f32_to_f8e4m3(x); }
 
 }  // namespace
 
@@ -74,7 +56,7 @@ void HostBackend::kv_write(const float* k, const float* v, int n, int pos0, int 
     for (int kv = 0; kv < 2; ++kv) {
       uint8_t* dst = static_cast<uint8_t*>(base[kv]) + slot * slot_bytes;
       if (cache.dtype == DType::kF8E4M3) {
-        for (int i = 0; i < kv_width; ++i) dst[i] = f32_to_f8e4m3_sat(src[kv][i]);
+        for (int i = 0; i < kv_width; ++i) dst[i] = kv_f8e4m3(src[kv][i]);
       } else {
         quantize_row(cache.dtype, src[kv], dst, kv_width);  // F32 copy, BF16 round to nearest even, Q8_0
       }
