@@ -137,6 +137,12 @@ class FastCpuBackend final : public HostBackend {
     const void* const* acts = acts_.data();
     const cpu::Q8Block* const* acts8 = q8_acts_.data();
     pool_.run_ranges(m, chunk, [&](int64_t r0, int64_t r1, int) {
+      if (fn8) {  // the whole row range per call, one token tile after the other
+        for (int t = 0; t < n; t += kMaxTile)
+          fn8(k, w.row_ptr(r0), static_cast<int64_t>(w.row_stride), static_cast<int>(r1 - r0), acts8 + t,
+              std::min(kMaxTile, n - t), out + static_cast<int64_t>(t) * m + r0, m);
+        return;
+      }
       float tmp[kMaxTile];
       for (int tb = 0; tb < n; tb += kTokenBlock) {
         const int te = std::min(n, tb + kTokenBlock);
@@ -144,10 +150,7 @@ class FastCpuBackend final : public HostBackend {
           const uint8_t* wr = w.row_ptr(r);
           for (int t = tb; t < te; t += kMaxTile) {
             const int nt = std::min(kMaxTile, te - t);
-            if (fn8)
-              fn8(k, wr, acts8 + t, nt, tmp);
-            else
-              fn(k, wr, acts + t, nt, tmp);
+            fn(k, wr, acts + t, nt, tmp);
             for (int i = 0; i < nt; ++i) out[static_cast<int64_t>(t + i) * m + r] = tmp[i];
           }
         }

@@ -44,8 +44,11 @@ struct Q8Block {
   float sum;
   int8_t q[32];
 };
-// out[t] = dot(weight row w (k elements), activation row a[t] (k / 32 blocks)), t < nt <= kMaxTile.
-using DotQ8Fn = void (*)(int64_t k, const void* w, const Q8Block* const* a, int nt, float* out);
+// For nr consecutive weight rows (row r at w + r * row_bytes, k elements) and nt <= kMaxTile
+// tokens: out[t * ldo + r] = dot(row r, activation row a[t] (k / 32 blocks)). One call per
+// range of rows, so the per-row cost is the kernel's loop, not a call and a dispatch.
+using DotQ8Fn = void (*)(int64_t k, const void* w, int64_t row_bytes, int nr, const Q8Block* const* a, int nt,
+                         float* out, int64_t ldo);
 
 struct KernelSet {
   const char* name;  // "avx2", "portable"

@@ -273,7 +273,7 @@ inline __m256i dot_i8(__m256i w, __m256i a) {
 }
 
 template <DType T, int NT>
-void q8dot_t(int64_t k, const uint8_t* w, const Q8Block* const* a, float* out) {
+inline void q8dot_t(int64_t k, const uint8_t* w, const Q8Block* const* a, float* out, int64_t ldo) {
   constexpr bool kMin = T == DType::kQ4_K || T == DType::kQ5_K;
   __m256 even[NT], odd[NT];
   float mins[NT];
@@ -294,17 +294,24 @@ void q8dot_t(int64_t k, const uint8_t* w, const Q8Block* const* a, float* out) {
       if constexpr (kMin) mins[t] += blk.m * ab.sum;
     }
   });
-  for (int t = 0; t < NT; ++t) out[t] = hsum(_mm256_add_ps(even[t], odd[t])) - mins[t];
+  for (int t = 0; t < NT; ++t) out[t * ldo] = hsum(_mm256_add_ps(even[t], odd[t])) - mins[t];
+}
+
+template <DType T, int NT>
+void q8rows_t(int64_t k, const uint8_t* w, int64_t row_bytes, int nr, const Q8Block* const* a, float* out,
+              int64_t ldo) {
+  for (int r = 0; r < nr; ++r) q8dot_t<T, NT>(k, w + r * row_bytes, a, out + r, ldo);
 }
 
 template <DType T>
-void q8dot(int64_t k, const void* w, const Q8Block* const* a, int nt, float* out) {
+void q8dot(int64_t k, const void* w, int64_t row_bytes, int nr, const Q8Block* const* a, int nt, float* out,
+           int64_t ldo) {
   const uint8_t* wb = static_cast<const uint8_t*>(w);
   switch (nt) {
-    case 1: return q8dot_t<T, 1>(k, wb, a, out);
-    case 2: return q8dot_t<T, 2>(k, wb, a, out);
-    case 3: return q8dot_t<T, 3>(k, wb, a, out);
-    default: return q8dot_t<T, 4>(k, wb, a, out);
+    case 1: return q8rows_t<T, 1>(k, wb, row_bytes, nr, a, out, ldo);
+    case 2: return q8rows_t<T, 2>(k, wb, row_bytes, nr, a, out, ldo);
+    case 3: return q8rows_t<T, 3>(k, wb, row_bytes, nr, a, out, ldo);
+    default: return q8rows_t<T, 4>(k, wb, row_bytes, nr, a, out, ldo);
   }
 }
 
