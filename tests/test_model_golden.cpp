@@ -48,6 +48,19 @@ std::vector<float> read_array(const nlohmann::json& c, const std::string& key) {
   return v;
 }
 
+// The default (fast) CPU path quantizes decode activations (matmuls of < 16 tokens, and the LM
+// head of the last token) to int8 blocks of 32, as llama.cpp does: each dot is off by up to
+// ~2^-8 / sqrt(k / 32) of sum |w x|, compounded over 18 layers and maximized over 262144
+// logits. Measured on the 270M: max rel logit error 3.4e-2 to 4.5e-2 (france prompt, all
+// decode; it moves with 1-ulp fp32 changes that flip an activation's int8 rounding) and 1.0e-2
+// (chat prompt, LM head only); decode vs prefill of the same tokens 4.8e-2. The bound below
+// leaves ~2x of margin; the greedy tokens and top-1 checks stay exact.
+// GEMMA3_CPU_KERNELS=ref (the fp32 reference) keeps the tight bounds.
+bool int8_decode() {
+  const char* e = std::getenv("GEMMA3_CPU_KERNELS");
+  return !(e && (std::string(e) == "ref" || std::string(e) == "reference"));
+}
+
 // max |a - b| relative to max(1, max |b|)
 double rel_err(const std::vector<float>& a, const std::vector<float>& b) {
   EXPECT_EQ(a.size(), b.size());
@@ -112,8 +125,11 @@ TEST_P(TinyGolden, PrefillMatchesTransformers) {
   ASSERT_TRUE(session->feed_tokens(tokens).ok());
   const double e_logits = rel_err(session->all_logits(), read_array(c, "logits"));
   const double e_layers = rel_err(layer_out, read_array(c, "layer_out"));
-  EXPECT_LT(e_logits, 1e-4) << p.golden << " on " << p.model;
-  EXPECT_LT(e_layers, 1e-4) << p.golden << " on " << p.model;
+  // A quantized model's chunks under 16 tokens run int8 decode (int8_decode(); tiny-q8_0 at
+  // chunk 5 measured 3.5e-2 / 3.9e-2: its rows are 2 blocks of 32, so no averaging).
+  const double tol = p.model == "tiny-q8_0" && int8_decode() ? 1e-1 : 1e-4;
+  EXPECT_LT(e_logits, tol) << p.golden << " on " << p.model;
+  EXPECT_LT(e_layers, tol) << p.golden << " on " << p.model;
   std::printf("  %s on %s, chunk %d: max rel error logits %.2e, layer outputs %.2e\n", p.golden.c_str(),
               p.model.c_str(), p.chunk, e_logits, e_layers);
 }
@@ -134,7 +150,7 @@ TEST_P(TinyGolden, DecodeStepsMatchTransformers) {
     ours.insert(ours.end(), session->last_logits().begin(), session->last_logits().end());
   }
   ASSERT_EQ(ours.size(), tokens.size() * V);
-  EXPECT_LT(rel_err(ours, ref), 1e-4);
+  EXPECT_LT(rel_err(ours, ref), p.model == "tiny-q8_0" && int8_decode() ? 1e-1 : 1e-4);  // see Prefill
 }
 
 INSTANTIATE_TEST_SUITE_P(Tiny, TinyGolden,
@@ -190,18 +206,6 @@ std::string real_model_path() {
   if (env && *env) return env;
   const char* home = std::getenv("HOME");
   return std::string(home ? home : "") + "/.cache/gemma3/gemma-3-270m-q4_k_m.gguf";
-}
-
-// The default (fast) CPU path quantizes decode activations (matmuls of < 16 tokens, and the LM
-// head of the last token) to int8 blocks of 32, as llama.cpp does: each dot is off by up to
-// ~2^-8 / sqrt(k / 32) of sum |w x|, compounded over 18 layers and maximized over 262144
-// logits. Measured on the 270M: max rel logit error 3.4e-2 (france prompt, all decode) and
-// 1.0e-2 (chat prompt, LM head only); decode vs prefill of the same tokens 4.8e-2. The bound
-// below leaves 2-3x of margin; the greedy tokens and top-1 checks stay exact.
-// GEMMA3_CPU_KERNELS=ref (the fp32 reference) keeps the tight bounds.
-bool int8_decode() {
-  const char* e = std::getenv("GEMMA3_CPU_KERNELS");
-  return !(e && (std::string(e) == "ref" || std::string(e) == "reference"));
 }
 
 class Real270m : public ::testing::Test {
