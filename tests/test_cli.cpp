@@ -57,11 +57,13 @@ fs::path temp_dir() {
 }
 
 // Runs `gemma3 args...` with stdout and stderr captured to files (and stdin from `input`).
-CliResult run_cli(const std::vector<std::string>& args, const std::string& input = "") {
+// env: "NAME=value " assignments put before the command.
+CliResult run_cli(const std::vector<std::string>& args, const std::string& input = "",
+                  const std::string& env = "") {
   const fs::path dir = temp_dir();
   const fs::path out = dir / "stdout", err = dir / "stderr", in = dir / "stdin";
   write_all(in, input);
-  std::string cmd = shell_quote(GEMMA3_CLI_PATH);
+  std::string cmd = env + shell_quote(GEMMA3_CLI_PATH);
   for (const auto& a : args) cmd += " " + shell_quote(a);
   cmd +=
       " <" + shell_quote(in.string()) + " >" + shell_quote(out.string()) + " 2>" + shell_quote(err.string());
@@ -295,7 +297,9 @@ TEST(CliModel, RunPromptLongerThanContextExits4) {
 // after /clear it cannot. Goldens (24 greedy tokens each) from Hugging Face transformers on this
 // GGUF with the ids of the whole conversation (first turn, its 24-token reply, then
 // "<end_of_turn>\n<start_of_turn>user\nWhat is my name?<end_of_turn>\n<start_of_turn>model\n",
-// which equals apply_chat_template of the three messages):
+// which equals apply_chat_template of the three messages). The second reply has a near-tie
+// ("?" vs "\n") that the fast CPU path's int8 decode activations can flip, so this runs the
+// exact fp32 kernels (GEMMA3_CPU_KERNELS=portable): token-for-token parity is what it checks.
 constexpr const char* kReply1 =
     "My name is Ada. Reply OK. mendatanguser\nMy name is Ada. Reply OK. mendatanguser\nMy name";
 constexpr const char* kReply2 =
@@ -313,7 +317,8 @@ TEST(CliModel, ChatFromPipeKeepsEarlierTurns) {
       "What is my name?\n"
       "/exit\n"
       "this line is never read\n";
-  const CliResult r = run_cli({"chat", "-m", model, "--temp", "0", "-n", "24"}, input);
+  const CliResult r =
+      run_cli({"chat", "-m", model, "--temp", "0", "-n", "24"}, input, "GEMMA3_CPU_KERNELS=portable ");
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_EQ(r.out.find("> "), std::string::npos) << "no prompt on a pipe";
   // Each reply is followed by one newline; the first is known, so the rest can be split off.

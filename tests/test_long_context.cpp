@@ -404,6 +404,18 @@ TEST(MemoryPlan, InfoPrintsWhatTheSessionAllocates) {
 
 // The planner on Gemma 3 27B's published config (62 layers, every 6th global: 10 global, 52
 // local; 16 kv heads of 128; window 1024) at 128K: the numbers docs/perf.md quotes.
+// --weights fp8 is a CUDA upload mode: on the CPU it is refused, naming the flag, before any
+// memory is planned (the CPU would silently run the stored types otherwise).
+TEST(MemoryPlan, Fp8WeightsNeedCuda) {
+  LoadOptions o;
+  o.backend = BackendKind::kCpu;
+  o.fp8_weights = true;
+  auto m = Model::load(kData + "/tiny", o);
+  ASSERT_FALSE(m.ok());
+  EXPECT_EQ(m.status().code(), ErrorCode::kInvalidArgument);
+  EXPECT_NE(m.status().message().find("--weights fp8"), std::string::npos) << m.status().message();
+}
+
 TEST(MemoryPlan, Gemma27bAt128k) {
   ModelConfig c;
   c.size_label = "27B";

@@ -34,6 +34,9 @@ struct LoadOptions {
   int prefill_chunk = 256;  // tokens per prefill step (also sizes the local-layer rings)
   std::string mmproj;       // llama.cpp vision projector GGUF (optional)
   bool pan_and_scan = false;  // images: also encode Pan & Scan crops (docs/vision.md)
+  // CUDA only (`--weights fp8`): bf16/f16/f32 matrices are quantized at load to fp8 e4m3 with a
+  // scale per row, halving bf16's bytes per decoded token. An error on other backends.
+  bool fp8_weights = false;
   bool progress = false;    // progress bar on stderr while mapping/checking large files
 };
 

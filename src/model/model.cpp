@@ -554,15 +554,23 @@ Result<std::shared_ptr<Model>> Model::load(const std::string& path, const LoadOp
   m->context = options.context ? options.context : std::min(c.max_context, 8192);
   BackendOptions bo;
   bo.threads = options.threads;
+  bo.fp8_weights = options.fp8_weights;
   const bool cuda = options.backend == BackendKind::kCuda ||
                     (options.backend == BackendKind::kAuto && cuda_backend_available());
+  if (options.fp8_weights && !cuda)
+    return invalid_argument("fp8 weights (--weights fp8) need the CUDA backend; the CPU runs the stored types");
   if (cuda) {
     GEMMA3_ASSIGN_OR_RETURN(m->backend, make_cuda_backend(bo));
   } else {
     GEMMA3_ASSIGN_OR_RETURN(m->backend, make_cpu_backend(bo));
   }
   // Weights + one session's KV and scratch, checked before anything large is allocated.
-  m->plan = plan_memory(c, m->ckpt->weight_bytes(), m->context, options.prefill_chunk, kv_dtype(options.kv_type));
+  // Weight bytes as stored (fp8 weights only shrink them: the plan stays an upper bound), the
+  // vision tower's included.
+  uint64_t weight_bytes = m->ckpt->weight_bytes();
+  if (const VisionWeights* vw = m->ckpt->vision())
+    for (const TensorView* t : vw->all()) weight_bytes += t->nbytes;
+  m->plan = plan_memory(c, weight_bytes, m->context, options.prefill_chunk, kv_dtype(options.kv_type));
   GEMMA3_TRY(check_fits(m->plan, m->backend->free_bytes(), m->backend->name()));
   GEMMA3_ASSIGN_OR_RETURN(m->weights,
                           BackendModel::upload(*m->backend, m->ckpt->weights(), options.progress));

@@ -252,6 +252,8 @@ void ModelFlags::add_to(ArgParser& p, bool with_context) {
   p.add_choice("--kv-type", {"bf16", "f32", "q8_0", "fp8"}, &kv_type,
                "KV cache element type; q8_0 and fp8 halve it (default: bf16)");
   p.add_option("--chunk", "N", &chunk, "tokens per prefill step (default: 256)");
+  p.add_choice("--weights", {"stored", "fp8"}, &weights,
+               "weight types on the device: as stored, or bf16/f16/f32 matrices as fp8 e4m3 (CUDA only)");
   p.add_flag("-v,--verbose", &verbose, "print model details and per-step information to stderr");
   p.add_option("--mmproj", "FILE", &mmproj,
                "vision tower + projector GGUF (llama.cpp mmproj) for a text GGUF");
@@ -279,6 +281,7 @@ LoadOptions ModelFlags::load_options() const {
   o.progress = verbose;
   o.mmproj = mmproj;
   o.pan_and_scan = pan_and_scan;
+  o.fp8_weights = weights == "fp8";
   return o;
 }
 
