@@ -70,19 +70,26 @@ rows=()
 if "$bin/gemma3" make-model --help >/dev/null 2>&1 && "$bin/gemma3" bench --help >/dev/null 2>&1; then
   echo "== benchmarks ($(elapsed) s)"
   tmp=$(mktemp -d)
-  for spec in "270m bf16 cuda" "270m bf16 cpu" "270m q4_0 cuda" "1b q4_k cuda" "4b q4_0 cuda"; do
-    read -r size type be <<<"$spec"
+  # size type backend [extra bench flags]; the 4B also gets the vision tower (-i: one image's
+  # encode time) and a depth run (tg at 32K context: split-KV decode).
+  for spec in "270m bf16 cuda" "270m bf16 cpu" "270m q4_0 cuda" "1b q4_k cuda" "4b q4_0 cuda -i -d 0,32768"; do
+    read -r size type be extra <<<"$spec"
     # A spec may take 200 s (make-model + bench): start none after 300 s, so that the whole
     # script stays under the device tool's 600 s per command.
     if (( $(elapsed) > 300 )); then rows+=("$size $type $be: skipped (time budget)"); continue; fi
     model="$tmp/$size-$type.gguf"
+    vision=()
+    if [[ "$extra" == *-i* ]]; then vision=(--vision); fi
     if [[ ! -f "$model" ]] &&
-      ! timeout 100 "$bin/gemma3" make-model --size "$size" --type "$type" -o "$model" -q >"$tmp/log" 2>&1; then
+      ! timeout 100 "$bin/gemma3" make-model --size "$size" --type "$type" "${vision[@]}" -o "$model" -q >"$tmp/log" 2>&1; then
       rows+=("$size $type: make-model failed: $(tail -n 1 "$tmp/log")")
       rm -f "$model"
       continue
     fi
-    if timeout 100 "$bin/gemma3" bench -m "$model" --backend "$be" -p 512 -n 64 -r 2 >"$tmp/log" 2>&1; then
+    mmproj=()
+    if [[ ${#vision[@]} -gt 0 ]]; then mmproj=(--mmproj "$tmp/$size-$type.mmproj.gguf"); fi
+    # shellcheck disable=SC2086  # extra holds several flags
+    if timeout 150 "$bin/gemma3" bench -m "$model" "${mmproj[@]}" --backend "$be" -p 512 -n 64 -r 2 $extra >"$tmp/log" 2>&1; then
       while IFS= read -r line; do rows+=("$size $type $be $line"); done < <(grep '^|' "$tmp/log" | grep -v -e '---' -e 'model *|')
     else
       rows+=("$size $type $be: bench failed: $(grep -v '^\s*$' "$tmp/log" | tail -n 1)")
