@@ -307,14 +307,15 @@ TEST(CpuFast, GemmTileMatchesPlainDots) {
 // Attention through the fast backend equals the reference: GQA groups, windows, rings,
 // bf16/f32 caches, decode (key splits merged) and prefill.
 void check_attention(const std::string& kernels, int n_heads, int n_kv, int hd, int window, int capacity,
-                     int pos0, int n, int kv_start, DType kv_type) {
+                     int pos0, int n, int kv_start, DType kv_type, int bidir_begin = 0, int bidir_end = 0) {
   SCOPED_TRACE(kernels + " heads " + std::to_string(n_heads) + "/" + std::to_string(n_kv) + " window " +
                std::to_string(window) + " cap " + std::to_string(capacity) + " pos0 " + std::to_string(pos0) +
-               " n " + std::to_string(n));
+               " n " + std::to_string(n) + " kv_start " + std::to_string(kv_start) + " bidir " +
+               std::to_string(bidir_begin) + ".." + std::to_string(bidir_end) + " kv " + dtype_name(kv_type));
   auto rb = ref(), fb = fast(kernels);
   const int kvw = n_kv * hd, qw = n_heads * hd;
-  const size_t elem = kv_type == DType::kF32 ? 4 : 2;
-  std::vector<uint8_t> kc(static_cast<size_t>(capacity) * kvw * elem), vc(kc.size());
+  const size_t row = row_bytes(kv_type, hd).value();  // one (slot, head) row
+  std::vector<uint8_t> kc(static_cast<size_t>(capacity) * n_kv * row), vc(kc.size());
   KvLayer cache{kc.data(), vc.data(), capacity, kv_type};
   // Fill the cache as a session would: every position from kv_start up to pos0 + n - 1.
   const int total = pos0 + n - kv_start;
@@ -331,6 +332,8 @@ void check_attention(const std::string& kernels, int n_heads, int n_kv, int hd, 
   p.scale = 1.0f / std::sqrt(static_cast<float>(hd));
   p.window = window;
   p.kv_start = kv_start;
+  p.bidir_begin = bidir_begin;
+  p.bidir_end = bidir_end;
   std::vector<float> want(static_cast<size_t>(n) * qw), got(want.size(), -7.0f);
   rb->attention(q.data(), cache, p, want.data());
   fb->attention(q.data(), cache, p, got.data());
@@ -349,6 +352,29 @@ TEST(CpuFast, AttentionMatchesReference) {
     check_attention(k, 4, 2, 16, 24, 24 + 8 - 1, 100, 8, 0, DType::kF32);
     // a sequence that starts at an offset
     check_attention(k, 2, 1, 8, 0, 600, 100030, 3, 99700, DType::kF32);
+  }
+}
+
+// Prefill (n >= kGemmMinTokens: query blocks x key chunks through the fp32 GEMM, online
+// softmax) equals the reference: all four cache types, windows through rings that wrap,
+// kv_start > 0, bidirectional groups (the whole input, as the vision tower; an image inside a
+// sliding window), SigLIP's head_dim 72, several query blocks and key chunks.
+TEST(CpuFast, PrefillAttentionMatchesReference) {
+  for (const std::string& k : fast_kernel_names()) {
+    for (DType dt : {DType::kF32, DType::kBF16, DType::kQ8_0, DType::kF8E4M3}) {
+      // causal, GQA 4, 3 query blocks, 2 key chunks; a ring that wraps with kv_start > 0
+      check_attention(k, 4, 1, 64, 0, 200, 0, 150, 0, dt);
+      check_attention(k, 8, 2, 32, 0, 700, 1030, 300, 900, dt);
+      // sliding window, ring of W + chunk - 1 slots, the chunk starting mid-sequence
+      check_attention(k, 4, 2, 32, 48, 48 + 70 - 1, 333, 70, 0, dt);
+      // an image group inside a sliding window smaller than it
+      check_attention(k, 2, 1, 64, 16, 16 + 90 - 1, 40, 90, 0, dt, 60, 100);
+    }
+    for (DType dt : {DType::kF32, DType::kBF16}) {  // head_dim 72: no 32-blocks for q8_0
+      // the vision tower: every token sees every token
+      check_attention(k, 3, 3, 72, 0, 300, 0, 300, 0, dt, 0, 300);
+      check_attention(k, 2, 2, 72, 0, 40, 0, 17, 0, dt, 0, 17);
+    }
   }
 }
 

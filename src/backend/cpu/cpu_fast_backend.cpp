@@ -11,7 +11,10 @@
 //  * attention: one task per (token, kv head, key split) handles every query head of the GQA
 //    group, so each cached key/value row is read once per group, not once per head. Only the
 //    keys a query sees are visited (window and ring: slot = position % capacity). In decode the
-//    keys are split over the threads and the partial softmaxes merged (flash-decoding).
+//    keys are split over the threads and the partial softmaxes merged (flash-decoding). From
+//    kGemmMinTokens queries on (prefill, the vision tower), a task takes a kv head and a block
+//    of queries instead and walks its keys in chunks through the fp32 GEMM with an online
+//    softmax (attention_blocked): each key row is dequantized once per block, not per query.
 //  * rope: the cos/sin of a chunk's positions are computed once per (theta, scale) and reused
 //    by every layer.
 //
@@ -230,10 +233,10 @@ class FastCpuBackend final : public HostBackend {
   }
 
   // Prefill: each task dequantizes a panel of kGemmPanel weight rows to fp32 (per-thread
-  // buffer: [kGemmPanel][k] rows, then the kernel's packed copy of them; <= 256 KiB at k = 2048) and multiplies it with all n
-  // tokens in the kernel's register tiles. The dequantization is amortized over the n tokens,
-  // and the fp32 products add no activation rounding (the result is the reference's up to
-  // summation order).
+  // buffer: [kGemmPanel][k] rows, then the kernel's packed copy of them; <= 256 KiB at k = 2048) and
+  // multiplies it with all n tokens in the kernel's register tiles. The dequantization is amortized over the
+  // n tokens, and the fp32 products add no activation rounding (the result is the reference's up to summation
+  // order).
   void matmul_gemm(const float* x, int n, const FastWeight& w, float* out) {
     const int64_t k = w.cols, m = w.rows;
     const int di = static_cast<int>(w.dtype);
@@ -262,6 +265,13 @@ class FastCpuBackend final : public HostBackend {
     });
   }
 
+  // The K or V row (base = cache.k or cache.v) of kv head g for position j, as fp32: read in
+  // place when the cache is fp32, else dequantized into `row` [head_dim] (layouts: backend.h
+  // KvLayer).
+  const float* kv_row(const KvLayer& cache, const void* base, int64_t j, int g, int n_kv_heads, int hd,
+                      float* row) const;
+  void attention_blocked(const float* q, const KvLayer& cache, const AttentionParams& p, float* out);
+
   // Fallback for dtypes without a kernel (fp8 with row scales, odd column counts): dequantize
   // each row to fp32 and dot it with every token.
   void matmul_generic(const float* x, int n, const FastWeight& w, float* out) {
@@ -289,10 +299,48 @@ class FastCpuBackend final : public HostBackend {
   std::vector<float> att_part_;
 };
 
+// e4m3fn byte -> fp32, for an fp8 cache.
+const float* f8_table() {
+  static const struct F8Table {
+    float v[256];
+    F8Table() {
+      for (int i = 0; i < 256; ++i) v[i] = f8e4m3_to_f32(static_cast<uint8_t>(i));
+    }
+  } f8;
+  return f8.v;
+}
+
+const float* FastCpuBackend::kv_row(const KvLayer& cache, const void* base, int64_t j, int g, int n_kv_heads,
+                                    int hd, float* row) const {
+  const int64_t r = (j % cache.capacity) * n_kv_heads + g;  // (slot, head) row index
+  switch (cache.dtype) {
+    case DType::kF32: return static_cast<const float*>(base) + r * hd;
+    case DType::kQ8_0: {
+      const uint8_t* b = static_cast<const uint8_t*>(base) + r * (hd / 32) * 34;
+      for (int blk = 0; blk < hd / 32; ++blk, b += 34) {
+        uint16_t d16;
+        std::memcpy(&d16, b, 2);
+        const float d = f16_to_f32(d16);
+        const int8_t* qs = reinterpret_cast<const int8_t*>(b + 2);
+        for (int i = 0; i < 32; ++i) row[blk * 32 + i] = d * static_cast<float>(qs[i]);
+      }
+      return row;
+    }
+    case DType::kF8E4M3: {
+      const uint8_t* b = static_cast<const uint8_t*>(base) + r * hd;
+      const float* f8 = f8_table();
+      for (int i = 0; i < hd; ++i) row[i] = f8[b[i]];
+      return row;
+    }
+    default: k_.bf16_to_f32(static_cast<const uint16_t*>(base) + r * hd, row, hd); return row;
+  }
+}
+
 // Attention. A task handles query token t, kv head g, and keys [lo, hi] of split s; for each
 // of the `group` query heads it produces (max, sum, acc[hd]) of its keys. With one split the
 // task writes the normalized output directly; otherwise a merge pass combines the splits.
 void FastCpuBackend::attention(const float* q, const KvLayer& cache, const AttentionParams& p, float* out) {
+  if (p.n_tokens >= kGemmMinTokens && k_.gemm_f32) return attention_blocked(q, cache, p, out);
   const int hd = p.head_dim, group = p.n_heads / p.n_kv_heads;
   const int64_t q_width = static_cast<int64_t>(p.n_heads) * hd;
   const int threads = pool_.size();
@@ -307,13 +355,6 @@ void FastCpuBackend::attention(const float* q, const KvLayer& cache, const Atten
   const int64_t part_stride = static_cast<int64_t>(hd) + 2;  // acc[hd], max, sum
   if (splits > 1) att_part_.resize(static_cast<size_t>(pairs) * splits * group * part_stride);
   if (static_cast<int>(att_thread_.size()) < threads) att_thread_.resize(threads);
-  // e4m3fn byte -> fp32, for an fp8 cache.
-  static const struct F8Table {
-    float v[256];
-    F8Table() {
-      for (int i = 0; i < 256; ++i) v[i] = f8e4m3_to_f32(static_cast<uint8_t>(i));
-    }
-  } f8;
 
   pool_.run(pairs * splits, [&](int64_t task, int th) {
     const int64_t pair = task / splits;
@@ -334,31 +375,8 @@ void FastCpuBackend::attention(const float* q, const KvLayer& cache, const Atten
     float* acc = scores + static_cast<int64_t>(group) * len;
     const float* qg = q + t * q_width + static_cast<int64_t>(g) * group * hd;
 
-    auto kv_row = [&](const void* base, int64_t j) -> const float* {
-      const int64_t r = (j % cache.capacity) * p.n_kv_heads + g;  // (slot, head) row index
-      switch (cache.dtype) {
-        case DType::kF32: return static_cast<const float*>(base) + r * hd;
-        case DType::kQ8_0: {
-          const uint8_t* b = static_cast<const uint8_t*>(base) + r * (hd / 32) * 34;
-          for (int blk = 0; blk < hd / 32; ++blk, b += 34) {
-            uint16_t d16;
-            std::memcpy(&d16, b, 2);
-            const float d = f16_to_f32(d16);
-            const int8_t* qs = reinterpret_cast<const int8_t*>(b + 2);
-            for (int i = 0; i < 32; ++i) row[blk * 32 + i] = d * static_cast<float>(qs[i]);
-          }
-          return row;
-        }
-        case DType::kF8E4M3: {
-          const uint8_t* b = static_cast<const uint8_t*>(base) + r * hd;
-          for (int i = 0; i < hd; ++i) row[i] = f8.v[b[i]];
-          return row;
-        }
-        default: k_.bf16_to_f32(static_cast<const uint16_t*>(base) + r * hd, row, hd); return row;
-      }
-    };
     for (int64_t j = lo; j < hi; ++j) {
-      const float* kr = kv_row(cache.k, j);
+      const float* kr = kv_row(cache, cache.k, j, g, p.n_kv_heads, hd, row);
       for (int h = 0; h < group; ++h) scores[h * len + (j - lo)] = k_.dot_f32(qg + h * hd, kr, hd) * p.scale;
     }
     float mx[64], sum[64];  // group <= 64 (Gemma: 1..8)
@@ -370,10 +388,8 @@ void FastCpuBackend::attention(const float* q, const KvLayer& cache, const Atten
       sum[h] = len > 0 ? k_.exp_sub_sum(sc, len, m) : 0.0f;
       std::fill(acc + h * hd, acc + (h + 1) * hd, 0.0f);
     }
-    // The K or V row of kv head g for position j, as fp32 (read in place when the cache is
-    // fp32, else dequantized into `row`; layouts: backend.h KvLayer).
     for (int64_t j = lo; j < hi; ++j) {
-      const float* vr = kv_row(cache.v, j);
+      const float* vr = kv_row(cache, cache.v, j, g, p.n_kv_heads, hd, row);
       for (int h = 0; h < group; ++h) k_.axpy_f32(scores[h * len + (j - lo)], vr, acc + h * hd, hd);
     }
     if (splits == 1) {
@@ -415,6 +431,109 @@ void FastCpuBackend::attention(const float* q, const KvLayer& cache, const Atten
       for (int d = 0; d < hd; ++d) o[d] *= inv;
     }
   }
+}
+
+// Prefill attention (n_tokens >= kGemmMinTokens): a task handles kv head g and a block of up
+// to kAttQueries consecutive query tokens, i.e. rows = group x queries (query head, token)
+// pairs. The block's keys [lo(first query), max last key] are walked in chunks of kAttKeys
+// with an online softmax (running max, sum, acc per row), so memory stays bounded at any
+// context. Per chunk the K rows are gathered as fp32 [kc][hd] and the V rows transposed to
+// [hd][kAttKeys]; S = Q K^T and P V are fp32 GEMMs (gemm_f32, panels of kGemmPanel keys / head
+// dims). Each row's scores outside its visible keys are dropped (P = 0), as in the decode path.
+void FastCpuBackend::attention_blocked(const float* q, const KvLayer& cache, const AttentionParams& p,
+                                       float* out) {
+  constexpr int kAttQueries = 64, kAttKeys = 256;
+  const int hd = p.head_dim, group = p.n_heads / p.n_kv_heads;
+  const int64_t q_width = static_cast<int64_t>(p.n_heads) * hd;
+  const int64_t blocks = (p.n_tokens + kAttQueries - 1) / kAttQueries;
+  const int64_t max_rows = static_cast<int64_t>(group) * kAttQueries;
+  if (static_cast<int>(att_thread_.size()) < pool_.size()) att_thread_.resize(pool_.size());
+  auto lo_of = [&](int64_t i) { return std::max<int64_t>(p.kv_start, p.window > 0 ? i - p.window + 1 : 0); };
+  // Later blocks (more keys under a causal mask) first, for the balance of the last tasks.
+  pool_.run(blocks * p.n_kv_heads, [&](int64_t task, int th) {
+    const int64_t blk = blocks - 1 - task / p.n_kv_heads;
+    const int g = static_cast<int>(task % p.n_kv_heads);
+    const int64_t t0 = blk * kAttQueries;
+    const int nq = static_cast<int>(std::min<int64_t>(kAttQueries, p.n_tokens - t0));
+    const int rows = group * nq;  // row = h * nq + query
+    // layout: Q [rows][hd] | K [kAttKeys][hd] | V^T [hd][kAttKeys] | S/P [rows][kAttKeys] |
+    //         PV [rows][hd] | acc [rows][hd] | max, sum, alpha [rows] | row [hd] |
+    //         gemm scratch [kGemmPanel][max(hd, kAttKeys)]
+    std::vector<float>& buf = att_thread_[th];
+    const size_t need = static_cast<size_t>(max_rows) * (3 * hd + kAttKeys + 3) + 2 * kAttKeys * hd + hd +
+                        static_cast<size_t>(kGemmPanel) * std::max(hd, kAttKeys);
+    if (buf.size() < need) buf.resize(need);
+    float* qb = buf.data();
+    float* kb = qb + static_cast<int64_t>(rows) * hd;
+    float* vt = kb + static_cast<int64_t>(kAttKeys) * hd;
+    float* s = vt + static_cast<int64_t>(kAttKeys) * hd;
+    float* pv = s + static_cast<int64_t>(rows) * kAttKeys;
+    float* acc = pv + static_cast<int64_t>(rows) * hd;
+    float* mx = acc + static_cast<int64_t>(rows) * hd;
+    float* sum = mx + rows;
+    float* alpha = sum + rows;
+    float* row = alpha + rows;
+    float* scratch = row + hd;
+    for (int h = 0; h < group; ++h)
+      for (int t = 0; t < nq; ++t)
+        std::memcpy(qb + (static_cast<int64_t>(h) * nq + t) * hd,
+                    q + (t0 + t) * q_width + static_cast<int64_t>(g * group + h) * hd, hd * sizeof(float));
+    std::fill(acc, acc + static_cast<int64_t>(rows) * hd, 0.0f);
+    std::fill(mx, mx + rows, -std::numeric_limits<float>::infinity());
+    std::fill(sum, sum + rows, 0.0f);
+    const int64_t first = p.pos0 + t0;
+    int64_t key_end = 0;  // one past the block's last visible key
+    for (int t = 0; t < nq; ++t) key_end = std::max(key_end, attention_last_key(p, first + t) + 1);
+    for (int64_t c0 = lo_of(first); c0 < key_end; c0 += kAttKeys) {
+      const int kc = static_cast<int>(std::min<int64_t>(kAttKeys, key_end - c0));
+      for (int j = 0; j < kc; ++j) {
+        const float* kr =
+            kv_row(cache, cache.k, c0 + j, g, p.n_kv_heads, hd, kb + static_cast<int64_t>(j) * hd);
+        if (kr != kb + static_cast<int64_t>(j) * hd)
+          std::memcpy(kb + static_cast<int64_t>(j) * hd, kr, hd * sizeof(float));
+        const float* vr = kv_row(cache, cache.v, c0 + j, g, p.n_kv_heads, hd, row);
+        for (int d = 0; d < hd; ++d) vt[static_cast<int64_t>(d) * kAttKeys + j] = vr[d];
+      }
+      // S[row][j] = q_row . k_j
+      for (int j0 = 0; j0 < kc; j0 += kGemmPanel)
+        k_.gemm_f32(kb + static_cast<int64_t>(j0) * hd, hd, std::min(kGemmPanel, kc - j0), qb, hd, rows, hd,
+                    s + j0, kAttKeys, scratch);
+      for (int r = 0; r < rows; ++r) {
+        const int64_t i = first + r % nq;
+        const int a = static_cast<int>(std::clamp<int64_t>(lo_of(i) - c0, 0, kc));
+        const int b = static_cast<int>(std::clamp<int64_t>(attention_last_key(p, i) + 1 - c0, 0, kc));
+        float* sr = s + static_cast<int64_t>(r) * kAttKeys;
+        alpha[r] = 1.0f;
+        if (a >= b) {
+          std::fill(sr, sr + kc, 0.0f);
+          continue;
+        }
+        float m = mx[r];
+        for (int j = a; j < b; ++j) m = std::max(m, sr[j] *= p.scale);
+        alpha[r] = std::exp(mx[r] - m);  // 0 on the first visible chunk (mx = -inf)
+        mx[r] = m;
+        sum[r] = sum[r] * alpha[r] + k_.exp_sub_sum(sr + a, b - a, m);
+        std::fill(sr, sr + a, 0.0f);
+        std::fill(sr + b, sr + kc, 0.0f);
+      }
+      // PV[row][d] = sum_j P[row][j] v_j[d]; acc = acc * alpha + PV
+      for (int d0 = 0; d0 < hd; d0 += kGemmPanel)
+        k_.gemm_f32(vt + static_cast<int64_t>(d0) * kAttKeys, kAttKeys, std::min(kGemmPanel, hd - d0), s,
+                    kAttKeys, rows, kc, pv + d0, hd, scratch);
+      for (int r = 0; r < rows; ++r) {
+        float* ar = acc + static_cast<int64_t>(r) * hd;
+        const float* pr = pv + static_cast<int64_t>(r) * hd;
+        for (int d = 0; d < hd; ++d) ar[d] = ar[d] * alpha[r] + pr[d];
+      }
+    }
+    for (int h = 0; h < group; ++h)
+      for (int t = 0; t < nq; ++t) {
+        const int r = h * nq + t;
+        float* o = out + (t0 + t) * q_width + static_cast<int64_t>(g * group + h) * hd;
+        const float inv = 1.0f / sum[r];
+        for (int d = 0; d < hd; ++d) o[d] = acc[static_cast<int64_t>(r) * hd + d] * inv;
+      }
+  });
 }
 
 }  // namespace
