@@ -441,6 +441,29 @@ TEST(ImageRegressions, JpegScanWithUndefinedHuffmanTable) {
   }
 }
 
+// fuzz_image finding 4 (fuzz/corpus/image/crash-png-empty-first-idat): a zero-length first IDAT
+// chunk made stb 2.27 memcpy into its null buffer (UBSan in stbi__getn; the fuzz stage replays
+// the input under UBSan). Empty IDAT chunks are dropped before stb runs: a valid PNG with one
+// inserted before its data decodes to the same pixels, and the fuzzer's input is a clean error.
+TEST(ImageRegressions, PngWithEmptyIdatChunks) {
+  const std::vector<uint8_t> png = read_bytes(kImages + "rgb_300x90.png");
+  ASSERT_GT(png.size(), 33u);
+  std::vector<uint8_t> with_empty(png.begin(), png.begin() + 33);  // signature + IHDR
+  const uint8_t empty_idat[12] = {0, 0, 0, 0, 'I', 'D', 'A', 'T', 0x35, 0xAF, 0x06, 0x1E};  // crc32("IDAT")
+  with_empty.insert(with_empty.end(), empty_idat, empty_idat + 12);
+  with_empty.insert(with_empty.end(), png.begin() + 33, png.end());
+  Result<Image> want = decode_image(png, "a.png"), got = decode_image(with_empty, "b.png");
+  ASSERT_TRUE(want.ok() && got.ok()) << message_of(got);
+  EXPECT_EQ(got->width, want->width);
+  EXPECT_EQ(got->rgb, want->rgb);
+
+  const std::vector<uint8_t> crash =
+      read_bytes(std::string(GEMMA3_SOURCE_DIR) + "/fuzz/corpus/image/crash-png-empty-first-idat");
+  ASSERT_FALSE(crash.empty());
+  Result<Image> r = decode_image(crash, "crash.png");
+  EXPECT_FALSE(r.ok());
+}
+
 // A PNG whose header says 1x1 but whose IDAT inflates to ~100 MB: the allocation budget stops
 // the inflater (stb would otherwise grow its buffer to the stream's end).
 TEST(ImageLimits, ZlibBombStopsAtTheBudget) {

@@ -286,6 +286,29 @@ Status check_jpeg_huffman_tables(std::span<const uint8_t> b, const std::string& 
   return ok_status();
 }
 
+// stb_image 2.27 copies a zero-length first IDAT chunk into its still-null buffer
+// (memcpy(NULL, p, 0): undefined behaviour, UBSan in stbi__getn; fuzz_image finding 4). PNG
+// allows empty IDAT chunks and they carry nothing, so a copy without them decodes to the same
+// image. Returns an empty vector when there is none (the common case: no copy). A chunk length
+// past the end stops the walk; the rest is kept as is for stb to report.
+std::vector<uint8_t> without_empty_idat(std::span<const uint8_t> b) {
+  auto be32 = [&](size_t at) {
+    return uint32_t{b[at]} << 24 | uint32_t{b[at + 1]} << 16 | uint32_t{b[at + 2]} << 8 | b[at + 3];
+  };
+  auto empty_idat = [&](size_t at) { return be32(at) == 0 && starts_with(b, "IDAT", at + 4); };
+  bool any = false;
+  for (size_t at = 8; at + 12 <= b.size() && be32(at) <= b.size() - at - 12 && !any; at += 12 + be32(at))
+    any = empty_idat(at);
+  std::vector<uint8_t> out;
+  if (!any) return out;
+  out.assign(b.begin(), b.begin() + 8);
+  size_t at = 8;
+  for (; at + 12 <= b.size() && be32(at) <= b.size() - at - 12; at += 12 + be32(at))
+    if (!empty_idat(at)) out.insert(out.end(), b.begin() + at, b.begin() + at + 12 + be32(at));
+  out.insert(out.end(), b.begin() + at, b.end());
+  return out;
+}
+
 }  // namespace
 
 Result<Image> decode_image(std::span<const uint8_t> bytes, const std::string& name,
@@ -351,7 +374,10 @@ Result<Image> decode_image(std::span<const uint8_t> bytes, const std::string& na
   t_budget = &budget;
   int dw = 0, dh = 0;
   stbi__g_failure_reason = nullptr;
-  stbi_uc* rgba = stbi_load_from_memory(bytes.data(), len, &dw, &dh, &comp, 4);
+  const std::vector<uint8_t> cleaned =
+      format == Format::kPng ? without_empty_idat(bytes) : std::vector<uint8_t>();
+  const std::span<const uint8_t> input = cleaned.empty() ? bytes : std::span<const uint8_t>(cleaned);
+  stbi_uc* rgba = stbi_load_from_memory(input.data(), static_cast<int>(input.size()), &dw, &dh, &comp, 4);
   if (rgba == nullptr) {
     t_budget = nullptr;
     if (budget.exceeded) {
