@@ -457,11 +457,15 @@ TEST(ImageRegressions, PngWithEmptyIdatChunks) {
   EXPECT_EQ(got->width, want->width);
   EXPECT_EQ(got->rgb, want->rgb);
 
-  const std::vector<uint8_t> crash =
-      read_bytes(std::string(GEMMA3_SOURCE_DIR) + "/fuzz/corpus/image/crash-png-empty-first-idat");
-  ASSERT_FALSE(crash.empty());
-  Result<Image> r = decode_image(crash, "crash.png");
-  EXPECT_FALSE(r.ok());
+  // The second input's empty IDAT has its CRC cut off by the end of the file: stb copies it all
+  // the same (it checks the CRC after the data).
+  for (const char* name : {"crash-png-empty-first-idat", "crash-png-empty-idat-without-crc"}) {
+    const std::vector<uint8_t> crash =
+        read_bytes(std::string(GEMMA3_SOURCE_DIR) + "/fuzz/corpus/image/" + name);
+    ASSERT_FALSE(crash.empty()) << name;
+    Result<Image> r = decode_image(crash, "crash.png");
+    EXPECT_FALSE(r.ok()) << name;
+  }
 }
 
 // A PNG whose header says 1x1 but whose IDAT inflates to ~100 MB: the allocation budget stops

@@ -18,6 +18,7 @@
 #include <fmt/format.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -295,17 +296,30 @@ std::vector<uint8_t> without_empty_idat(std::span<const uint8_t> b) {
   auto be32 = [&](size_t at) {
     return uint32_t{b[at]} << 24 | uint32_t{b[at + 1]} << 16 | uint32_t{b[at + 2]} << 8 | b[at + 3];
   };
+  // stb copies an empty IDAT as soon as it has read the chunk's 8-byte header, before its CRC:
+  // one whose CRC is cut off by the end of the file counts too.
   auto empty_idat = [&](size_t at) { return be32(at) == 0 && starts_with(b, "IDAT", at + 4); };
+  auto chunk_end = [&](size_t at) { return at + 12 + uint64_t{be32(at)}; };  // may pass the end
   bool any = false;
-  for (size_t at = 8; at + 12 <= b.size() && be32(at) <= b.size() - at - 12 && !any; at += 12 + be32(at))
+  for (size_t at = 8; at + 8 <= b.size() && !any; at = chunk_end(at)) {
     any = empty_idat(at);
+    if (chunk_end(at) > b.size()) break;
+  }
   std::vector<uint8_t> out;
   if (!any) return out;
   out.assign(b.begin(), b.begin() + 8);
   size_t at = 8;
-  for (; at + 12 <= b.size() && be32(at) <= b.size() - at - 12; at += 12 + be32(at))
-    if (!empty_idat(at)) out.insert(out.end(), b.begin() + at, b.begin() + at + 12 + be32(at));
-  out.insert(out.end(), b.begin() + at, b.end());
+  while (at + 8 <= b.size()) {
+    const uint64_t end = chunk_end(at);
+    if (empty_idat(at)) {
+      at = static_cast<size_t>(std::min<uint64_t>(end, b.size()));
+      continue;
+    }
+    if (end > b.size()) break;
+    out.insert(out.end(), b.begin() + at, b.begin() + static_cast<size_t>(end));
+    at = static_cast<size_t>(end);
+  }
+  out.insert(out.end(), b.begin() + at, b.end());  // a truncated chunk, kept for stb to report
   return out;
 }
 
