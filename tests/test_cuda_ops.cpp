@@ -15,6 +15,7 @@
 #include "../kernels/block_decode.h"
 #include "../kernels/launch.h"
 #include "backend/backend.h"
+#include "model/sampler.h"
 #include "core/quant.h"
 #include "model/forward.h"
 #include "model/make_model.h"

@@ -15,7 +15,7 @@
 #include "core/dtype.h"
 #include "core/tensor.h"
 #include "gemma3/status.h"
-#include "model/sampler.h"
+#include "gemma3/gemma3.h"  // SamplingOptions
 
 namespace gemma3 {
 
@@ -120,13 +120,7 @@ class Backend {
   // Errors as for the ops (status()); a failed backend returns 0.
   virtual int32_t sample(const float* logits, int n_allowed, const SamplingOptions& options,
                          const std::vector<int32_t>& banned, const std::vector<int32_t>& history,
-                         std::mt19937_64& rng) {
-    std::vector<float> host(static_cast<size_t>(n_allowed));
-    to_host(logits, host.data(), host.size() * sizeof(float));
-    SamplingOptions o = options;
-    o.seed = rng();
-    return Sampler(o, n_allowed, banned).sample(host.data(), history);
-  }
+                         std::mt19937_64& rng);  // default: backend_registry.cpp
 
   // ---- vision tower ops (SigLIP + the Gemma 3 projector) ----
   // Standard LayerNorm over rows of dim: out = (x - mean) / sqrt(var + eps) * w + b, biased

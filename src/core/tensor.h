@@ -7,11 +7,12 @@
 #include <vector>
 
 #include "core/dtype.h"
+#include "gemma3/status.h"
 
 namespace gemma3 {
 
 struct TensorView {
-  std::string name;            // name as found in the file
+  std::string name;  // name as found in the file
   DType dtype = DType::kF32;
   // Row-major, slowest dimension first (PyTorch/HF order). A GGUF ne = [in, out]
   // becomes shape = {out, in}. The last dimension is contiguous and holds whole blocks.
@@ -41,5 +42,9 @@ struct TensorView {
 
 // "[640, 2048]"
 std::string shape_to_string(const std::vector<int64_t>& shape);
+
+// A backend weight's row size in bytes: the tensor must be a vector or a matrix whose bytes hold
+// exactly rows() x cols() values of its type (what every backend's upload checks first).
+Result<uint64_t> weight_row_bytes(const TensorView& t);
 
 }  // namespace gemma3

@@ -115,17 +115,11 @@ void HostBackend::avg_pool(const float* x, int side, int dim, int k, float* out)
 }
 
 Status HostBackend::bind(const TensorView& t, HostWeight* w) {
-  if (t.shape.empty() || t.shape.size() > 2)
-    return unsupported(fmt::format("tensor {}: {}-D weights are not supported", t.name, t.shape.size()));
+  GEMMA3_ASSIGN_OR_RETURN(w->row_stride, weight_row_bytes(t));
   w->view = t;
   w->dtype = t.dtype;
   w->rows = t.rows();
   w->cols = t.cols();
-  auto rb = row_bytes(t.dtype, w->cols);
-  if (!rb || *rb * static_cast<uint64_t>(w->rows) != t.nbytes)
-    return invalid_file(fmt::format("tensor {}: {} bytes do not hold {} {} values", t.name, t.nbytes,
-                                    shape_to_string(t.shape), dtype_name(t.dtype)));
-  w->row_stride = *rb;
   return ok_status();
 }
 

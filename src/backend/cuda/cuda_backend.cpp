@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "model/sampler.h"
 #include "core/quant.h"
 #include "launch.h"
 #include "vision.h"
@@ -167,18 +168,12 @@ class CudaBackend final : public Backend {
 
   Result<std::unique_ptr<BackendWeight>> upload(const TensorView& t) override {
     GEMMA3_TRY(error_);
-    if (t.shape.empty() || t.shape.size() > 2)
-      return unsupported(fmt::format("tensor {}: {}-D weights are not supported", t.name, t.shape.size()));
     auto w = std::make_unique<CudaWeight>();
+    GEMMA3_ASSIGN_OR_RETURN(w->row_bytes, weight_row_bytes(t));
     w->name = t.name;
     w->dtype = t.dtype;
     w->rows = t.rows();
     w->cols = t.cols();
-    auto rb = row_bytes(t.dtype, w->cols);
-    if (!rb || *rb * static_cast<uint64_t>(w->rows) != t.nbytes)
-      return invalid_file(fmt::format("tensor {}: {} bytes do not hold {} {} values", t.name, t.nbytes,
-                                      shape_to_string(t.shape), dtype_name(t.dtype)));
-    w->row_bytes = *rb;
     if (!t.row_scale.empty() && t.row_scale.size() != 1 &&
         static_cast<int64_t>(t.row_scale.size()) != w->rows)
       return invalid_file(
