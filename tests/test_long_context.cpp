@@ -340,6 +340,11 @@ double perplexity_270m(KvType kv) {
 TEST(KvEightBit, Real270mPerplexityNearBf16) {
   if (!std::ifstream(real_model_path()).good())
     GTEST_SKIP() << "the 270M model is not at " << real_model_path() << " (run models/fetch.sh)";
+#ifdef __SANITIZE_ADDRESS__
+  // A numeric check (3 x 619 tokens x 262144-way log-sum-exp): ~480 s under ASan + UBSan, and the
+  // 8-bit cache code it runs is covered under the sanitizers by the tiny-model tests above.
+  GTEST_SKIP() << "perplexity deltas are checked in the release builds; too slow under sanitizers";
+#endif
   const double bf16 = perplexity_270m(KvType::kBF16);
   const double q8 = perplexity_270m(KvType::kQ8_0);
   const double fp8 = perplexity_270m(KvType::kF8);
