@@ -191,6 +191,32 @@ TEST(CliInput, MissingModelFileExits3WithPath) {
   }
 }
 
+// Issue #12 item 11: an image over a limit is bad input (exit 3) and the message names the limit:
+// a PNG header declaring 65535x65535 (was "corrupt or truncated"), a file over 64 MiB (was exit 2;
+// a sparse file here). On the committed tiny multimodal fixture (text GGUF + mmproj).
+TEST(CliInput, ImageOverTheLimitsExits3) {
+  const std::string tiny = std::string(GEMMA3_SOURCE_DIR) + "/tests/data/tiny-vision/";
+  if (!fs::exists(tiny + "mmproj-bf16.gguf")) GTEST_SKIP() << "no tests/data/tiny-vision fixture";
+  const fs::path header = temp_dir() / "65535x65535.png";
+  std::string ihdr("\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR\0\0\xff\xff\0\0\xff\xff\x08\x02\0\0\0\0\0\0\0", 33);
+  write_all(header, ihdr);
+  const fs::path big = temp_dir() / "64mib_plus_1.png";
+  write_all(big, ihdr);
+  fs::resize_file(big, (uint64_t{64} << 20) + 1);
+  const std::pair<fs::path, std::string> cases[] = {
+      {header, "PNG image is 65535x65535 pixels, over the limit of 16384 pixels per side"},
+      {big, "image file is 67108865 bytes, over the limit of 67108864 bytes"},
+  };
+  for (const auto& [image, message] : cases) {
+    const CliResult r = run_cli({"run", "-m", tiny + "text-bf16.gguf", "--mmproj", tiny + "mmproj-bf16.gguf",
+                                 "--image", image.string(), "-p", "hi", "-n", "1"});
+    EXPECT_EQ(r.code, 3) << r.err;
+    EXPECT_NE(r.err.find(message), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find(image.string()), std::string::npos) << r.err;
+  }
+  fs::remove(big);
+}
+
 // ---- on the 270M checkpoint -----------------------------------------------------------------
 
 // gemma3-architecture.md §5, 270M: b = 2 (K,V) x 1 kv head x 256 x 2 B = 1024 B per slot; 3 global

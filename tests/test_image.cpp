@@ -4,10 +4,12 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -22,6 +24,7 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 
 const std::string kImages = std::string(GEMMA3_SOURCE_DIR) + "/tests/data/images/";
+const std::string kCorpus = std::string(GEMMA3_SOURCE_DIR) + "/fuzz/corpus/image/";
 
 const json& goldens() {
   static const json doc = [] {
@@ -295,7 +298,7 @@ std::vector<uint8_t> png_header_only(uint32_t w, uint32_t h) {
 TEST(ImageLimits, OversizeHeaderNamesTheLimit) {
   Result<Image> r = decode_image(png_header_only(20000, 10), "big.png");
   ASSERT_FALSE(r.ok());
-  EXPECT_EQ(r.status().code(), ErrorCode::kOutOfRange);
+  EXPECT_EQ(r.status().code(), ErrorCode::kInvalidFile);
   EXPECT_NE(message_of(r).find("20000x10"), std::string::npos) << message_of(r);
   EXPECT_NE(message_of(r).find("ImageLimits::max_side"), std::string::npos) << message_of(r);
   EXPECT_NE(message_of(r).find("big.png"), std::string::npos) << message_of(r);
@@ -313,10 +316,102 @@ TEST(ImageLimits, OversizeHeaderNamesTheLimit) {
   small = {};
   small.max_file_bytes = 100;
   r = load_image(path, small);
-  EXPECT_EQ(r.status().code(), ErrorCode::kOutOfRange);
+  EXPECT_EQ(r.status().code(), ErrorCode::kInvalidFile);
   EXPECT_NE(message_of(r).find("ImageLimits::max_file_bytes"), std::string::npos) << message_of(r);
   EXPECT_NE(message_of(decode_image(read_bytes(path), "<memory>", small)).find("max_file_bytes"),
             std::string::npos);
+}
+
+// Headers declaring w x h, nothing after: JPEG SOI + SOF0 (3 components), a 24-bit BMP with a
+// 40-byte info header (negative h: rows top to bottom), a GIF89a logical screen.
+std::vector<uint8_t> jpeg_header_only(uint32_t w, uint32_t h) {
+  std::vector<uint8_t> b = {0xff, 0xd8, 0xff, 0xc0, 0, 17, 8};
+  for (uint32_t v : {h, w}) b.push_back(uint8_t(v >> 8)), b.push_back(uint8_t(v));
+  for (uint8_t v : {3, 1, 0x22, 0, 2, 0x11, 1, 3, 0x11, 1}) b.push_back(v);
+  return b;
+}
+
+std::vector<uint8_t> le_bytes(std::vector<uint8_t> b, std::initializer_list<std::pair<int64_t, int>> fields) {
+  for (const auto& [v, n] : fields)
+    for (int i = 0; i < n; ++i) b.push_back(uint8_t(uint64_t(v) >> (8 * i)));
+  return b;
+}
+
+std::vector<uint8_t> bmp_header_only(int32_t w, int32_t h) {
+  return le_bytes({'B', 'M'}, {{54, 4}, {0, 4}, {54, 4}, {40, 4}, {w, 4}, {h, 4}, {1, 2}, {24, 2}, {0, 24}});
+}
+
+std::vector<uint8_t> gif_header_only(uint16_t w, uint16_t h) {
+  return le_bytes({'G', 'I', 'F', '8', '9', 'a'}, {{w, 2}, {h, 2}, {0, 3}});
+}
+
+// Issue #12 item 11: a PNG header declaring 65535x65535 was reported as "corrupt or truncated
+// PNG header (too large)": stb's header reader refuses more than 2^30 bytes of pixels before our
+// limits were checked. The size is now read from each format's header first, and every limit is
+// a bad-input error (kInvalidFile: the CLI's exit 3) that names the limit.
+TEST(ImageLimits, HeaderSizeOverTheLimitInEveryFormat) {
+  struct Case {
+    const char* format;
+    std::vector<uint8_t> bytes;
+    const char* size;
+    const char* limit;
+  };
+  const std::vector<Case> cases = {
+      {"PNG", png_header_only(65535, 65535), "65535x65535", "max_side"},
+      {"PNG", png_header_only(10, 0x7fffffff), "10x2147483647", "max_side"},
+      {"PNG", png_header_only(0xffffffff, 1), "4294967295x1", "max_side"},
+      {"PNG", png_header_only(16000, 16000), "16000x16000 = 256000000", "max_pixels"},
+      {"JPEG", jpeg_header_only(65535, 65535), "65535x65535", "max_side"},
+      {"JPEG", jpeg_header_only(16000, 16000), "16000x16000 = 256000000", "max_pixels"},
+      {"BMP", bmp_header_only(20000, 10), "20000x10", "max_side"},
+      {"BMP", bmp_header_only(7, -20000), "7x20000", "max_side"},  // top-down
+      {"BMP", bmp_header_only(16000, -16000), "16000x16000 = 256000000", "max_pixels"},
+      {"GIF", gif_header_only(65535, 65535), "65535x65535", "max_side"},
+      {"GIF", gif_header_only(16000, 16000), "16000x16000 = 256000000", "max_pixels"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(std::string(c.format) + " " + c.size);
+    Result<Image> r = decode_image(c.bytes, "big.img");
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.status().code(), ErrorCode::kInvalidFile);
+    const std::string want = std::string("big.img: ") + c.format + " image is " + c.size;
+    EXPECT_NE(message_of(r).find(want), std::string::npos) << message_of(r);
+    EXPECT_NE(message_of(r).find(std::string("(ImageLimits::") + c.limit + ")"), std::string::npos)
+        << message_of(r);
+  }
+  // Within the limits, the same headers are short files: stb's own reason, not a limit.
+  Result<Image> r = decode_image(png_header_only(300, 200), "short.png");
+  EXPECT_EQ(message_of(r).find("ImageLimits"), std::string::npos) << message_of(r);
+  r = decode_image(gif_header_only(0, 5), "empty.gif");
+  EXPECT_NE(message_of(r).find("GIF image has size 0x5, expected at least 1x1"), std::string::npos)
+      << message_of(r);
+}
+
+// Issue #12 item 11: an image file over 64 MiB is bad input (kInvalidFile, the CLI's exit 3),
+// checked from the file's size before it is read (a sparse file here: no 64 MiB written).
+TEST(ImageLimits, FileOverTheSizeLimitIsBadInput) {
+  const fs::path path = fs::path(testing::TempDir()) / "gemma3_image_64mib_plus_1.png";
+  {
+    std::ofstream f(path, std::ios::binary);
+    f.write("\x89PNG\r\n\x1a\n", 8);
+  }
+  fs::resize_file(path, (uint64_t{64} << 20) + 1);
+  Result<Image> r = load_image(path.string());
+  fs::remove(path);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), ErrorCode::kInvalidFile);
+  EXPECT_NE(
+      message_of(r).find(path.string() + ": image file is 67108865 bytes, over the limit of 67108864 bytes "
+                                         "(ImageLimits::max_file_bytes)"),
+      std::string::npos)
+      << message_of(r);
+  // The same check for callers that read the file themselves (the session's image cache).
+  EXPECT_TRUE(check_image_file_size(uint64_t{64} << 20, "x.png").ok());
+  const Status st = check_image_file_size((uint64_t{64} << 20) + 1, "x.png");
+  EXPECT_EQ(st.code(), ErrorCode::kInvalidFile);
+  EXPECT_EQ(st.message(),
+            "x.png: image file is 67108865 bytes, over the limit of 67108864 bytes "
+            "(ImageLimits::max_file_bytes)");
 }
 
 TEST(ImageLimits, TruncatedFiles) {
@@ -367,7 +462,9 @@ TEST(ImageLimits, CorruptBytes) {
     std::vector<uint8_t> b = gif;
     b[i] ^= 0xff;
     Result<Image> d = decode_image(b, "x");
-    if (d.ok()) EXPECT_EQ(d->rgb.size(), size_t(d->width) * d->height * 3);
+    if (d.ok()) {
+      EXPECT_EQ(d->rgb.size(), size_t(d->width) * d->height * 3);
+    }
   }
 }
 
@@ -466,6 +563,155 @@ TEST(ImageRegressions, PngWithEmptyIdatChunks) {
     Result<Image> r = decode_image(crash, "crash.png");
     EXPECT_FALSE(r.ok()) << name;
   }
+}
+
+// Issue #12 item 5: stb_image 2.27 looks a palette index up unchecked in a 256-entry table that
+// holds only the entries the file gave. For PNG and BMP the rest of that table is uninitialized
+// stack: an 8x8 palette PNG whose indices point past its 4-entry PLTE decoded to different
+// pixels from run to run (and so different greedy text). GIF's tables are zeroed (such an index
+// was transparent, so white). The decoder now pads every palette with black first, which is what
+// Pillow 13 shows (its palette is zero past the file's entries): the expected pixels below are
+// Pillow's (Image.open + transformers' convert_to_rgb) for these files in fuzz/corpus/image.
+// Decoded twice with another image in between; scripts/memcheck.sh runs this under valgrind.
+TEST(ImageRegressions, PaletteIndexPastThePaletteIsBlackAsInPillow) {
+  using Rgb = std::array<uint8_t, 3>;
+  struct Case {
+    const char* file;
+    int width, height;
+    std::vector<Rgb> palette;            // the entries the file gives
+    std::function<int(int, int)> index;  // the pixel's palette index at (x, y)
+  };
+  const std::vector<Rgb> four = {Rgb{255, 0, 0}, Rgb{0, 255, 0}, Rgb{0, 0, 255}, Rgb{255, 255, 0}};
+  auto row_major = [](int x, int y) { return y * 8 + x; };
+  std::vector<Rgb> os2(256);  // a full 256-entry OS/2 palette, of which stb read only 252
+  for (int i = 0; i < 256; ++i) os2[i] = Rgb{uint8_t(i), uint8_t(255 - i), uint8_t(i * 7)};
+  const std::vector<Case> cases = {
+      {"pal_oob_8x8.png", 8, 8, four, row_major},  // the issue's input: 8-bit, indices 0..63
+      {"pal1_oob_8x2.png", 8, 2, {Rgb{10, 20, 30}}, [](int x, int) { return x & 1; }},  // 1-bit
+      {"pal8_oob_8x8.bmp", 8, 8, four, row_major},
+      {"pal4_oob_8x4.bmp", 8, 4, {four[0], four[1]}, [](int x, int y) { return (x + y) % 16; }},
+      {"pal1_oob_8x2.bmp", 8, 2, {four[0]}, [](int x, int) { return x & 1; }},
+      {"os2_pal8_4x2.bmp", 4, 2, os2,
+       [](int x, int y) { return std::array<int, 8>{0, 100, 252, 253, 254, 255, 1, 2}[y * 4 + x]; }},
+      {"gct_oob_8x8.gif", 8, 8, {four[0], four[1]}, row_major},
+      {"lct_oob_8x8.gif", 8, 8, {Rgb{0, 0, 255}, Rgb{9, 9, 9}}, row_major},  // the local table wins
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.file);
+    const std::vector<uint8_t> bytes = read_bytes(kCorpus + c.file);
+    ASSERT_FALSE(bytes.empty());
+    Result<Image> first = decode_image(bytes, c.file);
+    ASSERT_TRUE(first.ok()) << message_of(first);
+    ASSERT_TRUE(load_image(kImages + "rgb_300x90.png").ok());  // other data on the stack and heap
+    Result<Image> second = decode_image(bytes, c.file);
+    ASSERT_TRUE(second.ok()) << message_of(second);
+    EXPECT_EQ(first->rgb, second->rgb);
+    ASSERT_EQ(first->width, c.width);
+    ASSERT_EQ(first->height, c.height);
+    for (int y = 0; y < c.height; ++y) {
+      for (int x = 0; x < c.width; ++x) {
+        const size_t i = size_t(c.index(x, y));
+        const Rgb want = i < c.palette.size() ? c.palette[i] : Rgb{0, 0, 0};
+        const uint8_t* got = first->rgb.data() + (size_t(y) * c.width + x) * 3;
+        EXPECT_EQ((Rgb{got[0], got[1], got[2]}), want) << "pixel " << x << "," << y << " index " << i;
+      }
+    }
+  }
+
+  // A tRNS chunk longer than PLTE (stb refused it: "bad tRNS len"): its alphas apply to the
+  // black entries past the palette, as in Pillow. tRNS = 0, 128, 255, 60, 10, 200, 30, 77.
+  Result<Image> r = decode_image(read_bytes(kCorpus + "pal_oob_trns_8x8.png"), "trns.png");
+  ASSERT_TRUE(r.ok()) << message_of(r);
+  const std::vector<uint8_t> pillow_first8 = {255, 255, 255, 127, 255, 127, 0,   0,   255, 255, 255, 195,
+                                              245, 245, 245, 55,  55,  55,  225, 225, 225, 178, 178, 178};
+  EXPECT_EQ(std::vector<uint8_t>(r->rgb.begin(), r->rgb.begin() + 24), pillow_first8);
+  EXPECT_TRUE(std::all_of(r->rgb.begin() + 24, r->rgb.end(), [](uint8_t v) { return v == 0; }));
+
+  // A BMP whose pixel data offset points inside its header: stb's palette count went negative and
+  // no entry was read at all. A clear error now (Pillow reads pixels from inside the header).
+  r = decode_image(read_bytes(kCorpus + "offset_in_header_4x2.bmp"), "t.bmp");
+  EXPECT_EQ(r.status().code(), ErrorCode::kInvalidFile);
+  EXPECT_NE(
+      message_of(r).find("t.bmp: corrupt BMP: its pixel data offset 50 points inside its 54-byte header"),
+      std::string::npos)
+      << message_of(r);
+}
+
+// The same BMP stored top-down: height negated, rows in the other order.
+std::vector<uint8_t> bmp_top_down(std::vector<uint8_t> b) {
+  auto le = [&](size_t at, int n) {
+    uint32_t v = 0;
+    for (int i = n - 1; i >= 0; --i) v = v << 8 | b[at + i];
+    return v;
+  };
+  const uint32_t offset = le(10, 4), bpp = le(28, 2);
+  const int32_t w = int32_t(le(18, 4)), h = int32_t(le(22, 4));
+  const size_t stride = (size_t(w) * bpp + 31) / 32 * 4;
+  const std::vector<uint8_t> rows(b.begin() + offset, b.begin() + offset + stride * h);
+  for (int32_t y = 0; y < h; ++y)
+    std::copy_n(rows.begin() + stride * (h - 1 - y), stride, b.begin() + offset + stride * y);
+  for (int i = 0; i < 4; ++i) b[22 + i] = uint8_t(uint32_t(-h) >> (8 * i));
+  return b;
+}
+
+// Issue #12 item 6: a valid top-down BMP (negative height) was refused with "BMP image has size
+// 7x-5": stb's header reader returns the height as stored. Each BMP here decodes to the same
+// pixels as its top-down copy (24-bit, 32-bit with alpha, 8-bit palette).
+TEST(ImageRegressions, TopDownBmpEqualsBottomUp) {
+  for (const std::string& path : {kImages + "rgb_37x23.bmp", kCorpus + "rgb_5x3.bmp",
+                                  kCorpus + "rgba_4x2.bmp", kCorpus + "pal_7x3.bmp"}) {
+    SCOPED_TRACE(path);
+    const std::vector<uint8_t> bottom_up = read_bytes(path);
+    ASSERT_GT(bottom_up.size(), 54u);
+    Result<Image> want = decode_image(bottom_up, "up.bmp"),
+                  got = decode_image(bmp_top_down(bottom_up), "down.bmp");
+    ASSERT_TRUE(want.ok()) << message_of(want);
+    ASSERT_TRUE(got.ok()) << message_of(got);
+    EXPECT_EQ(got->width, want->width);
+    EXPECT_EQ(got->height, want->height);
+    EXPECT_EQ(got->rgb, want->rgb);
+  }
+  // The issue's size, written top-down directly: pixel (x, y) = (30x, 40y, 200), as Pillow reads it.
+  Result<Image> r = decode_image(read_bytes(kCorpus + "topdown_7x5.bmp"), "topdown.bmp");
+  ASSERT_TRUE(r.ok()) << message_of(r);
+  ASSERT_EQ(r->width, 7);
+  ASSERT_EQ(r->height, 5);
+  for (int y = 0; y < 5; ++y) {
+    for (int x = 0; x < 7; ++x) {
+      const uint8_t* p = r->rgb.data() + (y * 7 + x) * 3;
+      EXPECT_EQ((std::array<uint8_t, 3>{p[0], p[1], p[2]}),
+                (std::array<uint8_t, 3>{uint8_t(30 * x), uint8_t(40 * y), 200}))
+          << x << "," << y;
+    }
+  }
+}
+
+// Every input in fuzz/corpus/image (seeds and past crashes) through decode_image twice, with the
+// fuzz target's limits: the same outcome both times (the same pixels, or the same error). Cheap
+// natively; scripts/memcheck.sh runs it under valgrind, which reports what a comparison can miss
+// and ASan never sees: a read of uninitialized memory.
+TEST(ImageRegressions, FuzzCorpusDecodesTheSameTwice) {
+  ImageLimits limits;  // fuzz/fuzz_image.cpp's
+  limits.max_file_bytes = 1 << 20;
+  limits.max_pixels = 1 << 20;
+  limits.max_side = 4096;
+  size_t n = 0;
+  for (const fs::directory_entry& e : fs::directory_iterator(kCorpus)) {
+    if (!e.is_regular_file()) continue;
+    SCOPED_TRACE(e.path().filename().string());
+    const std::vector<uint8_t> bytes = read_bytes(e.path().string());
+    Result<Image> a = decode_image(bytes, "corpus", limits), b = decode_image(bytes, "corpus", limits);
+    ASSERT_EQ(a.ok(), b.ok());
+    if (a.ok()) {
+      EXPECT_EQ(a->width, b->width);
+      EXPECT_EQ(a->rgb, b->rgb);
+      EXPECT_EQ(a->rgb.size(), size_t(a->width) * a->height * 3);
+    } else {
+      EXPECT_EQ(a.status().message(), b.status().message());
+    }
+    ++n;
+  }
+  EXPECT_GE(n, 20u);
 }
 
 // A PNG whose header says 1x1 but whose IDAT inflates to ~100 MB: the allocation budget stops

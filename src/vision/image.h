@@ -20,16 +20,24 @@ struct Image {
   std::vector<uint8_t> rgb;
 };
 
-// Limits applied before and while decoding (decompression bombs, huge files).
+// Limits applied before and while decoding (decompression bombs, huge files). Each is checked
+// before stb sees the file (the size from the header each format stores it in) and is a
+// kInvalidFile error naming the limit (bad input: the CLI's exit 3); docs/reliability.md lists
+// the messages. Decoding also runs under an allocation budget (kOutOfMemory past it).
 struct ImageLimits {
   uint64_t max_file_bytes = uint64_t{64} << 20;  // 64 MiB
   int64_t max_pixels = int64_t{64} << 20;        // width * height, checked from the header
   int max_side = 16384;                          // either dimension
 };
 
+// The file-size limit alone, for a caller that reads the file itself: ok, or the kInvalidFile
+// error decode_image / load_image give for `bytes` over limits.max_file_bytes.
+Status check_image_file_size(uint64_t bytes, const std::string& name, const ImageLimits& limits = {});
+
 // Decodes PNG, JPEG, BMP, GIF (first frame) to RGB: grayscale is expanded and transparent pixels
-// are composited onto white, as transformers' convert_to_rgb does (the reference processor).
-// Errors name `name` (a file path or "<memory>").
+// are composited onto white, as transformers' convert_to_rgb does (the reference processor). A
+// palette index past the entries a file gives is opaque black, as in Pillow. Top-down BMPs
+// (negative height) are read. Errors name `name` (a file path or "<memory>").
 Result<Image> decode_image(std::span<const uint8_t> bytes, const std::string& name,
                            const ImageLimits& limits = {});
 // Reads and decodes a file (size checked before reading).

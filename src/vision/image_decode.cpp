@@ -12,6 +12,11 @@
 // stb gives RGBA with the transparency key already applied, so we composite with Pillow's
 // integer formula (libImaging/AlphaComposite.c) and match it bit for bit.
 //
+// stb_image 2.27 (Debian's libstb-dev) is used as it is; what it gets wrong is fenced around it:
+// the size each header declares is read here and checked against the limits before stb reads
+// anything, some inputs are checked first (JPEG Huffman tables, BMP extent), and a copy of the
+// file fixes the rest before stb decodes it (palettes padded with black, empty IDATs dropped).
+//
 // One deliberate difference: a 16-bit grayscale PNG opens in Pillow as mode "I;16", whose
 // conversion to RGB clips each value to 255 (a mostly white image); stb keeps the high byte, as
 // Pillow itself does for 16-bit RGB/RGBA PNGs. We keep stb's, the image the user sees.
@@ -24,7 +29,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <string_view>
+#include <utility>
 
 #include "vision/image.h"
 
@@ -287,52 +294,228 @@ Status check_jpeg_huffman_tables(std::span<const uint8_t> b, const std::string& 
   return ok_status();
 }
 
-// stb_image 2.27 copies a zero-length first IDAT chunk into its still-null buffer
-// (memcpy(NULL, p, 0): undefined behaviour, UBSan in stbi__getn; fuzz_image finding 4). PNG
-// allows empty IDAT chunks and they carry nothing, so a copy without them decodes to the same
-// image. Returns an empty vector when there is none (the common case: no copy). A chunk length
-// past the end stops the walk; the rest is kept as is for stb to report.
-std::vector<uint8_t> without_empty_idat(std::span<const uint8_t> b) {
-  auto be32 = [&](size_t at) {
-    return uint32_t{b[at]} << 24 | uint32_t{b[at + 1]} << 16 | uint32_t{b[at + 2]} << 8 | b[at + 3];
-  };
-  // stb copies an empty IDAT as soon as it has read the chunk's 8-byte header, before its CRC:
-  // one whose CRC is cut off by the end of the file counts too.
-  auto empty_idat = [&](size_t at) { return be32(at) == 0 && starts_with(b, "IDAT", at + 4); };
-  auto chunk_end = [&](size_t at) { return at + 12 + uint64_t{be32(at)}; };  // may pass the end
-  bool any = false;
-  for (size_t at = 8; at + 8 <= b.size() && !any; at = chunk_end(at)) {
-    any = empty_idat(at);
-    if (chunk_end(at) > b.size()) break;
+uint32_t be32(std::span<const uint8_t> b, size_t at) {
+  return uint32_t(b[at]) << 24 | uint32_t(b[at + 1]) << 16 | uint32_t(b[at + 2]) << 8 | uint32_t(b[at + 3]);
+}
+
+uint32_t le16(std::span<const uint8_t> b, size_t at) { return uint32_t(b[at]) | uint32_t(b[at + 1]) << 8; }
+
+void put_le32(std::vector<uint8_t>& b, size_t at, uint32_t v) {
+  for (int i = 0; i < 4; ++i) b[at + i] = static_cast<uint8_t>(v >> (8 * i));
+}
+
+// ---- header size, read before stb ----------------------------------------------------------
+// stb's own header reader refuses some sizes before the limits can name them (a PNG with more
+// than 2^30 bytes of pixels is "too large", so a 65535x65535 header read as "corrupt"), and
+// gives a top-down BMP's height negative. So the size is read here first, from where each
+// format stores it; nullopt when the header is too short or not where expected (stb then says
+// what is wrong).
+struct HeaderSize {
+  int64_t width = 0, height = 0;
+};
+
+std::optional<HeaderSize> header_size(std::span<const uint8_t> b, Format format) {
+  switch (format) {
+    case Format::kPng: {  // IHDR, the first chunk (after Apple's CgBI chunk, which stb allows)
+      uint64_t at = 8;
+      if (b.size() >= at + 12 && starts_with(b, "CgBI", at + 4)) at += 12 + uint64_t{be32(b, at)};
+      if (b.size() < at + 16 || be32(b, at) != 13 || !starts_with(b, "IHDR", at + 4)) return std::nullopt;
+      return HeaderSize{be32(b, at + 8), be32(b, at + 12)};
+    }
+    case Format::kJpeg: {  // the first SOFn segment: height at +3, width at +5 after the marker
+      // The walk stb's header reader does: a marker is FF (fill FFs) then a code; bytes between
+      // segments that are not a marker are skipped; segments are skipped by their length.
+      size_t p = 2;
+      while (p < b.size()) {
+        if (b[p] != 0xff) {
+          ++p;
+          continue;
+        }
+        while (p < b.size() && b[p] == 0xff) ++p;
+        if (p + 2 >= b.size()) return std::nullopt;
+        const uint8_t m = b[p++];
+        if (m == 0x01 || (m >= 0xd0 && m <= 0xd8)) continue;  // TEM, RSTn, SOI: no length
+        if (m == 0xd9 || m == 0xda) return std::nullopt;      // EOI or SOS before any SOF
+        const size_t len = size_t{b[p]} << 8 | b[p + 1];
+        if (m >= 0xc0 && m <= 0xcf && m != 0xc4 && m != 0xc8 && m != 0xcc) {
+          if (len < 7 || p + 7 > b.size()) return std::nullopt;
+          return HeaderSize{b[p + 5] << 8 | b[p + 6], b[p + 3] << 8 | b[p + 4]};
+        }
+        if (len < 2) return std::nullopt;
+        p += len;
+      }
+      return std::nullopt;
+    }
+    case Format::kBmp: {  // after the 14-byte file header: the info header's size, then the size
+      if (b.size() < 22) return std::nullopt;
+      if (le32(b, 14) == 12) return HeaderSize{le16(b, 18), le16(b, 20)};  // OS/2: unsigned 16-bit
+      if (b.size() < 26) return std::nullopt;
+      const int64_t w = static_cast<int32_t>(le32(b, 18)), h = static_cast<int32_t>(le32(b, 22));
+      return HeaderSize{w, h < 0 ? -h : h};  // a negative height means rows stored top to bottom
+    }
+    case Format::kGif:  // the logical screen, which is the size of every frame stb returns
+      if (b.size() < 10) return std::nullopt;
+      return HeaderSize{le16(b, 6), le16(b, 8)};
   }
+  return std::nullopt;
+}
+
+// ---- palettes: indices past the entries a file gives ----------------------------------------
+// stb 2.27 looks a pixel's palette index up unchecked in a 256-entry table that holds only the
+// entries the file gave: for PNG (PLTE) and BMP that table is an uninitialized stack array, so
+// an index past the entries read whatever the stack held (a different image from run to run;
+// valgrind: "conditional jump depends on uninitialised value"). GIF's tables are zeroed, so
+// such an index is transparent there. Pillow, the reference, zero-fills its palette past the
+// file's entries: such an index is opaque black (checked with Pillow 13 for each format below,
+// including a PNG tRNS longer than PLTE, whose alphas then apply to those black entries).
+// So before stb runs, each palette is padded to all the entries its indices can reach, with
+// black: the image is then defined and the one Pillow shows.
+
+uint32_t crc32(std::span<const uint8_t> data) {
+  uint32_t c = 0xffffffffu;
+  for (uint8_t v : data) {
+    c ^= v;
+    for (int k = 0; k < 8; ++k) c = (c >> 1) ^ (0xedb88320u & (0u - (c & 1)));
+  }
+  return ~c;
+}
+
+// A copy of the PNG for stb, or an empty vector when it needs none (the common case: no copy):
+//  * an indexed-colour image's PLTE chunks padded to 256 entries (above), with a new CRC;
+//  * zero-length IDAT chunks dropped: stb 2.27 copies a zero-length first IDAT chunk into its
+//    still-null buffer (memcpy(NULL, p, 0): undefined behaviour, UBSan in stbi__getn; fuzz_image
+//    finding 4). PNG allows empty IDAT chunks and they carry nothing. stb copies one as soon as
+//    it has read the chunk's 8-byte header, before its CRC: one whose CRC is cut off by the end
+//    of the file counts too.
+// A chunk length past the end stops the walk; the rest is kept as is for stb to report.
+std::vector<uint8_t> png_for_stb(std::span<const uint8_t> b) {
   std::vector<uint8_t> out;
-  if (!any) return out;
-  out.assign(b.begin(), b.begin() + 8);
+  bool copying = false;
+  int color_type = -1;  // from IHDR; 3 = indexed colour
   size_t at = 8;
+  auto start_copy = [&] {
+    if (!copying) out.assign(b.begin(), b.begin() + at);
+    copying = true;
+  };
   while (at + 8 <= b.size()) {
-    const uint64_t end = chunk_end(at);
-    if (empty_idat(at)) {
+    const uint32_t len = be32(b, at);
+    const uint64_t end = at + 12 + uint64_t{len};  // may pass the end of the file
+    if (len == 0 && starts_with(b, "IDAT", at + 4)) {
+      start_copy();
       at = static_cast<size_t>(std::min<uint64_t>(end, b.size()));
       continue;
     }
     if (end > b.size()) break;
-    out.insert(out.end(), b.begin() + at, b.begin() + static_cast<size_t>(end));
+    if (len == 13 && starts_with(b, "IHDR", at + 4)) color_type = b[at + 17];
+    // stb itself refuses a PLTE that is empty, longer than 256 entries or not whole entries.
+    if (color_type == 3 && starts_with(b, "PLTE", at + 4) && len > 0 && len < 768 && len % 3 == 0) {
+      start_copy();
+      const size_t chunk = out.size();
+      const uint8_t header[8] = {0, 0, 3, 0, 'P', 'L', 'T', 'E'};  // length 768
+      out.insert(out.end(), header, header + 8);
+      out.insert(out.end(), b.begin() + at + 8, b.begin() + at + 8 + len);
+      out.resize(out.size() + (768 - len), 0);  // black
+      const uint32_t crc = crc32(std::span<const uint8_t>(out).subspan(chunk + 4, 4 + 768));
+      for (int s = 24; s >= 0; s -= 8) out.push_back(static_cast<uint8_t>(crc >> s));
+    } else if (copying) {
+      out.insert(out.end(), b.begin() + at, b.begin() + static_cast<size_t>(end));
+    }
     at = static_cast<size_t>(end);
   }
-  out.insert(out.end(), b.begin() + at, b.end());  // a truncated chunk, kept for stb to report
+  if (copying) out.insert(out.end(), b.begin() + at, b.end());
+  return out;
+}
+
+// A copy of the BMP for stb with its palette padded to 2^bpp entries, or an empty vector when
+// stb reads a full palette (or refuses the file itself). stb sizes the palette from the pixel
+// data offset: (offset - 14 - header size) / 4 entries, for OS/2 headers (offset - 38) / 3
+// (four fewer than the file holds), and an offset inside the header makes that count negative,
+// so that no entry is read at all.
+Result<std::vector<uint8_t>> bmp_for_stb(std::span<const uint8_t> b, const std::string& name) {
+  std::vector<uint8_t> out;
+  if (b.size() < 30) return out;
+  const int64_t hsz = le32(b, 14);
+  if (hsz != 12 && hsz != 40 && hsz != 56 && hsz != 108 && hsz != 124) return out;
+  const int bpp = static_cast<int>(hsz == 12 ? le16(b, 24) : le16(b, 28));
+  if (bpp != 1 && bpp != 4 && bpp != 8) return out;
+  const int64_t offset = static_cast<int32_t>(le32(b, 10));  // stb reads it as an int
+  if (hsz != 12 && b.size() >= 34 && (le32(b, 30) == 1 || le32(b, 30) == 2)) return out;  // RLE: refused
+  const int64_t entry = hsz == 12 ? 3 : 4, pal_at = 14 + hsz, needed = int64_t{1} << bpp;
+  // stb's count, its C arithmetic: truncating division, and an arithmetic shift for >> 2.
+  const int64_t stb_entries = hsz == 12 ? (offset - 38) / 3 : (offset - pal_at) >> 2;
+  if (stb_entries == 0 || stb_entries >= needed || offset < 0) return out;  // stb refuses or is fine
+  if (offset < pal_at) {
+    return invalid_file(fmt::format(
+        "{}: corrupt BMP: its pixel data offset {} points inside its {}-byte header", name, offset, pal_at));
+  }
+  if (static_cast<int64_t>(b.size()) < pal_at) return out;  // stb reports the short header
+  const int64_t data_at = std::min<int64_t>(offset, static_cast<int64_t>(b.size()));
+  const int64_t given = std::min((data_at - pal_at) / entry, needed);
+  const int64_t entries = hsz == 12 ? needed + 4 : needed;  // so that stb's count is `needed`
+  out.assign(b.begin(), b.begin() + pal_at);
+  out.insert(out.end(), b.begin() + pal_at, b.begin() + pal_at + given * entry);
+  out.resize(static_cast<size_t>(pal_at + entries * entry), 0);  // black
+  out.insert(out.end(), b.begin() + data_at, b.end());
+  put_le32(out, 2, static_cast<uint32_t>(out.size()));
+  put_le32(out, 10, static_cast<uint32_t>(pal_at + entries * entry));
+  return out;
+}
+
+// A copy of the GIF for stb with the global colour table and the first image's local one
+// padded to 256 entries, or an empty vector when they hold 256 already (or stb is left to
+// report a broken file). stb decodes only the first image; its tables are zero-filled, so an
+// index past a table would be transparent (white after compositing) instead of Pillow's black.
+std::vector<uint8_t> gif_for_stb(std::span<const uint8_t> b) {
+  std::vector<uint8_t> out;
+  if (b.size() < 13) return out;
+  auto table_bytes = [](uint8_t flags) -> size_t {
+    return (flags & 0x80) ? size_t{3} << ((flags & 7) + 1) : 0;
+  };
+  // Where each table's flags byte and the table are, if they need padding.
+  std::vector<std::pair<size_t, size_t>> pads;  // (flags byte, table start)
+  size_t at = 13 + table_bytes(b[10]);
+  if ((b[10] & 0x80) && (b[10] & 7) != 7) pads.emplace_back(10, 13);
+  while (at < b.size()) {
+    if (b[at] == 0x21) {  // extension: label, then sub-blocks up to an empty one
+      at += 2;
+      while (at < b.size() && b[at] != 0) at += 1 + size_t{b[at]};
+      ++at;
+    } else if (b[at] == 0x2c) {  // the first image descriptor: flags at +9, its table at +10
+      if (at + 10 > b.size()) break;
+      if ((b[at + 9] & 0x80) && (b[at + 9] & 7) != 7) pads.emplace_back(at + 9, at + 10);
+      break;
+    } else {
+      break;  // the trailer or a byte stb refuses
+    }
+  }
+  if (pads.empty()) return out;
+  size_t from = 0;
+  for (const auto& [flags_at, table_at] : pads) {
+    const size_t bytes = table_bytes(b[flags_at]);
+    if (table_at + bytes > b.size()) break;  // a cut table: stb reads it as zeros anyway
+    const size_t shift = out.size() - from;  // what the tables padded so far added
+    out.insert(out.end(), b.begin() + from, b.begin() + table_at + bytes);
+    out[flags_at + shift] = static_cast<uint8_t>(b[flags_at] | 7);  // 2^(7+1) = 256 entries
+    out.resize(out.size() + 768 - bytes, 0);                        // black
+    from = table_at + bytes;
+  }
+  out.insert(out.end(), b.begin() + from, b.end());
   return out;
 }
 
 }  // namespace
 
+Status check_image_file_size(uint64_t bytes, const std::string& name, const ImageLimits& limits) {
+  if (bytes <= limits.max_file_bytes) return ok_status();
+  return invalid_file(
+      fmt::format("{}: image file is {} bytes, over the limit of {} bytes (ImageLimits::max_file_bytes)",
+                  name, bytes, limits.max_file_bytes));
+}
+
 Result<Image> decode_image(std::span<const uint8_t> bytes, const std::string& name,
                            const ImageLimits& limits) {
   if (bytes.empty()) return invalid_file(fmt::format("{}: empty file (0 bytes), not an image", name));
-  if (bytes.size() > limits.max_file_bytes) {
-    return out_of_range(
-        fmt::format("{}: image file is {} bytes, over the limit of {} bytes (ImageLimits::max_file_bytes)",
-                    name, bytes.size(), limits.max_file_bytes));
-  }
+  GEMMA3_TRY(check_image_file_size(bytes.size(), name, limits));
   Format format;
   if (!sniff_supported(bytes, &format)) {
     if (const char* other = sniff_unsupported(bytes)) {
@@ -343,41 +526,53 @@ Result<Image> decode_image(std::span<const uint8_t> bytes, const std::string& na
   }
   const char* fname = format_name(format);
   if (bytes.size() > static_cast<size_t>(std::numeric_limits<int>::max())) {  // stb takes an int length
-    return out_of_range(
+    return invalid_file(
         fmt::format("{}: {} file of {} bytes is too large to decode", name, fname, bytes.size()));
   }
-  const int len = static_cast<int>(bytes.size());
 
-  // The header alone: dimensions are checked before anything is allocated for the pixels.
-  // Before stb reads even the header: stbi_info parses the DHT segments before SOF too.
-  if (format == Format::kJpeg) GEMMA3_TRY(check_jpeg_huffman_tables(bytes, name));
-  int w = 0, h = 0, comp = 0;
-  stbi__g_failure_reason = nullptr;
-  if (!stbi_info_from_memory(bytes.data(), len, &w, &h, &comp)) {
-    return invalid_file(
-        fmt::format("{}: corrupt or truncated {} header ({})", name, fname, failure_reason()));
-  }
-  auto check_dims = [&](int cw, int ch) -> Status {
+  // The header alone: dimensions are checked before anything is allocated for the pixels, and
+  // before stb reads the header (its reader refuses some sizes the limits should name).
+  auto check_dims = [&](int64_t cw, int64_t ch) -> Status {
     if (cw <= 0 || ch <= 0) {
       return invalid_file(
           fmt::format("{}: {} image has size {}x{}, expected at least 1x1", name, fname, cw, ch));
     }
     if (cw > limits.max_side || ch > limits.max_side) {
-      return out_of_range(
+      return invalid_file(
           fmt::format("{}: {} image is {}x{} pixels, over the limit of {} pixels per side "
                       "(ImageLimits::max_side)",
                       name, fname, cw, ch, limits.max_side));
     }
-    if (int64_t{cw} * ch > limits.max_pixels) {
-      return out_of_range(
+    if (cw * ch > limits.max_pixels) {
+      return invalid_file(
           fmt::format("{}: {} image is {}x{} = {} pixels, over the limit of {} pixels "
                       "(ImageLimits::max_pixels)",
-                      name, fname, cw, ch, int64_t{cw} * ch, limits.max_pixels));
+                      name, fname, cw, ch, cw * ch, limits.max_pixels));
     }
     return ok_status();
   };
+  if (const std::optional<HeaderSize> size = header_size(bytes, format))
+    GEMMA3_TRY(check_dims(size->width, size->height));
+  // stbi_info parses the JPEG DHT segments before SOF too.
+  if (format == Format::kJpeg) GEMMA3_TRY(check_jpeg_huffman_tables(bytes, name));
+  int w = 0, h = 0, comp = 0;
+  stbi__g_failure_reason = nullptr;
+  if (!stbi_info_from_memory(bytes.data(), static_cast<int>(bytes.size()), &w, &h, &comp)) {
+    return invalid_file(
+        fmt::format("{}: corrupt or truncated {} header ({})", name, fname, failure_reason()));
+  }
+  if (format == Format::kBmp && h < 0) h = h == std::numeric_limits<int>::min() ? 0 : -h;  // top-down rows
   GEMMA3_TRY(check_dims(w, h));
-  if (format == Format::kBmp) GEMMA3_TRY(check_bmp_extent(bytes, name));
+
+  // The copy stb decodes, when the file needs one (palettes padded, empty IDATs dropped).
+  std::vector<uint8_t> cleaned;
+  if (format == Format::kPng) cleaned = png_for_stb(bytes);
+  if (format == Format::kGif) cleaned = gif_for_stb(bytes);
+  if (format == Format::kBmp) {
+    GEMMA3_TRY(check_bmp_extent(bytes, name));
+    GEMMA3_ASSIGN_OR_RETURN(cleaned, bmp_for_stb(bytes, name));
+  }
+  const std::span<const uint8_t> input = cleaned.empty() ? bytes : std::span<const uint8_t>(cleaned);
 
   // Budget: the worst decoder (progressive JPEG with padded MCUs, 16-bit interlaced PNG) needs
   // about 20 bytes per pixel plus the compressed data; 32 per (padded) pixel + 2x the file is
@@ -388,9 +583,6 @@ Result<Image> decode_image(std::span<const uint8_t> bytes, const std::string& na
   t_budget = &budget;
   int dw = 0, dh = 0;
   stbi__g_failure_reason = nullptr;
-  const std::vector<uint8_t> cleaned =
-      format == Format::kPng ? without_empty_idat(bytes) : std::vector<uint8_t>();
-  const std::span<const uint8_t> input = cleaned.empty() ? bytes : std::span<const uint8_t>(cleaned);
   stbi_uc* rgba = stbi_load_from_memory(input.data(), static_cast<int>(input.size()), &dw, &dh, &comp, 4);
   if (rgba == nullptr) {
     t_budget = nullptr;
@@ -435,11 +627,7 @@ Result<Image> load_image(const std::string& path, const ImageLimits& limits) {
     return invalid_argument(fmt::format("{}: cannot open image file: {}", path, std::strerror(err)));
   }
   if (!S_ISREG(st.st_mode)) return invalid_argument(fmt::format("{}: not a regular file", path));
-  if (static_cast<uint64_t>(st.st_size) > limits.max_file_bytes) {
-    return out_of_range(
-        fmt::format("{}: image file is {} bytes, over the limit of {} bytes (ImageLimits::max_file_bytes)",
-                    path, st.st_size, limits.max_file_bytes));
-  }
+  GEMMA3_TRY(check_image_file_size(static_cast<uint64_t>(st.st_size), path, limits));
   std::FILE* f = std::fopen(path.c_str(), "rb");
   if (f == nullptr) {
     return invalid_argument(fmt::format("{}: cannot open image file: {}", path, std::strerror(errno)));
