@@ -1,5 +1,7 @@
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <limits>
 #include <map>
 
 #include "model/sampler.h"
@@ -77,6 +79,73 @@ TEST(Sampler, SamplingFollowsTheDistributionAndIsSeeded) {
   EXPECT_NEAR(counts[2] / double(n), 0.1, 0.02);
   Sampler again(o, 3, {});
   for (int i = 0; i < 10; ++i) EXPECT_EQ(again.sample(logits.data(), {}), first[i]);
+}
+
+// Issue #12.4: T = 1e-38 divided logits by T before subtracting the maximum, overflowed to inf,
+// and inf - inf = NaN drew noise. A tiny temperature must tend to greedy.
+TEST(Sampler, TinyTemperatureIsGreedy) {
+  std::vector<float> logits = {1.0f, 7.5f, 7.25f, -3.0f, 0.0f};
+  for (float t : {1e-38f, 1e-30f, 1e-10f, std::numeric_limits<float>::denorm_min()}) {
+    for (uint64_t seed = 0; seed < 50; ++seed) {
+      SamplingOptions o;
+      o.temperature = t;
+      o.seed = seed;
+      Sampler s(o, 5, {});
+      ASSERT_EQ(s.sample(logits.data(), {}), 1) << "temperature " << t << " seed " << seed;
+    }
+  }
+}
+
+// NaN counts as -inf on every path: never chosen, never poisons the softmax.
+TEST(Sampler, NanLogitsAreMinusInfinityOnEveryPath) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::vector<float> logits = {nan, 2.0f, nan, 1.0f, nan};
+  for (int mode = 0; mode < 4; ++mode) {
+    for (uint64_t seed = 0; seed < 100; ++seed) {
+      SamplingOptions o;
+      o.seed = seed;
+      if (mode >= 1) o.temperature = 1.0f;
+      if (mode == 2) o.top_k = 3;
+      if (mode == 3) o.top_p = 0.9f, o.min_p = 0.05f, o.repeat_penalty = 1.3f;
+      Sampler s(o, 5, {});
+      const int32_t id = s.sample(logits.data(), {0, 2});
+      ASSERT_TRUE(id == 1 || id == 3) << "mode " << mode << " seed " << seed << " picked " << id;
+    }
+  }
+  // A NaN first in the row must not win greedy (std::max_element compares false with NaN).
+  std::vector<float> first_nan = {nan, -1.0f, 0.5f};
+  SamplingOptions greedy;
+  Sampler g(greedy, 3, {});
+  EXPECT_EQ(g.sample(first_nan.data(), {}), 2);
+}
+
+// The same seed gives the same draw on rows with NaN and inf (deterministic output), and +inf
+// logits share the probability among themselves.
+TEST(Sampler, NonFiniteRowsAreDeterministic) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+  std::vector<float> logits = {inf, nan, -inf, 3.0f, inf, nan};
+  std::map<int32_t, int> seen;
+  for (uint64_t seed = 0; seed < 200; ++seed) {
+    SamplingOptions o;
+    o.temperature = 0.8f;
+    o.seed = seed;
+    Sampler a(o, 6, {}), b(o, 6, {});
+    const int32_t id = a.sample(logits.data(), {});
+    ASSERT_EQ(id, b.sample(logits.data(), {}));
+    ++seen[id];
+  }
+  EXPECT_EQ(seen.size(), 2u);
+  EXPECT_GT(seen[0], 50);
+  EXPECT_GT(seen[4], 50);
+  // Nothing drawable (all NaN or banned): a defined id, on both paths.
+  std::vector<float> none = {nan, nan};
+  for (float t : {0.0f, 1.0f}) {
+    SamplingOptions o;
+    o.temperature = t;
+    Sampler s(o, 2, {});
+    EXPECT_EQ(s.sample(none.data(), {}), 0);
+  }
 }
 
 }  // namespace

@@ -6,7 +6,23 @@
 //   (*session)->feed_chat({{"user", "Hello"}});
 //   (*session)->generate({}, [](const gemma3::TokenEvent& e) { print(e.text); return true; });
 //
-// Every fallible call returns a Status/Result; the library never exits.
+// Every fallible call returns a Status/Result; the library never exits and never throws (an
+// exception from inside, or from a callback you pass, comes back as an error Status).
+//
+// Threads:
+//   - Model: every method may be called from any thread at any time, concurrently. Sessions of
+//     one model may be used from different threads at once: each computes exactly what it
+//     would alone. They share the model's backend, which runs one forward step (a prefill
+//     chunk, a decode token, an image encode) at a time, so N busy sessions each run at about
+//     1/N of the speed (batched decoding of many sequences is a later design). A session keeps
+//     its model alive; the Model may be released while sessions still run.
+//   - Session: one thread at a time. Its methods are not synchronized: calling two of them
+//     concurrently on one session is a data race. Handing a session from one thread to another
+//     (with the usual happens-before, e.g. a mutex or a join) is fine.
+//   - GenerateOptions::cancel may be set from any thread. on_token and an ActivationHook run
+//     on the thread that called generate/feed_*; an activation hook runs while the model's
+//     backend is held, so it must not call into another session of the same model.
+//   - Tokenizer: const methods may be called concurrently.
 #pragma once
 
 #include <atomic>
@@ -26,18 +42,23 @@ enum class BackendKind { kAuto, kCpu, kCuda };
 // e4m3fn without scale; both about half of bf16, with attention reading them directly.
 enum class KvType { kBF16, kF32, kQ8_0, kF8 };
 
+// The most CPU threads a model may use (LoadOptions::threads; as llama.cpp's GGML_MAX_N_THREADS).
+inline constexpr int kMaxThreads = 512;
+
 struct LoadOptions {
   BackendKind backend = BackendKind::kAuto;
-  int threads = 0;  // 0: one per core
+  int threads = 0;  // 0: one per core; at most kMaxThreads
   int context = 0;  // KV cache length in tokens; 0: min(model max, 8192)
   KvType kv_type = KvType::kBF16;
-  int prefill_chunk = 256;  // tokens per prefill step (also sizes the local-layer rings)
-  std::string mmproj;       // llama.cpp vision projector GGUF (optional)
+  int prefill_chunk = 256;    // tokens per prefill step (also sizes the local-layer rings)
+  std::string mmproj;         // llama.cpp vision projector GGUF (optional)
   bool pan_and_scan = false;  // images: also encode Pan & Scan crops (docs/vision.md)
-  // CUDA only (`--weights fp8`): bf16/f16/f32 matrices are quantized at load to fp8 e4m3 with a
-  // scale per row, halving bf16's bytes per decoded token. An error on other backends.
+  // CUDA only (`--weights fp8`): the decoder's bf16/f16/f32 matrices (projections, the tied
+  // embedding as LM head) are quantized at load to fp8 e4m3 with a scale per row, halving bf16's
+  // bytes per decoded token; embedding lookups, norms and the vision tower keep the stored
+  // values. An error on other backends.
   bool fp8_weights = false;
-  bool progress = false;    // progress bar on stderr while mapping/checking large files
+  bool progress = false;  // progress bar on stderr while mapping/checking large files
 };
 
 struct ChatMessage {

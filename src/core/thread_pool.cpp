@@ -1,23 +1,36 @@
 #include "core/thread_pool.h"
 
 #include <algorithm>
+#include <system_error>
 
 namespace gemma3 {
 
 ThreadPool::ThreadPool(int n_threads) {
   if (n_threads <= 0) n_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   n_threads_ = n_threads;
-  for (int i = 1; i < n_threads_; ++i) threads_.emplace_back([this, i] { worker(i); });
+  // std::thread throws when the system refuses a thread: stop the ones started, run inline,
+  // and leave the reason for the owner.
+  try {
+    for (int i = 1; i < n_threads_; ++i) threads_.emplace_back([this, i] { worker(i); });
+  } catch (const std::system_error& e) {
+    start_error_ = "cannot start worker thread " + std::to_string(threads_.size() + 1) + " of " +
+                   std::to_string(n_threads_) + ": " + e.what();
+    shutdown();
+    n_threads_ = 1;
+  }
 }
 
-ThreadPool::~ThreadPool() {
+void ThreadPool::shutdown() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     stop_ = true;
   }
   cv_start_.notify_all();
   for (auto& t : threads_) t.join();
+  threads_.clear();
 }
+
+ThreadPool::~ThreadPool() { shutdown(); }
 
 static void run_range(const std::function<void(int64_t, int64_t, int)>& fn, int64_t n, int64_t grain,
                       int parts, int index) {

@@ -2,8 +2,12 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+#include <optional>
 #include <string>
 #include <string_view>
+
+#include "core/utf8.h"
 
 namespace gemma3 {
 namespace {
@@ -48,6 +52,33 @@ std::string_view trim(std::string_view s) {
     end = start;
   }
   return s.substr(begin, end - begin);
+}
+
+// A model reply as the library streamed it may end inside a UTF-8 character (a reply cut by
+// -n, or a token that is one byte of an emoji), which the tokenizer refuses. Well-formed runs
+// are encoded as usual and every other byte becomes its byte-fallback piece "<0xNN>", which is
+// how the model produced such bytes in the first place.
+Result<std::vector<int32_t>> encode_model_text(const Tokenizer& tokenizer, std::string_view text) {
+  std::vector<int32_t> ids;
+  while (!text.empty()) {
+    const size_t bad = find_invalid_utf8(text);
+    if (bad > 0) {
+      GEMMA3_ASSIGN_OR_RETURN(
+          std::vector<int32_t> run,
+          tokenizer.encode(text.substr(0, std::min(bad, text.size())), /*parse_special=*/false));
+      ids.insert(ids.end(), run.begin(), run.end());
+    }
+    if (bad == std::string_view::npos) break;
+    const auto byte = static_cast<uint8_t>(text[bad]);
+    const std::optional<int32_t> id = tokenizer.find(fmt::format("<0x{:02X}>", byte));
+    if (!id)
+      return invalid_file(fmt::format(
+          "byte 0x{:02X} at offset {} is not valid UTF-8 and the vocabulary has no byte piece for it", byte,
+          bad));
+    ids.push_back(*id);
+    text.remove_prefix(bad + 1);
+  }
+  return ids;
 }
 
 }  // namespace
@@ -145,7 +176,8 @@ Result<std::vector<int32_t>> render_chat(const Tokenizer& tokenizer, const std::
     for (size_t k = 0; k < segments.size(); ++k) {
       if (k > 0) image_slots->push_back(ids.size());
       if (segments[k].empty()) continue;
-      auto body = tokenizer.encode(std::string(segments[k]), /*parse_special=*/false);
+      auto body = role == "model" ? encode_model_text(tokenizer, segments[k])
+                                  : tokenizer.encode(std::string(segments[k]), /*parse_special=*/false);
       if (!body.ok()) return body.status().with_context(fmt::format("chat template: message {}", i));
       ids.insert(ids.end(), body->begin(), body->end());
     }

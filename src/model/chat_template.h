@@ -26,6 +26,12 @@ namespace gemma3 {
 // str.strip's whitespace set, as Jinja's `trim` uses). After an optional system message the roles
 // must alternate user, model, user, ... (an invalid-argument error otherwise).
 //
+// Model content may hold any bytes: a reply as generate() streamed it can end inside a UTF-8
+// character (cut by max_tokens, or a byte token of an emoji), and bytes that are not
+// well-formed UTF-8 are rendered as their "<0xNN>" byte pieces, so re-rendering a conversation
+// (feed_chat_truncating) never fails on what the model wrote. User and system content must be
+// valid UTF-8 (the tokenizer's error otherwise).
+//
 // add_bos = false renders a continuation: the next turns of a session that already holds
 // earlier ones (ending in "<end_of_turn>\n" or with a model reply just generated). Rendering
 // [m0..mk] with add_bos and then [mk+1..mn] without it gives the same ids as rendering

@@ -1,13 +1,18 @@
 #include "model/kv_cache.h"
 
 #include <fmt/format.h>
+#include <sys/stat.h>
+#include <xxhash.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <iterator>
+#include <memory>
 
+#include "io/read_file.h"
 #include "model/weights.h"
 
 namespace gemma3 {
@@ -95,23 +100,30 @@ namespace gemma3 {
 namespace {
 
 constexpr char kStateMagic[8] = {'G', '3', 'S', 'T', 'A', 'T', 'E', '\0'};
-constexpr uint32_t kStateVersion = 1;
+constexpr uint32_t kStateVersion = 2;  // 2: XXH3 checksum and fingerprint of every tensor byte
 
-struct Fnv {
-  uint64_t h = 0xcbf29ce484222325ull;
-  void add(const void* p, size_t n) {
-    const uint8_t* b = static_cast<const uint8_t*>(p);
-    for (size_t i = 0; i < n; ++i) h = (h ^ b[i]) * 0x100000001b3ull;
-  }
+// XXH3-64 over a stream of byte ranges (the file checksum and the model fingerprint; tens of
+// GB/s, so hashing every weight byte costs about what reading the file does).
+class Hash {
+ public:
+  Hash() : s_(XXH3_createState()) { XXH3_64bits_reset(s_.get()); }
+  void add(const void* p, size_t n) { XXH3_64bits_update(s_.get(), p, n); }
+  uint64_t value() const { return XXH3_64bits_digest(s_.get()); }
+
+ private:
+  struct Free {
+    void operator()(XXH3_state_t* s) const { XXH3_freeState(s); }
+  };
+  std::unique_ptr<XXH3_state_t, Free> s_;
 };
 
 // Appends to a file while hashing what it wrote.
 struct Writer {
   std::ofstream out;
-  Fnv fnv;
+  Hash hash;
   void bytes(const void* p, size_t n) {
     out.write(static_cast<const char*>(p), static_cast<std::streamsize>(n));
-    fnv.add(p, n);
+    hash.add(p, n);
   }
   template <typename T>
   void pod(T v) {
@@ -122,7 +134,7 @@ struct Writer {
 // Reads from a buffer holding the whole file; every read checks the bytes are there.
 struct Reader {
   const std::string& path;
-  const std::vector<char>& buf;
+  const std::string& buf;
   size_t at = 0;
   Status take(void* dst, size_t n, const char* what) {
     if (buf.size() - at < n)
@@ -144,26 +156,33 @@ struct Reader {
 
 std::string model_fingerprint(const Checkpoint& ckpt) {
   const ModelConfig& c = ckpt.config();
-  Fnv fnv;
+  Hash hash;
   for (const TensorView* t : ckpt.text_tensors()) {
-    fnv.add(t->name.data(), t->name.size());
+    hash.add(t->name.data(), t->name.size());
     const uint8_t dt = static_cast<uint8_t>(t->dtype);
-    fnv.add(&dt, 1);
-    fnv.add(&t->nbytes, sizeof t->nbytes);
-    if (t->data) fnv.add(t->data, std::min<uint64_t>(t->nbytes, 4096));
+    hash.add(&dt, 1);
+    hash.add(&t->nbytes, sizeof t->nbytes);
+    if (t->data) hash.add(t->data, t->nbytes);  // every byte: a checkpoint that differs anywhere differs here
   }
   return fmt::format("Gemma 3 {} L{} H{} I{} heads {}/{} hd {} V{} W{} tensors {:016x}", c.size_label,
                      c.n_layers, c.hidden, c.intermediate, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size,
-                     c.sliding_window, fnv.h);
+                     c.sliding_window, hash.value());
 }
 
 Status save_session_state(const std::string& path, const SessionState& state, Backend& backend,
                           const KvCache& cache) {
   const KvPlan& plan = cache.plan();
+  // Only a regular file is replaced: never a directory, a device or a /proc file.
+  struct stat st {};
+  if (::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode))
+    return invalid_file(fmt::format("prompt cache {}: {}, not a regular file", path,
+                                    S_ISDIR(st.st_mode) ? "is a directory" : "exists"));
   const std::string tmp = path + ".tmp";
   Writer w;
   w.out.open(tmp, std::ios::binary | std::ios::trunc);
-  if (!w.out) return not_found(fmt::format("prompt cache {}: cannot create {}", path, tmp));
+  if (!w.out)
+    return invalid_file(
+        fmt::format("prompt cache {}: cannot create {}: {}", path, tmp, std::strerror(errno)));
   w.bytes(kStateMagic, sizeof kStateMagic);
   w.pod(kStateVersion);
   w.pod(static_cast<uint32_t>(state.fingerprint.size()));
@@ -191,40 +210,47 @@ Status save_session_state(const std::string& path, const SessionState& state, Ba
   }
   w.pod(static_cast<uint32_t>(state.last_logits.size()));
   w.bytes(state.last_logits.data(), state.last_logits.size() * sizeof(float));
-  const uint64_t sum = w.fnv.h;
+  const uint64_t sum = w.hash.value();
   w.out.write(reinterpret_cast<const char*>(&sum), sizeof sum);
   w.out.close();
   if (!w.out) {
     std::remove(tmp.c_str());
-    return internal_error(fmt::format("prompt cache {}: writing {} failed (disk full?)", path, tmp));
+    return invalid_file(fmt::format("prompt cache {}: writing {} failed (disk full?)", path, tmp));
   }
   if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    const int err = errno;
     std::remove(tmp.c_str());
-    return internal_error(fmt::format("prompt cache {}: cannot rename {} into place", path, tmp));
+    return invalid_file(
+        fmt::format("prompt cache {}: cannot rename {} into place: {}", path, tmp, std::strerror(err)));
   }
   return ok_status();
 }
 
 Status load_session_state(const std::string& path, int vocab, SessionState* state, Backend& backend,
                           KvCache& cache) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return not_found(fmt::format("prompt cache {}: cannot open", path));
-  std::vector<char> buf((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  // The largest state this session can have written: the header (fingerprint at most 64 KiB),
+  // every token, every layer's live K/V, the logits and the checksum. Anything larger, or not a
+  // regular file (a directory, /dev/zero, /proc/self/mem), is refused before it is read.
+  const KvPlan& plan = cache.plan();
+  uint64_t max_bytes = (64u << 10) + 4ull * plan.context + 4ull * vocab + 8;
+  for (int cap : plan.capacity) max_bytes += 8 + static_cast<uint64_t>(cap) * plan.bytes_per_slot;
+  GEMMA3_ASSIGN_OR_RETURN(
+      const std::string buf,
+      read_file_limited(path, max_bytes, "prompt cache", FileKind::kRegular, ErrorCode::kInvalidFile));
   if (buf.size() < sizeof kStateMagic + 8 || std::memcmp(buf.data(), kStateMagic, sizeof kStateMagic) != 0)
     return invalid_file(fmt::format("prompt cache {}: not a gemma3 session state (bad magic)", path));
   uint64_t sum;
   std::memcpy(&sum, buf.data() + buf.size() - 8, 8);
-  Fnv fnv;
-  fnv.add(buf.data(), buf.size() - 8);
+  Hash hash;
+  hash.add(buf.data(), buf.size() - 8);
   Reader r{path, buf, sizeof kStateMagic};
   GEMMA3_ASSIGN_OR_RETURN(uint32_t version, r.pod<uint32_t>("version"));
   if (version != kStateVersion)
     return invalid_file(
         fmt::format("prompt cache {}: version {}, expected {}", path, version, kStateVersion));
-  if (fnv.h != sum)
+  if (hash.value() != sum)
     return invalid_file(fmt::format("prompt cache {}: checksum mismatch (file truncated or corrupt)", path));
 
-  const KvPlan& plan = cache.plan();
   GEMMA3_ASSIGN_OR_RETURN(uint32_t fp_len, r.pod<uint32_t>("fingerprint length"));
   std::string fp(std::min<size_t>(fp_len, buf.size()), '\0');
   GEMMA3_TRY(r.take(fp.data(), fp_len, "fingerprint"));

@@ -63,19 +63,21 @@ class KvCache {
 
 class Checkpoint;
 
-// "Gemma 3 270M L18 H640 ... tensors <hash>": the config plus an FNV-1a hash of every text
-// tensor's name, type, size and first 4 KiB, so a state never meets another model's weights.
+// "Gemma 3 270M L18 H640 ... tensors <hash>": the config plus an XXH3-64 hash of every text
+// tensor's name, type, size and every byte of its data, so a state never meets another
+// model's weights. It reads the whole checkpoint (docs/perf.md: its cost on a large file), so
+// the model computes it once, on the first save or load of a state, never at load.
 std::string model_fingerprint(const Checkpoint& ckpt);
 
 // A saved context. File layout (little-endian; tests/test_long_context.cpp):
-//   "G3STATE\0" u32 version (1)
+//   "G3STATE\0" u32 version (2)
 //   u32 n, fingerprint [n bytes]
 //   i32 context, i32 chunk, u32 kv dtype (DType), u32 n_layers, u32 bytes_per_slot
 //   u32 n_tokens, u8 in_model_turn, i32 tokens[n_tokens]
 //   per layer: u32 capacity, u32 live = min(n_tokens, capacity), K [live slots], V [live slots]
 //     (slot p % capacity holds position p, so the live slots are 0 .. live-1)
 //   u32 vocab, f32 last_logits[vocab]
-//   u64 FNV-1a of every byte before it
+//   u64 XXH3-64 of every byte before it
 struct SessionState {
   std::string fingerprint;
   std::vector<int32_t> tokens;
@@ -87,9 +89,9 @@ struct SessionState {
 // place, so an interrupted save never leaves a damaged file under that name).
 Status save_session_state(const std::string& path, const SessionState& state, Backend& backend,
                           const KvCache& cache);
-// Reads path, checks the fingerprint against state->fingerprint, the settings against cache's
-// plan, the sizes and the checksum; only then copies K/V into `cache` and fills tokens,
-// in_model_turn and last_logits (whose size must be `vocab`).
+// Reads path (a regular file no larger than this cache's largest state), checks the fingerprint against
+// state->fingerprint, the settings against cache's plan, the sizes and the checksum; only then copies K/V
+// into `cache` and fills tokens, in_model_turn and last_logits (whose size must be `vocab`).
 Status load_session_state(const std::string& path, int vocab, SessionState* state, Backend& backend,
                           KvCache& cache);
 

@@ -1,17 +1,19 @@
 // Model and Session: the library's public face over Checkpoint + backend + forward().
 #include <fmt/format.h>
+#include <sys/stat.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <deque>
-#include <filesystem>
-#include <fstream>
 #include <mutex>
 #include <string_view>
 #include <unordered_map>
 
 #include "backend/backend.h"
+#include "core/api_guard.h"
 #include "gemma3/gemma3.h"
+#include "io/read_file.h"
 #include "model/chat_template.h"
 #include "model/forward.h"
 #include "model/memory_plan.h"
@@ -45,6 +47,7 @@ struct EncodedImage {
 class SessionImpl final : public Session {
  public:
   SessionImpl(std::shared_ptr<ModelImpl> model, KvPlan plan);
+  ~SessionImpl() override;
   Status init();
 
   Status feed_tokens(const std::vector<int32_t>& ids) override;
@@ -101,6 +104,9 @@ class SessionImpl final : public Session {
   }
 
   std::shared_ptr<ModelImpl> model_;
+  // Held from ~SessionImpl's body until cache_ and scratch_ (declared after it, so destroyed
+  // before it) have released their backend memory under the model's backend lock.
+  std::unique_lock<std::mutex> teardown_lock_;
   KvCache cache_;
   ForwardScratch scratch_;
   std::vector<int32_t> tokens_;  // everything in the context, in order
@@ -109,6 +115,54 @@ class SessionImpl final : public Session {
   bool in_model_turn_ = false;  // the context ends inside a model turn (after feed_chat)
   Stats stats_;
   ActivationHook hook_;
+};
+
+// The public Session: every fallible call goes through api_guard, so nothing thrown inside
+// (or by the caller's on_token callback) escapes the library.
+class GuardedSession final : public Session {
+ public:
+  explicit GuardedSession(std::unique_ptr<SessionImpl> s) : s_(std::move(s)) {}
+
+  Status feed_tokens(const std::vector<int32_t>& ids) override {
+    return api_guard("feed_tokens", [&] { return s_->feed_tokens(ids); });
+  }
+  Status feed_text(const std::string& text) override {
+    return api_guard("feed_text", [&] { return s_->feed_text(text); });
+  }
+  Status feed_chat(const std::vector<ChatMessage>& messages) override {
+    return api_guard("feed_chat", [&] { return s_->feed_chat(messages); });
+  }
+  Status feed_image(const std::string& path) override {
+    return api_guard("feed_image", [&] { return s_->feed_image(path); });
+  }
+  Status feed_image_pixels(const std::vector<float>& pixels) override {
+    return api_guard("feed_image_pixels", [&] { return s_->feed_image_pixels(pixels); });
+  }
+  Status generate(const GenerateOptions& options,
+                  const std::function<bool(const TokenEvent&)>& on_token) override {
+    return api_guard("generate", [&] { return s_->generate(options, on_token); });
+  }
+  const std::vector<float>& last_logits() const override { return s_->last_logits(); }
+  void keep_all_logits(bool keep) override { s_->keep_all_logits(keep); }
+  const std::vector<float>& all_logits() const override { return s_->all_logits(); }
+  int position() const override { return s_->position(); }
+  void clear() override { s_->clear(); }
+  const Stats& stats() const override { return s_->stats(); }
+  void set_activation_hook(ActivationHook hook) override { s_->set_activation_hook(std::move(hook)); }
+  MemoryReport memory() const override { return s_->memory(); }
+  const std::vector<int32_t>& tokens() const override { return s_->tokens(); }
+  Result<int> feed_chat_truncating(std::vector<ChatMessage>& messages, int reserve) override {
+    return api_guard("feed_chat_truncating", [&] { return s_->feed_chat_truncating(messages, reserve); });
+  }
+  Status save_state(const std::string& path) const override {
+    return api_guard("save_state", [&] { return s_->save_state(path); });
+  }
+  Status load_state(const std::string& path) override {
+    return api_guard("load_state", [&] { return s_->load_state(path); });
+  }
+
+ private:
+  std::unique_ptr<SessionImpl> s_;
 };
 
 class ModelImpl final : public Model, public std::enable_shared_from_this<ModelImpl> {
@@ -120,7 +174,12 @@ class ModelImpl final : public Model, public std::enable_shared_from_this<ModelI
   int context = 0;
   MemoryPlan plan;  // one session's memory, checked against the backend before uploading
   std::unique_ptr<VisionEncoder> vision;  // null without a vision tower
-  std::mutex vision_mutex;                // the encoder's buffers are shared by all sessions
+  // The backend serves one caller at a time: its stream, error state, scratch buffers and
+  // thread pool (and the vision encoder's buffers) are shared by every session. Sessions take
+  // this lock around each forward step, image encode, state copy, allocation and release, so
+  // sessions on different threads interleave step by step and each computes exactly what it
+  // would alone (gemma3.h states the contract).
+  std::mutex backend_mutex;
 
   const Tokenizer& tokenizer() const override { return ckpt->tokenizer(); }
   int context_length() const override { return context; }
@@ -133,17 +192,33 @@ class ModelImpl final : public Model, public std::enable_shared_from_this<ModelI
   MemoryReport memory_plan() const override { return plan.report(); }
   int image_size() const override { return vision ? vision->image_size() : 0; }
   Result<std::unique_ptr<Session>> new_session() override {
-    auto s = std::make_unique<SessionImpl>(
-        shared_from_this(), plan_kv(ckpt->config(), context, options.prefill_chunk, kv_dtype(options.kv_type)));
-    GEMMA3_TRY(s->init());
-    return std::unique_ptr<Session>(std::move(s));
+    return api_guard("new_session", [&]() -> Result<std::unique_ptr<Session>> {
+      auto s = std::make_unique<SessionImpl>(
+          shared_from_this(),
+          plan_kv(ckpt->config(), context, options.prefill_chunk, kv_dtype(options.kv_type)));
+      GEMMA3_TRY(s->init());
+      return std::unique_ptr<Session>(std::make_unique<GuardedSession>(std::move(s)));
+    });
   }
+  // The fingerprint a prompt cache is checked against: hashes every byte of every tensor, so
+  // it is computed once, on the first save_state/load_state, never at load.
+  const std::string& fingerprint() {
+    std::call_once(fingerprint_once_, [this] { fingerprint_ = model_fingerprint(*ckpt); });
+    return fingerprint_;
+  }
+
+ private:
+  std::once_flag fingerprint_once_;
+  std::string fingerprint_;
 };
 
 SessionImpl::SessionImpl(std::shared_ptr<ModelImpl> model, KvPlan plan)
     : model_(std::move(model)), cache_(*model_->backend, std::move(plan)), scratch_(*model_->backend) {}
 
+SessionImpl::~SessionImpl() { teardown_lock_ = std::unique_lock<std::mutex>(model_->backend_mutex); }
+
 Status SessionImpl::init() {
+  std::lock_guard<std::mutex> lock(model_->backend_mutex);
   GEMMA3_TRY(cache_.allocate(model_->ckpt->config()));
   return scratch_.allocate(model_->ckpt->config(), cache_.plan().chunk);
 }
@@ -162,8 +237,9 @@ Result<int> SessionImpl::feed_chat_truncating(std::vector<ChatMessage>& messages
   int dropped = 0;
   while (true) {
     std::vector<size_t> slots;
-    GEMMA3_ASSIGN_OR_RETURN(std::vector<int32_t> ids, render_chat(model_->tokenizer(), messages, /*add_bos=*/true,
-                                                                  /*add_generation_prompt=*/true, &slots));
+    GEMMA3_ASSIGN_OR_RETURN(std::vector<int32_t> ids,
+                            render_chat(model_->tokenizer(), messages, /*add_bos=*/true,
+                                        /*add_generation_prompt=*/true, &slots));
     // Without images the rendered ids are exact; image blocks add tokens only feeding knows (Pan &
     // Scan crops), so then the conversation is fed and checked.
     if (ids.size() + static_cast<size_t>(std::max(reserve, 0)) <= static_cast<size_t>(ctx)) {
@@ -179,9 +255,10 @@ Result<int> SessionImpl::feed_chat_truncating(std::vector<ChatMessage>& messages
     size_t first = 0;  // the oldest non-system message
     while (first < messages.size() && messages[first].role == "system") ++first;
     if (messages.size() - first <= 1)
-      return out_of_range(fmt::format(
-          "the last message needs {} tokens and {} are kept for the reply, but the context holds {}; raise --ctx",
-          ids.size(), reserve, ctx));
+      return out_of_range(
+          fmt::format("the last message needs {} tokens and {} are kept for the reply, but the context holds "
+                      "{}; raise --ctx",
+                      ids.size(), reserve, ctx));
     // Drop it, and any model replies after it, so the conversation still opens with a user turn.
     do {
       messages.erase(messages.begin() + static_cast<std::ptrdiff_t>(first));
@@ -192,17 +269,21 @@ Result<int> SessionImpl::feed_chat_truncating(std::vector<ChatMessage>& messages
 
 Status SessionImpl::save_state(const std::string& path) const {
   SessionState st;
-  st.fingerprint = model_fingerprint(*model_->ckpt);
+  st.fingerprint = model_->fingerprint();
   st.tokens = tokens_;
   st.in_model_turn = in_model_turn_;
   st.last_logits = last_logits_;
+  std::lock_guard<std::mutex> lock(model_->backend_mutex);
   return save_session_state(path, st, *model_->backend, cache_);
 }
 
 Status SessionImpl::load_state(const std::string& path) {
   SessionState st;
-  st.fingerprint = model_fingerprint(*model_->ckpt);
-  GEMMA3_TRY(load_session_state(path, model_->vocab_size(), &st, *model_->backend, cache_));
+  st.fingerprint = model_->fingerprint();
+  {
+    std::lock_guard<std::mutex> lock(model_->backend_mutex);
+    GEMMA3_TRY(load_session_state(path, model_->vocab_size(), &st, *model_->backend, cache_));
+  }
   clear();
   tokens_ = std::move(st.tokens);
   in_model_turn_ = st.in_model_turn;
@@ -246,7 +327,10 @@ Status SessionImpl::run_pieces(const std::vector<Piece>& pieces, bool keep_all) 
       req.bidir_end = req.pos0 + n;
     }
     float* dst = keep_all ? all_logits_.data() + row * V : last_logits_.data();
-    GEMMA3_TRY(forward(c, model_->weights, *model_->backend, cache_, scratch_, req, dst, hook));
+    {
+      std::lock_guard<std::mutex> lock(model_->backend_mutex);
+      GEMMA3_TRY(forward(c, model_->weights, *model_->backend, cache_, scratch_, req, dst, hook));
+    }
     tokens_.insert(tokens_.end(), ids, ids + n);
     row += n;
     return ok_status();
@@ -297,7 +381,7 @@ Result<std::shared_ptr<const std::vector<float>>> SessionImpl::encode_pixels(
       std::make_shared<std::vector<float>>(static_cast<size_t>(enc.tokens_per_image()) * enc.text_hidden());
   const auto t0 = Clock::now();
   {
-    std::lock_guard<std::mutex> lock(model_->vision_mutex);
+    std::lock_guard<std::mutex> lock(model_->backend_mutex);
     ActivationHook* hook = hook_ ? &hook_ : nullptr;
     GEMMA3_TRY(enc.encode(pixels.data(), out->data(), hook));
   }
@@ -308,18 +392,16 @@ Result<std::shared_ptr<const std::vector<float>>> SessionImpl::encode_pixels(
 
 Result<std::shared_ptr<const EncodedImage>> SessionImpl::encode_file(const std::string& path) {
   const auto t0 = Clock::now();
-  // Read the bytes once: they are the cache key and the decoder's input.
+  // Read the bytes once: they are the cache key and the decoder's input. A regular file only,
+  // checked against the size limit before it is read (vision::check_image_file_size's error).
   const vision::ImageLimits limits;
-  std::error_code ec;
-  const uint64_t size = std::filesystem::file_size(path, ec);
-  if (ec) return not_found(fmt::format("image {}: {}", path, ec.message()));
-  if (size > limits.max_file_bytes)
-    return invalid_argument(
-        fmt::format("image {}: {} bytes is more than the {} allowed", path, size, limits.max_file_bytes));
-  std::string bytes(size, '\0');
-  std::ifstream in(path, std::ios::binary);
-  if (!in.read(bytes.data(), static_cast<std::streamsize>(size)))
-    return not_found(fmt::format("image {}: cannot read the file", path));
+  struct stat st {};
+  if (::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode))
+    GEMMA3_TRY(vision::check_image_file_size(static_cast<uint64_t>(st.st_size), path, limits));
+  GEMMA3_ASSIGN_OR_RETURN(
+      const std::string bytes,
+      read_file_limited(path, limits.max_file_bytes, "image", FileKind::kRegular, ErrorCode::kInvalidFile));
+  const uint64_t size = bytes.size();
   const bool pan_scan = model_->options.pan_and_scan;
   const std::string key =
       fmt::format("file:{:016x}:{}:{}", std::hash<std::string_view>{}(bytes), size, pan_scan);
@@ -390,10 +472,10 @@ Status SessionImpl::feed_image(const std::string& path) {
 
 Status SessionImpl::feed_image_pixels(const std::vector<float>& pixels) {
   GEMMA3_TRY(check_vision());
-  const std::string key =
-      fmt::format("pixels:{:016x}:{}", std::hash<std::string_view>{}(std::string_view(
-                                           reinterpret_cast<const char*>(pixels.data()), pixels.size() * 4)),
-                  pixels.size());
+  const std::string key = fmt::format("pixels:{:016x}:{}",
+                                      std::hash<std::string_view>{}(std::string_view(
+                                          reinterpret_cast<const char*>(pixels.data()), pixels.size() * 4)),
+                                      pixels.size());
   std::shared_ptr<const EncodedImage> image;
   if (auto it = image_cache_.find(key); it != image_cache_.end()) {
     image = it->second;
@@ -471,9 +553,27 @@ Status SessionImpl::feed_chat(const std::vector<ChatMessage>& messages) {
   return ok_status();
 }
 
+// Sampling options in range, named by their field (a NaN temperature would otherwise divide
+// every logit into NaN).
+Status check_sampling(const SamplingOptions& o) {
+  auto bad = [](const char* field, double v, const char* want) {
+    return invalid_argument(fmt::format("SamplingOptions::{} is {}; it must be {}", field, v, want));
+  };
+  if (!(o.temperature >= 0.0f) || std::isinf(o.temperature))
+    return bad("temperature", o.temperature, "a finite number >= 0 (0: greedy)");
+  if (o.top_k < 0) return bad("top_k", o.top_k, ">= 0 (0: off)");
+  if (!(o.top_p > 0.0f && o.top_p <= 1.0f)) return bad("top_p", o.top_p, "in (0, 1] (1: off)");
+  if (!(o.min_p >= 0.0f && o.min_p <= 1.0f)) return bad("min_p", o.min_p, "in [0, 1] (0: off)");
+  if (!(o.repeat_penalty > 0.0f) || std::isinf(o.repeat_penalty))
+    return bad("repeat_penalty", o.repeat_penalty, "a finite number > 0 (1: off)");
+  if (o.repeat_last_n < -1) return bad("repeat_last_n", o.repeat_last_n, ">= -1 (-1: the whole context)");
+  return ok_status();
+}
+
 Status SessionImpl::generate(const GenerateOptions& o,
                              const std::function<bool(const TokenEvent&)>& on_token) {
   if (tokens_.empty()) return invalid_argument("generate: the context is empty; feed a prompt first");
+  GEMMA3_TRY(check_sampling(o.sampling));
   const ModelConfig& c = model_->ckpt->config();
   const Tokenizer& tok = model_->tokenizer();
   // Never produce ids past the tokenizer (padding rows, <image_soft_token> = 262144) nor the
@@ -536,7 +636,16 @@ Status SessionImpl::generate(const GenerateOptions& o,
 
 }  // namespace
 
+namespace {
+Result<std::shared_ptr<Model>> load_model(const std::string& path, const LoadOptions& options);
+}  // namespace
+
 Result<std::shared_ptr<Model>> Model::load(const std::string& path, const LoadOptions& options) {
+  return api_guard("Model::load", [&] { return load_model(path, options); });
+}
+
+namespace {
+Result<std::shared_ptr<Model>> load_model(const std::string& path, const LoadOptions& options) {
   auto m = std::make_shared<ModelImpl>();
   m->options = options;
   GEMMA3_ASSIGN_OR_RETURN(m->ckpt, Checkpoint::open(path));
@@ -546,6 +655,9 @@ Result<std::shared_ptr<Model>> Model::load(const std::string& path, const LoadOp
   if (options.context > c.max_context)
     return out_of_range(
         fmt::format("context {} exceeds the model's maximum of {} tokens", options.context, c.max_context));
+  if (options.threads < 0 || options.threads > kMaxThreads)
+    return invalid_argument(fmt::format("LoadOptions::threads is {}; it must be in [0, {}] (0: one per core)",
+                                        options.threads, kMaxThreads));
   if (options.prefill_chunk < 1 || options.prefill_chunk > 65536)
     return invalid_argument(fmt::format("prefill chunk {} must be in [1, 65536]", options.prefill_chunk));
   GEMMA3_TRY(check_kv_type(c, options.kv_type));
@@ -558,7 +670,8 @@ Result<std::shared_ptr<Model>> Model::load(const std::string& path, const LoadOp
   const bool cuda = options.backend == BackendKind::kCuda ||
                     (options.backend == BackendKind::kAuto && cuda_backend_available());
   if (options.fp8_weights && !cuda)
-    return invalid_argument("fp8 weights (--weights fp8) need the CUDA backend; the CPU runs the stored types");
+    return invalid_argument(
+        "fp8 weights (--weights fp8) need the CUDA backend; the CPU runs the stored types");
   if (cuda) {
     GEMMA3_ASSIGN_OR_RETURN(m->backend, make_cuda_backend(bo));
   } else {
@@ -579,5 +692,7 @@ Result<std::shared_ptr<Model>> Model::load(const std::string& path, const LoadOp
   }
   return std::shared_ptr<Model>(std::move(m));
 }
+
+}  // namespace
 
 }  // namespace gemma3

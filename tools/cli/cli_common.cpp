@@ -17,6 +17,7 @@
 #include <sstream>
 
 #include "core/utf8.h"
+#include "io/read_file.h"
 #include "model/kv_cache.h"
 
 namespace gemma3::cli {
@@ -253,7 +254,8 @@ void ModelFlags::add_to(ArgParser& p, bool with_context) {
                "KV cache element type; q8_0 and fp8 halve it (default: bf16)");
   p.add_option("--chunk", "N", &chunk, "tokens per prefill step (default: 256)");
   p.add_choice("--weights", {"stored", "fp8"}, &weights,
-               "weight types on the device: as stored, or bf16/f16/f32 matrices as fp8 e4m3 (CUDA only)");
+               "weight types on the device: as stored, or the decoder's bf16/f16/f32 matrices as fp8 e4m3\n"
+               "(CUDA only; lookups, norms and the vision tower stay as stored)");
   p.add_flag("-v,--verbose", &verbose, "print model details and per-step information to stderr");
   p.add_option("--mmproj", "FILE", &mmproj,
                "vision tower + projector GGUF (llama.cpp mmproj) for a text GGUF");
@@ -264,7 +266,8 @@ void ModelFlags::add_to(ArgParser& p, bool with_context) {
 Status ModelFlags::check() const {
   if (model.empty()) return invalid_argument("-m MODEL is required");
   if (context < 0) return invalid_argument(fmt::format("--ctx must be >= 0, got {}", context));
-  if (threads < 0) return invalid_argument(fmt::format("--threads must be >= 0, got {}", threads));
+  if (threads < 0 || threads > kMaxThreads)
+    return invalid_argument(fmt::format("--threads must be in [0, {}], got {}", kMaxThreads, threads));
   if (chunk < 1) return invalid_argument(fmt::format("--chunk must be >= 1, got {}", chunk));
   return ok_status();
 }
@@ -301,13 +304,14 @@ void SamplingFlags::add_to(ArgParser& p) {
 
 Status SamplingFlags::check(const ArgParser& p) {
   if (n_predict < -1) return invalid_argument(fmt::format("-n must be -1 or >= 0, got {}", n_predict));
-  if (temperature < 0) return invalid_argument(fmt::format("--temp must be >= 0, got {}", temperature));
+  if (!(temperature >= 0) || std::isinf(temperature))
+    return invalid_argument(fmt::format("--temp must be a finite number >= 0, got {}", temperature));
   if (top_k < 0) return invalid_argument(fmt::format("--top-k must be >= 0, got {}", top_k));
   if (!(top_p > 0 && top_p <= 1))
     return invalid_argument(fmt::format("--top-p must be in (0, 1], got {}", top_p));
   if (!(min_p >= 0 && min_p <= 1))
     return invalid_argument(fmt::format("--min-p must be in [0, 1], got {}", min_p));
-  if (repeat_penalty <= 0)
+  if (!(repeat_penalty > 0) || std::isinf(repeat_penalty))
     return invalid_argument(fmt::format("--repeat-penalty must be > 0, got {}", repeat_penalty));
   if (repeat_last_n < 0)
     return invalid_argument(fmt::format("--repeat-last-n must be >= 0, got {}", repeat_last_n));
@@ -349,20 +353,31 @@ Result<LoadedModel> load_model(const ModelFlags& flags) {
 
 // ---- input ----------------------------------------------------------------------------------
 
-Result<std::string> read_file(const std::string& path) {
-  struct stat st;
-  if (::stat(path.c_str(), &st) != 0) {
-    return Status(errno == ENOENT ? ErrorCode::kNotFound : ErrorCode::kInvalidFile,
-                  fmt::format("cannot open '{}': {}", path, std::strerror(errno)));
-  }
-  if (S_ISDIR(st.st_mode))
-    return invalid_file(fmt::format("'{}' is a directory, expected a text file", path));
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return invalid_file(fmt::format("cannot open '{}': {}", path, std::strerror(errno)));
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) return invalid_file(fmt::format("error reading '{}'", path));
-  return ss.str();
+Result<std::string> read_file(const std::string& path, uint64_t max_bytes) {
+  return read_file_limited(path, max_bytes, "text file", FileKind::kStream, ErrorCode::kOutOfRange);
+}
+
+uint64_t prompt_limit_bytes(const Model& model) {
+  const Tokenizer& tok = model.tokenizer();
+  size_t longest = 1;
+  for (int32_t id = 0; id < tok.n_vocab(); ++id) longest = std::max(longest, tok.decode(id).size());
+  return static_cast<uint64_t>(model.context_length()) * longest;
+}
+
+Status check_prompt_fits(const Model& model, std::string_view what, uint64_t bytes) {
+  const uint64_t limit = prompt_limit_bytes(model);
+  if (bytes <= limit) return ok_status();
+  return out_of_range(fmt::format(
+      "the {} is {} bytes, but a context of {} tokens holds at most {} bytes of text (no token is longer "
+      "than {} bytes); raise --ctx or shorten it",
+      what, bytes, model.context_length(), limit, limit / std::max(1, model.context_length())));
+}
+
+Status check_system_text(const std::string& system) {
+  if (const auto bad = find_invalid_utf8(system))
+    return invalid_file(fmt::format("--system is not valid UTF-8: byte 0x{:02X} at offset {} of {}",
+                                    static_cast<uint8_t>(system[*bad]), *bad, system.size()));
+  return ok_status();
 }
 
 std::optional<size_t> find_invalid_utf8(std::string_view s) {
@@ -370,12 +385,13 @@ std::optional<size_t> find_invalid_utf8(std::string_view s) {
   return bad == std::string_view::npos ? std::nullopt : std::optional<size_t>(bad);
 }
 
-Result<std::string> read_prompt(const std::string& prompt, const std::string& file, const std::string& what) {
+Result<std::string> read_prompt(const std::string& prompt, const std::string& file, const std::string& what,
+                                uint64_t max_bytes) {
   if (!prompt.empty() && !file.empty()) return invalid_argument("give either -p or -f, not both");
   std::string text;
   std::string source;
   if (!file.empty()) {
-    GEMMA3_ASSIGN_OR_RETURN(text, read_file(file));
+    GEMMA3_ASSIGN_OR_RETURN(text, read_file(file, max_bytes));
     source = fmt::format("'{}'", file);
   } else {
     text = prompt;

@@ -101,8 +101,8 @@ struct ModelFlags {
   std::string backend = "auto";
   std::string kv_type = "bf16";
   bool verbose = false;
-  std::string mmproj;         // --mmproj: vision projector GGUF beside a text GGUF
-  bool pan_and_scan = false;  // --pan-and-scan: images also as Pan & Scan crops
+  std::string mmproj;              // --mmproj: vision projector GGUF beside a text GGUF
+  bool pan_and_scan = false;       // --pan-and-scan: images also as Pan & Scan crops
   std::string weights = "stored";  // --weights stored|fp8
 
   void add_to(ArgParser& parser, bool with_context = true);
@@ -139,13 +139,30 @@ Result<LoadedModel> load_model(const ModelFlags& flags);
 
 // ---- input ----------------------------------------------------------------------------------
 
-// Reads a whole file; not-found / invalid-file Status naming the path on failure.
-Result<std::string> read_file(const std::string& path);
+// Input limits (docs/reliability.md). A prompt for run is read with at most kMaxPromptBytes
+// before the model loads (128K tokens, the longest Gemma 3 context, at 64 bytes each: more than
+// the longest token, 48 bytes); after loading, prompt_limit_bytes(model) bounds it exactly. A
+// whole text for perplexity or tokenize may be up to kMaxTextFileBytes.
+inline constexpr uint64_t kMaxPromptBytes = uint64_t{131072} * 64;
+inline constexpr uint64_t kMaxTextFileBytes = uint64_t{1} << 30;
+// The most bytes of text a context of this model can hold: context_length() x the longest
+// token's bytes. A longer text cannot fit whatever it says, so it is refused (exit 4) before
+// tokenizing.
+uint64_t prompt_limit_bytes(const Model& model);
+// kOutOfRange naming `what`, its size, the limit and the context when text.size() > limit.
+Status check_prompt_fits(const Model& model, std::string_view what, uint64_t bytes);
+
+// Reads a whole file (or a pipe, /dev/stdin) of at most max_bytes; not-found / invalid-file
+// Status naming the path on failure, out-of-range over the limit.
+Result<std::string> read_file(const std::string& path, uint64_t max_bytes);
 // Byte offset of the first invalid UTF-8 sequence, or nullopt when `s` is valid UTF-8.
 std::optional<size_t> find_invalid_utf8(std::string_view s);
-// Prompt text from -p or -f (exactly one must be set), checked to be non-empty valid UTF-8.
-// `what` names it in messages ("prompt", "text").
-Result<std::string> read_prompt(const std::string& prompt, const std::string& file, const std::string& what);
+// Prompt text from -p or -f (exactly one must be set), checked to be non-empty valid UTF-8,
+// the file at most max_bytes. `what` names it in messages ("prompt", "text").
+Result<std::string> read_prompt(const std::string& prompt, const std::string& file, const std::string& what,
+                                uint64_t max_bytes);
+// --system must be valid UTF-8 (an invalid-file error, exit 3, as for the prompt).
+Status check_system_text(const std::string& system);
 
 // ---- Ctrl-C ---------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@
 
 #include "cli_common.h"
 #include "commands.h"
+#include "io/read_file.h"
 
 namespace gemma3::cli {
 
@@ -54,8 +55,7 @@ int cmd_chat(int argc, char** argv) {
   }
   if (Status s = model_flags.check(); !s.ok()) return fail("chat", kExitUsage, s.message());
   if (Status s = sampling.check(p); !s.ok()) return fail("chat", kExitUsage, s.message());
-  if (const auto bad = find_invalid_utf8(sampling.system))
-    return fail("chat", kExitBadInput, fmt::format("--system is not valid UTF-8 (byte offset {})", *bad));
+  if (Status s = check_system_text(sampling.system); !s.ok()) return fail("chat", s);
 
   const bool terminal = ::isatty(STDIN_FILENO) != 0;
   install_interrupt_handler();
@@ -95,6 +95,7 @@ int cmd_chat(int argc, char** argv) {
                                              : model->context_length() / 4;
 
   std::vector<std::string> images;  // /image paths for the next user message
+  const uint64_t line_limit = prompt_limit_bytes(*model);
   std::string line;
   while (true) {
     if (terminal) {
@@ -102,7 +103,19 @@ int cmd_chat(int argc, char** argv) {
       std::fflush(stdout);
     }
     interrupt_flag().store(false);
-    if (!std::getline(std::cin, line)) break;
+    bool too_long = false;
+    if (!read_line_limited(std::cin, line, line_limit, &too_long)) break;
+    if (too_long) {
+      // Nothing this long fits the context: refuse it without tokenizing it.
+      const int code = fail(
+          "chat", out_of_range(fmt::format("an input line is longer than {} bytes, more than a context of {} "
+                                           "tokens can hold; raise --ctx or shorten it",
+                                           line_limit, model->context_length())));
+      if (!terminal) return code;
+      while (std::cin && std::cin.get() != '\n') {
+      }
+      continue;
+    }
     // A Ctrl-C while waiting for input only arms the flag (a second one exits); it must not
     // cancel the reply to the line that follows.
     interrupt_flag().store(false);
@@ -135,8 +148,10 @@ int cmd_chat(int argc, char** argv) {
     if (session->position() == 0 && !sampling.system.empty()) messages.push_back({"system", sampling.system});
     messages.push_back({"user", message, std::move(images)});
     images.clear();
-    if (history.empty()) history = messages;
-    else history.push_back(messages.back());
+    if (history.empty())
+      history = messages;
+    else
+      history.push_back(messages.back());
     Status fed = session->feed_chat(messages);
     if (truncate && (fed.code() == ErrorCode::kOutOfRange ||
                      (fed.ok() && model->context_length() - session->position() < reserve))) {

@@ -81,7 +81,7 @@ int cmd_perplexity(int argc, char** argv) {
   if (ctx < 4) return fail("perplexity", kExitUsage, fmt::format("--ctx must be >= 4, got {}", ctx));
   if (chunks == 0 || chunks < -1)
     return fail("perplexity", kExitUsage, fmt::format("--chunks must be -1 or >= 1, got {}", chunks));
-  auto text = read_prompt("", file, "text");
+  auto text = read_prompt("", file, "text", kMaxTextFileBytes);
   if (!text.ok()) return fail("perplexity", text.status());
 
   install_interrupt_handler();

@@ -38,13 +38,15 @@ Status feed_with_prompt_cache(Session& session, const std::string& cache_file,
     }
   }
   if (reused == ids.size() && reused > 0) {
-    std::fprintf(stderr, "prompt cache: all %zu prompt tokens restored from %s\n", reused, cache_file.c_str());
+    std::fprintf(stderr, "prompt cache: all %zu prompt tokens restored from %s\n", reused,
+                 cache_file.c_str());
     return ok_status();
   }
   if (reused > 0)
     std::fprintf(stderr, "prompt cache: %zu of %zu prompt tokens restored from %s\n", reused, ids.size(),
                  cache_file.c_str());
-  GEMMA3_TRY(session.feed_tokens(std::vector<int32_t>(ids.begin() + static_cast<std::ptrdiff_t>(reused), ids.end())));
+  GEMMA3_TRY(session.feed_tokens(
+      std::vector<int32_t>(ids.begin() + static_cast<std::ptrdiff_t>(reused), ids.end())));
   return session.save_state(cache_file);
 }
 
@@ -95,8 +97,9 @@ int cmd_run(int argc, char** argv) {
     return fail("run", kExitUsage, "--system needs the chat template; drop --raw");
   if (prompt.empty() && file.empty() && !p.given("-p") && !p.given("--prompt"))
     return fail("run", kExitUsage, "a prompt is required: -p TEXT or -f FILE");
-  auto text = read_prompt(prompt, file, "prompt");
+  auto text = read_prompt(prompt, file, "prompt", kMaxPromptBytes);
   if (!text.ok()) return fail("run", text.status());
+  if (Status s = check_system_text(sampling.system); !s.ok()) return fail("run", s);
 
   install_interrupt_handler();
   auto loaded = load_model(model_flags);
@@ -110,6 +113,8 @@ int cmd_run(int argc, char** argv) {
         sampling.repeat_last_n, static_cast<unsigned long long>(sampling.seed));
   }
 
+  if (Status s = check_prompt_fits(*model, "prompt", text->size() + sampling.system.size()); !s.ok())
+    return fail("run", s);
   auto session_or = model->new_session();
   if (!session_or.ok()) return fail("run", session_or.status());
   std::unique_ptr<Session> session = std::move(session_or).value();

@@ -149,6 +149,7 @@ void load_kv_row(const void* base, DType t, int64_t slot, int g, int n_kv_heads,
 class RefCpuBackend final : public HostBackend {
  public:
   explicit RefCpuBackend(int threads) : pool_(threads) {}
+  const std::string& pool_error() const { return pool_.start_error(); }
 
   std::string name() const override { return fmt::format("cpu reference ({} threads)", pool_.size()); }
 
@@ -292,7 +293,17 @@ class RefCpuBackend final : public HostBackend {
 }  // namespace
 
 Result<std::unique_ptr<Backend>> make_cpu_ref_backend(int threads) {
-  return std::unique_ptr<Backend>(std::make_unique<RefCpuBackend>(threads));
+  GEMMA3_TRY(check_cpu_threads(threads));
+  auto b = std::make_unique<RefCpuBackend>(threads);
+  if (!b->pool_error().empty()) return out_of_memory(b->pool_error());
+  return std::unique_ptr<Backend>(std::move(b));
+}
+
+Status check_cpu_threads(int threads) {
+  if (threads < 0 || threads > kMaxThreads)
+    return invalid_argument(
+        fmt::format("threads is {}; it must be in [0, {}] (0: one per core)", threads, kMaxThreads));
+  return ok_status();
 }
 
 Result<std::unique_ptr<Backend>> make_cpu_backend_named(int threads, const std::string& kernels) {

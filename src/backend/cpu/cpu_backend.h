@@ -38,8 +38,8 @@ class HostBackend : public Backend {
   void kv_write(const float* k, const float* v, int n, int pos0, int kv_width, const KvLayer& cache) override;
   // Vision tower ops (backend.h), single-threaded plain loops: shared by both CPU backends;
   // the tower's time goes to matmul and attention.
-  void layernorm(const float* x, const BackendWeight& w, const BackendWeight& b, int64_t rows, int dim, float eps,
-                 float* out) override;
+  void layernorm(const float* x, const BackendWeight& w, const BackendWeight& b, int64_t rows, int dim,
+                 float eps, float* out) override;
   void add_bias(const float* x, const BackendWeight& b, int64_t rows, float* out) override;
   void gelu(const float* x, int64_t n, float* out) override;
   void avg_pool(const float* x, int side, int dim, int k, float* out) override;
@@ -49,6 +49,9 @@ class HostBackend : public Backend {
   static Status bind(const TensorView& t, HostWeight* w);
 };
 
+// threads in [0, kMaxThreads] (0: one per core), else an invalid-argument error; a thread
+// the system refuses to start is an out-of-memory error naming it.
+Status check_cpu_threads(int threads);
 Result<std::unique_ptr<Backend>> make_cpu_ref_backend(int threads);
 // kernels: "auto" (best for this CPU), "portable", "avx2"; an error if it cannot run here.
 Result<std::unique_ptr<Backend>> make_cpu_fast_backend(int threads, const std::string& kernels);

@@ -57,6 +57,7 @@ const FastWeight& as_fast(const BackendWeight& w) { return static_cast<const Fas
 class FastCpuBackend final : public HostBackend {
  public:
   FastCpuBackend(int threads, const KernelSet& k) : pool_(threads), k_(k) {}
+  const std::string& pool_error() const { return pool_.start_error(); }
 
   std::string name() const override { return fmt::format("cpu {} ({} threads)", k_.name, pool_.size()); }
 
@@ -544,7 +545,10 @@ Result<std::unique_ptr<Backend>> make_cpu_fast_backend(int threads, const std::s
     return unsupported(
         fmt::format("CPU kernels '{}' are unknown or cannot run on this CPU (have: portable{})", kernels,
                     cpu::cpu_has_avx2() ? ", avx2" : ""));
-  return std::unique_ptr<Backend>(std::make_unique<FastCpuBackend>(threads, *k));
+  GEMMA3_TRY(check_cpu_threads(threads));
+  auto b = std::make_unique<FastCpuBackend>(threads, *k);
+  if (!b->pool_error().empty()) return out_of_memory(b->pool_error());
+  return std::unique_ptr<Backend>(std::move(b));
 }
 
 }  // namespace gemma3

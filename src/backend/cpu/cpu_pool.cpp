@@ -1,6 +1,7 @@
 #include "backend/cpu/cpu_pool.h"
 
 #include <algorithm>
+#include <system_error>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -21,15 +22,27 @@ constexpr int kWaitSpinsBeforeYield = 2000;
 CpuPool::CpuPool(int n_threads) {
   if (n_threads <= 0) n_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   n_threads_ = n_threads;
-  for (int i = 1; i < n_threads_; ++i) threads_.emplace_back([this, i] { worker_main(i); });
+  // std::thread throws when the system refuses a thread (EAGAIN at a process or memory limit):
+  // stop the ones started and leave the reason for the owner to return as an error.
+  try {
+    for (int i = 1; i < n_threads_; ++i) threads_.emplace_back([this, i] { worker_main(i); });
+  } catch (const std::system_error& e) {
+    start_error_ = "cannot start CPU worker thread " + std::to_string(threads_.size() + 1) + " of " +
+                   std::to_string(n_threads_) + ": " + e.what();
+    shutdown();
+    n_threads_ = 1;
+  }
 }
 
-CpuPool::~CpuPool() {
+void CpuPool::shutdown() {
   stop_.store(true, std::memory_order_release);
   wake_.fetch_add(1, std::memory_order_release);
   wake_.notify_all();
   for (auto& t : threads_) t.join();
+  threads_.clear();
 }
+
+CpuPool::~CpuPool() { shutdown(); }
 
 void CpuPool::work(uint32_t gen, int thread) {
   const Job& job = jobs_[gen & 1];

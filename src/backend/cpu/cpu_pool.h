@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <string>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -23,6 +24,9 @@ class CpuPool {
   CpuPool& operator=(const CpuPool&) = delete;
 
   int size() const { return n_threads_; }
+  // Empty when every worker started; else why one could not (the pool then runs no workers:
+  // its owner reports the error instead of using it).
+  const std::string& start_error() const { return start_error_; }
 
   // Calls fn(task, thread) for every task in [0, n_tasks), on all threads (the caller is
   // thread 0); returns when all are done. fn must be safe to call concurrently.
@@ -53,6 +57,7 @@ class CpuPool {
   // Claims and runs tasks of job `gen` until none is left or a newer job started.
   void work(uint32_t gen, int thread);
   void worker_main(int thread);
+  void shutdown();  // stops and joins the workers
 
   // A job lives in slot gen % 2: a worker that wakes late validates every claim against the
   // generation in state_, so it never runs a task of a job it did not read.
@@ -70,6 +75,7 @@ class CpuPool {
   alignas(64) std::atomic<int64_t> done_{0};   // tasks of the current job finished
   alignas(64) std::atomic<uint32_t> wake_{0};  // bumped per job; sleepers wait on it
   std::atomic<bool> stop_{false};
+  std::string start_error_;
 };
 
 }  // namespace gemma3::cpu
