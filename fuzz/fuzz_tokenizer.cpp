@@ -3,6 +3,7 @@
 //      SentencePiece itself turns into a space) decode(encode(x)) must give x back (identity
 //      normalizer, no dummy prefix, byte fallback: Gemma 3 tokenization is lossless);
 //   1: text for encode(parse_special=true), then decode;
+//   in both, encode (the built-in BPE) must equal encode_ref (the SentencePiece library);
 //   2: a serialized SentencePiece ModelProto for spm::parse_model_proto (our wire-format
 //      reader), re-serialized and parsed again: same pieces;
 //   3: a serialized ModelProto for Tokenizer::from_serialized_proto (what tokenizer.model goes
@@ -48,6 +49,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         FUZZ_CHECK(ids.status().code() == gemma3::ErrorCode::kInvalidArgument);
         return 0;
       }
+      auto ref = g_tok->encode_ref(rest, special);
+      FUZZ_CHECK(ref.ok() && *ref == *ids);
       for (int32_t id : *ids) FUZZ_CHECK(id >= 0 && id < g_tok->n_vocab());
       const std::string back = g_tok->decode(*ids);
       if (!special && rest.find("\xE2\x96\x81") == std::string_view::npos) FUZZ_CHECK(back == rest);

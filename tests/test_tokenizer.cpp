@@ -1,10 +1,13 @@
 // Tokenizer tests: a hand-built 17-piece (+256 byte pieces) vocabulary (no model needed) and the real Gemma 3
 // vocabulary from the 270M GGUF, compared with ids from Hugging Face `tokenizers` on the
 // published tokenizer.json (tests/data/tokenizer_goldens.json, made by
-// tools/reference/make_tokenizer_goldens.py).
+// tools/reference/make_tokenizer_goldens.py). encode() (the built-in chunked BPE) is compared
+// with encode_ref() (the SentencePiece library on the whole text) on long random and
+// adversarial texts, and on vocabularies that move or remove the cut points.
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -332,6 +335,201 @@ TEST(TokenizerTiny, ModelFileErrors) {
   EXPECT_FALSE(Tokenizer::from_serialized_proto(std::string("\x0f", 1)).ok());  // wire type 7
 }
 
+// ---- the built-in BPE against the SentencePiece library -------------------------------------
+
+// A deterministic generator (the same texts with every standard library).
+struct Lcg {
+  uint64_t state;
+  explicit Lcg(uint64_t seed) : state(seed) {}
+  uint32_t next() {
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    return static_cast<uint32_t>(state >> 33);
+  }
+  size_t below(size_t n) { return next() % n; }
+};
+
+// Concatenates random fragments until the text has at least `bytes` bytes.
+std::string random_text(Lcg& rng, const std::vector<std::string>& fragments, size_t bytes) {
+  std::string s;
+  while (s.size() < bytes) s += fragments[rng.below(fragments.size())];
+  return s;
+}
+
+// encode() == encode_ref(); on a difference, where and what the text is there.
+void expect_fast_equals_ref(const Tokenizer& t, const std::string& text, bool parse_special,
+                            std::string_view what) {
+  auto fast = t.encode(text, parse_special);
+  auto ref = t.encode_ref(text, parse_special);
+  ASSERT_TRUE(fast.ok()) << fast.status().to_string();
+  ASSERT_TRUE(ref.ok()) << ref.status().to_string();
+  if (*fast == *ref) return;
+  size_t i = 0;
+  while (i < fast->size() && i < ref->size() && (*fast)[i] == (*ref)[i]) ++i;
+  const size_t at = t.decode(Ids(ref->begin(), ref->begin() + static_cast<ptrdiff_t>(i))).size();
+  ADD_FAILURE() << what << " (parse_special " << parse_special << ", " << text.size()
+                << " bytes): " << fast->size() << " ids vs the library's " << ref->size()
+                << ", first difference at id " << i << ", text byte " << at << ": "
+                << (i < fast->size() ? (*fast)[i] : -1) << " vs " << (i < ref->size() ? (*ref)[i] : -1)
+                << " near " << nlohmann::json(text.substr(at > 20 ? at - 20 : 0, 60)).dump();
+}
+
+TEST(TokenizerTiny, FastPathMatchesLibraryOnRandomText) {
+  Tokenizer t = tiny_tokenizer();
+  EXPECT_EQ(t.encode_fallback_reason(), "");
+  const std::vector<std::string> fragments = {"h",
+                                              "e",
+                                              "l",
+                                              "o",
+                                              "he",
+                                              "ll",
+                                              "hello",
+                                              " ",
+                                              "  ",
+                                              "\n",
+                                              "\n\n",
+                                              "x",
+                                              "\xE2\x82\xAC",
+                                              "\t",
+                                              "oh",
+                                              "\xE2\x96\x81",
+                                              "<bos>",
+                                              "<end_of_turn>",
+                                              "<",
+                                              ">",
+                                              std::string("\0", 1),
+                                              " hello",
+                                              "hell ",
+                                              "<end_of",
+                                              "\xF0\x9F\x98\x80"};
+  Lcg rng(1);
+  for (int trial = 0; trial < 300; ++trial) {
+    const std::string s = random_text(rng, fragments, rng.below(200));
+    expect_fast_equals_ref(t, s, false, "random");
+    expect_fast_equals_ref(t, s, true, "random");
+  }
+  // Long enough for the chunk cache (16 KB and more).
+  for (size_t bytes : {size_t{20000}, size_t{300000}}) {
+    const std::string s = random_text(rng, fragments, bytes);
+    expect_fast_equals_ref(t, s, false, "long random");
+    expect_fast_equals_ref(t, s, true, "long random");
+  }
+}
+
+// The cut points come from the vocabulary: with a piece "o▁h" a merge crosses the space
+// between "hello" and "hello", so the text may not be cut there.
+TEST(TokenizerTiny, CutPointsFollowTheVocabulary) {
+  TinyVocab v;
+  const int32_t cross = static_cast<int32_t>(v.pieces.size()) + 1;
+  // "o▁" then "o▁h" merge before "ll"; "l\nh" and "\n▁" can never form ("\n" is USER_DEFINED,
+  // frozen) but still keep the text from being cut around "\n".
+  for (const char* piece : {"o\xE2\x96\x81", "o\xE2\x96\x81h", "l\nh", "\n\xE2\x96\x81"}) {
+    v.pieces.push_back(piece);
+    v.scores.push_back(-0.5f);
+    v.types.push_back(1);
+  }
+  auto t = Tokenizer::from_vocab(v.pieces, v.scores, v.types);
+  ASSERT_TRUE(t.ok()) << t.status().to_string();
+  EXPECT_EQ(t->encode_fallback_reason(), "");
+  const Ids ids = encode_ok(*t, "hello hello");
+  EXPECT_NE(std::find(ids.begin(), ids.end(), cross), ids.end())
+      << "the merge across the space did not happen";
+  const std::vector<std::string> fragments = {"hello", " ",  "hel", "l",    "o",  "h",
+                                              "\n",    " h", "o h", "l\nh", "\n "};
+  Lcg rng(2);
+  for (int trial = 0; trial < 300; ++trial)
+    expect_fast_equals_ref(*t, random_text(rng, fragments, rng.below(120)), false, "crossing");
+  expect_fast_equals_ref(*t, random_text(rng, fragments, 100000), false, "long crossing");
+}
+
+// sentencepiece looks a final symbol up among CONTROL/UNKNOWN/BYTE pieces first. A merge that
+// produces the text "<0x41>" (NORMAL pieces "<0", ..., "<0x41>") gives the BYTE piece's id; one
+// that produces the text of a CONTROL piece ("ll" also CONTROL) makes the library fail, and the
+// built-in BPE leaves such a vocabulary to the library.
+TEST(TokenizerTiny, ReservedPieceTextWins) {
+  {
+    TinyVocab v;
+    for (const char* piece : {"<0", "<0x", "<0x4", "<0x41", "<0x41>"}) {
+      v.pieces.push_back(piece);
+      v.scores.push_back(-0.1f);
+      v.types.push_back(1);
+    }
+    auto t = Tokenizer::from_vocab(v.pieces, v.scores, v.types);
+    ASSERT_TRUE(t.ok()) << t.status().to_string();
+    EXPECT_EQ(t->encode_fallback_reason(), "");
+    const Ids ref = t->encode_ref("hello<0x41>").value();
+    EXPECT_EQ(ref, (Ids{kHello, kByte0 + 0x41}));
+    Lcg rng(3);
+    for (int trial = 0; trial < 100; ++trial)
+      expect_fast_equals_ref(
+          *t, random_text(rng, {"<0x41>", "<0x4", "1>", "<", "0", " ", "hello"}, rng.below(80)), false,
+          "reserved");
+  }
+  {
+    TinyVocab v;
+    v.pieces.push_back("ll");
+    v.scores.push_back(0);
+    v.types.push_back(3);
+    auto t = Tokenizer::from_vocab(v.pieces, v.scores, v.types);
+    ASSERT_TRUE(t.ok()) << t.status().to_string();
+    EXPECT_NE(t->encode_fallback_reason().find("CONTROL"), std::string_view::npos)
+        << t->encode_fallback_reason();
+    EXPECT_FALSE(t->encode_ref("oll").ok());  // "ll" stays a final symbol
+    EXPECT_FALSE(t->encode("oll").ok());
+    EXPECT_EQ(encode_ok(*t, "hell"), (Ids{kHell}));
+  }
+}
+
+// What the built-in BPE does not reproduce goes to the library, with the reason.
+TEST(TokenizerTiny, UnsupportedModelsUseTheLibrary) {
+  {
+    TinyVocab v;
+    v.types[14] = 5;  // "hell" UNUSED: sentencepiece re-splits it by a whole-text choice
+    auto t = Tokenizer::from_vocab(v.pieces, v.scores, v.types);
+    ASSERT_TRUE(t.ok()) << t.status().to_string();
+    EXPECT_NE(t->encode_fallback_reason().find("UNUSED"), std::string_view::npos)
+        << t->encode_fallback_reason();
+    EXPECT_EQ(encode_ok(*t, "hello hell"), t->encode_ref("hello hell").value());
+  }
+  {
+    TinyVocab v;  // an UNUSED piece no merge can produce ("[PAD7]": "[PAD7" is not a piece) is fine
+    v.pieces.push_back("[PAD7]");
+    v.scores.push_back(-100);
+    v.types.push_back(5);
+    auto t = Tokenizer::from_vocab(v.pieces, v.scores, v.types);
+    ASSERT_TRUE(t.ok()) << t.status().to_string();
+    EXPECT_EQ(t->encode_fallback_reason(), "");
+    expect_fast_equals_ref(*t, "[PAD7] hello", false, "unused");
+  }
+  {
+    TinyVocab v;  // another normalizer: dummy prefix
+    std::vector<spm::Piece> pieces;
+    for (size_t i = 0; i < v.pieces.size(); ++i)
+      pieces.push_back({v.pieces[i], v.scores[i], static_cast<PieceType>(v.types[i])});
+    pieces[3].type = PieceType::kUnknown;
+    spm::TrainerSpec trainer;
+    trainer.vocab_size = kTinySize;
+    trainer.unk_id = 3, trainer.bos_id = 2, trainer.eos_id = 1, trainer.pad_id = 0;
+    spm::NormalizerSpec normalizer;
+    normalizer.add_dummy_prefix = true;
+    auto t = Tokenizer::from_serialized_proto(spm::serialize_model_proto(pieces, trainer, normalizer));
+    ASSERT_TRUE(t.ok()) << t.status().to_string();
+    EXPECT_NE(t->encode_fallback_reason().find("normalizer"), std::string_view::npos)
+        << t->encode_fallback_reason();
+    EXPECT_EQ(encode_ok(*t, "hello"), (Ids{kSpaceHello}));  // the library's dummy prefix
+  }
+}
+
+TEST(TokenizerTiny, MaxPieceBytesAndModelProto) {
+  Tokenizer t = tiny_tokenizer();
+  EXPECT_EQ(t.max_piece_bytes(), 15);  // "<start_of_turn>" (with parse_special); "▁hello" is 8
+  EXPECT_EQ(Tokenizer().max_piece_bytes(), 0);
+  // The exported ModelProto loads back to the same tokenizer.
+  auto again = Tokenizer::from_serialized_proto(t.sentencepiece_model_proto());
+  ASSERT_TRUE(again.ok()) << again.status().to_string();
+  EXPECT_EQ(again->n_vocab(), t.n_vocab());
+  EXPECT_EQ(encode_ok(*again, "hello hello\n\xE2\x82\xAC"), encode_ok(t, "hello hello\n\xE2\x82\xAC"));
+}
+
 // ---- tokenizer_from_gguf on synthetic files -------------------------------------------------
 // A GGUF vocabulary as llama.cpp's converter writes it: <unk> CONTROL, USER_DEFINED pieces
 // with "▁" turned into spaces, and (262208-token files) <image_soft_token> CONTROL plus
@@ -535,6 +733,84 @@ TEST_F(TokenizerGemma3, InvalidUtf8IsAnError) {
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.status().code(), ErrorCode::kInvalidArgument);
   EXPECT_NE(r.status().message().find("byte 3"), std::string::npos) << r.status().message();
+}
+
+TEST_F(TokenizerGemma3, FastPathAndMaxPieceBytes) {
+  const Tokenizer& t = *tok_;
+  EXPECT_EQ(t.encode_fallback_reason(), "");
+  // The longest piece is "▁" x 31 (93 bytes), one id also for 31 literal U+2581 characters:
+  // a bound on input bytes per id must be 93, although no piece decodes to more than 48 bytes.
+  EXPECT_EQ(t.max_piece_bytes(), 93);
+  std::string blocks;
+  for (int i = 0; i < 31; ++i) blocks += "\xE2\x96\x81";
+  EXPECT_EQ(encode_ok(t, blocks).size(), 1u);
+  size_t longest_decoded = 0;
+  for (int32_t id = 0; id < t.n_vocab(); ++id)
+    longest_decoded = std::max(longest_decoded, t.decode(id).size());
+  EXPECT_EQ(longest_decoded, 48u);
+}
+
+// The built-in BPE against the SentencePiece library on the full vocabulary: texts that defeat
+// the cut points (no spaces for 200 KB), that are all cut points, that hit the USER_DEFINED
+// runs, byte fallback, long pieces and control-token text, and 1 MB of all of them mixed.
+TEST_F(TokenizerGemma3, FastPathMatchesLibraryOnAdversarialTexts) {
+  const Tokenizer& t = *tok_;
+  const std::vector<std::string> words = {
+      "the",      "of",      "and",    "tokenizer", "perplexity",
+      "wikitext", "Gemma",   "don't",  "U.S",       "e.g",
+      "1999",     "3.14159", "x86-64", "naïve",     "café",
+      "über",     "σ",       "Привет", "مرحبا",     "नमस्ते",
+      "日本語",   "中文",    "한국어", "🙂",      "👨‍👩‍👧‍👦",
+      "🇺🇸",       "∑∫",      "——"};
+  const std::vector<std::string> space = {" ",      " ",      " ",      "  ",   "   ", "    ", "\t",
+                                          "\n",     "\n\n",   "\n\n\n", "\r\n", " \n", "\n ",  "\t\t",
+                                          "\u3000", "\u00A0", ". ",     ", ",   "! "};
+  std::vector<std::string> all = words;
+  all.insert(all.end(), space.begin(), space.end());
+  for (const char* f :
+       {"<b>", "</b>", "<td>", "> </", ">  <", "<start_of_turn>", "<end_of_turn>", "<unused12>",
+        "<end_of_tur", "<bos", "\xE2\x96\x81", "\xE2\x96\x81\xE2\x96\x81\xE2\x96\x81", "\x01", "\x1F", "\x7F",
+        "\xEE\x80\x80", "\xF4\x8F\xBF\xBF", "\xF0\x9D\x94\x98",
+        "\xE2\x80\x94\xE2\x80\x94\xE2\x80\x94\xE2\x80\x94\xE2\x80\x94\xE2\x80\x94"})
+    all.push_back(f);
+  all.push_back(std::string("\0", 1));
+
+  Lcg rng(12);
+  auto repeat = [&](const std::vector<std::string>& from, size_t bytes) {
+    return random_text(rng, from, bytes);
+  };
+  const std::vector<std::pair<std::string, std::string>> texts = {
+      {"no spaces, letters", repeat({"a", "b", "c", "d", "e", "t", "h", "i", "n", "g", "s"}, 200000)},
+      {"no spaces, words", repeat(words, 100000)},
+      {"one letter", std::string(100000, 'a')},
+      {"digits", repeat({"0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "."}, 50000)},
+      {"newlines", repeat({"\n", "\n\n", "\n\n\n\n\n", "a\n", "\r\n", " \n", "word", "\n "}, 50000)},
+      {"space runs", repeat({" ", "  ", "     ", std::string(40, ' '), "\t", "\t\t", "x", "ab"}, 50000)},
+      {"literal U+2581", repeat({"\xE2\x96\x81", "\xE2\x96\x81\xE2\x96\x81", " ", "a",
+                                 "\xE2\x96\x81"
+                                 "a"},
+                                30000)},
+      {"byte fallback",
+       repeat({"\x01", "\xEE\x80\x80", "\xF4\x8F\xBF\xBF", std::string("\0", 1), "a", " "}, 30000)},
+      {"emoji and scripts", repeat({"🙂", "👨‍👩‍👧‍👦", "🇺🇸", "日本語", "中文", "Привет",
+                                    "مرحبا", "नमस्ते", " ", "，"},
+                                   50000)},
+      {"markup", repeat({"<b>", "</b>", "<td>", "</td>", "> </", ">", "<", " ", "x", "\n", "&nbsp;"}, 50000)},
+      {"control text", repeat({"<start_of_turn>", "<end_of_turn>", "<unused12>", "<bos>", "<end_of_tur",
+                               "user\n", " hi", "<", ">"},
+                              30000)},
+      {"long pieces", repeat({"——", "────", "……", "==", "**", "--", " "}, 50000)},
+  };
+  for (const auto& [name, text] : texts) {
+    expect_fast_equals_ref(t, text, false, name);
+    expect_fast_equals_ref(t, text, true, name);
+  }
+  for (int trial = 0; trial < 200; ++trial) {  // short texts: no chunk cache
+    const std::string text = random_text(rng, all, rng.below(300));
+    expect_fast_equals_ref(t, text, false, "short mixed");
+    expect_fast_equals_ref(t, text, true, "short mixed");
+  }
+  expect_fast_equals_ref(t, random_text(rng, all, size_t{1} << 20), true, "1 MB mixed");
 }
 
 TEST_F(TokenizerGemma3, ForgedTurnsStayText) {

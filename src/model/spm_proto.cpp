@@ -168,12 +168,16 @@ Result<Piece> parse_piece(std::string_view bytes) {
 
 }  // namespace
 
-std::string serialize_model_proto(const std::vector<Piece>& pieces, const TrainerSpec& trainer,
-                                  const NormalizerSpec& normalizer) {
+std::string serialize_spec_fields(const TrainerSpec& trainer, const NormalizerSpec& normalizer) {
   std::string other;
   put_bytes(other, 2, serialize_trainer_spec(trainer));
   put_bytes(other, 3, serialize_normalizer_spec(normalizer));
-  return serialize_model_proto(pieces, other);
+  return other;
+}
+
+std::string serialize_model_proto(const std::vector<Piece>& pieces, const TrainerSpec& trainer,
+                                  const NormalizerSpec& normalizer) {
+  return serialize_model_proto(pieces, serialize_spec_fields(trainer, normalizer));
 }
 
 std::string serialize_model_proto(const std::vector<Piece>& pieces, std::string_view other_fields) {
@@ -182,6 +186,45 @@ std::string serialize_model_proto(const std::vector<Piece>& pieces, std::string_
   for (const Piece& p : pieces) put_bytes(out, 1, serialize_piece(p));
   out.append(other_fields);
   return out;
+}
+
+Result<EncodingSpec> parse_encoding_spec(std::string_view other_fields) {
+  EncodingSpec spec;
+  Reader r(other_fields);
+  while (!r.done()) {
+    GEMMA3_ASSIGN_OR_RETURN(uint64_t tag, r.varint());
+    const uint32_t field = static_cast<uint32_t>(tag >> 3), wire = static_cast<uint32_t>(tag & 7);
+    if ((field != 2 && field != 3) || wire != kLengthDelimited) {
+      GEMMA3_TRY(r.skip(wire));
+      continue;
+    }
+    GEMMA3_ASSIGN_OR_RETURN(uint64_t n, r.varint());
+    GEMMA3_ASSIGN_OR_RETURN(std::string_view message, r.take(n));
+    Reader m(message);
+    while (!m.done()) {
+      GEMMA3_ASSIGN_OR_RETURN(uint64_t sub_tag, m.varint());
+      const uint32_t f = static_cast<uint32_t>(sub_tag >> 3), w = static_cast<uint32_t>(sub_tag & 7);
+      if (w == kVarint) {
+        GEMMA3_ASSIGN_OR_RETURN(uint64_t v, m.varint());
+        if (field == 2) {  // TrainerSpec
+          if (f == 3) spec.model_type = static_cast<int32_t>(v);
+          if (f == 24) spec.treat_whitespace_as_suffix = v != 0;
+          if (f == 35) spec.byte_fallback = v != 0;
+        } else {  // NormalizerSpec
+          if (f == 3) spec.add_dummy_prefix = v != 0;
+          if (f == 4) spec.remove_extra_whitespaces = v != 0;
+          if (f == 5) spec.escape_whitespaces = v != 0;
+        }
+      } else if (field == 3 && f == 2 && w == kLengthDelimited) {
+        GEMMA3_ASSIGN_OR_RETURN(uint64_t len, m.varint());
+        GEMMA3_TRY(m.take(len).status());
+        spec.has_precompiled_charsmap = len > 0;
+      } else {
+        GEMMA3_TRY(m.skip(w));
+      }
+    }
+  }
+  return spec;
 }
 
 Result<ParsedModelProto> parse_model_proto(std::string_view bytes) {

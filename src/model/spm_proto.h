@@ -58,6 +58,22 @@ struct NormalizerSpec {
 // Serialized ModelProto bytes, loadable with SentencePieceProcessor::LoadFromSerializedProto.
 std::string serialize_model_proto(const std::vector<Piece>& pieces, const TrainerSpec& trainer,
                                   const NormalizerSpec& normalizer);
+// The trainer_spec and normalizer_spec fields alone (what ParsedModelProto::other_fields holds).
+std::string serialize_spec_fields(const TrainerSpec& trainer, const NormalizerSpec& normalizer);
+
+// The ModelProto settings that decide how SentencePiece encodes a text, read from the
+// trainer_spec / normalizer_spec fields with proto2's defaults for absent ones (a repeated
+// message merges: the last value of a field wins).
+struct EncodingSpec {
+  int32_t model_type = 1;  // TrainerSpec.model_type: 1 UNIGRAM (default), 2 BPE, 3 WORD, 4 CHAR
+  bool byte_fallback = false;
+  bool treat_whitespace_as_suffix = false;
+  bool has_precompiled_charsmap = false;  // a non-empty NormalizerSpec.precompiled_charsmap
+  bool add_dummy_prefix = true;
+  bool remove_extra_whitespaces = true;
+  bool escape_whitespaces = true;
+};
+Result<EncodingSpec> parse_encoding_spec(std::string_view other_fields);
 
 // A ModelProto split into its pieces and everything else, for editing piece types.
 struct ParsedModelProto {

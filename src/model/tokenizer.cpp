@@ -1,4 +1,7 @@
-// Gemma 3 tokenizer on top of the SentencePiece library.
+// Gemma 3 tokenizer: a SentencePiece BPE model. encode() runs our own BPE
+// (model/tokenizer_bpe.h: the library's algorithm on independent chunks, identical ids);
+// encode_ref() and vocabularies the built-in BPE does not reproduce use the SentencePiece
+// library, which stays loaded as the oracle and for piece lookups.
 //
 // Both entry points end in a SentencePiece ModelProto: from_vocab builds one from a vocabulary
 // (GGUF tokenizer.ggml.* arrays, formats.md §4.6), from_model_file / from_serialized_proto
@@ -24,11 +27,13 @@
 
 #include <algorithm>
 #include <array>
+#include <functional>
 #include <unordered_map>
 
 #include "core/utf8.h"
 #include "io/mapped_file.h"
 #include "model/spm_proto.h"
+#include "model/tokenizer_bpe.h"
 
 namespace gemma3 {
 namespace {
@@ -94,23 +99,31 @@ void repair_types(std::vector<spm::Piece>& pieces) {
   }
 }
 
+struct StringHash {
+  using is_transparent = void;
+  size_t operator()(std::string_view s) const { return std::hash<std::string_view>{}(s); }
+};
+
 }  // namespace
 
 struct Tokenizer::Impl {
   sentencepiece::SentencePieceProcessor sp;
   std::vector<PieceType> types;  // [n_vocab]
   // Control/unknown piece text -> id, for encode(parse_special=true). Matched leftmost-longest.
-  std::unordered_map<std::string, int32_t> special_ids;
+  std::unordered_map<std::string, int32_t, StringHash, std::equal_to<>> special_ids;
   std::vector<size_t> special_lengths;    // distinct lengths of special_ids keys, longest first
   std::array<bool, 256> special_first{};  // first bytes of special_ids keys
   int32_t bos = -1, eos = -1, sot = -1, eot = -1;
+  std::unique_ptr<const BpeEncoder> bpe;  // null: encode() uses the library (bpe_unsupported says why)
+  std::string bpe_unsupported;
+  int max_piece_bytes = 4;
 
   int32_t lookup(std::string_view piece) const {
     const int id = sp.PieceToId(piece);  // <unk>'s id when absent
     return id >= 0 && id < static_cast<int>(types.size()) && sp.IdToPiece(id) == piece ? id : -1;
   }
 
-  Status encode_plain(std::string_view text, std::vector<int32_t>& out) const {
+  Status encode_plain_ref(std::string_view text, std::vector<int32_t>& out) const {
     if (text.empty()) return ok_status();
     std::vector<int> ids;
     const sentencepiece::util::Status st = sp.Encode(text, &ids);
@@ -120,12 +133,18 @@ struct Tokenizer::Impl {
     return ok_status();
   }
 
+  // Splits text at control-piece text (with parse_special) and appends the ids of the plain
+  // segments from `plain`, the control ids in between.
+  template <typename Plain>
+  Result<std::vector<int32_t>> encode_with(std::string_view text, bool parse_special, Plain&& plain) const;
+
   // Loads the (already repaired) model into SentencePiece and derives the lookup tables.
-  // `pieces` is what `proto` holds, in id order.
+  // `pieces` in id order; `other_fields` the ModelProto's trainer/normalizer spec bytes.
   static Result<std::shared_ptr<const Impl>> load(const std::vector<spm::Piece>& pieces,
-                                                  const std::string& proto) {
+                                                  std::string_view other_fields) {
     auto impl = std::make_shared<Impl>();
-    const sentencepiece::util::Status st = impl->sp.LoadFromSerializedProto(proto);
+    const sentencepiece::util::Status st =
+        impl->sp.LoadFromSerializedProto(spm::serialize_model_proto(pieces, other_fields));
     if (!st.ok()) return invalid_file(fmt::format("sentencepiece rejected the model: {}", st.ToString()));
     if (impl->sp.GetPieceSize() != static_cast<int>(pieces.size())) {
       return internal_error(
@@ -139,7 +158,11 @@ struct Tokenizer::Impl {
       if (p.type == PieceType::kByte && parse_byte_piece(p.piece) < 0) {
         return invalid_file(fmt::format("BYTE piece {} is {:?}, expected <0xHH>", i, p.piece));
       }
+      if (p.type == PieceType::kNormal || p.type == PieceType::kUserDefined || p.type == PieceType::kUnused) {
+        impl->max_piece_bytes = std::max(impl->max_piece_bytes, static_cast<int>(p.piece.size()));
+      }
       if (p.type == PieceType::kControl || p.type == PieceType::kUnknown) {
+        impl->max_piece_bytes = std::max(impl->max_piece_bytes, static_cast<int>(p.piece.size()));
         impl->special_ids.emplace(p.piece, static_cast<int32_t>(i));  // first id wins on duplicates
         impl->special_first[static_cast<uint8_t>(p.piece[0])] = true;
         if (std::find(impl->special_lengths.begin(), impl->special_lengths.end(), p.piece.size()) ==
@@ -157,6 +180,16 @@ struct Tokenizer::Impl {
     impl->eot = impl->lookup("<end_of_turn>");
     if (impl->bos < 0 || impl->eos < 0) {
       return invalid_file(fmt::format("vocabulary lacks {}", impl->bos < 0 ? "\"<bos>\"" : "\"<eos>\""));
+    }
+
+    // The built-in BPE, when it reproduces this model; otherwise encode() calls the library.
+    Result<spm::EncodingSpec> spec = spm::parse_encoding_spec(other_fields);
+    if (!spec.ok()) {
+      impl->bpe_unsupported = spec.status().message();
+    } else if (auto bpe = BpeEncoder::build(pieces, *spec); bpe.ok()) {
+      impl->bpe = std::move(bpe).value();
+    } else {
+      impl->bpe_unsupported = bpe.status().message();
     }
     return std::shared_ptr<const Impl>(std::move(impl));
   }
@@ -225,7 +258,7 @@ Result<Tokenizer> Tokenizer::from_vocab(const std::vector<std::string>& pieces,
   trainer.eos_id = id_of("<eos>", PieceType::kControl);
   trainer.pad_id = id_of("<pad>", PieceType::kControl);
 
-  auto impl = Impl::load(spm_pieces, spm::serialize_model_proto(spm_pieces, trainer, spm::NormalizerSpec{}));
+  auto impl = Impl::load(spm_pieces, spm::serialize_spec_fields(trainer, spm::NormalizerSpec{}));
   if (!impl.ok()) return impl.status().with_context(where);
   return Tokenizer(std::move(impl).value());
 }
@@ -240,7 +273,7 @@ Result<Tokenizer> Tokenizer::from_serialized_proto(const std::string& bytes) {
         fmt::format("SentencePiece model: {} pieces, more than the limit of {}", m.pieces.size(), kMaxVocab));
   }
   repair_types(m.pieces);
-  auto impl = Impl::load(m.pieces, spm::serialize_model_proto(m.pieces, m.other_fields));
+  auto impl = Impl::load(m.pieces, m.other_fields);
   if (!impl.ok()) return impl.status().with_context("SentencePiece model");
   return Tokenizer(std::move(impl).value());
 }
@@ -253,8 +286,9 @@ Result<Tokenizer> Tokenizer::from_model_file(const std::string& path) {
   return t;
 }
 
-Result<std::vector<int32_t>> Tokenizer::encode(std::string_view text, bool parse_special) const {
-  if (!impl_) return invalid_argument("tokenizer: encode on an empty (not loaded) Tokenizer");
+template <typename Plain>
+Result<std::vector<int32_t>> Tokenizer::Impl::encode_with(std::string_view text, bool parse_special,
+                                                          Plain&& plain) const {
   if (const size_t bad = find_invalid_utf8(text); bad != std::string_view::npos) {
     // SentencePiece would silently turn the bad byte into U+FFFD; we refuse instead so that the
     // caller sees which input is broken.
@@ -263,8 +297,9 @@ Result<std::vector<int32_t>> Tokenizer::encode(std::string_view text, bool parse
                     static_cast<uint8_t>(text[bad])));
   }
   std::vector<int32_t> ids;
-  if (!parse_special || impl_->special_ids.empty()) {
-    GEMMA3_TRY(impl_->encode_plain(text, ids));
+  ids.reserve(text.size() / 4 + 1);  // ~4.5 bytes per id in English: one allocation, ~1 byte per input byte
+  if (!parse_special || special_ids.empty()) {
+    GEMMA3_TRY(plain(text, ids));
     return ids;
   }
   // Leftmost-longest match of control-piece text; the text between matches is plain.
@@ -272,11 +307,11 @@ Result<std::vector<int32_t>> Tokenizer::encode(std::string_view text, bool parse
   while (i < text.size()) {
     int32_t match_id = -1;
     size_t match_len = 0;
-    if (impl_->special_first[static_cast<uint8_t>(text[i])]) {
-      for (size_t len : impl_->special_lengths) {
+    if (special_first[static_cast<uint8_t>(text[i])]) {
+      for (size_t len : special_lengths) {
         if (len > text.size() - i) continue;
-        auto it = impl_->special_ids.find(std::string(text.substr(i, len)));
-        if (it != impl_->special_ids.end()) {
+        auto it = special_ids.find(text.substr(i, len));
+        if (it != special_ids.end()) {
           match_id = it->second, match_len = len;
           break;
         }
@@ -286,13 +321,41 @@ Result<std::vector<int32_t>> Tokenizer::encode(std::string_view text, bool parse
       ++i;
       continue;
     }
-    GEMMA3_TRY(impl_->encode_plain(text.substr(plain_start, i - plain_start), ids));
+    GEMMA3_TRY(plain(text.substr(plain_start, i - plain_start), ids));
     ids.push_back(match_id);
     i += match_len;
     plain_start = i;
   }
-  GEMMA3_TRY(impl_->encode_plain(text.substr(plain_start), ids));
+  GEMMA3_TRY(plain(text.substr(plain_start), ids));
   return ids;
+}
+
+Result<std::vector<int32_t>> Tokenizer::encode(std::string_view text, bool parse_special) const {
+  if (!impl_) return invalid_argument("tokenizer: encode on an empty (not loaded) Tokenizer");
+  if (!impl_->bpe) return encode_ref(text, parse_special);
+  BpeEncoder::ScratchPtr scratch = BpeEncoder::new_scratch(text.size());
+  return impl_->encode_with(text, parse_special, [&](std::string_view plain, std::vector<int32_t>& ids) {
+    impl_->bpe->encode(plain, *scratch, ids);
+    return ok_status();
+  });
+}
+
+Result<std::vector<int32_t>> Tokenizer::encode_ref(std::string_view text, bool parse_special) const {
+  if (!impl_) return invalid_argument("tokenizer: encode on an empty (not loaded) Tokenizer");
+  return impl_->encode_with(text, parse_special, [&](std::string_view plain, std::vector<int32_t>& ids) {
+    return impl_->encode_plain_ref(plain, ids);
+  });
+}
+
+std::string_view Tokenizer::encode_fallback_reason() const {
+  if (!impl_) return "no tokenizer loaded";
+  return impl_->bpe_unsupported;
+}
+
+int Tokenizer::max_piece_bytes() const { return impl_ ? impl_->max_piece_bytes : 0; }
+
+std::string Tokenizer::sentencepiece_model_proto() const {
+  return impl_ ? std::string(impl_->sp.serialized_model_proto()) : std::string();
 }
 
 std::string Tokenizer::decode(int32_t id) const {
