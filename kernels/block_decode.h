@@ -179,15 +179,27 @@ GEMMA3_HD uint8_t float_to_e4m3(float x) {
 
 // GGUF Q8_0 block from its 32 values (ggml quantize_row_q8_0_ref, quant.cpp's quant_q8_0):
 // d = amax / 127 stored as half, q = round_half_away(x * (1 / d)) (0 when d == 0). Split in
-// two steps so a device warp can compute amax with shuffles: q8_0_inverse(amax) then
-// q8_0_quant(x, inverse) per element.
+// two steps so a device warp can compute amax with shuffles: amax over q8_0_amax_term(x),
+// q8_0_scale(amax), q8_0_inverse(d), then q8_0_quant(x, inverse) per element.
+// Non-finite values (ggml converts NaN/inf to int: UB on the host) count as 0: they neither
+// raise amax nor get a code other than 0. The product is clamped to +-127 before rounding
+// (finite inputs never exceed 127 + rounding; a subnormal d's inverse overflows to inf) and
+// 0 * inf gives 0, so the int conversion is always in range.
+GEMMA3_HD bool is_finite_float(float x) { return (float_bits(x) & 0x7F800000u) != 0x7F800000u; }
+GEMMA3_HD float q8_0_amax_term(float x) {
+  return is_finite_float(x) ? bits_float(float_bits(x) & 0x7FFFFFFFu) : 0.0f;
+}
 GEMMA3_HD float q8_0_scale(float amax) { return div_rn(amax, 127.0f); }
 GEMMA3_HD float q8_0_inverse(float d) { return d != 0.0f ? div_rn(1.0f, d) : 0.0f; }
 GEMMA3_HD int8_t q8_0_quant(float x, float inverse) {
+  if (!is_finite_float(x)) return 0;
+  float v = mul(x, inverse);
+  if (v != v) return 0;  // 0 * inf
+  v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
 #if defined(__CUDA_ARCH__)
-  return static_cast<int8_t>(static_cast<int>(roundf(__fmul_rn(x, inverse))));
+  return static_cast<int8_t>(static_cast<int>(roundf(v)));
 #else
-  return static_cast<int8_t>(std::lround(x * inverse));
+  return static_cast<int8_t>(std::lround(v));
 #endif
 }
 

@@ -7,6 +7,17 @@
 #include "block_decode.h"
 #include "launch.h"
 
+// Every launch is GEMMA3_LAUNCH(kernel, grid, block, smem, stream, args...) and dynamic shared
+// memory is GEMMA3_DYNAMIC_SHARED(T, name): under nvcc the plain CUDA syntax; under the CPU
+// emulator (GEMMA3_CUDA_EMU; tools/cuda-emu/cuda_emu.h defines both) g++ compiles this code
+// and each CUDA thread becomes a fiber. Code the emulator cannot run (tensor cores, async
+// copies) needs a scalar path selected by GEMMA3_CUDA_EMU, tested against the same reference.
+#if !defined(GEMMA3_CUDA_EMU)
+#define GEMMA3_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#define GEMMA3_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#endif
+
 namespace gemma3::cuda {
 
 inline cudaStream_t as_stream(Stream s) { return static_cast<cudaStream_t>(s); }

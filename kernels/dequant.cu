@@ -60,7 +60,8 @@ int launch_quantize_fp8_rows(const WeightRef& w, uint8_t* dst, float* scales, St
   if (w.rows == 0 || w.cols == 0) return 0;
   const unsigned grid = static_cast<unsigned>(w.rows < 65535 * 16 ? w.rows : 65535 * 16);
   auto run = [&](auto d) {
-    quantize_fp8_rows_kernel<decltype(d)><<<grid, kQuantThreads, 0, as_stream(stream)>>>(w, dst, scales);
+    GEMMA3_LAUNCH(quantize_fp8_rows_kernel<decltype(d)>, grid, kQuantThreads, 0, as_stream(stream), w, dst,
+                  scales);
     return launch_result();
   };
   switch (w.dtype) {
@@ -76,8 +77,8 @@ int launch_dequant_rows(const WeightRef& w, int64_t row0, int64_t n_rows, float*
   if (n_rows == 0 || w.cols == 0) return 0;
   constexpr int kThreads = 256;
   return dispatch_dtype(w.dtype, [&](auto d) {
-    dequant_rows_kernel<decltype(d)>
-        <<<grid_for(n_rows * w.cols, kThreads), kThreads, 0, as_stream(stream)>>>(w, row0, n_rows, out);
+    GEMMA3_LAUNCH(dequant_rows_kernel<decltype(d)>, grid_for(n_rows * w.cols, kThreads), kThreads, 0,
+                  as_stream(stream), w, row0, n_rows, out);
     return launch_result();
   });
 }
@@ -87,8 +88,8 @@ int launch_embed(const WeightRef& w, const int32_t* ids, int n, float scale, flo
   if (n == 0 || w.cols == 0) return 0;
   constexpr int kThreads = 256;
   return dispatch_dtype(w.dtype, [&](auto d) {
-    embed_kernel<decltype(d)>
-        <<<grid_for(int64_t{n} * w.cols, kThreads), kThreads, 0, as_stream(stream)>>>(w, ids, n, scale, out);
+    GEMMA3_LAUNCH(embed_kernel<decltype(d)>, grid_for(int64_t{n} * w.cols, kThreads), kThreads, 0,
+                  as_stream(stream), w, ids, n, scale, out);
     return launch_result();
   });
 }

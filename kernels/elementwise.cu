@@ -29,7 +29,7 @@ int launch_gelu_gate(const float* g, const float* u, int64_t n, float* out, Stre
   if (n < 0) return static_cast<int>(cudaErrorInvalidValue);
   if (n == 0) return 0;
   constexpr int kThreads = 256;
-  gelu_gate_kernel<<<grid_for(n, kThreads), kThreads, 0, as_stream(stream)>>>(g, u, n, out);
+  GEMMA3_LAUNCH(gelu_gate_kernel, grid_for(n, kThreads), kThreads, 0, as_stream(stream), g, u, n, out);
   return launch_result();
 }
 
@@ -37,7 +37,7 @@ int launch_add(const float* a, const float* b, int64_t n, float* out, Stream str
   if (n < 0) return static_cast<int>(cudaErrorInvalidValue);
   if (n == 0) return 0;
   constexpr int kThreads = 256;
-  add_kernel<<<grid_for(n, kThreads), kThreads, 0, as_stream(stream)>>>(a, b, n, out);
+  GEMMA3_LAUNCH(add_kernel, grid_for(n, kThreads), kThreads, 0, as_stream(stream), a, b, n, out);
   return launch_result();
 }
 

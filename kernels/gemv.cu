@@ -63,7 +63,7 @@ int launch_gemv(const WeightRef& w, const float* x, int n, float* out, Stream st
   if (w.rows == 0) return 0;
   const unsigned grid = static_cast<unsigned>((w.rows + kGemvWarps - 1) / kGemvWarps);
   return dispatch_dtype(w.dtype, [&](auto d) {
-    gemv_kernel<decltype(d)><<<grid, 32 * kGemvWarps, 0, as_stream(stream)>>>(w, x, n, out);
+    GEMMA3_LAUNCH(gemv_kernel<decltype(d)>, grid, 32 * kGemvWarps, 0, as_stream(stream), w, x, n, out);
     return launch_result();
   });
 }

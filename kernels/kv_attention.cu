@@ -45,12 +45,12 @@ __global__ void kv_write_kernel(const float* k, const float* v, int n, int pos0,
 }
 
 // One Q8_0 block (32 values) per warp, lane e holding element e: amax by shuffles (max is
-// exact, so the order does not matter), then the shared encoder (block_decode.h). A slot holds
-// kv_width / 32 blocks of 34 bytes: block b of token t goes to slot_base + 34 b.
-// Preconditions: blockDim.x a multiple of 32, any 1-D grid (warp-stride loop over
-// n * kv_width / 32 blocks; the loop bound is uniform across a warp), kv_width % 32 == 0.
+// exact, so the order does not matter), then the shared encoder (block_decode.h; NaN/inf
+// count as 0). A slot holds kv_width / 32 blocks of 34 bytes: block b of token t goes to
+// slot_base + 34 b. Preconditions: blockDim.x a multiple of 32, any 1-D grid (warp-stride loop
+// over n * kv_width / 32 blocks; the loop bound is uniform across a warp), kv_width % 32 == 0.
 __device__ __forceinline__ void q8_0_store(float x, int lane, uint8_t* blk) {
-  float amax = fabsf(x);
+  float amax = blocks::q8_0_amax_term(x);
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, o));
   const float d = blocks::q8_0_scale(amax);
@@ -93,8 +93,8 @@ constexpr int kAttnDimsPerThread = kAttentionMaxHeadDim / kAttnThreads;
 // head_dim % D::kElems == 0.
 template <class D>
 __global__ void __launch_bounds__(kAttnThreads) attention_kernel(AttentionArgs a, int splits, int chunk) {
-  extern __shared__ float q_s[];    // [head_dim] this block's query
-  __shared__ float p_s[kAttnTile];  // scores of the current key tile
+  GEMMA3_DYNAMIC_SHARED(float, q_s);  // [head_dim] this block's query
+  __shared__ float p_s[kAttnTile];    // scores of the current key tile
   const int hd = a.head_dim;
   const int t = blockIdx.x / a.n_heads, h = blockIdx.x % a.n_heads;
   const int64_t gd = int64_t{h / (a.n_heads / a.n_kv_heads)} * hd;  // kv head's first element in a slot
@@ -169,7 +169,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(AttentionArgs a
 // memory `splits` floats, partials written by attention_kernel with the same splits.
 __global__ void __launch_bounds__(kAttnThreads)
     attention_combine_kernel(const float* partials, int splits, int n_heads, int hd, float* out) {
-  extern __shared__ float w_s[];  // [splits] split weights
+  GEMMA3_DYNAMIC_SHARED(float, w_s);  // [splits] split weights
   const float* rows = partials + int64_t{blockIdx.x} * splits * (hd + 2);
   float mx = -INFINITY;
   for (int s = 0; s < splits; ++s) mx = fmaxf(mx, rows[int64_t{s} * (hd + 2)]);
@@ -221,22 +221,22 @@ int launch_kv_write(const float* k, const float* v, int n, int pos0, int kv_widt
   const cudaStream_t s = as_stream(stream);
   switch (kv_dtype) {
     case DType::kF32:
-      kv_write_kernel<<<grid, kThreads, 0, s>>>(k, v, n, pos0, kv_width, static_cast<float*>(cache_k),
-                                                static_cast<float*>(cache_v), capacity);
+      GEMMA3_LAUNCH(kv_write_kernel, grid, kThreads, 0, s, k, v, n, pos0, kv_width,
+                    static_cast<float*>(cache_k), static_cast<float*>(cache_v), capacity);
       break;
     case DType::kBF16:
-      kv_write_kernel<<<grid, kThreads, 0, s>>>(k, v, n, pos0, kv_width, static_cast<uint16_t*>(cache_k),
-                                                static_cast<uint16_t*>(cache_v), capacity);
+      GEMMA3_LAUNCH(kv_write_kernel, grid, kThreads, 0, s, k, v, n, pos0, kv_width,
+                    static_cast<uint16_t*>(cache_k), static_cast<uint16_t*>(cache_v), capacity);
       break;
     case DType::kF8E4M3:
-      kv_write_kernel<<<grid, kThreads, 0, s>>>(k, v, n, pos0, kv_width, static_cast<uint8_t*>(cache_k),
-                                                static_cast<uint8_t*>(cache_v), capacity);
+      GEMMA3_LAUNCH(kv_write_kernel, grid, kThreads, 0, s, k, v, n, pos0, kv_width,
+                    static_cast<uint8_t*>(cache_k), static_cast<uint8_t*>(cache_v), capacity);
       break;
     case DType::kQ8_0:
       if (kv_width % 32 != 0) return static_cast<int>(cudaErrorInvalidValue);
       // One warp per block: n * kv_width / 32 warps = n * kv_width threads, as the grid above.
-      kv_write_q8_0_kernel<<<grid, kThreads, 0, s>>>(k, v, n, pos0, kv_width, static_cast<uint8_t*>(cache_k),
-                                                     static_cast<uint8_t*>(cache_v), capacity);
+      GEMMA3_LAUNCH(kv_write_q8_0_kernel, grid, kThreads, 0, s, k, v, n, pos0, kv_width,
+                    static_cast<uint8_t*>(cache_k), static_cast<uint8_t*>(cache_v), capacity);
       break;
     default: return static_cast<int>(cudaErrorInvalidValue);
   }
@@ -255,12 +255,12 @@ int launch_attention(const AttentionArgs& a, Stream stream) {
   const size_t smem = static_cast<size_t>(a.head_dim) * sizeof(float);
   const cudaStream_t s = as_stream(stream);
   const int rc = dispatch_kv(a.kv_dtype, [&](auto d) {
-    attention_kernel<decltype(d)><<<grid, kAttnThreads, smem, s>>>(a, p.splits, p.chunk);
+    GEMMA3_LAUNCH(attention_kernel<decltype(d)>, grid, kAttnThreads, smem, s, a, p.splits, p.chunk);
     return launch_result();
   });
   if (rc != 0 || p.splits == 1) return rc;
-  attention_combine_kernel<<<grid.x, kAttnThreads, static_cast<size_t>(p.splits) * sizeof(float), s>>>(
-      a.partials, p.splits, a.n_heads, a.head_dim, a.out);
+  GEMMA3_LAUNCH(attention_combine_kernel, grid.x, kAttnThreads, static_cast<size_t>(p.splits) * sizeof(float),
+                s, a.partials, p.splits, a.n_heads, a.head_dim, a.out);
   return launch_result();
 }
 

@@ -161,9 +161,10 @@ int launch_attention(const AttentionArgs& a, Stream stream);
 
 // ---- sample.cu ----
 // The device half of Backend::sample (backend.h; the rules of src/model/sampler.h). The logits
-// row is turned into keys: key[i] = z[i] / temperature (z[i] when temperature <= 0), where
-// z = logits with edit_ids[0 .. n_bans) set to -inf and edit_ids[n_bans .. n_edits) (the
-// repetition-penalized ids, unique, none banned) divided (z > 0) or multiplied by `penalty`.
+// row is turned into keys as sampler.cpp does: z = logits with NaN as -inf, edit_ids[0 ..
+// n_bans) set to -inf and edit_ids[n_bans .. n_edits) (the repetition-penalized ids, unique,
+// none banned) divided (z > 0) or multiplied by `penalty`; greedy keys are z, sampling keys
+// float((double(z) - max z) / temperature) (only the +inf ids stay, as 0, when max z = +inf).
 struct SampleArgs {
   const float* logits = nullptr;  // [n] (the allowed ids)
   int n = 0;
@@ -177,10 +178,10 @@ struct SampleArgs {
 size_t sample_workspace_bytes(int n);
 // Greedy: *out_id (device) = the first index of the largest key (std::max_element's choice).
 int launch_sample_argmax(const SampleArgs& a, int32_t* out_id, Stream stream);
-// Sampling: the keys sorted descending, ties by ascending id (a stable radix sort of the ids
-// in order), and per-block statistics: counts[b] = keys != -inf, sums[b] = sum over sorted
-// positions i < (top_k > 0 ? min(top_k, n) : n) of (double) expf(key_i - key_0) (0 when all
-// keys are -inf). Pointers into the workspace, valid until the next call.
+// Sampling (temperature > 0): the keys sorted descending, ties by ascending id (a stable radix
+// sort of the ids in order), and per-block statistics: counts[b] = keys != -inf, sums[b] = sum
+// over sorted positions i < (top_k > 0 ? min(top_k, n) : n) of float(exp(double(key_i) -
+// key_0)) (0 when all keys are -inf). Pointers into the workspace, valid until the next call.
 constexpr int kSampleStatBlocks = 128;
 struct SampleSorted {
   const float* keys = nullptr;   // [n]

@@ -29,7 +29,8 @@ int launch_rmsnorm(const float* x, const float* w, int64_t rows, int dim, float 
                    Stream stream) {
   if (rows < 0 || rows > 0x7FFFFFFF || dim < 1) return static_cast<int>(cudaErrorInvalidValue);
   if (rows == 0) return 0;
-  rmsnorm_kernel<<<static_cast<unsigned>(rows), kNormThreads, 0, as_stream(stream)>>>(x, w, dim, eps, out);
+  GEMMA3_LAUNCH(rmsnorm_kernel, static_cast<unsigned>(rows), kNormThreads, 0, as_stream(stream), x, w, dim,
+                eps, out);
   return launch_result();
 }
 

@@ -51,8 +51,8 @@ int launch_rope(float* x, int n, int n_heads, int head_dim, int pos0, const floa
   p.pos0 = pos0;
   for (int i = 0; i < head_dim / 2; ++i) p.inv_freq[i] = inv_freq_host[i];
   constexpr int kThreads = 256;
-  rope_kernel<<<grid_for(int64_t{n} * n_heads * (head_dim / 2), kThreads), kThreads, 0, as_stream(stream)>>>(
-      p);
+  GEMMA3_LAUNCH(rope_kernel, grid_for(int64_t{n} * n_heads * (head_dim / 2), kThreads), kThreads, 0,
+                as_stream(stream), p);
   return launch_result();
 }
 

@@ -1,6 +1,7 @@
 // Token sampling on the device: the logits row never leaves the GPU. Greedy is an argmax;
 // sampling sorts (key, id) pairs with CUB's radix sort and reduces softmax statistics, and the
 // host (CudaBackend::sample) copies back only the few leading candidates it needs.
+#include <cfloat>
 #include <cub/device/device_radix_sort.cuh>
 
 #include "common.cuh"
@@ -46,30 +47,58 @@ T* at(const SampleArgs& a, size_t offset) {
   return reinterpret_cast<T*>(static_cast<uint8_t*>(a.workspace) + offset);
 }
 
-// keys[i] = logits[i] (/ temperature when > 0), ids[i] = i. Any 1-D grid.
-__global__ void sample_keys_kernel(const float* logits, int n, float temperature, float* keys, int32_t* ids) {
+// NaN counts as -inf, as in sampler.cpp: it never wins the argmax and never reaches the sort
+// (where its bits would order it first) or the softmax.
+__device__ __forceinline__ float nan_to_minus_inf(float z) { return z != z ? -INFINITY : z; }
+
+// keys[i] = z[i] = logits[i] (NaN -> -inf), ids[i] = i. Any 1-D grid.
+__global__ void sample_keys_kernel(const float* logits, int n, float* keys, int32_t* ids) {
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
     // + 0.0f turns -0 into +0 (and changes nothing else): the radix sort orders -0 below +0,
     // sampler.cpp's comparator treats them as equal (ties by id).
-    keys[i] = __fadd_rn(temperature > 0 ? __fdiv_rn(logits[i], temperature) : logits[i], 0.0f);
+    keys[i] = __fadd_rn(nan_to_minus_inf(logits[i]), 0.0f);
     ids[i] = i;
   }
 }
 
 // The edited ids (unique, so no two threads write one key): bans -> -inf; penalized ids as
-// sampler.cpp (divide positive logits, multiply negative ones; -inf stays), then / temperature.
+// sampler.cpp (divide positive logits, multiply negative ones; -inf and NaN stay -inf).
 // Preconditions: any 1-D grid; run after sample_keys_kernel.
 __global__ void sample_edit_kernel(const float* logits, const int32_t* edit_ids, int n_bans, int n_edits,
-                                   int n, float penalty, float temperature, float* keys) {
+                                   int n, float penalty, float* keys) {
   for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < n_edits; e += gridDim.x * blockDim.x) {
     const int id = edit_ids[e];
     if (id < 0 || id >= n) continue;
     float z = -INFINITY;
     if (e >= n_bans) {
-      z = logits[id];
+      z = nan_to_minus_inf(logits[id]);
       if (z != -INFINITY) z = z > 0 ? __fdiv_rn(z, penalty) : __fmul_rn(z, penalty);
     }
-    keys[id] = __fadd_rn(temperature > 0 ? __fdiv_rn(z, temperature) : z, 0.0f);  // -0 -> +0, as above
+    keys[id] = __fadd_rn(z, 0.0f);  // -0 -> +0, as above
+  }
+}
+
+// Temperature, in sampler.cpp's arithmetic: with mx = max z (from the argmax partials),
+// key = float((double(z) - mx) / T), so the maximum is 0 and a tiny T cannot overflow z / T
+// into inf - inf. -inf stays -inf (not a candidate); when mx = +inf only the +inf logits stay
+// candidates, with key 0 (they share the probability). A candidate whose key overflows float
+// becomes -FLT_MAX rather than -inf, so it still counts and sorts after every finite key, as
+// the CPU's (x86) -inf candidate does. Preconditions: blockDim.x = kSampleThreads >= parts,
+// any 1-D grid; run after argmax_partial_kernel over these keys.
+__global__ void __launch_bounds__(kSampleThreads)
+    sample_scale_kernel(float* keys, int n, const float* arg_v, int parts, float temperature) {
+  __shared__ float scratch[32];
+  const float mx = block_max(threadIdx.x < parts ? arg_v[threadIdx.x] : -INFINITY, scratch);
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    const float z = keys[i];
+    float k = -INFINITY;
+    if (mx == INFINITY) {
+      k = z == INFINITY ? 0.0f : -INFINITY;
+    } else if (z != -INFINITY) {
+      k = __double2float_rn(__ddiv_rn(__dsub_rn(z, mx), temperature));
+      k = k == -INFINITY ? -FLT_MAX : __fadd_rn(k, 0.0f);  // -0 -> +0, as above
+    }
+    keys[i] = k;
   }
 }
 
@@ -118,8 +147,9 @@ __global__ void __launch_bounds__(kSampleThreads)
   if (threadIdx.x == 0) *out = bi == 0x7FFFFFFF ? 0 : bi;
 }
 
-// Softmax statistics of the sorted keys (see SampleSorted). gridDim.x = kSampleStatBlocks,
-// blockDim.x = kSampleThreads; tree reductions, so the per-block results are deterministic.
+// Softmax statistics of the sorted keys (see SampleSorted), each term as sampler.cpp's
+// float(exp(double(key) - top)). gridDim.x = kSampleStatBlocks, blockDim.x = kSampleThreads;
+// tree reductions, so the per-block results are deterministic.
 __global__ void __launch_bounds__(kSampleThreads)
     sample_stats_kernel(const float* keys_s, int n, int limit, double* sums, int* counts) {
   __shared__ double ss[kSampleThreads];
@@ -131,7 +161,7 @@ __global__ void __launch_bounds__(kSampleThreads)
     const float k = keys_s[i];
     if (k == -INFINITY) continue;
     ++count;
-    if (i < limit) sum += static_cast<double>(expf(k - mx));  // mx finite here: k <= mx
+    if (i < limit) sum += static_cast<double>(__double2float_rn(exp(static_cast<double>(k) - mx)));  // mx: 0
   }
   ss[threadIdx.x] = sum;
   sc[threadIdx.x] = count;
@@ -152,11 +182,11 @@ int make_keys(const SampleArgs& a, cudaStream_t s, const Layout& l) {
       a.workspace_bytes < l.total)
     return static_cast<int>(cudaErrorInvalidValue);
   const unsigned grid = grid_for(a.n, kSampleThreads);
-  sample_keys_kernel<<<grid, kSampleThreads, 0, s>>>(a.logits, a.n, a.temperature, at<float>(a, l.keys),
-                                                     at<int32_t>(a, l.ids));
+  GEMMA3_LAUNCH(sample_keys_kernel, grid, kSampleThreads, 0, s, a.logits, a.n, at<float>(a, l.keys),
+                at<int32_t>(a, l.ids));
   if (a.n_edits > 0)
-    sample_edit_kernel<<<grid_for(a.n_edits, kSampleThreads), kSampleThreads, 0, s>>>(
-        a.logits, a.edit_ids, a.n_bans, a.n_edits, a.n, a.penalty, a.temperature, at<float>(a, l.keys));
+    GEMMA3_LAUNCH(sample_edit_kernel, grid_for(a.n_edits, kSampleThreads), kSampleThreads, 0, s, a.logits,
+                  a.edit_ids, a.n_bans, a.n_edits, a.n, a.penalty, at<float>(a, l.keys));
   return launch_result();
 }
 
@@ -168,17 +198,23 @@ int launch_sample_argmax(const SampleArgs& a, int32_t* out_id, Stream stream) {
   const Layout l = layout(a.n > 0 ? a.n : 1);
   const cudaStream_t s = as_stream(stream);
   if (int rc = make_keys(a, s, l)) return rc;
-  argmax_partial_kernel<<<kSampleStatBlocks, kSampleThreads, 0, s>>>(
-      at<float>(a, l.keys), a.n, at<float>(a, l.arg_v), at<int32_t>(a, l.arg_i));
-  argmax_final_kernel<<<1, kSampleThreads, 0, s>>>(at<float>(a, l.arg_v), at<int32_t>(a, l.arg_i),
-                                                   kSampleStatBlocks, out_id);
+  GEMMA3_LAUNCH(argmax_partial_kernel, kSampleStatBlocks, kSampleThreads, 0, s, at<float>(a, l.keys), a.n,
+                at<float>(a, l.arg_v), at<int32_t>(a, l.arg_i));
+  GEMMA3_LAUNCH(argmax_final_kernel, 1, kSampleThreads, 0, s, at<float>(a, l.arg_v), at<int32_t>(a, l.arg_i),
+                kSampleStatBlocks, out_id);
   return launch_result();
 }
 
 int launch_sample_sort(const SampleArgs& a, SampleSorted* out, Stream stream) {
   const Layout l = layout(a.n > 0 ? a.n : 1);
   const cudaStream_t s = as_stream(stream);
+  if (!(a.temperature > 0.0f)) return static_cast<int>(cudaErrorInvalidValue);  // greedy: the argmax
   if (int rc = make_keys(a, s, l)) return rc;
+  // The maximum (argmax partials), then the keys scaled by the temperature against it.
+  GEMMA3_LAUNCH(argmax_partial_kernel, kSampleStatBlocks, kSampleThreads, 0, s, at<float>(a, l.keys), a.n,
+                at<float>(a, l.arg_v), at<int32_t>(a, l.arg_i));
+  GEMMA3_LAUNCH(sample_scale_kernel, grid_for(a.n, kSampleThreads), kSampleThreads, 0, s,
+                at<float>(a, l.keys), a.n, at<float>(a, l.arg_v), kSampleStatBlocks, a.temperature);
   size_t temp_bytes = l.temp_bytes;
   // Stable: equal keys keep the ascending id order of the input, as sampler.cpp's comparator.
   const cudaError_t e = cub::DeviceRadixSort::SortPairsDescending(
@@ -186,8 +222,8 @@ int launch_sample_sort(const SampleArgs& a, SampleSorted* out, Stream stream) {
       at<const int32_t>(a, l.ids), at<int32_t>(a, l.ids_s), a.n, 0, 32, s);
   if (e != cudaSuccess) return static_cast<int>(e);
   const int limit = a.top_k > 0 && a.top_k < a.n ? a.top_k : a.n;
-  sample_stats_kernel<<<kSampleStatBlocks, kSampleThreads, 0, s>>>(
-      at<float>(a, l.keys_s), a.n, limit, at<double>(a, l.sums), at<int>(a, l.counts));
+  GEMMA3_LAUNCH(sample_stats_kernel, kSampleStatBlocks, kSampleThreads, 0, s, at<float>(a, l.keys_s), a.n,
+                limit, at<double>(a, l.sums), at<int>(a, l.counts));
   out->keys = at<float>(a, l.keys_s);
   out->ids = at<int32_t>(a, l.ids_s);
   out->sums = at<double>(a, l.sums);

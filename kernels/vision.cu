@@ -70,7 +70,8 @@ int launch_layernorm(const float* x, const float* w, const float* b, int64_t row
                      float* out, Stream stream) {
   if (rows < 0 || rows > 0x7FFFFFFF || dim < 1) return static_cast<int>(cudaErrorInvalidValue);
   if (rows == 0) return 0;
-  layernorm_kernel<<<static_cast<unsigned>(rows), kThreads, 0, as_stream(stream)>>>(x, w, b, dim, eps, out);
+  GEMMA3_LAUNCH(layernorm_kernel, static_cast<unsigned>(rows), kThreads, 0, as_stream(stream), x, w, b, dim,
+                eps, out);
   return launch_result();
 }
 
@@ -78,21 +79,21 @@ int launch_add_bias(const float* x, const float* b, int64_t rows, int dim, float
   if (rows < 0 || dim < 1) return static_cast<int>(cudaErrorInvalidValue);
   if (rows == 0) return 0;
   const int64_t n = rows * dim;
-  add_bias_kernel<<<grid_for(n, kThreads), kThreads, 0, as_stream(stream)>>>(x, b, n, dim, out);
+  GEMMA3_LAUNCH(add_bias_kernel, grid_for(n, kThreads), kThreads, 0, as_stream(stream), x, b, n, dim, out);
   return launch_result();
 }
 
 int launch_gelu(const float* x, int64_t n, float* out, Stream stream) {
   if (n < 0) return static_cast<int>(cudaErrorInvalidValue);
   if (n == 0) return 0;
-  gelu_kernel<<<grid_for(n, kThreads), kThreads, 0, as_stream(stream)>>>(x, n, out);
+  GEMMA3_LAUNCH(gelu_kernel, grid_for(n, kThreads), kThreads, 0, as_stream(stream), x, n, out);
   return launch_result();
 }
 
 int launch_avg_pool(const float* x, int side, int dim, int k, float* out, Stream stream) {
   if (side < 1 || dim < 1 || k < 1 || side % k != 0) return static_cast<int>(cudaErrorInvalidValue);
   const int64_t n = int64_t{side / k} * (side / k) * dim;
-  avg_pool_kernel<<<grid_for(n, kThreads), kThreads, 0, as_stream(stream)>>>(x, side, dim, k, out);
+  GEMMA3_LAUNCH(avg_pool_kernel, grid_for(n, kThreads), kThreads, 0, as_stream(stream), x, side, dim, k, out);
   return launch_result();
 }
 

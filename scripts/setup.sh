@@ -6,9 +6,10 @@
 #   scripts/setup.sh
 set -euo pipefail
 
-# clang + libclang-rt-14-dev (libFuzzer, sanitizer runtimes): scripts/fuzz.sh.
+# clang + libclang-rt-14-dev (libFuzzer, sanitizer runtimes): scripts/fuzz.sh. valgrind:
+# scripts/memcheck.sh.
 packages=(cmake ninja-build g++ pkg-config libsentencepiece-dev libstb-dev libfmt-dev
-          nlohmann-json3-dev libgtest-dev libgmock-dev clang libclang-rt-14-dev)
+          nlohmann-json3-dev libgtest-dev libgmock-dev libxxhash-dev clang libclang-rt-14-dev valgrind)
 
 for arg in "$@"; do
   case "$arg" in

@@ -3,9 +3,13 @@
 #
 #   scripts/test.sh [PRESET] [-- EXTRA_CMAKE_CONFIGURE_ARGS...]
 #
-# PRESET is release (default), cpu-only or debug (see CMakePresets.json). The model tests read
-# the model path from GEMMA3_MODEL_270M, which is set to the fetched default model unless it is
-# already set; tests whose model is missing are skipped, not failed.
+# PRESET is release (default), cpu-only, debug or cuda-emu (see CMakePresets.json). The model
+# tests read the model path from GEMMA3_MODEL_270M, which is set to the fetched default model
+# unless it is already set; tests whose model is missing are skipped, not failed.
+#
+# cuda-emu runs the CUDA suites on the CPU emulator (tools/cuda-emu, docs/cuda.md), once per
+# scheduling policy in GEMMA3_CUDA_EMU_POLICIES (default "low-first high-first"), with
+# GEMMA3_CUDA_EMU_SMALL=1 (the largest cases shrink) unless it is already set.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -23,4 +27,14 @@ echo "test.sh: GEMMA3_MODEL_270M=$GEMMA3_MODEL_270M"
 
 cmake --preset "$preset" "$@"
 cmake --build --preset "$preset"
-ctest --preset "$preset"
+if [[ "$preset" != cuda-emu ]]; then
+  ctest --preset "$preset"
+  exit 0
+fi
+export GEMMA3_CUDA_EMU_SMALL="${GEMMA3_CUDA_EMU_SMALL:-1}"
+rc=0
+for policy in ${GEMMA3_CUDA_EMU_POLICIES:-low-first high-first}; do
+  echo "test.sh: GEMMA3_CUDA_EMU_POLICY=$policy GEMMA3_CUDA_EMU_SMALL=$GEMMA3_CUDA_EMU_SMALL"
+  GEMMA3_CUDA_EMU_POLICY="$policy" ctest --preset "$preset" || rc=1
+done
+exit "$rc"

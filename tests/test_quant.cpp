@@ -550,6 +550,35 @@ TEST(Quantize, Q8_0RoundTrip) {
   for (float v : y) EXPECT_EQ(v, 0.0f);
 }
 
+// Non-finite inputs count as 0 (ggml converts them to int: undefined behaviour): they neither
+// set the scale nor get a non-zero code, and the finite elements of their block quantize as if
+// they were absent. The CUDA KV writer does the same (BlockDecode.EncodersMatchCpu).
+TEST(Quantize, Q8_0NonFiniteValuesBecomeZero) {
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  std::vector<float> x(32);
+  for (int e = 0; e < 32; ++e) x[e] = (e - 16) * 0.25f;  // amax 4 (element 0), d = 4 / 127
+  x[3] = nan, x[7] = inf, x[11] = -inf, x[13] = -nan;
+  std::vector<uint8_t> b(34);
+  quantize_row(DType::kQ8_0, x.data(), b.data(), 32);
+  EXPECT_EQ(read_f16(b.data()), f16_to_f32(f32_to_f16(4.0f / 127.0f)));
+  for (int e : {3, 7, 11, 13}) EXPECT_EQ(b[2 + e], 0) << "element " << e;
+  EXPECT_EQ(static_cast<int8_t>(b[2 + 0]), -127);
+  EXPECT_EQ(static_cast<int8_t>(b[2 + 16]), 0);
+  EXPECT_EQ(static_cast<int8_t>(b[2 + 24]), 64);  // 2 / (4 / 127) = 63.5, rounded away from 0
+  // Nothing finite: scale 0, every code 0, no NaN on the way back.
+  std::vector<float> none = {nan, inf, -inf};
+  none.resize(32, nan);
+  quantize_row(DType::kQ8_0, none.data(), b.data(), 32);
+  for (float v : deq(DType::kQ8_0, b, 32)) EXPECT_EQ(v, 0.0f);
+  // A subnormal amax: 1 / d overflows to inf; codes stay in range (0 for 0, +-127 for the rest).
+  std::vector<float> tiny(32, 0.0f);
+  tiny[0] = 1e-40f, tiny[1] = -1e-40f;  // d = 7.9e-43
+  quantize_row(DType::kQ8_0, tiny.data(), b.data(), 32);
+  EXPECT_EQ(static_cast<int8_t>(b[2 + 0]), 127);
+  EXPECT_EQ(static_cast<int8_t>(b[2 + 1]), -127);
+  for (int e = 2; e < 32; ++e) EXPECT_EQ(b[2 + e], 0) << "element " << e;
+}
+
 TEST(Quantize, Q4_0RoundTrip) {
   const int n = 128;
   auto x = random_row(n, 2, -1.0f, 1.0f);

@@ -79,6 +79,13 @@ class Backend {
   // Makes a weight usable by the ops. The view's data must outlive the returned object
   // (the CPU backend reads mapped memory in place).
   virtual Result<std::unique_ptr<BackendWeight>> upload(const TensorView& tensor) = 0;
+  // upload() for a matrix only matmul and embed read: the decoder's projections and the tied
+  // token embedding / LM head. A backend may hold it in a smaller type for matmul
+  // (BackendOptions::fp8_weights); embed still returns the stored values. Everything else
+  // (norm vectors, the vision tower) goes through upload() and keeps its stored type.
+  virtual Result<std::unique_ptr<BackendWeight>> upload_matmul_weight(const TensorView& tensor) {
+    return upload(tensor);
+  }
 
   // Waits for queued work and returns the first error any op hit since the backend was made
   // (ops return void; a device backend records failures instead). The CPU backend never fails.
@@ -140,9 +147,10 @@ class Backend {
 
 struct BackendOptions {
   int threads = 0;
-  // CUDA only (`--weights fp8`): F32/F16/BF16 matrices are quantized at upload to fp8 e4m3fn
-  // with one fp32 scale per row (amax / 448), halving bf16's bytes per decode step. Vectors
-  // (norm weights) and already-quantized types are kept. Other backends ignore it.
+  // CUDA only (`--weights fp8`): F32/F16/BF16 matrices given to upload_matmul_weight are
+  // quantized to fp8 e4m3fn with one fp32 scale per row (amax / 448) for matmul, halving bf16's
+  // bytes per decode step; embed lookups keep reading the stored rows. upload() (vectors, the
+  // vision tower) and already-quantized types are kept as stored. Other backends ignore it.
   bool fp8_weights = false;
 };
 

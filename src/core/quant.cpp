@@ -207,14 +207,24 @@ BlockFn block_dequantizer(DType t) {
 
 // ---- quantizers ---------------------------------------------------------------------------
 
-// ggml quantize_row_q8_0_ref: d = max|x| / 127, q = round(x / d).
+// ggml quantize_row_q8_0_ref: d = max|x| / 127, q = round(x / d). Unlike ggml, NaN and +-inf
+// count as 0 (ggml's float -> int conversion of them is undefined): they do not raise amax
+// and get code 0. x * id is clamped to +-127 before rounding (a subnormal d makes id inf; for
+// other inputs the clamp changes nothing) and 0 * inf gives 0. kernels/block_decode.h's
+// q8_0_* encoders (the CUDA KV cache) do the same, bit for bit.
 void quant_q8_0(const float* x, uint8_t* y) {
   float amax = 0;
-  for (int e = 0; e < kQK; ++e) amax = std::max(amax, std::fabs(x[e]));
+  for (int e = 0; e < kQK; ++e)
+    if (std::isfinite(x[e])) amax = std::max(amax, std::fabs(x[e]));
   float d = amax / 127.0f;
   float id = d != 0 ? 1.0f / d : 0.0f;
   store_f16(y, f32_to_f16(d));
-  for (int e = 0; e < kQK; ++e) y[2 + e] = static_cast<uint8_t>(static_cast<int8_t>(std::lround(x[e] * id)));
+  for (int e = 0; e < kQK; ++e) {
+    float v = std::isfinite(x[e]) ? x[e] * id : 0.0f;
+    if (std::isnan(v)) v = 0.0f;  // 0 * inf
+    v = std::clamp(v, -127.0f, 127.0f);
+    y[2 + e] = static_cast<uint8_t>(static_cast<int8_t>(std::lround(v)));
+  }
 }
 
 // ggml quantize_row_q4_0_ref: d = m / -8 (m = signed element of largest magnitude),

@@ -17,8 +17,10 @@ Result<BackendModel> BackendModel::upload(Backend& backend, const Weights& weigh
   for (const LayerWeights& l : weights.layers)
     for (const TensorView* t : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down}) total += t->nbytes;
   ProgressBar bar("loading", total, progress);
+  // The decoder's matrices (projections, the tied embedding / LM head) are matmul weights a
+  // backend may narrow (--weights fp8); the norm vectors stay as stored.
   auto up = [&](const TensorView& t, std::unique_ptr<BackendWeight>* out) -> Status {
-    GEMMA3_ASSIGN_OR_RETURN(*out, backend.upload(t));
+    GEMMA3_ASSIGN_OR_RETURN(*out, t.shape.size() == 2 ? backend.upload_matmul_weight(t) : backend.upload(t));
     bar.update(done += t.shape.size() == 2 ? t.nbytes : 0);
     return ok_status();
   };

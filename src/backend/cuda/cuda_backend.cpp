@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <unordered_set>
@@ -44,6 +45,12 @@ class CudaWeight final : public BackendWeight {
   float* scales = nullptr;  // fp8 only: [n_scales] row scales (1 = per tensor)
   int64_t n_scales = 0;
   float* vec = nullptr;  // vectors (rows == 1) only: [cols] dequantized fp32, read by rmsnorm
+  // fp8-narrowed matmul weights (upload_matmul_weight) only: the stored rows in the caller's
+  // view (which outlives the weight, backend.h), [rows, lookup_row_bytes] of lookup_dtype.
+  // embed copies the rows it needs from here, so lookups return the stored values.
+  const uint8_t* lookup_rows = nullptr;
+  uint64_t lookup_row_bytes = 0;
+  DType lookup_dtype = DType::kF32;
 
   cuda::WeightRef ref() const {
     cuda::WeightRef r;
@@ -73,6 +80,10 @@ class CudaBackend final : public Backend {
     if (count == 0) return unsupported("CUDA backend: no CUDA device is visible");
     auto b = std::unique_ptr<CudaBackend>(new CudaBackend());
     b->fp8_weights_ = options.fp8_weights;
+    // GEMMA3_CUDA_SYNC=1 (tools/gpu-check.sh): synchronize after every op and name the op whose
+    // kernel faulted, instead of the next synchronization reporting it.
+    const char* sync = std::getenv("GEMMA3_CUDA_SYNC");
+    b->sync_each_op_ = sync && *sync && std::strcmp(sync, "0") != 0;
     if ((e = cudaSetDevice(0)) != cudaSuccess)
       return internal_error("CUDA backend: cudaSetDevice(0): " + cuda_error_text(e));
     cudaDeviceProp prop{};
@@ -114,7 +125,8 @@ class CudaBackend final : public Backend {
   }
 
   std::string name() const override {
-    return fmt::format("cuda ({}{})", device_name_, fp8_weights_ ? ", fp8 weights" : "");
+    return fmt::format("cuda ({}{}{})", device_name_, fp8_weights_ ? ", fp8 weights" : "",
+                       sync_each_op_ ? ", GEMMA3_CUDA_SYNC" : "");
   }
 
   // Synchronizes and returns the first error any call has hit.
@@ -178,12 +190,6 @@ class CudaBackend final : public Backend {
         static_cast<int64_t>(t.row_scale.size()) != w->rows)
       return invalid_file(
           fmt::format("tensor {}: {} row scales for {} rows", t.name, t.row_scale.size(), w->rows));
-    const bool to_fp8 = fp8_weights_ && w->rows > 1 && t.row_scale.empty() &&
-                        (t.dtype == DType::kF32 || t.dtype == DType::kF16 || t.dtype == DType::kBF16);
-    if (to_fp8) {
-      GEMMA3_TRY(upload_fp8(t, w.get()));
-      return std::unique_ptr<BackendWeight>(std::move(w));
-    }
     GEMMA3_TRY(copy_to_device(t.data, t.nbytes, &w->data, t.name));
     if (!t.row_scale.empty()) {
       w->n_scales = static_cast<int64_t>(t.row_scale.size());
@@ -202,6 +208,27 @@ class CudaBackend final : public Backend {
     return std::unique_ptr<BackendWeight>(std::move(w));
   }
 
+  // --weights fp8: an F32/F16/BF16 matrix becomes fp8 e4m3 + row scales for matmul (the LM
+  // head included), while embed keeps reading the stored rows from the caller's view. Anything
+  // else, or without the option, is upload().
+  Result<std::unique_ptr<BackendWeight>> upload_matmul_weight(const TensorView& t) override {
+    const bool to_fp8 = fp8_weights_ && t.rows() > 1 && t.row_scale.empty() &&
+                        (t.dtype == DType::kF32 || t.dtype == DType::kF16 || t.dtype == DType::kBF16);
+    if (!to_fp8) return upload(t);
+    GEMMA3_TRY(error_);
+    auto w = std::make_unique<CudaWeight>();
+    GEMMA3_ASSIGN_OR_RETURN(w->lookup_row_bytes, weight_row_bytes(t));
+    w->name = t.name;
+    w->dtype = t.dtype;
+    w->rows = t.rows();
+    w->cols = t.cols();
+    w->row_bytes = w->lookup_row_bytes;
+    GEMMA3_TRY(upload_fp8(t, w.get()));
+    w->lookup_rows = static_cast<const uint8_t*>(t.data);
+    w->lookup_dtype = t.dtype;
+    return std::unique_ptr<BackendWeight>(std::move(w));
+  }
+
   // ---- ops ----
 
   void embed(const BackendWeight& table, const int32_t* ids, int n, float scale, float* out) override {
@@ -214,6 +241,10 @@ class CudaBackend final : public Backend {
         return;
       }
     }
+    if (w.lookup_rows) {
+      embed_stored_rows(w, ids, n, scale, out);
+      return;
+    }
     if (!reserve(&ids_, &ids_bytes_, static_cast<size_t>(n) * sizeof(int32_t), "embed ids")) return;
     // From pageable memory the copy is staged before the call returns, so `ids` may go away.
     if (!check(cudaMemcpyAsync(ids_, ids, n * sizeof(int32_t), cudaMemcpyHostToDevice, stream()),
@@ -221,6 +252,35 @@ class CudaBackend final : public Backend {
       return;
     check_launch(cuda::launch_embed(w.ref(), static_cast<const int32_t*>(ids_), n, scale, out, stream_),
                  "embed");
+  }
+
+  // embed on an fp8-narrowed weight: the n stored rows are gathered on the host from the
+  // caller's view and sent with ids 0..n-1 in one copy, [n int32, padded to 256 bytes][n rows],
+  // then looked up as a table of n rows. n * row bytes per call (5 KiB per token for a bf16
+  // 2560-wide embedding): no device copy of the stored table.
+  void embed_stored_rows(const CudaWeight& w, const int32_t* ids, int n, float scale, float* out) {
+    const size_t id_bytes = (static_cast<size_t>(n) * sizeof(int32_t) + 255) / 256 * 256;
+    const size_t bytes = id_bytes + static_cast<size_t>(n) * w.lookup_row_bytes;
+    if (!reserve(&ids_, &ids_bytes_, bytes, "embed rows")) return;
+    lookup_staging_.resize(bytes);
+    auto* local = reinterpret_cast<int32_t*>(lookup_staging_.data());
+    for (int t = 0; t < n; ++t) {
+      local[t] = t;
+      std::memcpy(lookup_staging_.data() + id_bytes + static_cast<size_t>(t) * w.lookup_row_bytes,
+                  w.lookup_rows + static_cast<uint64_t>(ids[t]) * w.lookup_row_bytes, w.lookup_row_bytes);
+    }
+    // Pageable: staged before the call returns, and lookup_staging_ lives on anyway.
+    if (!check(cudaMemcpyAsync(ids_, lookup_staging_.data(), bytes, cudaMemcpyHostToDevice, stream()),
+               "embed rows copy"))
+      return;
+    cuda::WeightRef table;
+    table.data = static_cast<const uint8_t*>(ids_) + id_bytes;
+    table.rows = n;
+    table.cols = w.cols;
+    table.row_bytes = w.lookup_row_bytes;
+    table.dtype = w.lookup_dtype;
+    check_launch(cuda::launch_embed(table, static_cast<const int32_t*>(ids_), n, scale, out, stream_),
+                 "embed (stored rows)");
   }
 
   void rmsnorm(const float* x, const BackendWeight& wt, int64_t rows, int dim, float eps,
@@ -236,8 +296,8 @@ class CudaBackend final : public Backend {
   }
 
   void matmul(const float* x, int n, const BackendWeight& wt, float* out) override {
-    if (!error_.ok() || n <= 0) return;
     const CudaWeight& w = as_cuda(wt);
+    if (!error_.ok() || n <= 0 || w.rows == 0) return;  // no outputs (and the tile clamp needs rows >= 1)
     if (n <= cuda::kGemvMaxTokens) {
       check_launch(cuda::launch_gemv(w.ref(), x, n, out, stream_), "matmul (gemv)");
       return;
@@ -416,7 +476,7 @@ class CudaBackend final : public Backend {
     a.top_k = o.top_k;
     a.workspace = sample_ws_;
     a.workspace_bytes = ws;
-    if (o.temperature <= 0.0f) {
+    if (!(o.temperature > 0.0f)) {  // greedy, as sampler.cpp (a NaN temperature too)
       auto* id = reinterpret_cast<int32_t*>(base + id_at);
       if (!check_launch(cuda::launch_sample_argmax(a, id, stream_), "sample (argmax)")) return 0;
       int32_t host = 0;
@@ -476,12 +536,22 @@ class CudaBackend final : public Backend {
     return false;
   }
   bool check_launch(int code, const char* op) {
-    if (code == 0) return true;
+    if (code == 0) return after_op(op);
     const auto e = static_cast<cudaError_t>(code);
     fail(e == cudaErrorInvalidValue
              ? invalid_argument(fmt::format("CUDA backend: {}: arguments rejected by the launcher ({})", op,
                                             cuda_error_text(e)))
              : internal_error(fmt::format("CUDA backend: {} launch: {}", op, cuda_error_text(e))));
+    return false;
+  }
+  // The one per-op check of GEMMA3_CUDA_SYNC: every op's launch (check_launch) and cuBLAS call
+  // (gemm) ends here. Off, it costs nothing; on, a kernel fault is reported by the op that
+  // caused it ("CUDA error after rmsnorm: cudaErrorIllegalAddress (...)"), not by a later sync.
+  bool after_op(const char* op) {
+    if (!sync_each_op_) return true;
+    const cudaError_t e = cudaStreamSynchronize(stream());
+    if (e == cudaSuccess) return true;
+    fail(internal_error(fmt::format("CUDA error after {}: {}", op, cuda_error_text(e))));
     return false;
   }
 
@@ -579,22 +649,26 @@ class CudaBackend final : public Backend {
     if (s != CUBLAS_STATUS_SUCCESS)
       fail(internal_error(fmt::format("CUDA backend: cublasGemmEx ({} x {} x {}, weight {}): {}", nr, n,
                                       w.cols, w.name, cublasGetStatusString(s))));
+    else
+      after_op("matmul (cublasGemmEx)");
   }
 
   // Pairs copied back after the device sort (top_k <= this: the whole choice on the host).
   static constexpr int kHostCandidates = 1024;
 
-  // sampler.cpp after its sort, on the leading pairs of the sorted candidates (keys: logits /
-  // temperature, descending; ids). k: candidates kept by top-k (>= 1). When k <= keys.size()
-  // the softmax sum is taken here, in sampler.cpp's order; otherwise device_sum (the same sum
-  // in another order). Returns -1 when top-p, min-p or the draw reach past keys.size().
+  // sampler.cpp after its sort, on the leading pairs of the sorted candidates (keys: (z - max) /
+  // temperature as sampler.cpp forms them, descending; ids). k: candidates kept by top-k (>= 1).
+  // When k <= keys.size() the softmax sum is taken here, in sampler.cpp's order; otherwise
+  // device_sum (the same sum in another order). Returns -1 when top-p, min-p or the draw reach
+  // past keys.size().
   static int32_t finish_sample(const std::vector<float>& keys, const std::vector<int32_t>& ids, int64_t k,
                                double device_sum, const SamplingOptions& o, double u) {
     const int64_t have = std::min<int64_t>(k, static_cast<int64_t>(keys.size()));
-    const float mx = keys[0];
+    const float top = keys[0];
     std::vector<float> p(static_cast<size_t>(have));
     double sum = 0;
-    for (int64_t i = 0; i < have; ++i) sum += (p[i] = std::exp(keys[i] - mx));
+    for (int64_t i = 0; i < have; ++i)
+      sum += (p[i] = static_cast<float>(std::exp(static_cast<double>(keys[i]) - top)));
     if (have < k) sum = device_sum;
     for (float& v : p) v = static_cast<float>(v / sum);
     int64_t keep = k;
@@ -633,15 +707,18 @@ class CudaBackend final : public Backend {
   void* cublas_ = nullptr;   // cublasHandle_t
   void* scratch_ = nullptr;  // [tile, cols] fp32 dequantized weight rows (cuBLAS path)
   size_t scratch_bytes_ = 0;
-  void* ids_ = nullptr;  // [n] int32 token ids for embed
+  void* ids_ = nullptr;  // [n] int32 token ids for embed (+ the stored rows: embed_stored_rows)
   size_t ids_bytes_ = 0;
+  // Host side of embed_stored_rows' copy.
+  std::vector<uint8_t> lookup_staging_;
   void* partials_ = nullptr;  // split-KV attention partials, cuda::AttentionPlan::workspace_floats
   size_t partials_bytes_ = 0;
   void* sample_ws_ = nullptr;  // sampling: cuda::sample_workspace_bytes + edit ids + result id
   size_t sample_ws_bytes_ = 0;
-  int sm_count_ = 132;        // multiprocessors of device 0 (sizes the split-KV attention)
-  bool fp8_weights_ = false;  // BackendOptions::fp8_weights
-  Status error_;              // first failure; sticky
+  int sm_count_ = 132;         // multiprocessors of device 0 (sizes the split-KV attention)
+  bool fp8_weights_ = false;   // BackendOptions::fp8_weights
+  bool sync_each_op_ = false;  // GEMMA3_CUDA_SYNC: synchronize after every op (after_op)
+  Status error_;               // first failure; sticky
 };
 
 }  // namespace

@@ -1,0 +1,1245 @@
+// The CUDA emulator's runtime (cuda_emu.h): the fiber scheduler that runs a kernel's threads,
+// the checks of barriers and warp operations, device memory, streams and events, and the
+// cuBLAS reference. One CUDA thread = one fiber with its own stack; a block's fibers switch
+// only at __syncthreads and warp operations, blocks run one after another. A fiber that stops
+// at one records why, and the scheduling step (the checks, then the policy's pick) runs on its
+// stack and switches straight to the next fiber; the launching thread's stack sees only the
+// start and the end of each block.
+//
+// Fibers switch with a dozen instructions of assembly on x86-64 (ucontext's swapcontext makes
+// a system call per switch, ~30x slower; it is the fallback elsewhere). Under ASan every switch
+// is announced (__sanitizer_start/finish_switch_fiber), so reports inside a kernel show the
+// kernel's stack and stack bounds are right.
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <array>
+#include <chrono>
+#include <map>
+#include <mutex>
+#include <set>
+#include <string>
+
+#include "cuda_emu.h"
+
+#if defined(__SANITIZE_ADDRESS__)
+#define GEMMA3_EMU_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define GEMMA3_EMU_ASAN 1
+#endif
+#endif
+#if defined(GEMMA3_EMU_ASAN)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
+
+#if !defined(__x86_64__) || defined(GEMMA3_CUDA_EMU_UCONTEXT)
+#define GEMMA3_EMU_UCONTEXT 1
+#include <ucontext.h>
+#endif
+
+namespace gemma3_cuda_emu {
+namespace detail {
+uint3 thread_idx{0, 0, 0}, block_idx{0, 0, 0};
+dim3 block_dim, grid_dim;
+}  // namespace detail
+
+namespace {
+
+// ---- options and errors ---------------------------------------------------------------------
+
+enum class Policy { kRoundRobin, kLowFirst, kHighFirst, kRandom };
+
+struct Options {
+  Policy policy = Policy::kRoundRobin;
+  uint64_t seed = 1;
+  std::string text = "round-robin";
+  size_t memory_bytes = size_t{16} << 30;
+};
+
+[[noreturn]] void die(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+void die(const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  fputs("cuda-emu: error: ", stderr);
+  vfprintf(stderr, fmt, ap);
+  fputc('\n', stderr);
+  va_end(ap);
+  fflush(stderr);
+  abort();
+}
+
+// GEMMA3_CUDA_EMU_POLICY: round-robin (default), low-first, high-first, random[:SEED];
+// GEMMA3_CUDA_EMU_MEMORY_MIB: the emulated device memory (default 16384).
+const Options& options() {
+  static const Options o = [] {
+    Options r;
+    if (const char* p = getenv("GEMMA3_CUDA_EMU_POLICY"); p && *p) {
+      const std::string s = p;
+      r.text = s;
+      if (s == "round-robin") {
+        r.policy = Policy::kRoundRobin;
+      } else if (s == "low-first") {
+        r.policy = Policy::kLowFirst;
+      } else if (s == "high-first") {
+        r.policy = Policy::kHighFirst;
+      } else if (s == "random" || s.rfind("random:", 0) == 0) {
+        r.policy = Policy::kRandom;
+        if (s.size() > 7) {
+          char* end = nullptr;
+          r.seed = strtoull(s.c_str() + 7, &end, 10);
+          if (*end != '\0' || s.size() == 7)
+            die("GEMMA3_CUDA_EMU_POLICY=%s: the seed after random: is not a number", p);
+        }
+      } else {
+        die("GEMMA3_CUDA_EMU_POLICY=%s: expected round-robin, low-first, high-first, random or random:SEED", p);
+      }
+    }
+    if (const char* m = getenv("GEMMA3_CUDA_EMU_MEMORY_MIB"); m && *m) {
+      char* end = nullptr;
+      const unsigned long long mib = strtoull(m, &end, 10);
+      if (*end != '\0' || mib == 0) die("GEMMA3_CUDA_EMU_MEMORY_MIB=%s: expected a positive number of MiB", m);
+      r.memory_bytes = static_cast<size_t>(mib) << 20;
+    }
+    return r;
+  }();
+  return o;
+}
+
+// "kernels/x.cu" rather than the absolute path the build passed to the compiler.
+const char* short_path(const char* file) {
+  if (!file) return "?";
+  for (const char* marker : {"/kernels/", "/src/", "/tools/", "/tests/"}) {
+    const char* best = nullptr;
+    for (const char* p = strstr(file, marker); p; p = strstr(p + 1, marker)) best = p;
+    if (best) return best + 1;
+  }
+  return file;
+}
+
+thread_local cudaError_t last_error = cudaSuccess;
+cudaError_t record(cudaError_t e) {
+  if (e != cudaSuccess) last_error = e;
+  return e;
+}
+
+// ---- device memory ---------------------------------------------------------------------------
+
+std::mutex mem_mutex;
+std::map<uintptr_t, size_t> allocations;  // base -> bytes, every live cudaMalloc
+size_t allocated = 0;
+
+// The allocation holding [p, p + bytes) (one past its end when bytes == 0), or end().
+std::map<uintptr_t, size_t>::const_iterator find_allocation(const void* p, size_t bytes) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  auto it = allocations.upper_bound(a);
+  if (it == allocations.begin()) return allocations.end();
+  --it;
+  const uintptr_t end = it->first + it->second;
+  if (a < it->first || a > end || bytes > end - a) return allocations.end();
+  return it;
+}
+
+bool is_device_range(const void* p, size_t bytes) {
+  std::lock_guard<std::mutex> lock(mem_mutex);
+  return find_allocation(p, bytes) != allocations.end();
+}
+
+// For the copy and memset calls: CUDA returns cudaErrorInvalidValue for such a pointer; say why.
+bool device_range_or_report(const char* call, const char* which, const void* p, size_t bytes) {
+  if (bytes == 0 || is_device_range(p, bytes)) return true;
+  fprintf(stderr,
+          "cuda-emu: %s: the %s range [%p, +%zu bytes) is not inside one live cudaMalloc allocation "
+          "(returning cudaErrorInvalidValue)\n",
+          call, which, p, bytes);
+  return false;
+}
+
+// ---- streams, events, cuBLAS handles ---------------------------------------------------------
+
+std::mutex handle_mutex;
+std::set<const void*> live_handles;  // streams, events and cuBLAS handles
+
+template <class T>
+T* new_handle() {
+  T* h = new T();
+  std::lock_guard<std::mutex> lock(handle_mutex);
+  live_handles.insert(h);
+  return h;
+}
+bool handle_live(const void* h) {
+  std::lock_guard<std::mutex> lock(handle_mutex);
+  return live_handles.count(h) != 0;
+}
+template <class T>
+bool delete_handle(T* h) {
+  {
+    std::lock_guard<std::mutex> lock(handle_mutex);
+    if (live_handles.erase(h) == 0) return false;
+  }
+  delete h;
+  return true;
+}
+
+}  // namespace
+}  // namespace gemma3_cuda_emu
+
+struct CUstream_st {
+  unsigned flags = 0;
+};
+struct CUevent_st {
+  unsigned flags = 0;
+  bool recorded = false;
+  std::chrono::steady_clock::time_point when;
+};
+struct cublasContext {
+  cudaStream_t stream = nullptr;
+  cublasMath_t mode = CUBLAS_DEFAULT_MATH;
+};
+
+namespace gemma3_cuda_emu {
+namespace detail {
+
+bool stream_ok(cudaStream_t s) { return s == nullptr || handle_live(s); }
+
+void check_device_range(const char* what, const void* p, size_t bytes) {
+  if (bytes == 0 || is_device_range(p, bytes)) return;
+  die("%s: [%p, +%zu bytes) is not inside one live cudaMalloc allocation", what, p, bytes);
+}
+
+}  // namespace detail
+
+namespace {
+
+// ---- fibers ------------------------------------------------------------------------------
+
+#if !defined(GEMMA3_EMU_UCONTEXT)
+// Saves the callee-saved registers on the current stack, stores the stack pointer in *save_sp
+// and continues on new_sp, popping what an earlier switch (or start_fiber) left there.
+extern "C" void gemma3_cuda_emu_switch(void** save_sp, void* new_sp);
+asm(R"(
+  .text
+  .p2align 4
+  .globl gemma3_cuda_emu_switch
+  .type gemma3_cuda_emu_switch, @function
+gemma3_cuda_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size gemma3_cuda_emu_switch, .-gemma3_cuda_emu_switch
+)");
+#endif
+
+// One fiber stack per CUDA thread of the largest block so far, each above a guard page.
+class Stacks {
+ public:
+  static constexpr size_t kStackBytes = size_t{256} << 10;  // ASan's frames and reports fit
+
+  ~Stacks() {
+    if (region_) munmap(region_, count_ * stride());
+  }
+  void reserve(int n) {
+    if (n <= count_) return;
+    if (region_) munmap(region_, count_ * stride());
+    const int count = n < 256 ? 256 : 1024;
+    void* r = mmap(nullptr, count * stride(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                   -1, 0);
+    if (r == MAP_FAILED) die("cannot map %d fiber stacks of %zu KiB", count, kStackBytes >> 10);
+    region_ = static_cast<char*>(r);
+    count_ = count;
+    for (int i = 0; i < count; ++i) mprotect(region_ + i * stride(), page(), PROT_NONE);
+#if defined(GEMMA3_EMU_ASAN)
+    ASAN_UNPOISON_MEMORY_REGION(region_, count_ * stride());
+#endif
+  }
+  char* bottom(int i) const { return region_ + i * stride() + page(); }
+
+ private:
+  static size_t page() {
+    static const size_t p = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    return p;
+  }
+  static size_t stride() { return kStackBytes + page(); }
+  char* region_ = nullptr;
+  int count_ = 0;
+};
+
+// ---- the scheduler -----------------------------------------------------------------------
+
+enum class State : uint8_t { kRunnable, kBarrier, kWarp, kDone };
+using detail::BarrierOp;
+using detail::WarpOp;
+
+struct Thread {
+  void* sp = nullptr;  // saved stack pointer while switched out (x86-64)
+#if defined(GEMMA3_EMU_UCONTEXT)
+  ucontext_t ctx;
+#endif
+  void* fake_stack = nullptr;  // ASan's fake stack of this fiber
+  State state = State::kDone;
+  // The pending barrier or warp operation, and its result.
+  WarpOp op = WarpOp::kSyncWarp;
+  BarrierOp bop = BarrierOp::kPlain;
+  unsigned mask = 0;
+  int arg = 0, width = 32;
+  uint64_t value = 0, result = 0;
+  const char* file = nullptr;
+  int line = 0;
+};
+
+const char* op_name(WarpOp op) {
+  switch (op) {
+    case WarpOp::kShflIdx: return "__shfl_sync";
+    case WarpOp::kShflUp: return "__shfl_up_sync";
+    case WarpOp::kShflDown: return "__shfl_down_sync";
+    case WarpOp::kShflXor: return "__shfl_xor_sync";
+    case WarpOp::kSyncWarp: return "__syncwarp";
+    case WarpOp::kBallot: return "__ballot_sync";
+    case WarpOp::kAny: return "__any_sync";
+    case WarpOp::kAll: return "__all_sync";
+  }
+  return "?";
+}
+const char* barrier_name(BarrierOp op) {
+  switch (op) {
+    case BarrierOp::kPlain: return "__syncthreads";
+    case BarrierOp::kCount: return "__syncthreads_count";
+    case BarrierOp::kAnd: return "__syncthreads_and";
+    case BarrierOp::kOr: return "__syncthreads_or";
+  }
+  return "?";
+}
+bool same_site(const char* f1, int l1, const char* f2, int l2) {
+  return l1 == l2 && (f1 == f2 || (f1 && f2 && strcmp(f1, f2) == 0));
+}
+
+class Scheduler {
+ public:
+  cudaError_t run(const LaunchSite& site, dim3 grid, dim3 block, size_t smem, void (*body)(void*), void* ctx);
+  uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, int arg, int width, const char* file, int line);
+  int barrier(BarrierOp op, int predicate, const char* file, int line);
+  void* dynamic_shared();
+  [[noreturn]] void fiber_main();
+
+ private:
+  void run_block();
+  int pick();
+  Thread& current(const char* what);
+  void enter(int i);
+  void step(Thread& self);
+  [[noreturn]] void step_exit(Thread& self);
+  void transfer(Thread& from, int to);
+  void set_runnable(int i) { runnable_[i >> 6] |= uint64_t{1} << (i & 63); }
+  void clear_runnable(int i) { runnable_[i >> 6] &= ~(uint64_t{1} << (i & 63)); }
+  void on_warp(int i);
+  void on_barrier(int i);
+  void on_exit(int i);
+  void complete_warp_op(int warp, unsigned mask);
+  void check_no_waiting_mate(int i, const char* doing);
+  uint64_t next_random();
+  std::string describe_warp(int warp) const;
+  std::string describe_block() const;
+  [[noreturn]] void fail(int warp, const char* fmt, ...) __attribute__((format(printf, 3, 4)));
+
+  // The launch.
+  const LaunchSite* site_ = nullptr;
+  dim3 grid_, block_;
+  size_t smem_bytes_ = 0;
+  void (*body_)(void*) = nullptr;
+  void* ctx_ = nullptr;
+  bool in_kernel_ = false;
+  uint64_t rng_ = 0;
+  // The block.
+  int n_ = 0, warps_ = 0;
+  std::vector<Thread> threads_;
+  std::array<uint64_t, 16> runnable_{};  // bit i: thread i can run
+  std::vector<uint32_t> at_warp_, at_barrier_, done_;  // per warp: lanes in each wait state
+  int done_count_ = 0, barrier_count_ = 0, barrier_pred_ = 0, rr_next_ = 0, cur_ = -1;
+  Policy policy_ = Policy::kRoundRobin;
+  const char* barrier_file_ = nullptr;
+  int barrier_line_ = 0;
+  void* smem_ = nullptr;
+  // The scheduler's own context (the launching host thread's stack).
+  void* main_sp_ = nullptr;
+#if defined(GEMMA3_EMU_UCONTEXT)
+  ucontext_t main_ctx_;
+#endif
+  void* main_fake_stack_ = nullptr;
+  const void* main_bottom_ = nullptr;
+  size_t main_size_ = 0;
+  bool main_bounds_known_ = false;
+  Stacks stacks_;
+};
+
+Scheduler& scheduler() {
+  static Scheduler s;
+  return s;
+}
+std::mutex launch_mutex;  // one grid at a time (the scheduler's state is global)
+
+#if defined(GEMMA3_EMU_UCONTEXT)
+void fiber_entry() { scheduler().fiber_main(); }
+#else
+[[noreturn]] void fiber_entry() { scheduler().fiber_main(); }
+#endif
+
+void Scheduler::fail(int warp, const char* fmt, ...) {
+  char msg[1024];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(msg, sizeof msg, fmt, ap);
+  va_end(ap);
+  std::string where;
+  if (site_) {
+    char buf[512];
+    snprintf(buf, sizeof buf,
+             "\n  kernel %s, launched at %s:%d with grid (%u,%u,%u), block (%u,%u,%u), %zu bytes of dynamic shared "
+             "memory\n  in block (%u,%u,%u)",
+             site_->kernel, short_path(site_->file), site_->line, grid_.x, grid_.y, grid_.z, block_.x, block_.y,
+             block_.z, smem_bytes_, detail::block_idx.x, detail::block_idx.y, detail::block_idx.z);
+    where = buf;
+    where += warp >= 0 ? "\n" + describe_warp(warp) : "\n" + describe_block();
+  }
+  die("%s%s\n  scheduling policy %s (GEMMA3_CUDA_EMU_POLICY)", msg, where.c_str(), options().text.c_str());
+}
+
+// Lanes grouped by what they wait at: "  warp 1 lanes 0-15: at __shfl_xor_sync (mask 0xffffffff), kernels/common.cuh:19".
+std::string Scheduler::describe_warp(int warp) const {
+  std::string out;
+  const int base = warp * 32, lanes = std::min(32, n_ - base);
+  auto what = [&](const Thread& t) {
+    char buf[256];
+    switch (t.state) {
+      case State::kRunnable: return std::string("running (not at a barrier or warp operation)");
+      case State::kDone: return std::string("exited");
+      case State::kBarrier:
+        snprintf(buf, sizeof buf, "at %s, %s:%d", barrier_name(t.bop), short_path(t.file), t.line);
+        return std::string(buf);
+      case State::kWarp:
+        snprintf(buf, sizeof buf, "at %s (mask 0x%08x), %s:%d", op_name(t.op), t.mask, short_path(t.file), t.line);
+        return std::string(buf);
+    }
+    return std::string("?");
+  };
+  for (int l = 0; l < lanes;) {
+    const std::string w = what(threads_[base + l]);
+    int e = l + 1;
+    while (e < lanes && what(threads_[base + e]) == w) ++e;
+    char head[64];
+    if (e - l == 1)
+      snprintf(head, sizeof head, "  warp %d lane %d: ", warp, l);
+    else
+      snprintf(head, sizeof head, "  warp %d lanes %d-%d: ", warp, l, e - 1);
+    out += head + w + "\n";
+    l = e;
+  }
+  if (!out.empty()) out.pop_back();
+  return out;
+}
+
+std::string Scheduler::describe_block() const {
+  std::string out;
+  for (int w = 0; w < warps_; ++w) out += describe_warp(w) + (w + 1 < warps_ ? "\n" : "");
+  return out;
+}
+
+uint64_t Scheduler::next_random() {  // splitmix64
+  uint64_t z = (rng_ += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+int Scheduler::pick() {
+  const int words = (n_ + 63) / 64;
+  switch (policy_) {
+    case Policy::kLowFirst:
+      for (int w = 0; w < words; ++w)
+        if (runnable_[w]) return w * 64 + __builtin_ctzll(runnable_[w]);
+      return -1;
+    case Policy::kHighFirst:
+      for (int w = words - 1; w >= 0; --w)
+        if (runnable_[w]) return w * 64 + 63 - __builtin_clzll(runnable_[w]);
+      return -1;
+    case Policy::kRoundRobin:
+      for (int k = 0; k < 2; ++k) {  // from rr_next_ to the end, then from 0
+        const int from = k == 0 ? rr_next_ : 0;
+        for (int w = from >> 6; w < words; ++w) {
+          uint64_t bits = runnable_[w];
+          if (w == (from >> 6)) bits &= ~uint64_t{0} << (from & 63);
+          if (bits) {
+            const int i = w * 64 + __builtin_ctzll(bits);
+            rr_next_ = i + 1 < n_ ? i + 1 : 0;
+            return i;
+          }
+        }
+      }
+      return -1;
+    case Policy::kRandom: {
+      int total = 0;
+      for (int w = 0; w < words; ++w) total += __builtin_popcountll(runnable_[w]);
+      if (total == 0) return -1;
+      int k = static_cast<int>(next_random() % static_cast<uint64_t>(total));
+      for (int w = 0; w < words; ++w) {
+        uint64_t bits = runnable_[w];
+        const int c = __builtin_popcountll(bits);
+        if (k >= c) {
+          k -= c;
+          continue;
+        }
+        while (k-- > 0) bits &= bits - 1;
+        return w * 64 + __builtin_ctzll(bits);
+      }
+      return -1;
+    }
+  }
+  return -1;
+}
+
+// Fiber side: the CUDA thread that is running now.
+Thread& Scheduler::current(const char* what) {
+  if (!in_kernel_ || cur_ < 0) die("%s called outside a kernel", what);
+  return threads_[cur_];
+}
+
+// Makes thread i the current one (threadIdx) and switches from `from` to it; returns when
+// some fiber switches back to `from`.
+void Scheduler::transfer(Thread& from, int i) {
+  Thread& to = threads_[i];
+  cur_ = i;
+  const unsigned bx = block_.x, by = block_.y;
+  detail::thread_idx = {i % bx, (i / bx) % by, i / (bx * by)};
+#if defined(GEMMA3_EMU_ASAN)
+  __sanitizer_start_switch_fiber(&from.fake_stack, stacks_.bottom(i), Stacks::kStackBytes);
+#endif
+#if defined(GEMMA3_EMU_UCONTEXT)
+  swapcontext(&from.ctx, &to.ctx);
+#else
+  gemma3_cuda_emu_switch(&from.sp, to.sp);
+#endif
+#if defined(GEMMA3_EMU_ASAN)
+  __sanitizer_finish_switch_fiber(from.fake_stack, nullptr, nullptr);
+#endif
+}
+
+// Fiber side, after the current thread recorded a barrier or warp operation: the checks, then
+// on with the thread the policy picks (this one again: no switch).
+void Scheduler::step(Thread& self) {
+  const int me = cur_;
+  switch (self.state) {
+    case State::kWarp: on_warp(me); break;
+    case State::kBarrier: on_barrier(me); break;
+    default: break;
+  }
+  const int next = pick();
+  if (next < 0) fail(-1, "deadlock: no thread of the block can continue");
+  if (next != me) transfer(self, next);
+}
+
+// Fiber side, when the current thread's kernel function returned: the checks, then the next
+// thread, or the launching thread once the whole block is done. This fiber never runs again.
+void Scheduler::step_exit(Thread& self) {
+  on_exit(cur_);
+  const int next = pick();
+  if (next < 0 && done_count_ < n_) fail(-1, "deadlock: no thread of the block can continue");
+#if defined(GEMMA3_EMU_ASAN)
+  // null: this fiber ends (ASan drops its fake stack).
+  if (next < 0)
+    __sanitizer_start_switch_fiber(nullptr, main_bottom_, main_size_);
+  else
+    __sanitizer_start_switch_fiber(nullptr, stacks_.bottom(next), Stacks::kStackBytes);
+#endif
+  if (next >= 0) {
+    cur_ = next;
+    const unsigned bx = block_.x, by = block_.y;
+    detail::thread_idx = {next % bx, (next / bx) % by, next / (bx * by)};
+  }
+#if defined(GEMMA3_EMU_UCONTEXT)
+  setcontext(next < 0 ? &main_ctx_ : &threads_[next].ctx);
+#else
+  gemma3_cuda_emu_switch(&self.sp, next < 0 ? main_sp_ : threads_[next].sp);
+#endif
+  __builtin_unreachable();
+}
+
+void Scheduler::fiber_main() {
+#if defined(GEMMA3_EMU_ASAN)
+  // The first fiber of a launch starts from the launching thread: learn its stack.
+  const void* from_bottom = nullptr;
+  size_t from_size = 0;
+  __sanitizer_finish_switch_fiber(nullptr, &from_bottom, &from_size);
+  if (!main_bounds_known_) {
+    main_bottom_ = from_bottom;
+    main_size_ = from_size;
+    main_bounds_known_ = true;
+  }
+#endif
+  body_(ctx_);
+  Thread& t = threads_[cur_];
+  t.state = State::kDone;
+  step_exit(t);
+}
+
+// Writes the frame that the first switch to a fiber pops: six zero registers and the entry.
+__attribute__((no_sanitize_address)) void start_fiber(Thread& t, char* bottom, size_t bytes) {
+#if defined(GEMMA3_EMU_UCONTEXT)
+  getcontext(&t.ctx);
+  t.ctx.uc_stack.ss_sp = bottom;
+  t.ctx.uc_stack.ss_size = bytes;
+  t.ctx.uc_link = nullptr;
+  makecontext(&t.ctx, fiber_entry, 0);
+#else
+  void** sp = reinterpret_cast<void**>(bottom + bytes);  // 16-byte aligned (page aligned)
+  *--sp = nullptr;                                        // fiber_entry's return address: it never returns
+  *--sp = reinterpret_cast<void*>(&fiber_entry);          // where the switch's ret goes
+  for (int r = 0; r < 6; ++r) *--sp = nullptr;            // rbp, rbx, r12-r15
+  t.sp = sp;
+#endif
+}
+
+// Launching thread: runs the block from its first thread until the last one exits.
+void Scheduler::enter(int i) {
+  cur_ = i;
+  const unsigned bx = block_.x, by = block_.y;
+  detail::thread_idx = {i % bx, (i / bx) % by, i / (bx * by)};
+#if defined(GEMMA3_EMU_ASAN)
+  __sanitizer_start_switch_fiber(&main_fake_stack_, stacks_.bottom(i), Stacks::kStackBytes);
+#endif
+#if defined(GEMMA3_EMU_UCONTEXT)
+  swapcontext(&main_ctx_, &threads_[i].ctx);
+#else
+  gemma3_cuda_emu_switch(&main_sp_, threads_[i].sp);
+#endif
+#if defined(GEMMA3_EMU_ASAN)
+  __sanitizer_finish_switch_fiber(main_fake_stack_, nullptr, nullptr);
+#endif
+}
+
+cudaError_t Scheduler::run(const LaunchSite& site, dim3 grid, dim3 block, size_t smem, void (*body)(void*),
+                           void* ctx) {
+  if (in_kernel_) die("kernel %s launched from inside a kernel (not emulated)", site.kernel);
+  site_ = &site;
+  grid_ = grid;
+  block_ = block;
+  smem_bytes_ = smem;
+  body_ = body;
+  ctx_ = ctx;
+  n_ = static_cast<int>(block.x * block.y * block.z);
+  warps_ = (n_ + 31) / 32;
+  stacks_.reserve(n_);
+  threads_.resize(static_cast<size_t>(n_));
+  at_warp_.assign(static_cast<size_t>(warps_), 0);
+  at_barrier_.assign(static_cast<size_t>(warps_), 0);
+  done_.assign(static_cast<size_t>(warps_), 0);
+  policy_ = options().policy;
+  if (rng_ == 0) rng_ = options().seed * 0x2545F4914F6CDD1Dull + 1;
+  main_bounds_known_ = false;
+  detail::grid_dim = grid;
+  detail::block_dim = block;
+  in_kernel_ = true;
+  // Blocks in index order; high-first runs them backwards, random in a random order.
+  const uint64_t blocks = uint64_t{grid.x} * grid.y * grid.z;
+  std::vector<uint64_t> order;
+  if (policy_ == Policy::kRandom) {
+    order.resize(blocks);
+    for (uint64_t b = 0; b < blocks; ++b) order[b] = b;
+    for (uint64_t b = blocks; b > 1; --b) std::swap(order[b - 1], order[next_random() % b]);
+  }
+  for (uint64_t k = 0; k < blocks; ++k) {
+    const uint64_t b = !order.empty() ? order[k] : policy_ == Policy::kHighFirst ? blocks - 1 - k : k;
+    detail::block_idx = {static_cast<unsigned>(b % grid.x), static_cast<unsigned>((b / grid.x) % grid.y),
+                         static_cast<unsigned>(b / (uint64_t{grid.x} * grid.y))};
+    run_block();
+  }
+  in_kernel_ = false;
+  cur_ = -1;
+  site_ = nullptr;
+  return cudaSuccess;
+}
+
+void Scheduler::run_block() {
+  for (int i = 0; i < n_; ++i) {
+    Thread& t = threads_[i];
+    t.state = State::kRunnable;
+    t.fake_stack = nullptr;
+    start_fiber(t, stacks_.bottom(i), Stacks::kStackBytes);
+  }
+  runnable_.fill(0);
+  for (int i = 0; i < n_; ++i) set_runnable(i);
+  std::fill(at_warp_.begin(), at_warp_.end(), 0);
+  std::fill(at_barrier_.begin(), at_barrier_.end(), 0);
+  std::fill(done_.begin(), done_.end(), 0);
+  done_count_ = barrier_count_ = barrier_pred_ = rr_next_ = 0;
+  if (smem_bytes_ > 0) {  // exactly the launch's size, NaN in every float
+    if (posix_memalign(&smem_, 16, smem_bytes_) != 0) die("cannot allocate %zu bytes of shared memory", smem_bytes_);
+    memset(smem_, 0xFF, smem_bytes_);
+  }
+  enter(pick());  // the fibers hand over to each other; the last one to exit comes back here
+  if (done_count_ != n_) fail(-1, "the block returned with threads still running");
+  free(smem_);
+  smem_ = nullptr;
+}
+
+// A lane of the warp waits at a warp operation whose mask includes thread i, which is about to
+// do something else (`doing`): that lane can never complete.
+void Scheduler::check_no_waiting_mate(int i, const char* doing) {
+  const int warp = i / 32, lane = i % 32;
+  for (uint32_t waiting = at_warp_[warp]; waiting; waiting &= waiting - 1) {
+    const int l = __builtin_ctz(waiting);
+    const Thread& o = threads_[warp * 32 + l];
+    if ((o.mask >> lane) & 1)
+      fail(warp, "divergent warp: lane %d %s while lane %d waits for it at %s (mask 0x%08x), %s:%d", lane, doing, l,
+           op_name(o.op), o.mask, short_path(o.file), o.line);
+  }
+}
+
+void Scheduler::on_warp(int i) {
+  Thread& t = threads_[i];
+  const int warp = i / 32, lane = i % 32, lanes = std::min(32, n_ - warp * 32);
+  const uint32_t exist = lanes == 32 ? ~0u : (1u << lanes) - 1;
+  clear_runnable(i);
+  at_warp_[warp] |= 1u << lane;
+  if (!((t.mask >> lane) & 1))
+    fail(warp, "lane %d calls %s with mask 0x%08x, which does not include the lane itself", lane, op_name(t.op),
+         t.mask);
+  if (t.mask & ~exist)
+    fail(warp, "lane %d calls %s with mask 0x%08x, which names lanes this block does not have (%d threads)", lane,
+         op_name(t.op), t.mask, n_);
+  if (t.width < 1 || t.width > 32 || (t.width & (t.width - 1)))
+    fail(warp, "lane %d calls %s with width %d (a power of 2 up to 32 is needed)", lane, op_name(t.op), t.width);
+  if (const uint32_t gone = done_[warp] & t.mask)
+    fail(warp, "divergent warp: lane %d reaches %s (mask 0x%08x), %s:%d, but lane %d of the mask has exited", lane,
+         op_name(t.op), t.mask, short_path(t.file), t.line, __builtin_ctz(gone));
+  if (const uint32_t blocked = at_barrier_[warp] & t.mask)
+    fail(warp, "divergent warp: lane %d reaches %s (mask 0x%08x), %s:%d, while lane %d of the mask waits at %s", lane,
+         op_name(t.op), t.mask, short_path(t.file), t.line, __builtin_ctz(blocked),
+         barrier_name(threads_[warp * 32 + __builtin_ctz(blocked)].bop));
+  if ((at_warp_[warp] & t.mask) == t.mask) complete_warp_op(warp, t.mask);
+}
+
+// Every lane of `mask` waits at a warp operation: check that it is one operation (same kind and
+// mask everywhere), hand out the results and let the lanes go on.
+void Scheduler::complete_warp_op(int warp, unsigned mask) {
+  const int base = warp * 32;
+  const Thread& first = threads_[base + __builtin_ctz(mask)];
+  uint32_t votes = 0;
+  for (uint32_t m = mask; m; m &= m - 1) {
+    const int l = __builtin_ctz(m);
+    const Thread& o = threads_[base + l];
+    if (o.op != first.op || o.mask != first.mask)
+      fail(warp, "divergent warp: lanes of one mask wait at different warp operations (%s mask 0x%08x, %s:%d vs %s "
+           "mask 0x%08x, %s:%d)",
+           op_name(first.op), first.mask, short_path(first.file), first.line, op_name(o.op), o.mask,
+           short_path(o.file), o.line);
+    if (o.value) votes |= 1u << l;
+  }
+  for (uint32_t m = mask; m; m &= m - 1) {
+    const int l = __builtin_ctz(m);
+    Thread& o = threads_[base + l];
+    const int w = o.width, seg = l & ~(w - 1), pos = l & (w - 1);
+    int src = l;
+    switch (o.op) {
+      case WarpOp::kShflIdx: src = seg + (((o.arg % w) + w) % w); break;
+      case WarpOp::kShflUp: src = o.arg >= 0 && pos >= o.arg ? l - o.arg : l; break;
+      case WarpOp::kShflDown: src = o.arg >= 0 && pos + o.arg < w ? l + o.arg : l; break;
+      case WarpOp::kShflXor:
+        src = l ^ (o.arg & 31);
+        if ((src & ~(w - 1)) > seg) src = l;  // a later segment: the lane's own value
+        break;
+      default: break;
+    }
+    switch (o.op) {
+      case WarpOp::kShflIdx:
+      case WarpOp::kShflUp:
+      case WarpOp::kShflDown:
+      case WarpOp::kShflXor:
+        if (!((mask >> src) & 1))
+          fail(warp, "lane %d's %s (mask 0x%08x), %s:%d, reads lane %d, which is not in the mask (undefined value)", l,
+               op_name(o.op), mask, short_path(o.file), o.line, src);
+        o.result = threads_[base + src].value;
+        break;
+      case WarpOp::kBallot: o.result = votes; break;
+      case WarpOp::kAny: o.result = votes != 0; break;
+      case WarpOp::kAll: o.result = votes == mask; break;
+      case WarpOp::kSyncWarp: o.result = 0; break;
+    }
+  }
+  for (uint32_t m = mask; m; m &= m - 1) {
+    const int l = __builtin_ctz(m);
+    threads_[base + l].state = State::kRunnable;
+    set_runnable(base + l);
+  }
+  at_warp_[warp] &= ~mask;
+}
+
+void Scheduler::on_barrier(int i) {
+  Thread& t = threads_[i];
+  const int warp = i / 32;
+  clear_runnable(i);
+  if (done_count_ > 0)
+    fail(-1, "thread %d reaches %s, %s:%d, after %d thread(s) of the block exited: they never arrive", i,
+         barrier_name(t.bop), short_path(t.file), t.line, done_count_);
+  check_no_waiting_mate(i, "reaches __syncthreads");
+  if (barrier_count_ == 0) {
+    barrier_file_ = t.file;
+    barrier_line_ = t.line;
+  } else if (!same_site(barrier_file_, barrier_line_, t.file, t.line)) {
+    fail(-1, "divergent block: thread %d waits at %s, %s:%d, while other threads wait at the barrier at %s:%d", i,
+         barrier_name(t.bop), short_path(t.file), t.line, short_path(barrier_file_), barrier_line_);
+  }
+  at_barrier_[warp] |= 1u << (i % 32);
+  ++barrier_count_;
+  barrier_pred_ += static_cast<int>(t.value);
+  if (barrier_count_ < n_) return;
+  int result = 0;
+  switch (t.bop) {
+    case BarrierOp::kPlain: break;
+    case BarrierOp::kCount: result = barrier_pred_; break;
+    case BarrierOp::kAnd: result = barrier_pred_ == n_; break;
+    case BarrierOp::kOr: result = barrier_pred_ > 0; break;
+  }
+  for (int k = 0; k < n_; ++k) {
+    threads_[k].state = State::kRunnable;
+    threads_[k].result = static_cast<uint64_t>(result);
+    set_runnable(k);
+  }
+  std::fill(at_barrier_.begin(), at_barrier_.end(), 0);
+  barrier_count_ = barrier_pred_ = 0;
+}
+
+void Scheduler::on_exit(int i) {
+  const int warp = i / 32;
+  clear_runnable(i);
+  done_[warp] |= 1u << (i % 32);
+  ++done_count_;
+  if (barrier_count_ > 0)
+    fail(-1, "thread %d exits while %d thread(s) of the block wait at the barrier at %s:%d: it never arrives", i,
+         barrier_count_, short_path(barrier_file_), barrier_line_);
+  check_no_waiting_mate(i, "exits");
+}
+
+uint64_t Scheduler::warp_op(WarpOp op, unsigned mask, uint64_t value, int arg, int width, const char* file, int line) {
+  Thread& t = current(op_name(op));
+  t.state = State::kWarp;
+  t.op = op;
+  t.mask = mask;
+  t.value = value;
+  t.arg = arg;
+  t.width = width;
+  t.file = file;
+  t.line = line;
+  step(t);
+  return t.result;
+}
+
+int Scheduler::barrier(BarrierOp op, int predicate, const char* file, int line) {
+  Thread& t = current(barrier_name(op));
+  t.state = State::kBarrier;
+  t.bop = op;
+  t.value = static_cast<uint64_t>(predicate);
+  t.file = file;
+  t.line = line;
+  step(t);
+  return static_cast<int>(t.result);
+}
+
+void* Scheduler::dynamic_shared() {
+  current("GEMMA3_DYNAMIC_SHARED");
+  // A launch without dynamic shared memory: a 0-byte block, so that any access is reported.
+  if (!smem_) smem_ = malloc(0);
+  return smem_;
+}
+
+cudaError_t check_config(dim3 grid, dim3 block, size_t smem) {
+  const uint64_t threads = uint64_t{block.x} * block.y * block.z;
+  if (block.x == 0 || block.y == 0 || block.z == 0 || block.x > 1024 || block.y > 1024 || block.z > 64 ||
+      threads > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 0x7FFFFFFFu || grid.y > 65535 ||
+      grid.z > 65535)
+    return cudaErrorInvalidConfiguration;
+  if (smem > 48 * 1024) return cudaErrorInvalidValue;  // more needs cudaFuncSetAttribute (not emulated)
+  return cudaSuccess;
+}
+
+}  // namespace
+
+namespace detail {
+
+cudaError_t run_grid(const LaunchSite& site, dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                     void (*body)(void*), void* ctx) {
+  cudaError_t e = check_config(grid, block, smem);
+  if (e == cudaSuccess && !stream_ok(stream)) e = cudaErrorInvalidResourceHandle;
+  if (e != cudaSuccess) return record(e);
+  std::lock_guard<std::mutex> lock(launch_mutex);
+  return scheduler().run(site, grid, block, smem, body, ctx);
+}
+
+void check_kernel_pointer(const LaunchSite& site, int index, const void* p) {
+  if (!p || is_device_range(p, 0)) return;
+  die("kernel %s, launched at %s:%d: argument %d is %p, which is not device memory (not inside any live cudaMalloc "
+      "allocation)",
+      site.kernel, short_path(site.file), site.line, index + 1, p);
+}
+
+uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, int arg, int width, const char* file, int line) {
+  return scheduler().warp_op(op, mask, value, arg, width, file, line);
+}
+int barrier(BarrierOp op, int predicate, const char* file, int line) {
+  return scheduler().barrier(op, predicate, file, line);
+}
+void* dynamic_shared() { return scheduler().dynamic_shared(); }
+
+}  // namespace detail
+}  // namespace gemma3_cuda_emu
+
+// ---- runtime API ---------------------------------------------------------------------------
+
+using gemma3_cuda_emu::options;
+namespace emu = gemma3_cuda_emu;
+
+const char* cudaGetErrorName(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "cudaSuccess";
+    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+    case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
+    case cudaErrorInitializationError: return "cudaErrorInitializationError";
+    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
+    case cudaErrorInvalidDevicePointer: return "cudaErrorInvalidDevicePointer";
+    case cudaErrorInvalidMemcpyDirection: return "cudaErrorInvalidMemcpyDirection";
+    case cudaErrorNoDevice: return "cudaErrorNoDevice";
+    case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
+    case cudaErrorInvalidResourceHandle: return "cudaErrorInvalidResourceHandle";
+    case cudaErrorNotReady: return "cudaErrorNotReady";
+    case cudaErrorIllegalAddress: return "cudaErrorIllegalAddress";
+    case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
+    case cudaErrorNotSupported: return "cudaErrorNotSupported";
+  }
+  return "cudaErrorUnknown";
+}
+
+const char* cudaGetErrorString(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorMemoryAllocation: return "out of memory";
+    case cudaErrorInitializationError: return "initialization error";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorInvalidDevicePointer: return "invalid device pointer";
+    case cudaErrorInvalidMemcpyDirection: return "invalid copy direction for memcpy";
+    case cudaErrorNoDevice: return "no CUDA-capable device is detected";
+    case cudaErrorInvalidDevice: return "invalid device ordinal";
+    case cudaErrorInvalidResourceHandle: return "invalid resource handle";
+    case cudaErrorNotReady: return "device not ready";
+    case cudaErrorIllegalAddress: return "an illegal memory access was encountered";
+    case cudaErrorLaunchFailure: return "unspecified launch failure";
+    case cudaErrorNotSupported: return "operation not supported";
+  }
+  return "unknown error";
+}
+
+cudaError_t cudaGetLastError() {
+  const cudaError_t e = emu::last_error;
+  emu::last_error = cudaSuccess;
+  return e;
+}
+cudaError_t cudaPeekAtLastError() { return emu::last_error; }
+
+cudaError_t cudaGetDeviceCount(int* count) {
+  if (!count) return emu::record(cudaErrorInvalidValue);
+  *count = 1;
+  return cudaSuccess;
+}
+cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : emu::record(cudaErrorInvalidDevice); }
+cudaError_t cudaGetDevice(int* device) {
+  if (!device) return emu::record(cudaErrorInvalidValue);
+  *device = 0;
+  return cudaSuccess;
+}
+
+cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
+  if (!prop) return emu::record(cudaErrorInvalidValue);
+  if (device != 0) return emu::record(cudaErrorInvalidDevice);
+  *prop = cudaDeviceProp{};
+  snprintf(prop->name, sizeof prop->name, "cuda-emu (CPU)");
+  prop->totalGlobalMem = options().memory_bytes;
+  prop->sharedMemPerBlock = 48 * 1024;
+  prop->sharedMemPerBlockOptin = 48 * 1024;
+  prop->sharedMemPerMultiprocessor = 228 * 1024;
+  prop->regsPerBlock = 65536;
+  prop->warpSize = 32;
+  prop->maxThreadsPerBlock = 1024;
+  prop->maxThreadsDim[0] = 1024, prop->maxThreadsDim[1] = 1024, prop->maxThreadsDim[2] = 64;
+  prop->maxGridSize[0] = 0x7FFFFFFF, prop->maxGridSize[1] = 65535, prop->maxGridSize[2] = 65535;
+  prop->major = 8;
+  prop->minor = 0;
+  prop->multiProcessorCount = 132;  // an H100 SXM's: split-KV attention plans as on one
+  prop->l2CacheSize = 50 << 20;
+  prop->maxThreadsPerMultiProcessor = 2048;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (!value) return emu::record(cudaErrorInvalidValue);
+  if (device != 0) return emu::record(cudaErrorInvalidDevice);
+  cudaDeviceProp p;
+  cudaGetDeviceProperties(&p, 0);
+  switch (attr) {
+    case cudaDevAttrMaxThreadsPerBlock: *value = p.maxThreadsPerBlock; break;
+    case cudaDevAttrMaxSharedMemoryPerBlock: *value = static_cast<int>(p.sharedMemPerBlock); break;
+    case cudaDevAttrWarpSize: *value = p.warpSize; break;
+    case cudaDevAttrMultiProcessorCount: *value = p.multiProcessorCount; break;
+    case cudaDevAttrComputeCapabilityMajor: *value = p.major; break;
+    case cudaDevAttrComputeCapabilityMinor: *value = p.minor; break;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = static_cast<int>(p.sharedMemPerBlockOptin); break;
+    default: return emu::record(cudaErrorInvalidValue);
+  }
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }  // every operation completes when issued
+
+cudaError_t cudaMalloc(void** ptr, size_t bytes) {
+  if (!ptr) return emu::record(cudaErrorInvalidValue);
+  *ptr = nullptr;
+  if (bytes == 0) return cudaSuccess;
+  std::lock_guard<std::mutex> lock(emu::mem_mutex);
+  if (bytes > options().memory_bytes - emu::allocated) return emu::record(cudaErrorMemoryAllocation);
+  void* p = nullptr;
+  if (posix_memalign(&p, 256, bytes) != 0) return emu::record(cudaErrorMemoryAllocation);
+  memset(p, 0xFF, bytes);  // uninitialized device memory reads as NaN / -1
+  emu::allocations[reinterpret_cast<uintptr_t>(p)] = bytes;
+  emu::allocated += bytes;
+  *ptr = p;
+  return cudaSuccess;
+}
+
+cudaError_t cudaFree(void* ptr) {
+  if (!ptr) return cudaSuccess;
+  std::lock_guard<std::mutex> lock(emu::mem_mutex);
+  auto it = emu::allocations.find(reinterpret_cast<uintptr_t>(ptr));
+  if (it == emu::allocations.end()) {
+    fprintf(stderr, "cuda-emu: cudaFree(%p): not the start of a live cudaMalloc allocation (cudaErrorInvalidValue)\n",
+            ptr);
+    return emu::record(cudaErrorInvalidValue);
+  }
+  emu::allocated -= it->second;
+  emu::allocations.erase(it);
+  free(ptr);
+  return cudaSuccess;
+}
+
+cudaError_t cudaMallocHost(void** ptr, size_t bytes) {
+  if (!ptr) return emu::record(cudaErrorInvalidValue);
+  *ptr = bytes ? malloc(bytes) : nullptr;
+  return bytes && !*ptr ? emu::record(cudaErrorMemoryAllocation) : cudaSuccess;
+}
+cudaError_t cudaFreeHost(void* ptr) {
+  free(ptr);
+  return cudaSuccess;
+}
+
+cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total) {
+  if (!free_bytes || !total) return emu::record(cudaErrorInvalidValue);
+  std::lock_guard<std::mutex> lock(emu::mem_mutex);
+  *total = options().memory_bytes;
+  *free_bytes = options().memory_bytes - emu::allocated;
+  return cudaSuccess;
+}
+
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, cudaStream_t stream) {
+  if (!emu::detail::stream_ok(stream)) return emu::record(cudaErrorInvalidResourceHandle);
+  if (bytes == 0) return cudaSuccess;
+  if (!dst || !src) return emu::record(cudaErrorInvalidValue);
+  bool dst_dev = false, src_dev = false;
+  switch (kind) {
+    case cudaMemcpyHostToHost: break;
+    case cudaMemcpyHostToDevice: dst_dev = true; break;
+    case cudaMemcpyDeviceToHost: src_dev = true; break;
+    case cudaMemcpyDeviceToDevice: dst_dev = src_dev = true; break;
+    case cudaMemcpyDefault:
+      dst_dev = emu::is_device_range(dst, 0);
+      src_dev = emu::is_device_range(src, 0);
+      break;
+    default: return emu::record(cudaErrorInvalidMemcpyDirection);
+  }
+  if ((dst_dev && !emu::device_range_or_report("cudaMemcpyAsync", "destination", dst, bytes)) ||
+      (src_dev && !emu::device_range_or_report("cudaMemcpyAsync", "source", src, bytes)))
+    return emu::record(cudaErrorInvalidValue);
+  memmove(dst, src, bytes);
+  return cudaSuccess;
+}
+cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
+  return cudaMemcpyAsync(dst, src, bytes, kind, nullptr);
+}
+
+cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStream_t stream) {
+  if (!emu::detail::stream_ok(stream)) return emu::record(cudaErrorInvalidResourceHandle);
+  if (!emu::device_range_or_report("cudaMemsetAsync", "destination", ptr, bytes))
+    return emu::record(cudaErrorInvalidValue);
+  if (bytes) memset(ptr, value, bytes);
+  return cudaSuccess;
+}
+cudaError_t cudaMemset(void* ptr, int value, size_t bytes) { return cudaMemsetAsync(ptr, value, bytes, nullptr); }
+
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned flags) {
+  if (!stream) return emu::record(cudaErrorInvalidValue);
+  *stream = emu::new_handle<CUstream_st>();
+  (*stream)->flags = flags;
+  return cudaSuccess;
+}
+cudaError_t cudaStreamCreate(cudaStream_t* stream) { return cudaStreamCreateWithFlags(stream, cudaStreamDefault); }
+cudaError_t cudaStreamDestroy(cudaStream_t stream) {
+  if (!stream || !emu::delete_handle(stream)) return emu::record(cudaErrorInvalidResourceHandle);
+  return cudaSuccess;
+}
+cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
+  return emu::detail::stream_ok(stream) ? cudaSuccess : emu::record(cudaErrorInvalidResourceHandle);
+}
+cudaError_t cudaStreamQuery(cudaStream_t stream) { return cudaStreamSynchronize(stream); }
+cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned) {
+  if (!emu::detail::stream_ok(stream) || !event || !emu::handle_live(event))
+    return emu::record(cudaErrorInvalidResourceHandle);
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned flags) {
+  if (!event) return emu::record(cudaErrorInvalidValue);
+  *event = emu::new_handle<CUevent_st>();
+  (*event)->flags = flags;
+  return cudaSuccess;
+}
+cudaError_t cudaEventCreate(cudaEvent_t* event) { return cudaEventCreateWithFlags(event, cudaEventDefault); }
+cudaError_t cudaEventDestroy(cudaEvent_t event) {
+  if (!event || !emu::delete_handle(event)) return emu::record(cudaErrorInvalidResourceHandle);
+  return cudaSuccess;
+}
+cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
+  if (!event || !emu::handle_live(event) || !emu::detail::stream_ok(stream))
+    return emu::record(cudaErrorInvalidResourceHandle);
+  event->recorded = true;
+  event->when = std::chrono::steady_clock::now();
+  return cudaSuccess;
+}
+cudaError_t cudaEventSynchronize(cudaEvent_t event) {
+  return event && emu::handle_live(event) ? cudaSuccess : emu::record(cudaErrorInvalidResourceHandle);
+}
+cudaError_t cudaEventQuery(cudaEvent_t event) { return cudaEventSynchronize(event); }
+cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) {
+  if (!ms || !start || !end || !emu::handle_live(start) || !emu::handle_live(end))
+    return emu::record(cudaErrorInvalidResourceHandle);
+  if (!start->recorded || !end->recorded || (start->flags & cudaEventDisableTiming) ||
+      (end->flags & cudaEventDisableTiming))
+    return emu::record(cudaErrorInvalidResourceHandle);
+  *ms = std::chrono::duration<float, std::milli>(end->when - start->when).count();
+  return cudaSuccess;
+}
+
+// ---- cuBLAS ---------------------------------------------------------------------------------
+
+cublasStatus_t cublasCreate(cublasHandle_t* handle) {
+  if (!handle) return CUBLAS_STATUS_INVALID_VALUE;
+  *handle = emu::new_handle<cublasContext>();
+  return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasDestroy(cublasHandle_t handle) {
+  return handle && emu::delete_handle(handle) ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_NOT_INITIALIZED;
+}
+cublasStatus_t cublasSetStream(cublasHandle_t handle, cudaStream_t stream) {
+  if (!handle || !emu::handle_live(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
+  if (!emu::detail::stream_ok(stream)) return CUBLAS_STATUS_INVALID_VALUE;
+  handle->stream = stream;
+  return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasSetMathMode(cublasHandle_t handle, cublasMath_t mode) {
+  if (!handle || !emu::handle_live(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
+  handle->mode = mode;
+  return CUBLAS_STATUS_SUCCESS;
+}
+const char* cublasGetStatusString(cublasStatus_t status) {
+  switch (status) {
+    case CUBLAS_STATUS_SUCCESS: return "CUBLAS_STATUS_SUCCESS";
+    case CUBLAS_STATUS_NOT_INITIALIZED: return "CUBLAS_STATUS_NOT_INITIALIZED";
+    case CUBLAS_STATUS_ALLOC_FAILED: return "CUBLAS_STATUS_ALLOC_FAILED";
+    case CUBLAS_STATUS_INVALID_VALUE: return "CUBLAS_STATUS_INVALID_VALUE";
+    case CUBLAS_STATUS_ARCH_MISMATCH: return "CUBLAS_STATUS_ARCH_MISMATCH";
+    case CUBLAS_STATUS_MAPPING_ERROR: return "CUBLAS_STATUS_MAPPING_ERROR";
+    case CUBLAS_STATUS_EXECUTION_FAILED: return "CUBLAS_STATUS_EXECUTION_FAILED";
+    case CUBLAS_STATUS_INTERNAL_ERROR: return "CUBLAS_STATUS_INTERNAL_ERROR";
+    case CUBLAS_STATUS_NOT_SUPPORTED: return "CUBLAS_STATUS_NOT_SUPPORTED";
+  }
+  return "CUBLAS_STATUS_UNKNOWN";
+}
+
+namespace {
+
+// C (m x n, ldc) = alpha op(A) op(B) + beta C, column-major, fp32 accumulation in k order.
+cublasStatus_t gemm_f32(cublasHandle_t handle, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                        float alpha, const float* A, int lda, const float* B, int ldb, float beta, float* C, int ldc) {
+  if (!handle || !emu::handle_live(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
+  const bool a_t = ta != CUBLAS_OP_N, b_t = tb != CUBLAS_OP_N;
+  if ((ta != CUBLAS_OP_N && ta != CUBLAS_OP_T && ta != CUBLAS_OP_C) ||
+      (tb != CUBLAS_OP_N && tb != CUBLAS_OP_T && tb != CUBLAS_OP_C) || m < 0 || n < 0 || k < 0 ||
+      lda < std::max(1, a_t ? k : m) || ldb < std::max(1, b_t ? n : k) || ldc < std::max(1, m))
+    return CUBLAS_STATUS_INVALID_VALUE;
+  if (m == 0 || n == 0) return CUBLAS_STATUS_SUCCESS;
+  // Every element the call reads or writes must be device memory (a GPU would fault).
+  auto extent = [](int rows, int cols, int ld) { return (size_t(cols) - 1) * size_t(ld) + size_t(rows); };
+  if (k > 0 && alpha != 0.0f) {
+    emu::detail::check_device_range("cublasGemmEx A", A, extent(a_t ? k : m, a_t ? m : k, lda) * sizeof(float));
+    emu::detail::check_device_range("cublasGemmEx B", B, extent(b_t ? n : k, b_t ? k : n, ldb) * sizeof(float));
+  }
+  emu::detail::check_device_range("cublasGemmEx C", C, extent(m, n, ldc) * sizeof(float));
+  // op(A)[i, l] = A[i * ai + l * al], op(B)[l, j] = B[l * bl + j * bj].
+  const size_t ai = a_t ? size_t(lda) : 1, al = a_t ? 1 : size_t(lda);
+  const size_t bl = b_t ? size_t(ldb) : 1, bj = b_t ? 1 : size_t(ldb);
+  for (int j = 0; j < n; ++j) {
+    for (int i = 0; i < m; ++i) {
+      float acc = 0.0f;
+      if (alpha != 0.0f) {
+        const float* a = A + i * ai;
+        const float* b = B + j * bj;
+        for (int l = 0; l < k; ++l) acc += a[l * al] * b[l * bl];
+      }
+      float& c = C[i + size_t(j) * ldc];
+      c = beta == 0.0f ? alpha * acc : alpha * acc + beta * c;  // beta == 0: C is not read
+    }
+  }
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+}  // namespace
+
+cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb, int m, int n,
+                            int k, const void* alpha, const void* A, cudaDataType_t Atype, int lda, const void* B,
+                            cudaDataType_t Btype, int ldb, const void* beta, void* C, cudaDataType_t Ctype, int ldc,
+                            cublasComputeType_t computeType, cublasGemmAlgo_t algo) {
+  if (Atype != CUDA_R_32F || Btype != CUDA_R_32F || Ctype != CUDA_R_32F ||
+      (computeType != CUBLAS_COMPUTE_32F && computeType != CUBLAS_COMPUTE_32F_PEDANTIC))
+    return CUBLAS_STATUS_NOT_SUPPORTED;  // only what the backend uses: plain fp32
+  if (!alpha || !beta) return CUBLAS_STATUS_INVALID_VALUE;
+  return gemm_f32(handle, transa, transb, m, n, k, *static_cast<const float*>(alpha), static_cast<const float*>(A),
+                  lda, static_cast<const float*>(B), ldb, *static_cast<const float*>(beta), static_cast<float*>(C),
+                  ldc);
+}
+
+cublasStatus_t cublasSgemm(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb, int m, int n,
+                           int k, const float* alpha, const float* A, int lda, const float* B, int ldb,
+                           const float* beta, float* C, int ldc) {
+  if (!alpha || !beta) return CUBLAS_STATUS_INVALID_VALUE;
+  return gemm_f32(handle, transa, transb, m, n, k, *alpha, A, lda, B, ldb, *beta, C, ldc);
+}
