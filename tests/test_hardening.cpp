@@ -356,11 +356,11 @@ TEST(HardeningInput, RunRefusesInputThatCannotFitBeforeTokenizing) {
   r = cli("run -m '" + kData + "/tiny' --ctx 512 -f '" + big.string() + "'");
   EXPECT_EQ(r.code, 4) << r.err;
   EXPECT_TRUE(contains(r.err, "512 tokens")) << r.err;
-  // Larger than any context at all (the 10 MB): refused before the model loads.
+  // Larger than any context at all (12 MiB): refused before the model loads.
   const fs::path huge = temp_dir() / "huge.txt";
   {
     std::ofstream out(huge, std::ios::binary);
-    out.seekp(static_cast<std::streamoff>(10u << 20));
+    out.seekp(static_cast<std::streamoff>(13u << 20));
     out << "x";
   }
   r = cli("run -m /nonexistent -f '" + huge.string() + "'");

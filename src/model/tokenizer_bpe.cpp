@@ -629,11 +629,14 @@ void BpeEncoder::bpe(Scratch& s, std::vector<int32_t>& out) const {
   const Tables& t = *t_;
   const std::string_view norm = std::string_view(s.norm).substr(0, s.norm.size() - 8);
   const uint8_t* bytes = reinterpret_cast<const uint8_t*>(norm.data());
-  // Characters, or the longest USER_DEFINED match at a position (frozen). The vector only
-  // grows (no per-chunk clearing).
+  // Characters, or the longest USER_DEFINED match at a position (frozen). Sized once to the
+  // number of characters (no reallocation peak on a long chunk); the vectors only grow.
+  size_t n_chars = 0;
+  for (uint8_t b : norm) n_chars += (b & 0xC0) != 0x80;
+  if (s.syms.size() < n_chars) s.syms.resize(n_chars);
+  if (s.heap.capacity() < n_chars) s.heap.reserve(n_chars);
   int32_t n_syms = 0;
   for (size_t pos = 0; pos < norm.size(); ++n_syms) {
-    if (static_cast<size_t>(n_syms) == s.syms.size()) s.syms.resize(std::max<size_t>(64, s.syms.size() * 2));
     Symbol& sym = s.syms[n_syms];
     sym = {static_cast<uint32_t>(pos), n_syms - 1, n_syms + 1, -1};
     size_t len = utf8_len(bytes[pos]);

@@ -1,6 +1,7 @@
 // The built-in SentencePiece BPE encoder behind Tokenizer::encode: the same ids as
-// sentencepiece::SentencePieceProcessor::Encode (bpe_model.cc) on the same ModelProto, at
-// ~100x its speed and with a constant working set instead of ~100 bytes per input byte.
+// sentencepiece::SentencePieceProcessor::Encode (bpe_model.cc) on the same ModelProto, 15-60x
+// faster on prose, and beyond the ids a working set of at most 4 MB plus ~35 bytes per byte
+// of the longest chunk (docs/perf.md, "Tokenizer") instead of ~100 bytes per input byte.
 //
 // What SentencePiece does with a plain text (identity normalizer, no dummy prefix): replace
 // each ' ' by "▁", cut the result into characters (a USER_DEFINED piece matched at a position,
@@ -11,18 +12,21 @@
 // character, so a 47 MB text is one 47M-symbol problem (cache misses on every heap step).
 //
 // We run the same algorithm on independent chunks. A merge creates a piece, so a symbol can
-// only ever span the boundary between two adjacent characters (a, b) if some piece contains
+// only ever span the point between two adjacent characters a and b if some piece contains
 // "ab"; at load we collect, for every character, the characters that precede / follow it
-// inside some piece, and cut the text only between a and b where no piece has "ab" (for
-// Gemma 3: before "▁" unless after "▁" or ">", around "\n" and "\t" runs, ...). Within a chunk
-// the merge order is the global one restricted to the chunk (ties are broken by position,
-// which the chunk preserves), so the ids are identical. A chunk's ids depend only on its
-// bytes, so frequent chunks (words) are served from a small per-call cache.
+// inside some piece, and cut the text only where no piece has "ab" (Gemma 3: before a space
+// unless after a space or ">", around runs of "\n" and of "\t", ...). Within a chunk the merges
+// happen in the same order as in the whole text (ties are broken by position, which the chunk
+// keeps), so the ids are identical. A chunk's ids depend only on its bytes, so frequent
+// chunks (words) come from a small per-call cache. A text without any cut point (megabytes
+// of letters with no space or newline) is one chunk, as slow as the library's whole text.
 //
-// Vocabularies whose behaviour we do not reproduce (another normalizer or model type, UNUSED
-// pieces a merge could produce, pieces with NUL bytes or invalid UTF-8, NaN scores, more
-// than 64 nested USER_DEFINED prefixes) are refused by build(); the tokenizer then calls the
-// library.
+// Vocabularies whose behaviour we do not reproduce are refused by build(), naming why, and the
+// tokenizer then calls the library: another normalizer or model type, UNUSED pieces a merge
+// could produce (re-split by a whole-text choice), a merge target with a CONTROL piece's text
+// or a one-character CONTROL piece (the library fails those texts), USER_DEFINED pieces with
+// a space, pieces with NUL bytes or invalid UTF-8, NaN scores, more than 64 nested
+// USER_DEFINED prefixes, 2^22 pieces or a piece of 1024 bytes.
 #pragma once
 
 #include <cstdint>

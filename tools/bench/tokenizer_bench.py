@@ -9,19 +9,21 @@ Encodes the same texts with the same vocabulary three ways, each in its own proc
                `gemma3 tokenize --export-model`), when `--python` names an interpreter that
                has it (optional; never needed by the tests)
 and prints, per text and encoder: MB/s from the CPU time of the encode alone (the machine may
-be shared; the wall-clock rate is printed too), the peak resident set, and the memory the
-encode added per input byte: (peak RSS - peak RSS of the same command on a 1-byte text) /
-text bytes, which includes the command's own copy of the text (1 byte per byte). The
-encoders run alternately, `--repeat` times each; the best rate and the largest peak count.
-The id counts must agree (the tests check the ids themselves).
+be shared; the wall-clock rate is printed too), the process's peak resident set, and the
+encode's own peak memory per input byte: the kernel's high-water mark is reset right before
+the encode ("5" > /proc/self/clear_refs) and read after it, minus the resident set before it
+(the text is already read; the ids are counted). The encoders run alternately, `--repeat`
+times each; the best rate and the largest memory count. The id counts must agree (the tests
+check the ids themselves).
 
 Texts: a generated English-like text (`--generate-mb`, words drawn with Zipf frequencies from
-the GPL-3 text in /usr/share/common-licenses, punctuation, paragraphs; fixed seed) and the
-Debian documentation files given with `--text` (.gz is decompressed), by default
-/usr/share/doc/manpages/Changes.old.gz when it exists.
+the GPL-3 text in /usr/share/common-licenses, punctuation, paragraphs; fixed seed), the
+worst case for the built-in BPE (`--letters-mb`: random lowercase letters, no space or newline,
+so no cut point: one chunk), and the files given with `--text` (.gz is decompressed), by
+default /usr/share/doc/manpages/Changes.old.gz when it exists.
 
 usage: tools/bench/tokenizer_bench.py -m MODEL.gguf [-g build/release/gemma3] [--repeat 3]
-           [--generate-mb 4] [--text FILE ...] [--python /path/to/venv/bin/python]
+           [--generate-mb 4] [--letters-mb 1] [--text FILE ...] [--python /path/to/venv/bin/python]
 """
 
 import argparse
@@ -35,14 +37,22 @@ import sys
 import tempfile
 
 PYTHON_ENCODE = r"""
-import sys, time, resource
+import sys, time
 import sentencepiece as spm
+def status_kb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
 sp = spm.SentencePieceProcessor(model_file=sys.argv[1])
 text = open(sys.argv[2], encoding="utf-8").read()
+open("/proc/self/clear_refs", "w").write("5")
+rss_before = status_kb("VmRSS")
 c0, t0 = time.process_time(), time.perf_counter()
 ids = sp.encode(text)
 c1, t1 = time.process_time(), time.perf_counter()
-print(f"ids {len(ids)} bytes {len(text.encode())} seconds {t1 - t0:.6f} cpu_seconds {c1 - c0:.6f}")
+peak_extra = status_kb("VmHWM") - rss_before
+print(f"ids {len(ids)} bytes {len(text.encode())} seconds {t1 - t0:.6f} cpu_seconds {c1 - c0:.6f} "
+      f"peak_extra_kb {peak_extra}")
 """
 
 
@@ -99,6 +109,7 @@ def main():
     ap.add_argument("-g", "--gemma3", default=None, help="the gemma3 binary (default: build/release, build/cpu)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--generate-mb", type=float, default=4.0)
+    ap.add_argument("--letters-mb", type=float, default=0.0)
     ap.add_argument("--text", action="append", default=None)
     ap.add_argument("--python", default=None, help="a Python with the sentencepiece package")
     ap.add_argument("--no-libspm", action="store_true", help="skip the library through gemma3 (slow: ~0.2 MB/s)")
@@ -121,6 +132,12 @@ def main():
             path = os.path.join(work, "generated-english.txt")
             generate_text(path, args.generate_mb)
             texts.append(("generated English-like", path))
+        if args.letters_mb > 0:
+            path = os.path.join(work, "letters.txt")
+            rng = random.Random(5)
+            with open(path, "w") as f:
+                f.write("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(int(args.letters_mb * 1e6))))
+            texts.append(("random letters, no cut point", path))
         sources = args.text if args.text is not None else [
             p for p in ["/usr/share/doc/manpages/Changes.old.gz"] if os.path.exists(p)]
         for src in sources:
@@ -129,9 +146,6 @@ def main():
             with opener(src, "rb") as f, open(path, "wb") as g:
                 shutil.copyfileobj(f, g)
             texts.append((src, path))
-        one_byte = os.path.join(work, "one-byte.txt")
-        with open(one_byte, "w") as f:
-            f.write("x")
 
         encoders = [("built-in", [gemma3, "tokenize", "-m", args.model, "--stats", "-f"])]
         if not args.no_libspm:
@@ -144,10 +158,9 @@ def main():
                 f.write(PYTHON_ENCODE)
             encoders.append(("python-spm", [args.python, script, model]))
 
-        base = {name: run_measured(cmd + [one_byte])[1] for name, cmd in encoders}
         print(f"gemma3: {gemma3}\nmodel: {args.model}\nrepeat: {args.repeat}\n")
-        print("| text | bytes | encoder | ids | MB/s (CPU) | MB/s (wall) | peak RSS MB | +bytes / input byte |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| text | bytes | encoder | ids | MB/s (CPU) | MB/s (wall) | peak RSS MB | encode peak, bytes / input byte |")
+        print("|---|---:|---|---:|---:|---:|---:|---:|")
         for label, path in texts:
             size = os.path.getsize(path)
             best = {}
@@ -156,12 +169,15 @@ def main():
                     stats, rss = run_measured(cmd + [path])
                     cpu = float(stats["cpu_seconds"])
                     wall = float(stats["seconds"])
-                    b = best.setdefault(name, {"cpu": cpu, "wall": wall, "rss": rss, "ids": stats["ids"]})
-                    b["cpu"], b["wall"], b["rss"] = min(b["cpu"], cpu), min(b["wall"], wall), max(b["rss"], rss)
+                    extra = int(stats.get("peak_extra_kb", -1)) * 1024
+                    b = best.setdefault(name, {"cpu": cpu, "wall": wall, "rss": rss, "extra": extra, "ids": stats["ids"]})
+                    b["cpu"], b["wall"] = min(b["cpu"], cpu), min(b["wall"], wall)
+                    b["rss"], b["extra"] = max(b["rss"], rss), max(b["extra"], extra)
             for name, _ in encoders:
                 b = best[name]
+                extra = f"{b['extra'] / size:.2f}" if b["extra"] >= 0 else "n/a"
                 print(f"| {label} | {size} | {name} | {b['ids']} | {size / 1e6 / b['cpu']:.2f} | "
-                      f"{size / 1e6 / b['wall']:.2f} | {b['rss'] / 2**20:.1f} | {(b['rss'] - base[name]) / size:.2f} |")
+                      f"{size / 1e6 / b['wall']:.2f} | {b['rss'] / 2**20:.1f} | {extra} |")
             counts = {best[n]["ids"] for n, _ in encoders}
             if len(counts) != 1:
                 sys.exit(f"id counts differ on {label}: {[(n, best[n]['ids']) for n, _ in encoders]}")

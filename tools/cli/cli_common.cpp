@@ -358,18 +358,15 @@ Result<std::string> read_file(const std::string& path, uint64_t max_bytes) {
 }
 
 uint64_t prompt_limit_bytes(const Model& model) {
-  const Tokenizer& tok = model.tokenizer();
-  size_t longest = 1;
-  for (int32_t id = 0; id < tok.n_vocab(); ++id) longest = std::max(longest, tok.decode(id).size());
-  return static_cast<uint64_t>(model.context_length()) * longest;
+  return static_cast<uint64_t>(model.context_length()) * std::max(1, model.tokenizer().max_piece_bytes());
 }
 
 Status check_prompt_fits(const Model& model, std::string_view what, uint64_t bytes) {
   const uint64_t limit = prompt_limit_bytes(model);
   if (bytes <= limit) return ok_status();
   return out_of_range(fmt::format(
-      "the {} is {} bytes, but a context of {} tokens holds at most {} bytes of text (no token is longer "
-      "than {} bytes); raise --ctx or shorten it",
+      "the {} is {} bytes, but a context of {} tokens holds at most {} bytes of text (no token takes "
+      "more than {} bytes); raise --ctx or shorten it",
       what, bytes, model.context_length(), limit, limit / std::max(1, model.context_length())));
 }
 

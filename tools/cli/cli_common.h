@@ -140,14 +140,15 @@ Result<LoadedModel> load_model(const ModelFlags& flags);
 // ---- input ----------------------------------------------------------------------------------
 
 // Input limits (docs/reliability.md). A prompt for run is read with at most kMaxPromptBytes
-// before the model loads (128K tokens, the longest Gemma 3 context, at 64 bytes each: more than
-// the longest token, 48 bytes); after loading, prompt_limit_bytes(model) bounds it exactly. A
-// whole text for perplexity or tokenize may be up to kMaxTextFileBytes.
-inline constexpr uint64_t kMaxPromptBytes = uint64_t{131072} * 64;
+// before the model loads (128K tokens, the longest Gemma 3 context, at 96 bytes each: more than
+// the most input one Gemma 3 token takes, 93 bytes: 31 literal U+2581); after loading,
+// prompt_limit_bytes(model) bounds it exactly. A whole text for perplexity or tokenize may be up
+// to kMaxTextFileBytes.
+inline constexpr uint64_t kMaxPromptBytes = uint64_t{131072} * 96;
 inline constexpr uint64_t kMaxTextFileBytes = uint64_t{1} << 30;
-// The most bytes of text a context of this model can hold: context_length() x the longest
-// token's bytes. A longer text cannot fit whatever it says, so it is refused (exit 4) before
-// tokenizing.
+// The most bytes of text a context of this model can hold: context_length() x the most input
+// bytes one token takes (Tokenizer::max_piece_bytes). A longer text cannot fit whatever it says, so it is
+// refused (exit 4) before tokenizing.
 uint64_t prompt_limit_bytes(const Model& model);
 // kOutOfRange naming `what`, its size, the limit and the context when text.size() > limit.
 Status check_prompt_fits(const Model& model, std::string_view what, uint64_t bytes);

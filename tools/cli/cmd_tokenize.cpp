@@ -52,7 +52,7 @@ int cmd_tokenize(int argc, char** argv) {
   p.add_flag("--parse-special", &parse_special,
              "turn control-token text such as <end_of_turn> into its id (default: plain text)");
   p.add_flag("--stats", &stats,
-             "print only: ids, bytes, seconds and MB/s of the encode (a speed measurement)");
+             "print only the encode's ids, bytes, seconds, MB/s and peak memory (a measurement)");
   p.add_flag("--ref", &ref,
              "encode with the SentencePiece library (the reference; same ids, much slower on long texts)");
   p.add_option("--export-model", "PATH", &export_path,

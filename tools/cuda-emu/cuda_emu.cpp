@@ -7,9 +7,14 @@
 // start and the end of each block.
 //
 // Fibers switch with a dozen instructions of assembly on x86-64 (ucontext's swapcontext makes
-// a system call per switch, ~30x slower; it is the fallback elsewhere). Under ASan every switch
-// is announced (__sanitizer_start/finish_switch_fiber), so reports inside a kernel show the
-// kernel's stack and stack bounds are right.
+// a system call per switch, ~30x slower; it is the fallback elsewhere). ASan is told about the
+// stack switches (__sanitizer_start/finish_switch_fiber), so that a report inside a kernel
+// shows the kernel's stack: once per block that the stack is the whole region of fiber stacks
+// (each fiber's frames lie in it), or at every switch when fake stacks are on
+// (detect_stack_use_after_return=1), which costs twice the time. This file itself is built
+// without instrumentation (CMakeLists.txt): it is the hot path, and not what is under test.
+#include "cuda_emu.h"
+
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,9 +28,7 @@
 #include <set>
 #include <string>
 
-#include "cuda_emu.h"
-
-#if defined(__SANITIZE_ADDRESS__)
+#if defined(__SANITIZE_ADDRESS__) || defined(GEMMA3_CUDA_EMU_ASAN)
 #define GEMMA3_EMU_ASAN 1
 #elif defined(__has_feature)
 #if __has_feature(address_sanitizer)
@@ -35,6 +38,7 @@
 #if defined(GEMMA3_EMU_ASAN)
 #include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
+extern "C" __attribute__((weak)) int __asan_option_detect_stack_use_after_return;
 #endif
 
 #if !defined(__x86_64__) || defined(GEMMA3_CUDA_EMU_UCONTEXT)
@@ -96,13 +100,15 @@ const Options& options() {
             die("GEMMA3_CUDA_EMU_POLICY=%s: the seed after random: is not a number", p);
         }
       } else {
-        die("GEMMA3_CUDA_EMU_POLICY=%s: expected round-robin, low-first, high-first, random or random:SEED", p);
+        die("GEMMA3_CUDA_EMU_POLICY=%s: expected round-robin, low-first, high-first, random or random:SEED",
+            p);
       }
     }
     if (const char* m = getenv("GEMMA3_CUDA_EMU_MEMORY_MIB"); m && *m) {
       char* end = nullptr;
       const unsigned long long mib = strtoull(m, &end, 10);
-      if (*end != '\0' || mib == 0) die("GEMMA3_CUDA_EMU_MEMORY_MIB=%s: expected a positive number of MiB", m);
+      if (*end != '\0' || mib == 0)
+        die("GEMMA3_CUDA_EMU_MEMORY_MIB=%s: expected a positive number of MiB", m);
       r.memory_bytes = static_cast<size_t>(mib) << 20;
     }
     return r;
@@ -258,8 +264,8 @@ class Stacks {
     if (n <= count_) return;
     if (region_) munmap(region_, count_ * stride());
     const int count = n < 256 ? 256 : 1024;
-    void* r = mmap(nullptr, count * stride(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                   -1, 0);
+    void* r = mmap(nullptr, count * stride(), PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (r == MAP_FAILED) die("cannot map %d fiber stacks of %zu KiB", count, kStackBytes >> 10);
     region_ = static_cast<char*>(r);
     count_ = count;
@@ -269,6 +275,8 @@ class Stacks {
 #endif
   }
   char* bottom(int i) const { return region_ + i * stride() + page(); }
+  char* region() const { return region_; }  // every stack (and guard page)
+  size_t region_bytes() const { return count_ * stride(); }
 
  private:
   static size_t page() {
@@ -292,6 +300,7 @@ struct Thread {
   ucontext_t ctx;
 #endif
   void* fake_stack = nullptr;  // ASan's fake stack of this fiber
+  uint3 idx{0, 0, 0};          // threadIdx
   State state = State::kDone;
   // The pending barrier or warp operation, and its result.
   WarpOp op = WarpOp::kSyncWarp;
@@ -342,6 +351,8 @@ class Scheduler {
   int pick();
   Thread& current(const char* what);
   void enter(int i);
+  void announce(void** save_fake_stack, const void* bottom, size_t bytes);
+  void arrived(void* fake_stack, const void** from_bottom = nullptr, size_t* from_bytes = nullptr);
   void step(Thread& self);
   [[noreturn]] void step_exit(Thread& self);
   void transfer(Thread& from, int to);
@@ -368,7 +379,7 @@ class Scheduler {
   // The block.
   int n_ = 0, warps_ = 0;
   std::vector<Thread> threads_;
-  std::array<uint64_t, 16> runnable_{};  // bit i: thread i can run
+  std::array<uint64_t, 16> runnable_{};                // bit i: thread i can run
   std::vector<uint32_t> at_warp_, at_barrier_, done_;  // per warp: lanes in each wait state
   int done_count_ = 0, barrier_count_ = 0, barrier_pred_ = 0, rr_next_ = 0, cur_ = -1;
   Policy policy_ = Policy::kRoundRobin;
@@ -384,13 +395,13 @@ class Scheduler {
   const void* main_bottom_ = nullptr;
   size_t main_size_ = 0;
   bool main_bounds_known_ = false;
+  bool per_fiber_ = true;        // ASan: announce every fiber switch (else: per block, the region)
+  bool switch_pending_ = false;  // ASan: a switch was announced, the next context finishes it
   Stacks stacks_;
 };
 
-Scheduler& scheduler() {
-  static Scheduler s;
-  return s;
-}
+Scheduler the_scheduler;  // a plain global: its accessor is on the hot path
+Scheduler& scheduler() { return the_scheduler; }
 std::mutex launch_mutex;  // one grid at a time (the scheduler's state is global)
 
 #if defined(GEMMA3_EMU_UCONTEXT)
@@ -409,17 +420,19 @@ void Scheduler::fail(int warp, const char* fmt, ...) {
   if (site_) {
     char buf[512];
     snprintf(buf, sizeof buf,
-             "\n  kernel %s, launched at %s:%d with grid (%u,%u,%u), block (%u,%u,%u), %zu bytes of dynamic shared "
+             "\n  kernel %s, launched at %s:%d with grid (%u,%u,%u), block (%u,%u,%u), %zu bytes of dynamic "
+             "shared "
              "memory\n  in block (%u,%u,%u)",
-             site_->kernel, short_path(site_->file), site_->line, grid_.x, grid_.y, grid_.z, block_.x, block_.y,
-             block_.z, smem_bytes_, detail::block_idx.x, detail::block_idx.y, detail::block_idx.z);
+             site_->kernel, short_path(site_->file), site_->line, grid_.x, grid_.y, grid_.z, block_.x,
+             block_.y, block_.z, smem_bytes_, detail::block_idx.x, detail::block_idx.y, detail::block_idx.z);
     where = buf;
     where += warp >= 0 ? "\n" + describe_warp(warp) : "\n" + describe_block();
   }
   die("%s%s\n  scheduling policy %s (GEMMA3_CUDA_EMU_POLICY)", msg, where.c_str(), options().text.c_str());
 }
 
-// Lanes grouped by what they wait at: "  warp 1 lanes 0-15: at __shfl_xor_sync (mask 0xffffffff), kernels/common.cuh:19".
+// Lanes grouped by what they wait at: "  warp 1 lanes 0-15: at __shfl_xor_sync (mask 0xffffffff),
+// kernels/common.cuh:19".
 std::string Scheduler::describe_warp(int warp) const {
   std::string out;
   const int base = warp * 32, lanes = std::min(32, n_ - base);
@@ -432,7 +445,8 @@ std::string Scheduler::describe_warp(int warp) const {
         snprintf(buf, sizeof buf, "at %s, %s:%d", barrier_name(t.bop), short_path(t.file), t.line);
         return std::string(buf);
       case State::kWarp:
-        snprintf(buf, sizeof buf, "at %s (mask 0x%08x), %s:%d", op_name(t.op), t.mask, short_path(t.file), t.line);
+        snprintf(buf, sizeof buf, "at %s (mask 0x%08x), %s:%d", op_name(t.op), t.mask, short_path(t.file),
+                 t.line);
         return std::string(buf);
     }
     return std::string("?");
@@ -523,18 +537,29 @@ Thread& Scheduler::current(const char* what) {
 void Scheduler::transfer(Thread& from, int i) {
   Thread& to = threads_[i];
   cur_ = i;
-  const unsigned bx = block_.x, by = block_.y;
-  detail::thread_idx = {i % bx, (i / bx) % by, i / (bx * by)};
-#if defined(GEMMA3_EMU_ASAN)
-  __sanitizer_start_switch_fiber(&from.fake_stack, stacks_.bottom(i), Stacks::kStackBytes);
-#endif
+  detail::thread_idx = threads_[i].idx;
+  if (per_fiber_) announce(&from.fake_stack, stacks_.bottom(i), Stacks::kStackBytes);
 #if defined(GEMMA3_EMU_UCONTEXT)
   swapcontext(&from.ctx, &to.ctx);
 #else
   gemma3_cuda_emu_switch(&from.sp, to.sp);
 #endif
+  arrived(from.fake_stack);
+}
+
+// ASan's view of the stack: announce(...) before a switch, arrived(...) first thing in the
+// context that runs next (a fresh fiber, a resumed one, the launching thread).
+void Scheduler::announce(void** save_fake_stack, const void* bottom, size_t bytes) {
 #if defined(GEMMA3_EMU_ASAN)
-  __sanitizer_finish_switch_fiber(from.fake_stack, nullptr, nullptr);
+  __sanitizer_start_switch_fiber(save_fake_stack, bottom, bytes);
+  switch_pending_ = true;
+#endif
+}
+void Scheduler::arrived(void* fake_stack, const void** from_bottom, size_t* from_bytes) {
+#if defined(GEMMA3_EMU_ASAN)
+  if (!switch_pending_) return;
+  switch_pending_ = false;
+  __sanitizer_finish_switch_fiber(fake_stack, from_bottom, from_bytes);
 #endif
 }
 
@@ -558,17 +583,14 @@ void Scheduler::step_exit(Thread& self) {
   on_exit(cur_);
   const int next = pick();
   if (next < 0 && done_count_ < n_) fail(-1, "deadlock: no thread of the block can continue");
-#if defined(GEMMA3_EMU_ASAN)
   // null: this fiber ends (ASan drops its fake stack).
   if (next < 0)
-    __sanitizer_start_switch_fiber(nullptr, main_bottom_, main_size_);
-  else
-    __sanitizer_start_switch_fiber(nullptr, stacks_.bottom(next), Stacks::kStackBytes);
-#endif
+    announce(nullptr, main_bottom_, main_size_);
+  else if (per_fiber_)
+    announce(nullptr, stacks_.bottom(next), Stacks::kStackBytes);
   if (next >= 0) {
     cur_ = next;
-    const unsigned bx = block_.x, by = block_.y;
-    detail::thread_idx = {next % bx, (next / bx) % by, next / (bx * by)};
+    detail::thread_idx = threads_[next].idx;
   }
 #if defined(GEMMA3_EMU_UCONTEXT)
   setcontext(next < 0 ? &main_ctx_ : &threads_[next].ctx);
@@ -579,17 +601,15 @@ void Scheduler::step_exit(Thread& self) {
 }
 
 void Scheduler::fiber_main() {
-#if defined(GEMMA3_EMU_ASAN)
   // The first fiber of a launch starts from the launching thread: learn its stack.
   const void* from_bottom = nullptr;
   size_t from_size = 0;
-  __sanitizer_finish_switch_fiber(nullptr, &from_bottom, &from_size);
-  if (!main_bounds_known_) {
+  arrived(nullptr, &from_bottom, &from_size);
+  if (from_bottom && !main_bounds_known_) {
     main_bottom_ = from_bottom;
     main_size_ = from_size;
     main_bounds_known_ = true;
   }
-#endif
   body_(ctx_);
   Thread& t = threads_[cur_];
   t.state = State::kDone;
@@ -606,9 +626,9 @@ __attribute__((no_sanitize_address)) void start_fiber(Thread& t, char* bottom, s
   makecontext(&t.ctx, fiber_entry, 0);
 #else
   void** sp = reinterpret_cast<void**>(bottom + bytes);  // 16-byte aligned (page aligned)
-  *--sp = nullptr;                                        // fiber_entry's return address: it never returns
-  *--sp = reinterpret_cast<void*>(&fiber_entry);          // where the switch's ret goes
-  for (int r = 0; r < 6; ++r) *--sp = nullptr;            // rbp, rbx, r12-r15
+  *--sp = nullptr;                                       // fiber_entry's return address: it never returns
+  *--sp = reinterpret_cast<void*>(&fiber_entry);         // where the switch's ret goes
+  for (int r = 0; r < 6; ++r) *--sp = nullptr;           // rbp, rbx, r12-r15
   t.sp = sp;
 #endif
 }
@@ -616,19 +636,17 @@ __attribute__((no_sanitize_address)) void start_fiber(Thread& t, char* bottom, s
 // Launching thread: runs the block from its first thread until the last one exits.
 void Scheduler::enter(int i) {
   cur_ = i;
-  const unsigned bx = block_.x, by = block_.y;
-  detail::thread_idx = {i % bx, (i / bx) % by, i / (bx * by)};
-#if defined(GEMMA3_EMU_ASAN)
-  __sanitizer_start_switch_fiber(&main_fake_stack_, stacks_.bottom(i), Stacks::kStackBytes);
-#endif
+  detail::thread_idx = threads_[i].idx;
+  if (per_fiber_)
+    announce(&main_fake_stack_, stacks_.bottom(i), Stacks::kStackBytes);
+  else
+    announce(&main_fake_stack_, stacks_.region(), stacks_.region_bytes());
 #if defined(GEMMA3_EMU_UCONTEXT)
   swapcontext(&main_ctx_, &threads_[i].ctx);
 #else
   gemma3_cuda_emu_switch(&main_sp_, threads_[i].sp);
 #endif
-#if defined(GEMMA3_EMU_ASAN)
-  __sanitizer_finish_switch_fiber(main_fake_stack_, nullptr, nullptr);
-#endif
+  arrived(main_fake_stack_);
 }
 
 cudaError_t Scheduler::run(const LaunchSite& site, dim3 grid, dim3 block, size_t smem, void (*body)(void*),
@@ -644,12 +662,18 @@ cudaError_t Scheduler::run(const LaunchSite& site, dim3 grid, dim3 block, size_t
   warps_ = (n_ + 31) / 32;
   stacks_.reserve(n_);
   threads_.resize(static_cast<size_t>(n_));
+  for (int i = 0; i < n_; ++i)
+    threads_[i].idx = {i % block.x, (i / block.x) % block.y, i / (block.x * block.y)};
   at_warp_.assign(static_cast<size_t>(warps_), 0);
   at_barrier_.assign(static_cast<size_t>(warps_), 0);
   done_.assign(static_cast<size_t>(warps_), 0);
   policy_ = options().policy;
   if (rng_ == 0) rng_ = options().seed * 0x2545F4914F6CDD1Dull + 1;
   main_bounds_known_ = false;
+#if defined(GEMMA3_EMU_ASAN)
+  per_fiber_ =
+      !&__asan_option_detect_stack_use_after_return || __asan_option_detect_stack_use_after_return != 0;
+#endif
   detail::grid_dim = grid;
   detail::block_dim = block;
   in_kernel_ = true;
@@ -687,7 +711,8 @@ void Scheduler::run_block() {
   std::fill(done_.begin(), done_.end(), 0);
   done_count_ = barrier_count_ = barrier_pred_ = rr_next_ = 0;
   if (smem_bytes_ > 0) {  // exactly the launch's size, NaN in every float
-    if (posix_memalign(&smem_, 16, smem_bytes_) != 0) die("cannot allocate %zu bytes of shared memory", smem_bytes_);
+    if (posix_memalign(&smem_, 16, smem_bytes_) != 0)
+      die("cannot allocate %zu bytes of shared memory", smem_bytes_);
     memset(smem_, 0xFF, smem_bytes_);
   }
   enter(pick());  // the fibers hand over to each other; the last one to exit comes back here
@@ -704,8 +729,8 @@ void Scheduler::check_no_waiting_mate(int i, const char* doing) {
     const int l = __builtin_ctz(waiting);
     const Thread& o = threads_[warp * 32 + l];
     if ((o.mask >> lane) & 1)
-      fail(warp, "divergent warp: lane %d %s while lane %d waits for it at %s (mask 0x%08x), %s:%d", lane, doing, l,
-           op_name(o.op), o.mask, short_path(o.file), o.line);
+      fail(warp, "divergent warp: lane %d %s while lane %d waits for it at %s (mask 0x%08x), %s:%d", lane,
+           doing, l, op_name(o.op), o.mask, short_path(o.file), o.line);
   }
 }
 
@@ -716,19 +741,21 @@ void Scheduler::on_warp(int i) {
   clear_runnable(i);
   at_warp_[warp] |= 1u << lane;
   if (!((t.mask >> lane) & 1))
-    fail(warp, "lane %d calls %s with mask 0x%08x, which does not include the lane itself", lane, op_name(t.op),
-         t.mask);
+    fail(warp, "lane %d calls %s with mask 0x%08x, which does not include the lane itself", lane,
+         op_name(t.op), t.mask);
   if (t.mask & ~exist)
-    fail(warp, "lane %d calls %s with mask 0x%08x, which names lanes this block does not have (%d threads)", lane,
-         op_name(t.op), t.mask, n_);
+    fail(warp, "lane %d calls %s with mask 0x%08x, which names lanes this block does not have (%d threads)",
+         lane, op_name(t.op), t.mask, n_);
   if (t.width < 1 || t.width > 32 || (t.width & (t.width - 1)))
-    fail(warp, "lane %d calls %s with width %d (a power of 2 up to 32 is needed)", lane, op_name(t.op), t.width);
+    fail(warp, "lane %d calls %s with width %d (a power of 2 up to 32 is needed)", lane, op_name(t.op),
+         t.width);
   if (const uint32_t gone = done_[warp] & t.mask)
-    fail(warp, "divergent warp: lane %d reaches %s (mask 0x%08x), %s:%d, but lane %d of the mask has exited", lane,
-         op_name(t.op), t.mask, short_path(t.file), t.line, __builtin_ctz(gone));
+    fail(warp, "divergent warp: lane %d reaches %s (mask 0x%08x), %s:%d, but lane %d of the mask has exited",
+         lane, op_name(t.op), t.mask, short_path(t.file), t.line, __builtin_ctz(gone));
   if (const uint32_t blocked = at_barrier_[warp] & t.mask)
-    fail(warp, "divergent warp: lane %d reaches %s (mask 0x%08x), %s:%d, while lane %d of the mask waits at %s", lane,
-         op_name(t.op), t.mask, short_path(t.file), t.line, __builtin_ctz(blocked),
+    fail(warp,
+         "divergent warp: lane %d reaches %s (mask 0x%08x), %s:%d, while lane %d of the mask waits at %s",
+         lane, op_name(t.op), t.mask, short_path(t.file), t.line, __builtin_ctz(blocked),
          barrier_name(threads_[warp * 32 + __builtin_ctz(blocked)].bop));
   if ((at_warp_[warp] & t.mask) == t.mask) complete_warp_op(warp, t.mask);
 }
@@ -743,7 +770,8 @@ void Scheduler::complete_warp_op(int warp, unsigned mask) {
     const int l = __builtin_ctz(m);
     const Thread& o = threads_[base + l];
     if (o.op != first.op || o.mask != first.mask)
-      fail(warp, "divergent warp: lanes of one mask wait at different warp operations (%s mask 0x%08x, %s:%d vs %s "
+      fail(warp,
+           "divergent warp: lanes of one mask wait at different warp operations (%s mask 0x%08x, %s:%d vs %s "
            "mask 0x%08x, %s:%d)",
            op_name(first.op), first.mask, short_path(first.file), first.line, op_name(o.op), o.mask,
            short_path(o.file), o.line);
@@ -770,8 +798,9 @@ void Scheduler::complete_warp_op(int warp, unsigned mask) {
       case WarpOp::kShflDown:
       case WarpOp::kShflXor:
         if (!((mask >> src) & 1))
-          fail(warp, "lane %d's %s (mask 0x%08x), %s:%d, reads lane %d, which is not in the mask (undefined value)", l,
-               op_name(o.op), mask, short_path(o.file), o.line, src);
+          fail(warp,
+               "lane %d's %s (mask 0x%08x), %s:%d, reads lane %d, which is not in the mask (undefined value)",
+               l, op_name(o.op), mask, short_path(o.file), o.line, src);
         o.result = threads_[base + src].value;
         break;
       case WarpOp::kBallot: o.result = votes; break;
@@ -800,7 +829,8 @@ void Scheduler::on_barrier(int i) {
     barrier_file_ = t.file;
     barrier_line_ = t.line;
   } else if (!same_site(barrier_file_, barrier_line_, t.file, t.line)) {
-    fail(-1, "divergent block: thread %d waits at %s, %s:%d, while other threads wait at the barrier at %s:%d", i,
+    fail(-1,
+         "divergent block: thread %d waits at %s, %s:%d, while other threads wait at the barrier at %s:%d", i,
          barrier_name(t.bop), short_path(t.file), t.line, short_path(barrier_file_), barrier_line_);
   }
   at_barrier_[warp] |= 1u << (i % 32);
@@ -829,12 +859,13 @@ void Scheduler::on_exit(int i) {
   done_[warp] |= 1u << (i % 32);
   ++done_count_;
   if (barrier_count_ > 0)
-    fail(-1, "thread %d exits while %d thread(s) of the block wait at the barrier at %s:%d: it never arrives", i,
-         barrier_count_, short_path(barrier_file_), barrier_line_);
+    fail(-1, "thread %d exits while %d thread(s) of the block wait at the barrier at %s:%d: it never arrives",
+         i, barrier_count_, short_path(barrier_file_), barrier_line_);
   check_no_waiting_mate(i, "exits");
 }
 
-uint64_t Scheduler::warp_op(WarpOp op, unsigned mask, uint64_t value, int arg, int width, const char* file, int line) {
+uint64_t Scheduler::warp_op(WarpOp op, unsigned mask, uint64_t value, int arg, int width, const char* file,
+                            int line) {
   Thread& t = current(op_name(op));
   t.state = State::kWarp;
   t.op = op;
@@ -891,7 +922,8 @@ cudaError_t run_grid(const LaunchSite& site, dim3 grid, dim3 block, size_t smem,
 
 void check_kernel_pointer(const LaunchSite& site, int index, const void* p) {
   if (!p || is_device_range(p, 0)) return;
-  die("kernel %s, launched at %s:%d: argument %d is %p, which is not device memory (not inside any live cudaMalloc "
+  die("kernel %s, launched at %s:%d: argument %d is %p, which is not device memory (not inside any live "
+      "cudaMalloc "
       "allocation)",
       site.kernel, short_path(site.file), site.line, index + 1, p);
 }
@@ -964,7 +996,9 @@ cudaError_t cudaGetDeviceCount(int* count) {
   *count = 1;
   return cudaSuccess;
 }
-cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : emu::record(cudaErrorInvalidDevice); }
+cudaError_t cudaSetDevice(int device) {
+  return device == 0 ? cudaSuccess : emu::record(cudaErrorInvalidDevice);
+}
 cudaError_t cudaGetDevice(int* device) {
   if (!device) return emu::record(cudaErrorInvalidValue);
   *device = 0;
@@ -1033,7 +1067,8 @@ cudaError_t cudaFree(void* ptr) {
   std::lock_guard<std::mutex> lock(emu::mem_mutex);
   auto it = emu::allocations.find(reinterpret_cast<uintptr_t>(ptr));
   if (it == emu::allocations.end()) {
-    fprintf(stderr, "cuda-emu: cudaFree(%p): not the start of a live cudaMalloc allocation (cudaErrorInvalidValue)\n",
+    fprintf(stderr,
+            "cuda-emu: cudaFree(%p): not the start of a live cudaMalloc allocation (cudaErrorInvalidValue)\n",
             ptr);
     return emu::record(cudaErrorInvalidValue);
   }
@@ -1061,7 +1096,8 @@ cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total) {
   return cudaSuccess;
 }
 
-cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, cudaStream_t stream) {
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind,
+                            cudaStream_t stream) {
   if (!emu::detail::stream_ok(stream)) return emu::record(cudaErrorInvalidResourceHandle);
   if (bytes == 0) return cudaSuccess;
   if (!dst || !src) return emu::record(cudaErrorInvalidValue);
@@ -1094,7 +1130,9 @@ cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStream_t str
   if (bytes) memset(ptr, value, bytes);
   return cudaSuccess;
 }
-cudaError_t cudaMemset(void* ptr, int value, size_t bytes) { return cudaMemsetAsync(ptr, value, bytes, nullptr); }
+cudaError_t cudaMemset(void* ptr, int value, size_t bytes) {
+  return cudaMemsetAsync(ptr, value, bytes, nullptr);
+}
 
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned flags) {
   if (!stream) return emu::record(cudaErrorInvalidValue);
@@ -1102,7 +1140,9 @@ cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned flags) {
   (*stream)->flags = flags;
   return cudaSuccess;
 }
-cudaError_t cudaStreamCreate(cudaStream_t* stream) { return cudaStreamCreateWithFlags(stream, cudaStreamDefault); }
+cudaError_t cudaStreamCreate(cudaStream_t* stream) {
+  return cudaStreamCreateWithFlags(stream, cudaStreamDefault);
+}
 cudaError_t cudaStreamDestroy(cudaStream_t stream) {
   if (!stream || !emu::delete_handle(stream)) return emu::record(cudaErrorInvalidResourceHandle);
   return cudaSuccess;
@@ -1188,8 +1228,9 @@ const char* cublasGetStatusString(cublasStatus_t status) {
 namespace {
 
 // C (m x n, ldc) = alpha op(A) op(B) + beta C, column-major, fp32 accumulation in k order.
-cublasStatus_t gemm_f32(cublasHandle_t handle, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
-                        float alpha, const float* A, int lda, const float* B, int ldb, float beta, float* C, int ldc) {
+cublasStatus_t gemm_f32(cublasHandle_t handle, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
+                        int k, float alpha, const float* A, int lda, const float* B, int ldb, float beta,
+                        float* C, int ldc) {
   if (!handle || !emu::handle_live(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
   const bool a_t = ta != CUBLAS_OP_N, b_t = tb != CUBLAS_OP_N;
   if ((ta != CUBLAS_OP_N && ta != CUBLAS_OP_T && ta != CUBLAS_OP_C) ||
@@ -1200,8 +1241,10 @@ cublasStatus_t gemm_f32(cublasHandle_t handle, cublasOperation_t ta, cublasOpera
   // Every element the call reads or writes must be device memory (a GPU would fault).
   auto extent = [](int rows, int cols, int ld) { return (size_t(cols) - 1) * size_t(ld) + size_t(rows); };
   if (k > 0 && alpha != 0.0f) {
-    emu::detail::check_device_range("cublasGemmEx A", A, extent(a_t ? k : m, a_t ? m : k, lda) * sizeof(float));
-    emu::detail::check_device_range("cublasGemmEx B", B, extent(b_t ? n : k, b_t ? k : n, ldb) * sizeof(float));
+    emu::detail::check_device_range("cublasGemmEx A", A,
+                                    extent(a_t ? k : m, a_t ? m : k, lda) * sizeof(float));
+    emu::detail::check_device_range("cublasGemmEx B", B,
+                                    extent(b_t ? n : k, b_t ? k : n, ldb) * sizeof(float));
   }
   emu::detail::check_device_range("cublasGemmEx C", C, extent(m, n, ldc) * sizeof(float));
   // op(A)[i, l] = A[i * ai + l * al], op(B)[l, j] = B[l * bl + j * bj].
@@ -1224,21 +1267,22 @@ cublasStatus_t gemm_f32(cublasHandle_t handle, cublasOperation_t ta, cublasOpera
 
 }  // namespace
 
-cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb, int m, int n,
-                            int k, const void* alpha, const void* A, cudaDataType_t Atype, int lda, const void* B,
-                            cudaDataType_t Btype, int ldb, const void* beta, void* C, cudaDataType_t Ctype, int ldc,
-                            cublasComputeType_t computeType, cublasGemmAlgo_t algo) {
+cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb, int m,
+                            int n, int k, const void* alpha, const void* A, cudaDataType_t Atype, int lda,
+                            const void* B, cudaDataType_t Btype, int ldb, const void* beta, void* C,
+                            cudaDataType_t Ctype, int ldc, cublasComputeType_t computeType,
+                            cublasGemmAlgo_t algo) {
   if (Atype != CUDA_R_32F || Btype != CUDA_R_32F || Ctype != CUDA_R_32F ||
       (computeType != CUBLAS_COMPUTE_32F && computeType != CUBLAS_COMPUTE_32F_PEDANTIC))
     return CUBLAS_STATUS_NOT_SUPPORTED;  // only what the backend uses: plain fp32
   if (!alpha || !beta) return CUBLAS_STATUS_INVALID_VALUE;
-  return gemm_f32(handle, transa, transb, m, n, k, *static_cast<const float*>(alpha), static_cast<const float*>(A),
-                  lda, static_cast<const float*>(B), ldb, *static_cast<const float*>(beta), static_cast<float*>(C),
-                  ldc);
+  return gemm_f32(handle, transa, transb, m, n, k, *static_cast<const float*>(alpha),
+                  static_cast<const float*>(A), lda, static_cast<const float*>(B), ldb,
+                  *static_cast<const float*>(beta), static_cast<float*>(C), ldc);
 }
 
-cublasStatus_t cublasSgemm(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb, int m, int n,
-                           int k, const float* alpha, const float* A, int lda, const float* B, int ldb,
+cublasStatus_t cublasSgemm(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb, int m,
+                           int n, int k, const float* alpha, const float* A, int lda, const float* B, int ldb,
                            const float* beta, float* C, int ldc) {
   if (!alpha || !beta) return CUBLAS_STATUS_INVALID_VALUE;
   return gemm_f32(handle, transa, transb, m, n, k, *alpha, A, lda, B, ldb, *beta, C, ldc);

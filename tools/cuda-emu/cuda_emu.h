@@ -189,9 +189,9 @@ inline T opaque(T v) {
   return v;
 }
 }  // namespace gemma3_cuda_emu::detail
-#define GEMMA3_EMU_RN(T, name, op)                       \
-  inline T name(T a, T b) {                              \
-    namespace d = gemma3_cuda_emu::detail;               \
+#define GEMMA3_EMU_RN(T, name, op)                           \
+  inline T name(T a, T b) {                                  \
+    namespace d = gemma3_cuda_emu::detail;                   \
     return d::opaque<T>(d::opaque<T>(a) op d::opaque<T>(b)); \
   }
 GEMMA3_EMU_RN(float, __fadd_rn, +)
@@ -367,23 +367,28 @@ T* dynamic_shared() {
 inline void __syncthreads(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   gemma3_cuda_emu::detail::barrier(gemma3_cuda_emu::detail::BarrierOp::kPlain, 0, file, line);
 }
-inline int __syncthreads_count(int predicate, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
-  return gemma3_cuda_emu::detail::barrier(gemma3_cuda_emu::detail::BarrierOp::kCount, predicate != 0, file, line);
+inline int __syncthreads_count(int predicate, const char* file = __builtin_FILE(),
+                               int line = __builtin_LINE()) {
+  return gemma3_cuda_emu::detail::barrier(gemma3_cuda_emu::detail::BarrierOp::kCount, predicate != 0, file,
+                                          line);
 }
-inline int __syncthreads_and(int predicate, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
-  return gemma3_cuda_emu::detail::barrier(gemma3_cuda_emu::detail::BarrierOp::kAnd, predicate != 0, file, line);
+inline int __syncthreads_and(int predicate, const char* file = __builtin_FILE(),
+                             int line = __builtin_LINE()) {
+  return gemma3_cuda_emu::detail::barrier(gemma3_cuda_emu::detail::BarrierOp::kAnd, predicate != 0, file,
+                                          line);
 }
 inline int __syncthreads_or(int predicate, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
-  return gemma3_cuda_emu::detail::barrier(gemma3_cuda_emu::detail::BarrierOp::kOr, predicate != 0, file, line);
+  return gemma3_cuda_emu::detail::barrier(gemma3_cuda_emu::detail::BarrierOp::kOr, predicate != 0, file,
+                                          line);
 }
 
-#define GEMMA3_EMU_SHFL(name, op)                                                                         \
-  template <class T>                                                                                      \
-  T name(unsigned mask, T var, int arg, int width = warpSize, const char* file = __builtin_FILE(),         \
-         int line = __builtin_LINE()) {                                                                   \
-    namespace d = gemma3_cuda_emu::detail;                                                                \
-    return d::from_bits<T>(d::warp_op(d::WarpOp::op, mask, d::to_bits(var), static_cast<int>(arg), width, \
-                                      file, line));                                                       \
+#define GEMMA3_EMU_SHFL(name, op)                                                                    \
+  template <class T>                                                                                 \
+  T name(unsigned mask, T var, int arg, int width = warpSize, const char* file = __builtin_FILE(),   \
+         int line = __builtin_LINE()) {                                                              \
+    namespace d = gemma3_cuda_emu::detail;                                                           \
+    return d::from_bits<T>(                                                                          \
+        d::warp_op(d::WarpOp::op, mask, d::to_bits(var), static_cast<int>(arg), width, file, line)); \
   }
 GEMMA3_EMU_SHFL(__shfl_sync, kShflIdx)
 GEMMA3_EMU_SHFL(__shfl_up_sync, kShflUp)
@@ -391,19 +396,23 @@ GEMMA3_EMU_SHFL(__shfl_down_sync, kShflDown)
 GEMMA3_EMU_SHFL(__shfl_xor_sync, kShflXor)
 #undef GEMMA3_EMU_SHFL
 
-inline void __syncwarp(unsigned mask = 0xFFFFFFFFu, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
-  gemma3_cuda_emu::detail::warp_op(gemma3_cuda_emu::detail::WarpOp::kSyncWarp, mask, 0, 0, warpSize, file, line);
+inline void __syncwarp(unsigned mask = 0xFFFFFFFFu, const char* file = __builtin_FILE(),
+                       int line = __builtin_LINE()) {
+  gemma3_cuda_emu::detail::warp_op(gemma3_cuda_emu::detail::WarpOp::kSyncWarp, mask, 0, 0, warpSize, file,
+                                   line);
 }
 inline unsigned __ballot_sync(unsigned mask, int predicate, const char* file = __builtin_FILE(),
                               int line = __builtin_LINE()) {
-  return static_cast<unsigned>(gemma3_cuda_emu::detail::warp_op(gemma3_cuda_emu::detail::WarpOp::kBallot, mask,
-                                                                predicate != 0, 0, warpSize, file, line));
+  return static_cast<unsigned>(gemma3_cuda_emu::detail::warp_op(
+      gemma3_cuda_emu::detail::WarpOp::kBallot, mask, predicate != 0, 0, warpSize, file, line));
 }
-inline int __any_sync(unsigned mask, int predicate, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+inline int __any_sync(unsigned mask, int predicate, const char* file = __builtin_FILE(),
+                      int line = __builtin_LINE()) {
   return static_cast<int>(gemma3_cuda_emu::detail::warp_op(gemma3_cuda_emu::detail::WarpOp::kAny, mask,
                                                            predicate != 0, 0, warpSize, file, line));
 }
-inline int __all_sync(unsigned mask, int predicate, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+inline int __all_sync(unsigned mask, int predicate, const char* file = __builtin_FILE(),
+                      int line = __builtin_LINE()) {
   return static_cast<int>(gemma3_cuda_emu::detail::warp_op(gemma3_cuda_emu::detail::WarpOp::kAll, mask,
                                                            predicate != 0, 0, warpSize, file, line));
 }
@@ -433,8 +442,8 @@ void check_kernel_pointer(const LaunchSite& site, int index, const void* p);
 template <class F>
 class Launch {
  public:
-  Launch(const char* kernel, const char* file, int line, dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-         F call)
+  Launch(const char* kernel, const char* file, int line, dim3 grid, dim3 block, size_t smem,
+         cudaStream_t stream, F call)
       : site_{kernel, file, line}, grid_(grid), block_(block), smem_(smem), stream_(stream), call_(call) {}
 
   template <class... A>
@@ -473,7 +482,7 @@ class Launch {
 
 }  // namespace gemma3_cuda_emu
 
-#define GEMMA3_LAUNCH(kernel, grid, block, smem, stream, ...)                              \
+#define GEMMA3_LAUNCH(kernel, grid, block, smem, stream, ...)                               \
   ::gemma3_cuda_emu::Launch(#kernel, __FILE__, __LINE__, (grid), (block), (smem), (stream), \
                             [&](auto&... gemma3_emu_params) { kernel(gemma3_emu_params...); })(__VA_ARGS__)
 #define GEMMA3_DYNAMIC_SHARED(T, name) T* const name = ::gemma3_cuda_emu::dynamic_shared<T>()
@@ -500,7 +509,14 @@ enum cublasMath_t {
   CUBLAS_PEDANTIC_MATH = 2,
   CUBLAS_TF32_TENSOR_OP_MATH = 3,
 };
-enum cudaDataType_t { CUDA_R_32F = 0, CUDA_R_64F = 1, CUDA_R_16F = 2, CUDA_R_8I = 3, CUDA_R_32I = 10, CUDA_R_16BF = 14 };
+enum cudaDataType_t {
+  CUDA_R_32F = 0,
+  CUDA_R_64F = 1,
+  CUDA_R_16F = 2,
+  CUDA_R_8I = 3,
+  CUDA_R_32I = 10,
+  CUDA_R_16BF = 14
+};
 typedef cudaDataType_t cudaDataType;
 enum cublasComputeType_t {
   CUBLAS_COMPUTE_16F = 64,
@@ -520,12 +536,13 @@ cublasStatus_t cublasSetMathMode(cublasHandle_t handle, cublasMath_t mode);
 const char* cublasGetStatusString(cublasStatus_t status);
 // C = alpha op(A) op(B) + beta C, column-major, fp32 data and fp32 accumulation only (any
 // other type: CUBLAS_STATUS_NOT_SUPPORTED); beta == 0 never reads C.
-cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb, int m, int n,
-                            int k, const void* alpha, const void* A, cudaDataType_t Atype, int lda, const void* B,
-                            cudaDataType_t Btype, int ldb, const void* beta, void* C, cudaDataType_t Ctype, int ldc,
-                            cublasComputeType_t computeType, cublasGemmAlgo_t algo);
-cublasStatus_t cublasSgemm(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb, int m, int n,
-                           int k, const float* alpha, const float* A, int lda, const float* B, int ldb,
+cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb, int m,
+                            int n, int k, const void* alpha, const void* A, cudaDataType_t Atype, int lda,
+                            const void* B, cudaDataType_t Btype, int ldb, const void* beta, void* C,
+                            cudaDataType_t Ctype, int ldc, cublasComputeType_t computeType,
+                            cublasGemmAlgo_t algo);
+cublasStatus_t cublasSgemm(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb, int m,
+                           int n, int k, const float* alpha, const float* A, int lda, const float* B, int ldb,
                            const float* beta, float* C, int ldc);
 
 // ---- CUB (DeviceRadixSort, reference: a stable sort of the radix-ordered keys) ------------
@@ -576,7 +593,8 @@ cudaError_t radix_sort_pairs(bool descending, void* temp, size_t& temp_bytes, co
   uint32_t* order = static_cast<uint32_t*>(temp);
   using U = decltype(radix_key(K{}));
   const int bits = end_bit - begin_bit;
-  const U digit_mask = bits >= int(8 * sizeof(U)) ? static_cast<U>(~U{0}) : static_cast<U>((U{1} << bits) - 1);
+  const U digit_mask =
+      bits >= int(8 * sizeof(U)) ? static_cast<U>(~U{0}) : static_cast<U>((U{1} << bits) - 1);
   std::vector<U> digits(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) {
     order[i] = static_cast<uint32_t>(i);
@@ -596,21 +614,22 @@ cudaError_t radix_sort_pairs(bool descending, void* temp, size_t& temp_bytes, co
 namespace cub {
 struct DeviceRadixSort {
   template <class K, class V, class N>
-  static cudaError_t SortPairs(void* d_temp_storage, size_t& temp_storage_bytes, const K* d_keys_in, K* d_keys_out,
-                               const V* d_values_in, V* d_values_out, N num_items, int begin_bit = 0,
-                               int end_bit = sizeof(K) * 8, cudaStream_t stream = nullptr) {
-    return gemma3_cuda_emu::detail::radix_sort_pairs(false, d_temp_storage, temp_storage_bytes, d_keys_in,
-                                                     d_keys_out, d_values_in, d_values_out,
-                                                     static_cast<int64_t>(num_items), begin_bit, end_bit, stream);
+  static cudaError_t SortPairs(void* d_temp_storage, size_t& temp_storage_bytes, const K* d_keys_in,
+                               K* d_keys_out, const V* d_values_in, V* d_values_out, N num_items,
+                               int begin_bit = 0, int end_bit = sizeof(K) * 8,
+                               cudaStream_t stream = nullptr) {
+    return gemma3_cuda_emu::detail::radix_sort_pairs(
+        false, d_temp_storage, temp_storage_bytes, d_keys_in, d_keys_out, d_values_in, d_values_out,
+        static_cast<int64_t>(num_items), begin_bit, end_bit, stream);
   }
   template <class K, class V, class N>
   static cudaError_t SortPairsDescending(void* d_temp_storage, size_t& temp_storage_bytes, const K* d_keys_in,
                                          K* d_keys_out, const V* d_values_in, V* d_values_out, N num_items,
                                          int begin_bit = 0, int end_bit = sizeof(K) * 8,
                                          cudaStream_t stream = nullptr) {
-    return gemma3_cuda_emu::detail::radix_sort_pairs(true, d_temp_storage, temp_storage_bytes, d_keys_in,
-                                                     d_keys_out, d_values_in, d_values_out,
-                                                     static_cast<int64_t>(num_items), begin_bit, end_bit, stream);
+    return gemma3_cuda_emu::detail::radix_sort_pairs(
+        true, d_temp_storage, temp_storage_bytes, d_keys_in, d_keys_out, d_values_in, d_values_out,
+        static_cast<int64_t>(num_items), begin_bit, end_bit, stream);
   }
 };
 }  // namespace cub

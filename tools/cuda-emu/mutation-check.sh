@@ -5,8 +5,9 @@
 # fail for the expected reason:
 #
 #   barrier        attention_kernel's end-of-tile __syncthreads deleted: wrong outputs under
-#                  low-first (warp 0 overwrites the score tile the other warps still read); it
-#                  also runs under round-robin, which does not interleave enough to see it
+#                  low-first and high-first (the first or last warp overwrites the score tile
+#                  that the other warps still read); it also runs under round-robin, which does
+#                  not interleave enough to see it (informational)
 #   smem-dynamic   the dynamic shared query (head_dim floats) written one float past its end
 #                  (d <= hd): ASan heap-buffer-overflow at that line
 #   smem-static    the static score tile (32 floats) written one past its end when a tile is
@@ -68,14 +69,20 @@ summary=()
 # appear in the output of a failing run.
 run() {
   local name="$1" policy="$2" want="$3" pattern="$4" log="$logs/$1-$2.log" rc t0=$SECONDS
-  GEMMA3_CUDA_EMU_SMALL=1 GEMMA3_CUDA_EMU_POLICY="$policy" \
+  # In a subshell, so that bash's own "Aborted" line goes to the log too.
+  (GEMMA3_CUDA_EMU_SMALL=1 GEMMA3_CUDA_EMU_POLICY="$policy" \
     ASAN_OPTIONS="detect_stack_use_after_return=0" UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1" \
-    timeout 1200 "$build/gemma3_cuda_tests" --gtest_filter=CudaOps.AttentionMatchesCpu >"$log" 2>&1
+    timeout 1200 "$build/gemma3_cuda_tests" --gtest_filter=CudaOps.AttentionMatchesCpu) >"$log" 2>&1
   rc=$?
   local got=pass evidence=""
   if ((rc != 0)); then
     got=fail
-    evidence="$(grep -m 1 -E "$pattern" "$log" | cut -c 1-150)"
+    evidence="$(grep -m 1 -E "$pattern" "$log" | sed -E 's/ on address 0x[0-9a-f]+.*//' | cut -c 1-150)"
+    # ASan: where (the first frame's file:line); a gtest failure: which case.
+    local at
+    at="$(grep -m 1 -E '^ +#0 ' "$log" | grep -oE '[A-Za-z0-9_]+\.cu:[0-9]+' | head -n 1)"
+    [[ -z "$at" ]] && at="$(grep -m 1 -E ' i [0-9]+$' "$log" | cut -c 1-60)"
+    [[ -n "$evidence" && -n "$at" ]] && evidence="$evidence ($at)"
   fi
   local verdict
   if [[ "$want" == pass && "$got" == pass ]]; then
@@ -98,8 +105,9 @@ run baseline low-first pass ""
 
 mutate barrier '/__syncthreads();  \/\/ p_s is rewritten by the next tile/d'
 build_tests barrier
-run barrier low-first fail 'The difference between|Failure'
-run barrier round-robin any 'The difference between|Failure'
+run barrier low-first fail 'The difference between'
+run barrier high-first fail 'The difference between'
+run barrier round-robin any 'The difference between'
 
 mutate smem-dynamic 's/for (int d = threadIdx.x; d < hd; d += kAttnThreads) q_s\[d\]/for (int d = threadIdx.x; d <= hd; d += kAttnThreads) q_s[d]/'
 build_tests smem-dynamic
