@@ -333,7 +333,7 @@ std::vector<uint8_t> jpeg_header_only(uint32_t w, uint32_t h) {
 
 std::vector<uint8_t> le_bytes(std::vector<uint8_t> b, std::initializer_list<std::pair<int64_t, int>> fields) {
   for (const auto& [v, n] : fields)
-    for (int i = 0; i < n; ++i) b.push_back(uint8_t(uint64_t(v) >> (8 * i)));
+    for (int i = 0; i < n; ++i) b.push_back(i < 8 ? uint8_t(uint64_t(v) >> (8 * i)) : 0);
   return b;
 }
 
