@@ -9,7 +9,9 @@
 #
 # cuda-emu runs the CUDA suites on the CPU emulator (tools/cuda-emu, docs/cuda.md), once per
 # scheduling policy in GEMMA3_CUDA_EMU_POLICIES (default "low-first high-first"), with
-# GEMMA3_CUDA_EMU_SMALL=1 (the largest cases shrink) unless it is already set.
+# GEMMA3_CUDA_EMU_SMALL=1 (the largest cases shrink) unless it is already set. It shares the
+# debug build (build/debug: ASan + UBSan, the emulated CUDA backend compiled in) and builds only
+# gemma3_cuda_tests there, so after `scripts/test.sh debug` it compiles nothing.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -25,7 +27,9 @@ model="$(models/fetch.sh)"
 export GEMMA3_MODEL_270M="${GEMMA3_MODEL_270M:-$model}"
 echo "test.sh: GEMMA3_MODEL_270M=$GEMMA3_MODEL_270M"
 
-cmake --preset "$preset" "$@"
+configure_preset="$preset"
+[[ "$preset" == cuda-emu ]] && configure_preset=debug
+cmake --preset "$configure_preset" "$@"
 cmake --build --preset "$preset"
 if [[ "$preset" != cuda-emu ]]; then
   ctest --preset "$preset"
