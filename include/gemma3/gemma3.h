@@ -158,7 +158,10 @@ class Session {
   virtual Status generate(const GenerateOptions& options,
                           const std::function<bool(const TokenEvent&)>& on_token) = 0;
 
-  // Logits of the last fed position ([vocab_size] floats), valid after feed_* / generate.
+  // Logits of the last fed position ([vocab_size] floats), valid after feed_* / generate. After
+  // generate they are the logits after its last token and are copied from the backend on the
+  // first call (a decode step keeps them in backend memory: the token is sampled there); the
+  // reference is valid until the next non-const call on this session.
   virtual const std::vector<float>& last_logits() const = 0;
   // Logits of every position fed by the next feed_* call are kept when enabled (perplexity, tests).
   virtual void keep_all_logits(bool keep) = 0;

@@ -82,8 +82,7 @@ Status forward(const ModelConfig& c, const BackendModel& w, Backend& be, KvCache
   if (req.kv_start < 0 || req.pos0 < req.kv_start || req.pos0 - req.kv_start + n > cache.plan().context)
     return out_of_range(fmt::format("positions {}..{} (from {}) exceed the context of {} tokens", req.pos0,
                                     req.pos0 + n - 1, req.kv_start, cache.plan().context));
-  if (req.bidir_begin < req.bidir_end &&
-      (req.bidir_begin < req.pos0 || req.bidir_end > req.pos0 + n))
+  if (req.bidir_begin < req.bidir_end && (req.bidir_begin < req.pos0 || req.bidir_end > req.pos0 + n))
     return internal_error(fmt::format("forward: bidirectional group {}..{} is outside the chunk {}..{}",
                                       req.bidir_begin, req.bidir_end - 1, req.pos0, req.pos0 + n - 1));
   for (int t = 0; t < n && !req.embeddings; ++t)
@@ -162,8 +161,9 @@ Status forward(const ModelConfig& c, const BackendModel& w, Backend& be, KvCache
   for (int r = 0; r < rows; r += ForwardScratch::kLogitRows) {
     const int m = std::min(ForwardScratch::kLogitRows, rows - r);
     be.matmul(s.normed + r * H, m, *w.embed, s.logits);
-    be.to_host(s.logits, logits_host + static_cast<int64_t>(r) * c.vocab_size,
-               static_cast<uint64_t>(m) * c.vocab_size * sizeof(float));
+    if (logits_host)
+      be.to_host(s.logits, logits_host + static_cast<int64_t>(r) * c.vocab_size,
+                 static_cast<uint64_t>(m) * c.vocab_size * sizeof(float));
   }
   return be.status();
 }

@@ -74,7 +74,9 @@ struct ForwardRequest {
 };
 
 // Runs one chunk through the model, appending its K/V to the cache. Logits are copied to
-// logits_host: [n, V] when all_logits, else [V].
+// logits_host: [n, V] when all_logits, else [V]. With logits_host null (decode: the token is
+// sampled on the backend) the last token's logits stay in s.logits (backend memory, [V]; needs
+// !all_logits) until the next forward with s, and nothing is copied back.
 Status forward(const ModelConfig& c, const BackendModel& w, Backend& backend, KvCache& cache,
                ForwardScratch& s, const ForwardRequest& req, float* logits_host, const ActivationHook* hook);
 

@@ -17,7 +17,6 @@
 #include "model/chat_template.h"
 #include "model/forward.h"
 #include "model/memory_plan.h"
-#include "model/sampler.h"
 #include "model/vision.h"
 #include "model/weights.h"
 #include "vision/image.h"
@@ -57,7 +56,10 @@ class SessionImpl final : public Session {
   Status feed_image_pixels(const std::vector<float>& pixels) override;
   Status generate(const GenerateOptions& options,
                   const std::function<bool(const TokenEvent&)>& on_token) override;
-  const std::vector<float>& last_logits() const override { return last_logits_; }
+  const std::vector<float>& last_logits() const override {
+    fetch_logits();
+    return last_logits_;
+  }
   void keep_all_logits(bool keep) override { keep_all_ = keep; }
   const std::vector<float>& all_logits() const override { return all_logits_; }
   int position() const override { return static_cast<int>(tokens_.size()); }
@@ -79,8 +81,11 @@ class SessionImpl final : public Session {
     return run_pieces({Piece{ids, nullptr}}, keep_all);
   }
   // Prefills pieces in order: text in chunks, each image block as one chunk. With keep_all,
-  // all_logits_ holds every position of all pieces.
-  Status run_pieces(const std::vector<Piece>& pieces, bool keep_all);
+  // all_logits_ holds every position of all pieces. Without logits_to_host (a decode step) the
+  // last logits stay in scratch_.logits (logits_on_device_) until fetch_logits().
+  Status run_pieces(const std::vector<Piece>& pieces, bool keep_all, bool logits_to_host = true);
+  // last_logits_ = scratch_.logits when a decode step left them in backend memory.
+  void fetch_logits() const;
   Status feed_pieces(const std::vector<Piece>& pieces);  // run_pieces + prompt stats
   // The pieces of one image: "\n\n" <boi> | N soft tokens | <eoi> "\n\n" per slot (+ text).
   Result<std::vector<Piece>> image_pieces(const EncodedImage& image);
@@ -110,7 +115,11 @@ class SessionImpl final : public Session {
   KvCache cache_;
   ForwardScratch scratch_;
   std::vector<int32_t> tokens_;  // everything in the context, in order
-  std::vector<float> last_logits_, all_logits_;
+  // last_logits_ is stale while logits_on_device_ (fetch_logits() copies on demand): mutable,
+  // since last_logits() is const; a Session is used by one thread at a time (gemma3.h).
+  mutable std::vector<float> last_logits_;
+  mutable bool logits_on_device_ = false;
+  std::vector<float> all_logits_;
   bool keep_all_ = false;
   bool in_model_turn_ = false;  // the context ends inside a model turn (after feed_chat)
   Stats stats_;
@@ -272,6 +281,7 @@ Status SessionImpl::save_state(const std::string& path) const {
   st.fingerprint = model_->fingerprint();
   st.tokens = tokens_;
   st.in_model_turn = in_model_turn_;
+  fetch_logits();
   st.last_logits = last_logits_;
   std::lock_guard<std::mutex> lock(model_->backend_mutex);
   return save_session_state(path, st, *model_->backend, cache_);
@@ -288,11 +298,19 @@ Status SessionImpl::load_state(const std::string& path) {
   tokens_ = std::move(st.tokens);
   in_model_turn_ = st.in_model_turn;
   last_logits_ = std::move(st.last_logits);
+  logits_on_device_ = false;
   all_logits_.clear();
   return ok_status();
 }
 
-Status SessionImpl::run_pieces(const std::vector<Piece>& pieces, bool keep_all) {
+void SessionImpl::fetch_logits() const {
+  if (!logits_on_device_) return;
+  std::lock_guard<std::mutex> lock(model_->backend_mutex);
+  model_->backend->to_host(scratch_.logits, last_logits_.data(), last_logits_.size() * sizeof(float));
+  logits_on_device_ = false;
+}
+
+Status SessionImpl::run_pieces(const std::vector<Piece>& pieces, bool keep_all, bool logits_to_host) {
   const ModelConfig& c = model_->ckpt->config();
   const int ctx = cache_.plan().context;
   size_t total = 0;
@@ -313,6 +331,8 @@ Status SessionImpl::run_pieces(const std::vector<Piece>& pieces, bool keep_all) 
           p.ids.size(), chunk, p.ids.size()));
   if (keep_all) all_logits_.assign(total * V, 0.0f);
   last_logits_.resize(V);
+  logits_on_device_ = false;
+  const bool to_host = logits_to_host || keep_all;
   ActivationHook* hook = hook_ ? &hook_ : nullptr;
   size_t row = 0;  // logit row of the next token
   auto step = [&](const int32_t* ids, int n, const float* embeddings) -> Status {
@@ -326,7 +346,7 @@ Status SessionImpl::run_pieces(const std::vector<Piece>& pieces, bool keep_all) 
       req.bidir_begin = req.pos0;
       req.bidir_end = req.pos0 + n;
     }
-    float* dst = keep_all ? all_logits_.data() + row * V : last_logits_.data();
+    float* dst = keep_all ? all_logits_.data() + row * V : to_host ? last_logits_.data() : nullptr;
     {
       std::lock_guard<std::mutex> lock(model_->backend_mutex);
       GEMMA3_TRY(forward(c, model_->weights, *model_->backend, cache_, scratch_, req, dst, hook));
@@ -350,6 +370,7 @@ Status SessionImpl::run_pieces(const std::vector<Piece>& pieces, bool keep_all) 
           step(text.data() + off, static_cast<int>(std::min<size_t>(chunk, text.size() - off)), nullptr));
   }
   if (keep_all) std::copy(all_logits_.end() - V, all_logits_.end(), last_logits_.begin());
+  logits_on_device_ = !to_host;
   return ok_status();
 }
 
@@ -579,8 +600,12 @@ Status SessionImpl::generate(const GenerateOptions& o,
   // Never produce ids past the tokenizer (padding rows, <image_soft_token> = 262144) nor the
   // image delimiters (as the JAX sampler forbids them).
   const int n_allowed = std::min(c.vocab_size, std::min(tok.n_vocab(), c.image_token_id));
-  std::vector<int32_t> banned = {c.boi_id, c.eoi_id};
-  Sampler sampler(o.sampling, n_allowed, banned);
+  const std::vector<int32_t> banned = {c.boi_id, c.eoi_id};
+  // Each step's token is picked where the logits are (Backend::sample: on a GPU only the id comes
+  // back), with this step's seed drawn from one generator, so a seeded run's tokens do not
+  // depend on the backend.
+  Backend& be = *model_->backend;
+  std::mt19937_64 rng(o.sampling.seed);
   auto is_stop = [&](int32_t id) {
     return std::find(c.eos_ids.begin(), c.eos_ids.end(), id) != c.eos_ids.end();
   };
@@ -597,7 +622,16 @@ Status SessionImpl::generate(const GenerateOptions& o,
       result = cancelled("generation cancelled");
       break;
     }
-    const int32_t id = sampler.sample(last_logits_.data(), tokens_);
+    int32_t id = 0;
+    {
+      std::lock_guard<std::mutex> lock(model_->backend_mutex);
+      // The logits of a feed (or a loaded state) are on the host: upload them once.
+      if (!logits_on_device_)
+        be.from_host(last_logits_.data(), scratch_.logits, size_t(n_allowed) * sizeof(float));
+      id = be.sample(scratch_.logits, n_allowed, o.sampling, banned, tokens_, rng);
+      result = be.status();
+    }
+    if (!result.ok()) break;
     if (is_stop(id)) break;
     pending += tok.decode(id);
     bool stop = false;
@@ -623,7 +657,7 @@ Status SessionImpl::generate(const GenerateOptions& o,
       result = out_of_range(fmt::format("the context of {} tokens is full", cache_.plan().context));
       break;
     }
-    Status s = run({id}, false);
+    Status s = run_pieces({Piece{{id}, nullptr}}, false, /*logits_to_host=*/false);
     if (!s.ok()) {
       result = s;
       break;
@@ -667,8 +701,15 @@ Result<std::shared_ptr<Model>> load_model(const std::string& path, const LoadOpt
   BackendOptions bo;
   bo.threads = options.threads;
   bo.fp8_weights = options.fp8_weights;
+#if defined(GEMMA3_CUDA_EMU)
+  // The CPU emulator of CUDA (docs/cuda.md) is a test device, ~1000x slower than the CPU
+  // backend: only an explicit kCuda runs on it, so sanitized builds keep their CPU tests.
+  constexpr bool kAutoMayPickCuda = false;
+#else
+  constexpr bool kAutoMayPickCuda = true;
+#endif
   const bool cuda = options.backend == BackendKind::kCuda ||
-                    (options.backend == BackendKind::kAuto && cuda_backend_available());
+                    (options.backend == BackendKind::kAuto && kAutoMayPickCuda && cuda_backend_available());
   if (options.fp8_weights && !cuda)
     return invalid_argument(
         "fp8 weights (--weights fp8) need the CUDA backend; the CPU runs the stored types");

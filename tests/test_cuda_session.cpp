@@ -1,0 +1,131 @@
+// The decode step through the public API: generate samples each token on the backend
+// (Backend::sample) and leaves the logits there; last_logits() copies them on demand.
+//   DecodeOnDevice.*  CPU backend, every build.
+//   CudaSession.*     the CUDA backend (a GPU, or the emulator in the debug build); skipped
+//                     with a message when there is none.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "gemma3/gemma3.h"
+
+namespace gemma3 {
+namespace {
+
+std::string tiny_path() {
+  // tools/gpu-check.sh runs prebuilt binaries in another copy of the tree: it points here.
+  const char* root = std::getenv("GEMMA3_SOURCE_DIR");
+  return std::string(root && *root ? root : GEMMA3_SOURCE_DIR) + "/tests/data/tiny-f32.gguf";
+}
+
+std::shared_ptr<Model> load_tiny(BackendKind backend) {
+  LoadOptions lo;
+  lo.backend = backend;
+  lo.threads = 2;
+  lo.kv_type = KvType::kF32;
+  lo.context = 64;
+  auto m = Model::load(tiny_path(), lo);
+  EXPECT_TRUE(m.ok()) << m.status().to_string();
+  return m.ok() ? *m : nullptr;
+}
+
+// <bos>, <start_of_turn>, fillers: 12 tokens, past the tiny model's window of 8.
+const std::vector<int32_t> kPrompt = {2, 105, 370, 371, 400, 107, 200, 380, 390, 107, 106, 375};
+
+struct Generated {
+  std::vector<int32_t> context;  // prompt + every token generate fed back
+  std::vector<float> last_logits;
+};
+
+Generated generate_on(Model& m, const SamplingOptions& sampling, int max_tokens) {
+  Generated g;
+  auto s = m.new_session();
+  EXPECT_TRUE(s.ok()) << s.status().to_string();
+  if (!s.ok()) return g;
+  EXPECT_TRUE((*s)->feed_tokens(kPrompt).ok());
+  GenerateOptions o;
+  o.max_tokens = max_tokens;
+  o.sampling = sampling;
+  const Status st = (*s)->generate(o, [](const TokenEvent&) { return true; });
+  EXPECT_TRUE(st.ok()) << st.to_string();
+  g.context = (*s)->tokens();
+  g.last_logits = (*s)->last_logits();
+  return g;
+}
+
+// The logits after feeding the prompt, then each later token of `context` one at a time.
+std::vector<float> replay(Model& m, const std::vector<int32_t>& context) {
+  auto s = m.new_session();
+  EXPECT_TRUE(s.ok());
+  if (!s.ok()) return {};
+  EXPECT_TRUE((*s)->feed_tokens(kPrompt).ok());
+  for (size_t i = kPrompt.size(); i < context.size(); ++i) EXPECT_TRUE((*s)->feed_tokens({context[i]}).ok());
+  return (*s)->last_logits();
+}
+
+// After generate, last_logits() are those of the last token it fed back: the same as feeding
+// the prompt and then the generated tokens one at a time (the same forward path, so bit for
+// bit). A stale host copy (the prompt's logits) or a wrong device row fails.
+TEST(DecodeOnDevice, LastLogitsAfterGenerateAreThoseOfTheLastFedToken) {
+  auto m = load_tiny(BackendKind::kCpu);
+  ASSERT_TRUE(m);
+  for (float temperature : {0.0f, 0.9f}) {
+    SamplingOptions so;
+    so.temperature = temperature;
+    so.seed = 11;
+    const Generated g = generate_on(*m, so, 9);
+    ASSERT_GT(g.context.size(), kPrompt.size()) << "generate fed back no token";
+    EXPECT_EQ(g.last_logits, replay(*m, g.context)) << "temperature " << temperature;
+    EXPECT_NE(g.last_logits, replay(*m, kPrompt));
+    // Same seed, same tokens; the stream of seeds restarts with every generate call.
+    EXPECT_EQ(generate_on(*m, so, 9).context, g.context);
+  }
+}
+
+// A session saved after generate stores the logits of its last token, not the stale prompt's.
+TEST(DecodeOnDevice, SavedStateHoldsTheLogitsAfterGenerate) {
+  auto m = load_tiny(BackendKind::kCpu);
+  ASSERT_TRUE(m);
+  auto s = m->new_session();
+  ASSERT_TRUE(s.ok());
+  ASSERT_TRUE((*s)->feed_tokens(kPrompt).ok());
+  GenerateOptions o;
+  o.max_tokens = 5;
+  ASSERT_TRUE((*s)->generate(o, [](const TokenEvent&) { return true; }).ok());
+  const std::string path = ::testing::TempDir() + "decode_on_device.state";
+  ASSERT_TRUE((*s)->save_state(path).ok());
+  const std::vector<float> want = replay(*m, (*s)->tokens());
+  auto r = m->new_session();
+  ASSERT_TRUE(r.ok());
+  ASSERT_TRUE((*r)->load_state(path).ok());
+  EXPECT_EQ((*r)->last_logits(), want);
+  std::remove(path.c_str());
+}
+
+// Greedy generate on the CUDA backend (token picked on the device, logits never copied during
+// decode) gives the CPU's tokens, and last_logits() after it matches the CPU's within the
+// fp32 tolerance of CudaOps.TinyModelMatchesCpu.
+TEST(CudaSession, GreedyGenerateMatchesCpu) {
+  if (!cuda_backend_available()) GTEST_SKIP() << "no CUDA device here (nor the emulator build)";
+  auto gm = load_tiny(BackendKind::kCuda), cm = load_tiny(BackendKind::kCpu);
+  ASSERT_TRUE(gm && cm);
+  SamplingOptions greedy;
+  const Generated g = generate_on(*gm, greedy, 8), c = generate_on(*cm, greedy, 8);
+  EXPECT_EQ(g.context, c.context);
+  ASSERT_EQ(g.last_logits.size(), c.last_logits.size());
+  double err = 0, mag = 1;
+  for (size_t i = 0; i < c.last_logits.size(); ++i) {
+    err = std::max(err, std::fabs(double(g.last_logits[i]) - c.last_logits[i]));
+    mag = std::max(mag, std::fabs(double(c.last_logits[i])));
+  }
+  EXPECT_LT(err / mag, 1e-4);
+}
+
+}  // namespace
+}  // namespace gemma3
