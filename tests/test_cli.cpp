@@ -440,4 +440,32 @@ TEST(CliModel, SigintStopsGeneration) {
   EXPECT_NE(e.find("generated:"), std::string::npos) << e;
 }
 
+// ---- bench ----------------------------------------------------------------------------------
+
+// tg rows put the weight bandwidth against a copy measured in the same run on the same backend:
+// pct_of_copy = avg_ts * bytes_per_token / copy bandwidth, every field present and positive.
+TEST(CliBench, TgReportsShareOfTheCopyBandwidth) {
+  const std::string tiny = std::string(GEMMA3_SOURCE_DIR) + "/tests/data/tiny-f32.gguf";
+  const CliResult r =
+      run_cli({"bench", "-m", tiny, "-p", "8", "-n", "4", "-r", "2", "-t", "2", "-o", "json"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  const nlohmann::json j = nlohmann::json::parse(r.out);
+  int tg_rows = 0;
+  for (const auto& row : j) {
+    if (row.value("test", "") != "tg4") continue;
+    ++tg_rows;
+    const double copy = row.at("copy_gb_per_s").get<double>(), gbs = row.at("gb_per_s").get<double>();
+    EXPECT_GT(copy, 0.1) << row.dump();
+    EXPECT_NEAR(gbs, row.at("avg_ts").get<double>() * row.at("bytes_per_token").get<double>() / 1e9,
+                1e-6 * gbs);
+    EXPECT_NEAR(row.at("pct_of_copy").get<double>(), 100.0 * gbs / copy,
+                1e-6 * row.at("pct_of_copy").get<double>());
+  }
+  EXPECT_EQ(tg_rows, 1) << r.out;
+  const CliResult md = run_cli({"bench", "-m", tiny, "-p", "0", "-n", "4", "-r", "1", "-t", "2"});
+  ASSERT_EQ(md.code, 0) << md.err;
+  EXPECT_NE(md.out.find("| % of copy |"), std::string::npos) << md.out;
+  EXPECT_NE(md.out.find("memory roofline (memcpy, 2 threads, same run)"), std::string::npos) << md.out;
+}
+
 }  // namespace

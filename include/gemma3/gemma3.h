@@ -130,6 +130,11 @@ class Model {
   // The plan Model::load checked against the backend's free memory (one session).
   virtual MemoryReport memory_plan() const = 0;
   virtual Result<std::unique_ptr<Session>> new_session() = 0;
+  // Bytes read + written per second by a large copy in the backend's memory (GPU: device to
+  // device; CPU: a memcpy on each thread), best of a few, measured now (about 0.1-1 s, while
+  // sessions on other threads wait): the roofline decode speed is compared with. 0 if it
+  // could not be measured (e.g. no memory left for the buffers).
+  virtual double copy_bandwidth() = 0;
 };
 
 class Session {

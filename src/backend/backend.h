@@ -14,8 +14,8 @@
 
 #include "core/dtype.h"
 #include "core/tensor.h"
-#include "gemma3/status.h"
 #include "gemma3/gemma3.h"  // SamplingOptions
+#include "gemma3/status.h"
 
 namespace gemma3 {
 
@@ -93,6 +93,10 @@ class Backend {
   // Bytes the backend can still allocate; 0 when unknown or not worth planning (host memory).
   // The memory planner compares its plan with this before allocating anything.
   virtual uint64_t free_bytes() { return 0; }
+  // Bytes read + written per second by a large copy inside backend memory, best of a few (a
+  // device-to-device copy on a GPU, a memcpy on every pool thread on the CPU): the bandwidth
+  // roofline `gemma3 bench` puts decode speed against. 0 when it cannot be measured.
+  virtual double copy_bandwidth() { return 0; }
 
   // ---- ops (shapes in elements; all float* are backend memory) ----
   // out[t, :] = row ids[t] of table (dequantized) * scale. ids: host, [n].

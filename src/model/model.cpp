@@ -199,6 +199,14 @@ class ModelImpl final : public Model, public std::enable_shared_from_this<ModelI
                        c.n_layers, c.hidden, ckpt->format(), ckpt->path(), backend->name(), context);
   }
   MemoryReport memory_plan() const override { return plan.report(); }
+  double copy_bandwidth() override {
+    try {  // nothing thrown leaves the API: a failed host allocation measures nothing
+      std::lock_guard<std::mutex> lock(backend_mutex);
+      return backend->copy_bandwidth();
+    } catch (...) {
+      return 0;
+    }
+  }
   int image_size() const override { return vision ? vision->image_size() : 0; }
   Result<std::unique_ptr<Session>> new_session() override {
     return api_guard("new_session", [&]() -> Result<std::unique_ptr<Session>> {

@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -33,6 +34,25 @@ Result<void*> HostBackend::allocate(size_t bytes) {
 }
 void HostBackend::release(void* ptr) { std::free(ptr); }
 void HostBackend::to_host(const void* src, void* dst, size_t bytes) { std::memcpy(dst, src, bytes); }
+
+double HostBackend::pool_copy_bandwidth(
+    int threads, const std::function<void(int64_t, const std::function<void(int64_t)>&)>& run_tasks) {
+  constexpr size_t kBytes = size_t{64} << 20;
+  const int n = std::max(threads, 1);
+  std::vector<std::vector<char>> src(n), dst(n);
+  run_tasks(n, [&](int64_t i) {  // first touch by a pool thread
+    src[i].assign(kBytes, static_cast<char>(i + 1));
+    dst[i].assign(kBytes, 0);
+  });
+  double best = 0;
+  for (int rep = 0; rep < 5; ++rep) {
+    const auto t0 = std::chrono::steady_clock::now();
+    run_tasks(n, [&](int64_t i) { std::memcpy(dst[i].data(), src[i].data(), kBytes); });
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (dt > 0) best = std::max(best, 2.0 * kBytes * n / dt);
+  }
+  return best;
+}
 void HostBackend::from_host(const void* src, void* dst, size_t bytes) { std::memcpy(dst, src, bytes); }
 
 namespace {
@@ -152,6 +172,13 @@ class RefCpuBackend final : public HostBackend {
   const std::string& pool_error() const { return pool_.start_error(); }
 
   std::string name() const override { return fmt::format("cpu reference ({} threads)", pool_.size()); }
+  double copy_bandwidth() override {
+    return pool_copy_bandwidth(pool_.size(), [&](int64_t n, const std::function<void(int64_t)>& fn) {
+      pool_.parallel_for(n, [&](int64_t b, int64_t e, int) {
+        for (int64_t i = b; i < e; ++i) fn(i);
+      });
+    });
+  }
 
   Result<std::unique_ptr<BackendWeight>> upload(const TensorView& t) override {
     auto w = std::make_unique<CpuWeight>();

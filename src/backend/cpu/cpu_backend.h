@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -47,6 +48,11 @@ class HostBackend : public Backend {
  protected:
   // Fills w from t after checking t is 1-D or 2-D and its bytes hold whole rows of its type.
   static Status bind(const TensorView& t, HostWeight* w);
+  // copy_bandwidth() of a backend with `threads` pool threads: run_tasks(n, fn) calls fn(i)
+  // for i in [0, n) on the pool; each task copies its own 64 MiB buffer (far larger than the
+  // caches, so this is DRAM speed); best of 5.
+  static double pool_copy_bandwidth(
+      int threads, const std::function<void(int64_t, const std::function<void(int64_t)>&)>& run_tasks);
 };
 
 // threads in [0, kMaxThreads] (0: one per core), else an invalid-argument error; a thread

@@ -60,6 +60,11 @@ class FastCpuBackend final : public HostBackend {
   const std::string& pool_error() const { return pool_.start_error(); }
 
   std::string name() const override { return fmt::format("cpu {} ({} threads)", k_.name, pool_.size()); }
+  double copy_bandwidth() override {
+    return pool_copy_bandwidth(pool_.size(), [&](int64_t n, const std::function<void(int64_t)>& fn) {
+      pool_.run(n, [&](int64_t i, int) { fn(i); });
+    });
+  }
 
   Result<std::unique_ptr<BackendWeight>> upload(const TensorView& t) override {
     auto w = std::make_unique<FastWeight>();

@@ -148,6 +148,36 @@ class CudaBackend final : public Backend {
     return free;
   }
 
+  // Device-to-device copies of 256 MiB (far past the L2) on our stream, timed with events:
+  // one warm-up, best of 5. 0 if the buffers cannot be had (the bench then prints no ratio).
+  double copy_bandwidth() override {
+    constexpr size_t kBytes = size_t{256} << 20;
+    void *src = nullptr, *dst = nullptr;
+    cudaEvent_t start = nullptr, end = nullptr;
+    double best = 0;
+    if (cudaMalloc(&src, kBytes) == cudaSuccess && cudaMalloc(&dst, kBytes) == cudaSuccess &&
+        cudaEventCreate(&start) == cudaSuccess && cudaEventCreate(&end) == cudaSuccess &&
+        cudaMemsetAsync(src, 1, kBytes, stream()) == cudaSuccess) {
+      for (int rep = -1; rep < 5; ++rep) {
+        float ms = 0;
+        if (cudaEventRecord(start, stream()) != cudaSuccess ||
+            cudaMemcpyAsync(dst, src, kBytes, cudaMemcpyDeviceToDevice, stream()) != cudaSuccess ||
+            cudaEventRecord(end, stream()) != cudaSuccess || cudaEventSynchronize(end) != cudaSuccess ||
+            cudaEventElapsedTime(&ms, start, end) != cudaSuccess) {
+          best = 0;
+          break;
+        }
+        if (rep >= 0 && ms > 0) best = std::max(best, 2.0 * kBytes / (ms * 1e-3));
+      }
+    }
+    if (start) cudaEventDestroy(start);
+    if (end) cudaEventDestroy(end);
+    if (src) cudaFree(src);
+    if (dst) cudaFree(dst);
+    (void)cudaGetLastError();  // a failure here is not the model's error
+    return best;
+  }
+
   Result<void*> allocate(size_t bytes) override {
     GEMMA3_TRY(error_);
     void* p = nullptr;
