@@ -127,5 +127,22 @@ TEST(CudaSession, GreedyGenerateMatchesCpu) {
   EXPECT_LT(err / mag, 1e-4);
 }
 
+// The bench's roofline: a copy in backend memory, measured, positive; the model still works
+// afterwards (the CUDA buffers are freed, no error is left behind).
+TEST(CudaSession, CopyBandwidthIsMeasuredAndLeavesNoError) {
+  if (!cuda_backend_available()) GTEST_SKIP() << "no CUDA device here (nor the emulator build)";
+  auto m = load_tiny(BackendKind::kCuda);
+  ASSERT_TRUE(m);
+  EXPECT_GT(m->copy_bandwidth(), 1e6);
+  SamplingOptions greedy;
+  EXPECT_GT(generate_on(*m, greedy, 2).context.size(), kPrompt.size());
+}
+
+TEST(DecodeOnDevice, CpuCopyBandwidthIsMeasured) {
+  auto m = load_tiny(BackendKind::kCpu);
+  ASSERT_TRUE(m);
+  EXPECT_GT(m->copy_bandwidth(), 1e6);
+}
+
 }  // namespace
 }  // namespace gemma3
