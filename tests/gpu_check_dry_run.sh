@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # ctest GpuCheck.DryRun: the parts of tools/gpu-check.sh that need no GPU, with the binaries of
-# this build (BIN_DIR): argument handling and exit codes, and for both stages the $OUT layout
+# this build (BIN_DIR; in the debug preset's emulator build the CUDA suites are in
+# gemma3_cuda_tests, which gpu-check.sh then uses): argument handling and exit codes, and for both stages the $OUT layout
 # the device tool can return (at most 8 files, names of [A-Za-z0-9._-], summary.txt written,
 # well-formed JUnit XML, every test of the filter accounted for). In CUDA builds also
 # cuda_microbench: --help, bad arguments (2), --list's table, and the skip code (77) with a
@@ -67,7 +68,10 @@ xml_ok "$out1/tests.xml"
 for step in "start check" "tests" "compute-sanitizer" "microbenchmarks" "done"; do
   grep -q "== stage 1: $step" "$out1/summary.txt" || fail "stage 1 summary.txt lacks '$step'"
 done
-want=$("$bin/gemma3_tests" --gtest_list_tests --gtest_filter='CudaOps.*:CudaVisionOps.*' | grep -c '^  ')
+tests_bin="$bin/gemma3_tests"  # gpu-check.sh's choice: the emulator build's CUDA binary if present
+[[ -x "$bin/gemma3_cuda_tests" ]] && tests_bin="$bin/gemma3_cuda_tests"
+want=$("$tests_bin" --gtest_list_tests --gtest_filter='CudaOps.*:CudaVisionOps.*' | grep -c '^  ')
+[[ "$want" -gt 0 ]] || fail "$tests_bin lists no CUDA tests"
 got=$(grep -c '<testcase' "$out1/tests.xml")
 [[ "$want" == "$got" ]] || fail "tests.xml has $got test cases, the filter lists $want"
 grep -q "^tests: $want, one process each" "$out1/summary.txt" || fail "summary.txt does not count $want tests"

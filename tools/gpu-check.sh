@@ -115,6 +115,11 @@ done
 mkdir -p "$out" || { echo "gpu-check: cannot create $out" >&2; exit 2; }
 out=$(cd "$out" && pwd)
 lib="$(dirname "$bin")/lib"
+# The CUDA suites: in gemma3_tests (nvcc builds), or in gemma3_cuda_tests of an emulator build
+# (GEMMA3_CUDA_EMU: the debug preset), where CI runs this script's dry run.
+tests_name=gemma3_tests
+[[ -x "$bin/gemma3_cuda_tests" ]] && tests_name=gemma3_cuda_tests
+tests_bin="$bin/$tests_name"
 export LD_LIBRARY_PATH="$lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 export GEMMA3_SOURCE_DIR="$root"  # test data: tests/data of this copy of the tree
 work=$(mktemp -d)
@@ -164,7 +169,7 @@ find_lib() { # NAME -> a folder holding it, or nothing
 start_check() {
   section "start check"
   local dev="$out/device.txt" b missing name dir resolved
-  bins=("$bin/gemma3" "$bin/gemma3_tests")
+  bins=("$bin/gemma3" "$tests_bin")
   [[ -x "$bin/cuda_microbench" ]] && bins+=("$bin/cuda_microbench")
   {
     echo "== nvidia-smi -L"
@@ -174,7 +179,7 @@ start_check() {
       --format=csv 2>&1
   } >"$dev"
   say "device: $(grep -m1 'GPU 0' "$dev" || echo 'no nvidia-smi -L output')"
-  for b in gemma3 gemma3_tests; do
+  for b in gemma3 "$tests_name"; do
     [[ -x "$bin/$b" ]] || { say "START FAILED: $bin/$b is missing (tools/gpu-check.sh --assemble here first)"; exit 3; }
   done
   # Resolve what ldd cannot find, library by library.
@@ -189,7 +194,7 @@ start_check() {
     fi
   done
   for name in libcublas.so.13 libcublasLt.so.13 libcudart.so.13; do
-    resolved=$(ldd "$bin/gemma3_tests" 2>/dev/null | awk -v n="$name" '$1 == n {print $3}')
+    resolved=$(ldd "$tests_bin" 2>/dev/null | awk -v n="$name" '$1 == n {print $3}')
     [[ -n "$resolved" ]] && say "library: $name -> $resolved"
   done
   {
@@ -210,15 +215,15 @@ start_check() {
     export LD_LIBRARY_PATH="$lib-cxx:$LD_LIBRARY_PATH"
     say "library: this machine's libstdc++ is too old for the binaries; using $lib-cxx"
   fi
-  if ! "$bin/gemma3_tests" --gtest_list_tests --gtest_filter='CudaOps.*' >"$work/list" 2>&1; then
-    say "START FAILED: gemma3_tests does not run: $(tail -n 3 "$work/list" | tr '\n' ' ')"
+  if ! "$tests_bin" --gtest_list_tests --gtest_filter='CudaOps.*' >"$work/list" 2>&1; then
+    say "START FAILED: $tests_name does not run: $(tail -n 3 "$work/list" | tr '\n' ' ')"
     exit 3
   fi
   if ! "$bin/gemma3" --help >"$work/help" 2>&1; then
     say "START FAILED: gemma3 does not run: $(tail -n 3 "$work/help" | tr '\n' ' ')"
     exit 3
   fi
-  say "binaries start: gemma3_tests lists $(grep -c '^  ' "$work/list") CudaOps tests; gemma3 --help runs"
+  say "binaries start: $tests_name lists $(grep -c '^  ' "$work/list") CudaOps tests; gemma3 --help runs"
   if [[ $dry == 0 ]]; then
     {
       echo "== nvidia-smi -q"
@@ -257,7 +262,7 @@ run_tests() {
   section "tests"
   local log="$out/tests.log" tests t rc secs x t0 n=0 passed=0 fails=0 crashed=0 skipped=0 notrun=0 per
   : >"$log"
-  tests=$("$bin/gemma3_tests" --gtest_list_tests --gtest_filter="$filter" 2>/dev/null |
+  tests=$("$tests_bin" --gtest_list_tests --gtest_filter="$filter" 2>/dev/null |
     awk '/^[^ ]/ {suite = $1} /^  / {print suite $1}')
   local bad=()
   for t in $tests; do
@@ -275,7 +280,7 @@ run_tests() {
       echo "(dry run: $t not run)" >"$work/t.log"
       rc=0
     else
-      timeout "$per" "$bin/gemma3_tests" --gtest_filter="$t" --gtest_color=no --gtest_output="xml:$x" >"$work/t.log" 2>&1
+      timeout "$per" "$tests_bin" --gtest_filter="$t" --gtest_color=no --gtest_output="xml:$x" >"$work/t.log" 2>&1
       rc=$?
     fi
     secs=$(($(date +%s) - t0))
@@ -320,7 +325,7 @@ run_tests() {
     ((per < 10)) && break
     {
       echo "==== $t again with GEMMA3_CUDA_SYNC=1"
-      GEMMA3_CUDA_SYNC=1 timeout "$per" "$bin/gemma3_tests" --gtest_filter="$t" --gtest_color=no 2>&1
+      GEMMA3_CUDA_SYNC=1 timeout "$per" "$tests_bin" --gtest_filter="$t" --gtest_color=no 2>&1
       echo "(exit $?)"
     } >"$work/t.log"
     cat "$work/t.log" >>"$log"
@@ -372,7 +377,7 @@ run_sanitizer() {
       continue
     fi
     timeout "$per" "$cs" --tool "$tool" --error-exitcode 9 --print-limit 50 \
-      "$bin/gemma3_tests" --gtest_filter="$filt" --gtest_color=no >>"$log" 2>&1
+      "$tests_bin" --gtest_filter="$filt" --gtest_color=no >>"$log" 2>&1
     rc=$?
     echo "(exit $rc)" >>"$log"
     say "sanitizer $tool: exit $rc$([[ $rc == 124 ]] && echo ' (timeout)'): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -n 1 | sed 's/^=* *//')"
@@ -457,7 +462,7 @@ run_parity() {
     say "parity: dry run"
     return 0
   fi
-  GEMMA3_PARITY_MODELS=$(IFS=,; echo "${paths[*]}") timeout "$per" "$bin/gemma3_tests" --gtest_filter='CudaParity.*' \
+  GEMMA3_PARITY_MODELS=$(IFS=,; echo "${paths[*]}") timeout "$per" "$tests_bin" --gtest_filter='CudaParity.*' \
     --gtest_color=no --gtest_output="xml:$out/parity.xml" >"$out/parity.log" 2>&1
   rc=$?
   say "parity: exit $rc$([[ $rc == 124 ]] && echo ' (timeout)')"
