@@ -93,18 +93,16 @@ GEMMA3_HD float half_to_float(uint32_t h) {
 GEMMA3_HD float ld_half(const uint8_t* p) { return half_to_float(ld16(p)); }
 
 // fp8 e4m3fn -> float (formats.md §5.1): bias 7, no infinities, S.1111.111 is NaN.
+// Branch-free (the GEMV decodes 16 of these per 16-byte load): the 7 exponent+mantissa bits
+// placed at fp32's bit 20 make a float whose exponent field is e4m3's (bias 7 instead of 127)
+// and whose top mantissa bits are e4m3's, so multiplying by 2^120 rebiases it exactly: normal
+// codes give 2^(e-7) * (1 + m/8), and code exponent 0 gives the fp32 subnormal m/8 * 2^-126,
+// times 2^120 = m * 2^-9, e4m3's subnormal (exact: no flush to zero without fast math). The
+// sign bit rides along (-0 stays -0).
 GEMMA3_HD float e4m3_to_float(uint32_t v) {
-  const bool neg = (v & 0x80) != 0;
-  const uint32_t exp = (v >> 3) & 0xF, mant = v & 7;
-  float r;
-  if (exp == 15 && mant == 7) {
-    r = bits_float(0x7FC00000u);  // quiet NaN, as std::numeric_limits<float>::quiet_NaN()
-  } else if (exp == 0) {
-    r = static_cast<float>(mant) * 0.001953125f;  // 2^-6 * m/8 = m * 2^-9, exact
-  } else {
-    r = bits_float(((exp - 7 + 127) << 23) | (mant << 20));  // 2^(e-7) * (1 + m/8)
-  }
-  return neg ? -r : r;
+  const uint32_t sign = (v & 0x80u) << 24;
+  if ((v & 0x7Fu) == 0x7Fu) return bits_float(sign | 0x7FC00000u);  // NaN (quiet, sign kept)
+  return mul(bits_float(sign | ((v & 0x7Fu) << 20)), 0x1p120f);
 }
 
 // ---- encoders (KV cache writes, fp8 weight quantization) --------------------------------
@@ -214,8 +212,10 @@ GEMMA3_HD int iq4nl_value(int q) {
   return static_cast<int8_t>(((q < 8 ? kLo : kHi) >> (8 * (q & 7))) & 0xFF);
 }
 
-// Q4_K/Q5_K 6-bit (scale, min) of 32-element sub-block j (§3.3, get_scale_min_k4).
-GEMMA3_HD void scale_min_k4(int j, const uint8_t* s, int* sc, int* mn) {
+// Q4_K/Q5_K 6-bit (scale, min) of 32-element sub-block j (§3.3, get_scale_min_k4). s[k] is the
+// k-th of the 12 scale bytes: a pointer, or the GEMV's register copy of a block header.
+template <class Bytes>
+GEMMA3_HD void scale_min_k4(int j, const Bytes& s, int* sc, int* mn) {
   if (j < 4) {
     *sc = s[j] & 63;
     *mn = s[j + 4] & 63;
@@ -246,9 +246,11 @@ struct F8E4M3 {  // raw value; the caller applies the row scale
 
 struct Q4_0 {  // 18 bytes: d, qs[16]
   static constexpr int kElems = 32, kBytes = 18;
-  GEMMA3_HD static float get(const uint8_t* x, int e) {
-    return mul(static_cast<float>(legacy_nibble(x + 2, e) - 8), ld_half(x));
+  // Element e from the block's quants and its scale (also used by Planar<Q4_0>).
+  GEMMA3_HD static float value(const uint8_t* qs, float d, int e) {
+    return mul(static_cast<float>(legacy_nibble(qs, e) - 8), d);
   }
+  GEMMA3_HD static float get(const uint8_t* x, int e) { return value(x + 2, ld_half(x), e); }
 };
 struct Q4_1 {  // 20 bytes: d, m, qs[16]
   static constexpr int kElems = 32, kBytes = 20;
@@ -274,9 +276,10 @@ struct Q5_1 {  // 24 bytes: d, m, qh u32, qs[16]
 };
 struct Q8_0 {  // 34 bytes: d, qs[32] int8
   static constexpr int kElems = 32, kBytes = 34;
-  GEMMA3_HD static float get(const uint8_t* x, int e) {
-    return mul(static_cast<float>(static_cast<int8_t>(x[2 + e])), ld_half(x));
+  GEMMA3_HD static float value(const uint8_t* qs, float d, int e) {
+    return mul(static_cast<float>(static_cast<int8_t>(qs[e])), d);
   }
+  GEMMA3_HD static float get(const uint8_t* x, int e) { return value(x + 2, ld_half(x), e); }
 };
 struct IQ4_NL {  // 18 bytes: d, qs[16]
   static constexpr int kElems = 32, kBytes = 18;
@@ -315,7 +318,7 @@ struct Q4_K {  // 144 bytes: d, dmin, scales[12], qs[128]
   GEMMA3_HD static float get(const uint8_t* x, int e) {
     const int c = e / 64, l = e % 32, j = e / 32;
     int sc, mn;
-    scale_min_k4(j, x + 4, &sc, &mn);
+    scale_min_k4(j, static_cast<const uint8_t*>(x + 4), &sc, &mn);
     const uint8_t byte = x[16 + 32 * c + l];
     const int q = (e % 64) >= 32 ? (byte >> 4) : (byte & 0xF);
     return sub(mul(mul(ld_half(x), static_cast<float>(sc)), static_cast<float>(q)),
@@ -327,7 +330,7 @@ struct Q5_K {  // 176 bytes: d, dmin, scales[12], qh[32], qs[128]
   GEMMA3_HD static float get(const uint8_t* x, int e) {
     const int c = e / 64, l = e % 32, j = e / 32;
     int sc, mn;
-    scale_min_k4(j, x + 4, &sc, &mn);
+    scale_min_k4(j, static_cast<const uint8_t*>(x + 4), &sc, &mn);
     const uint8_t byte = x[48 + 32 * c + l];
     const int q = ((e % 64) >= 32 ? (byte >> 4) : (byte & 0xF)) + 16 * ((x[16 + l] >> j) & 1);
     return sub(mul(mul(ld_half(x), static_cast<float>(sc)), static_cast<float>(q)),
@@ -365,6 +368,62 @@ GEMMA3_HD float row_value(const uint8_t* row, int64_t i) {
     return D::get(row + i * D::kBytes, 0);
   } else {
     return D::get(row + (i / D::kElems) * D::kBytes, static_cast<int>(i % D::kElems));
+  }
+}
+
+// ---- the CUDA backend's planar weight layout (Q4_0, Q8_0) -----------------------------------
+// Q4_0 and Q8_0 blocks (18 and 34 bytes: a half scale d, then the quants) are not multiples of
+// 16 bytes, so rows of them cannot be read with 16-byte vector loads. The CUDA backend repacks
+// such a weight at upload, row by row, into
+//   row = [quants of blocks 0 .. nb-1: nb * kQBytes bytes][d of blocks 0 .. nb-1: nb halves][zero
+//          padding to a multiple of 16 bytes]          (nb = cols / 32)
+// so every row, its quant plane and every block's quants start 16-byte aligned (the allocation
+// is 256-byte aligned). Values are the block type's, bit for bit (B::value is shared). Every
+// device reader of an uploaded Q4_0/Q8_0 weight uses this layout (kernels/common.cuh
+// dispatch_weight); KV caches keep ggml's Q8_0 blocks.
+template <class B>
+struct Planar {
+  using Block = B;
+  static constexpr bool kPlanar = true;
+  static constexpr int kElems = B::kElems, kQBytes = B::kBytes - 2;
+  static constexpr uint64_t row_bytes(int64_t cols) {
+    const uint64_t nb = static_cast<uint64_t>(cols / kElems);
+    return nb * kQBytes + (nb * 2 + 15) / 16 * 16;
+  }
+  GEMMA3_HD static const uint8_t* scales(const uint8_t* row, int64_t cols) {
+    return row + (cols / kElems) * kQBytes;
+  }
+  // Element i of a planar row of `cols` elements.
+  GEMMA3_HD static float get(const uint8_t* row, int64_t cols, int64_t i) {
+    const int64_t b = i / kElems;
+    return B::value(row + b * kQBytes, ld_half(scales(row, cols) + 2 * b), static_cast<int>(i % kElems));
+  }
+  // Host: one row of ggml blocks (cols / 32 of them) -> its planar form (row_bytes(cols) bytes).
+  static void repack_row(const uint8_t* src, uint8_t* dst, int64_t cols) {
+    const int64_t nb = cols / kElems;
+    uint8_t* d = dst + nb * kQBytes;
+    for (int64_t b = 0; b < nb; ++b) {
+      std::memcpy(dst + b * kQBytes, src + b * B::kBytes + 2, kQBytes);
+      std::memcpy(d + 2 * b, src + b * B::kBytes, 2);
+    }
+    std::memset(d + 2 * nb, 0, row_bytes(cols) - static_cast<uint64_t>(nb * kQBytes + 2 * nb));
+  }
+};
+using Q4_0Planar = Planar<Q4_0>;
+using Q8_0Planar = Planar<Q8_0>;
+
+template <class L>
+constexpr bool is_planar = requires {
+  L::kPlanar;
+};
+
+// Element i of a weight row of `cols` elements in layout L (a block type, or Planar<B>).
+template <class L>
+GEMMA3_HD float weight_value(const uint8_t* row, int64_t cols, int64_t i) {
+  if constexpr (is_planar<L>) {
+    return L::get(row, cols, i);
+  } else {
+    return row_value<L>(row, i);
   }
 }
 

@@ -58,19 +58,28 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
 }
 
 // Calls f(Decoder{}) with the block decoder of t (block_decode.h); cudaErrorInvalidValue for a
-// type without one (none today: every DType we load has a decoder).
-template <class F>
-int dispatch_dtype(DType t, F&& f) {
+// type without one (none today: every DType we load has a decoder). kUploaded: the decoder of
+// a weight as the backend uploads it (Q4_0 and Q8_0 in block_decode.h's Planar layout).
+template <bool kUploaded, class F>
+int dispatch_decoder(DType t, F&& f) {
+  if constexpr (kUploaded) {
+    if (t == DType::kQ4_0) return f(blocks::Q4_0Planar{});
+    if (t == DType::kQ8_0) return f(blocks::Q8_0Planar{});
+  }
   switch (t) {
     case DType::kF32: return f(blocks::F32{});
     case DType::kF16: return f(blocks::F16{});
     case DType::kBF16: return f(blocks::BF16{});
     case DType::kF8E4M3: return f(blocks::F8E4M3{});
-    case DType::kQ4_0: return f(blocks::Q4_0{});
+    case DType::kQ4_0:
+      if constexpr (!kUploaded) return f(blocks::Q4_0{});
+      break;
     case DType::kQ4_1: return f(blocks::Q4_1{});
     case DType::kQ5_0: return f(blocks::Q5_0{});
     case DType::kQ5_1: return f(blocks::Q5_1{});
-    case DType::kQ8_0: return f(blocks::Q8_0{});
+    case DType::kQ8_0:
+      if constexpr (!kUploaded) return f(blocks::Q8_0{});
+      break;
     case DType::kQ2_K: return f(blocks::Q2_K{});
     case DType::kQ3_K: return f(blocks::Q3_K{});
     case DType::kQ4_K: return f(blocks::Q4_K{});
@@ -80,6 +89,16 @@ int dispatch_dtype(DType t, F&& f) {
     case DType::kIQ4_XS: return f(blocks::IQ4_XS{});
   }
   return static_cast<int>(cudaErrorInvalidValue);
+}
+// Raw ggml blocks of t (KV caches, host-side tests).
+template <class F>
+int dispatch_dtype(DType t, F&& f) {
+  return dispatch_decoder<false>(t, static_cast<F&&>(f));
+}
+// A weight uploaded by the CUDA backend (WeightRef): what every weight-reading kernel uses.
+template <class F>
+int dispatch_weight(DType t, F&& f) {
+  return dispatch_decoder<true>(t, static_cast<F&&>(f));
 }
 
 // Row scale of row r (fp8 weights), 1 for every other type.

@@ -4,7 +4,8 @@
 namespace gemma3::cuda {
 namespace {
 
-// out[(r - row0) * cols + i] = W[r, i] * row_scale(r) for row0 <= r < row0 + n_rows.
+// out[(r - row0) * cols + i] = W[r, i] * row_scale(r) for row0 <= r < row0 + n_rows; D is the
+// uploaded layout (dispatch_weight: Q4_0/Q8_0 planar).
 // Preconditions: any grid/block shape (grid-stride loop over n_rows * cols elements).
 template <class D>
 __global__ void dequant_rows_kernel(WeightRef w, int64_t row0, int64_t n_rows, float* out) {
@@ -13,7 +14,7 @@ __global__ void dequant_rows_kernel(WeightRef w, int64_t row0, int64_t n_rows, f
        idx += int64_t{gridDim.x} * blockDim.x) {
     const int64_t r = row0 + idx / w.cols, i = idx % w.cols;
     const uint8_t* row = static_cast<const uint8_t*>(w.data) + r * w.row_bytes;
-    out[idx] = blocks::mul(blocks::row_value<D>(row, i), row_scale_of(w, r));
+    out[idx] = blocks::mul(blocks::weight_value<D>(row, w.cols, i), row_scale_of(w, r));
   }
 }
 
@@ -27,7 +28,7 @@ __global__ void embed_kernel(WeightRef w, const int32_t* ids, int n, float scale
        idx += int64_t{gridDim.x} * blockDim.x) {
     const int64_t r = ids[idx / w.cols], i = idx % w.cols;
     const uint8_t* row = static_cast<const uint8_t*>(w.data) + r * w.row_bytes;
-    out[idx] = blocks::mul(blocks::mul(blocks::row_value<D>(row, i), row_scale_of(w, r)), scale);
+    out[idx] = blocks::mul(blocks::mul(blocks::weight_value<D>(row, w.cols, i), row_scale_of(w, r)), scale);
   }
 }
 
@@ -76,7 +77,7 @@ int launch_dequant_rows(const WeightRef& w, int64_t row0, int64_t n_rows, float*
   if (row0 < 0 || n_rows < 0 || row0 + n_rows > w.rows) return static_cast<int>(cudaErrorInvalidValue);
   if (n_rows == 0 || w.cols == 0) return 0;
   constexpr int kThreads = 256;
-  return dispatch_dtype(w.dtype, [&](auto d) {
+  return dispatch_weight(w.dtype, [&](auto d) {
     GEMMA3_LAUNCH(dequant_rows_kernel<decltype(d)>, grid_for(n_rows * w.cols, kThreads), kThreads, 0,
                   as_stream(stream), w, row0, n_rows, out);
     return launch_result();
@@ -87,7 +88,7 @@ int launch_embed(const WeightRef& w, const int32_t* ids, int n, float scale, flo
   if (n < 0) return static_cast<int>(cudaErrorInvalidValue);
   if (n == 0 || w.cols == 0) return 0;
   constexpr int kThreads = 256;
-  return dispatch_dtype(w.dtype, [&](auto d) {
+  return dispatch_weight(w.dtype, [&](auto d) {
     GEMMA3_LAUNCH(embed_kernel<decltype(d)>, grid_for(int64_t{n} * w.cols, kThreads), kThreads, 0,
                   as_stream(stream), w, ids, n, scale, out);
     return launch_result();

@@ -1,11 +1,14 @@
 // KV-cache writes and attention over the cache (ring slots, sliding window, bidirectional
 // groups, GQA; fp32, bf16, Q8_0 and fp8 caches dequantized on the fly, fp32 math).
 //
-// Attention runs one block per (query token, head, key split). Each block does an online
-// softmax over its share of the visible keys, tile by tile. With one split (prefill, short
-// contexts) it writes the output; with several (decode over long contexts: flash-decoding) it
-// writes a partial (running max m, running sum l, unnormalized accumulator) and a second
-// kernel combines the splits of each (token, head).
+// Attention has two kernels, chosen by attention_plan (launch.h) from the call's shape. Both do
+// an online softmax (fp32) over their share of the visible keys, 32 keys per tile; with one
+// split they write the output, with several (flash-decoding) a partial (running max m, running
+// sum l, unnormalized accumulator) per (token, head) and split, which a combine kernel reduces.
+//   prefill (n_tokens > 8): one block per (query token, head, key split).
+//   decode (n_tokens <= 8): one block per (kv head, key split, row group) serving every query
+//     head of the kv head's GQA group and every token of the call, so K/V bytes are read once
+//     per group instead of once per query head (docs/cuda.md).
 #include "common.cuh"
 
 namespace gemma3::cuda {
@@ -76,18 +79,121 @@ __global__ void kv_write_q8_0_kernel(const float* k, const float* v, int n, int 
   }
 }
 
-constexpr int kAttnThreads = 128;  // 4 warps
+constexpr int kAttnThreads = 128;  // prefill kernel: 4 warps
 constexpr int kAttnWarps = kAttnThreads / 32;
 constexpr int kAttnTile = kAttentionKeyTile;  // keys scored per step
 constexpr int kAttnDimsPerThread = kAttentionMaxHeadDim / kAttnThreads;
+static_assert(kAttnTile == 32, "the softmax step gives lane jj key jj of a tile");
+
+// ---- pieces shared by the prefill and decode kernels -----------------------------------------
+
+// Ring slot of key j0 + jj, given first = j0 % capacity (one division per tile, not per key;
+// jj < kAttnTile <= ... any jj < capacity).
+__device__ __forceinline__ int64_t ring_slot(int64_t first, int jj, int capacity) {
+  const int64_t s = first + jj;
+  return s >= capacity ? s - capacity : s;
+}
+
+// Online softmax: the factor that rescales (l, acc) from the running max m_old to m_new, and the
+// weight of a score s under m_new. m = -inf means "no key yet": the factor is 0 (l and acc are
+// 0 anyway) and, while m_new is still -inf (every key so far masked), weights are 0 rather than
+// exp(-inf - -inf) = NaN.
+__device__ __forceinline__ float softmax_rescale(float m_old, float m_new) {
+  return m_old == -INFINITY ? 0.0f : expf(m_old - m_new);
+}
+__device__ __forceinline__ float softmax_weight(float s, float m_new) {
+  return m_new == -INFINITY ? 0.0f : expf(s - m_new);
+}
+
+// Partial of (token t, head h), split s: (m, l, acc[hd]) at partials[((t * n_heads + h) * splits
+// + s) * (hd + 2)], m = -inf and l = 0 for a split without visible keys.
+__device__ __forceinline__ float* partial_row(const AttentionArgs& a, int64_t t, int h, int splits, int s) {
+  return a.partials + ((t * a.n_heads + h) * splits + s) * (a.head_dim + 2);
+}
+
+// KvChunk<D>::load(row, e0, out): out[0 .. kE) = row elements e0 .. e0 + kE - 1, with the values
+// of blocks::row_value<D> (the same decoders' arithmetic), loaded in one 16-byte (fp32, bf16)
+// or 8-byte (fp8) access; Q8_0 reads its block's half scale and 8 quants. e0 % kE == 0, row
+// 16-byte aligned (decode plan: head_dim % kE == 0 and 16-byte aligned caches).
+struct alignas(16) Bytes16 {
+  uint32_t w[4];
+};
+struct alignas(8) Bytes8 {
+  uint32_t w[2];
+};
+template <class D>
+struct KvChunk;
+template <>
+struct KvChunk<blocks::F32> {
+  static constexpr int kE = 4;
+  __device__ __forceinline__ static void load(const uint8_t* row, int e0, float* out) {
+    const Bytes16 b = *reinterpret_cast<const Bytes16*>(row + int64_t{e0} * 4);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) out[i] = __uint_as_float(b.w[i]);
+  }
+};
+template <>
+struct KvChunk<blocks::BF16> {
+  static constexpr int kE = 8;
+  __device__ __forceinline__ static void load(const uint8_t* row, int e0, float* out) {
+    const Bytes16 b = *reinterpret_cast<const Bytes16*>(row + int64_t{e0} * 2);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {  // little endian: element 2i in the low half
+      out[2 * i] = __uint_as_float(b.w[i] << 16);
+      out[2 * i + 1] = __uint_as_float(b.w[i] & 0xFFFF0000u);
+    }
+  }
+};
+template <>
+struct KvChunk<blocks::F8E4M3> {
+  static constexpr int kE = 8;
+  __device__ __forceinline__ static void load(const uint8_t* row, int e0, float* out) {
+    const Bytes8 b = *reinterpret_cast<const Bytes8*>(row + e0);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) out[i] = blocks::e4m3_to_float((b.w[i / 4] >> (8 * (i % 4))) & 0xFF);
+  }
+};
+template <>
+struct KvChunk<blocks::Q8_0> {
+  static constexpr int kE = 8;
+  __device__ __forceinline__ static void load(const uint8_t* row, int e0, float* out) {
+    const uint8_t* blk = row + int64_t{e0 / 32} * blocks::Q8_0::kBytes;
+    const float d = blocks::ld_half(blk);
+    const uint8_t* qs = blk + 2 + e0 % 32;  // 2-byte aligned
+#pragma unroll
+    for (int i = 0; i < 8; i += 2) {
+      const uint32_t two = blocks::ld16(qs + i);
+      out[i] = blocks::mul(static_cast<float>(static_cast<int8_t>(two & 0xFF)), d);
+      out[i + 1] = blocks::mul(static_cast<float>(static_cast<int8_t>(two >> 8)), d);
+    }
+  }
+};
+
+// Sum over aligned groups of `width` lanes (a power of two <= 32); every lane of the warp calls
+// it, each gets its group's sum.
+__device__ __forceinline__ float group_sum(float v, int width) {
+  for (int o = width / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xFFFFFFFFu, v, o));
+  return v;
+}
+__host__ __device__ constexpr int pow2_at_least(int n) {
+  int p = 1;
+  while (p < n) p *= 2;
+  return p;
+}
+
+// ---- prefill kernel --------------------------------------------------------------------------
 
 // For each (token t, head h) = blockIdx.x and split s = blockIdx.y: online softmax of
 // q[t, h, :] . K[j, g, :] * scale over the keys j of split s, lo + s * chunk <= j <
 // min(hi + 1, lo + (s + 1) * chunk) ([lo, hi] = visible_keys(t)), key j in cache slot
 // j % capacity, g = h / (n_heads / n_kv_heads), D the cache's block decoder. Running max m,
 // running sum l, accumulator rescaled by exp(m_old - m_new), all fp32.
-// splits == 1: out[t, h, :] = acc / l. Otherwise partials[(blockIdx.x * splits + s) * (hd + 2)
-// + {0: m, 1: l, 2 + d: acc[d]}], m = -inf and l = 0 for an empty split.
+// splits == 1: out[t, h, :] = acc / l. Otherwise the partial (partial_row).
 // Preconditions: gridDim = (n_tokens * n_heads, splits), blockDim.x = kAttnThreads, dynamic
 // shared memory head_dim floats, head_dim <= kAttentionMaxHeadDim, n_heads % n_kv_heads == 0,
 // head_dim % D::kElems == 0.
@@ -115,8 +221,9 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(AttentionArgs a
   float m = -INFINITY, l = 0.0f;
   for (int64_t j0 = begin; j0 < end; j0 += kAttnTile) {  // bounds uniform over the block
     const int count = static_cast<int>(end - j0 < kAttnTile ? end - j0 : kAttnTile);
+    const int64_t first = j0 % a.capacity;
     for (int jj = warp; jj < count; jj += kAttnWarps) {  // one warp per key
-      const uint8_t* key = kc + ((j0 + jj) % a.capacity) * slot_bytes;
+      const uint8_t* key = kc + ring_slot(first, jj, a.capacity) * slot_bytes;
       float s = 0;
       for (int d = lane; d < hd; d += 32) s += q_s[d] * blocks::row_value<D>(key, gd + d);
       s = warp_sum(s);
@@ -125,14 +232,14 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(AttentionArgs a
     __syncthreads();
     float m_new = m;
     for (int jj = 0; jj < count; ++jj) m_new = fmaxf(m_new, p_s[jj]);
-    const float alpha = expf(m - m_new);  // 0 on the first tile (m = -inf)
+    const float alpha = softmax_rescale(m, m_new);
     l *= alpha;
 #pragma unroll
     for (int c = 0; c < kAttnDimsPerThread; ++c) acc[c] *= alpha;
     for (int jj = 0; jj < count; ++jj) {
-      const float p = expf(p_s[jj] - m_new);
+      const float p = softmax_weight(p_s[jj], m_new);
       l += p;
-      const uint8_t* val = vc + ((j0 + jj) % a.capacity) * slot_bytes;
+      const uint8_t* val = vc + ring_slot(first, jj, a.capacity) * slot_bytes;
 #pragma unroll
       for (int c = 0; c < kAttnDimsPerThread; ++c) {
         const int d = threadIdx.x + kAttnThreads * c;
@@ -151,7 +258,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(AttentionArgs a
     }
     return;
   }
-  float* part = a.partials + (int64_t{blockIdx.x} * splits + blockIdx.y) * (hd + 2);
+  float* part = partial_row(a, t, h, splits, blockIdx.y);
   if (threadIdx.x == 0) {
     part[0] = m;
     part[1] = l;
@@ -163,30 +270,226 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(AttentionArgs a
   }
 }
 
-// out[t, h, :] = sum_s w_s acc_s / sum_s w_s l_s, w_s = exp(m_s - max_s m_s) (0 for an empty
-// split, m_s = -inf; split 0 is never empty, so the max is finite).
-// Preconditions: gridDim.x = n_tokens * n_heads, blockDim.x = kAttnThreads, dynamic shared
-// memory `splits` floats, partials written by attention_kernel with the same splits.
-__global__ void __launch_bounds__(kAttnThreads)
-    attention_combine_kernel(const float* partials, int splits, int n_heads, int hd, float* out) {
-  GEMMA3_DYNAMIC_SHARED(float, w_s);  // [splits] split weights
-  const float* rows = partials + int64_t{blockIdx.x} * splits * (hd + 2);
-  float mx = -INFINITY;
-  for (int s = 0; s < splits; ++s) mx = fmaxf(mx, rows[int64_t{s} * (hd + 2)]);
-  for (int s = threadIdx.x; s < splits; s += kAttnThreads) {
-    const float ms = rows[int64_t{s} * (hd + 2)];
-    w_s[s] = ms == -INFINITY ? 0.0f : expf(ms - mx);
+// ---- decode kernel ---------------------------------------------------------------------------
+
+constexpr int kDecThreads = 256;  // 8 warps
+constexpr int kDecWarps = kDecThreads / 32;
+constexpr int kDecRows = kAttentionDecodeRows;
+static_assert(kDecRows <= kDecWarps, "one softmax warp per row");
+
+// Flash-decoding for n_tokens <= kAttentionDecodeMaxTokens. Block (kv head g = blockIdx.x, split
+// s = blockIdx.y, row group z = blockIdx.z) serves rows r = z * rows_per_block + i (i <
+// rows_per_block, r < n_tokens * G, G = n_heads / n_kv_heads): token r / G, query head g * G +
+// r % G. Its keys: [lo(first token), hi(last token)] (visible_keys; nondecreasing in t), split
+// s of it as in the prefill kernel; each row masks the keys outside its own range. Per tile of
+// kAttnTile keys (ring slot computed once per tile):
+//   scores   L = pow2 >= hd / E lanes per key (E = KvChunk<D>::kE), 32 / L keys per warp pass:
+//            each lane loads its E-element chunks of the key row once and dots them with every
+//            row's query (shared), then a group_sum over the L lanes;
+//   softmax  warp i < rows updates row i's running max/sum (registers) and turns the tile's
+//            scores into weights (lane jj: key jj);
+//   values   thread = (chunk c of E dims, key group kg): the V chunk of keys kg, kg + KG, ...
+//            loaded once, accumulated into every row (acc[row][E] registers).
+// K and V bytes are read once per block. At the end the key groups' accumulators are summed in
+// shared memory in a fixed order (kg ascending) and written: out (splits == 1) or partials.
+// Preconditions: gridDim = (n_kv_heads, splits, row_groups), blockDim.x = kDecThreads, dynamic
+// shared memory rows_per_block * head_dim floats, head_dim == HD when HD > 0, head_dim % E == 0,
+// head_dim <= kAttentionMaxHeadDim, K/V 16-byte aligned; the plan of attention_plan.
+// __launch_bounds__(.., 2): at most 128 registers, so two blocks (16 warps) share an SM and
+// keep twice the loads in flight (docs/cuda.md's bytes-in-flight model).
+template <class D, int HD>
+__global__ void __launch_bounds__(kDecThreads, 2)
+    decode_attention_kernel(AttentionArgs a, int splits, int chunk, int rows_per_block) {
+  using C = KvChunk<D>;
+  constexpr int E = C::kE;
+  GEMMA3_DYNAMIC_SHARED(float, q_s);          // [rows][hd] queries, then the accumulators' sum
+  __shared__ float p_s[kDecRows][kAttnTile];  // scores, then softmax weights, of the tile
+  __shared__ float alpha_s[kDecRows];         // rescale factor of the tile, per row
+  __shared__ float ml_s[kDecRows][2];         // final (m, l) per row
+  __shared__ int64_t lo_s[kDecRows], hi_s[kDecRows];
+  const int hd = HD > 0 ? HD : a.head_dim;
+  const int group = a.n_heads / a.n_kv_heads, g = blockIdx.x;
+  const int row0 = blockIdx.z * rows_per_block;
+  const int nr = rows_per_block < a.n_tokens * group - row0 ? rows_per_block : a.n_tokens * group - row0;
+  const int64_t q_width = int64_t{a.n_heads} * hd;
+  const int64_t row_bytes = int64_t{hd} / D::kElems * D::kBytes;
+  const int64_t slot_bytes = a.n_kv_heads * row_bytes;
+  const uint8_t* kc = static_cast<const uint8_t*>(a.k) + g * row_bytes;
+  const uint8_t* vc = static_cast<const uint8_t*>(a.v) + g * row_bytes;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int nch = hd / E;  // chunks per row
+
+  for (int i = threadIdx.x; i < nr * hd; i += kDecThreads) {  // load the queries
+    const int r = row0 + i / hd;
+    q_s[i] = a.q[(r / group) * q_width + int64_t{g * group + r % group} * hd + i % hd];
+  }
+  if (threadIdx.x < kDecRows) {  // row ranges
+    int64_t lo = 1, hi = 0;      // a row past nr: no keys
+    if (static_cast<int>(threadIdx.x) < nr) visible_keys(a, (row0 + threadIdx.x) / group, &lo, &hi);
+    lo_s[threadIdx.x] = lo;
+    hi_s[threadIdx.x] = hi;
   }
   __syncthreads();
+  const int64_t begin = lo_s[0] + int64_t{blockIdx.y} * chunk;
+  const int64_t end = hi_s[nr - 1] + 1 < begin + chunk ? hi_s[nr - 1] + 1 : begin + chunk;
+
+  // Scores: lane li of key group `sub` handles chunks li, li + L, ... of key `base + sub`.
+  const int lk = nch >= 32 ? 32 : pow2_at_least(nch), kpw = 32 / lk;
+  const int li = lane % lk, sub = lane / lk;
+  // Values: thread (kg, c).
+  const int lv = pow2_at_least(nch), kgs = kDecThreads / lv;  // nch <= 128: lv <= kDecThreads
+  const int c = threadIdx.x % lv, kg = threadIdx.x / lv;
+  float acc[kDecRows][E] = {};
+  float m = -INFINITY, l = 0.0f;                         // row `warp` (warps < nr), the same in every lane
+  for (int64_t j0 = begin; j0 < end; j0 += kAttnTile) {  // bounds uniform over the block
+    const int count = static_cast<int>(end - j0 < kAttnTile ? end - j0 : kAttnTile);
+    const int64_t first = j0 % a.capacity;
+#pragma unroll 4  // a full tile's key loads issued together (4 passes at 1 key per warp)
+    for (int base = warp * kpw; base < count; base += kDecWarps * kpw) {  // uniform per warp
+      const int jj = base + sub;
+      float dot[kDecRows] = {};
+      if (jj < count) {
+        const uint8_t* key = kc + ring_slot(first, jj, a.capacity) * slot_bytes;
+        for (int ch = li; ch < nch; ch += lk) {
+          float k[E];
+          C::load(key, ch * E, k);
+#pragma unroll
+          for (int r = 0; r < kDecRows; ++r) {
+            if (r >= nr) break;
+            const float* q = q_s + r * hd + ch * E;
+#pragma unroll
+            for (int e = 0; e < E; ++e) dot[r] += q[e] * k[e];
+          }
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < kDecRows; ++r) {
+        if (r >= nr) break;
+        dot[r] = group_sum(dot[r], lk);
+      }
+      if (li == 0 && jj < count) {
+        const int64_t j = j0 + jj;
+#pragma unroll  // constant indices keep dot[] (and acc[] below) in registers, not local memory
+        for (int r = 0; r < kDecRows; ++r) {
+          if (r >= nr) break;
+          p_s[r][jj] = j >= lo_s[r] && j <= hi_s[r] ? dot[r] * a.scale : -INFINITY;
+        }
+      }
+    }
+    __syncthreads();  // p_s holds the tile's scores
+    if (warp < nr) {
+      const float s = lane < count ? p_s[warp][lane] : -INFINITY;
+      const float m_new = fmaxf(m, warp_max(s));
+      const float p = softmax_weight(s, m_new);
+      const float alpha = softmax_rescale(m, m_new);
+      l = l * alpha + warp_sum(p);
+      m = m_new;
+      if (lane < count) p_s[warp][lane] = p;
+      if (lane == 0) alpha_s[warp] = alpha;
+    }
+    __syncthreads();  // p_s holds the weights, alpha_s the rescale factors
+#pragma unroll
+    for (int r = 0; r < kDecRows; ++r) {
+      if (r >= nr) break;
+      const float alpha = alpha_s[r];
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[r][e] *= alpha;
+    }
+    if (c < nch) {
+#pragma unroll 4  // the V loads of a tile's keys issued together
+      for (int jj = kg; jj < count; jj += kgs) {
+        const uint8_t* val = vc + ring_slot(first, jj, a.capacity) * slot_bytes;
+        float v[E];
+        C::load(val, c * E, v);
+#pragma unroll
+        for (int r = 0; r < kDecRows; ++r) {
+          if (r >= nr) break;
+          const float p = p_s[r][jj];
+#pragma unroll
+          for (int e = 0; e < E; ++e) acc[r][e] += p * v[e];
+        }
+      }
+    }
+    __syncthreads();  // the next tile rewrites p_s and alpha_s
+  }
+  if (warp < nr && lane == 0) {
+    ml_s[warp][0] = m;
+    ml_s[warp][1] = l;
+  }
+  // Sum the key groups' accumulators into q_s (no longer read: the last tile's barriers passed).
+  for (int k = 0; k < kgs; ++k) {
+    if (kg == k && c < nch) {
+#pragma unroll
+      for (int r = 0; r < kDecRows; ++r) {
+        if (r >= nr) break;
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          float* dst = q_s + r * hd + c * E + e;
+          *dst = k == 0 ? acc[r][e] : *dst + acc[r][e];
+        }
+      }
+    }
+    __syncthreads();
+  }
+  for (int i = threadIdx.x; i < nr * hd; i += kDecThreads) {
+    const int ri = i / hd, r = row0 + ri, d = i % hd;
+    const int64_t t = r / group;
+    const int h = g * group + r % group;
+    if (splits == 1) {
+      a.out[t * q_width + int64_t{h} * hd + d] = q_s[i] / ml_s[ri][1];  // l >= 1 (key at the max)
+    } else {
+      float* part = partial_row(a, t, h, splits, blockIdx.y);
+      if (d == 0) {
+        part[0] = ml_s[ri][0];
+        part[1] = ml_s[ri][1];
+      }
+      part[2 + d] = q_s[i];
+    }
+  }
+}
+
+// ---- split combine ---------------------------------------------------------------------------
+
+constexpr int kCombineThreads = 256;
+constexpr int kCombineWarps = kCombineThreads / 32;
+
+// out[t, h, :] = sum_s w_s acc_s / sum_s w_s l_s, w_s = exp(m_s - max_s m_s) (0 for a split
+// without visible keys, m_s = -inf; every row has a visible key, so the max is finite). Block
+// (t, h) = blockIdx.x. Tree reductions: the max and sum of l by block_max/block_sum; for acc,
+// warp w sums splits w, w + 8, ... per dim (lane: dims lane, lane + 32, ...), then the 8 warp
+// sums are added pairwise (4 + 4, 2 + 2, 1 + 1) in shared memory.
+// Preconditions: gridDim.x = n_tokens * n_heads, blockDim.x = kCombineThreads, dynamic shared
+// memory (splits + kCombineWarps * hd) floats, partials written with the same splits.
+__global__ void __launch_bounds__(kCombineThreads)
+    attention_combine_kernel(const float* partials, int splits, int n_heads, int hd, float* out) {
+  GEMMA3_DYNAMIC_SHARED(float, w_s);  // [splits] split weights, then [kCombineWarps][hd] sums
+  __shared__ float scratch[32];
+  float* sum_s = w_s + splits;
+  const float* rows = partials + int64_t{blockIdx.x} * splits * (hd + 2);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  float mx = -INFINITY;
+  for (int s = threadIdx.x; s < splits; s += kCombineThreads) mx = fmaxf(mx, rows[int64_t{s} * (hd + 2)]);
+  mx = block_max(mx, scratch);
   float l = 0;
-  for (int s = 0; s < splits; ++s) l += w_s[s] * rows[int64_t{s} * (hd + 2) + 1];  // same order everywhere
+  for (int s = threadIdx.x; s < splits; s += kCombineThreads) {
+    const float ms = rows[int64_t{s} * (hd + 2)];
+    w_s[s] = ms == -INFINITY ? 0.0f : expf(ms - mx);
+    l += w_s[s] * rows[int64_t{s} * (hd + 2) + 1];
+  }
+  l = block_sum(l, scratch);  // ends synchronized: w_s complete
+  for (int d = lane; d < hd; d += 32) {
+    float acc = 0;
+    for (int s = warp; s < splits; s += kCombineWarps) acc += w_s[s] * rows[int64_t{s} * (hd + 2) + 2 + d];
+    sum_s[warp * hd + d] = acc;
+  }
+  __syncthreads();
+  for (int half = kCombineWarps / 2; half > 0; half /= 2) {
+    for (int i = threadIdx.x; i < half * hd; i += kCombineThreads) sum_s[i] += sum_s[i + half * hd];
+    __syncthreads();
+  }
   const int t = blockIdx.x / n_heads, h = blockIdx.x % n_heads;
   float* o = out + (int64_t{t} * n_heads + h) * hd;
-  for (int d = threadIdx.x; d < hd; d += kAttnThreads) {
-    float acc = 0;
-    for (int s = 0; s < splits; ++s) acc += w_s[s] * rows[int64_t{s} * (hd + 2) + 2 + d];
-    o[d] = acc / l;
-  }
+  for (int d = threadIdx.x; d < hd; d += kCombineThreads) o[d] = sum_s[d] / l;
 }
 
 template <class F>
@@ -251,16 +554,30 @@ int launch_attention(const AttentionArgs& a, Stream stream) {
   if (p.span > a.capacity) return static_cast<int>(cudaErrorInvalidValue);
   if (p.splits > 1 && (!a.partials || a.partial_floats < p.workspace_floats))
     return static_cast<int>(cudaErrorInvalidValue);
-  const dim3 grid(static_cast<unsigned>(a.n_tokens * a.n_heads), static_cast<unsigned>(p.splits));
-  const size_t smem = static_cast<size_t>(a.head_dim) * sizeof(float);
   const cudaStream_t s = as_stream(stream);
   const int rc = dispatch_kv(a.kv_dtype, [&](auto d) {
-    GEMMA3_LAUNCH(attention_kernel<decltype(d)>, grid, kAttnThreads, smem, s, a, p.splits, p.chunk);
+    using D = decltype(d);
+    if (!p.decode) {
+      const dim3 grid(static_cast<unsigned>(a.n_tokens * a.n_heads), static_cast<unsigned>(p.splits));
+      const size_t smem = static_cast<size_t>(a.head_dim) * sizeof(float);
+      GEMMA3_LAUNCH(attention_kernel<D>, grid, kAttnThreads, smem, s, a, p.splits, p.chunk);
+      return launch_result();
+    }
+    const dim3 grid(static_cast<unsigned>(a.n_kv_heads), static_cast<unsigned>(p.splits),
+                    static_cast<unsigned>(p.row_groups));
+    const size_t smem = static_cast<size_t>(p.rows_per_block) * a.head_dim * sizeof(float);
+    // Gemma 3's head dims unrolled; SigLIP's 72 and any other through the generic instance.
+    auto kernel = a.head_dim == 128   ? decode_attention_kernel<D, 128>
+                  : a.head_dim == 256 ? decode_attention_kernel<D, 256>
+                                      : decode_attention_kernel<D, 0>;
+    GEMMA3_LAUNCH(kernel, grid, kDecThreads, smem, s, a, p.splits, p.chunk, p.rows_per_block);
     return launch_result();
   });
   if (rc != 0 || p.splits == 1) return rc;
-  GEMMA3_LAUNCH(attention_combine_kernel, grid.x, kAttnThreads, static_cast<size_t>(p.splits) * sizeof(float),
-                s, a.partials, p.splits, a.n_heads, a.head_dim, a.out);
+  const size_t smem =
+      (static_cast<size_t>(p.splits) + static_cast<size_t>(kCombineWarps) * a.head_dim) * sizeof(float);
+  GEMMA3_LAUNCH(attention_combine_kernel, static_cast<unsigned>(a.n_tokens * a.n_heads), kCombineThreads,
+                smem, s, a.partials, p.splits, a.n_heads, a.head_dim, a.out);
   return launch_result();
 }
 

@@ -16,6 +16,14 @@ namespace gemma3::cuda {
 using Stream = void*;  // cudaStream_t
 
 // A weight matrix [rows, cols] in device memory: row r starts at data + r * row_bytes.
+// Layout of a row by dtype (what the backend's upload writes; kernels read it through
+// common.cuh's dispatch_weight): ggml's blocks back to back as stored in the checkpoint, except
+// Q4_0 and Q8_0, repacked at upload into block_decode.h's planar layout — the row's quants
+// (16 or 32 bytes per 32-element block) first, then its nb half scales, zero-padded to a
+// multiple of 16 bytes; row_bytes = blocks::Planar<B>::row_bytes(cols) — so that the GEMV can
+// read every row with 16-byte loads. Q4_K (144 B) and Q5_K (176 B) blocks are already 16-byte
+// multiples; F32/F16/BF16/F8E4M3 rows are when cols is a multiple of 16 elements (the GEMV
+// checks alignment and otherwise takes its per-element path).
 struct WeightRef {
   const void* data = nullptr;
   int64_t rows = 0;
@@ -41,7 +49,8 @@ int launch_quantize_fp8_rows(const WeightRef& w, uint8_t* dst, float* scales, St
 // ---- gemv.cu ----
 constexpr int kGemvMaxTokens = 8;
 // out[t, o] = sum_i x[t, i] * W[o, i], x [n, cols], out [n, rows], 1 <= n <= kGemvMaxTokens.
-int launch_gemv(const WeightRef& w, const float* x, int n, float* out, Stream stream);
+// sm_count (multiprocessors) sizes the grid and the split of short-row-count matrices.
+int launch_gemv(const WeightRef& w, const float* x, int n, float* out, Stream stream, int sm_count = 132);
 
 // ---- norm.cu ----
 // out[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * w, w [dim] fp32; in place allowed.
@@ -84,10 +93,17 @@ struct AttentionArgs {
 };
 constexpr int kAttentionMaxHeadDim = 512;
 
-constexpr int kAttentionKeyTile = 32;  // keys the attention kernel scores per step
-constexpr int kMinSplitKeys = 256;     // a split's keys: at least this many ...
+constexpr int kAttentionKeyTile = 32;  // keys the attention kernels score per step (a warp's lanes)
+constexpr int kMinSplitKeys = 256;     // prefill kernel: a split's keys at least this many ...
 constexpr int kMaxSplitKeys = 1024;    // ... and at most this many, unless kMaxSplits forces more
 constexpr int kMaxSplits = 1024;       // grid.y and the combine kernel's shared weights
+// Decode kernel (n_tokens <= kAttentionDecodeMaxTokens): one block per (kv head, split, row
+// group) serving the rows (query token, query head of the kv head's group) of the call, at most
+// kAttentionDecodeRows per block, so K/V are read once per row group (once for every Gemma 3
+// decode step: group size 2 or 4, one token). Splits hold at least kDecodeMinSplitKeys keys.
+constexpr int kAttentionDecodeMaxTokens = kGemvMaxTokens;
+constexpr int kAttentionDecodeRows = 8;  // one softmax warp per row
+constexpr int kDecodeMinSplitKeys = 32;
 
 // Keys visible to query t (position i = pos0 + t): the contiguous range [lo, hi],
 //   lo = max(kv_start, i - W + 1 if W else 0), hi = i, except that a query in the
@@ -112,12 +128,18 @@ inline bool bad_attention_args(const AttentionArgs& a) {
          (bidir && (a.bidir_begin < a.pos0 || a.bidir_end > int64_t{a.pos0} + a.n_tokens));
 }
 
-// How launch_attention divides the work: each (token, head) row's visible keys are cut into
-// `splits` chunks of `chunk` keys, one block each, combined by a second kernel when splits > 1.
+// How launch_attention divides the work. Prefill kernel: each (token, head) row's visible keys
+// are cut into `splits` chunks of `chunk` keys, one block each. Decode kernel (`decode`): the
+// keys visible to any token of the call (one range: [lo(0), hi(n_tokens - 1)]) are cut into
+// `splits` chunks, one block per (kv head, chunk, row group). Both write (m, l, acc) partials
+// per (token, head) row and split, combined by a second kernel when splits > 1.
 struct AttentionPlan {
+  bool decode = false;     // the decode kernel (else the prefill kernel)
+  int rows_per_block = 0;  // decode: rows (token, query head of one kv head) per block
+  int row_groups = 0;      // decode: ceil(n_tokens * group size / rows_per_block)
   int splits = 1;
   int chunk = 0;                 // keys per split (the longest visible range when splits == 1)
-  int64_t longest = 0;           // keys of the longest visible range
+  int64_t longest = 0;           // keys of the longest visible range (decode: of their union)
   int64_t workspace_floats = 0;  // n_tokens * n_heads * splits * (head_dim + 2) when splits > 1
   // Positions lo(0) .. pos0 + n_tokens - 1: every key the call reads (the last query reads the
   // newest; lo is nondecreasing in t). They must all be in the ring at once, span <= capacity,
@@ -125,36 +147,57 @@ struct AttentionPlan {
   int64_t span = 0;
 };
 
+// Elements the decode kernel loads together from a K/V row: 16 bytes of fp32 or bf16, 8 of fp8
+// or of a Q8_0 block's quants (its 34-byte blocks are only 2-byte aligned). The decode kernel
+// needs head_dim a multiple of it and 16-byte aligned caches (cudaMalloc gives 256).
+inline int attention_decode_chunk(DType t) { return t == DType::kF32 ? 4 : 8; }
+
 // Host-only planning (no device work); the default plan for bad arguments or no tokens.
-// Split only when the (token, head) rows alone leave the device mostly idle: aim for about
-// 4 blocks per multiprocessor, each split between kMinSplitKeys and kMaxSplitKeys keys (a
-// multiple of the key tile). One token at 128K keys and 8 heads: 128 splits of 1024.
+// Split only when the blocks without splits leave the device mostly idle: aim for about 4
+// blocks per multiprocessor. Prefill kernel: blocks = n_tokens * n_heads, each split between
+// kMinSplitKeys and kMaxSplitKeys keys. Decode kernel: blocks = n_kv_heads * row_groups, each
+// split at least kDecodeMinSplitKeys keys and no upper bound but kMaxSplits (one kv head at 128K
+// keys: 512 splits of 256 keys; 4 kv heads: 128 of 1024). Chunks are whole key tiles.
 inline AttentionPlan attention_plan(const AttentionArgs& a) {
   AttentionPlan p;
   if (bad_attention_args(a) || a.n_tokens == 0) return p;
-  int64_t longest = 1, lo0 = 0, hi0 = 0;
+  int64_t longest = 1, lo0 = 0, hi0 = 0, lo_last = 0, hi_last = 0;
   visible_keys(a, 0, &lo0, &hi0);
   for (int t = 0; t < a.n_tokens; ++t) {
     int64_t lo, hi;
     visible_keys(a, t, &lo, &hi);
     longest = hi - lo + 1 > longest ? hi - lo + 1 : longest;
   }
-  p.longest = longest;
+  visible_keys(a, a.n_tokens - 1, &lo_last, &hi_last);
   p.span = int64_t{a.pos0} + a.n_tokens - lo0;
+  const int64_t group = a.n_heads / a.n_kv_heads, rows = int64_t{a.n_tokens} * group;
+  const int64_t row_groups = (rows + kAttentionDecodeRows - 1) / kAttentionDecodeRows;
+  const uintptr_t align = reinterpret_cast<uintptr_t>(a.k) | reinterpret_cast<uintptr_t>(a.v);
+  p.decode = a.n_tokens <= kAttentionDecodeMaxTokens &&
+             a.head_dim % attention_decode_chunk(a.kv_dtype) == 0 && align % 16 == 0 && row_groups <= 65535;
+  int64_t blocks = int64_t{a.n_tokens} * a.n_heads, min_keys = kMinSplitKeys, max_keys = kMaxSplitKeys;
+  if (p.decode) {
+    p.rows_per_block = static_cast<int>(rows < kAttentionDecodeRows ? rows : kAttentionDecodeRows);
+    p.row_groups = static_cast<int>(row_groups);
+    longest = hi_last - lo0 + 1;  // lo and hi are nondecreasing in t: the union is one range
+    blocks = int64_t{a.n_kv_heads} * row_groups;
+    min_keys = kDecodeMinSplitKeys;
+    max_keys = int64_t{1} << 40;
+  }
+  p.longest = longest;
   p.chunk = static_cast<int>(longest < 0x7FFFFFFF ? longest : 0x7FFFFFFF);
-  const int64_t rows = int64_t{a.n_tokens} * a.n_heads;
   const int64_t target = 4 * int64_t{a.sm_count > 0 ? a.sm_count : 1};
-  if (rows >= target || longest <= kMinSplitKeys) return p;
-  const int64_t want = (target + rows - 1) / rows;
+  if (blocks >= target || longest <= min_keys) return p;
+  const int64_t want = (target + blocks - 1) / blocks;
   int64_t chunk = (longest + want - 1) / want;
-  chunk = chunk < kMinSplitKeys ? kMinSplitKeys : chunk > kMaxSplitKeys ? kMaxSplitKeys : chunk;
+  chunk = chunk < min_keys ? min_keys : chunk > max_keys ? max_keys : chunk;
   if ((longest + chunk - 1) / chunk > kMaxSplits) chunk = (longest + kMaxSplits - 1) / kMaxSplits;
   chunk = (chunk + kAttentionKeyTile - 1) / kAttentionKeyTile * kAttentionKeyTile;
   const int64_t splits = (longest + chunk - 1) / chunk;
   if (splits <= 1) return p;
   p.splits = static_cast<int>(splits);
   p.chunk = static_cast<int>(chunk);
-  p.workspace_floats = rows * splits * (a.head_dim + 2);
+  p.workspace_floats = int64_t{a.n_tokens} * a.n_heads * splits * (a.head_dim + 2);
   return p;
 }
 int launch_attention(const AttentionArgs& a, Stream stream);

@@ -17,10 +17,10 @@
 #include "../kernels/block_decode.h"
 #include "../kernels/launch.h"
 #include "backend/backend.h"
-#include "model/sampler.h"
 #include "core/quant.h"
 #include "model/forward.h"
 #include "model/make_model.h"
+#include "model/sampler.h"
 #include "model/weights.h"
 
 namespace gemma3 {
@@ -132,6 +132,36 @@ TEST(BlockDecode, MatchesReferenceDequantizer) {
   }
 }
 
+// The CUDA backend's planar Q4_0/Q8_0 layout (block_decode.h Planar): repacked rows decode to
+// the blocks' values bit for bit, for one block (scale plane padded from 2 to 16 bytes) and
+// many; the padding is zero.
+TEST(BlockDecode, PlanarLayoutMatchesBlocks) {
+  for (DType t : {DType::kQ4_0, DType::kQ8_0}) {
+    for (int64_t cols : {32, 96, 544}) {
+      const auto raw = random_bytes(static_cast<size_t>(*row_bytes(t, cols)), 77 + static_cast<int>(cols));
+      const bool q4 = t == DType::kQ4_0;
+      const uint64_t prb = q4 ? blocks::Q4_0Planar::row_bytes(cols) : blocks::Q8_0Planar::row_bytes(cols);
+      const int64_t nb = cols / 32;
+      EXPECT_EQ(prb % 16, 0u);
+      EXPECT_EQ(prb, static_cast<uint64_t>(nb * (q4 ? 16 : 32) + (2 * nb + 15) / 16 * 16));
+      std::vector<uint8_t> planar(prb, 0xAB);
+      (q4 ? blocks::Q4_0Planar::repack_row : blocks::Q8_0Planar::repack_row)(raw.data(), planar.data(), cols);
+      for (uint64_t b = static_cast<uint64_t>(nb * (q4 ? 18 : 34)); b < prb; ++b)
+        EXPECT_EQ(planar[b], 0) << b;
+      int bad = 0;
+      for (int64_t i = 0; i < cols; ++i) {
+        const float want = decode_host(t, raw.data(), i);
+        const float got = q4 ? blocks::weight_value<blocks::Q4_0Planar>(planar.data(), cols, i)
+                             : blocks::weight_value<blocks::Q8_0Planar>(planar.data(), cols, i);
+        if (!same_float(got, want) && ++bad <= 3)
+          ADD_FAILURE() << dtype_name(t) << " cols " << cols << " element " << i << ": " << got << " vs "
+                        << want;
+      }
+      EXPECT_EQ(bad, 0);
+    }
+  }
+}
+
 // The encoders the CUDA kv_write and fp8 weight upload use (block_decode.h), on the host,
 // against the CPU code whose algorithms they copy: f32_to_f16 (dtype.cpp), f32_to_f8e4m3
 // (make_model.cpp; NaN differs by design: 0x7F there, 0 in the KV/weight encoder) and the
@@ -219,26 +249,36 @@ TEST(AttentionPlan, VisibleKeysAreTheSpecsMask) {
 
 // Split-KV plans: the splits of the longest row cover it with no empty tail split, chunks are
 // whole key tiles, grid.y stays within kMaxSplits, and the workspace matches. Hand-computed
-// anchors: 1 token x 8 heads over 128K keys on 132 SMs wants 4 * 132 / 8 = 66 splits of 1986
-// keys, clamped to 1024: 128 splits; 1 token x 1 head over 2M keys: 1024 splits of 2048.
+// anchors (132 SMs, target 4 * 132 = 528 blocks): prefill kernel, 9 tokens x 8 heads over 128K
+// keys: 72 blocks want 8 splits of 16384 keys, clamped to 1024: 128 splits. Decode kernel
+// (one block per kv head): 1 token, 8 heads on 1 kv head over 128K keys wants 528 splits of
+// 249 keys, a whole tile: 256, 512 splits; 1 token x 1 head over 2M keys: 528 splits of 3972,
+// rounded to 4000: 525 splits; 2 kv heads at 200 keys: 7 splits of 32 (the minimum).
 TEST(AttentionPlan, SplitsCoverTheLongestRow) {
   struct Case {
     cuda::AttentionArgs a;
     int splits;  // expected, or 0: only the invariants
+    bool decode;
   };
+  cuda::AttentionArgs two_kv = attention_args(1, 199, 8, 0, 0, 256);
+  two_kv.n_kv_heads = 2;
   const Case cases[] = {
-      {attention_args(1, 131071, 8, 0, 0, 131072), 128},
-      {attention_args(1, 4999, 8, 0, 0, 5000), 0},
-      {attention_args(3, 1800, 2, 0, 770, 1900), 0},
-      {attention_args(1, 70001, 8, 1024, 0, 1039), 0},
-      {attention_args(1, 2097151, 1, 0, 0, 2097152), 1024},
-      {attention_args(1, 200, 8, 0, 0, 256), 1},                 // short: no split
-      {attention_args(512, 4096, 8, 0, 0, 8192), 1},             // prefill: rows fill the device
-      {attention_args(1, 100000, 8, 0, 0, 100001, 0, 0, 0), 0},  // sm_count unknown
+      {attention_args(9, 131063, 8, 0, 0, 131072), 128, false},
+      {attention_args(1, 131071, 8, 0, 0, 131072), 512, true},
+      {attention_args(1, 4999, 8, 0, 0, 5000), 0, true},
+      {attention_args(3, 1800, 2, 0, 770, 1900), 0, true},
+      {attention_args(1, 70001, 8, 1024, 0, 1039), 0, true},
+      {attention_args(1, 2097151, 1, 0, 0, 2097152), 525, true},
+      {two_kv, 7, true},
+      {attention_args(1, 20, 8, 0, 0, 256), 1, true},                  // short: no split
+      {attention_args(12, 200, 8, 0, 0, 256), 1, false},               // prefill, short: no split
+      {attention_args(512, 4096, 8, 0, 0, 8192), 1, false},            // prefill: rows fill the device
+      {attention_args(1, 100000, 8, 0, 0, 100001, 0, 0, 0), 0, true},  // sm_count unknown
   };
   for (const Case& c : cases) {
     const cuda::AttentionPlan p = cuda::attention_plan(c.a);
     const std::string what = "pos0 " + std::to_string(c.a.pos0) + " heads " + std::to_string(c.a.n_heads);
+    EXPECT_EQ(p.decode, c.decode) << what;
     if (c.splits) EXPECT_EQ(p.splits, c.splits) << what;
     EXPECT_GE(p.splits, 1) << what;
     EXPECT_LE(p.splits, cuda::kMaxSplits) << what;
@@ -252,6 +292,57 @@ TEST(AttentionPlan, SplitsCoverTheLongestRow) {
       EXPECT_EQ(p.workspace_floats, 0) << what;
     }
   }
+}
+
+// Which kernel serves a call, and the decode kernel's grid. Decode: n_tokens <= 8, head_dim a
+// multiple of the 16-/8-byte load (8 elements; 4 for fp32), 16-byte aligned caches; rows
+// (token, query head of a kv head) are packed kAttentionDecodeRows per block. For Gemma 3's
+// decode shapes (1 token; kv heads 1, 4, 8, 16) at 128 .. 128K keys the grid has several blocks
+// per SM (>= 3 * 132) unless every split is already at the minimum (short contexts, where a
+// block's K/V are a few KiB and launch latency dominates).
+TEST(AttentionPlan, DecodeKernelChoiceAndGrid) {
+  auto with = [](cuda::AttentionArgs a, int n_kv, int hd, DType dt) {
+    a.n_kv_heads = n_kv, a.head_dim = hd, a.kv_dtype = dt;
+    return a;
+  };
+  const cuda::AttentionArgs base = attention_args(1, 1000, 16, 0, 0, 2048);
+  EXPECT_TRUE(cuda::attention_plan(with(base, 1, 128, DType::kBF16)).decode);
+  EXPECT_TRUE(cuda::attention_plan(with(base, 16, 72, DType::kBF16)).decode);  // SigLIP's head_dim
+  EXPECT_TRUE(cuda::attention_plan(with(base, 16, 72, DType::kF32)).decode);
+  EXPECT_FALSE(cuda::attention_plan(with(base, 16, 36, DType::kBF16)).decode);  // 36 % 8 != 0
+  EXPECT_TRUE(cuda::attention_plan(with(base, 16, 36, DType::kF32)).decode);
+  EXPECT_TRUE(
+      cuda::attention_plan(with(attention_args(8, 1000, 16, 0, 0, 2048), 4, 128, DType::kQ8_0)).decode);
+  EXPECT_FALSE(
+      cuda::attention_plan(with(attention_args(9, 1000, 16, 0, 0, 2048), 4, 128, DType::kQ8_0)).decode);
+  cuda::AttentionArgs misaligned = with(base, 4, 128, DType::kBF16);
+  misaligned.k = reinterpret_cast<const void*>(uintptr_t{0x1008});
+  EXPECT_FALSE(cuda::attention_plan(misaligned).decode);
+
+  // Rows: 8 tokens x group 16 = 128 rows, 16 row groups of 8; 1 token x group 4: one of 4.
+  const cuda::AttentionPlan big =
+      cuda::attention_plan(with(attention_args(8, 1000, 16, 0, 0, 2048), 1, 128, DType::kBF16));
+  EXPECT_EQ(big.rows_per_block, cuda::kAttentionDecodeRows);
+  EXPECT_EQ(big.row_groups, 16);
+  const cuda::AttentionPlan one = cuda::attention_plan(with(base, 4, 128, DType::kBF16));
+  EXPECT_EQ(one.rows_per_block, 4);
+  EXPECT_EQ(one.row_groups, 1);
+
+  for (int n_kv : {1, 4, 8, 16}) {
+    for (int keys : {128, 1024, 4096, 32768, 131072}) {
+      const cuda::AttentionArgs a =
+          with(attention_args(1, keys - 1, 2 * n_kv, 0, 0, keys), n_kv, 256, DType::kBF16);
+      const cuda::AttentionPlan p = cuda::attention_plan(a);
+      const std::string what = std::to_string(n_kv) + " kv heads, " + std::to_string(keys) + " keys";
+      ASSERT_TRUE(p.decode) << what;
+      const int64_t blocks = int64_t{n_kv} * p.row_groups * p.splits;
+      EXPECT_TRUE(blocks >= 3 * 132 || p.chunk == cuda::kDecodeMinSplitKeys) << what << ": " << blocks;
+      EXPECT_LE(blocks, 8 * 132) << what;
+      EXPECT_EQ(p.longest, keys) << what;
+    }
+  }
+  // The union of the tokens' ranges: 3 tokens under a window of 8 at 100: keys 93 .. 102.
+  EXPECT_EQ(cuda::attention_plan(attention_args(3, 100, 4, 8, 0, 16)).longest, 10);
 }
 
 // The ring check: every key one call reads must be in the ring together. A local layer's ring
@@ -461,6 +552,117 @@ TEST_F(CudaOps, MatmulTilesLargeWeights) {
   EXPECT_LT(worst, 1e-4);  // as above; k = 8192 gives sqrt(k) * u ~ 5e-6
 }
 
+// The decode GEMV (kernels/gemv.cu) at every token count 1..8 and every type, against the CPU
+// reference with MatmulMatchesCpu's tolerance. Columns per type: a short row (one tile, each
+// row group in one block: split 1) and a long one that is a multiple of the type's 16-byte
+// chunk but not of 32 lanes' worth, crosses the x tile at n >= 5 (partial last tile) and makes
+// the block split each row pair over 2, 4 or 8 warps; plain types also at a width whose rows
+// are not 16-byte multiples (the per-element path). 45 rows: not a multiple of any row group.
+std::vector<int64_t> gemv_cols(DType t) {
+  const int be = dtype_info(t).block_elems;
+  if (be == 1) return {40, 2096, 36};  // f16/bf16 at 36 and fp8 at 40, 36: the element path
+  if (be == 32) return {96, 2080};
+  return {256, 2304};
+}
+
+void expect_matmul_close(Backend& gpu, Backend& cpu, const TestWeight& tw, DType t, int64_t rows,
+                         int64_t cols, int n, uint32_t seed) {
+  auto wg = gpu.upload(tw.view);
+  auto wc = cpu.upload(tw.view);
+  ASSERT_TRUE(wg.ok() && wc.ok()) << wg.status().to_string();
+  const auto x = randn(static_cast<size_t>(n * cols), seed);
+  Buf xg(gpu, x), og(gpu, static_cast<size_t>(n * rows) * 4);
+  std::vector<float> ref(static_cast<size_t>(n * rows));
+  cpu.matmul(x.data(), n, **wc, ref.data());
+  gpu.matmul(xg.f(), n, **wg, og.f());
+  const auto got = og.read();
+  int bad = 0;
+  for (int tk = 0; tk < n; ++tk)
+    for (int64_t o = 0; o < rows; ++o) {
+      double mag = 0;
+      for (int64_t i = 0; i < cols; ++i) mag += std::fabs(double(tw.dense[o * cols + i]) * x[tk * cols + i]);
+      const double err = std::fabs(double(got[tk * rows + o]) - ref[tk * rows + o]);
+      if (!(err <= 1e-4 * mag + 1e-30) && ++bad <= 3)  // as MatmulMatchesCpuForEveryTypeAndTokenCount
+        ADD_FAILURE() << dtype_name(t) << " [" << rows << " x " << cols << "] n " << n << " [" << tk << ","
+                      << o << "]: gpu " << got[tk * rows + o] << " cpu " << ref[tk * rows + o] << " (sum|wx| "
+                      << mag << ")";
+    }
+  EXPECT_EQ(bad, 0) << dtype_name(t) << " [" << rows << " x " << cols << "] n " << n;
+}
+
+TEST_F(CudaOps, GemvMatchesCpuForEveryTypeAndTokenCount) {
+  for (DType t : kAllTypes) {
+    for (int64_t cols : gemv_cols(t)) {
+      const int64_t rows = 45;
+      TestWeight tw(t, rows, cols, 101 + static_cast<uint32_t>(cols));
+      for (int n = 1; n <= cuda::kGemvMaxTokens; ++n) {
+        expect_matmul_close(*gpu_, *cpu_, tw, t, rows, cols, n, 200 + n);
+        if (HasFailure()) return;
+      }
+    }
+  }
+}
+
+// Shapes of the GEMV's other paths: fewer rows than one row group (3), a single row, a row
+// pair over 8 warps at 1 token, and more row groups than the grid (8 blocks per SM: 132 SMs
+// in the emulator), so blocks walk several groups with x staged once.
+TEST_F(CudaOps, GemvNarrowAndTallMatrices) {
+  struct Case {
+    DType t;
+    int64_t rows, cols;
+    int n;
+  };
+  std::vector<Case> cases = {{DType::kBF16, 3, 4096, 1},   {DType::kQ4_0, 1, 4096, 2},
+                             {DType::kQ8_0, 5, 2048, 8},   {DType::kQ4_K, 7, 4096, 1},
+                             {DType::kF8E4M3, 2, 4096, 3}, {DType::kBF16, 17000, 16, 1},
+                             {DType::kQ4_0, 17000, 32, 2}};
+  for (const Case& c : cases) {
+    if (emu_small() && c.rows > 10000 && c.t != DType::kBF16) continue;
+    TestWeight tw(c.t, c.rows, c.cols, 300 + static_cast<uint32_t>(c.rows));
+    expect_matmul_close(*gpu_, *cpu_, tw, c.t, c.rows, c.cols, c.n, 400);
+    if (HasFailure()) return;
+  }
+}
+
+// The planar Q4_0/Q8_0 upload read back exactly: embed (scale 1) returns every row and the
+// cuBLAS path's dequantization (launch_dequant_rows) multiplied by identity rows returns
+// W[:, t] for t < 12; both must equal the CPU's dequantized values (sums of one product and
+// exact zeros, so exact), for one block per row (scales padded to 16 bytes) and for many.
+TEST_F(CudaOps, PlanarUploadDequantizesExactly) {
+  for (DType t : {DType::kQ4_0, DType::kQ8_0}) {
+    for (int64_t cols : {32, 96, 2080}) {
+      const int64_t rows = 13;
+      TestWeight tw(t, rows, cols, 500 + static_cast<uint32_t>(cols));
+      auto wg = gpu_->upload(tw.view);
+      ASSERT_TRUE(wg.ok()) << wg.status().to_string();
+      std::vector<int32_t> ids(rows);
+      for (int64_t r = 0; r < rows; ++r) ids[r] = static_cast<int32_t>(rows - 1 - r);
+      Buf eg(*gpu_, static_cast<size_t>(rows * cols) * 4);
+      gpu_->embed(**wg, ids.data(), static_cast<int>(rows), 1.0f, eg.f());
+      const auto emb = eg.read();
+      int bad = 0;
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t i = 0; i < cols; ++i)
+          if (!same_float(emb[r * cols + i], tw.dense[ids[r] * cols + i]) && ++bad <= 3)
+            ADD_FAILURE() << dtype_name(t) << " cols " << cols << " embed row " << ids[r] << " element " << i;
+      const int n = static_cast<int>(std::min<int64_t>(cols, 12));  // > 8 tokens: dequantize + cuBLAS
+      if (n > cuda::kGemvMaxTokens) {
+        std::vector<float> x(static_cast<size_t>(n * cols), 0.0f);
+        for (int k = 0; k < n; ++k) x[k * cols + k] = 1.0f;
+        Buf xg(*gpu_, x), og(*gpu_, static_cast<size_t>(n * rows) * 4);
+        gpu_->matmul(xg.f(), n, **wg, og.f());
+        const auto got = og.read();
+        for (int k = 0; k < n; ++k)
+          for (int64_t o = 0; o < rows; ++o)
+            if (!(got[k * rows + o] == tw.dense[o * cols + k]) && ++bad <= 3)
+              ADD_FAILURE() << dtype_name(t) << " cols " << cols << " dequantized [" << o << "," << k
+                            << "]: " << got[k * rows + o] << " vs " << tw.dense[o * cols + k];
+      }
+      EXPECT_EQ(bad, 0) << dtype_name(t) << " cols " << cols;
+    }
+  }
+}
+
 TEST_F(CudaOps, EmbedIsBitExactForEveryType) {
   for (DType t : kAllTypes) {
     const int64_t rows = 50, cols = dtype_info(t).block_elems == 1 ? 37 : 512;
@@ -635,10 +837,28 @@ TEST_F(CudaOps, AttentionMatchesCpu) {
       {"split: one token over 100003 keys", 1, 100002, 2, 1, 128, 0, 0, 100003, 0, 0, false},
       {"split: one token at 128K, 8 heads (the most splits)", 1, 131071, 8, 1, 256, 0, 0, 131072, 0, 0,
        false},
+      // Decode kernel (n_tokens <= 8: one block per kv head, split and row group serving every
+      // query head of the group and every token): GQA 1..16, head dims 72 (generic), 128, 256,
+      // 1..8 tokens, one split and many, ring wraps under a window, kv_start, bidir groups.
+      {"decode: GQA 1, one split", 1, 20, 4, 4, 256, 0, 0, 32},
+      {"decode: GQA 2, ring wrap in a window, one split", 1, 1000, 4, 2, 256, 16, 0, 16},
+      {"decode: GQA 4 (1B's), 701 keys, splits", 1, 700, 4, 1, 256, 0, 0, 701},
+      {"decode: GQA 8, head_dim 128, splits", 1, 300, 8, 1, 128, 0, 0, 320},
+      {"decode: GQA 16, 2 tokens (4 row groups)", 2, 150, 16, 1, 128, 0, 0, 160},
+      {"decode: GQA 16, 2000 keys (2 row groups, many splits)", 1, 1999, 16, 1, 256, 0, 0, 2000},
+      {"decode: 8 tokens, GQA 4, window ring wrap", 8, 500, 8, 2, 256, 32, 0, 32 + 8 - 1},
+      {"decode: 5 tokens, kv_start, splits", 5, 400, 4, 2, 128, 0, 250, 512},
+      {"decode: 6 tokens, bidir group on a window ring", 6, 60, 4, 2, 128, 16, 0, 16 + 6 - 1, 61, 65},
+      {"decode: 7 tokens, GQA 2, head_dim 256", 7, 90, 4, 2, 256, 0, 0, 128},
+      {"decode: 4 tokens, head_dim 72, all bidirectional (vision)", 4, 0, 16, 16, 72, 0, 0, 4, 0, 4},
+      {"decode: 2 tokens, head_dim 72, GQA 4, splits", 2, 200, 8, 2, 72, 0, 0, 256},
+      // The prefill kernel's own split path (9 tokens: past the decode kernel).
+      {"prefill split: 9 tokens, 2 heads, 1500 keys", 9, 1491, 2, 1, 128, 0, 0, 1500},
   };
   for (DType dt : kKvTypes) {
     for (const Case& c : cases) {
       if (!c.all_types && dt != DType::kBF16) continue;
+      if (dt == DType::kQ8_0 && c.hd % 32 != 0) continue;  // Q8_0 caches need whole blocks per head
       if (emu_small() && c.capacity > 10000) continue;
       const int kvw = c.n_kv_heads * c.hd, qw = c.n_heads * c.hd;
       // Identical cache contents on both sides.
@@ -721,6 +941,8 @@ TEST_F(CudaOps, SmallAttentionAndGemv) {
       {"prefill across the window", 11, 0, 4, 2, 256, 8, 18, 0, 0},
       {"split decode, 700 keys", 1, 699, 2, 1, 128, 0, 700, 0, 0},
       {"bidir group, head_dim 72", 9, 0, 4, 4, 72, 0, 9, 0, 9},
+      {"decode kernel, 3 tokens, GQA 4, head_dim 72, splits", 3, 120, 8, 2, 72, 0, 128, 0, 0},
+      {"decode kernel, 1 token, GQA 2, 300 keys", 1, 299, 4, 2, 256, 0, 300, 0, 0},
   };
   for (DType dt : {DType::kBF16, DType::kQ8_0}) {
     for (const Case& c : cases) {

@@ -4,16 +4,18 @@
 # rebuilds the emulated test binary there and runs CudaOps.AttentionMatchesCpu, which must
 # fail for the expected reason:
 #
-#   barrier        attention_kernel's end-of-tile __syncthreads deleted: wrong outputs under
-#                  low-first and high-first (the first or last warp overwrites the score tile
-#                  that the other warps still read); it also runs under round-robin, which does
-#                  not interleave enough to see it (informational)
-#   smem-dynamic   the dynamic shared query (head_dim floats) written one float past its end
-#                  (d <= hd): ASan heap-buffer-overflow at that line
-#   smem-static    the static score tile (32 floats) written one past its end when a tile is
-#                  full (jj <= count): ASan global-buffer-overflow at that line
-#   shuffle        the score's warp_sum done by lanes 0-15 only: the emulator reports a
-#                  divergent warp (lanes 16-31 reach __syncthreads while 0-15 wait for them)
+#   barrier        decode_attention_kernel's barrier between the softmax step and the value
+#                  step deleted: wrong outputs under low-first and high-first (the first or last
+#                  warp accumulates V with scores not yet turned into weights, or with other
+#                  rows' stale rescale factors); round-robin is informational
+#   smem-dynamic   the decode kernel's dynamic shared queries (rows x head_dim floats) written
+#                  one float past their end (i <= nr * hd): ASan heap-buffer-overflow there
+#   smem-static    the decode kernel's static per-row key ranges (kAttentionDecodeRows) written
+#                  one past their end (threadIdx.x <= kDecRows): UBSan index out of bounds or
+#                  ASan global-buffer-overflow at that line
+#   shuffle        the decode kernel's score reduction (group_sum) done by lanes 0-15 only:
+#                  the emulator reports a divergent warp, or lanes exchange the wrong values
+#                  and the outputs differ
 #
 #   tools/cuda-emu/mutation-check.sh [SCRATCH_DIR]
 #
@@ -103,23 +105,23 @@ mutate baseline ""
 build_tests baseline
 run baseline low-first pass ""
 
-mutate barrier '/__syncthreads();  \/\/ p_s is rewritten by the next tile/d'
+mutate barrier '/__syncthreads();  \/\/ p_s holds the weights, alpha_s the rescale factors/d'
 build_tests barrier
 run barrier low-first fail 'The difference between'
 run barrier high-first fail 'The difference between'
 run barrier round-robin any 'The difference between'
 
-mutate smem-dynamic 's/for (int d = threadIdx.x; d < hd; d += kAttnThreads) q_s\[d\]/for (int d = threadIdx.x; d <= hd; d += kAttnThreads) q_s[d]/'
+mutate smem-dynamic 's/for (int i = threadIdx.x; i < nr \* hd; i += kDecThreads) {  \/\/ load the queries/for (int i = threadIdx.x; i <= nr * hd; i += kDecThreads) {  \/\/ load the queries/'
 build_tests smem-dynamic
 run smem-dynamic low-first fail 'AddressSanitizer: heap-buffer-overflow'
 
-mutate smem-static 's/for (int jj = warp; jj < count; jj += kAttnWarps) {  \/\/ one warp per key/for (int jj = warp; jj <= count; jj += kAttnWarps) {  \/\/ one warp per key/'
+mutate smem-static 's/if (threadIdx.x < kDecRows) {  \/\/ row ranges/if (threadIdx.x <= kDecRows) {  \/\/ row ranges/'
 build_tests smem-static
-run smem-static low-first fail 'runtime error: index 32 out of bounds|AddressSanitizer: global-buffer-overflow'
+run smem-static low-first fail 'runtime error: index 8 out of bounds|AddressSanitizer: global-buffer-overflow'
 
-mutate shuffle 's/^      s = warp_sum(s);$/      if (lane < 16) s = warp_sum(s);/'
+mutate shuffle 's/^        dot\[r\] = group_sum(dot\[r\], lk);$/        if (lane < 16) dot[r] = group_sum(dot[r], lk);/'
 build_tests shuffle
-run shuffle low-first fail 'cuda-emu: error: divergent warp'
+run shuffle low-first fail 'cuda-emu: error: divergent warp|The difference between'
 
 mutate restore ""  # leave the scratch copy as the working tree had it
 echo

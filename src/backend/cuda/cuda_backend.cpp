@@ -1,4 +1,5 @@
-// The CUDA backend: weights resident on the GPU as their raw checkpoint bytes, fp32
+// The CUDA backend: weights resident on the GPU as their checkpoint bytes (Q4_0/Q8_0 repacked
+// for 16-byte loads: upload_planar), fp32
 // activations, one stream, every op a kernel launch (no host round trip inside an op).
 // Kernels and their launchers live in kernels/; this file is the host side: memory, cuBLAS,
 // argument checks, and error bookkeeping.
@@ -40,7 +41,7 @@ class CudaWeight final : public BackendWeight {
     if (vec) (void)cudaFree(vec);
   }
   std::string name;
-  void* data = nullptr;  // [rows, row_bytes] raw blocks as stored in the checkpoint
+  void* data = nullptr;  // [rows, row_bytes] blocks as stored in the checkpoint (Q4_0/Q8_0: planar)
   uint64_t row_bytes = 0;
   float* scales = nullptr;  // fp8 only: [n_scales] row scales (1 = per tensor)
   int64_t n_scales = 0;
@@ -220,7 +221,11 @@ class CudaBackend final : public Backend {
         static_cast<int64_t>(t.row_scale.size()) != w->rows)
       return invalid_file(
           fmt::format("tensor {}: {} row scales for {} rows", t.name, t.row_scale.size(), w->rows));
-    GEMMA3_TRY(copy_to_device(t.data, t.nbytes, &w->data, t.name));
+    if (t.dtype == DType::kQ4_0 || t.dtype == DType::kQ8_0) {
+      GEMMA3_TRY(upload_planar(t, w.get()));
+    } else {
+      GEMMA3_TRY(copy_to_device(t.data, t.nbytes, &w->data, t.name));
+    }
     if (!t.row_scale.empty()) {
       w->n_scales = static_cast<int64_t>(t.row_scale.size());
       GEMMA3_TRY(copy_to_device(t.row_scale.data(), t.row_scale.size() * sizeof(float),
@@ -329,7 +334,7 @@ class CudaBackend final : public Backend {
     const CudaWeight& w = as_cuda(wt);
     if (!error_.ok() || n <= 0 || w.rows == 0) return;  // no outputs (and the tile clamp needs rows >= 1)
     if (n <= cuda::kGemvMaxTokens) {
-      check_launch(cuda::launch_gemv(w.ref(), x, n, out, stream_), "matmul (gemv)");
+      check_launch(cuda::launch_gemv(w.ref(), x, n, out, stream_, sm_count_), "matmul (gemv)");
       return;
     }
     // n > 8: dequantize the weight tile by tile into fp32 and multiply with cuBLAS.
@@ -610,6 +615,40 @@ class CudaBackend final : public Backend {
     w->dtype = DType::kF8E4M3;
     w->row_bytes = static_cast<uint64_t>(w->cols);
     w->n_scales = w->rows;
+    return ok_status();
+  }
+
+  // Q4_0/Q8_0 weights are stored on the device in block_decode.h's planar layout (quants, then
+  // the row's scales, rows padded to 16 bytes: launch.h WeightRef), so the GEMV can read them
+  // with 16-byte loads. Repacked on the host through a staging buffer of at most 64 MiB (rows
+  // at a time, each copy synchronized before the buffer is refilled).
+  Status upload_planar(const TensorView& t, CudaWeight* w) {
+    const bool q4 = t.dtype == DType::kQ4_0;
+    const uint64_t prb = q4 ? blocks::Q4_0Planar::row_bytes(w->cols) : blocks::Q8_0Planar::row_bytes(w->cols);
+    const auto repack = q4 ? &blocks::Q4_0Planar::repack_row : &blocks::Q8_0Planar::repack_row;
+    const int64_t rows = w->rows;
+    GEMMA3_TRY(device_malloc(&w->data, static_cast<size_t>(prb * rows), "tensor " + t.name));
+    const int64_t chunk =
+        std::clamp<int64_t>(static_cast<int64_t>((uint64_t{64} << 20) / std::max<uint64_t>(prb, 1)), 1,
+                            std::max<int64_t>(rows, 1));
+    std::vector<uint8_t> staging(static_cast<size_t>(chunk * prb));
+    const auto* src = static_cast<const uint8_t*>(t.data);
+    cudaError_t e = cudaSuccess;
+    for (int64_t r0 = 0; r0 < rows && e == cudaSuccess; r0 += chunk) {
+      const int64_t nr = std::min(chunk, rows - r0);
+      for (int64_t r = 0; r < nr; ++r)
+        repack(src + (r0 + r) * w->row_bytes, staging.data() + r * prb, w->cols);
+      e = cudaMemcpyAsync(static_cast<uint8_t*>(w->data) + r0 * prb, staging.data(),
+                          static_cast<size_t>(nr * prb), cudaMemcpyHostToDevice, stream());
+      if (e == cudaSuccess) e = cudaStreamSynchronize(stream());
+    }
+    if (e != cudaSuccess) {
+      (void)cudaFree(w->data);  // the caller keeps nothing of a failed copy
+      w->data = nullptr;
+      return internal_error(fmt::format("CUDA backend: tensor {}: upload of {} bytes: {}", t.name, prb * rows,
+                                        cuda_error_text(e)));
+    }
+    w->row_bytes = prb;
     return ok_status();
   }
 
