@@ -99,15 +99,17 @@ struct Consecutive {
 struct PlainRaw {
   V16 q;
 };
-__device__ __forceinline__ PlainRaw load_plain(const uint8_t* row, int64_t c) {
-  return {load16(row + 16 * c)};
-}
-
-template <>
-struct Vec<blocks::F32> : Consecutive<4, false> {
+// The plain types (F32, BF16, F16, F8E4M3): chunk c is bytes 16c .. 16c + 15 of the row, E
+// elements of it; only decode differs.
+template <int E>
+struct PlainVec : Consecutive<E, false> {
   static constexpr int kUnroll = 4;
   using Raw = PlainRaw;
-  __device__ static Raw load(const uint8_t* row, int64_t, int64_t c) { return load_plain(row, c); }
+  __device__ static Raw load(const uint8_t* row, int64_t, int64_t c) { return {load16(row + 16 * c)}; }
+};
+
+template <>
+struct Vec<blocks::F32> : PlainVec<4> {
   __device__ static void decode(const Raw& r, int, float* wv) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) wv[i] = blocks::bits_float(word(r.q, i));
@@ -115,10 +117,7 @@ struct Vec<blocks::F32> : Consecutive<4, false> {
 };
 
 template <>
-struct Vec<blocks::BF16> : Consecutive<8, false> {
-  static constexpr int kUnroll = 4;
-  using Raw = PlainRaw;
-  __device__ static Raw load(const uint8_t* row, int64_t, int64_t c) { return load_plain(row, c); }
+struct Vec<blocks::BF16> : PlainVec<8> {
   __device__ static void decode(const Raw& r, int, float* wv) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -129,10 +128,7 @@ struct Vec<blocks::BF16> : Consecutive<8, false> {
 };
 
 template <>
-struct Vec<blocks::F16> : Consecutive<8, false> {
-  static constexpr int kUnroll = 4;
-  using Raw = PlainRaw;
-  __device__ static Raw load(const uint8_t* row, int64_t, int64_t c) { return load_plain(row, c); }
+struct Vec<blocks::F16> : PlainVec<8> {
   __device__ static void decode(const Raw& r, int, float* wv) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -144,10 +140,7 @@ struct Vec<blocks::F16> : Consecutive<8, false> {
 
 // fp8: the row scale multiplies the row's sum at the end (gemv_vec_kernel).
 template <>
-struct Vec<blocks::F8E4M3> : Consecutive<16, false> {
-  static constexpr int kUnroll = 4;
-  using Raw = PlainRaw;
-  __device__ static Raw load(const uint8_t* row, int64_t, int64_t c) { return load_plain(row, c); }
+struct Vec<blocks::F8E4M3> : PlainVec<16> {
   __device__ static void decode(const Raw& r, int, float* wv) {
 #pragma unroll
     for (int k = 0; k < 16; ++k) wv[k] = blocks::e4m3_to_float((word(r.q, k / 4) >> (8 * (k % 4))) & 0xFFu);
