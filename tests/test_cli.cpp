@@ -131,6 +131,13 @@ TEST(CliUsage, BadNumberExits2) {
   CliResult r = run_cli({"run", "-m", "m.gguf", "-p", "hi", "--temp", "abc"});
   EXPECT_EQ(r.code, 2);
   EXPECT_NE(r.err.find("gemma3 run: --temp expects a number, got 'abc'"), std::string::npos) << r.err;
+  // Underflow is a number (it rounds to 0 or a denormal); overflow is not.
+  r = run_cli({"run", "-m", "no-such.gguf", "-p", "hi", "--temp", "1e-320"});
+  EXPECT_EQ(r.code, 3) << r.err;
+  EXPECT_EQ(r.err.find("--temp"), std::string::npos) << r.err;
+  r = run_cli({"run", "-m", "no-such.gguf", "-p", "hi", "--temp", "1e400"});
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.err.find("--temp expects a number, got '1e400'"), std::string::npos) << r.err;
   r = run_cli({"perplexity", "-m", "m.gguf", "-f", "x.txt", "--ctx", "12x"});
   EXPECT_EQ(r.code, 2);
   EXPECT_NE(r.err.find("--ctx expects an integer, got '12x'"), std::string::npos) << r.err;

@@ -65,7 +65,10 @@ std::optional<double> parse_double(std::string_view s) {
   errno = 0;
   char* end = nullptr;
   const double v = std::strtod(z.c_str(), &end);
-  if (end != z.c_str() + z.size() || errno == ERANGE || !std::isfinite(v)) return std::nullopt;
+  // ERANGE also flags underflow (1e-320): that value is as near 0 as a double gets, and is
+  // kept (a temperature that tiny is greedy); only overflow is refused.
+  const bool overflow = errno == ERANGE && std::fabs(v) > 1.0;
+  if (end != z.c_str() + z.size() || overflow || !std::isfinite(v)) return std::nullopt;
   return v;
 }
 
