@@ -44,6 +44,28 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   return total;
 }
 
+// The RMSNorm factor 1 / sqrt(ss / dim + eps) with correctly rounded sqrt and divide, as the
+// host's 1.0f / std::sqrt(...); an element is then (x * factor) * w, each product rounded.
+__device__ __forceinline__ float rms_factor(float ss, int dim, float eps) {
+  return __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(ss, static_cast<float>(dim)), eps)));
+}
+
+// Rotate-half RoPE of one pair (a, b) = (x[i], x[i + head_dim / 2]) at position pos:
+//   angle = float(pos) * inv_freq (fp32, as HF and the CPU reference compute it);
+//   (a, b) <- (a c - b s, b c + a s), c/s = cos/sin(angle).
+// cos/sin are evaluated in double on the fp32 angle and rounded to float, exactly as the CPU
+// reference does; never the fast __cosf/__sinf, whose error grows with |angle| (positions past
+// 32K give angles ~1e5 rad, where the intrinsics are useless). Products are rounded separately
+// (__fmul_rn), so the result matches the CPU bit for bit when libm's cos/sin agree.
+__device__ __forceinline__ void rope_pair(float& a, float& b, int pos, float inv_freq) {
+  const float angle = __fmul_rn(static_cast<float>(pos), inv_freq);
+  const float c = static_cast<float>(cos(static_cast<double>(angle)));
+  const float s = static_cast<float>(sin(static_cast<double>(angle)));
+  const float a0 = a, b0 = b;
+  a = __fsub_rn(__fmul_rn(a0, c), __fmul_rn(b0, s));
+  b = __fadd_rn(__fmul_rn(b0, c), __fmul_rn(a0, s));
+}
+
 // Max over the block, as block_sum (max is exact, so every order gives the same result).
 __device__ __forceinline__ float block_max(float v, float* scratch) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;

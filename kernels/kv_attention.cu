@@ -9,6 +9,9 @@
 //   decode (n_tokens <= 8): one block per (kv head, key split, row group) serving every query
 //     head of the kv head's GQA group and every token of the call, so K/V bytes are read once
 //     per group instead of once per query head (docs/cuda.md).
+#include <algorithm>
+#include <type_traits>
+
 #include "common.cuh"
 
 namespace gemma3::cuda {
@@ -23,9 +26,21 @@ __device__ __forceinline__ uint16_t to_bf16(float f) {
   return static_cast<uint16_t>(u >> 16);
 }
 
-// Elementwise cache stores: cache[(pos0 + t) % capacity, c] = encode(src[t, c]) for t < n,
-// c < kv_width, K and V. T: float (fp32), uint16_t (bf16 bits) or uint8_t (e4m3fn).
-// Preconditions: any 1-D grid (grid-stride loop over n * kv_width).
+// A cache element of type T from an fp32 value: float (fp32), uint16_t (bf16 bits, round to
+// nearest even) or uint8_t (e4m3fn, saturating).
+template <class T>
+__device__ __forceinline__ T encode_kv(float x) {
+  if constexpr (sizeof(T) == 4) {
+    return x;
+  } else if constexpr (sizeof(T) == 2) {
+    return to_bf16(x);
+  } else {
+    return blocks::float_to_e4m3(x);
+  }
+}
+
+// Elementwise cache stores: cache[(pos0 + t) % capacity, c] = encode_kv(src[t, c]) for t < n,
+// c < kv_width, K and V. Preconditions: any 1-D grid (grid-stride loop over n * kv_width).
 template <class T>
 __global__ void kv_write_kernel(const float* k, const float* v, int n, int pos0, int kv_width, T* ck, T* cv,
                                 int capacity) {
@@ -34,16 +49,8 @@ __global__ void kv_write_kernel(const float* k, const float* v, int n, int pos0,
        idx += int64_t{gridDim.x} * blockDim.x) {
     const int64_t t = idx / kv_width, c = idx % kv_width;
     const int64_t dst = ((pos0 + t) % capacity) * kv_width + c;
-    if constexpr (sizeof(T) == 4) {
-      ck[dst] = k[idx];
-      cv[dst] = v[idx];
-    } else if constexpr (sizeof(T) == 2) {
-      ck[dst] = to_bf16(k[idx]);
-      cv[dst] = to_bf16(v[idx]);
-    } else {
-      ck[dst] = blocks::float_to_e4m3(k[idx]);
-      cv[dst] = blocks::float_to_e4m3(v[idx]);
-    }
+    ck[dst] = encode_kv<T>(k[idx]);
+    cv[dst] = encode_kv<T>(v[idx]);
   }
 }
 
@@ -76,6 +83,65 @@ __global__ void kv_write_q8_0_kernel(const float* k, const float* v, int n, int 
     const int64_t src = t * kv_width + blk * 32 + lane;
     q8_0_store(k[src], lane, ck + dst);
     q8_0_store(v[src], lane, cv + dst);
+  }
+}
+
+// QK-norm, RoPE and the cache write of one layer, one block per (token t, head row): rows
+// 0..n_heads-1 are q's heads, the rest k's. Each row is normalized and rotated in place exactly
+// as rmsnorm_kernel (norm.cu, the same block size, so the same sums) and rope_kernel do it in
+// turn; a k row then goes to its ring slot with the head's v row, encoded as kv_write does. So
+// the result is bit for bit that of the five launches it replaces. T: a cache element type of
+// encode_kv, or blocks::Q8_0 (one warp per 32-value block; head_dim % 32 == 0).
+// Preconditions: blockDim.x = kPrepThreads, gridDim.x = n * (n_heads + n_kv_heads).
+constexpr int kPrepThreads = 256;  // norm.cu's kNormThreads
+
+struct PrepParams {
+  QkPrepArgs a;
+  int first_cached;  // tokens before it are overwritten within this call (n > capacity)
+  float inv_freq[kRopeMaxHalf];
+};
+
+template <class T>
+__global__ void __launch_bounds__(kPrepThreads) qk_prep_kernel(PrepParams p) {
+  __shared__ float scratch[32];
+  const QkPrepArgs& a = p.a;
+  const int rows = a.n_heads + a.n_kv_heads, hd = a.head_dim, half = hd / 2;
+  const int t = static_cast<int>(blockIdx.x / rows), r = static_cast<int>(blockIdx.x % rows);
+  const bool is_q = r < a.n_heads;
+  const int h = is_q ? r : r - a.n_heads;
+  float* x = is_q ? a.q + (int64_t{t} * a.n_heads + h) * hd : a.k + (int64_t{t} * a.n_kv_heads + h) * hd;
+  const float* w = is_q ? a.q_norm : a.k_norm;
+  float ss = 0;
+  for (int i = threadIdx.x; i < hd; i += blockDim.x) ss += x[i] * x[i];
+  const float inv = rms_factor(block_sum(ss, scratch), hd, a.eps);
+  const int pos = a.pos0 + t;
+  for (int i = threadIdx.x; i < half; i += blockDim.x) {
+    float lo = __fmul_rn(__fmul_rn(x[i], inv), w[i]),
+          hi = __fmul_rn(__fmul_rn(x[i + half], inv), w[i + half]);
+    rope_pair(lo, hi, pos, p.inv_freq[i]);
+    x[i] = lo;
+    x[i + half] = hi;
+  }
+  if (is_q || t < p.first_cached) return;  // uniform across the block
+  __syncthreads();  // the k row is complete (global writes are visible within the block)
+  const int kv_width = a.n_kv_heads * hd;
+  const int64_t at = int64_t{pos % a.capacity} * kv_width + int64_t{h} * hd;  // element offset
+  const float* vr = a.v + (int64_t{t} * a.n_kv_heads + h) * hd;
+  if constexpr (std::is_same_v<T, blocks::Q8_0>) {
+    const int lane = threadIdx.x % 32;
+    auto* ck = static_cast<uint8_t*>(a.cache_k) + at / 32 * blocks::Q8_0::kBytes;
+    auto* cv = static_cast<uint8_t*>(a.cache_v) + at / 32 * blocks::Q8_0::kBytes;
+    for (int b = threadIdx.x / 32; b < hd / 32; b += blockDim.x / 32) {  // uniform per warp
+      q8_0_store(x[b * 32 + lane], lane, ck + b * blocks::Q8_0::kBytes);
+      q8_0_store(vr[b * 32 + lane], lane, cv + b * blocks::Q8_0::kBytes);
+    }
+  } else {
+    T* ck = static_cast<T*>(a.cache_k) + at;
+    T* cv = static_cast<T*>(a.cache_v) + at;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+      ck[i] = encode_kv<T>(x[i]);
+      cv[i] = encode_kv<T>(vr[i]);
+    }
   }
 }
 
@@ -541,6 +607,28 @@ int launch_kv_write(const float* k, const float* v, int n, int pos0, int kv_widt
       GEMMA3_LAUNCH(kv_write_q8_0_kernel, grid, kThreads, 0, s, k, v, n, pos0, kv_width,
                     static_cast<uint8_t*>(cache_k), static_cast<uint8_t*>(cache_v), capacity);
       break;
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
+  return launch_result();
+}
+
+int launch_qk_norm_rope_kv_write(const QkPrepArgs& a, const float* inv_freq_host, Stream stream) {
+  const int hd = a.head_dim;
+  if (a.n < 0 || a.n_heads < 0 || a.n_kv_heads < 0 || hd < 2 || hd % 2 != 0 || hd / 2 > kRopeMaxHalf ||
+      a.pos0 < 0 || a.capacity < 1 || !a.q_norm || !a.k_norm || (a.kv_dtype == DType::kQ8_0 && hd % 32 != 0))
+    return static_cast<int>(cudaErrorInvalidValue);
+  if (a.n == 0 || a.n_heads + a.n_kv_heads == 0) return 0;
+  PrepParams p{};
+  p.a = a;
+  p.first_cached = std::max(0, a.n - a.capacity);
+  for (int i = 0; i < hd / 2; ++i) p.inv_freq[i] = inv_freq_host[i];
+  const unsigned grid = static_cast<unsigned>(a.n) * static_cast<unsigned>(a.n_heads + a.n_kv_heads);
+  const cudaStream_t s = as_stream(stream);
+  switch (a.kv_dtype) {
+    case DType::kF32: GEMMA3_LAUNCH(qk_prep_kernel<float>, grid, kPrepThreads, 0, s, p); break;
+    case DType::kBF16: GEMMA3_LAUNCH(qk_prep_kernel<uint16_t>, grid, kPrepThreads, 0, s, p); break;
+    case DType::kF8E4M3: GEMMA3_LAUNCH(qk_prep_kernel<uint8_t>, grid, kPrepThreads, 0, s, p); break;
+    case DType::kQ8_0: GEMMA3_LAUNCH(qk_prep_kernel<blocks::Q8_0>, grid, kPrepThreads, 0, s, p); break;
     default: return static_cast<int>(cudaErrorInvalidValue);
   }
   return launch_result();

@@ -56,6 +56,10 @@ int launch_gemv(const WeightRef& w, const float* x, int n, float* out, Stream st
 // out[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * w, w [dim] fp32; in place allowed.
 int launch_rmsnorm(const float* x, const float* w, int64_t rows, int dim, float eps, float* out,
                    Stream stream);
+// The residual step: x[r, :] += rmsnorm(a[r, :], w_post); then, when w_next is given,
+// normed[r, :] = rmsnorm(x[r, :], w_next). Bit for bit rmsnorm, add, rmsnorm in turn.
+int launch_add_rmsnorm(const float* a, const float* w_post, float* x, const float* w_next, int64_t rows,
+                       int dim, float eps, float* normed, Stream stream);
 
 // ---- rope.cu ----
 constexpr int kRopeMaxHalf = 256;  // head_dim <= 512
@@ -71,6 +75,24 @@ int launch_rope(float* x, int n, int n_heads, int head_dim, int pos0, const floa
 // kF8E4M3 (one saturating e4m3fn byte per value). Bytes identical to HostBackend::kv_write.
 int launch_kv_write(const float* k, const float* v, int n, int pos0, int kv_width, void* cache_k,
                     void* cache_v, int capacity, DType kv_dtype, Stream stream);
+
+// One layer's QK-norm + RoPE + cache write in one launch, bit for bit launch_rmsnorm on q's and
+// k's head rows (q_norm, k_norm [head_dim] fp32), launch_rope on both (inv_freq_host as there)
+// and launch_kv_write of k and v at pos0 (kv_dtype Q8_0 needs head_dim % 32 == 0).
+struct QkPrepArgs {
+  float* q = nullptr;        // [n, n_heads * head_dim], normalized and rotated in place
+  float* k = nullptr;        // [n, n_kv_heads * head_dim], normalized and rotated in place
+  const float* v = nullptr;  // [n, n_kv_heads * head_dim]
+  const float* q_norm = nullptr;
+  const float* k_norm = nullptr;
+  int n = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0, pos0 = 0;
+  float eps = 0;
+  void* cache_k = nullptr;  // [capacity] slots of kv_dtype, as launch_kv_write
+  void* cache_v = nullptr;
+  int capacity = 0;
+  DType kv_dtype = DType::kBF16;
+};
+int launch_qk_norm_rope_kv_write(const QkPrepArgs& a, const float* inv_freq_host, Stream stream);
 
 struct AttentionArgs {
   const float* q = nullptr;  // [n_tokens, n_heads * head_dim]

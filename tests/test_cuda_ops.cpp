@@ -781,6 +781,127 @@ TEST_F(CudaOps, KvWriteIsBitExactAndWrapsTheRing) {
   }
 }
 
+// Issue #14: the fused QK-norm + RoPE + cache write. Against the CPU reference's five ops
+// (q, k within the rmsnorm and rope tolerances; an fp32 cache within them too) and against the
+// same backend's five launches, bit for bit (the fused kernel promises the same sums, products
+// and encoders). Cases: decode at a large position, a chunk that wraps the ring, a chunk longer
+// than the ring (only its last `capacity` tokens may be written), head dims 256, 128, and 48
+// (not a multiple of 32, while the two heads are: a Q8_0 cache then takes the unfused path).
+TEST_F(CudaOps, QkNormRopeKvWriteMatchesCpuAndTheUnfusedOps) {
+  struct Case {
+    int n, heads, kv_heads, hd, pos0, capacity;
+    float theta, scale;
+  };
+  for (const Case& c : {Case{1, 8, 4, 256, 70000, 64, 1e6f, 8.0f}, Case{3, 4, 1, 128, 26, 28, 10000.0f, 1.0f},
+                        Case{13, 2, 2, 256, 5, 10, 10000.0f, 1.0f}, Case{2, 4, 2, 48, 7, 16, 1e6f, 1.0f}}) {
+    const int qw = c.heads * c.hd, kvw = c.kv_heads * c.hd;
+    auto qn = randn(c.hd, 21, 0.3f), kn = randn(c.hd, 22, 0.3f);
+    for (float& v : qn) v += 1.0f;
+    for (float& v : kn) v += 1.0f;
+    TensorView qv{"q_norm", DType::kF32, {c.hd}, qn.data(), qn.size() * 4, {}};
+    TensorView kv{"k_norm", DType::kF32, {c.hd}, kn.data(), kn.size() * 4, {}};
+    auto qg = gpu_->upload(qv), kg = gpu_->upload(kv), qc = cpu_->upload(qv), kc = cpu_->upload(kv);
+    ASSERT_TRUE(qg.ok() && kg.ok() && qc.ok() && kc.ok());
+    const auto q = randn(static_cast<size_t>(c.n) * qw, 23, 2.0f),
+               k = randn(static_cast<size_t>(c.n) * kvw, 24, 3.0f),
+               v = randn(static_cast<size_t>(c.n) * kvw, 25);
+    for (DType dt : kKvTypes) {
+      SCOPED_TRACE(::testing::Message() << dtype_name(dt) << " n " << c.n << " hd " << c.hd);
+      const size_t bytes = static_cast<size_t>(c.capacity) * *row_bytes(dt, kvw);
+      auto qh = q, kh = k;
+      std::vector<uint8_t> ck(bytes, 0), cv(bytes, 0);
+      cpu_->qk_norm_rope_kv_write(qh.data(), kh.data(), v.data(), **qc, **kc, c.n, c.heads, c.kv_heads, c.hd,
+                                  1e-6f, c.pos0, c.theta, c.scale,
+                                  KvLayer{ck.data(), cv.data(), c.capacity, dt});
+      Buf q1(*gpu_, q), k1(*gpu_, k), v1(*gpu_, v), ck1(*gpu_, bytes), cv1(*gpu_, bytes);
+      gpu_->qk_norm_rope_kv_write(q1.f(), k1.f(), v1.f(), **qg, **kg, c.n, c.heads, c.kv_heads, c.hd, 1e-6f,
+                                  c.pos0, c.theta, c.scale, KvLayer{ck1.get(), cv1.get(), c.capacity, dt});
+      Buf q2(*gpu_, q), k2(*gpu_, k), ck2(*gpu_, bytes), cv2(*gpu_, bytes);
+      gpu_->Backend::qk_norm_rope_kv_write(q2.f(), k2.f(), v1.f(), **qg, **kg, c.n, c.heads, c.kv_heads, c.hd,
+                                           1e-6f, c.pos0, c.theta, c.scale,
+                                           KvLayer{ck2.get(), cv2.get(), c.capacity, dt});
+      const auto fq = q1.read(), fk = k1.read();
+      EXPECT_EQ(fq, q2.read());
+      EXPECT_EQ(fk, k2.read());
+      EXPECT_EQ(ck1.read<uint8_t>(), ck2.read<uint8_t>());
+      EXPECT_EQ(cv1.read<uint8_t>(), cv2.read<uint8_t>());
+      // rmsnorm's 2e-5 (the sum's order) through rope's rotation (|a| + |b| of the normed pair).
+      auto near = [&](const std::vector<float>& got, const std::vector<float>& want) {
+        const int half = c.hd / 2;
+        for (size_t i = 0; i < want.size(); ++i) {
+          const size_t base = i - i % c.hd, d = i % c.hd % half;
+          const double mag = std::fabs(want[base + d]) + std::fabs(want[base + d + half]);
+          ASSERT_NEAR(got[i], want[i], 3e-5 * mag + 1e-30) << "i " << i;
+        }
+      };
+      near(fq, qh);
+      near(fk, kh);
+      if (dt == DType::kF32) {
+        auto to_f = [](const std::vector<uint8_t>& b) {
+          std::vector<float> f(b.size() / 4);
+          std::memcpy(f.data(), b.data(), b.size());
+          return f;
+        };
+        const auto gk = to_f(ck1.read<uint8_t>()), gv = to_f(cv1.read<uint8_t>());
+        const auto rk = to_f(ck), rv = to_f(cv);
+        for (size_t i = 0; i < rk.size(); ++i) ASSERT_NEAR(gk[i], rk[i], 1e-4 * (1 + std::fabs(rk[i]))) << i;
+        EXPECT_EQ(gv, rv);
+      }
+    }
+  }
+}
+
+// Issue #14: the residual step (post-norm, add, the next block's norm) against the CPU
+// reference's three ops and against the same backend's three launches, bit for bit; without a
+// next norm x is all it writes.
+TEST_F(CudaOps, AddRmsNormMatchesCpuAndTheUnfusedOps) {
+  for (int dim : {37, 640, 1152, 5376}) {
+    for (int64_t rows : {1, 5}) {
+      for (bool next : {true, false}) {
+        SCOPED_TRACE(::testing::Message() << "dim " << dim << " rows " << rows << " next " << next);
+        auto wp = randn(dim, 31, 0.3f), wn = randn(dim, 32, 0.3f);
+        for (float& x : wp) x += 1.0f;
+        for (float& x : wn) x += 1.0f;
+        TensorView pv{"post", DType::kF32, {dim}, wp.data(), wp.size() * 4, {}};
+        TensorView nv{"next", DType::kF32, {dim}, wn.data(), wn.size() * 4, {}};
+        auto pg = gpu_->upload(pv), ng = gpu_->upload(nv), pc = cpu_->upload(pv), nc = cpu_->upload(nv);
+        ASSERT_TRUE(pg.ok() && ng.ok() && pc.ok() && nc.ok());
+        const size_t count = static_cast<size_t>(rows) * dim;
+        const auto a = randn(count, 33, 5.0f), x = randn(count, 34, 20.0f);
+        std::vector<float> ah = a, xh = x, normed_h(count, -1.0f);
+        cpu_->add_rmsnorm(ah.data(), **pc, xh.data(), next ? nc->get() : nullptr, rows, dim, 1e-6f,
+                          normed_h.data());
+        const std::vector<float> sentinel(count, -1.0f);
+        Buf a1(*gpu_, a), x1(*gpu_, x), o1(*gpu_, sentinel), a2(*gpu_, a), x2(*gpu_, x), o2(*gpu_, sentinel);
+        gpu_->add_rmsnorm(a1.f(), **pg, x1.f(), next ? ng->get() : nullptr, rows, dim, 1e-6f, o1.f());
+        gpu_->Backend::add_rmsnorm(a2.f(), **pg, x2.f(), next ? ng->get() : nullptr, rows, dim, 1e-6f,
+                                   o2.f());
+        const auto gx = x1.read(), go = o1.read();
+        EXPECT_EQ(gx, x2.read());
+        EXPECT_EQ(go, o2.read());
+        if (!next) EXPECT_EQ(go, sentinel);
+        // x + a * f * w: the factor's relative error (2e-5, rmsnorm's bound) on the added term.
+        // normed: rmsnorm's bound, plus x's error carried through the next factor and weight
+        // (large relative to a normed value whose x cancelled to near 0).
+        for (int64_t r = 0; r < rows; ++r) {
+          double ss = 0;
+          for (int i = 0; i < dim; ++i) ss += double(xh[r * dim + i]) * xh[r * dim + i];
+          const double factor = 1 / std::sqrt(ss / dim + 1e-6);
+          for (int i = 0; i < dim; ++i) {
+            const size_t at = static_cast<size_t>(r * dim + i);
+            const double x_err = 2e-5 * std::fabs(double(xh[at]) - x[at]) + 4 * kU * std::fabs(xh[at]);
+            ASSERT_NEAR(gx[at], xh[at], x_err + 1e-30) << "x " << at;
+            if (next)
+              ASSERT_NEAR(go[at], normed_h[at],
+                          4e-5 * std::fabs(normed_h[at]) + x_err * factor * std::fabs(wn[i]))
+                  << "normed " << at;
+          }
+        }
+      }
+    }
+  }
+}
+
 // Cache bytes of type dt holding `values` ([slots, kv_width]), encoded by the CPU code (not the
 // encoders under test): quantize_row for F32/BF16/Q8_0, make_model's e4m3 for F8E4M3.
 std::vector<uint8_t> encode_cache(DType dt, const std::vector<float>& values, int kv_width) {

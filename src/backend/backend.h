@@ -116,6 +116,31 @@ class Backend {
   // out [n, n_heads * head_dim] = softmax(q k^T * scale + mask) v, over the cached keys visible
   // to each query (see AttentionParams). q: [n, n_heads * head_dim].
   virtual void attention(const float* q, const KvLayer& cache, const AttentionParams& p, float* out) = 0;
+  // Fused steps of the decoder (docs/cuda.md, "One decode step"). The defaults run the ops
+  // above in turn; a backend may replace them with one pass that gives the same result.
+  //
+  // One layer's QK-norm, RoPE and cache write: rmsnorm of q's n * n_heads and k's
+  // n * n_kv_heads head rows (q_norm, k_norm: [head_dim]), rope of both at pos0 (theta, scale as
+  // rope), then kv_write of k and v. q, k: in place.
+  virtual void qk_norm_rope_kv_write(float* q, float* k, const float* v, const BackendWeight& q_norm,
+                                     const BackendWeight& k_norm, int n, int n_heads, int n_kv_heads,
+                                     int head_dim, float eps, int pos0, float theta, float scale,
+                                     const KvLayer& cache) {
+    rmsnorm(q, q_norm, int64_t{n} * n_heads, head_dim, eps, q);
+    rmsnorm(k, k_norm, int64_t{n} * n_kv_heads, head_dim, eps, k);
+    rope(q, n, n_heads, head_dim, pos0, theta, scale);
+    rope(k, n, n_kv_heads, head_dim, pos0, theta, scale);
+    kv_write(k, v, n, pos0, n_kv_heads * head_dim, cache);
+  }
+  // The residual step after a block, for rows [rows, dim]: x += rmsnorm(a, post_norm) (a is
+  // overwritten), then, when next_norm is given, normed = rmsnorm(x, *next_norm): the next
+  // block's input.
+  virtual void add_rmsnorm(float* a, const BackendWeight& post_norm, float* x, const BackendWeight* next_norm,
+                           int64_t rows, int dim, float eps, float* normed) {
+    rmsnorm(a, post_norm, rows, dim, eps, a);
+    add(x, a, rows * dim, x);
+    if (next_norm) rmsnorm(x, *next_norm, rows, dim, eps, normed);
+  }
   // out = gelu_tanh(g) * u, elementwise over n values.
   virtual void gelu_gate(const float* g, const float* u, int64_t n, float* out) = 0;
   // out = a + b, elementwise over n values (in place allowed).

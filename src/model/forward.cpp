@@ -106,25 +106,25 @@ Status forward(const ModelConfig& c, const BackendModel& w, Backend& be, KvCache
     be.embed(*w.embed, req.ids, n, embedding_scale(c.hidden), s.x);
   emit(-1, "embed", s.x, n * H);
 
+  // Each block's input norm comes from the step before it: layer 0's here, the others' (and the
+  // final norm) from the residual step that ends the previous block (Backend::add_rmsnorm).
+  be.rmsnorm(s.x, *w.layers[0].attn_norm, n, H, eps, s.normed);
   for (int l = 0; l < c.n_layers; ++l) {
     const BackendModel::Layer& L = w.layers[l];
     const bool global = c.is_global(l);
 
-    // Attention block: norm -> q/k/v -> QK-norm -> RoPE -> cache -> attention -> o -> post-norm.
-    be.rmsnorm(s.x, *L.attn_norm, n, H, eps, s.normed);
+    // Attention block: (norm) -> q/k/v -> QK-norm + RoPE + cache write -> attention -> o ->
+    // post-norm + residual + the MLP's norm.
     be.matmul(s.normed, n, *L.q, s.q);
     be.matmul(s.normed, n, *L.k, s.k);
     be.matmul(s.normed, n, *L.v, s.v);
-    be.rmsnorm(s.q, *L.q_norm, int64_t{n} * c.n_heads, c.head_dim, eps, s.q);
-    be.rmsnorm(s.k, *L.k_norm, int64_t{n} * c.n_kv_heads, c.head_dim, eps, s.k);
     const float theta = global ? c.rope_theta_global : c.rope_theta_local;
     const float rope_scale = global ? c.rope_scale_global : 1.0f;  // linear scaling: global layers only
-    be.rope(s.q, n, c.n_heads, c.head_dim, req.pos0, theta, rope_scale);
-    be.rope(s.k, n, c.n_kv_heads, c.head_dim, req.pos0, theta, rope_scale);
+    be.qk_norm_rope_kv_write(s.q, s.k, s.v, *L.q_norm, *L.k_norm, n, c.n_heads, c.n_kv_heads, c.head_dim, eps,
+                             req.pos0, theta, rope_scale, cache.layer(l));
     emit(l, "q", s.q, n * qw);
     emit(l, "k", s.k, n * kvw);
     emit(l, "v", s.v, n * kvw);
-    be.kv_write(s.k, s.v, n, req.pos0, static_cast<int>(kvw), cache.layer(l));
     AttentionParams ap;
     ap.n_tokens = n;
     ap.pos0 = req.pos0;
@@ -139,28 +139,26 @@ Status forward(const ModelConfig& c, const BackendModel& w, Backend& be, KvCache
     be.attention(s.q, cache.layer(l), ap, s.attn);
     emit(l, "attn", s.attn, n * qw);
     be.matmul(s.attn, n, *L.o, s.a);
-    be.rmsnorm(s.a, *L.post_attn_norm, n, H, eps, s.a);
-    be.add(s.x, s.a, n * H, s.x);
+    be.add_rmsnorm(s.a, *L.post_attn_norm, s.x, L.ffn_norm.get(), n, static_cast<int>(H), eps, s.normed);
     emit(l, "attn_residual", s.x, n * H);
 
-    // MLP block: norm -> GeGLU -> down -> post-norm.
-    be.rmsnorm(s.x, *L.ffn_norm, n, H, eps, s.normed);
+    // MLP block: (norm) -> GeGLU -> down -> post-norm + residual + the next block's norm (the
+    // next layer's, or the final norm after the last layer).
     be.matmul(s.normed, n, *L.gate, s.gate);
     be.matmul(s.normed, n, *L.up, s.up);
     be.gelu_gate(s.gate, s.up, n * I, s.gate);
     be.matmul(s.gate, n, *L.down, s.a);
-    be.rmsnorm(s.a, *L.post_ffn_norm, n, H, eps, s.a);
-    be.add(s.x, s.a, n * H, s.x);
+    const BackendWeight& next = l + 1 < c.n_layers ? *w.layers[l + 1].attn_norm : *w.final_norm;
+    be.add_rmsnorm(s.a, *L.post_ffn_norm, s.x, &next, n, static_cast<int>(H), eps, s.normed);
     emit(l, "layer_out", s.x, n * H);
   }
 
-  // Final norm and the tied LM head, for the rows whose logits are wanted.
+  // The tied LM head, for the rows whose logits are wanted (s.normed holds every row's final norm).
   const int first = req.all_logits ? 0 : n - 1, rows = n - first;
-  be.rmsnorm(s.x + first * H, *w.final_norm, rows, H, eps, s.normed);
-  emit(-1, "final_norm", s.normed, rows * H);
+  emit(-1, "final_norm", s.normed + first * H, rows * H);
   for (int r = 0; r < rows; r += ForwardScratch::kLogitRows) {
     const int m = std::min(ForwardScratch::kLogitRows, rows - r);
-    be.matmul(s.normed + r * H, m, *w.embed, s.logits);
+    be.matmul(s.normed + (first + r) * H, m, *w.embed, s.logits);
     if (logits_host)
       be.to_host(s.logits, logits_host + static_cast<int64_t>(r) * c.vocab_size,
                  static_cast<uint64_t>(m) * c.vocab_size * sizeof(float));

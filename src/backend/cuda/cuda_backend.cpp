@@ -20,9 +20,9 @@
 #include <vector>
 
 #include "backend/backend.h"
-#include "model/sampler.h"
 #include "core/quant.h"
 #include "launch.h"
+#include "model/sampler.h"
 #include "vision.h"
 
 namespace gemma3 {
@@ -321,13 +321,9 @@ class CudaBackend final : public Backend {
   void rmsnorm(const float* x, const BackendWeight& wt, int64_t rows, int dim, float eps,
                float* out) override {
     if (!error_.ok() || rows <= 0) return;
-    const CudaWeight& w = as_cuda(wt);
-    if (!w.vec || w.cols != dim) {
-      fail(invalid_argument(fmt::format("rmsnorm: weight {} is [{}, {}], expected a vector of {}", w.name,
-                                        w.rows, w.cols, dim)));
-      return;
-    }
-    check_launch(cuda::launch_rmsnorm(x, w.vec, rows, dim, eps, out, stream_), "rmsnorm");
+    const float* w = vector_of(wt, dim, "rmsnorm");
+    if (!w) return;
+    check_launch(cuda::launch_rmsnorm(x, w, rows, dim, eps, out, stream_), "rmsnorm");
   }
 
   void matmul(const float* x, int n, const BackendWeight& wt, float* out) override {
@@ -354,19 +350,26 @@ class CudaBackend final : public Backend {
     }
   }
 
-  void rope(float* x, int n, int n_heads, int head_dim, int pos0, float theta, float scale) override {
-    if (!error_.ok() || n <= 0) return;
+  // The CPU reference's RoPE frequencies, bit for bit: inv_freq[i] = 1 / theta^(2i/hd) / scale
+  // in fp32, for i < head_dim / 2; false after recording an error for a head_dim the kernels
+  // cannot take.
+  bool rope_frequencies(int head_dim, float theta, float scale, float* inv_freq) {
     const int half = head_dim / 2;
-    if (head_dim % 2 != 0 || half > cuda::kRopeMaxHalf) {
+    if (head_dim % 2 != 0 || half < 1 || half > cuda::kRopeMaxHalf) {
       fail(unsupported(
           fmt::format("rope: head_dim {} (must be even and <= {})", head_dim, 2 * cuda::kRopeMaxHalf)));
-      return;
+      return false;
     }
-    // The CPU reference's frequencies, bit for bit: inv_freq = 1 / theta^(2i/hd) / scale in fp32.
-    float inv_freq[cuda::kRopeMaxHalf];
     for (int i = 0; i < half; ++i)
       inv_freq[i] =
           (1.0f / std::pow(theta, static_cast<float>(2 * i) / static_cast<float>(head_dim))) / scale;
+    return true;
+  }
+
+  void rope(float* x, int n, int n_heads, int head_dim, int pos0, float theta, float scale) override {
+    if (!error_.ok() || n <= 0) return;
+    float inv_freq[cuda::kRopeMaxHalf];
+    if (!rope_frequencies(head_dim, theta, scale, inv_freq)) return;
     check_launch(cuda::launch_rope(x, n, n_heads, head_dim, pos0, inv_freq, stream_), "rope");
   }
 
@@ -377,6 +380,47 @@ class CudaBackend final : public Backend {
     check_launch(cuda::launch_kv_write(k, v, n, pos0, kv_width, cache.k, cache.v, cache.capacity, cache.dtype,
                                        stream_),
                  "kv_write");
+  }
+
+  void qk_norm_rope_kv_write(float* q, float* k, const float* v, const BackendWeight& q_norm,
+                             const BackendWeight& k_norm, int n, int n_heads, int n_kv_heads, int head_dim,
+                             float eps, int pos0, float theta, float scale, const KvLayer& cache) override {
+    if (!error_.ok() || n <= 0) return;
+    if (cache.dtype == DType::kQ8_0 && head_dim % 32 != 0) {  // a Q8_0 block would span two heads
+      Backend::qk_norm_rope_kv_write(q, k, v, q_norm, k_norm, n, n_heads, n_kv_heads, head_dim, eps, pos0,
+                                     theta, scale, cache);
+      return;
+    }
+    if (!kv_type_ok(cache.dtype, "qk_norm_rope_kv_write")) return;
+    float inv_freq[cuda::kRopeMaxHalf];
+    if (!rope_frequencies(head_dim, theta, scale, inv_freq)) return;
+    cuda::QkPrepArgs a;
+    a.q = q;
+    a.k = k;
+    a.v = v;
+    a.q_norm = vector_of(q_norm, head_dim, "qk_norm_rope_kv_write (q norm)");
+    a.k_norm = vector_of(k_norm, head_dim, "qk_norm_rope_kv_write (k norm)");
+    if (!a.q_norm || !a.k_norm) return;
+    a.n = n;
+    a.n_heads = n_heads;
+    a.n_kv_heads = n_kv_heads;
+    a.head_dim = head_dim;
+    a.pos0 = pos0;
+    a.eps = eps;
+    a.cache_k = cache.k;
+    a.cache_v = cache.v;
+    a.capacity = cache.capacity;
+    a.kv_dtype = cache.dtype;
+    check_launch(cuda::launch_qk_norm_rope_kv_write(a, inv_freq, stream_), "qk_norm_rope_kv_write");
+  }
+
+  void add_rmsnorm(float* a, const BackendWeight& post_norm, float* x, const BackendWeight* next_norm,
+                   int64_t rows, int dim, float eps, float* normed) override {
+    if (!error_.ok() || rows <= 0) return;
+    const float* post = vector_of(post_norm, dim, "add_rmsnorm (post norm)");
+    const float* next = next_norm ? vector_of(*next_norm, dim, "add_rmsnorm (next norm)") : nullptr;
+    if (!post || (next_norm && !next)) return;
+    check_launch(cuda::launch_add_rmsnorm(a, post, x, next, rows, dim, eps, normed, stream_), "add_rmsnorm");
   }
 
   void attention(const float* q, const KvLayer& cache, const AttentionParams& p, float* out) override {
