@@ -637,6 +637,54 @@ TEST(ImageRegressions, PaletteIndexPastThePaletteIsBlackAsInPillow) {
       << message_of(r);
 }
 
+// A GIF cut before its first image's pixels decoded to a blank image (stb reads past the end as
+// zeros), and a GIF with no image failed "for no reason". Each cut of a valid GIF up to its
+// first pixel byte is now an error naming where the file ends; a cut inside the pixel data
+// still decodes (padded, like a cut JPEG).
+TEST(ImageRegressions, GifCutBeforeItsPixelsIsTruncated) {
+  const std::vector<uint8_t> gif = read_bytes(kImages + "anim_40x30.gif");
+  ASSERT_GT(gif.size(), 100u);
+  // The first pixel byte: past the header, the tables, the extensions and the descriptor.
+  size_t at = 13 + ((gif[10] & 0x80) ? size_t{3} << ((gif[10] & 7) + 1) : 0);
+  while (gif[at] == 0x21) {
+    at += 2;
+    while (gif[at] != 0) at += 1 + gif[at];
+    ++at;
+  }
+  ASSERT_EQ(gif[at], 0x2c);
+  const size_t first_pixel = at + 10 + ((gif[at + 9] & 0x80) ? size_t{3} << ((gif[at + 9] & 7) + 1) : 0) + 1;
+  for (size_t keep = 6; keep <= first_pixel; ++keep) {
+    Result<Image> r = decode_image(std::vector<uint8_t>(gif.begin(), gif.begin() + keep), "cut.gif");
+    ASSERT_FALSE(r.ok()) << "kept " << keep << " of " << gif.size();
+    EXPECT_EQ(r.status().code(), ErrorCode::kInvalidFile);
+    EXPECT_NE(message_of(r).find("cut.gif: "), std::string::npos) << message_of(r);
+    if (keep >= 13) EXPECT_NE(message_of(r).find("truncated GIF"), std::string::npos) << message_of(r);
+  }
+  Result<Image> r = decode_image(std::vector<uint8_t>(gif.begin(), gif.begin() + first_pixel + 8), "cut.gif");
+  EXPECT_TRUE(r.ok()) << message_of(r);
+  // Header, global table, trailer: no image.
+  std::vector<uint8_t> empty(gif.begin(),
+                             gif.begin() + 13 + ((gif[10] & 0x80) ? size_t{3} << ((gif[10] & 7) + 1) : 0));
+  empty.push_back(0x3b);
+  r = decode_image(empty, "none.gif");
+  EXPECT_NE(message_of(r).find("none.gif: GIF without an image"), std::string::npos) << message_of(r);
+}
+
+// A run-length encoded BMP is valid but stb cannot read it: "unsupported", naming the
+// compression, rather than stb's "unknown image type" (which read as a corrupt file).
+TEST(ImageRegressions, RleBmpIsUnsupportedByName) {
+  std::vector<uint8_t> bmp = read_bytes(kImages + "rgb_37x23.bmp");
+  ASSERT_GT(bmp.size(), 54u);
+  for (auto [code, name] : {std::pair{1, "RLE8"}, {2, "RLE4"}, {4, "JPEG"}, {5, "PNG"}}) {
+    bmp[30] = static_cast<uint8_t>(code);
+    Result<Image> r = decode_image(bmp, "rle.bmp");
+    EXPECT_EQ(r.status().code(), ErrorCode::kUnsupported) << message_of(r);
+    EXPECT_NE(message_of(r).find(std::string("rle.bmp: BMP with ") + name + " compression is not supported"),
+              std::string::npos)
+        << message_of(r);
+  }
+}
+
 // The same BMP stored top-down: height negated, rows in the other order.
 std::vector<uint8_t> bmp_top_down(std::vector<uint8_t> b) {
   auto le = [&](size_t at, int n) {

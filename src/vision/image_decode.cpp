@@ -260,6 +260,57 @@ Status check_bmp_extent(std::span<const uint8_t> b, const std::string& name) {
 // could read starts at some "FF C4" in the file: each one is checked the way stb would read it
 // (bytes past the end read as 0, as stbi__get8 gives). The payloads of the APPn/COM segments
 // that stb skips by length in the header are left out, so an EXIF blob does not trip the check.
+// stb_image reads uncompressed and bit-field BMPs only; an RLE, JPEG or PNG payload would be
+// refused as an "unknown image type", which reads like a corrupt file.
+Status check_bmp_compression(std::span<const uint8_t> b, const std::string& name) {
+  if (b.size() < 34 || le32(b, 14) < 40) return ok_status();  // OS/2 headers have no such field
+  const uint32_t compression = le32(b, 30);
+  const char* kinds[] = {nullptr, "RLE8", "RLE4", nullptr, "JPEG", "PNG"};
+  if (compression >= 6 || !kinds[compression]) return ok_status();
+  return unsupported(
+      fmt::format("{}: BMP with {} compression is not supported (uncompressed and bit-field "
+                  "BMPs are); convert it to PNG",
+                  name, kinds[compression]));
+}
+
+// Bytes of a GIF colour table whose presence and size are in `flags` (header byte 10, or an
+// image descriptor's byte 9).
+size_t gif_table_bytes(uint8_t flags) { return (flags & 0x80) ? size_t{3} << ((flags & 7) + 1) : 0; }
+
+// The first image of a GIF, the one decoded, must have begun before the file ends: the header,
+// the global colour table, any extensions, the image descriptor, its local table and the LZW
+// code size, and its first data byte. stb reads past the end as zeros and would return a blank
+// image for a file cut before its pixels, or fail "for no reason" on a GIF with no image. (A cut
+// inside the pixel data is padded, as libjpeg pads a cut JPEG: tests/test_image.cpp.)
+Status check_gif_first_image(std::span<const uint8_t> b, const std::string& name) {
+  auto cut = [&](const char* inside) {
+    return invalid_file(
+        fmt::format("{}: truncated GIF: the file ends (at {} bytes) inside {}", name, b.size(), inside));
+  };
+  if (b.size() < 13) return cut("the header");
+  size_t at = 13 + gif_table_bytes(b[10]);
+  if (at > b.size()) return cut("the global colour table");
+  while (true) {
+    if (at >= b.size()) return cut("the blocks before the first image");
+    if (b[at] == 0x21) {  // extension: label, then sub-blocks up to an empty one
+      at += 2;
+      while (at < b.size() && b[at] != 0) at += 1 + size_t{b[at]};
+      if (at >= b.size()) return cut("an extension block");
+      ++at;
+    } else if (b[at] == 0x2c) {
+      if (at + 10 > b.size()) return cut("the first image descriptor");
+      const size_t data = at + 10 + gif_table_bytes(b[at + 9]) + 1;  // past the LZW code size
+      if (data > b.size()) return cut("the first image's colour table or code size");
+      if (data == b.size()) return cut("the first image, before its pixel data");
+      return ok_status();
+    } else if (b[at] == 0x3b) {
+      return invalid_file(fmt::format("{}: GIF without an image (its trailer comes first)", name));
+    } else {
+      return ok_status();  // a block stb refuses, with its own reason
+    }
+  }
+}
+
 Status check_jpeg_huffman_tables(std::span<const uint8_t> b, const std::string& name) {
   auto at = [&](size_t i) -> uint32_t { return i < b.size() ? b[i] : 0; };
   std::vector<bool> skipped(b.size(), false);
@@ -468,12 +519,9 @@ Result<std::vector<uint8_t>> bmp_for_stb(std::span<const uint8_t> b, const std::
 std::vector<uint8_t> gif_for_stb(std::span<const uint8_t> b) {
   std::vector<uint8_t> out;
   if (b.size() < 13) return out;
-  auto table_bytes = [](uint8_t flags) -> size_t {
-    return (flags & 0x80) ? size_t{3} << ((flags & 7) + 1) : 0;
-  };
   // Where each table's flags byte and the table are, if they need padding.
   std::vector<std::pair<size_t, size_t>> pads;  // (flags byte, table start)
-  size_t at = 13 + table_bytes(b[10]);
+  size_t at = 13 + gif_table_bytes(b[10]);
   if ((b[10] & 0x80) && (b[10] & 7) != 7) pads.emplace_back(10, 13);
   while (at < b.size()) {
     if (b[at] == 0x21) {  // extension: label, then sub-blocks up to an empty one
@@ -491,7 +539,7 @@ std::vector<uint8_t> gif_for_stb(std::span<const uint8_t> b) {
   if (pads.empty()) return out;
   size_t from = 0;
   for (const auto& [flags_at, table_at] : pads) {
-    const size_t bytes = table_bytes(b[flags_at]);
+    const size_t bytes = gif_table_bytes(b[flags_at]);
     if (table_at + bytes > b.size()) break;  // a cut table: stb reads it as zeros anyway
     const size_t shift = out.size() - from;  // what the tables padded so far added
     out.insert(out.end(), b.begin() + from, b.begin() + table_at + bytes);
@@ -555,6 +603,8 @@ Result<Image> decode_image(std::span<const uint8_t> bytes, const std::string& na
     GEMMA3_TRY(check_dims(size->width, size->height));
   // stbi_info parses the JPEG DHT segments before SOF too.
   if (format == Format::kJpeg) GEMMA3_TRY(check_jpeg_huffman_tables(bytes, name));
+  if (format == Format::kBmp) GEMMA3_TRY(check_bmp_compression(bytes, name));
+  if (format == Format::kGif) GEMMA3_TRY(check_gif_first_image(bytes, name));
   int w = 0, h = 0, comp = 0;
   stbi__g_failure_reason = nullptr;
   if (!stbi_info_from_memory(bytes.data(), static_cast<int>(bytes.size()), &w, &h, &comp)) {
