@@ -66,6 +66,13 @@ __device__ __forceinline__ void rope_pair(float& a, float& b, int pos, float inv
   b = __fadd_rn(__fmul_rn(b0, c), __fmul_rn(a0, s));
 }
 
+// gelu_pytorch_tanh: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), the CPU reference's
+// expression with the precise tanhf (the GeGLU gate of Gemma3MLP, SigLIP's MLP).
+__device__ __forceinline__ float gelu_tanh(float x) {
+  constexpr float kSqrt2OverPi = 0.7978845608028654f;
+  return 0.5f * x * (1.0f + tanhf(kSqrt2OverPi * (x + 0.044715f * x * x * x)));
+}
+
 // Max over the block, as block_sum (max is exact, so every order gives the same result).
 __device__ __forceinline__ float block_max(float v, float* scratch) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;

@@ -4,16 +4,12 @@
 namespace gemma3::cuda {
 namespace {
 
-// out[i] = 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))) * u[i]: gelu_pytorch_tanh applied
-// to the gate projection (HF Gemma3MLP), the CPU reference's expression with the precise tanhf.
-// Preconditions: any 1-D grid (grid-stride loop); out may alias g or u.
+// out[i] = gelu_tanh(g[i]) * u[i] (common.cuh): gelu_pytorch_tanh applied to the gate
+// projection (HF Gemma3MLP). Preconditions: any 1-D grid (grid-stride loop); out may alias g or u.
 __global__ void gelu_gate_kernel(const float* g, const float* u, int64_t n, float* out) {
-  constexpr float kSqrt2OverPi = 0.7978845608028654f;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
-       i += int64_t{gridDim.x} * blockDim.x) {
-    const float x = g[i];
-    out[i] = 0.5f * x * (1.0f + tanhf(kSqrt2OverPi * (x + 0.044715f * x * x * x))) * u[i];
-  }
+       i += int64_t{gridDim.x} * blockDim.x)
+    out[i] = gelu_tanh(g[i]) * u[i];
 }
 
 // out[i] = a[i] + b[i]. Preconditions: any 1-D grid; out may alias a or b.

@@ -297,22 +297,33 @@ __device__ void stage_x(const float* x, int64_t cols, int64_t k0, int len, F4* x
   }
 }
 
-// out[t, o] = row_scale(o) * sum_i W[o, i] x[t, i] for t < N. A group of kWarps / split * 2
-// rows per block iteration: warp w takes rows 2 (w / split) and 2 (w / split) + 1 of the group
-// and chunks part * 32 + lane (+ split * 32 ...) of them, part = w % split.
+// Result v of row o for token t, to its part's buffer (GemvOut, launch.h).
+__device__ __forceinline__ void store_row(const GemvOut& out, int64_t o, int t, float v) {
+  int j = 0;
+  while (j + 1 < out.parts && o >= out.end[j]) ++j;
+  const int64_t start = j > 0 ? out.end[j - 1] : 0;
+  out.out[j][t * (out.end[j] - start) + (o - start)] = v;
+}
+
+// out[t, o] = row_scale(o) * sum_i W[o, i] x[t, i] for t < N. A group of kWarps / split row
+// pairs per block iteration: warp w takes pair w / split of the group and chunks part * 32 +
+// lane (+ split * 32 ...) of it, part = w % split. A pair is rows 2p and 2p + 1, or with
+// out.geglu rows p and p + rows / 2 (gate p and up p), which give one output.
 // Preconditions: blockDim.x = kThreads; split in {1, 2, 4, 8}; tile_len a multiple of 256;
 // cols % Vec<L>::kElems == 0; rows 16-byte aligned; dynamic shared memory (N * tile_len +
 // kWarps * kRowsPerWarp * N) floats.
 template <class L, int N>
 __global__ void __launch_bounds__(kThreads)
-    gemv_vec_kernel(WeightRef w, const float* x, float* out, int split, int tile_len) {
+    gemv_vec_kernel(WeightRef w, const float* x, GemvOut out, int split, int tile_len) {
   using V = Vec<L>;
   GEMMA3_DYNAMIC_SHARED(F4, gemv_smem);
   F4* xq = gemv_smem;                                               // [N * tile_len / 4] quads
   float* red = reinterpret_cast<float*>(gemv_smem) + N * tile_len;  // [kWarps][kRowsPerWarp][N]
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, part = warp % split;
-  const int group_rows = kWarps / split * kRowsPerWarp;
-  const int64_t groups = (w.rows + group_rows - 1) / group_rows;
+  static_assert(kRowsPerWarp == 2, "a warp's rows are a pair");
+  const int64_t pairs = out.geglu ? w.rows / 2 : (w.rows + 1) / 2;
+  const int group_pairs = kWarps / split;
+  const int64_t groups = (pairs + group_pairs - 1) / group_pairs;
   const int64_t ntiles = (w.cols + tile_len - 1) / tile_len;
   const uint8_t* base = static_cast<const uint8_t*>(w.data);
   if (ntiles == 1) {  // the whole x fits: staged once for every group this block takes
@@ -320,11 +331,13 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
   }
   for (int64_t g = blockIdx.x; g < groups; g += gridDim.x) {  // uniform over the block
-    const int64_t o0 = g * group_rows + (warp / split) * kRowsPerWarp;
+    const int64_t pair = g * group_pairs + warp / split;
+    int64_t row_of[kRowsPerWarp] = {2 * pair, 2 * pair + 1};
+    if (out.geglu) row_of[0] = pair, row_of[1] = pair + w.rows / 2;
     const uint8_t* rows[kRowsPerWarp];
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r)  // rows past the end read the last row; dropped below
-      rows[r] = base + (o0 + r < w.rows ? o0 + r : w.rows - 1) * w.row_bytes;
+      rows[r] = base + (row_of[r] < w.rows ? row_of[r] : w.rows - 1) * w.row_bytes;
     float acc[kRowsPerWarp][N] = {};
     for (int64_t k0 = 0; k0 < w.cols; k0 += tile_len) {
       const int len = static_cast<int>(w.cols - k0 < tile_len ? w.cols - k0 : tile_len);
@@ -390,25 +403,32 @@ __global__ void __launch_bounds__(kThreads)
           }
       __syncthreads();  // red is rewritten by the next group
     }
-    if (part == 0 && lane == 0)
+    if (part == 0 && lane == 0 && pair < pairs) {
+      if (out.geglu) {
+        const float sg = row_scale_of(w, row_of[0]), su = row_scale_of(w, row_of[1]);
 #pragma unroll
-      for (int r = 0; r < kRowsPerWarp; ++r) {
-        const int64_t o = o0 + r;
-        if (o < w.rows) {
-          const float s = row_scale_of(w, o);
+        for (int t = 0; t < N; ++t)
+          out.out[0][t * (w.rows / 2) + pair] = gelu_tanh(acc[0][t] * sg) * (acc[1][t] * su);
+      } else {
 #pragma unroll
-          for (int t = 0; t < N; ++t) out[t * w.rows + o] = acc[r][t] * s;
+        for (int r = 0; r < kRowsPerWarp; ++r) {
+          if (row_of[r] < w.rows) {
+            const float s = row_scale_of(w, row_of[r]);
+#pragma unroll
+            for (int t = 0; t < N; ++t) store_row(out, row_of[r], t, acc[r][t] * s);
+          }
         }
       }
+    }
   }
 }
 
 // The per-element path: out[t, o] = sum_i (W[o, i] * row_scale(o)) * x[t, i] for t < n; one
-// warp per row, x staged in shared memory tile by tile, fp32 accumulation.
+// warp per row, x staged in shared memory tile by tile, fp32 accumulation. No geglu.
 // Preconditions: blockDim.x = kThreads, gridDim.x = ceil(rows / kWarps), 1 <= n <= kGemvMaxTokens.
 template <class L>
 __global__ void __launch_bounds__(kThreads)
-    gemv_element_kernel(WeightRef w, const float* x, int n, float* out) {
+    gemv_element_kernel(WeightRef w, const float* x, int n, GemvOut out) {
   __shared__ float xs[kGemvMaxTokens * kElementTile];  // [n, kElementTile] slice of x
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t o = int64_t{blockIdx.x} * kWarps + warp;
@@ -438,7 +458,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int t = 0; t < kGemvMaxTokens; ++t) {
       if (t < n) {
         const float v = warp_sum(acc[t]);
-        if (lane == 0) out[t * w.rows + o] = v;
+        if (lane == 0) store_row(out, o, t, v);
       }
     }
   }
@@ -453,15 +473,15 @@ struct VecPlan {
   size_t smem = 0;
 };
 template <int N>
-VecPlan vec_plan(int64_t rows, int64_t cols, int elems_per_chunk, int sm_count) {
+VecPlan vec_plan(int64_t pairs, int64_t cols, int elems_per_chunk, int sm_count) {
   VecPlan p;
   constexpr int kTileCap = kTileBytes / (4 * N) / 256 * 256;
   const int64_t cols256 = (cols + 255) / 256 * 256;
   p.tile_len = static_cast<int>(cols256 < kTileCap ? cols256 : kTileCap);
   const int64_t chunks = cols / elems_per_chunk, target = 4 * int64_t{sm_count};
   auto groups = [&](int split) {
-    const int group_rows = kWarps / split * kRowsPerWarp;
-    return (rows + group_rows - 1) / group_rows;
+    const int group_pairs = kWarps / split;
+    return (pairs + group_pairs - 1) / group_pairs;
   };
   while (p.split < kWarps && groups(p.split) < target && chunks >= 64 * p.split) p.split *= 2;
   const int64_t g = groups(p.split), cap = 8 * int64_t{sm_count};
@@ -471,15 +491,16 @@ VecPlan vec_plan(int64_t rows, int64_t cols, int elems_per_chunk, int sm_count) 
 }
 
 template <class L, int N>
-int launch_vec(const WeightRef& w, const float* x, float* out, cudaStream_t stream, int sm_count) {
-  const VecPlan p = vec_plan<N>(w.rows, w.cols, Vec<L>::kElems, sm_count);
+int launch_vec(const WeightRef& w, const float* x, const GemvOut& out, cudaStream_t stream, int sm_count) {
+  const VecPlan p = vec_plan<N>(out.geglu ? w.rows / 2 : (w.rows + 1) / 2, w.cols, Vec<L>::kElems, sm_count);
   auto* const kernel = &gemv_vec_kernel<L, N>;  // (the macro would split "<L, N>" at its comma)
   GEMMA3_LAUNCH(kernel, p.grid, kThreads, p.smem, stream, w, x, out, p.split, p.tile_len);
   return launch_result();
 }
 
 template <class L>
-int launch_vec_tokens(const WeightRef& w, const float* x, int n, float* out, cudaStream_t stream, int sm) {
+int launch_vec_tokens(const WeightRef& w, const float* x, int n, const GemvOut& out, cudaStream_t stream,
+                      int sm) {
   switch (n) {
     case 1: return launch_vec<L, 1>(w, x, out, stream, sm);
     case 2: return launch_vec<L, 2>(w, x, out, stream, sm);
@@ -494,21 +515,38 @@ int launch_vec_tokens(const WeightRef& w, const float* x, int n, float* out, cud
 }
 static_assert(kGemvMaxTokens == 8, "launch_vec_tokens has one case per token count");
 
+// 16-byte loads need rows of whole 16-byte chunks; the planar and K layouts always have them.
+template <class L>
+bool vec_rows(const WeightRef& w) {
+  if constexpr (Vec<L>::kHas) return w.cols > 0 && w.cols % Vec<L>::kElems == 0 && w.row_bytes % 16 == 0;
+  return false;
+}
+
 }  // namespace
 
-int launch_gemv(const WeightRef& w, const float* x, int n, float* out, Stream stream, int sm_count) {
-  if (n < 1 || n > kGemvMaxTokens || w.rows < 0 || w.cols < 0) return static_cast<int>(cudaErrorInvalidValue);
+bool gemv_vectorized(const WeightRef& w) {
+  // dispatch_weight returns the callable's int, or cudaErrorInvalidValue (1) for no decoder.
+  constexpr int kYes = 2, kNo = 3;
+  return dispatch_weight(w.dtype, [&](auto d) { return vec_rows<decltype(d)>(w) ? kYes : kNo; }) == kYes;
+}
+
+int launch_gemv(const WeightRef& w, const float* x, int n, const GemvOut& out, Stream stream, int sm_count) {
+  if (n < 1 || n > kGemvMaxTokens || w.rows < 0 || w.cols < 0 || out.parts < 1 || out.parts > kGemvMaxParts ||
+      out.end[out.parts - 1] != w.rows || (out.geglu && (out.parts != 2 || 2 * out.end[0] != w.rows)))
+    return static_cast<int>(cudaErrorInvalidValue);
+  for (int j = 0; j < out.parts; ++j)
+    if (!out.out[j] || out.end[j] < (j > 0 ? out.end[j - 1] : 0))
+      return static_cast<int>(cudaErrorInvalidValue);
   if (w.rows == 0) return 0;
   if (sm_count < 1) sm_count = 1;
   return dispatch_weight(w.dtype, [&](auto d) {
     using L = decltype(d);
     if constexpr (Vec<L>::kHas) {
-      // 16-byte loads need 16-byte aligned rows; the planar and K layouts always have them.
-      const bool aligned = w.cols > 0 && w.cols % Vec<L>::kElems == 0 && w.row_bytes % 16 == 0 &&
-                           reinterpret_cast<uintptr_t>(w.data) % 16 == 0 &&
+      const bool aligned = vec_rows<L>(w) && reinterpret_cast<uintptr_t>(w.data) % 16 == 0 &&
                            reinterpret_cast<uintptr_t>(x) % 16 == 0;
       if (aligned) return launch_vec_tokens<L>(w, x, n, out, as_stream(stream), sm_count);
     }
+    if (out.geglu) return static_cast<int>(cudaErrorInvalidValue);
     const unsigned grid = static_cast<unsigned>((w.rows + kWarps - 1) / kWarps);
     GEMMA3_LAUNCH(gemv_element_kernel<L>, grid, kThreads, 0, as_stream(stream), w, x, n, out);
     return launch_result();

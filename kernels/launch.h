@@ -48,9 +48,32 @@ int launch_quantize_fp8_rows(const WeightRef& w, uint8_t* dst, float* scales, St
 
 // ---- gemv.cu ----
 constexpr int kGemvMaxTokens = 8;
-// out[t, o] = sum_i x[t, i] * W[o, i], x [n, cols], out [n, rows], 1 <= n <= kGemvMaxTokens.
-// sm_count (multiprocessors) sizes the grid and the split of short-row-count matrices.
-int launch_gemv(const WeightRef& w, const float* x, int n, float* out, Stream stream, int sm_count = 132);
+constexpr int kGemvMaxParts = 3;  // q|k|v
+// Where a GEMV's results go. A weight of stacked parts (q|k|v, gate|up: the rows of part j are
+// rows end[j-1] .. end[j] - 1) writes part j's to out[j], [n, rows of part j]. geglu (two
+// parts of equal rows, gate then up): out[0][t, i] = gelu_tanh(gate[t, i]) * up[t, i], and
+// nothing else is written.
+struct GemvOut {
+  float* out[kGemvMaxParts] = {};
+  int64_t end[kGemvMaxParts] = {};
+  int parts = 1;
+  bool geglu = false;
+};
+// out[t, o] = sum_i x[t, i] * W[o, i], x [n, cols], out as above (one part: [n, rows]),
+// 1 <= n <= kGemvMaxTokens. sm_count (multiprocessors) sizes the grid and the split of
+// short-row-count matrices. geglu needs the vectorized path (gemv_vectorized).
+int launch_gemv(const WeightRef& w, const float* x, int n, const GemvOut& out, Stream stream,
+                int sm_count = 132);
+inline int launch_gemv(const WeightRef& w, const float* x, int n, float* out, Stream stream,
+                       int sm_count = 132) {
+  GemvOut o;
+  o.out[0] = out;
+  o.end[0] = w.rows;
+  return launch_gemv(w, x, n, o, stream, sm_count);
+}
+// Whether launch_gemv reads w with the vectorized kernel (its type has a 16-byte chunk decoder
+// and the rows are whole 16-byte chunks), given 16-byte aligned data and x.
+bool gemv_vectorized(const WeightRef& w);
 
 // ---- norm.cu ----
 // out[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * w, w [dim] fp32; in place allowed.

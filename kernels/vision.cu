@@ -35,15 +35,12 @@ __global__ void add_bias_kernel(const float* x, const float* b, int64_t n, int d
     out[i] = x[i] + b[i % dim];
 }
 
-// out[i] = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (gelu_pytorch_tanh, SigLIP's MLP).
+// out[i] = gelu_tanh(x[i]) (common.cuh; gelu_pytorch_tanh, SigLIP's MLP).
 // Preconditions: any 1-D grid; out may alias x.
 __global__ void gelu_kernel(const float* x, int64_t n, float* out) {
-  constexpr float kSqrt2OverPi = 0.7978845608028654f;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
-       i += int64_t{gridDim.x} * blockDim.x) {
-    const float v = x[i];
-    out[i] = 0.5f * v * (1.0f + tanhf(kSqrt2OverPi * (v + 0.044715f * v * v * v)));
-  }
+       i += int64_t{gridDim.x} * blockDim.x)
+    out[i] = gelu_tanh(x[i]);
 }
 
 // One thread per output value (pooled row R * out_side + C, channel c): the k x k grid rows

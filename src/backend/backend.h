@@ -87,6 +87,15 @@ class Backend {
     return upload(tensor);
   }
 
+  // Matrices of one type and width stacked into one weight, rows in the given order (a layer's
+  // q|k|v, or gate|up), for a backend whose matmul gains from reading them in one pass; the
+  // same narrowing as upload_matmul_weight. Returns no weight (the default) when the backend
+  // would not gain; the graph then keeps and multiplies the parts. The views need not outlive
+  // the result. Only matmul_parts and matmul_geglu take a stacked weight.
+  virtual Result<std::unique_ptr<BackendWeight>> upload_stacked(const std::vector<const TensorView*>& parts) {
+    return std::unique_ptr<BackendWeight>();
+  }
+
   // Waits for queued work and returns the first error any op hit since the backend was made
   // (ops return void; a device backend records failures instead). The CPU backend never fails.
   virtual Status status() { return ok_status(); }
@@ -107,6 +116,12 @@ class Backend {
                        float* out) = 0;
   // out[t, o] = sum_i x[t, i] * W[o, i]; x [n, W.cols], out [n, W.rows]. fp32 accumulation.
   virtual void matmul(const float* x, int n, const BackendWeight& w, float* out) = 0;
+  // matmul with a weight of upload_stacked: part j's rows give outs[j] [n, rows of part j].
+  // (The defaults of these two are unreachable: the default upload_stacked stacks nothing.)
+  virtual void matmul_parts(const float* x, int n, const BackendWeight& stacked, float* const* outs) {}
+  // The MLP's GeGLU from a stacked gate|up weight: out [n, rows / 2] = gelu_tanh(x gate^T) *
+  // (x up^T), as matmul, matmul, gelu_gate; up: [n, rows / 2] the backend may use as scratch.
+  virtual void matmul_geglu(const float* x, int n, const BackendWeight& gate_up, float* up, float* out) {}
   // Rotate-half RoPE in place on x [n, n_heads, head_dim], token t at position pos0 + t:
   // angle_i = (pos / scale) * theta^(-2i/head_dim), pairs (i, i + head_dim/2).
   virtual void rope(float* x, int n, int n_heads, int head_dim, int pos0, float theta, float scale) = 0;

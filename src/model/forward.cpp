@@ -30,6 +30,10 @@ Result<BackendModel> BackendModel::upload(Backend& backend, const Weights& weigh
   for (size_t i = 0; i < weights.layers.size(); ++i) {
     const LayerWeights& l = weights.layers[i];
     Layer& d = m.layers[i];
+    GEMMA3_ASSIGN_OR_RETURN(d.qkv, backend.upload_stacked({&l.q, &l.k, &l.v}));
+    GEMMA3_ASSIGN_OR_RETURN(d.gate_up, backend.upload_stacked({&l.gate, &l.up}));
+    if (d.qkv) bar.update(done += l.q.nbytes + l.k.nbytes + l.v.nbytes);
+    if (d.gate_up) bar.update(done += l.gate.nbytes + l.up.nbytes);
     for (auto [src, dst] : {std::pair{&l.attn_norm, &d.attn_norm},
                             {&l.q, &d.q},
                             {&l.k, &d.k},
@@ -42,8 +46,11 @@ Result<BackendModel> BackendModel::upload(Backend& backend, const Weights& weigh
                             {&l.gate, &d.gate},
                             {&l.up, &d.up},
                             {&l.down, &d.down},
-                            {&l.post_ffn_norm, &d.post_ffn_norm}})
-      GEMMA3_TRY(up(*src, dst));
+                            {&l.post_ffn_norm, &d.post_ffn_norm}}) {
+      const bool in_stack = (d.qkv && (src == &l.q || src == &l.k || src == &l.v)) ||
+                            (d.gate_up && (src == &l.gate || src == &l.up));
+      if (!in_stack) GEMMA3_TRY(up(*src, dst));
+    }
   }
   return m;
 }
@@ -115,9 +122,14 @@ Status forward(const ModelConfig& c, const BackendModel& w, Backend& be, KvCache
 
     // Attention block: (norm) -> q/k/v -> QK-norm + RoPE + cache write -> attention -> o ->
     // post-norm + residual + the MLP's norm.
-    be.matmul(s.normed, n, *L.q, s.q);
-    be.matmul(s.normed, n, *L.k, s.k);
-    be.matmul(s.normed, n, *L.v, s.v);
+    if (L.qkv) {
+      float* const qkv[] = {s.q, s.k, s.v};
+      be.matmul_parts(s.normed, n, *L.qkv, qkv);
+    } else {
+      be.matmul(s.normed, n, *L.q, s.q);
+      be.matmul(s.normed, n, *L.k, s.k);
+      be.matmul(s.normed, n, *L.v, s.v);
+    }
     const float theta = global ? c.rope_theta_global : c.rope_theta_local;
     const float rope_scale = global ? c.rope_scale_global : 1.0f;  // linear scaling: global layers only
     be.qk_norm_rope_kv_write(s.q, s.k, s.v, *L.q_norm, *L.k_norm, n, c.n_heads, c.n_kv_heads, c.head_dim, eps,
@@ -144,9 +156,13 @@ Status forward(const ModelConfig& c, const BackendModel& w, Backend& be, KvCache
 
     // MLP block: (norm) -> GeGLU -> down -> post-norm + residual + the next block's norm (the
     // next layer's, or the final norm after the last layer).
-    be.matmul(s.normed, n, *L.gate, s.gate);
-    be.matmul(s.normed, n, *L.up, s.up);
-    be.gelu_gate(s.gate, s.up, n * I, s.gate);
+    if (L.gate_up) {
+      be.matmul_geglu(s.normed, n, *L.gate_up, s.up, s.gate);
+    } else {
+      be.matmul(s.normed, n, *L.gate, s.gate);
+      be.matmul(s.normed, n, *L.up, s.up);
+      be.gelu_gate(s.gate, s.up, n * I, s.gate);
+    }
     be.matmul(s.gate, n, *L.down, s.a);
     const BackendWeight& next = l + 1 < c.n_layers ? *w.layers[l + 1].attn_norm : *w.final_norm;
     be.add_rmsnorm(s.a, *L.post_ffn_norm, s.x, &next, n, static_cast<int>(H), eps, s.normed);

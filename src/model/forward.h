@@ -19,6 +19,9 @@ struct BackendModel {
   struct Layer {
     std::unique_ptr<BackendWeight> attn_norm, q, k, v, q_norm, k_norm, o, post_attn_norm, ffn_norm, gate, up,
         down, post_ffn_norm;
+    // Backend::upload_stacked's q|k|v and gate|up, when the backend stacks them (then q, k, v
+    // or gate, up are not uploaded).
+    std::unique_ptr<BackendWeight> qkv, gate_up;
   };
   std::unique_ptr<BackendWeight> embed, final_norm;
   std::vector<Layer> layers;

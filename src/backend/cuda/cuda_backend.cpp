@@ -52,6 +52,17 @@ class CudaWeight final : public BackendWeight {
   const uint8_t* lookup_rows = nullptr;
   uint64_t lookup_row_bytes = 0;
   DType lookup_dtype = DType::kF32;
+  // Stacked weights (upload_stacked) only: where each part's rows end (cumulative).
+  std::vector<int64_t> part_end;
+
+  // Rows r0 .. r0 + count - 1 as a matrix of their own (rows are independent in every layout).
+  cuda::WeightRef rows_ref(int64_t r0, int64_t count) const {
+    cuda::WeightRef r = ref();
+    r.data = static_cast<const uint8_t*>(data) + static_cast<uint64_t>(r0) * row_bytes;
+    r.rows = count;
+    if (n_scales > 1) r.row_scale = scales + r0, r.n_scales = count;
+    return r;
+  }
 
   cuda::WeightRef ref() const {
     cuda::WeightRef r;
@@ -328,25 +339,140 @@ class CudaBackend final : public Backend {
 
   void matmul(const float* x, int n, const BackendWeight& wt, float* out) override {
     const CudaWeight& w = as_cuda(wt);
-    if (!error_.ok() || n <= 0 || w.rows == 0) return;  // no outputs (and the tile clamp needs rows >= 1)
+    if (!error_.ok() || n <= 0) return;
+    matmul_ref(w.ref(), w.name, x, n, out);
+  }
+
+  // Stacked weights (upload_stacked): q|k|v or gate|up of one layer, one type, rows in order.
+  // Only types and widths the vectorized GEMV reads are stacked (the point is one launch that
+  // keeps more bytes in flight); the rest stay separate matrices.
+  Result<std::unique_ptr<BackendWeight>> upload_stacked(
+      const std::vector<const TensorView*>& parts) override {
+    GEMMA3_TRY(error_);
+    std::unique_ptr<BackendWeight> none;
+    if (parts.size() < 2 || parts.size() > static_cast<size_t>(cuda::kGemvMaxParts)) return none;
+    const TensorView& first = *parts[0];
+    std::vector<int64_t> ends;
+    uint64_t bytes = 0;
+    for (const TensorView* p : parts) {
+      if (p->shape.size() != 2 || p->dtype != first.dtype || p->cols() != first.cols()) return none;
+      ends.push_back((ends.empty() ? 0 : ends.back()) + p->rows());
+      bytes += p->nbytes;
+    }
+    // The layout upload_matmul_weight will give the stack: fp8 rows, planar Q4_0/Q8_0, or as stored.
+    cuda::WeightRef probe;
+    probe.rows = ends.back();
+    probe.cols = first.cols();
+    probe.dtype = first.dtype;
+    const bool to_fp8 = fp8_weights_ && (first.dtype == DType::kF32 || first.dtype == DType::kF16 ||
+                                         first.dtype == DType::kBF16);
+    if (to_fp8) {
+      probe.dtype = DType::kF8E4M3;
+      probe.row_bytes = static_cast<uint64_t>(probe.cols);
+    } else if (first.dtype == DType::kQ4_0 || first.dtype == DType::kQ8_0) {
+      probe.row_bytes = first.dtype == DType::kQ4_0 ? blocks::Q4_0Planar::row_bytes(probe.cols)
+                                                    : blocks::Q8_0Planar::row_bytes(probe.cols);
+    } else {
+      GEMMA3_ASSIGN_OR_RETURN(probe.row_bytes, weight_row_bytes(first));
+    }
+    if (!cuda::gemv_vectorized(probe)) return none;
+    std::vector<uint8_t> stacked;
+    stacked.reserve(static_cast<size_t>(bytes));
+    std::vector<float> scales;  // fp8 checkpoints: one per row (a part's single scale repeated)
+    const bool scaled =
+        std::any_of(parts.begin(), parts.end(), [](auto* p) { return !p->row_scale.empty(); });
+    std::string name;
+    for (const TensorView* p : parts) {
+      const auto* b = static_cast<const uint8_t*>(p->data);
+      stacked.insert(stacked.end(), b, b + p->nbytes);
+      name += (name.empty() ? "" : "|") + p->name;
+      if (!scaled) continue;
+      const std::vector<float>& rs = p->row_scale;
+      if (!rs.empty() && rs.size() != 1 && static_cast<int64_t>(rs.size()) != p->rows())
+        return invalid_file(
+            fmt::format("tensor {}: {} row scales for {} rows", p->name, rs.size(), p->rows()));
+      for (int64_t r = 0; r < p->rows(); ++r)
+        scales.push_back(rs.empty() ? 1.0f : rs.size() == 1 ? rs[0] : rs[r]);
+    }
+    TensorView t{name, first.dtype, {probe.rows, probe.cols}, stacked.data(), bytes, std::move(scales)};
+    GEMMA3_ASSIGN_OR_RETURN(std::unique_ptr<BackendWeight> w, upload_matmul_weight(t));
+    auto& cw = static_cast<CudaWeight&>(*w);
+    cw.lookup_rows = nullptr;  // the staging buffer goes away; stacks are never looked up
+    cw.part_end = std::move(ends);
+    return w;
+  }
+
+  void matmul_parts(const float* x, int n, const BackendWeight& wt, float* const* outs) override {
+    const CudaWeight& w = as_cuda(wt);
+    if (!error_.ok() || n <= 0) return;
+    if (!stacked(w, "matmul_parts")) return;
+    const int parts = static_cast<int>(w.part_end.size());
     if (n <= cuda::kGemvMaxTokens) {
-      check_launch(cuda::launch_gemv(w.ref(), x, n, out, stream_, sm_count_), "matmul (gemv)");
+      cuda::GemvOut o;
+      o.parts = parts;
+      for (int j = 0; j < parts; ++j) o.out[j] = outs[j], o.end[j] = w.part_end[j];
+      check_launch(cuda::launch_gemv(w.ref(), x, n, o, stream_, sm_count_), "matmul_parts (gemv)");
+      return;
+    }
+    for (int j = 0; j < parts && error_.ok(); ++j) {
+      const int64_t r0 = j > 0 ? w.part_end[j - 1] : 0;
+      matmul_ref(w.rows_ref(r0, w.part_end[j] - r0), w.name, x, n, outs[j]);
+    }
+  }
+
+  void matmul_geglu(const float* x, int n, const BackendWeight& wt, float* up, float* out) override {
+    const CudaWeight& w = as_cuda(wt);
+    if (!error_.ok() || n <= 0) return;
+    if (!stacked(w, "matmul_geglu")) return;
+    const int64_t half = w.part_end[0];
+    if (w.part_end.size() != 2 || 2 * half != w.rows) {
+      fail(invalid_argument(fmt::format("matmul_geglu: {} is not two stacked parts of equal rows", w.name)));
+      return;
+    }
+    if (n <= cuda::kGemvMaxTokens && reinterpret_cast<uintptr_t>(x) % 16 == 0) {
+      cuda::GemvOut o;  // vectorized (upload_stacked made sure): gelu(gate) * up in the epilogue
+      o.parts = 2;
+      o.out[0] = out;
+      o.out[1] = up;
+      o.end[0] = half;
+      o.end[1] = w.rows;
+      o.geglu = true;
+      check_launch(cuda::launch_gemv(w.ref(), x, n, o, stream_, sm_count_), "matmul_geglu (gemv)");
+      return;
+    }
+    matmul_ref(w.rows_ref(0, half), w.name, x, n, out);
+    matmul_ref(w.rows_ref(half, half), w.name, x, n, up);
+    gelu_gate(out, up, int64_t{n} * half, out);
+  }
+
+  // A stacked weight, or false after recording an error.
+  bool stacked(const CudaWeight& w, const char* op) {
+    if (!w.part_end.empty()) return true;
+    fail(invalid_argument(fmt::format("{}: {} is not a stacked weight (upload_stacked)", op, w.name)));
+    return false;
+  }
+
+  // out [n, r.rows] = x [n, r.cols] r^T: the GEMV for n <= 8, else cuBLAS on fp32 tiles.
+  void matmul_ref(const cuda::WeightRef& r, const std::string& name, const float* x, int n, float* out) {
+    if (r.rows == 0) return;  // no outputs (and the tile clamp needs rows >= 1)
+    if (n <= cuda::kGemvMaxTokens) {
+      check_launch(cuda::launch_gemv(r, x, n, out, stream_, sm_count_), "matmul (gemv)");
       return;
     }
     // n > 8: dequantize the weight tile by tile into fp32 and multiply with cuBLAS.
-    if (w.dtype == DType::kF32 && w.n_scales == 0) {
-      gemm(static_cast<const float*>(w.data), w.rows, 0, x, n, w, out);
+    if (r.dtype == DType::kF32 && r.n_scales == 0) {
+      gemm(static_cast<const float*>(r.data), r.rows, 0, x, n, r, name, out);
       return;
     }
-    const int64_t tile = std::clamp<int64_t>(kScratchFloats / std::max<int64_t>(w.cols, 1), 1, w.rows);
-    if (!reserve(&scratch_, &scratch_bytes_, static_cast<size_t>(tile * w.cols) * sizeof(float),
+    const int64_t tile = std::clamp<int64_t>(kScratchFloats / std::max<int64_t>(r.cols, 1), 1, r.rows);
+    if (!reserve(&scratch_, &scratch_bytes_, static_cast<size_t>(tile * r.cols) * sizeof(float),
                  "matmul scratch"))
       return;
-    for (int64_t r0 = 0; r0 < w.rows && error_.ok(); r0 += tile) {
-      const int64_t nr = std::min(tile, w.rows - r0);
+    for (int64_t r0 = 0; r0 < r.rows && error_.ok(); r0 += tile) {
+      const int64_t nr = std::min(tile, r.rows - r0);
       float* s = static_cast<float*>(scratch_);
-      if (check_launch(cuda::launch_dequant_rows(w.ref(), r0, nr, s, stream_), "matmul (dequantize)"))
-        gemm(s, nr, r0, x, n, w, out);
+      if (check_launch(cuda::launch_dequant_rows(r, r0, nr, s, stream_), "matmul (dequantize)"))
+        gemm(s, nr, r0, x, n, r, name, out);
     }
   }
 
@@ -752,7 +878,8 @@ class CudaBackend final : public Backend {
   // out[:, r0 : r0 + nr] (row-major out [n, w.rows]) = x [n, cols] . a^T, a = rows r0.. of the
   // weight as fp32 [nr, cols]. In cuBLAS's column-major terms: C (nr x n, ldc = w.rows) =
   // A^T (A: cols x nr, lda = cols) * B (cols x n, ldb = cols).
-  void gemm(const float* a, int64_t nr, int64_t r0, const float* x, int n, const CudaWeight& w, float* out) {
+  void gemm(const float* a, int64_t nr, int64_t r0, const float* x, int n, const cuda::WeightRef& w,
+            const std::string& name, float* out) {
     const float alpha = 1.0f, beta = 0.0f;
     const cublasStatus_t s =
         cublasGemmEx(static_cast<cublasHandle_t>(cublas_), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(nr), n,
@@ -761,7 +888,7 @@ class CudaBackend final : public Backend {
                      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     if (s != CUBLAS_STATUS_SUCCESS)
       fail(internal_error(fmt::format("CUDA backend: cublasGemmEx ({} x {} x {}, weight {}): {}", nr, n,
-                                      w.cols, w.name, cublasGetStatusString(s))));
+                                      w.cols, name, cublasGetStatusString(s))));
     else
       after_op("matmul (cublasGemmEx)");
   }
