@@ -26,5 +26,28 @@ TEST(Status, ResultCarriesValueOrError) {
   EXPECT_EQ(s.with_context("flag -n").message(), "flag -n: value must be positive, got -1");
 }
 
+// value() (and * and ->) on an error throws BadResultAccess naming the status, not std::variant's
+// bad_variant_access, whichever way the Result is held.
+TEST(Status, ValueOfAnErrorNamesTheStatus) {
+  Result<int> bad = parse_positive(-3);
+  const std::string want =
+      "Result::value() called on an error: invalid argument: value must be positive, got -3";
+  try {
+    (void)bad.value();
+    ADD_FAILURE() << "no exception";
+  } catch (const BadResultAccess& e) {
+    EXPECT_EQ(std::string(e.what()), want);
+    EXPECT_EQ(e.status().code(), ErrorCode::kInvalidArgument);
+  }
+  const Result<int>& cref = bad;
+  EXPECT_THROW((void)*cref, BadResultAccess);
+  EXPECT_THROW((void)std::move(bad).value(), BadResultAccess);
+  Result<std::string> s = Status(ErrorCode::kNotFound, "no file");
+  EXPECT_THROW((void)s->size(), BadResultAccess);
+  Result<int> good = parse_positive(5);
+  EXPECT_EQ(good.value(), 5);
+  EXPECT_EQ(*good, 5);
+}
+
 }  // namespace
 }  // namespace gemma3

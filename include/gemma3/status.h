@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cassert>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <variant>
@@ -54,11 +55,25 @@ Status out_of_memory(std::string message);
 Status cancelled(std::string message);
 Status internal_error(std::string message);
 
+// What Result::value() (and * and ->) throws when the Result holds an error. Calling it then is
+// a bug in the caller; what() names the Status, as absl's BadStatusOrAccess does, instead of
+// std::variant's bad_variant_access. The library itself checks ok() first: nothing it returns
+// throws.
+class BadResultAccess : public std::logic_error {
+ public:
+  explicit BadResultAccess(const Status& status)
+      : std::logic_error("Result::value() called on an error: " + status.to_string()), status_(status) {}
+  const Status& status() const { return status_; }
+
+ private:
+  Status status_;
+};
+
 // A value or the Status explaining why there is none.
 template <class T>
 class [[nodiscard]] Result {
  public:
-  Result(T value) : v_(std::move(value)) {}  // NOLINT: implicit by design
+  Result(T value) : v_(std::move(value)) {}        // NOLINT: implicit by design
   Result(Status status) : v_(std::move(status)) {  // NOLINT
     if (std::get<Status>(v_).ok()) v_ = Status(ErrorCode::kInternal, "Result built from ok Status");
   }
@@ -68,15 +83,19 @@ class [[nodiscard]] Result {
     static const Status kOk;
     return ok() ? kOk : std::get<Status>(v_);
   }
-  T& value() & { return std::get<T>(v_); }
-  const T& value() const& { return std::get<T>(v_); }
-  T&& value() && { return std::get<T>(std::move(v_)); }
+  // The value; throws BadResultAccess (naming the status) when there is none.
+  T& value() & { return check(), std::get<T>(v_); }
+  const T& value() const& { return check(), std::get<T>(v_); }
+  T&& value() && { return check(), std::get<T>(std::move(v_)); }
   T* operator->() { return &value(); }
   const T* operator->() const { return &value(); }
   T& operator*() & { return value(); }
   const T& operator*() const& { return value(); }
 
  private:
+  void check() const {
+    if (!ok()) throw BadResultAccess(std::get<Status>(v_));
+  }
   std::variant<T, Status> v_;
 };
 
@@ -86,9 +105,9 @@ class [[nodiscard]] Result {
 #define GEMMA3_CONCAT(a, b) GEMMA3_CONCAT_INNER(a, b)
 
 // Returns the Status from the enclosing function when `expr` (a Status) is not ok.
-#define GEMMA3_TRY(expr)                         \
-  do {                                           \
-    ::gemma3::Status gemma3_status_ = (expr);    \
+#define GEMMA3_TRY(expr)                             \
+  do {                                               \
+    ::gemma3::Status gemma3_status_ = (expr);        \
     if (!gemma3_status_.ok()) return gemma3_status_; \
   } while (0)
 
