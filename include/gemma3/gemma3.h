@@ -1,10 +1,14 @@
 // libgemma3: load a Gemma 3 checkpoint, open sessions, generate text.
 //
+// Example (a function body; tests compile and run it, see HeaderExample in CMakeLists.txt):
 //   auto model = gemma3::Model::load("gemma-3-270m-q4_k_m.gguf", {});
-//   if (!model.ok()) { report(model.status()); }
-//   auto session = (*model)->new_session({});
-//   (*session)->feed_chat({{"user", "Hello"}});
-//   (*session)->generate({}, [](const gemma3::TokenEvent& e) { print(e.text); return true; });
+//   if (!model.ok()) return report(model.status());
+//   auto session = (*model)->new_session();
+//   if (!session.ok()) return report(session.status());
+//   gemma3::Status st = (*session)->feed_chat({{"user", "Hello"}});
+//   if (st.ok())
+//     st = (*session)->generate({}, [](const gemma3::TokenEvent& e) { print(e.text); return true; });
+//   return report(st);
 //
 // Every fallible call returns a Status/Result; the library never exits and never throws (an
 // exception from inside, or from a callback you pass, comes back as an error Status).
