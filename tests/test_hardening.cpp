@@ -410,4 +410,28 @@ TEST(HardeningInput, SystemTextWithInvalidUtf8IsBadInputForRunAndChat) {
 }
 
 }  // namespace
+// Issue #16: the library names its options in library terms (LoadOptions::context, ...), not
+// this CLI's flags; the CLI shows the same errors with its flags (cli_terms).
+TEST(HardeningApi, LibraryErrorsNameOptionsNotFlags) {
+  std::shared_ptr<Model> model = load(kData + "/tiny", 16);
+  ASSERT_TRUE(model);
+  auto s = model->new_session().value();
+  Status st = s->feed_text(std::string(200, 'x'));
+  EXPECT_EQ(st.code(), ErrorCode::kOutOfRange);
+  EXPECT_TRUE(contains(st.message(), "raise LoadOptions::context")) << st.message();
+  st = s->feed_image(kData + "/images/rgb_37x23.bmp");
+  EXPECT_EQ(st.code(), ErrorCode::kUnsupported);
+  EXPECT_TRUE(contains(st.message(), "(LoadOptions::mmproj)")) << st.message();
+  for (const Status& e : {st, s->feed_text(std::string(200, 'x'))})
+    EXPECT_FALSE(contains(e.message(), "--")) << e.message();
+
+  Cli r = cli("run -m '" + kData + "/tiny' --raw --ctx 16 -n 1 -p '" + std::string(200, 'x') + "'");
+  EXPECT_EQ(r.code, 4);
+  EXPECT_TRUE(contains(r.err, "raise --ctx (the model allows up to")) << r.err;
+  EXPECT_FALSE(contains(r.err, "LoadOptions")) << r.err;
+  r = cli("run -m '" + kData + "/tiny' --image '" + kData + "/images/rgb_37x23.bmp' -n 1 -p hi");
+  EXPECT_EQ(r.code, 3);
+  EXPECT_TRUE(contains(r.err, "attach its projector (--mmproj)")) << r.err;
+}
+
 }  // namespace gemma3

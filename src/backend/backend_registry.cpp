@@ -19,7 +19,7 @@ int32_t Backend::sample(const float* logits, int n_allowed, const SamplingOption
 #ifndef GEMMA3_WITH_CUDA
 Result<std::unique_ptr<Backend>> make_cuda_backend(const BackendOptions&) {
   return unsupported(
-      "this build of gemma3 has no CUDA backend (configure with -DGEMMA3_CUDA=ON); use --backend cpu");
+      "this build of gemma3 has no CUDA backend (configure with -DGEMMA3_CUDA=ON); use BackendKind::kCpu");
 }
 bool cuda_backend_available() { return false; }
 Status cuda_backend_status(Backend&) { return ok_status(); }

@@ -47,7 +47,7 @@ Status check_kv_type(const ModelConfig& config, KvType t) {
   if (t == KvType::kQ8_0 && config.head_dim % 32 != 0)
     return unsupported(
         fmt::format("KV type q8_0 needs head_dim % 32 == 0 (Q8_0 blocks of 32 per head row), "
-                    "this model has head_dim {}; use --kv-type bf16 or fp8",
+                    "this model has head_dim {}; use LoadOptions::kv_type = KvType::kBF16 or KvType::kF8",
                     config.head_dim));
   return ok_status();
 }
@@ -263,14 +263,14 @@ Status load_session_state(const std::string& path, int vocab, SessionState* stat
         fmt::format("prompt cache {}: {} is {}, this session has {}{}", path, field, got, want, hint));
   };
   GEMMA3_ASSIGN_OR_RETURN(int32_t context, r.pod<int32_t>("context"));
-  GEMMA3_TRY(expect("context", context, plan.context, " (use the same --ctx)"));
+  GEMMA3_TRY(expect("context", context, plan.context, " (use the same LoadOptions::context)"));
   GEMMA3_ASSIGN_OR_RETURN(int32_t chunk, r.pod<int32_t>("chunk"));
-  GEMMA3_TRY(expect("prefill chunk", chunk, plan.chunk, " (use the same --chunk)"));
+  GEMMA3_TRY(expect("prefill chunk", chunk, plan.chunk, " (use the same LoadOptions::prefill_chunk)"));
   GEMMA3_ASSIGN_OR_RETURN(uint32_t dtype, r.pod<uint32_t>("kv type"));
   if (dtype != static_cast<uint32_t>(plan.dtype))
     return invalid_argument(
-        fmt::format("prompt cache {}: KV type {}, this session has {} (use the same --kv-type)", path,
-                    dtype < 16 ? dtype_name(static_cast<DType>(dtype)) : "?", dtype_name(plan.dtype)));
+        fmt::format("prompt cache {}: KV type {}, this session has {} (use the same LoadOptions::kv_type)",
+                    path, dtype < 16 ? dtype_name(static_cast<DType>(dtype)) : "?", dtype_name(plan.dtype)));
   GEMMA3_ASSIGN_OR_RETURN(uint32_t n_layers, r.pod<uint32_t>("layer count"));
   GEMMA3_TRY(expect("layer count", n_layers, static_cast<int64_t>(plan.capacity.size()), ""));
   GEMMA3_ASSIGN_OR_RETURN(uint32_t slot_bytes, r.pod<uint32_t>("bytes per slot"));

@@ -37,7 +37,7 @@ Status check_fits(const MemoryPlan& plan, uint64_t free_bytes, const std::string
   auto gib = [](uint64_t b) { return fmt::format("{:.2f} GiB", static_cast<double>(b) / (1ull << 30)); };
   return out_of_memory(
       fmt::format("{} needs {} (weights {}, KV {}, scratch {}) at context {} with KV type {}, {} free; "
-                  "lower --ctx or use --kv-type q8_0",
+                  "lower LoadOptions::context or use LoadOptions::kv_type = KvType::kQ8_0",
                   backend_name, gib(plan.total_bytes()), gib(plan.weight_bytes), gib(plan.kv.total_bytes()),
                   gib(plan.scratch_bytes), plan.kv.context, dtype_name(plan.kv.dtype), gib(free_bytes)));
 }

@@ -274,7 +274,7 @@ Result<int> SessionImpl::feed_chat_truncating(std::vector<ChatMessage>& messages
     if (messages.size() - first <= 1)
       return out_of_range(
           fmt::format("the last message needs {} tokens and {} are kept for the reply, but the context holds "
-                      "{}; raise --ctx",
+                      "{}; raise LoadOptions::context",
                       ids.size(), reserve, ctx));
     // Drop it, and any model replies after it, so the conversation still opens with a user turn.
     do {
@@ -327,7 +327,7 @@ Status SessionImpl::run_pieces(const std::vector<Piece>& pieces, bool keep_all, 
   if (tokens_.size() + total > static_cast<size_t>(ctx))
     return out_of_range(
         fmt::format("the prompt needs {} tokens but the context holds {} ({} already used); "
-                    "raise --ctx (the model allows up to {})",
+                    "raise LoadOptions::context (the model allows up to {})",
                     total, ctx, tokens_.size(), c.max_context));
   const int chunk = cache_.plan().chunk;
   const int64_t V = c.vocab_size;
@@ -335,7 +335,7 @@ Status SessionImpl::run_pieces(const std::vector<Piece>& pieces, bool keep_all, 
     if (p.embeddings && static_cast<int>(p.ids.size()) > chunk)
       return invalid_argument(fmt::format(
           "an image is {} soft tokens, but the prefill chunk is {}: an image must be prefilled in one "
-          "chunk (its tokens attend to each other); raise --chunk to at least {}",
+          "chunk (its tokens attend to each other); raise LoadOptions::prefill_chunk to at least {}",
           p.ids.size(), chunk, p.ids.size()));
   if (keep_all) all_logits_.assign(total * V, 0.0f);
   last_logits_.resize(V);
@@ -394,7 +394,7 @@ Status SessionImpl::check_vision() const {
   if (!model_->vision)
     return unsupported(fmt::format(
         "{} has no vision tower, so it cannot take images; use a multimodal checkpoint (4B, 12B, 27B) or "
-        "attach its projector with --mmproj",
+        "attach its projector (LoadOptions::mmproj)",
         model_->ckpt->path()));
   return ok_status();
 }
@@ -719,8 +719,7 @@ Result<std::shared_ptr<Model>> load_model(const std::string& path, const LoadOpt
   const bool cuda = options.backend == BackendKind::kCuda ||
                     (options.backend == BackendKind::kAuto && kAutoMayPickCuda && cuda_backend_available());
   if (options.fp8_weights && !cuda)
-    return invalid_argument(
-        "fp8 weights (--weights fp8) need the CUDA backend; the CPU runs the stored types");
+    return invalid_argument("LoadOptions::fp8_weights needs the CUDA backend; the CPU runs the stored types");
   if (cuda) {
     GEMMA3_ASSIGN_OR_RETURN(m->backend, make_cuda_backend(bo));
   } else {

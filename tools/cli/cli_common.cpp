@@ -37,10 +37,33 @@ int exit_code_for(ErrorCode code) {
   return kExitInternal;
 }
 
+std::string cli_terms(std::string_view message) {
+  // Longest first: "LoadOptions::kv_type = " before "LoadOptions::kv_type".
+  static const std::pair<std::string_view, std::string_view> kTerms[] = {
+      {"LoadOptions::kv_type = ", "--kv-type "},
+      {"LoadOptions::kv_type", "--kv-type"},
+      {"LoadOptions::context", "--ctx"},
+      {"LoadOptions::prefill_chunk", "--chunk"},
+      {"LoadOptions::mmproj", "--mmproj"},
+      {"LoadOptions::fp8_weights", "--weights fp8"},
+      {"LoadOptions::threads", "--threads"},
+      {"KvType::kBF16", "bf16"},
+      {"KvType::kF32", "f32"},
+      {"KvType::kQ8_0", "q8_0"},
+      {"KvType::kF8", "fp8"},
+      {"BackendKind::kCpu", "--backend cpu"},
+  };
+  std::string out(message);
+  for (const auto& [term, flag] : kTerms)
+    for (size_t at = out.find(term); at != std::string::npos; at = out.find(term, at + flag.size()))
+      out.replace(at, term.size(), flag);
+  return out;
+}
+
 int fail(std::string_view command, int code, std::string_view message) {
   std::fflush(stdout);
-  std::fprintf(stderr, "gemma3 %.*s: %.*s\n", static_cast<int>(command.size()), command.data(),
-               static_cast<int>(message.size()), message.data());
+  const std::string text = cli_terms(message);  // the library's option names as this CLI's flags
+  std::fprintf(stderr, "gemma3 %.*s: %s\n", static_cast<int>(command.size()), command.data(), text.c_str());
   return code;
 }
 

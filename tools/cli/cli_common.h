@@ -32,7 +32,11 @@ enum ExitCode : int {
 // The one place library ErrorCodes become exit codes.
 int exit_code_for(ErrorCode code);
 
-// Prints "gemma3 <command>: <message>" on stderr and returns `code` (for `return fail(...)`).
+// The library names its options in its own terms (LoadOptions::context, KvType::kQ8_0, ...):
+// the message with each replaced by the flag that sets it here (--ctx, q8_0, ...).
+std::string cli_terms(std::string_view message);
+// Prints "gemma3 <command>: <message>" (in cli_terms) on stderr and returns `code` (for
+// `return fail(...)`).
 int fail(std::string_view command, int code, std::string_view message);
 // Same for a library Status: the exit code comes from exit_code_for(status.code()).
 int fail(std::string_view command, const Status& status);

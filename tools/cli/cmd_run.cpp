@@ -32,8 +32,9 @@ Status feed_with_prompt_cache(Session& session, const std::string& cache_file,
     if (st.ok() && saved.size() <= ids.size() && std::equal(saved.begin(), saved.end(), ids.begin())) {
       reused = saved.size();
     } else {
-      std::fprintf(stderr, "prompt cache: not reused (%s)\n",
-                   st.ok() ? "its tokens are not a prefix of this prompt" : st.to_string().c_str());
+      std::fprintf(
+          stderr, "prompt cache: not reused (%s)\n",
+          st.ok() ? "its tokens are not a prefix of this prompt" : cli_terms(st.to_string()).c_str());
       session.clear();
     }
   }
