@@ -434,4 +434,33 @@ TEST(HardeningApi, LibraryErrorsNameOptionsNotFlags) {
   EXPECT_TRUE(contains(r.err, "attach its projector (--mmproj)")) << r.err;
 }
 
+// Issue #16: an image from encoded bytes in memory is the same image as from its file, and the
+// file limits and errors apply ("image bytes" names it).
+TEST(HardeningApi, ImageBytesInMemoryEqualTheFile) {
+  LoadOptions o;
+  o.backend = BackendKind::kCpu;
+  o.threads = 1;
+  o.context = 256;
+  auto loaded = Model::load(kData + "/tiny-vision", o);
+  ASSERT_TRUE(loaded.ok()) << loaded.status().to_string();
+  std::shared_ptr<Model> model = *loaded;
+  const std::string path = kData + "/images/rgb_37x23.bmp";
+  auto a = model->new_session().value(), b = model->new_session().value();
+  Status st = a->feed_image(path);
+  ASSERT_TRUE(st.ok()) << st.to_string();
+  const std::string bytes = slurp(path);
+  ASSERT_FALSE(bytes.empty());
+  st = b->feed_image_bytes(bytes);
+  ASSERT_TRUE(st.ok()) << st.to_string();
+  EXPECT_EQ(a->tokens(), b->tokens());
+  EXPECT_EQ(a->last_logits(), b->last_logits());
+  auto c = model->new_session().value();
+  st = c->feed_image_bytes(bytes.substr(0, 40));
+  EXPECT_EQ(st.code(), ErrorCode::kInvalidFile) << st.to_string();
+  EXPECT_TRUE(contains(st.message(), "image bytes: truncated BMP")) << st.message();
+  st = c->feed_image_bytes("");
+  EXPECT_EQ(st.code(), ErrorCode::kInvalidFile) << st.to_string();
+  EXPECT_EQ(c->position(), 0);
+}
+
 }  // namespace gemma3

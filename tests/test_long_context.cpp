@@ -629,6 +629,58 @@ TEST(PromptCache, MismatchedSettingsAndDamagedFilesAreRejected) {
   EXPECT_EQ(s->position(), 0);
 }
 
+// Issue #16: the state in memory is the file's bytes, restores into another model instance as
+// the file does (and is checked the same way), and fork() copies a session's context so that
+// both continue as the original would, independently.
+TEST(PromptCache, StateInMemoryAndForkContinueIdentically) {
+  const fs::path file = temp_dir() / "state_memory.bin";
+  const auto ids = some_tokens(30);
+  auto m1 = load_model(kData + "/tiny", KvType::kQ8_0, 64, 5);
+  ASSERT_TRUE(m1);
+  auto a = std::move(m1->new_session().value());
+  ASSERT_TRUE(a->feed_tokens(ids).ok());
+  Result<std::string> bytes = a->save_state_to_memory();
+  ASSERT_TRUE(bytes.ok()) << bytes.status().to_string();
+  ASSERT_TRUE(a->save_state(file.string()).ok());
+  std::string on_disk;
+  {
+    std::ifstream in(file, std::ios::binary);
+    on_disk.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  EXPECT_EQ(*bytes, on_disk);
+
+  auto m2 = load_model(kData + "/tiny", KvType::kQ8_0, 64, 5);
+  auto b = std::move(m2->new_session().value());
+  ASSERT_TRUE(b->feed_tokens({2, 3}).ok());
+  std::string damaged = *bytes;
+  damaged[damaged.size() / 3] ^= 1;
+  Status st = b->load_state_from_memory(damaged);
+  EXPECT_EQ(st.code(), ErrorCode::kInvalidFile);
+  EXPECT_NE(st.message().find("session state: checksum mismatch"), std::string::npos) << st.message();
+  EXPECT_EQ(b->position(), 2) << "a failed restore leaves the session as it was";
+  st = b->load_state_from_memory(std::string_view(*bytes).substr(0, 100));
+  EXPECT_EQ(st.code(), ErrorCode::kInvalidFile) << st.to_string();
+  ASSERT_TRUE(b->load_state_from_memory(*bytes).ok());
+  bytes = Status(ErrorCode::kCancelled, "released");  // the session keeps nothing of the bytes
+
+  auto f = a->fork();
+  ASSERT_TRUE(f.ok()) << f.status().to_string();
+  auto& c = *f;
+  EXPECT_EQ(c->tokens(), ids);
+  EXPECT_EQ(c->last_logits(), a->last_logits());
+  EXPECT_EQ(b->tokens(), ids);
+  for (int32_t t : {17, 23, 99, 5, 301, 42, 7, 8}) {
+    for (Session* s : {a.get(), b.get(), c.get()}) ASSERT_TRUE(s->feed_tokens({t}).ok());
+    ASSERT_EQ(b->last_logits(), a->last_logits()) << "memory restore, after token " << t;
+    ASSERT_EQ(c->last_logits(), a->last_logits()) << "fork, after token " << t;
+  }
+  // Independent: the fork goes its own way without touching the original.
+  const std::vector<float> before = a->last_logits();
+  ASSERT_TRUE(c->feed_tokens({11, 12, 13}).ok());
+  EXPECT_EQ(a->last_logits(), before);
+  EXPECT_EQ(a->position() + 3, c->position());
+}
+
 // `gemma3 run --prompt-cache`: the second run restores the saved prompt and prefills only what
 // the longer prompt adds, and generates what a run without the cache generates.
 TEST(PromptCache, RunReusesASavedPrefix) {

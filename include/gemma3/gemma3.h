@@ -34,6 +34,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "gemma3/status.h"
@@ -161,6 +162,9 @@ class Session {
   // The same for one preprocessed image: [3, S, S] floats, channels-first RGB, normalized as the
   // image processor does (S = image_size(); no Pan & Scan).
   virtual Status feed_image_pixels(const std::vector<float>& pixels) = 0;
+  // feed_image for an image file's bytes held in memory (PNG, JPEG, BMP or GIF; the same
+  // limits); errors name it "image bytes". The bytes may be released once the call returns.
+  virtual Status feed_image_bytes(std::string_view bytes) = 0;
 
   // Samples tokens until a stop id (1, 106), a stop string, max_tokens, the context limit
   // (an out-of-range error) or the callback returning false.
@@ -200,6 +204,15 @@ class Session {
   // it was.
   virtual Status save_state(const std::string& path) const = 0;
   virtual Status load_state(const std::string& path) = 0;
+  // The same state in memory: the bytes save_state writes, and load_state from such bytes
+  // (checked as a file is; bytes may be released once the call returns). For a cache kept in a
+  // database or sent to another process of the same model.
+  virtual Result<std::string> save_state_to_memory() const = 0;
+  virtual Status load_state_from_memory(std::string_view bytes) = 0;
+  // A new session of the same model holding a copy of this one's context (tokens, K/V, last
+  // logits, an open model turn) and stats: the two then continue independently, e.g. to branch
+  // a conversation or draw several replies to one prompt. Encoded images are not copied.
+  virtual Result<std::unique_ptr<Session>> fork() const = 0;
 };
 
 }  // namespace gemma3

@@ -117,12 +117,12 @@ class Hash {
   std::unique_ptr<XXH3_state_t, Free> s_;
 };
 
-// Appends to a file while hashing what it wrote.
+// Appends to a sink (a file, or a string) while hashing what it wrote.
 struct Writer {
-  std::ofstream out;
+  std::function<void(const void*, size_t)> sink;
   Hash hash;
   void bytes(const void* p, size_t n) {
-    out.write(static_cast<const char*>(p), static_cast<std::streamsize>(n));
+    sink(p, n);
     hash.add(p, n);
   }
   template <typename T>
@@ -131,15 +131,15 @@ struct Writer {
   }
 };
 
-// Reads from a buffer holding the whole file; every read checks the bytes are there.
+// Reads from a buffer holding the whole state; every read checks the bytes are there.
 struct Reader {
-  const std::string& path;
-  const std::string& buf;
+  const std::string& what;  // "prompt cache PATH", "session state"
+  std::string_view buf;
   size_t at = 0;
-  Status take(void* dst, size_t n, const char* what) {
+  Status take(void* dst, size_t n, const char* field) {
     if (buf.size() - at < n)
-      return invalid_file(fmt::format("prompt cache {}: truncated at byte {} reading {} ({} bytes, {} left)",
-                                      path, at, what, n, buf.size() - at));
+      return invalid_file(fmt::format("{}: truncated at byte {} reading {} ({} bytes, {} left)", what, at,
+                                      field, n, buf.size() - at));
     std::memcpy(dst, buf.data() + at, n);
     at += n;
     return ok_status();
@@ -169,20 +169,11 @@ std::string model_fingerprint(const Checkpoint& ckpt) {
                      c.sliding_window, hash.value());
 }
 
-Status save_session_state(const std::string& path, const SessionState& state, Backend& backend,
-                          const KvCache& cache) {
+namespace {
+
+// The state in the file format, through w (everything but the trailing checksum).
+void write_state(Writer& w, const SessionState& state, Backend& backend, const KvCache& cache) {
   const KvPlan& plan = cache.plan();
-  // Only a regular file is replaced: never a directory, a device or a /proc file.
-  struct stat st {};
-  if (::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode))
-    return invalid_file(fmt::format("prompt cache {}: {}, not a regular file", path,
-                                    S_ISDIR(st.st_mode) ? "is a directory" : "exists"));
-  const std::string tmp = path + ".tmp";
-  Writer w;
-  w.out.open(tmp, std::ios::binary | std::ios::trunc);
-  if (!w.out)
-    return invalid_file(
-        fmt::format("prompt cache {}: cannot create {}: {}", path, tmp, std::strerror(errno)));
   w.bytes(kStateMagic, sizeof kStateMagic);
   w.pod(kStateVersion);
   w.pod(static_cast<uint32_t>(state.fingerprint.size()));
@@ -210,10 +201,40 @@ Status save_session_state(const std::string& path, const SessionState& state, Ba
   }
   w.pod(static_cast<uint32_t>(state.last_logits.size()));
   w.bytes(state.last_logits.data(), state.last_logits.size() * sizeof(float));
+}
+
+}  // namespace
+
+std::string session_state_bytes(const SessionState& state, Backend& backend, const KvCache& cache) {
+  std::string out;
+  Writer w{[&](const void* p, size_t n) { out.append(static_cast<const char*>(p), n); }, {}};
+  write_state(w, state, backend, cache);
   const uint64_t sum = w.hash.value();
-  w.out.write(reinterpret_cast<const char*>(&sum), sizeof sum);
-  w.out.close();
-  if (!w.out) {
+  out.append(reinterpret_cast<const char*>(&sum), sizeof sum);
+  return out;
+}
+
+Status save_session_state(const std::string& path, const SessionState& state, Backend& backend,
+                          const KvCache& cache) {
+  // Only a regular file is replaced: never a directory, a device or a /proc file.
+  struct stat st {};
+  if (::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode))
+    return invalid_file(fmt::format("prompt cache {}: {}, not a regular file", path,
+                                    S_ISDIR(st.st_mode) ? "is a directory" : "exists"));
+  const std::string tmp = path + ".tmp";
+  std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+  if (!out)
+    return invalid_file(
+        fmt::format("prompt cache {}: cannot create {}: {}", path, tmp, std::strerror(errno)));
+  Writer w{[&](const void* p, size_t n) {
+             out.write(static_cast<const char*>(p), static_cast<std::streamsize>(n));
+           },
+           {}};
+  write_state(w, state, backend, cache);
+  const uint64_t sum = w.hash.value();
+  out.write(reinterpret_cast<const char*>(&sum), sizeof sum);
+  out.close();
+  if (!out) {
     std::remove(tmp.c_str());
     return invalid_file(fmt::format("prompt cache {}: writing {} failed (disk full?)", path, tmp));
   }
@@ -237,30 +258,34 @@ Status load_session_state(const std::string& path, int vocab, SessionState* stat
   GEMMA3_ASSIGN_OR_RETURN(
       const std::string buf,
       read_file_limited(path, max_bytes, "prompt cache", FileKind::kRegular, ErrorCode::kInvalidFile));
+  return restore_session_state(buf, fmt::format("prompt cache {}", path), vocab, state, backend, cache);
+}
+
+Status restore_session_state(std::string_view buf, const std::string& what, int vocab, SessionState* state,
+                             Backend& backend, KvCache& cache) {
+  const KvPlan& plan = cache.plan();
   if (buf.size() < sizeof kStateMagic + 8 || std::memcmp(buf.data(), kStateMagic, sizeof kStateMagic) != 0)
-    return invalid_file(fmt::format("prompt cache {}: not a gemma3 session state (bad magic)", path));
+    return invalid_file(fmt::format("{}: not a gemma3 session state (bad magic)", what));
   uint64_t sum;
   std::memcpy(&sum, buf.data() + buf.size() - 8, 8);
   Hash hash;
   hash.add(buf.data(), buf.size() - 8);
-  Reader r{path, buf, sizeof kStateMagic};
+  Reader r{what, buf, sizeof kStateMagic};
   GEMMA3_ASSIGN_OR_RETURN(uint32_t version, r.pod<uint32_t>("version"));
   if (version != kStateVersion)
-    return invalid_file(
-        fmt::format("prompt cache {}: version {}, expected {}", path, version, kStateVersion));
+    return invalid_file(fmt::format("{}: version {}, expected {}", what, version, kStateVersion));
   if (hash.value() != sum)
-    return invalid_file(fmt::format("prompt cache {}: checksum mismatch (file truncated or corrupt)", path));
+    return invalid_file(fmt::format("{}: checksum mismatch (file truncated or corrupt)", what));
 
   GEMMA3_ASSIGN_OR_RETURN(uint32_t fp_len, r.pod<uint32_t>("fingerprint length"));
   std::string fp(std::min<size_t>(fp_len, buf.size()), '\0');
   GEMMA3_TRY(r.take(fp.data(), fp_len, "fingerprint"));
   if (fp != state->fingerprint)
-    return invalid_argument(fmt::format("prompt cache {}: saved for another model ({}), this is {}", path, fp,
-                                        state->fingerprint));
+    return invalid_argument(
+        fmt::format("{}: saved for another model ({}), this is {}", what, fp, state->fingerprint));
   auto expect = [&](const char* field, int64_t got, int64_t want, const char* hint) -> Status {
     if (got == want) return ok_status();
-    return invalid_argument(
-        fmt::format("prompt cache {}: {} is {}, this session has {}{}", path, field, got, want, hint));
+    return invalid_argument(fmt::format("{}: {} is {}, this session has {}{}", what, field, got, want, hint));
   };
   GEMMA3_ASSIGN_OR_RETURN(int32_t context, r.pod<int32_t>("context"));
   GEMMA3_TRY(expect("context", context, plan.context, " (use the same LoadOptions::context)"));
@@ -269,16 +294,15 @@ Status load_session_state(const std::string& path, int vocab, SessionState* stat
   GEMMA3_ASSIGN_OR_RETURN(uint32_t dtype, r.pod<uint32_t>("kv type"));
   if (dtype != static_cast<uint32_t>(plan.dtype))
     return invalid_argument(
-        fmt::format("prompt cache {}: KV type {}, this session has {} (use the same LoadOptions::kv_type)",
-                    path, dtype < 16 ? dtype_name(static_cast<DType>(dtype)) : "?", dtype_name(plan.dtype)));
+        fmt::format("{}: KV type {}, this session has {} (use the same LoadOptions::kv_type)", what,
+                    dtype < 16 ? dtype_name(static_cast<DType>(dtype)) : "?", dtype_name(plan.dtype)));
   GEMMA3_ASSIGN_OR_RETURN(uint32_t n_layers, r.pod<uint32_t>("layer count"));
   GEMMA3_TRY(expect("layer count", n_layers, static_cast<int64_t>(plan.capacity.size()), ""));
   GEMMA3_ASSIGN_OR_RETURN(uint32_t slot_bytes, r.pod<uint32_t>("bytes per slot"));
   GEMMA3_TRY(expect("bytes per slot", slot_bytes, static_cast<int64_t>(plan.bytes_per_slot), ""));
   GEMMA3_ASSIGN_OR_RETURN(uint32_t n, r.pod<uint32_t>("token count"));
   if (n > static_cast<uint32_t>(plan.context))
-    return invalid_file(
-        fmt::format("prompt cache {}: {} tokens exceed the context {}", path, n, plan.context));
+    return invalid_file(fmt::format("{}: {} tokens exceed the context {}", what, n, plan.context));
   GEMMA3_ASSIGN_OR_RETURN(uint8_t in_model_turn, r.pod<uint8_t>("turn flag"));
   std::vector<int32_t> tokens(n);
   GEMMA3_TRY(r.take(tokens.data(), n * sizeof(int32_t), "tokens"));
@@ -291,7 +315,7 @@ Status load_session_state(const std::string& path, int vocab, SessionState* stat
     GEMMA3_TRY(expect("live slots", live, std::min<uint32_t>(n, cap), ""));
     kv_at[i] = r.at;
     if (buf.size() - r.at < 2 * live * half_slot)
-      return invalid_file(fmt::format("prompt cache {}: truncated in layer {}'s K/V", path, i));
+      return invalid_file(fmt::format("{}: truncated in layer {}'s K/V", what, i));
     r.at += 2 * live * half_slot;
   }
   GEMMA3_ASSIGN_OR_RETURN(uint32_t n_logits, r.pod<uint32_t>("vocab"));
@@ -299,8 +323,7 @@ Status load_session_state(const std::string& path, int vocab, SessionState* stat
   std::vector<float> logits(n_logits);
   GEMMA3_TRY(r.take(logits.data(), n_logits * sizeof(float), "last logits"));
   if (r.at + 8 != buf.size())
-    return invalid_file(
-        fmt::format("prompt cache {}: {} unexpected bytes at the end", path, buf.size() - r.at - 8));
+    return invalid_file(fmt::format("{}: {} unexpected bytes at the end", what, buf.size() - r.at - 8));
 
   // Everything checked: now the session changes.
   for (uint32_t i = 0; i < n_layers; ++i) {

@@ -94,5 +94,9 @@ Status save_session_state(const std::string& path, const SessionState& state, Ba
 // into `cache` and fills tokens, in_model_turn and last_logits (whose size must be `vocab`).
 Status load_session_state(const std::string& path, int vocab, SessionState* state, Backend& backend,
                           KvCache& cache);
+// The same state as bytes in memory (the file's format), and back: errors name `what`.
+std::string session_state_bytes(const SessionState& state, Backend& backend, const KvCache& cache);
+Status restore_session_state(std::string_view bytes, const std::string& what, int vocab, SessionState* state,
+                             Backend& backend, KvCache& cache);
 
 }  // namespace gemma3

@@ -75,8 +75,14 @@ class SessionImpl final : public Session {
   Result<int> feed_chat_truncating(std::vector<ChatMessage>& messages, int reserve) override;
   Status save_state(const std::string& path) const override;
   Status load_state(const std::string& path) override;
+  Status feed_image_bytes(std::string_view bytes) override;
+  Result<std::string> save_state_to_memory() const override;
+  Status load_state_from_memory(std::string_view bytes) override;
+  Result<std::unique_ptr<Session>> fork() const override;
 
  private:
+  SessionState state_for_save(std::string fingerprint) const;
+  void adopt(SessionState&& st);
   Status run(const std::vector<int32_t>& ids, bool keep_all) {
     return run_pieces({Piece{ids, nullptr}}, keep_all);
   }
@@ -91,6 +97,9 @@ class SessionImpl final : public Session {
   Result<std::vector<Piece>> image_pieces(const EncodedImage& image);
   // Decodes, preprocesses and encodes a file (or takes it from cache_).
   Result<std::shared_ptr<const EncodedImage>> encode_file(const std::string& path);
+  // An encoded image file's bytes (name: for errors); t0: when the work for it began.
+  Result<std::shared_ptr<const EncodedImage>> encode_bytes(std::string_view bytes, const std::string& name,
+                                                           Clock::time_point t0);
   Result<std::shared_ptr<const std::vector<float>>> encode_pixels(const std::vector<float>& pixels);
   Status check_vision() const;
 
@@ -169,6 +178,18 @@ class GuardedSession final : public Session {
   Status load_state(const std::string& path) override {
     return api_guard("load_state", [&] { return s_->load_state(path); });
   }
+  Status feed_image_bytes(std::string_view bytes) override {
+    return api_guard("feed_image_bytes", [&] { return s_->feed_image_bytes(bytes); });
+  }
+  Result<std::string> save_state_to_memory() const override {
+    return api_guard("save_state_to_memory", [&] { return s_->save_state_to_memory(); });
+  }
+  Status load_state_from_memory(std::string_view bytes) override {
+    return api_guard("load_state_from_memory", [&] { return s_->load_state_from_memory(bytes); });
+  }
+  Result<std::unique_ptr<Session>> fork() const override {
+    return api_guard("fork", [&] { return s_->fork(); });
+  }
 
  private:
   std::unique_ptr<SessionImpl> s_;
@@ -210,12 +231,16 @@ class ModelImpl final : public Model, public std::enable_shared_from_this<ModelI
   int image_size() const override { return vision ? vision->image_size() : 0; }
   Result<std::unique_ptr<Session>> new_session() override {
     return api_guard("new_session", [&]() -> Result<std::unique_ptr<Session>> {
-      auto s = std::make_unique<SessionImpl>(
-          shared_from_this(),
-          plan_kv(ckpt->config(), context, options.prefill_chunk, kv_dtype(options.kv_type)));
-      GEMMA3_TRY(s->init());
+      GEMMA3_ASSIGN_OR_RETURN(auto s, make_session());
       return std::unique_ptr<Session>(std::make_unique<GuardedSession>(std::move(s)));
     });
+  }
+  Result<std::unique_ptr<SessionImpl>> make_session() {
+    auto s = std::make_unique<SessionImpl>(
+        shared_from_this(),
+        plan_kv(ckpt->config(), context, options.prefill_chunk, kv_dtype(options.kv_type)));
+    GEMMA3_TRY(s->init());
+    return s;
   }
   // The fingerprint a prompt cache is checked against: hashes every byte of every tensor, so
   // it is computed once, on the first save_state/load_state, never at load.
@@ -284,13 +309,28 @@ Result<int> SessionImpl::feed_chat_truncating(std::vector<ChatMessage>& messages
   }
 }
 
-Status SessionImpl::save_state(const std::string& path) const {
+SessionState SessionImpl::state_for_save(std::string fingerprint) const {
   SessionState st;
-  st.fingerprint = model_->fingerprint();
+  st.fingerprint = std::move(fingerprint);
   st.tokens = tokens_;
   st.in_model_turn = in_model_turn_;
   fetch_logits();
   st.last_logits = last_logits_;
+  return st;
+}
+
+// A checked state replaces the context (the K/V are already in the cache).
+void SessionImpl::adopt(SessionState&& st) {
+  clear();
+  tokens_ = std::move(st.tokens);
+  in_model_turn_ = st.in_model_turn;
+  last_logits_ = std::move(st.last_logits);
+  logits_on_device_ = false;
+  all_logits_.clear();
+}
+
+Status SessionImpl::save_state(const std::string& path) const {
+  const SessionState st = state_for_save(model_->fingerprint());
   std::lock_guard<std::mutex> lock(model_->backend_mutex);
   return save_session_state(path, st, *model_->backend, cache_);
 }
@@ -302,13 +342,52 @@ Status SessionImpl::load_state(const std::string& path) {
     std::lock_guard<std::mutex> lock(model_->backend_mutex);
     GEMMA3_TRY(load_session_state(path, model_->vocab_size(), &st, *model_->backend, cache_));
   }
-  clear();
-  tokens_ = std::move(st.tokens);
-  in_model_turn_ = st.in_model_turn;
-  last_logits_ = std::move(st.last_logits);
-  logits_on_device_ = false;
-  all_logits_.clear();
+  adopt(std::move(st));
   return ok_status();
+}
+
+Result<std::string> SessionImpl::save_state_to_memory() const {
+  const SessionState st = state_for_save(model_->fingerprint());
+  std::lock_guard<std::mutex> lock(model_->backend_mutex);
+  std::string bytes = session_state_bytes(st, *model_->backend, cache_);
+  GEMMA3_TRY(model_->backend->status());
+  return bytes;
+}
+
+Status SessionImpl::load_state_from_memory(std::string_view bytes) {
+  SessionState st;
+  st.fingerprint = model_->fingerprint();
+  {
+    std::lock_guard<std::mutex> lock(model_->backend_mutex);
+    GEMMA3_TRY(
+        restore_session_state(bytes, "session state", model_->vocab_size(), &st, *model_->backend, cache_));
+  }
+  adopt(std::move(st));
+  return ok_status();
+}
+
+// Through the state format in memory, without the model fingerprint (both sessions share the
+// model, and hashing every weight byte would cost more than the copy).
+Result<std::unique_ptr<Session>> SessionImpl::fork() const {
+  constexpr const char* kSameModel = "fork";
+  const SessionState st = state_for_save(kSameModel);
+  std::string bytes;
+  {
+    std::lock_guard<std::mutex> lock(model_->backend_mutex);
+    bytes = session_state_bytes(st, *model_->backend, cache_);
+    GEMMA3_TRY(model_->backend->status());
+  }
+  GEMMA3_ASSIGN_OR_RETURN(std::unique_ptr<SessionImpl> copy, model_->make_session());
+  SessionState got;
+  got.fingerprint = kSameModel;
+  {
+    std::lock_guard<std::mutex> lock(model_->backend_mutex);
+    GEMMA3_TRY(
+        restore_session_state(bytes, "fork", model_->vocab_size(), &got, *model_->backend, copy->cache_));
+  }
+  copy->adopt(std::move(got));
+  copy->stats_ = stats_;
+  return std::unique_ptr<Session>(std::make_unique<GuardedSession>(std::move(copy)));
 }
 
 void SessionImpl::fetch_logits() const {
@@ -430,6 +509,14 @@ Result<std::shared_ptr<const EncodedImage>> SessionImpl::encode_file(const std::
   GEMMA3_ASSIGN_OR_RETURN(
       const std::string bytes,
       read_file_limited(path, limits.max_file_bytes, "image", FileKind::kRegular, ErrorCode::kInvalidFile));
+  return encode_bytes(bytes, path, t0);
+}
+
+Result<std::shared_ptr<const EncodedImage>> SessionImpl::encode_bytes(std::string_view bytes,
+                                                                      const std::string& name,
+                                                                      Clock::time_point t0) {
+  const vision::ImageLimits limits;
+  GEMMA3_TRY(vision::check_image_file_size(bytes.size(), name, limits));
   const uint64_t size = bytes.size();
   const bool pan_scan = model_->options.pan_and_scan;
   const std::string key =
@@ -437,7 +524,7 @@ Result<std::shared_ptr<const EncodedImage>> SessionImpl::encode_file(const std::
   if (auto it = image_cache_.find(key); it != image_cache_.end()) return it->second;
 
   const std::span<const uint8_t> span(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size());
-  GEMMA3_ASSIGN_OR_RETURN(vision::Image image, vision::decode_image(span, path, limits));
+  GEMMA3_ASSIGN_OR_RETURN(vision::Image image, vision::decode_image(span, name, limits));
   std::vector<vision::Image> views;  // slot 0: the whole image, then the Pan & Scan crops
   if (pan_scan)
     for (const vision::CropBox& box : vision::pan_and_scan_boxes(image.width, image.height))
@@ -494,6 +581,14 @@ Result<std::vector<Piece>> SessionImpl::image_pieces(const EncodedImage& image) 
 Status SessionImpl::feed_image(const std::string& path) {
   GEMMA3_TRY(check_vision());
   GEMMA3_ASSIGN_OR_RETURN(auto image, encode_file(path));
+  GEMMA3_ASSIGN_OR_RETURN(std::vector<Piece> pieces, image_pieces(*image));
+  if (tokens_.empty()) pieces.insert(pieces.begin(), Piece{{model_->tokenizer().bos_id()}, nullptr});
+  return feed_pieces(pieces);
+}
+
+Status SessionImpl::feed_image_bytes(std::string_view bytes) {
+  GEMMA3_TRY(check_vision());
+  GEMMA3_ASSIGN_OR_RETURN(auto image, encode_bytes(bytes, "image bytes", Clock::now()));
   GEMMA3_ASSIGN_OR_RETURN(std::vector<Piece> pieces, image_pieces(*image));
   if (tokens_.empty()) pieces.insert(pieces.begin(), Piece{{model_->tokenizer().bos_id()}, nullptr});
   return feed_pieces(pieces);
