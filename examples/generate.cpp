@@ -31,18 +31,19 @@ int main(int argc, char** argv) {
   gemma3::GenerateOptions gen;
   gen.max_tokens = argc > 3 ? std::atoi(argv[3]) : 32;
   std::fputs(argv[2], stdout);
-  gemma3::Status s = (*session)->generate(gen, [](const gemma3::TokenEvent& e) {
+  gemma3::Result<gemma3::GenerateResult> s = (*session)->generate(gen, [](const gemma3::TokenEvent& e) {
     std::fwrite(e.text.data(), 1, e.text.size(), stdout);
     std::fflush(stdout);
     return true;
   });
   std::fputc('\n', stdout);
   if (!s.ok()) {
-    std::fprintf(stderr, "error: %s\n", s.to_string().c_str());
+    std::fprintf(stderr, "error: %s\n", s.status().to_string().c_str());
     return 1;
   }
   const gemma3::Stats& st = (*session)->stats();
-  std::fprintf(stderr, "%d prompt tokens, %d generated in %.2f s\n", st.prompt_tokens, st.generated_tokens,
-               st.prefill_seconds + st.decode_seconds);
+  std::fprintf(stderr, "%d prompt tokens, %d generated in %.2f s (stopped: %s)\n", st.prompt_tokens,
+               st.generated_tokens, st.prefill_seconds + st.decode_seconds,
+               gemma3::finish_reason_name(s->finish));
   return 0;
 }

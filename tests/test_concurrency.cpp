@@ -65,9 +65,9 @@ void run_job(Model& model, Job& job, int n) {
     return true;
   };
   job.status = session.feed_text(job.prompt);
-  if (job.status.ok()) job.status = session.generate(g, collect);
+  if (job.status.ok()) job.status = session.generate(g, collect).status();
   if (job.status.ok()) job.status = session.feed_text(" and then");
-  if (job.status.ok()) job.status = session.generate(g, collect);
+  if (job.status.ok()) job.status = session.generate(g, collect).status();
   job.logits = session.last_logits();
 }
 

@@ -52,7 +52,7 @@ Generated generate_on(Model& m, const SamplingOptions& sampling, int max_tokens)
   GenerateOptions o;
   o.max_tokens = max_tokens;
   o.sampling = sampling;
-  const Status st = (*s)->generate(o, [](const TokenEvent&) { return true; });
+  const Status st = (*s)->generate(o, [](const TokenEvent&) { return true; }).status();
   EXPECT_TRUE(st.ok()) << st.to_string();
   g.context = (*s)->tokens();
   g.last_logits = (*s)->last_logits();

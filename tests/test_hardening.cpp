@@ -232,9 +232,9 @@ TEST(HardeningSampling, TinyTemperatureIsGreedyAndBadOptionsNameTheirField) {
     g.sampling.seed = 1234;
     std::vector<int32_t> ids;
     *st = s->generate(g, [&](const TokenEvent& e) {
-      if (e.id >= 0) ids.push_back(e.id);
-      return true;
-    });
+             if (e.id >= 0) ids.push_back(e.id);
+             return true;
+           }).status();
     return ids;
   };
   Status st;
@@ -266,7 +266,7 @@ TEST(HardeningSampling, TinyTemperatureIsGreedyAndBadOptionsNameTheirField) {
   for (const Bad& b : bad) {
     GenerateOptions g;
     g.sampling = b.o;
-    const Status e = s->generate(g, [](const TokenEvent&) { return true; });
+    const Status e = s->generate(g, [](const TokenEvent&) { return true; }).status();
     EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument) << b.field;
     EXPECT_TRUE(contains(e.message(), b.field)) << e.message();
   }
@@ -280,7 +280,8 @@ TEST(HardeningApi, AnExceptionFromTheCallbackBecomesAnError) {
   auto s = model->new_session().value();
   ASSERT_TRUE(s->feed_text("hello").ok());
   Status st;
-  EXPECT_NO_THROW(st = s->generate({}, [](const TokenEvent&) -> bool { throw std::runtime_error("boom"); }));
+  EXPECT_NO_THROW(
+      st = s->generate({}, [](const TokenEvent&) -> bool { throw std::runtime_error("boom"); }).status());
   EXPECT_EQ(st.code(), ErrorCode::kInternal);
   EXPECT_TRUE(contains(st.message(), "boom")) << st.message();
 }

@@ -85,7 +85,7 @@ void cycle(const std::string& path, const std::string& mapped_name, int* mapped)
   GenerateOptions g;
   g.max_tokens = 6;
   int n = 0;
-  Status st = (*chat)->generate(g, [&](const TokenEvent&) { return ++n < 100; });
+  Status st = (*chat)->generate(g, [&](const TokenEvent&) { return ++n < 100; }).status();
   EXPECT_TRUE(st.ok()) << st.to_string();
 
   auto plain = (*model)->new_session();

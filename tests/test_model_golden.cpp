@@ -279,9 +279,9 @@ std::string greedy(Session& s, int n) {
   GenerateOptions g;
   g.max_tokens = n;
   Status st = s.generate(g, [&](const TokenEvent& e) {
-    out += e.text;
-    return true;
-  });
+                 out += e.text;
+                 return true;
+               }).status();
   EXPECT_TRUE(st.ok()) << st.to_string();
   return out;
 }
@@ -310,7 +310,9 @@ TEST_F(Real270m, ChatTurnsKeepTheirContext) {
   EXPECT_EQ(fresh->position(), chat->position());
   // Turn 2 alone runs through decode (int8 activations), the fresh session through prefill.
   EXPECT_LT(rel_err(incremental, fresh->last_logits()), int8_decode() ? 1e-1 : 1e-4);
-  const auto top = [](const std::vector<float>& v) { return std::max_element(v.begin(), v.end()) - v.begin(); };
+  const auto top = [](const std::vector<float>& v) {
+    return std::max_element(v.begin(), v.end()) - v.begin();
+  };
   EXPECT_EQ(top(incremental), top(fresh->last_logits()));
   const std::string answer = greedy(*chat, 16);
   std::printf("  turn 1 reply: %s\n  turn 2 answer: %s\n", reply.c_str(), answer.c_str());

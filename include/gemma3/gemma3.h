@@ -6,9 +6,9 @@
 //   auto session = (*model)->new_session();
 //   if (!session.ok()) return report(session.status());
 //   gemma3::Status st = (*session)->feed_chat({{"user", "Hello"}});
-//   if (st.ok())
-//     st = (*session)->generate({}, [](const gemma3::TokenEvent& e) { print(e.text); return true; });
-//   return report(st);
+//   if (!st.ok()) return report(st);
+//   auto done = (*session)->generate({}, [](const gemma3::TokenEvent& e) { print(e.text); return true; });
+//   return report(done.status());  // done->finish: why it stopped (FinishReason)
 //
 // Every fallible call returns a Status/Result; the library never exits and never throws (an
 // exception from inside, or from a callback you pass, comes back as an error Status).
@@ -92,6 +92,22 @@ struct GenerateOptions {
   const std::atomic<bool>* cancel = nullptr;  // set to true from any thread to stop
 };
 
+// Why Session::generate stopped.
+enum class FinishReason {
+  kStopToken,    // the model produced an end-of-text or end-of-turn id
+  kStopString,   // one of GenerateOptions::stop_strings appeared in the text
+  kMaxTokens,    // GenerateOptions::max_tokens tokens were generated
+  kContextFull,  // the context could not take the next token (raise LoadOptions::context)
+  kCancelled,    // GenerateOptions::cancel was set
+  kCallback,     // on_token returned false
+};
+const char* finish_reason_name(FinishReason reason);  // "stop_token", "max_tokens", ...
+
+struct GenerateResult {
+  FinishReason finish = FinishReason::kMaxTokens;
+  int tokens = 0;  // tokens this call generated (as Stats::generated_tokens; a stop id is not one)
+};
+
 struct TokenEvent {
   int32_t id;
   std::string text;  // bytes this token adds to the output (may be a partial UTF-8 sequence)
@@ -166,10 +182,16 @@ class Session {
   // limits); errors name it "image bytes". The bytes may be released once the call returns.
   virtual Status feed_image_bytes(std::string_view bytes) = 0;
 
-  // Samples tokens until a stop id (1, 106), a stop string, max_tokens, the context limit
-  // (an out-of-range error) or the callback returning false.
-  virtual Status generate(const GenerateOptions& options,
-                          const std::function<bool(const TokenEvent&)>& on_token) = 0;
+  // Samples tokens until one of the FinishReasons (gemma3.h, above) and returns which, with the
+  // count; errors (bad options, a backend failure, an exception from on_token) are the Result's.
+  // Text that could still begin a stop string is held back, and a stop string is never
+  // streamed (the text before it is). What the context holds afterwards: every token streamed
+  // or held back, except the last sampled one for kStopToken (the end-of-turn id), kStopString
+  // (the token that completed the stop string), kCallback and kContextFull; those were sampled
+  // from the last logits, which last_logits() still returns. After kMaxTokens and kCancelled
+  // every sampled token is in the context and last_logits() follows the last of them.
+  virtual Result<GenerateResult> generate(const GenerateOptions& options,
+                                          const std::function<bool(const TokenEvent&)>& on_token) = 0;
 
   // Logits of the last fed position ([vocab_size] floats), valid after feed_* / generate. After
   // generate they are the logits after its last token and are copied from the backend on the

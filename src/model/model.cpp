@@ -54,8 +54,8 @@ class SessionImpl final : public Session {
   Status feed_chat(const std::vector<ChatMessage>& messages) override;
   Status feed_image(const std::string& path) override;
   Status feed_image_pixels(const std::vector<float>& pixels) override;
-  Status generate(const GenerateOptions& options,
-                  const std::function<bool(const TokenEvent&)>& on_token) override;
+  Result<GenerateResult> generate(const GenerateOptions& options,
+                                  const std::function<bool(const TokenEvent&)>& on_token) override;
   const std::vector<float>& last_logits() const override {
     fetch_logits();
     return last_logits_;
@@ -156,8 +156,8 @@ class GuardedSession final : public Session {
   Status feed_image_pixels(const std::vector<float>& pixels) override {
     return api_guard("feed_image_pixels", [&] { return s_->feed_image_pixels(pixels); });
   }
-  Status generate(const GenerateOptions& options,
-                  const std::function<bool(const TokenEvent&)>& on_token) override {
+  Result<GenerateResult> generate(const GenerateOptions& options,
+                                  const std::function<bool(const TokenEvent&)>& on_token) override {
     return api_guard("generate", [&] { return s_->generate(options, on_token); });
   }
   const std::vector<float>& last_logits() const override { return s_->last_logits(); }
@@ -694,8 +694,8 @@ Status check_sampling(const SamplingOptions& o) {
   return ok_status();
 }
 
-Status SessionImpl::generate(const GenerateOptions& o,
-                             const std::function<bool(const TokenEvent&)>& on_token) {
+Result<GenerateResult> SessionImpl::generate(const GenerateOptions& o,
+                                             const std::function<bool(const TokenEvent&)>& on_token) {
   if (tokens_.empty()) return invalid_argument("generate: the context is empty; feed a prompt first");
   GEMMA3_TRY(check_sampling(o.sampling));
   const ModelConfig& c = model_->ckpt->config();
@@ -719,10 +719,12 @@ Status SessionImpl::generate(const GenerateOptions& o,
   for (const auto& s : o.stop_strings) longest_stop = std::max(longest_stop, s.size());
 
   const auto t0 = Clock::now();
-  Status result;
+  Status error;
+  GenerateResult result;
+  result.finish = FinishReason::kMaxTokens;
   for (int n = 0; o.max_tokens < 0 || n < o.max_tokens; ++n) {
     if (o.cancel && o.cancel->load()) {
-      result = cancelled("generation cancelled");
+      result.finish = FinishReason::kCancelled;
       break;
     }
     int32_t id = 0;
@@ -732,10 +734,13 @@ Status SessionImpl::generate(const GenerateOptions& o,
       if (!logits_on_device_)
         be.from_host(last_logits_.data(), scratch_.logits, size_t(n_allowed) * sizeof(float));
       id = be.sample(scratch_.logits, n_allowed, o.sampling, banned, tokens_, rng);
-      result = be.status();
+      error = be.status();
     }
-    if (!result.ok()) break;
-    if (is_stop(id)) break;
+    if (!error.ok()) break;
+    if (is_stop(id)) {
+      result.finish = FinishReason::kStopToken;
+      break;
+    }
     pending += tok.decode(id);
     bool stop = false;
     size_t emit = pending.size();
@@ -750,24 +755,26 @@ Status SessionImpl::generate(const GenerateOptions& o,
     if (!stop && longest_stop > 0)
       emit = pending.size() > longest_stop - 1 ? pending.size() - (longest_stop - 1) : 0;
     bool keep_going = true;
-    if (emit > 0 || stop) {
-      keep_going = on_token(TokenEvent{id, pending.substr(0, emit)});
-      pending.erase(0, emit);
-    }
+    if (emit > 0) keep_going = on_token(TokenEvent{id, pending.substr(0, emit)});
+    pending.erase(0, stop ? pending.size() : emit);  // the stop string and what follows it: dropped
     ++stats_.generated_tokens;
-    if (stop || !keep_going) break;
+    ++result.tokens;
+    if (stop || !keep_going) {
+      result.finish = stop ? FinishReason::kStopString : FinishReason::kCallback;
+      break;
+    }
     if (tokens_.size() >= static_cast<size_t>(cache_.plan().context)) {
-      result = out_of_range(fmt::format("the context of {} tokens is full", cache_.plan().context));
+      result.finish = FinishReason::kContextFull;
       break;
     }
-    Status s = run_pieces({Piece{{id}, nullptr}}, false, /*logits_to_host=*/false);
-    if (!s.ok()) {
-      result = s;
-      break;
-    }
+    error = run_pieces({Piece{{id}, nullptr}}, false, /*logits_to_host=*/false);
+    if (!error.ok()) break;
   }
-  if (result.ok() && !pending.empty()) on_token(TokenEvent{-1, pending});
+  // Held-back text that did not become a stop string is the reply's end.
+  if (error.ok() && !pending.empty() && result.finish != FinishReason::kCallback)
+    on_token(TokenEvent{-1, pending});
   stats_.decode_seconds += seconds_since(t0);
+  if (!error.ok()) return error;
   return result;
 }
 
@@ -776,6 +783,18 @@ Status SessionImpl::generate(const GenerateOptions& o,
 namespace {
 Result<std::shared_ptr<Model>> load_model(const std::string& path, const LoadOptions& options);
 }  // namespace
+
+const char* finish_reason_name(FinishReason reason) {
+  switch (reason) {
+    case FinishReason::kStopToken: return "stop_token";
+    case FinishReason::kStopString: return "stop_string";
+    case FinishReason::kMaxTokens: return "max_tokens";
+    case FinishReason::kContextFull: return "context_full";
+    case FinishReason::kCancelled: return "cancelled";
+    case FinishReason::kCallback: return "callback";
+  }
+  return "?";
+}
 
 Result<std::shared_ptr<Model>> Model::load(const std::string& path, const LoadOptions& options) {
   return api_guard("Model::load", [&] { return load_model(path, options); });

@@ -169,7 +169,7 @@ int cmd_chat(int argc, char** argv) {
 
     const GenerateOptions options = sampling.generate_options(&interrupt_flag());
     std::string reply;
-    Status gen = session->generate(options, [&reply](const TokenEvent& e) {
+    Result<GenerateResult> gen = session->generate(options, [&reply](const TokenEvent& e) {
       reply += e.text;
       std::fwrite(e.text.data(), 1, e.text.size(), stdout);
       std::fflush(stdout);
@@ -178,13 +178,16 @@ int cmd_chat(int argc, char** argv) {
     history.push_back({"model", reply});
     std::fputc('\n', stdout);
     std::fflush(stdout);
-    if (interrupt_flag().load() || gen.code() == ErrorCode::kCancelled) {
+    if (interrupt_flag().load() || (gen.ok() && gen->finish == FinishReason::kCancelled)) {
       std::fprintf(stderr, "(reply interrupted)\n");
       continue;
     }
-    if (!gen.ok()) {
+    if (!gen.ok() || gen->finish == FinishReason::kContextFull) {
       history.clear();
-      if (auto code = turn_error(gen)) return *code;
+      const Status error =
+          gen.ok() ? out_of_range(fmt::format("the context of {} tokens is full", model->context_length()))
+                   : gen.status();
+      if (auto code = turn_error(error)) return *code;
       continue;
     }
     if (model_flags.verbose) {

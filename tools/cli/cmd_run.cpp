@@ -153,7 +153,7 @@ int cmd_run(int argc, char** argv) {
   }
 
   const GenerateOptions options = sampling.generate_options(&interrupt_flag());
-  Status gen = session->generate(options, [](const TokenEvent& e) {
+  Result<GenerateResult> gen = session->generate(options, [](const TokenEvent& e) {
     std::fwrite(e.text.data(), 1, e.text.size(), stdout);
     std::fflush(stdout);
     return true;
@@ -161,19 +161,19 @@ int cmd_run(int argc, char** argv) {
   std::fputc('\n', stdout);
   std::fflush(stdout);
 
-  const bool interrupted = interrupt_flag().load() || gen.code() == ErrorCode::kCancelled;
+  const bool interrupted = interrupt_flag().load() || (gen.ok() && gen->finish == FinishReason::kCancelled);
   print_session_stats(session->stats());
+  if (gen.ok()) std::fprintf(stderr, "stopped:   %s\n", finish_reason_name(gen->finish));
   if (interrupted) {
     std::fprintf(stderr, "interrupted\n");
     return kExitInterrupted;
   }
-  if (!gen.ok()) {
-    if (gen.code() == ErrorCode::kOutOfRange) {
-      return fail(
-          "run", kExitResource,
-          fmt::format("{}; raise --ctx (now {}) or lower -n", gen.to_string(), model->context_length()));
-    }
-    return fail("run", gen);
+  if (!gen.ok()) return fail("run", gen.status());
+  if (gen->finish == FinishReason::kContextFull) {
+    return fail(
+        "run", kExitResource,
+        fmt::format("out of range: the context of {} tokens is full; raise --ctx (now {}) or lower -n",
+                    model->context_length(), model->context_length()));
   }
   return kExitOk;
 }
