@@ -315,6 +315,33 @@ TEST(CliModel, RunRawGreedyKnowsTheCapitalOfFrance) {
   EXPECT_EQ(r.out.find("tok/s"), std::string::npos) << "statistics belong on stderr";
 }
 
+// Issue #16: the default model is the base 270M, whose GGUF has no chat template and no
+// fine-tune name. `run` completes it as raw text by default (the quickstart's first output) and
+// says so; --chat-template or --system keep the template.
+TEST(CliModel, RunCompletesABaseModelAsRawText) {
+  REQUIRE_MODEL_270M();
+  const std::vector<std::string> common = {"-p", "The capital of France is the city of", "-n", "8", "--temp",
+                                           "0"};
+  auto run = [&](std::vector<std::string> extra) {
+    std::vector<std::string> args = {"run", "-m", model};
+    args.insert(args.end(), extra.begin(), extra.end());
+    args.insert(args.end(), common.begin(), common.end());
+    return run_cli(args);
+  };
+  const CliResult raw = run({"--raw"}), dflt = run({}), templ = run({"--chat-template"}),
+                  sys = run({"--system", "Be brief."});
+  for (const CliResult* r : {&raw, &dflt, &templ, &sys}) ASSERT_EQ(r->code, 0) << r->err;
+  EXPECT_EQ(dflt.out, raw.out);
+  EXPECT_NE(dflt.out.find("Paris"), std::string::npos) << dflt.out;
+  EXPECT_NE(dflt.err.find("is a base (pre-trained) model: completing the prompt as raw text"),
+            std::string::npos)
+      << dflt.err;
+  for (const CliResult* r : {&raw, &templ, &sys})
+    EXPECT_EQ(r->err.find("base (pre-trained)"), std::string::npos);
+  EXPECT_NE(templ.out, raw.out) << "--chat-template should wrap the prompt";
+  EXPECT_EQ(run({"--raw", "--chat-template"}).code, 2);
+}
+
 TEST(CliModel, RunPromptLongerThanContextExits4) {
   REQUIRE_MODEL_270M();
   std::string prompt;

@@ -148,6 +148,11 @@ class Model {
   virtual int vocab_size() const = 0;      // logits per position
   virtual std::string description() const = 0;
   virtual int image_size() const = 0;  // pixels per side the vision tower takes; 0: no vision tower
+  // True when the checkpoint says it is a pre-trained (base) model rather than an
+  // instruction-tuned one: a GGUF without a chat template whose general.finetune names no
+  // instruction tune. Such a model completes text; under the chat template its replies are
+  // poor. False when the checkpoint does not say (Hugging Face folders).
+  virtual bool is_base_model() const = 0;
   // The plan Model::load checked against the backend's free memory (one session).
   virtual MemoryReport memory_plan() const = 0;
   virtual Result<std::unique_ptr<Session>> new_session() = 0;

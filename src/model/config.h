@@ -14,7 +14,7 @@ namespace gemma3 {
 enum class LayerType : uint8_t { kLocal, kGlobal };  // sliding-window / full attention
 
 struct VisionConfig {
-  int hidden = 1152;        // SigLIP width
+  int hidden = 1152;  // SigLIP width
   int intermediate = 4304;
   int n_layers = 27;
   int n_heads = 16;
@@ -26,6 +26,10 @@ struct VisionConfig {
 
 struct ModelConfig {
   std::string size_label;  // "270M", "1B", "4B", "12B", "27B", or "custom"
+  // The checkpoint says it is pre-trained, not instruction-tuned (a GGUF without
+  // tokenizer.chat_template whose general.finetune names no instruction tune): the chat
+  // template is not what it learned. False when unknown (HF folders).
+  bool base_model = false;
 
   int n_layers = 0;        // L
   int hidden = 0;          // H
@@ -40,7 +44,7 @@ struct ModelConfig {
   float rms_norm_eps = 1e-6f;
   float rope_theta_global = 1e6f;
   float rope_theta_local = 1e4f;
-  float rope_scale_global = 1.0f;  // linear factor on global layers only (8 on 4B+)
+  float rope_scale_global = 1.0f;   // linear factor on global layers only (8 on 4B+)
   float query_pre_attn_scalar = 0;  // attention scale = query_pre_attn_scalar^-0.5
 
   std::vector<LayerType> layer_types;  // [L]

@@ -229,6 +229,7 @@ class ModelImpl final : public Model, public std::enable_shared_from_this<ModelI
     }
   }
   int image_size() const override { return vision ? vision->image_size() : 0; }
+  bool is_base_model() const override { return ckpt->config().base_model; }
   Result<std::unique_ptr<Session>> new_session() override {
     return api_guard("new_session", [&]() -> Result<std::unique_ptr<Session>> {
       GEMMA3_ASSIGN_OR_RETURN(auto s, make_session());

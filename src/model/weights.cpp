@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <unordered_map>
 
@@ -120,6 +121,19 @@ Status Checkpoint::load_gguf() {
     return unsupported(fmt::format("{}: general.architecture is \"{}\", expected \"gemma3\"", path_, arch));
 
   ModelConfig& c = config_;
+  // Base or instruction-tuned: a chat template, or a fine-tune named like one ("it",
+  // "instruct", "chat": llama.cpp's converter writes general.finetune from the model name).
+  std::string finetune;
+  if (f.has("general.finetune")) {
+    GEMMA3_ASSIGN_OR_RETURN(finetune, f.get_string("general.finetune"));
+  }
+  std::transform(finetune.begin(), finetune.end(), finetune.begin(),
+                 [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
+  const bool tuned_name = finetune == "it" || finetune.starts_with("it-") || finetune.ends_with("-it") ||
+                          finetune.find("-it-") != std::string::npos ||
+                          finetune.find("instruct") != std::string::npos ||
+                          finetune.find("chat") != std::string::npos;
+  c.base_model = !f.has("tokenizer.chat_template") && !tuned_name;
   auto get = [&](const char* key) -> Result<int> {
     GEMMA3_ASSIGN_OR_RETURN(int64_t v, f.get_int(key));
     return to_int(f, key, v);
@@ -164,11 +178,12 @@ Status Checkpoint::load_gguf() {
   }
   for (const char* key : {"gemma3.final_logit_softcapping", "gemma3.attn_logit_softcapping"})
     if (f.has(key))
-      return unsupported(fmt::format("{}: {} is set; logit soft-capping is Gemma 2, not Gemma 3", path_, key));
+      return unsupported(
+          fmt::format("{}: {} is set; logit soft-capping is Gemma 2, not Gemma 3", path_, key));
   if (c.n_kv_heads > 0 && c.n_heads % c.n_kv_heads != 0)  // before validate(), to name the GGUF keys
     return invalid_file(fmt::format(
-        "{}: gemma3.attention.head_count ({}) is not a multiple of gemma3.attention.head_count_kv ({})", path_,
-        c.n_heads, c.n_kv_heads));
+        "{}: gemma3.attention.head_count ({}) is not a multiple of gemma3.attention.head_count_kv ({})",
+        path_, c.n_heads, c.n_kv_heads));
   // Layer pattern: Ollama writes a BOOL array (true = sliding); otherwise an optional period.
   c.set_layer_pattern(6);
   if (f.has("gemma3.attention.sliding_window_pattern")) {
@@ -204,8 +219,9 @@ Status Checkpoint::load_gguf() {
     return invalid_file(fmt::format("{}: token_embd.weight has shape {}, expected [n_vocab, {}]", path_,
                                     shape_to_string(embd->shape), c.hidden));
   if (embd->shape[1] != c.hidden)
-    return invalid_file(fmt::format("{}: gemma3.embedding_length = {} but token_embd.weight has shape {} (width {})",
-                                    path_, c.hidden, shape_to_string(embd->shape), embd->shape[1]));
+    return invalid_file(
+        fmt::format("{}: gemma3.embedding_length = {} but token_embd.weight has shape {} (width {})", path_,
+                    c.hidden, shape_to_string(embd->shape), embd->shape[1]));
   c.vocab_size = static_cast<int>(embd->shape[0]);
 
   GEMMA3_ASSIGN_OR_RETURN(tokenizer_, tokenizer_from_gguf(f));
@@ -246,7 +262,8 @@ Status Checkpoint::load_hf() {
   c.bos_id = tokenizer_.bos_id();
   // Stop on <eos> and <end_of_turn> whatever the config lists (a -pt config says only 1).
   for (int32_t id : {tokenizer_.eos_id(), tokenizer_.end_of_turn_id()})
-    if (id >= 0 && std::find(c.eos_ids.begin(), c.eos_ids.end(), id) == c.eos_ids.end()) c.eos_ids.push_back(id);
+    if (id >= 0 && std::find(c.eos_ids.begin(), c.eos_ids.end(), id) == c.eos_ids.end())
+      c.eos_ids.push_back(id);
   GEMMA3_TRY(bind(
       [&](const std::string& hf) -> const TensorView* {
         auto i = by_name.find(hf);
@@ -261,8 +278,8 @@ Status Checkpoint::load_hf() {
 
 Status Checkpoint::attach_vision(const std::string& mmproj_path) {
   if (vision_)
-    return invalid_argument(fmt::format("{}: {} already has a vision tower; not attaching {}", mmproj_path, path_,
-                                        mmproj_path));
+    return invalid_argument(
+        fmt::format("{}: {} already has a vision tower; not attaching {}", mmproj_path, path_, mmproj_path));
   GEMMA3_ASSIGN_OR_RETURN(vision_, load_vision_mmproj(mmproj_path, config_.hidden));
   config_.has_vision = true;
   config_.vision = vision_->config;

@@ -63,6 +63,11 @@ int cmd_chat(int argc, char** argv) {
   if (!loaded.ok()) return fail("chat", loaded.status());
   std::shared_ptr<Model> model = loaded->model;
   if (terminal || model_flags.verbose) std::fprintf(stderr, "loaded in %.3f s\n", loaded->load_seconds);
+  if (model->is_base_model())
+    std::fprintf(stderr,
+                 "note: %s is a base (pre-trained) model: it completes text, and its chat replies may not "
+                 "follow the conversation (an instruction-tuned \"-it\" checkpoint is made for chat)\n",
+                 model_flags.model.c_str());
 
   auto session_or = model->new_session();
   if (!session_or.ok()) return fail("chat", session_or.status());

@@ -72,11 +72,15 @@ int cmd_run(int argc, char** argv) {
   ArgParser p("run", "-m MODEL (-p PROMPT | -f FILE) [options]",
               "Generates a reply to one prompt and streams it to stdout. The prompt is wrapped in the\n"
               "Gemma 3 chat template (with --system as the system message) unless --raw is given, in\n"
-              "which case it is fed as <bos> + text. Statistics go to stderr. Ctrl-C stops generation.");
+              "which case it is fed as <bos> + text. A checkpoint that says it is a base (pre-trained)\n"
+              "model is completed as raw text unless --chat-template or --system is given. Statistics go\n"
+              "to stderr. Ctrl-C stops generation.");
   model_flags.add_to(p);
   p.add_option("-p,--prompt", "TEXT", &prompt, "prompt text (taken literally)");
   p.add_option("-f,--file", "FILE", &file, "read the prompt from FILE");
+  bool chat_template = false;
   p.add_flag("--raw", &raw, "no chat template: feed <bos> + the prompt as plain text");
+  p.add_flag("--chat-template", &chat_template, "use the chat template even for a base (pre-trained) model");
   p.add_option("--prompt-cache", "FILE", &prompt_cache,
                "reuse the prefilled prompt saved in FILE when it is a prefix of this prompt (same\n"
                "model, --ctx, --kv-type, --chunk), prefill only the rest, and save the state to FILE");
@@ -96,6 +100,7 @@ int cmd_run(int argc, char** argv) {
     return fail("run", kExitUsage, "--prompt-cache is for text prompts; drop --image");
   if (raw && p.given("--system"))
     return fail("run", kExitUsage, "--system needs the chat template; drop --raw");
+  if (raw && chat_template) return fail("run", kExitUsage, "--raw and --chat-template contradict each other");
   if (prompt.empty() && file.empty() && !p.given("-p") && !p.given("--prompt"))
     return fail("run", kExitUsage, "a prompt is required: -p TEXT or -f FILE");
   auto text = read_prompt(prompt, file, "prompt", kMaxPromptBytes);
@@ -114,6 +119,14 @@ int cmd_run(int argc, char** argv) {
         sampling.repeat_last_n, static_cast<unsigned long long>(sampling.seed));
   }
 
+  if (model->is_base_model() && !raw && !chat_template && !p.given("--system")) {
+    // A pre-trained model answers the chat template poorly; it completes text well.
+    raw = true;
+    std::fprintf(stderr,
+                 "note:       %s is a base (pre-trained) model: completing the prompt as raw text "
+                 "(--chat-template to use the chat template anyway)\n",
+                 model_flags.model.c_str());
+  }
   if (Status s = check_prompt_fits(*model, "prompt", text->size() + sampling.system.size()); !s.ok())
     return fail("run", s);
   auto session_or = model->new_session();
