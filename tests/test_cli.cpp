@@ -21,6 +21,8 @@
 #include <thread>
 #include <vector>
 
+#include "gemma3/gemma3.h"
+
 namespace {
 
 namespace fs = std::filesystem;
@@ -98,10 +100,12 @@ TEST(CliUsage, NoArgumentsListsCommands) {
   EXPECT_EQ(run_cli({"--help"}).out, r.out);
 }
 
+// One version: the library's (CMake's project version), which the CLI prints.
 TEST(CliUsage, Version) {
   const CliResult r = run_cli({"--version"});
   EXPECT_EQ(r.code, 0);
-  EXPECT_EQ(r.out.rfind("gemma3 ", 0), 0u) << r.out;
+  EXPECT_EQ(r.out, std::string("gemma3 ") + gemma3::version() + "\n");
+  EXPECT_EQ(std::string(gemma3::version()), GEMMA3_PROJECT_VERSION);
 }
 
 TEST(CliUsage, EveryCommandHasHelp) {

@@ -47,6 +47,9 @@ enum class BackendKind { kAuto, kCpu, kCuda };
 // e4m3fn without scale; both about half of bf16, with attention reading them directly.
 enum class KvType { kBF16, kF32, kQ8_0, kF8 };
 
+// The library's version, "MAJOR.MINOR.PATCH" (CMake's project version).
+const char* version();
+
 // The most CPU threads a model may use (LoadOptions::threads; as llama.cpp's GGML_MAX_N_THREADS).
 inline constexpr int kMaxThreads = 512;
 

@@ -785,6 +785,8 @@ namespace {
 Result<std::shared_ptr<Model>> load_model(const std::string& path, const LoadOptions& options);
 }  // namespace
 
+const char* version() { return GEMMA3_VERSION; }
+
 const char* finish_reason_name(FinishReason reason) {
   switch (reason) {
     case FinishReason::kStopToken: return "stop_token";

@@ -7,10 +7,6 @@
 #include "cli_common.h"
 #include "commands.h"
 
-#ifndef GEMMA3_VERSION
-#define GEMMA3_VERSION "0.1.0"  // keep in step with project(VERSION) in CMakeLists.txt
-#endif
-
 namespace {
 
 constexpr const char* kUsage =
@@ -43,7 +39,7 @@ int main(int argc, char** argv) {
     return kExitOk;
   }
   if (cmd == "--version" || cmd == "-V") {
-    std::printf("gemma3 %s\n", GEMMA3_VERSION);
+    std::printf("gemma3 %s\n", gemma3::version());
     return kExitOk;
   }
   if (cmd == "run") return cmd_run(argc, argv);
