@@ -335,6 +335,12 @@ TEST(CliModel, RunCompletesABaseModelAsRawText) {
   const CliResult raw = run({"--raw"}), dflt = run({}), templ = run({"--chat-template"}),
                   sys = run({"--system", "Be brief."});
   for (const CliResult* r : {&raw, &dflt, &templ, &sys}) ASSERT_EQ(r->code, 0) << r->err;
+  gemma3::LoadOptions o;
+  o.backend = gemma3::BackendKind::kCpu;
+  o.context = 64;
+  auto loaded = gemma3::Model::load(model, o);
+  ASSERT_TRUE(loaded.ok()) << loaded.status().to_string();
+  EXPECT_TRUE((*loaded)->is_base_model());
   EXPECT_EQ(dflt.out, raw.out);
   EXPECT_NE(dflt.out.find("Paris"), std::string::npos) << dflt.out;
   EXPECT_NE(dflt.err.find("is a base (pre-trained) model: completing the prompt as raw text"),

@@ -183,10 +183,9 @@ int cmd_run(int argc, char** argv) {
   }
   if (!gen.ok()) return fail("run", gen.status());
   if (gen->finish == FinishReason::kContextFull) {
-    return fail(
-        "run", kExitResource,
-        fmt::format("out of range: the context of {} tokens is full; raise --ctx (now {}) or lower -n",
-                    model->context_length(), model->context_length()));
+    return fail("run", kExitResource,
+                fmt::format("out of range: the context of {} tokens is full; raise --ctx or lower -n",
+                            model->context_length()));
   }
   return kExitOk;
 }

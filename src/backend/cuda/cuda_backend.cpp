@@ -232,7 +232,7 @@ class CudaBackend final : public Backend {
         static_cast<int64_t>(t.row_scale.size()) != w->rows)
       return invalid_file(
           fmt::format("tensor {}: {} row scales for {} rows", t.name, t.row_scale.size(), w->rows));
-    if (t.dtype == DType::kQ4_0 || t.dtype == DType::kQ8_0) {
+    if (planar(t.dtype)) {
       GEMMA3_TRY(upload_planar(t, w.get()));
     } else {
       GEMMA3_TRY(copy_to_device(t.data, t.nbytes, &w->data, t.name));
@@ -254,13 +254,38 @@ class CudaBackend final : public Backend {
     return std::unique_ptr<BackendWeight>(std::move(w));
   }
 
+  // Whether upload_matmul_weight narrows t to fp8 (--weights fp8 on a plain matrix).
+  bool narrows_to_fp8(const TensorView& t) const {
+    return fp8_weights_ && t.rows() > 1 && t.row_scale.empty() &&
+           (t.dtype == DType::kF32 || t.dtype == DType::kF16 || t.dtype == DType::kBF16);
+  }
+  static bool planar(DType t) { return t == DType::kQ4_0 || t == DType::kQ8_0; }
+  static uint64_t planar_row_bytes(DType t, int64_t cols) {
+    return t == DType::kQ4_0 ? blocks::Q4_0Planar::row_bytes(cols) : blocks::Q8_0Planar::row_bytes(cols);
+  }
+  // The device layout upload_matmul_weight gives t (fp8 rows, planar Q4_0/Q8_0, or as stored),
+  // without its data.
+  Result<cuda::WeightRef> uploaded_layout(const TensorView& t) const {
+    cuda::WeightRef r;
+    r.rows = t.rows();
+    r.cols = t.cols();
+    r.dtype = t.dtype;
+    if (narrows_to_fp8(t)) {
+      r.dtype = DType::kF8E4M3;
+      r.row_bytes = static_cast<uint64_t>(r.cols);
+    } else if (planar(t.dtype)) {
+      r.row_bytes = planar_row_bytes(t.dtype, r.cols);
+    } else {
+      GEMMA3_ASSIGN_OR_RETURN(r.row_bytes, weight_row_bytes(t));
+    }
+    return r;
+  }
+
   // --weights fp8: an F32/F16/BF16 matrix becomes fp8 e4m3 + row scales for matmul (the LM
   // head included), while embed keeps reading the stored rows from the caller's view. Anything
   // else, or without the option, is upload().
   Result<std::unique_ptr<BackendWeight>> upload_matmul_weight(const TensorView& t) override {
-    const bool to_fp8 = fp8_weights_ && t.rows() > 1 && t.row_scale.empty() &&
-                        (t.dtype == DType::kF32 || t.dtype == DType::kF16 || t.dtype == DType::kBF16);
-    if (!to_fp8) return upload(t);
+    if (!narrows_to_fp8(t)) return upload(t);
     GEMMA3_TRY(error_);
     auto w = std::make_unique<CudaWeight>();
     GEMMA3_ASSIGN_OR_RETURN(w->lookup_row_bytes, weight_row_bytes(t));
@@ -359,28 +384,16 @@ class CudaBackend final : public Backend {
       ends.push_back((ends.empty() ? 0 : ends.back()) + p->rows());
       bytes += p->nbytes;
     }
-    // The layout upload_matmul_weight will give the stack: fp8 rows, planar Q4_0/Q8_0, or as stored.
-    cuda::WeightRef probe;
-    probe.rows = ends.back();
-    probe.cols = first.cols();
-    probe.dtype = first.dtype;
-    const bool to_fp8 = fp8_weights_ && (first.dtype == DType::kF32 || first.dtype == DType::kF16 ||
-                                         first.dtype == DType::kBF16);
-    if (to_fp8) {
-      probe.dtype = DType::kF8E4M3;
-      probe.row_bytes = static_cast<uint64_t>(probe.cols);
-    } else if (first.dtype == DType::kQ4_0 || first.dtype == DType::kQ8_0) {
-      probe.row_bytes = first.dtype == DType::kQ4_0 ? blocks::Q4_0Planar::row_bytes(probe.cols)
-                                                    : blocks::Q8_0Planar::row_bytes(probe.cols);
-    } else {
-      GEMMA3_ASSIGN_OR_RETURN(probe.row_bytes, weight_row_bytes(first));
-    }
+    const bool scaled =
+        std::any_of(parts.begin(), parts.end(), [](auto* p) { return !p->row_scale.empty(); });
+    // The stack's shape alone (no data yet) gives the layout upload_matmul_weight will give it.
+    TensorView shape{first.name, first.dtype, {ends.back(), first.cols()}, nullptr, bytes, {}};
+    if (scaled) shape.row_scale.assign(1, 1.0f);
+    GEMMA3_ASSIGN_OR_RETURN(const cuda::WeightRef probe, uploaded_layout(shape));
     if (!cuda::gemv_vectorized(probe)) return none;
     std::vector<uint8_t> stacked;
     stacked.reserve(static_cast<size_t>(bytes));
     std::vector<float> scales;  // fp8 checkpoints: one per row (a part's single scale repeated)
-    const bool scaled =
-        std::any_of(parts.begin(), parts.end(), [](auto* p) { return !p->row_scale.empty(); });
     std::string name;
     for (const TensorView* p : parts) {
       const auto* b = static_cast<const uint8_t*>(p->data);
@@ -394,7 +407,7 @@ class CudaBackend final : public Backend {
       for (int64_t r = 0; r < p->rows(); ++r)
         scales.push_back(rs.empty() ? 1.0f : rs.size() == 1 ? rs[0] : rs[r]);
     }
-    TensorView t{name, first.dtype, {probe.rows, probe.cols}, stacked.data(), bytes, std::move(scales)};
+    TensorView t{name, first.dtype, shape.shape, stacked.data(), bytes, std::move(scales)};
     GEMMA3_ASSIGN_OR_RETURN(std::unique_ptr<BackendWeight> w, upload_matmul_weight(t));
     auto& cw = static_cast<CudaWeight&>(*w);
     cw.lookup_rows = nullptr;  // the staging buffer goes away; stacks are never looked up
@@ -794,7 +807,7 @@ class CudaBackend final : public Backend {
   // at a time, each copy synchronized before the buffer is refilled).
   Status upload_planar(const TensorView& t, CudaWeight* w) {
     const bool q4 = t.dtype == DType::kQ4_0;
-    const uint64_t prb = q4 ? blocks::Q4_0Planar::row_bytes(w->cols) : blocks::Q8_0Planar::row_bytes(w->cols);
+    const uint64_t prb = planar_row_bytes(t.dtype, w->cols);
     const auto repack = q4 ? &blocks::Q4_0Planar::repack_row : &blocks::Q8_0Planar::repack_row;
     const int64_t rows = w->rows;
     GEMMA3_TRY(device_malloc(&w->data, static_cast<size_t>(prb * rows), "tensor " + t.name));
