@@ -9,6 +9,8 @@
 
 #include <gtest/gtest.h>
 
+#include <functional>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -97,6 +99,90 @@ TEST(CudaEmu, BadLaunchConfigurationsAreLaunchErrors) {
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);  // read once, then cleared
 }
 
+// ---- stream capture and graphs ---------------------------------------------------------------
+
+// out[i] += *step for i < blockDim.x: reads its input from device memory, as a recorded step does.
+__global__ void add_step_kernel(const int* step, int* out) { out[threadIdx.x] += *step; }
+
+// Captured work is kept, not run; each launch of the graph runs it again in capture order,
+// with the parameters of the capture and the device memory of the moment (the step input
+// written between launches). A local kernel pointer (as launchers pick kernels) outlives the
+// capture in the node.
+TEST(CudaEmu, CapturedWorkRunsOnEachGraphLaunch) {
+  cudaStream_t s = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess);
+  DeviceInts step(1), out(4), copy(4);
+  ASSERT_EQ(cudaMemset(out.p, 0, 4 * sizeof(int)), cudaSuccess);
+  ASSERT_EQ(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  ASSERT_EQ(cudaStreamIsCapturing(s, &status), cudaSuccess);
+  EXPECT_EQ(status, cudaStreamCaptureStatusActive);
+  {
+    auto kernel = add_step_kernel;  // goes out of scope before the graph runs
+    GEMMA3_LAUNCH(kernel, 1, 4, 0, s, step.p, out.p);
+  }
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+  ASSERT_EQ(cudaMemcpyAsync(copy.p, out.p, 4 * sizeof(int), cudaMemcpyDeviceToDevice, s), cudaSuccess);
+  cudaGraph_t graph = nullptr;
+  ASSERT_EQ(cudaStreamEndCapture(s, &graph), cudaSuccess);
+  EXPECT_EQ(out.read(), std::vector<int>(4, 0));  // nothing ran
+  cudaGraphExec_t exec = nullptr;
+  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  EXPECT_EQ(cudaGraphDestroy(graph), cudaSuccess);  // the executable graph keeps its own nodes
+  for (int v : {5, 7}) {
+    ASSERT_EQ(cudaMemcpyAsync(step.p, &v, sizeof(int), cudaMemcpyHostToDevice, s), cudaSuccess);
+    ASSERT_EQ(cudaGraphLaunch(exec, s), cudaSuccess);
+  }
+  EXPECT_EQ(out.read(), std::vector<int>(4, 12));
+  EXPECT_EQ(copy.read(), std::vector<int>(4, 12));
+  EXPECT_EQ(cudaGraphExecDestroy(exec), cudaSuccess);
+  EXPECT_EQ(cudaStreamDestroy(s), cudaSuccess);
+}
+
+// What a capture may not contain fails with cudaErrorStreamCaptureUnsupported (or Implicit, for
+// the legacy stream) and invalidates it, as on a GPU: a copy from host memory on the capturing
+// stream, synchronizing it or the device, an allocation, a free. The capture then ends with
+// cudaErrorStreamCaptureInvalidated and no graph, and the stream works normally again.
+TEST(CudaEmu, CaptureRefusesHostCopiesSynchronizationAndAllocation) {
+  cudaStream_t s = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&s, cudaStreamDefault), cudaSuccess);
+  DeviceInts d(1);
+  int host = 3;
+  void* p = nullptr;
+  const std::vector<std::pair<const char*, std::function<cudaError_t()>>> refused = {
+      {"host to device copy",
+       [&] { return cudaMemcpyAsync(d.p, &host, sizeof(int), cudaMemcpyHostToDevice, s); }},
+      {"device to host copy",
+       [&] { return cudaMemcpyAsync(&host, d.p, sizeof(int), cudaMemcpyDeviceToHost, s); }},
+      {"stream synchronize", [&] { return cudaStreamSynchronize(s); }},
+      {"device synchronize", [&] { return cudaDeviceSynchronize(); }},
+      {"cudaMalloc", [&] { return cudaMalloc(&p, 64); }},
+      {"cudaFree", [&] { return cudaFree(d.p); }},
+      {"legacy-stream copy", [&] { return cudaMemcpy(d.p, &host, sizeof(int), cudaMemcpyHostToDevice); }},
+  };
+  for (const auto& [what, call] : refused) {
+    ASSERT_EQ(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), cudaSuccess) << what;
+    const cudaError_t e = call();
+    EXPECT_TRUE(e == cudaErrorStreamCaptureUnsupported || e == cudaErrorStreamCaptureImplicit)
+        << what << ": " << cudaGetErrorName(e);
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    EXPECT_EQ(cudaStreamIsCapturing(s, &status), cudaSuccess);
+    EXPECT_EQ(status, cudaStreamCaptureStatusInvalidated) << what;
+    cudaGraph_t graph = nullptr;
+    EXPECT_EQ(cudaStreamEndCapture(s, &graph), cudaErrorStreamCaptureInvalidated) << what;
+    EXPECT_EQ(graph, nullptr) << what;
+    (void)cudaGetLastError();
+  }
+  EXPECT_EQ(p, nullptr);
+  EXPECT_EQ(cudaMemcpyAsync(d.p, &host, sizeof(int), cudaMemcpyHostToDevice, s), cudaSuccess);
+  EXPECT_EQ(d.read(), std::vector<int>{3});
+  cudaGraph_t graph = nullptr;
+  EXPECT_EQ(cudaStreamEndCapture(s, &graph), cudaErrorIllegalState);  // no capture in progress
+  EXPECT_EQ(cudaStreamBeginCapture(nullptr, cudaStreamCaptureModeGlobal), cudaErrorStreamCaptureUnsupported);
+  (void)cudaGetLastError();
+  EXPECT_EQ(cudaStreamDestroy(s), cudaSuccess);
+}
+
 // ---- the bugs the emulator must catch (each ends the process: death tests) ------------------
 
 __global__ void divergent_shuffle_kernel(int* out) {
@@ -157,6 +243,28 @@ TEST_F(CudaEmuDeath, HostPointerArgumentIsReported) {
   std::vector<int> host(64);
   EXPECT_DEATH(GEMMA3_LAUNCH(early_exit_kernel, 1, 32, 0, nullptr, host.data()),
                "kernel early_exit_kernel.*argument 1 .* is not device memory");
+}
+
+// A graph keeps the pointers it was captured with: run after one of its buffers is freed, the
+// node's launch reports the dangling argument instead of reading freed memory.
+void run_graph_after_freeing_its_output() {
+  cudaStream_t s = nullptr;
+  cudaStreamCreate(&s);
+  int *step = nullptr, *out = nullptr;
+  cudaMalloc(&step, sizeof(int));
+  cudaMalloc(&out, 32 * sizeof(int));
+  cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal);
+  GEMMA3_LAUNCH(add_step_kernel, 1, 32, 0, s, step, out);
+  cudaGraph_t graph = nullptr;
+  cudaStreamEndCapture(s, &graph);
+  cudaGraphExec_t exec = nullptr;
+  cudaGraphInstantiate(&exec, graph, 0);
+  cudaFree(out);
+  cudaGraphLaunch(exec, s);
+}
+
+TEST_F(CudaEmuDeath, GraphOverAFreedBufferIsReported) {
+  EXPECT_DEATH(run_graph_after_freeing_its_output(), "add_step_kernel.*argument 2.*not device memory");
 }
 
 }  // namespace

@@ -24,9 +24,11 @@
 #include <array>
 #include <chrono>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <set>
 #include <string>
+#include <thread>
 
 #if defined(__SANITIZE_ADDRESS__) || defined(GEMMA3_CUDA_EMU_ASAN)
 #define GEMMA3_EMU_ASAN 1
@@ -194,8 +196,22 @@ bool delete_handle(T* h) {
 }  // namespace
 }  // namespace gemma3_cuda_emu
 
+// A stream capture in progress (cudaStreamBeginCapture .. cudaStreamEndCapture).
+struct EmuCapture {
+  std::vector<std::function<void(cudaStream_t)>> nodes;
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeGlobal;
+  std::thread::id thread;
+  bool invalidated = false;
+};
 struct CUstream_st {
   unsigned flags = 0;
+  std::unique_ptr<EmuCapture> capture;  // under capture_mutex
+};
+struct CUgraph_st {
+  std::vector<std::function<void(cudaStream_t)>> nodes;
+};
+struct CUgraphExec_st {
+  std::vector<std::function<void(cudaStream_t)>> nodes;
 };
 struct CUevent_st {
   unsigned flags = 0;
@@ -217,6 +233,71 @@ void check_device_range(const char* what, const void* p, size_t bytes) {
   die("%s: [%p, +%zu bytes) is not inside one live cudaMalloc allocation", what, p, bytes);
 }
 
+}  // namespace detail
+
+// ---- stream capture --------------------------------------------------------------------------
+
+namespace {
+cudaError_t check_config(dim3 grid, dim3 block, size_t smem);  // launches, below
+
+std::mutex capture_mutex;
+std::set<cudaStream_t> capturing_streams;  // streams with a capture in progress
+
+EmuCapture* capture_of(cudaStream_t s) {  // under capture_mutex
+  return s && handle_live(s) && s->capture ? s->capture.get() : nullptr;
+}
+
+// For a call a capture may not contain (allocation, device synchronization, the legacy stream):
+// true, invalidating them, when a capture it would break is in progress (global mode: any
+// thread's; thread-local: this thread's); `legacy` calls only break captures of blocking streams.
+bool breaks_capture(const char* call, bool legacy = false) {
+  std::lock_guard<std::mutex> lock(capture_mutex);
+  bool broke = false;
+  for (cudaStream_t s : capturing_streams) {
+    EmuCapture* c = s->capture.get();
+    if (c->mode == cudaStreamCaptureModeThreadLocal && c->thread != std::this_thread::get_id()) continue;
+    if (legacy && (s->flags & cudaStreamNonBlocking)) continue;
+    if (!c->invalidated)
+      fprintf(stderr, "cuda-emu: %s during a stream capture: the capture is invalidated\n", call);
+    c->invalidated = true;
+    broke = true;
+  }
+  return broke;
+}
+
+// The capture of a stream (invalidating it) for a call that is not allowed on a capturing stream.
+bool refuse_on_capturing(const char* call, cudaStream_t s) {
+  std::lock_guard<std::mutex> lock(capture_mutex);
+  EmuCapture* c = capture_of(s);
+  if (!c) return false;
+  if (!c->invalidated)
+    fprintf(stderr, "cuda-emu: %s on a capturing stream: the capture is invalidated\n", call);
+  c->invalidated = true;
+  return true;
+}
+}  // namespace
+
+namespace detail {
+bool capturing(cudaStream_t stream) {
+  if (!stream) return false;
+  std::lock_guard<std::mutex> lock(capture_mutex);
+  return capture_of(stream) != nullptr;
+}
+
+cudaError_t capture_launch(dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                           std::function<void(cudaStream_t)> node) {
+  const cudaError_t e = check_config(grid, block, smem);
+  std::lock_guard<std::mutex> lock(capture_mutex);
+  EmuCapture* c = capture_of(stream);
+  if (!c) return record(cudaErrorInvalidResourceHandle);
+  if (c->invalidated) return record(cudaErrorStreamCaptureInvalidated);
+  if (e != cudaSuccess) {
+    c->invalidated = true;
+    return record(e);
+  }
+  c->nodes.push_back(std::move(node));
+  return cudaSuccess;
+}
 }  // namespace detail
 
 namespace {
@@ -960,6 +1041,11 @@ const char* cudaGetErrorName(cudaError_t e) {
     case cudaErrorIllegalAddress: return "cudaErrorIllegalAddress";
     case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
     case cudaErrorNotSupported: return "cudaErrorNotSupported";
+    case cudaErrorIllegalState: return "cudaErrorIllegalState";
+    case cudaErrorStreamCaptureUnsupported: return "cudaErrorStreamCaptureUnsupported";
+    case cudaErrorStreamCaptureInvalidated: return "cudaErrorStreamCaptureInvalidated";
+    case cudaErrorStreamCaptureImplicit: return "cudaErrorStreamCaptureImplicit";
+    case cudaErrorStreamCaptureWrongThread: return "cudaErrorStreamCaptureWrongThread";
   }
   return "cudaErrorUnknown";
 }
@@ -980,6 +1066,13 @@ const char* cudaGetErrorString(cudaError_t e) {
     case cudaErrorIllegalAddress: return "an illegal memory access was encountered";
     case cudaErrorLaunchFailure: return "unspecified launch failure";
     case cudaErrorNotSupported: return "operation not supported";
+    case cudaErrorIllegalState: return "the operation cannot be performed in the present state";
+    case cudaErrorStreamCaptureUnsupported: return "operation not permitted when stream is capturing";
+    case cudaErrorStreamCaptureInvalidated: return "operation failed due to a previous error during capture";
+    case cudaErrorStreamCaptureImplicit:
+      return "operation would make the legacy stream depend on a capturing blocking stream";
+    case cudaErrorStreamCaptureWrongThread:
+      return "attempt to terminate a thread-local capture sequence from another thread";
   }
   return "unknown error";
 }
@@ -1045,11 +1138,15 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
   return cudaSuccess;
 }
 
-cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }  // every operation completes when issued
+cudaError_t cudaDeviceSynchronize() {  // every operation completes when issued
+  return emu::breaks_capture("cudaDeviceSynchronize") ? emu::record(cudaErrorStreamCaptureUnsupported)
+                                                      : cudaSuccess;
+}
 
 cudaError_t cudaMalloc(void** ptr, size_t bytes) {
   if (!ptr) return emu::record(cudaErrorInvalidValue);
   *ptr = nullptr;
+  if (emu::breaks_capture("cudaMalloc")) return emu::record(cudaErrorStreamCaptureUnsupported);
   if (bytes == 0) return cudaSuccess;
   std::lock_guard<std::mutex> lock(emu::mem_mutex);
   if (bytes > options().memory_bytes - emu::allocated) return emu::record(cudaErrorMemoryAllocation);
@@ -1063,6 +1160,7 @@ cudaError_t cudaMalloc(void** ptr, size_t bytes) {
 }
 
 cudaError_t cudaFree(void* ptr) {
+  if (emu::breaks_capture("cudaFree")) return emu::record(cudaErrorStreamCaptureUnsupported);
   if (!ptr) return cudaSuccess;
   std::lock_guard<std::mutex> lock(emu::mem_mutex);
   auto it = emu::allocations.find(reinterpret_cast<uintptr_t>(ptr));
@@ -1099,6 +1197,8 @@ cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total) {
 cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind,
                             cudaStream_t stream) {
   if (!emu::detail::stream_ok(stream)) return emu::record(cudaErrorInvalidResourceHandle);
+  if (!stream && emu::breaks_capture("a copy on the legacy stream", true))
+    return emu::record(cudaErrorStreamCaptureImplicit);
   if (bytes == 0) return cudaSuccess;
   if (!dst || !src) return emu::record(cudaErrorInvalidValue);
   bool dst_dev = false, src_dev = false;
@@ -1116,6 +1216,18 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpy
   if ((dst_dev && !emu::device_range_or_report("cudaMemcpyAsync", "destination", dst, bytes)) ||
       (src_dev && !emu::device_range_or_report("cudaMemcpyAsync", "source", src, bytes)))
     return emu::record(cudaErrorInvalidValue);
+  if (emu::detail::capturing(stream)) {  // a device-to-device copy is a graph node; host memory is not
+    if (!dst_dev || !src_dev) {
+      return emu::refuse_on_capturing("cudaMemcpyAsync to or from host memory", stream)
+                 ? emu::record(cudaErrorStreamCaptureUnsupported)
+                 : emu::record(cudaErrorInvalidResourceHandle);
+    }
+    return emu::detail::capture_launch(1, 1, 0, stream, [dst, src, bytes](cudaStream_t) {
+      emu::detail::check_device_range("cudaMemcpyAsync (graph node) destination", dst, bytes);
+      emu::detail::check_device_range("cudaMemcpyAsync (graph node) source", src, bytes);
+      memmove(dst, src, bytes);
+    });
+  }
   memmove(dst, src, bytes);
   return cudaSuccess;
 }
@@ -1125,8 +1237,15 @@ cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind 
 
 cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStream_t stream) {
   if (!emu::detail::stream_ok(stream)) return emu::record(cudaErrorInvalidResourceHandle);
+  if (!stream && emu::breaks_capture("a memset on the legacy stream", true))
+    return emu::record(cudaErrorStreamCaptureImplicit);
   if (!emu::device_range_or_report("cudaMemsetAsync", "destination", ptr, bytes))
     return emu::record(cudaErrorInvalidValue);
+  if (emu::detail::capturing(stream))
+    return emu::detail::capture_launch(1, 1, 0, stream, [ptr, value, bytes](cudaStream_t) {
+      emu::detail::check_device_range("cudaMemsetAsync (graph node) destination", ptr, bytes);
+      if (bytes) memset(ptr, value, bytes);
+    });
   if (bytes) memset(ptr, value, bytes);
   return cudaSuccess;
 }
@@ -1144,16 +1263,100 @@ cudaError_t cudaStreamCreate(cudaStream_t* stream) {
   return cudaStreamCreateWithFlags(stream, cudaStreamDefault);
 }
 cudaError_t cudaStreamDestroy(cudaStream_t stream) {
+  if (emu::detail::capturing(stream)) {
+    std::lock_guard<std::mutex> lock(emu::capture_mutex);
+    emu::capturing_streams.erase(stream);
+  }
   if (!stream || !emu::delete_handle(stream)) return emu::record(cudaErrorInvalidResourceHandle);
   return cudaSuccess;
 }
 cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
-  return emu::detail::stream_ok(stream) ? cudaSuccess : emu::record(cudaErrorInvalidResourceHandle);
+  if (!emu::detail::stream_ok(stream)) return emu::record(cudaErrorInvalidResourceHandle);
+  if (stream ? emu::refuse_on_capturing("cudaStreamSynchronize", stream)
+             : emu::breaks_capture("cudaStreamSynchronize (legacy stream)", true))
+    return emu::record(cudaErrorStreamCaptureUnsupported);
+  return cudaSuccess;
 }
 cudaError_t cudaStreamQuery(cudaStream_t stream) { return cudaStreamSynchronize(stream); }
 cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned) {
   if (!emu::detail::stream_ok(stream) || !event || !emu::handle_live(event))
     return emu::record(cudaErrorInvalidResourceHandle);
+  if (emu::refuse_on_capturing("cudaStreamWaitEvent (not emulated in captures)", stream))
+    return emu::record(cudaErrorStreamCaptureUnsupported);
+  return cudaSuccess;
+}
+
+cudaError_t cudaStreamBeginCapture(cudaStream_t stream, cudaStreamCaptureMode mode) {
+  if (!stream) return emu::record(cudaErrorStreamCaptureUnsupported);  // the legacy stream
+  if (!emu::handle_live(stream)) return emu::record(cudaErrorInvalidResourceHandle);
+  if (mode != cudaStreamCaptureModeGlobal && mode != cudaStreamCaptureModeThreadLocal)
+    return emu::record(cudaErrorNotSupported);  // relaxed: not emulated
+  std::lock_guard<std::mutex> lock(emu::capture_mutex);
+  if (stream->capture) return emu::record(cudaErrorIllegalState);
+  stream->capture = std::make_unique<EmuCapture>();
+  stream->capture->mode = mode;
+  stream->capture->thread = std::this_thread::get_id();
+  emu::capturing_streams.insert(stream);
+  return cudaSuccess;
+}
+
+cudaError_t cudaStreamEndCapture(cudaStream_t stream, cudaGraph_t* graph) {
+  if (!graph) return emu::record(cudaErrorInvalidValue);
+  *graph = nullptr;
+  std::unique_ptr<EmuCapture> c;
+  {
+    std::lock_guard<std::mutex> lock(emu::capture_mutex);
+    EmuCapture* live = emu::capture_of(stream);
+    if (!live) return emu::record(cudaErrorIllegalState);
+    if (live->mode != cudaStreamCaptureModeRelaxed && live->thread != std::this_thread::get_id())
+      return emu::record(cudaErrorStreamCaptureWrongThread);
+    c = std::move(stream->capture);
+    emu::capturing_streams.erase(stream);
+  }
+  if (c->invalidated) return emu::record(cudaErrorStreamCaptureInvalidated);
+  *graph = emu::new_handle<CUgraph_st>();
+  (*graph)->nodes = std::move(c->nodes);
+  return cudaSuccess;
+}
+
+cudaError_t cudaStreamIsCapturing(cudaStream_t stream, cudaStreamCaptureStatus* status) {
+  if (!status) return emu::record(cudaErrorInvalidValue);
+  if (!emu::detail::stream_ok(stream)) return emu::record(cudaErrorInvalidResourceHandle);
+  std::lock_guard<std::mutex> lock(emu::capture_mutex);
+  const EmuCapture* c = emu::capture_of(stream);
+  *status = !c               ? cudaStreamCaptureStatusNone
+            : c->invalidated ? cudaStreamCaptureStatusInvalidated
+                             : cudaStreamCaptureStatusActive;
+  return cudaSuccess;
+}
+
+cudaError_t cudaGraphInstantiate(cudaGraphExec_t* exec, cudaGraph_t graph, unsigned long long flags) {
+  if (!exec || flags != 0) return emu::record(cudaErrorInvalidValue);
+  if (!graph || !emu::handle_live(graph)) return emu::record(cudaErrorInvalidResourceHandle);
+  *exec = emu::new_handle<CUgraphExec_st>();
+  (*exec)->nodes = graph->nodes;
+  return cudaSuccess;
+}
+
+// Runs the nodes in capture order on `stream`; the first launch error any of them hit.
+cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t stream) {
+  if (!exec || !emu::handle_live(exec) || !emu::detail::stream_ok(stream))
+    return emu::record(cudaErrorInvalidResourceHandle);
+  if (emu::detail::capturing(stream)) return emu::record(cudaErrorNotSupported);  // graphs in graphs
+  const cudaError_t before = emu::last_error;
+  emu::last_error = cudaSuccess;
+  for (auto& node : exec->nodes) node(stream);
+  const cudaError_t e = emu::last_error;
+  emu::last_error = e != cudaSuccess ? e : before;
+  return e;
+}
+
+cudaError_t cudaGraphDestroy(cudaGraph_t graph) {
+  if (!graph || !emu::delete_handle(graph)) return emu::record(cudaErrorInvalidResourceHandle);
+  return cudaSuccess;
+}
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec) {
+  if (!exec || !emu::delete_handle(exec)) return emu::record(cudaErrorInvalidResourceHandle);
   return cudaSuccess;
 }
 
@@ -1171,6 +1374,8 @@ cudaError_t cudaEventDestroy(cudaEvent_t event) {
 cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
   if (!event || !emu::handle_live(event) || !emu::detail::stream_ok(stream))
     return emu::record(cudaErrorInvalidResourceHandle);
+  if (emu::refuse_on_capturing("cudaEventRecord (not emulated in captures)", stream))
+    return emu::record(cudaErrorStreamCaptureUnsupported);
   event->recorded = true;
   event->when = std::chrono::steady_clock::now();
   return cudaSuccess;
@@ -1232,6 +1437,8 @@ cublasStatus_t gemm_f32(cublasHandle_t handle, cublasOperation_t ta, cublasOpera
                         int k, float alpha, const float* A, int lda, const float* B, int ldb, float beta,
                         float* C, int ldc) {
   if (!handle || !emu::handle_live(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
+  if (emu::refuse_on_capturing("cuBLAS (not emulated in captures)", handle->stream))
+    return CUBLAS_STATUS_NOT_SUPPORTED;
   const bool a_t = ta != CUBLAS_OP_N, b_t = tb != CUBLAS_OP_N;
   if ((ta != CUBLAS_OP_N && ta != CUBLAS_OP_T && ta != CUBLAS_OP_C) ||
       (tb != CUBLAS_OP_N && tb != CUBLAS_OP_T && tb != CUBLAS_OP_C) || m < 0 || n < 0 || k < 0 ||

@@ -31,6 +31,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -84,10 +85,15 @@ enum cudaError {  // the numeric values of CUDA's driver_types.h
   cudaErrorNoDevice = 100,
   cudaErrorInvalidDevice = 101,
   cudaErrorInvalidResourceHandle = 400,
+  cudaErrorIllegalState = 401,
   cudaErrorNotReady = 600,
   cudaErrorIllegalAddress = 700,
   cudaErrorLaunchFailure = 719,
   cudaErrorNotSupported = 801,
+  cudaErrorStreamCaptureUnsupported = 900,
+  cudaErrorStreamCaptureInvalidated = 901,
+  cudaErrorStreamCaptureImplicit = 906,
+  cudaErrorStreamCaptureWrongThread = 908,
 };
 typedef enum cudaError cudaError_t;
 
@@ -105,6 +111,20 @@ struct CUevent_st;
 typedef CUevent_st* cudaEvent_t;
 constexpr unsigned cudaStreamDefault = 0x00;
 constexpr unsigned cudaStreamNonBlocking = 0x01;
+struct CUgraph_st;
+typedef CUgraph_st* cudaGraph_t;
+struct CUgraphExec_st;
+typedef CUgraphExec_st* cudaGraphExec_t;
+enum cudaStreamCaptureMode {
+  cudaStreamCaptureModeGlobal = 0,
+  cudaStreamCaptureModeThreadLocal = 1,
+  cudaStreamCaptureModeRelaxed = 2,
+};
+enum cudaStreamCaptureStatus {
+  cudaStreamCaptureStatusNone = 0,
+  cudaStreamCaptureStatusActive = 1,
+  cudaStreamCaptureStatusInvalidated = 2,
+};
 constexpr unsigned cudaEventDefault = 0x00;
 constexpr unsigned cudaEventDisableTiming = 0x02;
 
@@ -168,6 +188,21 @@ cudaError_t cudaStreamDestroy(cudaStream_t stream);
 cudaError_t cudaStreamSynchronize(cudaStream_t stream);
 cudaError_t cudaStreamQuery(cudaStream_t stream);
 cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned flags = 0);
+// Stream capture and graphs: between cudaStreamBeginCapture and cudaStreamEndCapture, kernel
+// launches, device-to-device copies and memsets issued to the stream are kept as the graph's
+// nodes, in order, instead of run; cudaGraphLaunch runs them (again checking every pointer
+// argument). As on a GPU in the global and thread-local modes, what a capture may not contain
+// fails with cudaErrorStreamCaptureUnsupported and invalidates it (cudaStreamEndCapture then
+// returns cudaErrorStreamCaptureInvalidated): copies to or from host memory on the capturing
+// stream, synchronizing it or the device, cudaMalloc / cudaFree, and work on the legacy stream
+// (cudaErrorStreamCaptureImplicit) while a capture is active. Relaxed mode is not emulated.
+cudaError_t cudaStreamBeginCapture(cudaStream_t stream, cudaStreamCaptureMode mode);
+cudaError_t cudaStreamEndCapture(cudaStream_t stream, cudaGraph_t* graph);
+cudaError_t cudaStreamIsCapturing(cudaStream_t stream, cudaStreamCaptureStatus* status);
+cudaError_t cudaGraphInstantiate(cudaGraphExec_t* exec, cudaGraph_t graph, unsigned long long flags = 0);
+cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t stream);
+cudaError_t cudaGraphDestroy(cudaGraph_t graph);
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec);
 cudaError_t cudaEventCreate(cudaEvent_t* event);
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned flags);
 cudaError_t cudaEventDestroy(cudaEvent_t event);
@@ -435,10 +470,18 @@ cudaError_t run_grid(const LaunchSite& site, dim3 grid, dim3 block, size_t smem,
                      void (*body)(void*), void* ctx);
 // Aborts unless p is null or inside (or one past) a live cudaMalloc allocation.
 void check_kernel_pointer(const LaunchSite& site, int index, const void* p);
+// Whether work issued to `stream` now is captured (cudaStreamBeginCapture) rather than run.
+bool capturing(cudaStream_t stream);
+// Checks the configuration and keeps `node` as the capturing stream's next graph node (run with
+// the stream the graph is launched on); the launch error, as cudaGetLastError would see it.
+cudaError_t capture_launch(dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                           std::function<void(cudaStream_t)> node);
 }  // namespace detail
 
 // GEMMA3_LAUNCH(kernel, grid, block, smem, stream, args...): the arguments are copied once,
-// as the kernel's parameters are, and every CUDA thread calls kernel(copies...).
+// as the kernel's parameters are, and every CUDA thread calls kernel(copies...). The call is a
+// lambda holding the kernel by value (a launcher may pick it into a local), so that a captured
+// launch can run after the launcher returns.
 template <class F>
 class Launch {
  public:
@@ -448,14 +491,30 @@ class Launch {
 
   template <class... A>
   void operator()(A&&... args) {
-    std::tuple<std::decay_t<A>...> params(std::forward<A>(args)...);
-    check_pointers(params, std::index_sequence_for<A...>{});
+    using Params = std::tuple<std::decay_t<A>...>;
+    Params params(std::forward<A>(args)...);
+    // Captured into a graph: the node owns copies of the parameters, as a CUDA graph's kernel
+    // node does, and checks them again each time it runs.
+    if (detail::capturing(stream_)) {
+      detail::capture_launch(grid_, block_, smem_, stream_,
+                             [site = site_, grid = grid_, block = block_, smem = smem_, call = call_, params](
+                                 cudaStream_t s) mutable { run(site, grid, block, smem, s, call, params); });
+      return;
+    }
+    run(site_, grid_, block_, smem_, stream_, call_, params);
+  }
+
+ private:
+  template <class Params>
+  static void run(const LaunchSite& site, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, F& call,
+                  Params& params) {
+    check_pointers(site, params, std::make_index_sequence<std::tuple_size_v<Params>>{});
     struct Ctx {
       F* call;
-      std::tuple<std::decay_t<A>...>* params;
-    } ctx{&call_, &params};
+      Params* params;
+    } ctx{&call, &params};
     detail::run_grid(
-        site_, grid_, block_, smem_, stream_,
+        site, grid, block, smem, stream,
         [](void* c) {
           auto* x = static_cast<Ctx*>(c);
           std::apply(*x->call, *x->params);
@@ -463,14 +522,13 @@ class Launch {
         &ctx);
   }
 
- private:
   template <class Tuple, size_t... I>
-  void check_pointers(const Tuple& t, std::index_sequence<I...>) {
-    (check_pointer(static_cast<int>(I), std::get<I>(t)), ...);
+  static void check_pointers(const LaunchSite& site, const Tuple& t, std::index_sequence<I...>) {
+    (check_pointer(site, static_cast<int>(I), std::get<I>(t)), ...);
   }
   template <class T>
-  void check_pointer(int index, const T& v) {
-    if constexpr (std::is_pointer_v<T>) detail::check_kernel_pointer(site_, index, v);
+  static void check_pointer(const LaunchSite& site, int index, const T& v) {
+    if constexpr (std::is_pointer_v<T>) detail::check_kernel_pointer(site, index, v);
   }
 
   LaunchSite site_;
@@ -484,7 +542,7 @@ class Launch {
 
 #define GEMMA3_LAUNCH(kernel, grid, block, smem, stream, ...)                               \
   ::gemma3_cuda_emu::Launch(#kernel, __FILE__, __LINE__, (grid), (block), (smem), (stream), \
-                            [&](auto&... gemma3_emu_params) { kernel(gemma3_emu_params...); })(__VA_ARGS__)
+                            [=](auto&... gemma3_emu_params) { kernel(gemma3_emu_params...); })(__VA_ARGS__)
 #define GEMMA3_DYNAMIC_SHARED(T, name) T* const name = ::gemma3_cuda_emu::dynamic_shared<T>()
 
 // ---- cuBLAS (the calls the backend makes; reference loops in cuda_emu.cpp) ---------------
@@ -582,6 +640,7 @@ cudaError_t radix_sort_pairs(bool descending, void* temp, size_t& temp_bytes, co
   if (temp_bytes < need || n < 0 || n > 0xFFFFFFFFll || begin_bit < 0 || end_bit > int(8 * sizeof(K)) ||
       begin_bit >= end_bit || !stream_ok(stream))
     return cudaErrorInvalidValue;
+  if (capturing(stream)) return cudaErrorStreamCaptureUnsupported;  // not emulated in captures
   if (n == 0) return cudaSuccess;
   const size_t kb = static_cast<size_t>(n) * sizeof(K), vb = static_cast<size_t>(n) * sizeof(V);
   check_device_range("cub::DeviceRadixSort temporary storage", temp, need);
