@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(kPrepThreads) qk_prep_kernel(PrepParams p) {
   float ss = 0;
   for (int i = threadIdx.x; i < hd; i += blockDim.x) ss += x[i] * x[i];
   const float inv = rms_factor(block_sum(ss, scratch), hd, a.eps);
-  const int pos = a.pos0 + t;
+  const int pos = (a.pos_dev ? *a.pos_dev : a.pos0) + t;
   for (int i = threadIdx.x; i < half; i += blockDim.x) {
     float lo = __fmul_rn(__fmul_rn(x[i], inv), w[i]),
           hi = __fmul_rn(__fmul_rn(x[i + half], inv), w[i + half]);
@@ -272,6 +272,10 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(AttentionArgs a
   const int64_t gd = int64_t{h / (a.n_heads / a.n_kv_heads)} * hd;  // kv head's first element in a slot
   const int64_t q_width = int64_t{a.n_heads} * hd;
   const int64_t slot_bytes = int64_t{a.n_kv_heads} * hd / D::kElems * D::kBytes;
+  if (a.pos_dev) {  // a recorded step: its position, and the splits recut for it
+    a.pos0 = *a.pos_dev;
+    chunk = step_chunk(a, splits, false);
+  }
   int64_t lo, hi;
   visible_keys(a, t, &lo, &hi);
   const int64_t begin = lo + int64_t{blockIdx.y} * chunk;
@@ -373,6 +377,10 @@ __global__ void __launch_bounds__(kDecThreads, 2)
   __shared__ float alpha_s[kDecRows];         // rescale factor of the tile, per row
   __shared__ float ml_s[kDecRows][2];         // final (m, l) per row
   __shared__ int64_t lo_s[kDecRows], hi_s[kDecRows];
+  if (a.pos_dev) {  // a recorded step: its position, and the splits recut for it
+    a.pos0 = *a.pos_dev;
+    chunk = step_chunk(a, splits, true);
+  }
   const int hd = HD > 0 ? HD : a.head_dim;
   const int group = a.n_heads / a.n_kv_heads, g = blockIdx.x;
   const int row0 = blockIdx.z * rows_per_block;

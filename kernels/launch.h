@@ -109,6 +109,9 @@ struct QkPrepArgs {
   const float* q_norm = nullptr;
   const float* k_norm = nullptr;
   int n = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0, pos0 = 0;
+  // A recorded step's position (device memory, written in stream order before the launch):
+  // when set, the kernel reads pos0 there and ignores the field.
+  const int* pos_dev = nullptr;
   float eps = 0;
   void* cache_k = nullptr;  // [capacity] slots of kv_dtype, as launch_kv_write
   void* cache_v = nullptr;
@@ -125,6 +128,12 @@ struct AttentionArgs {
   DType kv_dtype = DType::kBF16;
   int capacity = 0;
   int n_tokens = 0, pos0 = 0;
+  // A recorded step's position (device memory, written in stream order before the launch; the
+  // backend's replay): when set, the kernels read pos0 there, and the field is the bound, the
+  // largest pos0 the launch will see. The plan (split count, workspace, the ring check) is made
+  // for the bound, and each split's keys are recut on the device for the real position
+  // (step_chunk). No bidirectional group with it.
+  const int* pos_dev = nullptr;
   int n_heads = 0, n_kv_heads = 0, head_dim = 0;
   float scale = 0;
   int window = 0;                      // 0: causal; W > 0: keys i - W < j <= i
@@ -163,6 +172,23 @@ GEMMA3_HD void visible_keys(const AttentionArgs& a, int t, int64_t* lo, int64_t*
   *hi = i >= a.bidir_begin && i < a.bidir_end ? int64_t{a.bidir_end} - 1 : i;
 }
 
+// The keys per split for `splits` splits of the keys visible to any token of the call (the decode
+// kernel's union [lo(0), hi(n_tokens - 1)]) or of its longest range (the prefill kernel), in
+// whole key tiles: what attention_plan gives at the bound, recut for a recorded step's real
+// position (AttentionArgs::pos_dev; a.pos0 holds it by then).
+GEMMA3_HD int step_chunk(const AttentionArgs& a, int splits, bool decode) {
+  int64_t longest = 1, lo0 = 0, hi0 = 0;
+  visible_keys(a, 0, &lo0, &hi0);
+  for (int t = 0; t < a.n_tokens; ++t) {
+    int64_t lo = 0, hi = 0;
+    visible_keys(a, t, &lo, &hi);
+    const int64_t keys = decode ? hi - lo0 + 1 : hi - lo + 1;
+    longest = keys > longest ? keys : longest;
+  }
+  const int64_t chunk = (longest + splits - 1) / splits;
+  return static_cast<int>((chunk + kAttentionKeyTile - 1) / kAttentionKeyTile * kAttentionKeyTile);
+}
+
 // Arguments launch_attention refuses (cudaErrorInvalidValue), the ring check aside.
 inline bool bad_attention_args(const AttentionArgs& a) {
   const bool bidir = a.bidir_begin < a.bidir_end;
@@ -170,7 +196,8 @@ inline bool bad_attention_args(const AttentionArgs& a) {
          a.head_dim < 1 || a.head_dim > kAttentionMaxHeadDim || a.capacity < 1 || a.window < 0 ||
          a.kv_start < 0 || a.kv_start > a.pos0 || int64_t{a.n_tokens} * a.n_heads > 0x7FFFFFFF ||
          (a.kv_dtype == DType::kQ8_0 && a.head_dim % 32 != 0) || a.bidir_begin > a.bidir_end ||
-         (bidir && (a.bidir_begin < a.pos0 || a.bidir_end > int64_t{a.pos0} + a.n_tokens));
+         (bidir && (a.bidir_begin < a.pos0 || a.bidir_end > int64_t{a.pos0} + a.n_tokens)) ||
+         (bidir && a.pos_dev);
 }
 
 // How launch_attention divides the work. Prefill kernel: each (token, head) row's visible keys

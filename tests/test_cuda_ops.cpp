@@ -1122,6 +1122,42 @@ TEST_F(CudaOps, AttentionMatchesCpu) {
       const double tol = c.capacity > 10000 ? 3e-6 : 3e-5;
       for (size_t i = 0; i < ref.size(); ++i)
         ASSERT_NEAR(got[i], ref[i], tol) << c.what << " (" << dtype_name(dt) << ") i " << i;
+
+      // The same call recorded (a CUDA graph) with the position read from the step position
+      // and the split plan made for the bound (the last position whose keys fit the cache;
+      // past the case's own under a window), then replayed at the case's position and, causal,
+      // at one halfway back to kv_start, where the device recuts the bound's splits for half
+      // the keys.
+      if (c.bidir_begin < c.bidir_end || !gpu_->can_record()) continue;
+      AttentionParams bound = p;
+      bound.pos0 = c.window > 0 ? c.pos0 + 3 * c.capacity : c.kv_start + c.capacity - c.n_tokens;
+      Buf og2(*gpu_, q.size() * 4);
+      std::unique_ptr<RecordedStep> step;
+      for (int attempt = 0; attempt < 2 && !step; ++attempt) {  // again: the bound's partials grew
+        gpu_->begin_recording();
+        gpu_->attention(qg.f(), KvLayer{ckg.get(), cvg.get(), c.capacity, dt}, bound, og2.f());
+        bool again = false;
+        auto r = gpu_->end_recording(&again);
+        ASSERT_TRUE(r.ok()) << r.status().to_string();
+        step = std::move(*r);
+      }
+      ASSERT_TRUE(step) << c.what << ": not recorded";
+      std::vector<int> positions = {c.pos0};
+      if (c.window == 0 && c.pos0 > c.kv_start) positions.push_back((c.kv_start + c.pos0) / 2);
+      for (int pos : positions) {
+        AttentionParams at = p;
+        at.pos0 = pos;
+        cpu_->attention(
+            q.data(),
+            KvLayer{const_cast<uint8_t*>(ck.data()), const_cast<uint8_t*>(cv.data()), c.capacity, dt}, at,
+            ref.data());
+        gpu_->set_step_position(pos);
+        gpu_->replay(*step);
+        const auto replayed = og2.read();
+        for (size_t i = 0; i < ref.size(); ++i)
+          ASSERT_NEAR(replayed[i], ref[i], tol)
+              << c.what << " (" << dtype_name(dt) << ", replayed at " << pos << ") i " << i;
+      }
     }
   }
 }
@@ -1518,6 +1554,7 @@ TEST_F(CudaOps, Fp8WeightsQuantizeAtUpload) {
 
 struct ModelRun {
   std::vector<std::vector<float>> logits;  // per step
+  int recorded = 0;                        // recorded steps the decode steps replayed
 };
 
 ModelRun run_tiny(Backend& be, const Checkpoint& ck, DType kv, const std::vector<int32_t>& prompt,
@@ -1550,6 +1587,7 @@ ModelRun run_tiny(Backend& be, const Checkpoint& ck, DType kv, const std::vector
   step(decode.data(), 3, pos, true);  // 3 tokens: the GEMV path
   pos += 3;
   for (size_t i = 3; i < decode.size(); ++i) step(&decode[i], 1, pos++, false);  // decode steps
+  for (const auto& [key, r] : scratch.recorded) run.recorded += r.step != nullptr;
   return run;
 }
 
@@ -1578,6 +1616,9 @@ TEST_F(CudaOps, TinyModelMatchesCpu) {
       const ModelRun g = run_tiny(*gpu_, **ck, kv, p, d);
       const ModelRun c = run_tiny(*cpu_, **ck, kv, p, d);
       ASSERT_EQ(g.logits.size(), c.logits.size());
+      // The decode steps (context 64: one position bucket) were recorded once and replayed,
+      // each at its own position (the all-row-logits steps run directly).
+      if (gpu_->can_record()) EXPECT_EQ(g.recorded, 1) << file << " kv " << dtype_name(kv);
       // fp32 everywhere, same weights: only summation order and libm differ (as CPU vs
       // transformers in test_model_golden, held to 1e-4). With a bf16 cache a key/value that
       // lands within an ulp of a bf16 rounding midpoint can round the other way (4e-3

@@ -66,6 +66,12 @@ inline int64_t attention_last_key(const AttentionParams& p, int64_t i) {
   return i >= p.bidir_begin && i < p.bidir_end ? p.bidir_end - 1 : i;
 }
 
+// A recorded sequence of ops (Backend::begin_recording); opaque, freed by its owner.
+class RecordedStep {
+ public:
+  virtual ~RecordedStep() = default;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -160,6 +166,31 @@ class Backend {
   virtual void gelu_gate(const float* g, const float* u, int64_t n, float* out) = 0;
   // out = a + b, elementwise over n values (in place allowed).
   virtual void add(const float* a, const float* b, int64_t n, float* out) = 0;
+
+  // ---- recorded steps (docs/cuda.md, "Recorded decode steps") ----
+  // A backend may record the ops of one step and replay them as one unit (the CUDA backend: a
+  // CUDA graph, one launch for the ~200 of a decode step). A recording keeps the backend-memory
+  // pointers its ops were given: replay it only while those buffers live, on the thread
+  // discipline of the ops. Positions are what changes between replays, so inside a recording
+  // every op that takes one (qk_norm_rope_kv_write, attention) reads it from the step position
+  // (set_step_position, in backend memory) instead, and its pos0 argument is the bound: the
+  // largest pos0 the recording will be replayed with (attention plans its key splits for it).
+  // The defaults record nothing.
+  virtual bool can_record() const { return false; }
+  // From here until end_recording, this backend's ops are kept, not run.
+  virtual void begin_recording() {}
+  // Ends the recording. Returns it, or no step when it cannot be replayed: an op that cannot be
+  // recorded was issued (the caller runs the ops directly), or, with *again set, a workspace had
+  // to grow, which the backend did just now, and the same ops must be recorded again. Errors as
+  // for the ops.
+  virtual Result<std::unique_ptr<RecordedStep>> end_recording(bool* again) {
+    *again = false;
+    return std::unique_ptr<RecordedStep>();
+  }
+  // Sets the step position that recorded ops read, in order with the ops (before a replay).
+  virtual void set_step_position(int pos0) {}
+  // Runs a recording of end_recording.
+  virtual void replay(const RecordedStep& step) {}
 
   // ---- sampling ----
   // The next token from one row of logits in backend memory ([n_allowed] fp32; ids >=

@@ -3,11 +3,18 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 
 #include "core/progress.h"
 
 namespace gemma3 {
+
+namespace {
+// Steps recorded for replay have at most this many tokens: decode steps (one token, or one per
+// sequence in a batch); a prefill chunk runs once per position, so recording it gains nothing.
+constexpr int kMaxRecordedTokens = 8;
+}  // namespace
 
 float embedding_scale(int hidden) { return round_bf16(std::sqrt(static_cast<float>(hidden))); }
 
@@ -56,10 +63,15 @@ Result<BackendModel> BackendModel::upload(Backend& backend, const Weights& weigh
 }
 
 ForwardScratch::~ForwardScratch() {
+  recorded.clear();
   for (void* p : owned_) backend_.release(p);
 }
 
 Status ForwardScratch::allocate(const ModelConfig& c, int chunk) {
+  recorded.clear();
+  for (void* p : owned_) backend_.release(p);
+  owned_.clear();
+  bytes_ = 0;
   const int64_t n = chunk;
   for (auto [ptr, width] : {std::pair{&x, int64_t{c.hidden}},
                             {&a, c.hidden},
@@ -113,61 +125,95 @@ Status forward(const ModelConfig& c, const BackendModel& w, Backend& be, KvCache
     be.embed(*w.embed, req.ids, n, embedding_scale(c.hidden), s.x);
   emit(-1, "embed", s.x, n * H);
 
-  // Each block's input norm comes from the step before it: layer 0's here, the others' (and the
-  // final norm) from the residual step that ends the previous block (Backend::add_rmsnorm).
-  be.rmsnorm(s.x, *w.layers[0].attn_norm, n, H, eps, s.normed);
-  for (int l = 0; l < c.n_layers; ++l) {
-    const BackendModel::Layer& L = w.layers[l];
-    const bool global = c.is_global(l);
+  // The layers, then (with lm_head) the last row's logits into s.logits. pos is req.pos0, or,
+  // while recording, the bound of the step's positions (backend.h, recorded steps).
+  auto layers = [&](int pos, bool lm_head) {
+    // Each block's input norm comes from the step before it: layer 0's here, the others' (and
+    // the final norm) from the residual step that ends the previous block (Backend::add_rmsnorm).
+    be.rmsnorm(s.x, *w.layers[0].attn_norm, n, H, eps, s.normed);
+    for (int l = 0; l < c.n_layers; ++l) {
+      const BackendModel::Layer& L = w.layers[l];
+      const bool global = c.is_global(l);
 
-    // Attention block: (norm) -> q/k/v -> QK-norm + RoPE + cache write -> attention -> o ->
-    // post-norm + residual + the MLP's norm.
-    if (L.qkv) {
-      float* const qkv[] = {s.q, s.k, s.v};
-      be.matmul_parts(s.normed, n, *L.qkv, qkv);
-    } else {
-      be.matmul(s.normed, n, *L.q, s.q);
-      be.matmul(s.normed, n, *L.k, s.k);
-      be.matmul(s.normed, n, *L.v, s.v);
-    }
-    const float theta = global ? c.rope_theta_global : c.rope_theta_local;
-    const float rope_scale = global ? c.rope_scale_global : 1.0f;  // linear scaling: global layers only
-    be.qk_norm_rope_kv_write(s.q, s.k, s.v, *L.q_norm, *L.k_norm, n, c.n_heads, c.n_kv_heads, c.head_dim, eps,
-                             req.pos0, theta, rope_scale, cache.layer(l));
-    emit(l, "q", s.q, n * qw);
-    emit(l, "k", s.k, n * kvw);
-    emit(l, "v", s.v, n * kvw);
-    AttentionParams ap;
-    ap.n_tokens = n;
-    ap.pos0 = req.pos0;
-    ap.n_heads = c.n_heads;
-    ap.n_kv_heads = c.n_kv_heads;
-    ap.head_dim = c.head_dim;
-    ap.scale = c.attn_scale();
-    ap.window = global ? 0 : c.sliding_window;
-    ap.kv_start = req.kv_start;
-    ap.bidir_begin = req.bidir_begin;
-    ap.bidir_end = req.bidir_end;
-    be.attention(s.q, cache.layer(l), ap, s.attn);
-    emit(l, "attn", s.attn, n * qw);
-    be.matmul(s.attn, n, *L.o, s.a);
-    be.add_rmsnorm(s.a, *L.post_attn_norm, s.x, L.ffn_norm.get(), n, static_cast<int>(H), eps, s.normed);
-    emit(l, "attn_residual", s.x, n * H);
+      // Attention block: (norm) -> q/k/v -> QK-norm + RoPE + cache write -> attention -> o ->
+      // post-norm + residual + the MLP's norm.
+      if (L.qkv) {
+        float* const qkv[] = {s.q, s.k, s.v};
+        be.matmul_parts(s.normed, n, *L.qkv, qkv);
+      } else {
+        be.matmul(s.normed, n, *L.q, s.q);
+        be.matmul(s.normed, n, *L.k, s.k);
+        be.matmul(s.normed, n, *L.v, s.v);
+      }
+      const float theta = global ? c.rope_theta_global : c.rope_theta_local;
+      const float rope_scale = global ? c.rope_scale_global : 1.0f;  // linear scaling: global layers only
+      be.qk_norm_rope_kv_write(s.q, s.k, s.v, *L.q_norm, *L.k_norm, n, c.n_heads, c.n_kv_heads, c.head_dim,
+                               eps, pos, theta, rope_scale, cache.layer(l));
+      emit(l, "q", s.q, n * qw);
+      emit(l, "k", s.k, n * kvw);
+      emit(l, "v", s.v, n * kvw);
+      AttentionParams ap;
+      ap.n_tokens = n;
+      ap.pos0 = pos;
+      ap.n_heads = c.n_heads;
+      ap.n_kv_heads = c.n_kv_heads;
+      ap.head_dim = c.head_dim;
+      ap.scale = c.attn_scale();
+      ap.window = global ? 0 : c.sliding_window;
+      ap.kv_start = req.kv_start;
+      ap.bidir_begin = req.bidir_begin;
+      ap.bidir_end = req.bidir_end;
+      be.attention(s.q, cache.layer(l), ap, s.attn);
+      emit(l, "attn", s.attn, n * qw);
+      be.matmul(s.attn, n, *L.o, s.a);
+      be.add_rmsnorm(s.a, *L.post_attn_norm, s.x, L.ffn_norm.get(), n, static_cast<int>(H), eps, s.normed);
+      emit(l, "attn_residual", s.x, n * H);
 
-    // MLP block: (norm) -> GeGLU -> down -> post-norm + residual + the next block's norm (the
-    // next layer's, or the final norm after the last layer).
-    if (L.gate_up) {
-      be.matmul_geglu(s.normed, n, *L.gate_up, s.up, s.gate);
-    } else {
-      be.matmul(s.normed, n, *L.gate, s.gate);
-      be.matmul(s.normed, n, *L.up, s.up);
-      be.gelu_gate(s.gate, s.up, n * I, s.gate);
+      // MLP block: (norm) -> GeGLU -> down -> post-norm + residual + the next block's norm (the
+      // next layer's, or the final norm after the last layer).
+      if (L.gate_up) {
+        be.matmul_geglu(s.normed, n, *L.gate_up, s.up, s.gate);
+      } else {
+        be.matmul(s.normed, n, *L.gate, s.gate);
+        be.matmul(s.normed, n, *L.up, s.up);
+        be.gelu_gate(s.gate, s.up, n * I, s.gate);
+      }
+      be.matmul(s.gate, n, *L.down, s.a);
+      const BackendWeight& next = l + 1 < c.n_layers ? *w.layers[l + 1].attn_norm : *w.final_norm;
+      be.add_rmsnorm(s.a, *L.post_ffn_norm, s.x, &next, n, static_cast<int>(H), eps, s.normed);
+      emit(l, "layer_out", s.x, n * H);
     }
-    be.matmul(s.gate, n, *L.down, s.a);
-    const BackendWeight& next = l + 1 < c.n_layers ? *w.layers[l + 1].attn_norm : *w.final_norm;
-    be.add_rmsnorm(s.a, *L.post_ffn_norm, s.x, &next, n, static_cast<int>(H), eps, s.normed);
-    emit(l, "layer_out", s.x, n * H);
+    if (lm_head) be.matmul(s.normed + (n - 1) * H, 1, *w.embed, s.logits);
+  };
+
+  // A step of a few tokens (decode) is recorded once per position bucket and then replayed,
+  // when the backend records (the CUDA backend: one graph launch instead of ~200 kernel
+  // launches). Positions are read from the step position; attention plans its key splits for
+  // the bucket's end, a power of two, so a session makes about log2(context) recordings per
+  // token count. Prefill chunks, images, activation hooks and all-row logits run directly.
+  const bool record = be.can_record() && n <= kMaxRecordedTokens && !req.embeddings && !req.all_logits &&
+                      req.bidir_begin == req.bidir_end && !(hook && *hook);
+  if (record) {
+    const int limit = req.kv_start + cache.plan().context;
+    const int bucket_end =
+        std::min<int64_t>(limit, std::max<int64_t>(64, std::bit_ceil(uint32_t(req.pos0 + n))));
+    auto [it, fresh] = s.recorded.try_emplace({&cache, n, bucket_end, req.kv_start});
+    ForwardScratch::Recorded& slot = it->second;
+    be.set_step_position(req.pos0);
+    for (int attempt = 0; fresh && attempt < 2; ++attempt) {  // a second time after a workspace grew
+      be.begin_recording();
+      layers(bucket_end - n, true);
+      bool again = false;
+      GEMMA3_ASSIGN_OR_RETURN(slot.step, be.end_recording(&again));
+      if (!again) break;
+    }
+    if (slot.step) {
+      be.replay(*slot.step);
+      if (logits_host) be.to_host(s.logits, logits_host, static_cast<uint64_t>(c.vocab_size) * sizeof(float));
+      return be.status();
+    }
   }
+  layers(req.pos0, false);
 
   // The tied LM head, for the rows whose logits are wanted (s.normed holds every row's final norm).
   const int first = req.all_logits ? 0 : n - 1, rows = n - first;

@@ -3,8 +3,10 @@
 #pragma once
 
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "backend/backend.h"
@@ -51,6 +53,14 @@ class ForwardScratch {
   float* up = nullptr;                   // [chunk, I]
   static constexpr int kLogitRows = 16;  // LM head rows computed per step
   float* logits = nullptr;               // [min(chunk, kLogitRows), V]
+
+  // Recorded steps (Backend::begin_recording) over these buffers and one cache, by (cache, step
+  // tokens, end of the position bucket, kv_start); forward() makes and replays them. No step:
+  // the ops could not be recorded and run directly.
+  struct Recorded {
+    std::unique_ptr<RecordedStep> step;
+  };
+  std::map<std::tuple<const KvCache*, int, int, int>, Recorded> recorded;
 
  private:
   Backend& backend_;

@@ -17,6 +17,7 @@
 #include <cstring>
 #include <random>
 #include <unordered_set>
+#include <utility>
 #include <vector>
 
 #include "backend/backend.h"
@@ -31,6 +32,14 @@ namespace {
 std::string cuda_error_text(cudaError_t e) {
   return fmt::format("{} ({})", cudaGetErrorName(e), cudaGetErrorString(e));
 }
+
+// A recorded step: an instantiated CUDA graph.
+class CudaRecordedStep final : public RecordedStep {
+ public:
+  explicit CudaRecordedStep(cudaGraphExec_t exec) : exec(exec) {}
+  ~CudaRecordedStep() override { (void)cudaGraphExecDestroy(exec); }
+  cudaGraphExec_t exec;
+};
 
 class CudaWeight final : public BackendWeight {
  public:
@@ -96,6 +105,9 @@ class CudaBackend final : public Backend {
     // kernel faulted, instead of the next synchronization reporting it.
     const char* sync = std::getenv("GEMMA3_CUDA_SYNC");
     b->sync_each_op_ = sync && *sync && std::strcmp(sync, "0") != 0;
+    // GEMMA3_CUDA_GRAPHS=0: run every step's ops one by one (no recorded steps), to compare.
+    const char* graphs = std::getenv("GEMMA3_CUDA_GRAPHS");
+    b->record_steps_ = !(graphs && std::strcmp(graphs, "0") == 0);
     if ((e = cudaSetDevice(0)) != cudaSuccess)
       return internal_error("CUDA backend: cudaSetDevice(0): " + cuda_error_text(e));
     cudaDeviceProp prop{};
@@ -131,6 +143,8 @@ class CudaBackend final : public Backend {
     if (scratch_) (void)cudaFree(scratch_);
     if (ids_) (void)cudaFree(ids_);
     if (partials_) (void)cudaFree(partials_);
+    for (void* p : retired_) (void)cudaFree(p);
+    if (step_pos_) (void)cudaFree(step_pos_);
     if (sample_ws_) (void)cudaFree(sample_ws_);
     if (cublas_) (void)cublasDestroy(static_cast<cublasHandle_t>(cublas_));
     if (stream_) (void)cudaStreamDestroy(stream());
@@ -143,7 +157,8 @@ class CudaBackend final : public Backend {
 
   // Synchronizes and returns the first error any call has hit.
   Status status() override {
-    if (error_.ok() && stream_) check(cudaStreamSynchronize(stream()), "cudaStreamSynchronize");
+    if (error_.ok() && stream_ && !recording_)
+      check(cudaStreamSynchronize(stream()), "cudaStreamSynchronize");
     return error_;
   }
 
@@ -192,6 +207,7 @@ class CudaBackend final : public Backend {
 
   Result<void*> allocate(size_t bytes) override {
     GEMMA3_TRY(error_);
+    if (recording_) return internal_error("CUDA backend: allocate while recording a step");
     void* p = nullptr;
     GEMMA3_TRY(device_malloc(&p, bytes, "allocation"));
     if (!check(cudaMemsetAsync(p, 0, bytes, stream()), "cudaMemsetAsync") ||
@@ -203,11 +219,12 @@ class CudaBackend final : public Backend {
   }
 
   void release(void* ptr) override {
-    if (ptr) check(cudaFree(ptr), "cudaFree");
+    if (ptr && !unrecordable("release")) check(cudaFree(ptr), "cudaFree");
   }
 
   void to_host(const void* src, void* dst, size_t bytes) override {
-    if (error_.ok() && check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream()), "to_host") &&
+    if (error_.ok() && !unrecordable("to_host") &&
+        check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream()), "to_host") &&
         check(cudaStreamSynchronize(stream()), "to_host (synchronize)"))
       return;
     if (bytes > 0)
@@ -215,7 +232,7 @@ class CudaBackend final : public Backend {
   }
 
   void from_host(const void* src, void* dst, size_t bytes) override {
-    if (!error_.ok()) return;
+    if (!error_.ok() || unrecordable("from_host")) return;
     if (check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream()), "from_host"))
       check(cudaStreamSynchronize(stream()), "from_host (synchronize)");
   }
@@ -303,7 +320,7 @@ class CudaBackend final : public Backend {
   // ---- ops ----
 
   void embed(const BackendWeight& table, const int32_t* ids, int n, float scale, float* out) override {
-    if (!error_.ok() || n <= 0) return;
+    if (!error_.ok() || n <= 0 || unrecordable("embed")) return;  // copies the ids first
     const CudaWeight& w = as_cuda(table);
     for (int t = 0; t < n; ++t) {
       if (ids[t] < 0 || ids[t] >= w.rows) {
@@ -473,6 +490,7 @@ class CudaBackend final : public Backend {
       return;
     }
     // n > 8: dequantize the weight tile by tile into fp32 and multiply with cuBLAS.
+    if (unrecordable("matmul (cuBLAS)")) return;
     if (r.dtype == DType::kF32 && r.n_scales == 0) {
       gemm(static_cast<const float*>(r.data), r.rows, 0, x, n, r, name, out);
       return;
@@ -506,7 +524,7 @@ class CudaBackend final : public Backend {
   }
 
   void rope(float* x, int n, int n_heads, int head_dim, int pos0, float theta, float scale) override {
-    if (!error_.ok() || n <= 0) return;
+    if (!error_.ok() || n <= 0 || unrecordable("rope")) return;  // pos0 is a kernel argument
     float inv_freq[cuda::kRopeMaxHalf];
     if (!rope_frequencies(head_dim, theta, scale, inv_freq)) return;
     check_launch(cuda::launch_rope(x, n, n_heads, head_dim, pos0, inv_freq, stream_), "rope");
@@ -514,7 +532,7 @@ class CudaBackend final : public Backend {
 
   void kv_write(const float* k, const float* v, int n, int pos0, int kv_width,
                 const KvLayer& cache) override {
-    if (!error_.ok() || n <= 0) return;
+    if (!error_.ok() || n <= 0 || unrecordable("kv_write")) return;  // pos0 is a kernel argument
     if (!kv_type_ok(cache.dtype, "kv_write")) return;
     check_launch(cuda::launch_kv_write(k, v, n, pos0, kv_width, cache.k, cache.v, cache.capacity, cache.dtype,
                                        stream_),
@@ -545,6 +563,7 @@ class CudaBackend final : public Backend {
     a.n_kv_heads = n_kv_heads;
     a.head_dim = head_dim;
     a.pos0 = pos0;
+    a.pos_dev = recording_ ? step_pos_ : nullptr;
     a.eps = eps;
     a.cache_k = cache.k;
     a.cache_v = cache.v;
@@ -583,12 +602,17 @@ class CudaBackend final : public Backend {
     a.bidir_begin = p.bidir_begin;
     a.bidir_end = p.bidir_end;
     a.sm_count = sm_count_;
+    a.pos_dev = recording_ ? step_pos_ : nullptr;  // pos0 is then the bound the plan is made for
     // Split-KV decode: the partials live in a growable scratch buffer (stream-ordered reuse).
     const cuda::AttentionPlan plan = cuda::attention_plan(a);
     if (plan.workspace_floats > 0) {
-      if (!reserve(&partials_, &partials_bytes_, static_cast<size_t>(plan.workspace_floats) * sizeof(float),
-                   "attention split partials"))
+      const size_t bytes = static_cast<size_t>(plan.workspace_floats) * sizeof(float);
+      if (recording_ && bytes > partials_bytes_) {  // grown after the recording (end_recording)
+        partials_wanted_ = std::max(partials_wanted_, bytes);
         return;
+      }
+      // Recorded steps may hold the old buffer: it is kept until the backend goes.
+      if (!reserve(&partials_, &partials_bytes_, bytes, "attention split partials", &retired_)) return;
       a.partials = static_cast<float*>(partials_);
       a.partial_floats = static_cast<int64_t>(partials_bytes_ / sizeof(float));
     }
@@ -642,6 +666,66 @@ class CudaBackend final : public Backend {
     check_launch(cuda::launch_avg_pool(x, side, dim, k, out, stream_), "avg_pool");
   }
 
+  // ---- recorded steps: CUDA graphs (docs/cuda.md, "Recorded decode steps") ----
+
+  bool can_record() const override { return record_steps_; }
+
+  // Stream capture in thread-local mode: the ops of this thread on our stream become the graph's
+  // nodes. What a capture may not hold (a host copy, a synchronization, an allocation) is turned
+  // away by the ops themselves (unrecordable), so the capture stays valid and the caller
+  // runs such a step directly.
+  void begin_recording() override {
+    if (!error_.ok() || recording_) return;
+    if (!step_pos_ && !device_malloc(reinterpret_cast<void**>(&step_pos_), sizeof(int), "step position").ok())
+      return;  // no recording: end_recording says so and the caller runs the ops directly
+    if (!check(cudaStreamBeginCapture(stream(), cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture"))
+      return;
+    recording_ = true;
+  }
+
+  Result<std::unique_ptr<RecordedStep>> end_recording(bool* again) override {
+    *again = false;
+    std::unique_ptr<RecordedStep> none;
+    if (!recording_) {
+      GEMMA3_TRY(error_);
+      return none;  // begin_recording could not start one
+    }
+    recording_ = false;
+    cudaGraph_t graph = nullptr;
+    const cudaError_t e = cudaStreamEndCapture(stream(), &graph);
+    const char* refused = std::exchange(unrecordable_, nullptr);
+    const size_t wanted = std::exchange(partials_wanted_, 0);
+    if (e != cudaSuccess) (void)cudaGetLastError();  // not sticky: the ops run directly instead
+    std::unique_ptr<RecordedStep> step;
+    if (e == cudaSuccess && error_.ok() && !refused && wanted == 0) {
+      cudaGraphExec_t exec = nullptr;
+      if (check(cudaGraphInstantiate(&exec, graph, 0), "cudaGraphInstantiate"))
+        step = std::make_unique<CudaRecordedStep>(exec);
+    }
+    if (graph) (void)cudaGraphDestroy(graph);
+    GEMMA3_TRY(error_);
+    if (e == cudaSuccess && !refused && wanted > 0) {
+      if (!reserve(&partials_, &partials_bytes_, wanted, "attention split partials", &retired_))
+        return error_;
+      *again = true;
+    }
+    return step;
+  }
+
+  void set_step_position(int pos0) override {
+    if (!error_.ok() || unrecordable("set_step_position")) return;
+    if (!step_pos_ && !device_malloc(reinterpret_cast<void**>(&step_pos_), sizeof(int), "step position").ok())
+      return fail(out_of_memory("CUDA backend: cannot allocate the step position"));
+    // From pageable memory: staged before the call returns.
+    check(cudaMemcpyAsync(step_pos_, &pos0, sizeof(int), cudaMemcpyHostToDevice, stream()), "step position");
+  }
+
+  void replay(const RecordedStep& step) override {
+    if (!error_.ok() || unrecordable("replay")) return;
+    if (check(cudaGraphLaunch(static_cast<const CudaRecordedStep&>(step).exec, stream()), "cudaGraphLaunch"))
+      after_op("replay");
+  }
+
   // ---- sampling ----
 
   // Backend::sample on the device. The keys (logits with bans, penalty and temperature) are
@@ -655,6 +739,7 @@ class CudaBackend final : public Backend {
   int32_t sample(const float* logits, int n_allowed, const SamplingOptions& o,
                  const std::vector<int32_t>& banned, const std::vector<int32_t>& history,
                  std::mt19937_64& rng) override {
+    if (unrecordable("sample")) return 0;
     // The step's draw, as Sampler's uniform_real_distribution<double>(0, total) over a fresh
     // mt19937_64(seed): total * u with u the canonical draw (libstdc++ computes u * (b - a) + a).
     std::mt19937_64 gen(rng());
@@ -738,6 +823,15 @@ class CudaBackend final : public Backend {
 
   cudaStream_t stream() const { return static_cast<cudaStream_t>(stream_); }
 
+  // Inside a recording, an op that cannot be part of one (a host copy or synchronization, an
+  // allocation, a position given as a kernel argument, cuBLAS) is not issued: the first is
+  // noted, the recording is then not replayed and the caller runs the ops directly. True then.
+  bool unrecordable(const char* op) {
+    if (!recording_) return false;
+    if (!unrecordable_) unrecordable_ = op;
+    return true;
+  }
+
   bool kv_type_ok(DType t, const char* op) {
     if (t == DType::kF32 || t == DType::kBF16 || t == DType::kQ8_0 || t == DType::kF8E4M3) return true;
     fail(unsupported(
@@ -766,7 +860,7 @@ class CudaBackend final : public Backend {
   // (gemm) ends here. Off, it costs nothing; on, a kernel fault is reported by the op that
   // caused it ("CUDA error after rmsnorm: cudaErrorIllegalAddress (...)"), not by a later sync.
   bool after_op(const char* op) {
-    if (!sync_each_op_) return true;
+    if (!sync_each_op_ || recording_) return true;
     const cudaError_t e = cudaStreamSynchronize(stream());
     if (e == cudaSuccess) return true;
     fail(internal_error(fmt::format("CUDA error after {}: {}", op, cuda_error_text(e))));
@@ -852,10 +946,15 @@ class CudaBackend final : public Backend {
   }
 
   // *buf holds at least `bytes` (grown, never shrunk; cudaFree synchronizes the device first).
-  bool reserve(void** buf, size_t* have, size_t bytes, const char* what) {
+  // With `retired`, the old buffer is moved there instead of freed.
+  bool reserve(void** buf, size_t* have, size_t bytes, const char* what,
+               std::vector<void*>* retired = nullptr) {
     if (bytes <= *have) return true;
     if (*buf) {
-      if (!check(cudaFree(*buf), what)) return false;
+      if (retired)
+        retired->push_back(*buf);
+      else if (!check(cudaFree(*buf), what))
+        return false;
       *buf = nullptr;
       *have = 0;
     }
@@ -966,7 +1065,14 @@ class CudaBackend final : public Backend {
   std::vector<uint8_t> lookup_staging_;
   void* partials_ = nullptr;  // split-KV attention partials, cuda::AttentionPlan::workspace_floats
   size_t partials_bytes_ = 0;
-  void* sample_ws_ = nullptr;  // sampling: cuda::sample_workspace_bytes + edit ids + result id
+  std::vector<void*> retired_;  // outgrown partials that recorded steps may still read
+  // Recorded steps (begin_recording .. end_recording).
+  bool record_steps_ = true;            // GEMMA3_CUDA_GRAPHS != 0
+  bool recording_ = false;              // our stream is capturing
+  const char* unrecordable_ = nullptr;  // the first op the recording turned away
+  size_t partials_wanted_ = 0;          // the partials the recording's attention needed
+  int* step_pos_ = nullptr;             // device: the step position recorded ops read
+  void* sample_ws_ = nullptr;           // sampling: cuda::sample_workspace_bytes + edit ids + result id
   size_t sample_ws_bytes_ = 0;
   int sm_count_ = 132;         // multiprocessors of device 0 (sizes the split-KV attention)
   bool fp8_weights_ = false;   // BackendOptions::fp8_weights
