@@ -473,12 +473,20 @@ run_parity() {
 
 run_bench() {
   section "model benchmarks"
-  local md="$out/bench.md" spec size type extra p per rc mm
+  local md="$out/bench.md" spec size type extra p per rc mm env
   : >"$md"
   # size type [bench flags]: bf16 as stored and as fp8, quantized types; the 4B also encodes one
-  # image (-i) and decodes at 32K context (split-KV). In order of value: the rest as time allows.
-  for spec in "270m bf16" "1b bf16" "1b bf16 --weights fp8" "1b q4_k" "4b q4_0 -i -d 0,32768"; do
+  # image (-i) and decodes at 32K context (split-KV); "@nographs": the same bench with every op
+  # launched one by one (GEMMA3_CUDA_GRAPHS=0), what the decode step's CUDA graph saves. In
+  # order of value: the rest as time allows.
+  for spec in "270m bf16" "270m bf16 @nographs" "1b bf16" "1b bf16 --weights fp8" "1b q4_k" \
+    "4b q4_0 -i -d 0,32768"; do
     read -r size type extra <<<"$spec"
+    env=(env)
+    if [[ "$extra" == "@nographs" ]]; then
+      env=(env GEMMA3_CUDA_GRAPHS=0)
+      extra=""
+    fi
     per=$(cap 100 0)
     if ((per < 25)); then
       say "bench $spec: not run (time budget)"
@@ -498,19 +506,20 @@ run_bench() {
       p=$(make_model "$size" "$type")
       [[ -n "$p" ]] || { failed=1; continue; }
     fi
-    echo "## $size $type ${extra:-}" >>"$md"
+    echo "## $size $type ${extra:-} ${env[*]:1}" >>"$md"
     if [[ $dry == 1 ]]; then
       echo "(dry run: gemma3 bench -m $p --backend cuda -p 512 -n 64 -r 2 $extra not run)" >>"$md"
       say "bench $spec: dry run"
       continue
     fi
     # shellcheck disable=SC2086  # extra holds several flags
-    timeout "$(cap 100 0)" "$bin/gemma3" bench -m "$p" "${mm[@]}" --backend cuda -p 512 -n 64 -r 2 $extra >>"$md" 2>&1
+    timeout "$(cap 100 0)" "${env[@]}" "$bin/gemma3" bench -m "$p" "${mm[@]}" --backend cuda -p 512 -n 64 -r 2 $extra \
+      >>"$md" 2>&1
     rc=$?
     echo "(exit $rc)" >>"$md"
     if ((rc == 0)); then
       grep '^|' "$md" | grep -v -e '---' -e 'model *|' | tail -n 4 | sed "s/^/$size $type ${extra:-}: /" |
-        tee -a "$summary"
+        sed "s/: /${env[*]:1}: /" | tee -a "$summary"
     else
       say "bench $spec: FAILED (exit $rc$([[ $rc == 124 ]] && echo ', timeout')): $(grep -v '^\s*$' "$md" | tail -n 2 | head -n 1 | cut -c1-200)"
       failed=1
