@@ -2,7 +2,9 @@
 // what the context holds afterwards (gemma3.h documents it), on the tiny model (512 ids).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -154,6 +156,164 @@ TEST(Generate, StopStringsAreNotStreamed) {
   EXPECT_EQ(r.text, full.text.substr(0, at));
   EXPECT_EQ(r.text.find(stop), std::string::npos);
   EXPECT_EQ(r.position, p + r.result->tokens - 1);
+}
+
+// ---- log-probabilities (GenerateOptions::logprobs, Session::score) ---------------------------
+
+// log-softmax of a logits row over its first n ids, in double, written here independently of
+// the library: the reference the entries are held to.
+std::vector<double> log_softmax(const std::vector<float>& logits, int n) {
+  double mx = -INFINITY, sum = 0;
+  for (int i = 0; i < n; ++i) mx = std::max(mx, double(logits[i]));
+  for (int i = 0; i < n; ++i) sum += std::exp(double(logits[i]) - mx);
+  std::vector<double> out(static_cast<size_t>(n));
+  for (int i = 0; i < n; ++i) out[i] = double(logits[i]) - mx - std::log(sum);
+  return out;
+}
+
+// Every generated token's entry (in the events, in order) holds its log-probability under the
+// logits that predicted it, and the top ids are the most likely ones, most likely first: checked
+// against a second session fed the same tokens one at a time.
+TEST(Generate, LogprobsAreTheModelsDistribution) {
+  auto m = load(256);
+  ASSERT_TRUE(m);
+  int p = 0;
+  auto s = prompted(*m, &p);
+  GenerateOptions g;
+  g.max_tokens = 6;
+  g.sampling.temperature = 0.8f;
+  g.sampling.seed = 7;
+  g.top_logprobs = 5;  // implies logprobs
+  std::vector<TokenLogprobs> entries;
+  const Result<GenerateResult> r = s->generate(g, [&](const TokenEvent& e) {
+    EXPECT_FALSE(e.logprobs.empty());
+    if (!e.logprobs.empty()) EXPECT_EQ(e.logprobs.back().id, e.id);
+    entries.insert(entries.end(), e.logprobs.begin(), e.logprobs.end());
+    return true;
+  });
+  ASSERT_TRUE(r.ok()) << r.status().to_string();
+  const std::vector<int32_t> generated(s->tokens().begin() + p, s->tokens().end());
+  ASSERT_EQ(entries.size(), generated.size());
+
+  const int n = std::min(m->vocab_size(), m->tokenizer().n_vocab());
+  auto ref = prompted(*m, &p);
+  for (size_t i = 0; i < entries.size(); ++i) {
+    const std::vector<double> lp = log_softmax(ref->last_logits(), n);
+    EXPECT_EQ(entries[i].id, generated[i]);
+    EXPECT_NEAR(entries[i].logprob, lp[generated[i]], 1e-5) << "token " << i;
+    ASSERT_EQ(entries[i].top.size(), 5u);
+    const double best = *std::max_element(lp.begin(), lp.end());
+    EXPECT_NEAR(entries[i].top[0].logprob, best, 1e-5);
+    for (size_t k = 0; k < 5; ++k) {
+      EXPECT_NEAR(entries[i].top[k].logprob, lp[entries[i].top[k].id], 1e-5);
+      if (k > 0) EXPECT_LE(entries[i].top[k].logprob, entries[i].top[k - 1].logprob);
+    }
+    // No id outside the top ranks above its last.
+    int above = 0;
+    for (double v : lp) above += v > entries[i].top[4].logprob + 1e-6;
+    EXPECT_LE(above, 4) << "token " << i;
+    ASSERT_TRUE(ref->feed_tokens({generated[i]}).ok());
+  }
+}
+
+// Text held back while it could begin a stop string is sent later, with its tokens' entries:
+// over all events, one entry per generated token, in order, the last event (id -1) included;
+// and after every event the entries so far are exactly the tokens whose text has been sent
+// (the text sent is their text plus at most a part of the next token's).
+TEST(Generate, LogprobsTravelWithHeldBackText) {
+  auto m = load(256);
+  ASSERT_TRUE(m);
+  int p = 0;
+  auto s = prompted(*m, &p);
+  GenerateOptions g;
+  g.max_tokens = 12;
+  g.sampling.temperature = 0;
+  g.logprobs = true;
+  g.stop_strings = {"\x01 never appears"};  // holds back up to 16 bytes
+  struct Sent {
+    std::string text;  // every event's text so far
+    size_t entries;    // entries so far
+  };
+  std::vector<Sent> sent;
+  std::vector<int32_t> ids;
+  std::string text;
+  int last_id = 0;
+  const Result<GenerateResult> r = s->generate(g, [&](const TokenEvent& e) {
+    for (const TokenLogprobs& t : e.logprobs) {
+      ids.push_back(t.id);
+      EXPECT_LE(t.logprob, 0.0f);
+      EXPECT_TRUE(t.top.empty());
+    }
+    text += e.text;
+    sent.push_back({text, ids.size()});
+    last_id = e.id;
+    return true;
+  });
+  ASSERT_TRUE(r.ok()) << r.status().to_string();
+  EXPECT_EQ(last_id, -1);  // the held-back tail came last
+  const std::vector<int32_t> generated(s->tokens().begin() + p, s->tokens().end());
+  EXPECT_EQ(ids, generated);
+  ASSERT_GT(sent.size(), 1u);
+  const Tokenizer& tok = m->tokenizer();
+  for (const Sent& e : sent) {
+    std::string done;
+    for (size_t i = 0; i < e.entries; ++i) done += tok.decode(generated[i]);
+    const std::string next = e.entries < generated.size() ? tok.decode(generated[e.entries]) : "";
+    EXPECT_EQ(e.text.compare(0, done.size(), done), 0) << "entries for text not sent yet";
+    EXPECT_LT(e.text.size(), done.size() + std::max<size_t>(next.size(), 1))
+        << "text sent without its entries";
+  }
+}
+
+TEST(Generate, TopLogprobsOutOfRangeNamesTheField) {
+  auto m = load(64);
+  ASSERT_TRUE(m);
+  int p = 0;
+  auto s = prompted(*m, &p);
+  for (int top : {-1, kMaxTopLogprobs + 1}) {
+    GenerateOptions g;
+    g.top_logprobs = top;
+    const auto r = s->generate(g, [](const TokenEvent&) { return true; });
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.status().code(), ErrorCode::kInvalidArgument);
+    EXPECT_NE(r.status().message().find("GenerateOptions::top_logprobs"), std::string::npos)
+        << r.status().to_string();
+  }
+}
+
+// score: each token's log-probability given what precedes it, as the logits of one feed of the
+// whole text give it (70 tokens: more than one of score's 64-token pieces); the context then
+// ends with the continuation. An empty context and a non-text id are errors.
+TEST(Score, EqualsTheLogitsOfFeedingTheText) {
+  auto m = load(256);
+  ASSERT_TRUE(m);
+  int p = 0;
+  auto s = prompted(*m, &p);
+  std::vector<int32_t> cont;
+  for (int i = 0; i < 70; ++i) cont.push_back(10 + (i * 37) % 400);
+  const auto scored = s->score(cont);
+  ASSERT_TRUE(scored.ok()) << scored.status().to_string();
+  ASSERT_EQ(scored->size(), cont.size());
+  EXPECT_EQ(s->position(), p + 70);
+
+  auto ref = m->new_session().value();
+  ASSERT_TRUE(ref->feed_text("Once upon a time").ok());
+  const std::vector<float> first = ref->last_logits();
+  ref->keep_all_logits(true);
+  ASSERT_TRUE(ref->feed_tokens(cont).ok());
+  const int n = std::min(m->vocab_size(), m->tokenizer().n_vocab());
+  const size_t V = static_cast<size_t>(m->vocab_size());
+  for (size_t t = 0; t < cont.size(); ++t) {
+    const std::vector<float> row = t == 0 ? first
+                                          : std::vector<float>(ref->all_logits().begin() + (t - 1) * V,
+                                                               ref->all_logits().begin() + t * V);
+    EXPECT_NEAR((*scored)[t], log_softmax(row, n)[cont[t]], 1e-3) << "token " << t;
+  }
+
+  auto empty = m->new_session().value();
+  EXPECT_EQ(empty->score({5}).status().code(), ErrorCode::kInvalidArgument);
+  EXPECT_EQ(s->score({-3}).status().code(), ErrorCode::kInvalidArgument);
+  EXPECT_EQ(s->position(), p + 70);  // nothing fed by a refused call
 }
 
 // Model::is_base_model: a Hugging Face folder does not say (false). The 270M GGUF, which says

@@ -93,6 +93,26 @@ struct GenerateOptions {
   SamplingOptions sampling;
   std::vector<std::string> stop_strings;
   const std::atomic<bool>* cancel = nullptr;  // set to true from any thread to stop
+  // Log-probabilities in each TokenEvent (TokenEvent::logprobs): of the model's own
+  // distribution at each step, the log-softmax of the logits over the ids generate may
+  // produce, before temperature, penalties and top-k/p (OpenAI's logprobs, vLLM's default), and
+  // the top_logprobs (0..20) most likely ids. top_logprobs > 0 implies logprobs. On a GPU each
+  // step's logits row is then copied to the host.
+  bool logprobs = false;
+  int top_logprobs = 0;
+};
+constexpr int kMaxTopLogprobs = 20;
+
+// The natural-log probability of one token.
+struct TokenLogprob {
+  int32_t id = 0;
+  float logprob = 0;
+};
+// A generated token's log-probability and the most likely ids at its step (GenerateOptions).
+struct TokenLogprobs {
+  int32_t id = 0;
+  float logprob = 0;
+  std::vector<TokenLogprob> top;  // top_logprobs entries, most likely first (ties: lower id first)
 };
 
 // Why Session::generate stopped.
@@ -112,8 +132,12 @@ struct GenerateResult {
 };
 
 struct TokenEvent {
-  int32_t id;
+  int32_t id;        // the token this event ends with; -1 for the held-back text sent at the end
   std::string text;  // bytes this token adds to the output (may be a partial UTF-8 sequence)
+  // With GenerateOptions::logprobs: one entry per generated token whose text this event
+  // completes, in order. Text held back while it could begin a stop string comes with a later
+  // event, and so do its tokens' entries; a token whose text a stop string removed has none.
+  std::vector<TokenLogprobs> logprobs;
 };
 
 struct Stats {
@@ -200,6 +224,12 @@ class Session {
   // every sampled token is in the context and last_logits() follows the last of them.
   virtual Result<GenerateResult> generate(const GenerateOptions& options,
                                           const std::function<bool(const TokenEvent&)>& on_token) = 0;
+
+  // Scoring: the log-probability of each token of `continuation` given everything before it
+  // (the first given the current context, which must not be empty: start with <bos>), as
+  // GenerateOptions::logprobs computes them. The continuation is fed, so the context ends with
+  // it as after feed_tokens; on an error it holds what was fed before the error.
+  virtual Result<std::vector<float>> score(const std::vector<int32_t>& continuation) = 0;
 
   // Logits of the last fed position ([vocab_size] floats), valid after feed_* / generate. After
   // generate they are the logits after its last token and are copied from the backend on the

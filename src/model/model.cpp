@@ -56,6 +56,7 @@ class SessionImpl final : public Session {
   Status feed_image_pixels(const std::vector<float>& pixels) override;
   Result<GenerateResult> generate(const GenerateOptions& options,
                                   const std::function<bool(const TokenEvent&)>& on_token) override;
+  Result<std::vector<float>> score(const std::vector<int32_t>& continuation) override;
   const std::vector<float>& last_logits() const override {
     fetch_logits();
     return last_logits_;
@@ -159,6 +160,9 @@ class GuardedSession final : public Session {
   Result<GenerateResult> generate(const GenerateOptions& options,
                                   const std::function<bool(const TokenEvent&)>& on_token) override {
     return api_guard("generate", [&] { return s_->generate(options, on_token); });
+  }
+  Result<std::vector<float>> score(const std::vector<int32_t>& continuation) override {
+    return api_guard("score", [&] { return s_->score(continuation); });
   }
   const std::vector<float>& last_logits() const override { return s_->last_logits(); }
   void keep_all_logits(bool keep) override { s_->keep_all_logits(keep); }
@@ -678,6 +682,54 @@ Status SessionImpl::feed_chat(const std::vector<ChatMessage>& messages) {
   return ok_status();
 }
 
+// The log-softmax of a logits row of n ids: logprob(id) = l[id] - max - log(sum exp(l - max)),
+// in double; NaN counts as -inf (as the sampler treats it), and a row without a finite logit
+// gives -inf everywhere.
+class LogSoftmax {
+ public:
+  LogSoftmax(const float* logits, int n) : l_(logits), n_(n) {
+    double mx = -INFINITY;
+    for (int i = 0; i < n; ++i)
+      if (!std::isnan(l_[i])) mx = std::max(mx, double(l_[i]));
+    double sum = 0;
+    if (std::isfinite(mx))
+      for (int i = 0; i < n; ++i)
+        if (!std::isnan(l_[i])) sum += std::exp(double(l_[i]) - mx);
+    shift_ = std::isfinite(mx) ? mx + std::log(sum) : INFINITY;
+  }
+  float operator()(int32_t id) const {
+    const float l = l_[id];
+    return std::isnan(l) || !std::isfinite(shift_) ? -INFINITY : static_cast<float>(double(l) - shift_);
+  }
+  // The k most likely ids, most likely first, ties by lower id (k <= n).
+  std::vector<TokenLogprob> top(int k) const {
+    auto before = [&](int32_t a, int32_t b) {  // a ranks before b
+      const float la = std::isnan(l_[a]) ? -INFINITY : l_[a], lb = std::isnan(l_[b]) ? -INFINITY : l_[b];
+      return la > lb || (la == lb && a < b);
+    };
+    std::vector<int32_t> heap;  // the best k so far, the worst of them at the front
+    for (int32_t i = 0; i < n_ && k > 0; ++i) {
+      if (static_cast<int>(heap.size()) < k) {
+        heap.push_back(i);
+        std::push_heap(heap.begin(), heap.end(), before);
+      } else if (before(i, heap.front())) {
+        std::pop_heap(heap.begin(), heap.end(), before);
+        heap.back() = i;
+        std::push_heap(heap.begin(), heap.end(), before);
+      }
+    }
+    std::sort(heap.begin(), heap.end(), before);
+    std::vector<TokenLogprob> out;
+    for (int32_t id : heap) out.push_back({id, (*this)(id)});
+    return out;
+  }
+
+ private:
+  const float* l_;
+  int n_;
+  double shift_;
+};
+
 // Sampling options in range, named by their field (a NaN temperature would otherwise divide
 // every logit into NaN).
 Status check_sampling(const SamplingOptions& o) {
@@ -699,6 +751,10 @@ Result<GenerateResult> SessionImpl::generate(const GenerateOptions& o,
                                              const std::function<bool(const TokenEvent&)>& on_token) {
   if (tokens_.empty()) return invalid_argument("generate: the context is empty; feed a prompt first");
   GEMMA3_TRY(check_sampling(o.sampling));
+  if (o.top_logprobs < 0 || o.top_logprobs > kMaxTopLogprobs)
+    return invalid_argument(fmt::format("GenerateOptions::top_logprobs is {}; it must be in [0, {}]",
+                                        o.top_logprobs, kMaxTopLogprobs));
+  const bool want_logprobs = o.logprobs || o.top_logprobs > 0;
   const ModelConfig& c = model_->ckpt->config();
   const Tokenizer& tok = model_->tokenizer();
   // Never produce ids past the tokenizer (padding rows, <image_soft_token> = 262144) nor the
@@ -714,8 +770,20 @@ Result<GenerateResult> SessionImpl::generate(const GenerateOptions& o,
     return std::find(c.eos_ids.begin(), c.eos_ids.end(), id) != c.eos_ids.end();
   };
 
-  // Text is held back while it could still be the start of a stop string.
+  // Text is held back while it could still be the start of a stop string (and, with logprobs,
+  // the entries of its tokens, each with the end of its text in `pending`).
   std::string pending;
+  std::vector<std::pair<size_t, TokenLogprobs>> pending_logprobs;
+  std::vector<float> row;  // the step's logits on the host (logprobs)
+  // Moves the entries of the tokens whose text ends within the first `bytes` of pending into e.
+  auto take_logprobs = [&](size_t bytes, TokenEvent& e) {
+    size_t k = 0;
+    while (k < pending_logprobs.size() && pending_logprobs[k].first <= bytes)
+      e.logprobs.push_back(std::move(pending_logprobs[k++].second));
+    pending_logprobs.erase(pending_logprobs.begin(),
+                           pending_logprobs.begin() + static_cast<std::ptrdiff_t>(k));
+    for (auto& [end, entry] : pending_logprobs) end -= bytes;
+  };
   size_t longest_stop = 0;
   for (const auto& s : o.stop_strings) longest_stop = std::max(longest_stop, s.size());
 
@@ -734,6 +802,10 @@ Result<GenerateResult> SessionImpl::generate(const GenerateOptions& o,
       // The logits of a feed (or a loaded state) are on the host: upload them once.
       if (!logits_on_device_)
         be.from_host(last_logits_.data(), scratch_.logits, size_t(n_allowed) * sizeof(float));
+      if (want_logprobs) {
+        row.resize(static_cast<size_t>(n_allowed));
+        be.to_host(scratch_.logits, row.data(), row.size() * sizeof(float));
+      }
       id = be.sample(scratch_.logits, n_allowed, o.sampling, banned, tokens_, rng);
       error = be.status();
     }
@@ -743,6 +815,10 @@ Result<GenerateResult> SessionImpl::generate(const GenerateOptions& o,
       break;
     }
     pending += tok.decode(id);
+    if (want_logprobs) {
+      const LogSoftmax lp(row.data(), n_allowed);
+      pending_logprobs.push_back({pending.size(), TokenLogprobs{id, lp(id), lp.top(o.top_logprobs)}});
+    }
     bool stop = false;
     size_t emit = pending.size();
     for (const auto& s : o.stop_strings) {
@@ -756,8 +832,13 @@ Result<GenerateResult> SessionImpl::generate(const GenerateOptions& o,
     if (!stop && longest_stop > 0)
       emit = pending.size() > longest_stop - 1 ? pending.size() - (longest_stop - 1) : 0;
     bool keep_going = true;
-    if (emit > 0) keep_going = on_token(TokenEvent{id, pending.substr(0, emit)});
+    if (emit > 0) {
+      TokenEvent e{id, pending.substr(0, emit), {}};
+      take_logprobs(emit, e);
+      keep_going = on_token(e);
+    }
     pending.erase(0, stop ? pending.size() : emit);  // the stop string and what follows it: dropped
+    if (stop) pending_logprobs.clear();
     ++stats_.generated_tokens;
     ++result.tokens;
     if (stop || !keep_going) {
@@ -772,11 +853,52 @@ Result<GenerateResult> SessionImpl::generate(const GenerateOptions& o,
     if (!error.ok()) break;
   }
   // Held-back text that did not become a stop string is the reply's end.
-  if (error.ok() && !pending.empty() && result.finish != FinishReason::kCallback)
-    on_token(TokenEvent{-1, pending});
+  if (error.ok() && !pending.empty() && result.finish != FinishReason::kCallback) {
+    TokenEvent e{-1, pending, {}};
+    take_logprobs(pending.size(), e);
+    on_token(e);
+  }
   stats_.decode_seconds += seconds_since(t0);
   if (!error.ok()) return error;
   return result;
+}
+
+Result<std::vector<float>> SessionImpl::score(const std::vector<int32_t>& continuation) {
+  if (tokens_.empty())
+    return invalid_argument("score: the context is empty; feed at least <bos> before the scored tokens");
+  const ModelConfig& c = model_->ckpt->config();
+  const int n_allowed = std::min(c.vocab_size, std::min(model_->tokenizer().n_vocab(), c.image_token_id));
+  for (size_t i = 0; i < continuation.size(); ++i)
+    if (continuation[i] < 0 || continuation[i] >= n_allowed)
+      return invalid_argument(
+          fmt::format("score: token {} of the continuation is id {}, outside the text ids [0, {})", i,
+                      continuation[i], n_allowed));
+  if (tokens_.size() + continuation.size() > static_cast<size_t>(cache_.plan().context))
+    return out_of_range(
+        fmt::format("score: {} tokens after the {} in the context exceed its {}; raise "
+                    "LoadOptions::context",
+                    continuation.size(), tokens_.size(), cache_.plan().context));
+  // In pieces of a few chunks, so that the kept logits stay small (64 rows: 64 MiB at 262K ids).
+  constexpr size_t kPiece = 64;
+  const size_t V = static_cast<size_t>(c.vocab_size);
+  std::vector<float> out, prev = last_logits();  // the logits that predict the next token
+  out.reserve(continuation.size());
+  const auto t0 = Clock::now();
+  for (size_t off = 0; off < continuation.size(); off += kPiece) {
+    const std::vector<int32_t> piece(
+        continuation.begin() + static_cast<std::ptrdiff_t>(off),
+        continuation.begin() + static_cast<std::ptrdiff_t>(std::min(continuation.size(), off + kPiece)));
+    GEMMA3_TRY(run(piece, /*keep_all=*/true));
+    stats_.prompt_tokens += static_cast<int>(piece.size());
+    for (size_t t = 0; t < piece.size(); ++t) {
+      const float* l = t == 0 ? prev.data() : all_logits_.data() + (t - 1) * V;
+      out.push_back(LogSoftmax(l, n_allowed)(piece[t]));
+    }
+    prev.assign(all_logits_.end() - static_cast<std::ptrdiff_t>(V), all_logits_.end());
+  }
+  all_logits_.clear();
+  stats_.prefill_seconds += seconds_since(t0);
+  return out;
 }
 
 }  // namespace
