@@ -340,6 +340,58 @@ void check_attention(const std::string& kernels, int n_heads, int n_kv, int hd, 
   for (size_t i = 0; i < want.size(); ++i) ASSERT_NEAR(got[i], want[i], 2e-5f) << "at " << i;
 }
 
+// BackendOptions::batch_invariant: a query's attention output is the same bits in a call of 64
+// queries and in a call of its own, where a 300-key window crosses the blocked attention's
+// 256-key chunks at different offsets unless chunks are aligned to absolute positions, and its
+// matmul row the same bits at 1, 5 and 40 rows; for each kernel set (a Q8_0 weight: int8
+// activations by default).
+TEST(CpuFast, BatchInvariantRowsDoNotDependOnTheCall) {
+  for (const std::string& kernels : fast_kernel_names()) {
+    SCOPED_TRACE(kernels);
+    auto b = make_cpu_fast_backend(2, kernels, /*batch_invariant=*/true);
+    ASSERT_TRUE(b.ok());
+    Backend& fb = **b;
+    const int n_heads = 2, n_kv = 1, hd = 32, capacity = 700, pos0 = 400, n = 64, window = 300;
+    std::vector<float> kc(static_cast<size_t>(capacity) * hd), vc(kc.size());
+    KvLayer cache{kc.data(), vc.data(), capacity, DType::kF32};
+    const auto k = randn(static_cast<size_t>(pos0 + n) * hd, 31), v = randn(k.size(), 32);
+    fb.kv_write(k.data(), v.data(), pos0 + n, 0, hd, cache);
+    const auto q = randn(static_cast<size_t>(n) * n_heads * hd, 33);
+    AttentionParams p;
+    p.n_tokens = n;
+    p.pos0 = pos0;
+    p.n_heads = n_heads;
+    p.n_kv_heads = n_kv;
+    p.head_dim = hd;
+    p.scale = 0.17f;
+    p.window = window;
+    std::vector<float> block(q.size()), single(q.size());
+    fb.attention(q.data(), cache, p, block.data());
+    for (int t = 0; t < n; ++t) {
+      AttentionParams one = p;
+      one.n_tokens = 1;
+      one.pos0 = pos0 + t;
+      fb.attention(q.data() + t * n_heads * hd, cache, one, single.data() + t * n_heads * hd);
+    }
+    EXPECT_TRUE(block == single) << "attention rows differ between one call and one call per query";
+
+    const int rows = 48, cols = 256;
+    const auto wf = randn(static_cast<size_t>(rows) * cols, 34);
+    std::vector<uint8_t> wq(static_cast<size_t>(rows) * (cols / 32) * 34);
+    for (int r = 0; r < rows; ++r)
+      quantize_row(DType::kQ8_0, wf.data() + r * cols, wq.data() + r * (cols / 32) * 34, cols);
+    TensorView tv{"w", DType::kQ8_0, {rows, cols}, wq.data(), wq.size(), {}};
+    auto w = fb.upload(tv);
+    ASSERT_TRUE(w.ok());
+    const auto x = randn(static_cast<size_t>(40) * cols, 35);
+    std::vector<float> all(static_cast<size_t>(40) * rows), part(all.size());
+    fb.matmul(x.data(), 40, **w, all.data());
+    for (int t0 = 0; t0 < 40; t0 += t0 < 5 ? 1 : 5)
+      fb.matmul(x.data() + t0 * cols, t0 < 5 ? 1 : 5, **w, part.data() + t0 * rows);
+    EXPECT_TRUE(all == part) << "matmul rows differ between 40, 5 and 1 rows per call";
+  }
+}
+
 TEST(CpuFast, AttentionMatchesReference) {
   for (const std::string& k : fast_kernel_names()) {
     // prefill chunk, GQA group 4, causal

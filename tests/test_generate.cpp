@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -314,6 +316,79 @@ TEST(Score, EqualsTheLogitsOfFeedingTheText) {
   EXPECT_EQ(empty->score({5}).status().code(), ErrorCode::kInvalidArgument);
   EXPECT_EQ(s->score({-3}).status().code(), ErrorCode::kInvalidArgument);
   EXPECT_EQ(s->position(), p + 70);  // nothing fed by a refused call
+}
+
+// ---- LoadOptions::batch_invariant ------------------------------------------------------------
+
+// The logits of every position of `ids` fed in pieces of `piece` tokens (0: one feed call),
+// [ids.size() * vocab].
+std::vector<float> logits_fed_in_pieces(Model& m, const std::vector<int32_t>& ids, size_t piece) {
+  auto s = m.new_session().value();
+  std::vector<float> all;
+  if (piece == 0) piece = ids.size();
+  for (size_t off = 0; off < ids.size(); off += piece) {
+    s->keep_all_logits(true);
+    const std::vector<int32_t> part(ids.begin() + off, ids.begin() + std::min(ids.size(), off + piece));
+    EXPECT_TRUE(s->feed_tokens(part).ok());
+    all.insert(all.end(), s->all_logits().begin(), s->all_logits().end());
+  }
+  return all;
+}
+
+double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  double d = a.size() == b.size() ? 0 : INFINITY;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) d = std::max(d, std::fabs(double(a[i]) - b[i]));
+  return d;
+}
+
+// With batch_invariant, a position's logits are the same bits whether the text is fed in one
+// call (prefill chunks of 16 here, the last one shorter), token by token (decode), or in pieces
+// of 5: on the f32 and Q8_0 tiny models (int8 activations by default), and on the real 270M
+// Q4_K_M when present. The default's difference is printed (docs/perf.md records it).
+TEST(BatchInvariance, LogitsDoNotDependOnHowTheTextWasSplit) {
+  std::vector<std::string> paths = {kTiny, std::string(GEMMA3_SOURCE_DIR) + "/tests/data/tiny-q8_0.gguf"};
+  const char* m270 = std::getenv("GEMMA3_MODEL_270M");
+  if (m270 && *m270)
+    paths.push_back(m270);
+  else
+    std::printf("BatchInvariance: the 270M is not checked (set GEMMA3_MODEL_270M)\n");
+  for (const std::string& path : paths) {
+    for (bool invariant : {false, true}) {
+      LoadOptions o;
+      o.backend = BackendKind::kCpu;
+      o.threads = 2;
+      o.context = 128;
+      o.prefill_chunk = 16;
+      o.batch_invariant = invariant;
+      auto m = Model::load(path, o);
+      ASSERT_TRUE(m.ok()) << m.status().to_string();
+      std::vector<int32_t> ids = {2};
+      const int vocab = std::min((*m)->vocab_size(), (*m)->tokenizer().n_vocab());
+      for (int i = 0; ids.size() < 40; ++i) ids.push_back(10 + (i * 7919) % (std::min(vocab, 4000) - 10));
+      const std::vector<float> whole = logits_fed_in_pieces(**m, ids, 0);
+      const std::vector<float> single = logits_fed_in_pieces(**m, ids, 1);
+      const std::vector<float> fives = logits_fed_in_pieces(**m, ids, 5);
+      ASSERT_EQ(whole.size(), ids.size() * static_cast<size_t>((*m)->vocab_size()));
+      std::printf(
+          "BatchInvariance: %s, batch_invariant=%d: max |logit difference| one feed vs token by token %.3g, "
+          "vs pieces of 5 %.3g\n",
+          path.c_str(), invariant, max_abs_diff(whole, single), max_abs_diff(whole, fives));
+      if (!invariant) continue;
+      EXPECT_TRUE(whole == single) << path << ": token by token differs by " << max_abs_diff(whole, single);
+      EXPECT_TRUE(whole == fives) << path << ": pieces of 5 differ by " << max_abs_diff(whole, fives);
+    }
+  }
+}
+
+TEST(BatchInvariance, IsACpuOption) {
+  LoadOptions o;
+  o.backend = BackendKind::kCuda;
+  o.batch_invariant = true;
+  const auto m = Model::load(kTiny, o);
+  ASSERT_FALSE(m.ok());
+  // Without a CUDA device the backend's own error may come first; with one, ours names the option.
+  if (m.status().message().find("batch_invariant") == std::string::npos)
+    std::printf("BatchInvariance.IsACpuOption: CUDA refused first: %s\n", m.status().to_string().c_str());
 }
 
 // Model::is_base_model: a Hugging Face folder does not say (false). The 270M GGUF, which says

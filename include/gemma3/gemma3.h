@@ -66,6 +66,13 @@ struct LoadOptions {
   // bytes per decoded token; embedding lookups, norms and the vision tower keep the stored
   // values. An error on other backends.
   bool fp8_weights = false;
+  // CPU only, for evaluation: a token's logits are the same bits however the text before it
+  // was split across feed calls and prefill chunks. By default decode (under 16 tokens per call)
+  // multiplies with int8-quantized activations and its own attention path, as llama.cpp does,
+  // so feeding text token by token gives logits that differ from one feed of the same text (by
+  // up to ~0.8 on the 270M Q4_K_M; see docs/perf.md). This makes every call run the prefill
+  // path (fp32 activations), which costs decode speed. An error with the CUDA backend.
+  bool batch_invariant = false;
   bool progress = false;  // progress bar on stderr while mapping/checking large files
 };
 

@@ -227,6 +227,11 @@ struct BackendOptions {
   // bytes per decode step; embed lookups keep reading the stored rows. upload() (vectors, the
   // vision tower) and already-quantized types are kept as stored. Other backends ignore it.
   bool fp8_weights = false;
+  // CPU only (LoadOptions::batch_invariant): a row's results do not depend on how many rows a
+  // call has, so a token's logits are the same bits however its text was split across calls.
+  // The fast backend then runs every matmul and attention as prefill does (fp32 activations,
+  // the blocked attention), decode included; CUDA refuses it.
+  bool batch_invariant = false;
 };
 
 Result<std::unique_ptr<Backend>> make_cpu_backend(const BackendOptions& options);

@@ -948,6 +948,7 @@ Result<std::shared_ptr<Model>> load_model(const std::string& path, const LoadOpt
   BackendOptions bo;
   bo.threads = options.threads;
   bo.fp8_weights = options.fp8_weights;
+  bo.batch_invariant = options.batch_invariant;
 #if defined(GEMMA3_CUDA_EMU)
   // The CPU emulator of CUDA (docs/cuda.md) is a test device, ~1000x slower than the CPU
   // backend: only an explicit kCuda runs on it, so sanitized builds keep their CPU tests.
@@ -959,6 +960,10 @@ Result<std::shared_ptr<Model>> load_model(const std::string& path, const LoadOpt
                     (options.backend == BackendKind::kAuto && kAutoMayPickCuda && cuda_backend_available());
   if (options.fp8_weights && !cuda)
     return invalid_argument("LoadOptions::fp8_weights needs the CUDA backend; the CPU runs the stored types");
+  if (options.batch_invariant && cuda)
+    return invalid_argument(
+        "LoadOptions::batch_invariant is a CPU backend option; the CUDA backend's decode and prefill paths differ "
+        "(choose BackendKind::kCpu)");
   if (cuda) {
     GEMMA3_ASSIGN_OR_RETURN(m->backend, make_cuda_backend(bo));
   } else {

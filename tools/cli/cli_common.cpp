@@ -46,6 +46,7 @@ std::string cli_terms(std::string_view message) {
       {"LoadOptions::prefill_chunk", "--chunk"},
       {"LoadOptions::mmproj", "--mmproj"},
       {"LoadOptions::fp8_weights", "--weights fp8"},
+      {"LoadOptions::batch_invariant", "--batch-invariant"},
       {"LoadOptions::threads", "--threads"},
       {"KvType::kBF16", "bf16"},
       {"KvType::kF32", "f32"},
@@ -282,6 +283,9 @@ void ModelFlags::add_to(ArgParser& p, bool with_context) {
   p.add_choice("--weights", {"stored", "fp8"}, &weights,
                "weight types on the device: as stored, or the decoder's bf16/f16/f32 matrices as fp8 e4m3\n"
                "(CUDA only; lookups, norms and the vision tower stay as stored)");
+  p.add_flag("--batch-invariant", &batch_invariant,
+             "CPU: a token's logits do not depend on how the text was split across steps (evaluation;\n"
+             "decode runs the prefill path, which is slower)");
   p.add_flag("-v,--verbose", &verbose, "print model details and per-step information to stderr");
   p.add_option("--mmproj", "FILE", &mmproj,
                "vision tower + projector GGUF (llama.cpp mmproj) for a text GGUF");
@@ -311,6 +315,7 @@ LoadOptions ModelFlags::load_options() const {
   o.mmproj = mmproj;
   o.pan_and_scan = pan_and_scan;
   o.fp8_weights = weights == "fp8";
+  o.batch_invariant = batch_invariant;
   return o;
 }
 

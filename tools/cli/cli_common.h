@@ -107,6 +107,7 @@ struct ModelFlags {
   bool verbose = false;
   std::string mmproj;              // --mmproj: vision projector GGUF beside a text GGUF
   bool pan_and_scan = false;       // --pan-and-scan: images also as Pan & Scan crops
+  bool batch_invariant = false;    // --batch-invariant: logits independent of the step split
   std::string weights = "stored";  // --weights stored|fp8
 
   void add_to(ArgParser& parser, bool with_context = true);

@@ -333,14 +333,16 @@ Status check_cpu_threads(int threads) {
   return ok_status();
 }
 
-Result<std::unique_ptr<Backend>> make_cpu_backend_named(int threads, const std::string& kernels) {
+Result<std::unique_ptr<Backend>> make_cpu_backend_named(int threads, const std::string& kernels,
+                                                        bool batch_invariant) {
+  // The reference backend's loops treat every row alike: batch-invariant as it is.
   if (kernels == "ref" || kernels == "reference") return make_cpu_ref_backend(threads);
-  return make_cpu_fast_backend(threads, kernels);
+  return make_cpu_fast_backend(threads, kernels, batch_invariant);
 }
 
 Result<std::unique_ptr<Backend>> make_cpu_backend(const BackendOptions& options) {
   const char* env = std::getenv("GEMMA3_CPU_KERNELS");
-  return make_cpu_backend_named(options.threads, env && *env ? env : "auto");
+  return make_cpu_backend_named(options.threads, env && *env ? env : "auto", options.batch_invariant);
 }
 
 }  // namespace gemma3

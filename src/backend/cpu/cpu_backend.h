@@ -60,8 +60,11 @@ class HostBackend : public Backend {
 Status check_cpu_threads(int threads);
 Result<std::unique_ptr<Backend>> make_cpu_ref_backend(int threads);
 // kernels: "auto" (best for this CPU), "portable", "avx2"; an error if it cannot run here.
-Result<std::unique_ptr<Backend>> make_cpu_fast_backend(int threads, const std::string& kernels);
+// batch_invariant: BackendOptions::batch_invariant.
+Result<std::unique_ptr<Backend>> make_cpu_fast_backend(int threads, const std::string& kernels,
+                                                       bool batch_invariant = false);
 // "ref" or one of make_cpu_fast_backend's names.
-Result<std::unique_ptr<Backend>> make_cpu_backend_named(int threads, const std::string& kernels);
+Result<std::unique_ptr<Backend>> make_cpu_backend_named(int threads, const std::string& kernels,
+                                                        bool batch_invariant = false);
 
 }  // namespace gemma3

@@ -56,7 +56,8 @@ const FastWeight& as_fast(const BackendWeight& w) { return static_cast<const Fas
 
 class FastCpuBackend final : public HostBackend {
  public:
-  FastCpuBackend(int threads, const KernelSet& k) : pool_(threads), k_(k) {}
+  FastCpuBackend(int threads, const KernelSet& k, bool batch_invariant)
+      : pool_(threads), k_(k), invariant_(batch_invariant && k.gemm_f32) {}
   const std::string& pool_error() const { return pool_.start_error(); }
 
   std::string name() const override { return fmt::format("cpu {} ({} threads)", k_.name, pool_.size()); }
@@ -119,7 +120,7 @@ class FastCpuBackend final : public HostBackend {
     const int di = static_cast<int>(w.dtype);
     cpu::DotFn fn = k_.dot[di];
     if (!fn && w.view.row_scale.empty()) fn = cpu::portable_kernels().dot[di];
-    if (n >= kGemmMinTokens && k_.gemm_f32) return matmul_gemm(x, n, w, out);
+    if ((n >= kGemmMinTokens || invariant_) && k_.gemm_f32) return matmul_gemm(x, n, w, out);
     // Decode with int8 activations: each token's row quantized once here (n * k / 32 blocks,
     // cheap next to the m * k weights), then the int8 dot kernels.
     const cpu::DotQ8Fn fn8 = w.view.row_scale.empty() && k % 32 == 0 ? k_.dot_q8[di] : nullptr;
@@ -294,6 +295,7 @@ class FastCpuBackend final : public HostBackend {
 
   cpu::CpuPool pool_;
   const KernelSet& k_;
+  const bool invariant_;  // BackendOptions::batch_invariant (needs gemm_f32)
   std::vector<const void*> acts_;
   std::vector<cpu::Q8Block> q8_;              // decode: [n][k / 32] quantized activations
   std::vector<const cpu::Q8Block*> q8_acts_;  // token t's blocks
@@ -346,7 +348,7 @@ const float* FastCpuBackend::kv_row(const KvLayer& cache, const void* base, int6
 // of the `group` query heads it produces (max, sum, acc[hd]) of its keys. With one split the
 // task writes the normalized output directly; otherwise a merge pass combines the splits.
 void FastCpuBackend::attention(const float* q, const KvLayer& cache, const AttentionParams& p, float* out) {
-  if (p.n_tokens >= kGemmMinTokens && k_.gemm_f32) return attention_blocked(q, cache, p, out);
+  if ((p.n_tokens >= kGemmMinTokens || invariant_) && k_.gemm_f32) return attention_blocked(q, cache, p, out);
   const int hd = p.head_dim, group = p.n_heads / p.n_kv_heads;
   const int64_t q_width = static_cast<int64_t>(p.n_heads) * hd;
   const int threads = pool_.size();
@@ -490,9 +492,19 @@ void FastCpuBackend::attention_blocked(const float* q, const KvLayer& cache, con
     const int64_t first = p.pos0 + t0;
     int64_t key_end = 0;  // one past the block's last visible key
     for (int t = 0; t < nq; ++t) key_end = std::max(key_end, attention_last_key(p, first + t) + 1);
-    for (int64_t c0 = lo_of(first); c0 < key_end; c0 += kAttKeys) {
+    // Chunks start at multiples of kAttKeys, so a row meets its keys in the same chunks at the
+    // same offsets whatever block it is in: the GEMMs sum over keys in order and add exact
+    // zeros for masked ones, so its result does not depend on the block (batch invariance).
+    // Keys before the block's first visible one are zeros, never read from the cache.
+    const int64_t lo_first = lo_of(first);
+    for (int64_t c0 = lo_first / kAttKeys * kAttKeys; c0 < key_end; c0 += kAttKeys) {
       const int kc = static_cast<int>(std::min<int64_t>(kAttKeys, key_end - c0));
       for (int j = 0; j < kc; ++j) {
+        if (c0 + j < lo_first) {
+          std::fill(kb + static_cast<int64_t>(j) * hd, kb + static_cast<int64_t>(j + 1) * hd, 0.0f);
+          for (int d = 0; d < hd; ++d) vt[static_cast<int64_t>(d) * kAttKeys + j] = 0.0f;
+          continue;
+        }
         const float* kr =
             kv_row(cache, cache.k, c0 + j, g, p.n_kv_heads, hd, kb + static_cast<int64_t>(j) * hd);
         if (kr != kb + static_cast<int64_t>(j) * hd)
@@ -544,14 +556,15 @@ void FastCpuBackend::attention_blocked(const float* q, const KvLayer& cache, con
 
 }  // namespace
 
-Result<std::unique_ptr<Backend>> make_cpu_fast_backend(int threads, const std::string& kernels) {
+Result<std::unique_ptr<Backend>> make_cpu_fast_backend(int threads, const std::string& kernels,
+                                                       bool batch_invariant) {
   const cpu::KernelSet* k = cpu::select_kernels(kernels.c_str());
   if (!k)
     return unsupported(
         fmt::format("CPU kernels '{}' are unknown or cannot run on this CPU (have: portable{})", kernels,
                     cpu::cpu_has_avx2() ? ", avx2" : ""));
   GEMMA3_TRY(check_cpu_threads(threads));
-  auto b = std::make_unique<FastCpuBackend>(threads, *k);
+  auto b = std::make_unique<FastCpuBackend>(threads, *k, batch_invariant);
   if (!b->pool_error().empty()) return out_of_memory(b->pool_error());
   return std::unique_ptr<Backend>(std::move(b));
 }

@@ -44,11 +44,23 @@ float exp_sub_sum(float* x, int64_t n, float max) {
   return sum;
 }
 
+// dot_f32 with element i always in lane i % 8, the tail included, so that zeros appended to
+// both operands leave the bits of the result unchanged: the blocked attention's P V product
+// relies on it for batch invariance (BackendOptions::batch_invariant).
+float dot_lanes(const float* a, const float* b, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) acc[k] += a[i + k] * b[i + k];
+  for (int k = 0; i + k < n; ++k) acc[k] += a[i + k] * b[i + k];
+  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
 // out[t * ldo + r] = dot(row r, token t): the plain loop of the prefill GEMM.
 void gemm_f32(const float* w, int64_t ldw, int nr, const float* x, int64_t ldx, int nt, int64_t k, float* out,
               int64_t ldo, float* /*scratch*/) {
   for (int t = 0; t < nt; ++t)
-    for (int r = 0; r < nr; ++r) out[t * ldo + r] = dot_f32(w + r * ldw, x + t * ldx, k);
+    for (int r = 0; r < nr; ++r) out[t * ldo + r] = dot_lanes(w + r * ldw, x + t * ldx, k);
 }
 
 // Any weight dtype: dequantize the row once, then fp32 dots with each token's activations.
