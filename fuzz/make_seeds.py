@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes the small seed corpora in fuzz/corpus/<target>/ (committed; rerun to regenerate).
 
-Seeds are built here by hand from the format specs (formats.md §1 safetensors, §2 GGUF), with
+Seeds are built here by hand from the format specs (docs/formats.md §1 safetensors, §2 GGUF), with
 no third-party packages, so they do not depend on our own writer:
   gguf          a header with one value of every metadata type and arrays; a micro Gemma 3
                 (1 layer, hidden 4, 10-token SentencePiece vocabulary) that Checkpoint::open
@@ -32,7 +32,7 @@ def put(target, name, data):
         f.write(data)
 
 
-# ---- GGUF (formats.md §2) -----------------------------------------------------------------
+# ---- GGUF (docs/formats.md §2) ------------------------------------------------------------
 U8, I8, U16, I16, U32, I32, F32, BOOL, STR, ARR, U64, I64, F64 = range(13)
 SCALAR = {U8: "<B", I8: "<b", U16: "<H", I16: "<h", U32: "<I", I32: "<i", F32: "<f", BOOL: "<?",
           U64: "<Q", I64: "<q", F64: "<d"}
@@ -149,7 +149,7 @@ put("gguf", "all_types.gguf", all_types())
 put("gguf", "empty.gguf", b"GGUF" + struct.pack("<IQQ", 3, 0, 0))
 
 
-# ---- safetensors (formats.md §1.2) --------------------------------------------------------
+# ---- safetensors (docs/formats.md §1.2) ---------------------------------------------------
 def safetensors(entries, metadata=None):
     """entries: [(name, dtype, shape, raw bytes)] in data order."""
     header, data = {}, b""

@@ -1,5 +1,5 @@
 // Per-element decoders of every weight type we load, usable from host and device code
-// (formats.md §3; ggml's block layouts). One struct per type:
+// (docs/formats.md §3; ggml's block layouts). One struct per type:
 //   kElems  elements per block, kBytes bytes per block,
 //   get(block, e) = value of element e (0 <= e < kElems) of the block starting at `block`.
 // They reproduce src/core/quant.cpp's dequantizers bit for bit (the CPU test
@@ -92,7 +92,7 @@ GEMMA3_HD float half_to_float(uint32_t h) {
 }
 GEMMA3_HD float ld_half(const uint8_t* p) { return half_to_float(ld16(p)); }
 
-// fp8 e4m3fn -> float (formats.md §5.1): bias 7, no infinities, S.1111.111 is NaN.
+// fp8 e4m3fn -> float (docs/formats.md §5.1): bias 7, no infinities, S.1111.111 is NaN.
 // Branch-free (the GEMV decodes 16 of these per 16-byte load): the 7 exponent+mantissa bits
 // placed at fp32's bit 20 make a float whose exponent field is e4m3's (bias 7 instead of 127)
 // and whose top mantissa bits are e4m3's, so multiplying by 2^120 rebiases it exactly: normal
@@ -380,7 +380,7 @@ GEMMA3_HD float row_value(const uint8_t* row, int64_t i) {
 // so every row, its quant plane and every block's quants start 16-byte aligned (the allocation
 // is 256-byte aligned). Values are the block type's, bit for bit (B::value is shared). Every
 // device reader of an uploaded Q4_0/Q8_0 weight uses this layout (kernels/common.cuh
-// dispatch_weight); KV caches keep ggml's Q8_0 blocks.
+// dispatch_weight); KV caches keep ggml's Q8_0 blocks. See docs/formats.md §8.1.
 template <class B>
 struct Planar {
   using Block = B;

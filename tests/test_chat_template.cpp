@@ -247,7 +247,7 @@ TEST_F(ChatTemplateGemma3, ForgedControlTextIsNotAControlId) {
 }
 
 TEST_F(ChatTemplateGemma3, FixedIds) {
-  // gemma3-architecture.md §4.2: <bos><start_of_turn>user\n = [2, 105, 2364, 107].
+  // docs/architecture.md §4.2: <bos><start_of_turn>user\n = [2, 105, 2364, 107].
   Ids ids = render_ok(*tok_, {{"user", "x"}}, true, false);
   ASSERT_GE(ids.size(), 4u);
   EXPECT_EQ(Ids(ids.begin(), ids.begin() + 4), (Ids{2, 105, 2364, 107}));

@@ -2,7 +2,7 @@
 // commands on the real 270M checkpoint (skipped when it is absent).
 //
 // Goldens come from outside this code base: token ids from the Hugging Face `tokenizers`
-// package, memory numbers from gemma3-architecture.md §5, "Paris" from the question itself.
+// package, memory numbers from docs/architecture.md §5, "Paris" from the question itself.
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <signal.h>
@@ -230,7 +230,7 @@ TEST(CliInput, ImageOverTheLimitsExits3) {
 
 // ---- on the 270M checkpoint -----------------------------------------------------------------
 
-// gemma3-architecture.md §5, 270M: b = 2 (K,V) x 1 kv head x 256 x 2 B = 1024 B per slot; 3 global
+// docs/architecture.md §5.2, 270M: b = 2 (K,V) x 1 kv head x 256 x 2 B = 1024 B per slot; 3 global
 // and 15 local layers, W = 512. At T = 32768 the global part is 3 x 32768 x 1024 B = 96 MiB and
 // an all-global cache 18 x 32768 x 1024 B = 576 MiB. §5's local ring (7.5 MiB, total 103.5 MiB,
 // saving 5.57x) assumes W slots per layer, which is our plan with --chunk 1 (W + 1 - 1 slots);
@@ -277,7 +277,7 @@ TEST(CliModel, InfoReports270MConfigAndMemoryPlan) {
 }
 
 // Ids from the Hugging Face tokenizer, computed once by hand:
-//   tokenizers.Tokenizer.from_file("/work/shared/data/gemma3-tokenizer/tokenizer.json")
+//   tokenizers.Tokenizer.from_file("tokenizer.json")  # the published Gemma 3 tokenizer.json
 //       .encode("Hello world", add_special_tokens=False).ids == [9259, 1902]
 //   (tokens ['Hello', '▁world'])
 TEST(CliModel, TokenizeHelloWorld) {
@@ -292,7 +292,7 @@ TEST(CliModel, TokenizeHelloWorld) {
 
 TEST(CliModel, TokenizeParseSpecial) {
   REQUIRE_MODEL_270M();
-  // <end_of_turn> is id 106 (architecture reference §4.2) only when special text is parsed.
+  // <end_of_turn> is id 106 (docs/architecture.md §4.2) only when special text is parsed.
   CliResult r = run_cli({"tokenize", "-m", model, "-p", "<end_of_turn>", "--ids", "--parse-special"});
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_EQ(r.out, "106\n");

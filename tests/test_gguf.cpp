@@ -731,7 +731,7 @@ TEST(GgufRealModel, Gemma3_270M_Q4_K_M) {
   const TensorView* emb = r->find_tensor("token_embd.weight");
   ASSERT_NE(emb, nullptr);
   EXPECT_EQ(emb->shape, (std::vector<int64_t>{262144, 640}));
-  EXPECT_EQ(emb->dtype, DType::kQ8_0);  // formats.md §3.7: Q4_K_M puts token_embd in Q8_0 for 270M
+  EXPECT_EQ(emb->dtype, DType::kQ8_0);  // docs/formats.md §3.7: Q4_K_M puts token_embd in Q8_0 for 270M
   int q4k = 0;
   for (const TensorView& t : r->tensors()) {
     // Every type must be one we dequantize (not F8, which GGUF cannot hold).
@@ -741,7 +741,7 @@ TEST(GgufRealModel, Gemma3_270M_Q4_K_M) {
     if (t.shape.size() == 1) EXPECT_EQ(t.dtype, DType::kF32) << t.name;  // norms stay F32
   }
   EXPECT_GT(q4k, 0);
-  // Norm weights are stored +1 (§2.8): the final norm's values should sit near 1... or at
+  // Norm weights are stored +1 (docs/formats.md §2.8): the final norm's values should sit near 1... or at
   // least be finite.
   const TensorView* norm = r->find_tensor("output_norm.weight");
   ASSERT_NE(norm, nullptr);

@@ -1,6 +1,6 @@
 // parse_hf_config on the official Gemma 3 config.json files (written inline: the sparse
-// multimodal ones as listed in gemma3-architecture.md §1.2, the complete 270M/1B ones) and on
-// broken variants. Expected values are the table in gemma3-architecture.md §1.1.
+// multimodal ones as listed in docs/architecture.md §1.2, the complete 270M/1B ones) and on
+// broken variants. Expected values are the table in docs/architecture.md §1.1.
 #include <gtest/gtest.h>
 #include <unistd.h>
 

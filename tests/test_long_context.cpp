@@ -1,7 +1,7 @@
 // Long context (issue #7): 8-bit KV caches (q8_0, fp8 e4m3fn), the memory planner, context
 // overflow, and session state save/restore (the prompt cache).
 //
-// Goldens: e4m3 encodings hand-computed from the format (formats.md §5.1: bias 7, max 448);
+// Goldens: e4m3 encodings hand-computed from the format (docs/formats.md §5.1: bias 7, max 448);
 // model logits from transformers (tests/data/goldens, fp32); the 8-bit caches are judged by how
 // far they move those logits and the 270M's perplexity from the bf16 cache.
 #include <gtest/gtest.h>

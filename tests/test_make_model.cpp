@@ -1,5 +1,5 @@
 // make-model: the generated checkpoints load through the normal paths (Checkpoint, Model) in
-// every type, run to finite, non-degenerate logits, follow the GGUF conventions of formats.md
+// every type, run to finite, non-degenerate logits, follow the GGUF conventions of docs/formats.md
 // (types per tensor, metadata, vocabulary), and the fp8 folder holds the same model as the bf16
 // GGUF of the same seed.
 #include <fmt/format.h>
@@ -85,7 +85,7 @@ class MakeModel : public ::testing::Test {
 };
 std::string* MakeModel::dir_ = nullptr;
 
-// Hand-computed e4m3fn codes (formats.md §5.1: bias 7, 3 mantissa bits, max 448, no inf).
+// Hand-computed e4m3fn codes (docs/formats.md §5.1: bias 7, 3 mantissa bits, max 448, no inf).
 TEST(MakeModelFp8, EncoderGoldens) {
   EXPECT_EQ(f32_to_f8e4m3(0.0f), 0x00);
   EXPECT_EQ(f32_to_f8e4m3(-0.0f), 0x80);

@@ -1,5 +1,5 @@
 // Dtype conversions and block (de)quantizers. Every golden here is computed in the test from
-// the spec (formats.md §2.4, §3, §5.1): blocks are packed by hand from chosen per-element quants
+// the spec (docs/formats.md §2.4, §3, §5.1): blocks are packed by hand from chosen per-element quants
 // and scales, and the expected values use the spec formula on those chosen numbers, so a
 // layout bug in quant.cpp cannot be mirrored by the test.
 #include <gtest/gtest.h>
@@ -25,7 +25,7 @@ constexpr uint16_t kH2 = 0x4000;
 constexpr uint16_t kHm1 = 0xBC00;
 constexpr uint16_t kHm2 = 0xC000;
 
-// IQ4_NL codebook, typed from formats.md §3.4.
+// IQ4_NL codebook, typed from docs/formats.md §3.4.
 constexpr int kIq4Table[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
 void put16(std::vector<uint8_t>& b, size_t at, uint16_t v) {

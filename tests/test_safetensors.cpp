@@ -1,5 +1,5 @@
 // SafetensorsSet on small files written here by a minimal writer (u64 header length + JSON
-// header + bytes, formats.md §1.1). Expected values are hand-computed bit patterns.
+// header + bytes, docs/formats.md §1.1). Expected values are hand-computed bit patterns.
 #include <gtest/gtest.h>
 #include <unistd.h>
 

@@ -12,7 +12,7 @@ struct DTypeEntry {
   uint32_t ggml_id;  // UINT32_MAX: no ggml id
 };
 
-// Indexed by DType. Geometry from formats.md §2.4 / §3.5 (ggml-common.h block structs).
+// Indexed by DType. Geometry from docs/formats.md §2.4 / §3.5 (ggml-common.h block structs).
 constexpr DTypeEntry kDTypes[] = {
     {{"F32", 1, 4}, 0},               // kF32
     {{"F16", 1, 2}, 1},               // kF16
@@ -156,7 +156,7 @@ uint16_t f32_to_bf16(float f) {
 }
 
 float f8e4m3_to_f32(uint8_t v) {
-  // e4m3fn (formats.md §5.1): bias 7, no infinities, only S.1111.111 is NaN.
+  // e4m3fn (docs/formats.md §5.1): bias 7, no infinities, only S.1111.111 is NaN.
   bool neg = (v & 0x80) != 0;
   int exp = (v >> 3) & 0xF;
   int mant = v & 7;

@@ -1,4 +1,4 @@
-// Scalar reference dequantizers/quantizers. Every formula cites formats.md §3; the block
+// Scalar reference dequantizers/quantizers. Every formula cites docs/formats.md §3; the block
 // layouts are ggml's (ggml-common.h), read byte by byte so no struct packing or alignment is
 // assumed.
 #include "core/quant.h"
@@ -13,7 +13,7 @@ namespace {
 constexpr int kQK = 32;    // legacy block size
 constexpr int kQKK = 256;  // K-quant super-block size
 
-// IQ4_NL / IQ4_XS non-linear 4-bit codebook (formats.md §3.4, ggml kvalues_iq4nl).
+// IQ4_NL / IQ4_XS non-linear 4-bit codebook (docs/formats.md §3.4, ggml kvalues_iq4nl).
 constexpr int8_t kIq4nlTable[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
 inline float load_f16(const uint8_t* p) { return f16_to_f32(static_cast<uint16_t>(p[0] | (p[1] << 8))); }

@@ -1,5 +1,5 @@
 // Dequantization of one row (a whole number of blocks) of any weight type we load, following
-// the block layouts in ggml (see ../shared/reference/formats.md §3). Scalar and obviously
+// the block layouts in ggml (see docs/formats.md §3). Scalar and obviously
 // right: this is the reference every fast kernel is checked against.
 #pragma once
 

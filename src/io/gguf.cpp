@@ -258,7 +258,7 @@ Status parse_value(Cursor& c, uint32_t tag, Value* v) {
 }
 
 const char* ggml_type_name_any(uint32_t id) {
-  // Ids we know of but do not load (formats.md §2.4), for the error message.
+  // Ids we know of but do not load (docs/formats.md §2.4), for the error message.
   switch (id) {
     case 9: return "Q8_1";
     case 15: return "Q8_K";

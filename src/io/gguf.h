@@ -1,4 +1,4 @@
-// GGUF reader (formats.md §2): parses metadata and tensor infos of a mapped file (or of all
+// GGUF reader (docs/formats.md §2): parses metadata and tensor infos of a mapped file (or of all
 // shards of a split GGUF) with bounds and overflow checks on every read, and exposes tensor
 // data zero-copy as TensorViews into the mapping.
 #pragma once
@@ -15,7 +15,7 @@
 
 namespace gemma3 {
 
-// Metadata value type tags (formats.md §2.2).
+// Metadata value type tags (docs/formats.md §2.2).
 enum class GgufType : uint32_t {
   kUint8 = 0,
   kInt8 = 1,

@@ -1,4 +1,4 @@
-// Streaming GGUF v3 writer (formats.md §2.1). Metadata and tensor infos are declared first;
+// Streaming GGUF v3 writer (docs/formats.md §2.1). Metadata and tensor infos are declared first;
 // write() then emits the header and asks a callback for each tensor's bytes in declaration
 // order, so multi-GB files are produced without holding the tensors in memory.
 //

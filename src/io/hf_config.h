@@ -1,4 +1,4 @@
-// Hugging Face config.json -> ModelConfig (formats.md §1.5, gemma3-architecture.md §1).
+// Hugging Face config.json -> ModelConfig (docs/formats.md §1.5, docs/architecture.md §1.2).
 //
 // Accepted:
 //   - Gemma3ForCausalLM, model_type "gemma3_text": every text key at the top level. The
@@ -40,7 +40,7 @@ Result<ModelConfig> parse_hf_config(std::string_view json_text, const std::strin
 Result<ModelConfig> load_hf_config(const std::string& folder);
 
 // What quantization_config (or the older compression_config) says about the weights
-// (formats.md §5.3). Parsing only: the loader keys off the tensors actually present.
+// (docs/formats.md §5.3). Parsing only: the loader keys off the tensors actually present.
 enum class HfQuantKind {
   kNone,      // no quantization_config
   kFp8,       // compressed-tensors float-quantized / naive-quantized, 8-bit float weights

@@ -37,7 +37,7 @@ constexpr DTypeEntry kLoadable[] = {
     {"F32", DType::kF32, 4},
     {"F8_E4M3", DType::kF8E4M3, 1},
 };
-// Valid safetensors dtypes (formats.md §1.3) that this engine does not load.
+// Valid safetensors dtypes (docs/formats.md §1.3) that this engine does not load.
 constexpr const char* kKnownUnloadable[] = {
     "BOOL", "U8",  "I8",      "U16",     "I16", "U32",         "I32",         "U64",     "I64",
     "F64",  "C64", "F8_E5M2", "F8_E8M0", "F4",  "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F6_E2M3", "F6_E3M2"};
@@ -128,7 +128,7 @@ Status parse_entry(const std::string& path, const std::string& name, const json&
 }
 
 // Maps one .safetensors file and checks its header the way the reference reader does
-// (formats.md §1.2): tensors tile the data buffer exactly, no holes, no overlaps.
+// (docs/formats.md §1.2): tensors tile the data buffer exactly, no holes, no overlaps.
 Result<ParsedFile> parse_file(const std::string& path) {
   GEMMA3_ASSIGN_OR_RETURN(MappedFile file, MappedFile::open(path));
   const uint64_t size = file.size();

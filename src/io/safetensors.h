@@ -1,11 +1,11 @@
 // Hugging Face safetensors checkpoints: one file, or a folder of shards described by
-// model.safetensors.index.json (formats.md §1.1-1.4). Tensors are zero-copy views into the
+// model.safetensors.index.json (docs/formats.md §1.1-1.4). Tensors are zero-copy views into the
 // mapped files; nothing is read into memory except the headers and fp8 scales.
 //
 // Loadable dtypes: BF16, F16, F32 and F8_E4M3. Every other dtype is an error (kUnsupported),
 // so a checkpoint either loads whole or says which tensor it cannot handle.
 //
-// FP8 (compressed-tensors "float-quantized", formats.md §5.2): every F8_E4M3 tensor `X.weight`
+// FP8 (compressed-tensors "float-quantized", docs/formats.md §5.2): every F8_E4M3 tensor `X.weight`
 // must have a scale `X.weight_scale` (F32/BF16/F16) of shape [], [1], [1, 1] (per-tensor) or
 // [rows], [rows, 1] (per-channel). The scale is copied into TensorView::row_scale and the
 // `X.weight_scale` tensor is removed from tensors(); so is `X.input_scale` (static activation

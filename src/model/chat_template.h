@@ -1,5 +1,5 @@
 // The Gemma 3 instruction-tuned chat format, rendered directly as token ids
-// (gemma3-architecture.md §4.3; the Jinja template in the published tokenizer_config.json):
+// (docs/architecture.md §4.3; the Jinja template in the published tokenizer_config.json):
 //
 //   <bos><start_of_turn>user\n{system}\n\n{user}<end_of_turn>\n
 //   <start_of_turn>model\n{model}<end_of_turn>\n

@@ -1,5 +1,5 @@
 // The Gemma 3 decoder, written once over the backend op interface
-// (../shared/reference/gemma3-architecture.md §2).
+// (docs/architecture.md §2).
 #pragma once
 
 #include <functional>
@@ -94,7 +94,7 @@ Status forward(const ModelConfig& c, const BackendModel& w, Backend& backend, Kv
                ForwardScratch& s, const ForwardRequest& req, float* logits_host, const ActivationHook* hook);
 
 // bf16(sqrt(H)): the embedding scale is rounded to the checkpoints' dtype before the multiply
-// (HF Gemma3TextScaledWordEmbedding, gemma.cpp EmbeddingScaling; architecture §2.1).
+// (HF Gemma3TextScaledWordEmbedding, gemma.cpp EmbeddingScaling; docs/architecture.md §2.1).
 float embedding_scale(int hidden);
 
 }  // namespace gemma3

@@ -48,7 +48,7 @@ VisionConfig tiny_vision() {
   return v;
 }
 
-// formats.md table at the top; gemma3-architecture.md §1.1. "tiny" mirrors tests/data/tiny.
+// docs/architecture.md §1.1. "tiny" mirrors tests/data/tiny.
 Result<SizeDefaults> defaults_for(const std::string& size) {
   if (size == "270m") return SizeDefaults{18, 640, 2048, 4, 1, 256, 512, 32768, 1, false, {}};
   if (size == "1b") return SizeDefaults{26, 1152, 6912, 4, 1, 256, 512, 32768, 1, false, {}};
@@ -148,7 +148,7 @@ std::vector<Source> text_sources(const ModelConfig& c) {
   return s;
 }
 
-// SigLIP tower + projector: GGUF names of formats.md §2.11, HF names of §1.7 (Hub layout).
+// SigLIP tower + projector: GGUF names of docs/formats.md §2.11, HF names of §1.7 (Hub layout).
 std::vector<Source> vision_sources(const ModelConfig& c) {
   const VisionConfig& v = c.vision;
   const int64_t Hv = v.hidden, Iv = v.intermediate, p = v.patch_size;
@@ -221,10 +221,10 @@ void init_for(const Source& s, bool norms_hold_one, float* mean, float* std) {
   }
 }
 
-// llama-quantize's use_more_bits (formats.md §3.7): Q4_K_M gives these layers' attn_v/ffn_down Q6_K.
+// llama-quantize's use_more_bits (docs/formats.md §3.7): Q4_K_M gives these layers' attn_v/ffn_down Q6_K.
 bool use_more_bits(int i, int n) { return i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2; }
 
-// GGUF type of a text tensor for the requested file type (formats.md §2.10, §3.7, §6.2), with
+// GGUF type of a text tensor for the requested file type (docs/formats.md §2.10, §3.7, §6.2), with
 // llama-quantize's shape fallback for rows that are not a whole number of blocks (we have no
 // Q5_0 quantizer, so Q4_K falls back to Q8_0 where llama-quantize picks Q5_0).
 DType gguf_text_type(DType want, const Source& s, int n_layers) {
@@ -243,7 +243,7 @@ DType gguf_text_type(DType want, const Source& s, int n_layers) {
   return t;
 }
 
-// mmproj types of an "f16" mmproj (formats.md §2.11): patch and position embeddings F32, 1-D
+// mmproj types of an "f16" mmproj (docs/formats.md §2.11): patch and position embeddings F32, 1-D
 // F32, other matrices F16 (F32/BF16 when the text model is F32/BF16).
 DType gguf_vision_type(DType want, const Source& s) {
   if (s.shape.size() == 1 || s.role == Role::kConvPatch || s.role == Role::kPosition) return DType::kF32;
@@ -428,7 +428,7 @@ std::vector<int64_t> st_shape(const PlannedTensor& t) {
   return t.shape;
 }
 
-// One safetensors file: JSON header (padded with spaces to 8 bytes, formats.md §1.1), then the
+// One safetensors file: JSON header (padded with spaces to 8 bytes, docs/formats.md §1.1), then the
 // tensors back to back in plan order.
 Status write_safetensors(const std::string& path, const std::vector<const PlannedTensor*>& tensors,
                          Emitter& em) {
@@ -563,7 +563,7 @@ ojson hf_config_json(const ModelConfig& c, bool vision) {
 
 std::string tokenizer_model_bytes(int vocab) {
   // The SentencePiece model has at most 262144 pieces; HF's extra rows (<image_soft_token>
-  // and padding) exist only in the embedding (formats.md §1.7).
+  // and padding) exist only in the embedding (docs/formats.md §1.7).
   SynthVocab v = make_synth_vocab(std::min(vocab, 262144), /*gguf_types=*/false);
   std::vector<spm::Piece> pieces(v.pieces.size());
   for (size_t i = 0; i < pieces.size(); ++i)
@@ -584,7 +584,7 @@ SynthVocab make_synth_vocab(int n, bool gguf_types) {
   v.pieces.reserve(n);
   constexpr int kNormal = 1, kUnknown = 2, kControl = 3, kUser = 4, kUnused = 5, kByte = 6;
   // The original model marks only pad/eos/bos CONTROL and <unk> UNKNOWN; the llama.cpp
-  // converter overrides every special to CONTROL (score -1000), formats.md §4.2.
+  // converter overrides every special to CONTROL (score -1000), docs/formats.md §4.2.
   const int special = gguf_types ? kControl : kUser;
   const float special_score = gguf_types ? -1000.0f : 0.0f;
   auto add = [&](std::string p, float score, int type) {

@@ -2,7 +2,7 @@
 //
 // Output, by type:
 //   F32 / BF16 / F16 / Q8_0 / Q4_0 / Q4_K: one GGUF laid out the way llama.cpp's converter (and,
-//     for Q4_0 / Q4_K, llama-quantize or Google's QAT release) writes it (formats.md §2.6-2.8,
+//     for Q4_0 / Q4_K, llama-quantize or Google's QAT release) writes it (docs/formats.md §2.6-2.8,
 //     §3.7, §6.2): gemma3.* keys, blk.N.* names, norms stored as 1 + w in F32, every 1-D tensor
 //     F32, a synthesized SentencePiece vocabulary in tokenizer.ggml.*. With `vision`, the SigLIP
 //     tower and projector go to a second file, the llama.cpp mmproj GGUF (§2.11).
@@ -68,7 +68,7 @@ std::string make_model_mmproj_path(const std::string& out_path);
 // <0x00>..<0xFF> 108..363, then NORMAL filler pieces with unique texts and decreasing scores
 // (printable ASCII, letter pairs, numbered pieces); <start_of_image> 255999 / <end_of_image>
 // 256000 and <image_soft_token> 262144 when n reaches them. `gguf_types`: types as llama.cpp's
-// converter writes them (specials CONTROL, see formats.md §4.2); otherwise as the original
+// converter writes them (specials CONTROL, see docs/formats.md §4.2); otherwise as the original
 // tokenizer.model has them (pad/eos/bos CONTROL, unk UNKNOWN, other specials USER_DEFINED).
 struct SynthVocab {
   std::vector<std::string> pieces;

@@ -4,7 +4,7 @@
 // library, which stays loaded as the oracle and for piece lookups.
 //
 // Both entry points end in a SentencePiece ModelProto: from_vocab builds one from a vocabulary
-// (GGUF tokenizer.ggml.* arrays, formats.md §4.6), from_model_file / from_serialized_proto
+// (GGUF tokenizer.ggml.* arrays, docs/formats.md §4.6), from_model_file / from_serialized_proto
 // parse an existing one. In both cases piece types are repaired the same way before loading:
 //
 //  * Control pieces are never matched in raw text by SentencePiece. We make every Gemma control

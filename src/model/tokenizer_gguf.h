@@ -1,4 +1,4 @@
-// Builds the Gemma 3 tokenizer from the vocabulary stored in a GGUF (formats.md §4).
+// Builds the Gemma 3 tokenizer from the vocabulary stored in a GGUF (docs/formats.md §4).
 #pragma once
 
 #include "gemma3/status.h"

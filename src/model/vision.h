@@ -1,5 +1,5 @@
 // The SigLIP vision tower and the Gemma 3 multimodal projector, written once over the backend
-// op interface (../shared/reference/gemma3-architecture.md §3.2, §3.3):
+// op interface (docs/architecture.md §3.2, §3.3):
 //
 //   patches = im2col(pixels)                  [P, 3*p*p]   host, (c, ky, kx) order = Conv2d weight's
 //   x = patches @ conv^T + conv_bias + pos    [P, Hv]      P = (S/p)^2 patches, row-major grid

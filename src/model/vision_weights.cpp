@@ -17,7 +17,7 @@ using Finder = std::function<const TensorView*(const std::string& gguf_name)>;
 
 bool is_float_type(DType t) { return t == DType::kF32 || t == DType::kF16 || t == DType::kBF16; }
 
-// Binds every tensor of the tower + projector, checking shapes and types (formats.md §2.11).
+// Binds every tensor of the tower + projector, checking shapes and types (docs/formats.md §2.11).
 // `norm_holds_one`: mm.soft_emb_norm already holds 1 + w (GGUF) rather than w (HF).
 // `display` maps a canonical name to the file's own name for messages.
 Status bind_vision(const Finder& find, const std::function<std::string(const std::string&)>& display,
@@ -262,7 +262,7 @@ Result<std::unique_ptr<VisionWeights>> load_vision_hf(const SafetensorsSet& set,
   w->text_hidden = text_hidden;
   GEMMA3_TRY(check_vision_config(config, text_hidden, source));
 
-  // Canonical GGUF-style name -> HF name without prefix (formats.md §1.7).
+  // Canonical GGUF-style name -> HF name without prefix (docs/formats.md §1.7).
   auto hf_of = [](const std::string& g) -> std::string {
     static const std::vector<std::pair<std::string, std::string>> fixed = {
         {"v.patch_embd.weight", "vision_model.embeddings.patch_embedding.weight"},
@@ -287,7 +287,7 @@ Result<std::unique_ptr<VisionWeights>> load_vision_hf(const SafetensorsSet& set,
       if (x == part) return "vision_model.encoder.layers." + layer + "." + y + "." + kind;
     return g;
   };
-  // Prefixes of the Hub layout and of transformers >= 4.52 re-saves (formats.md §1.8).
+  // Prefixes of the Hub layout and of transformers >= 4.52 re-saves (docs/formats.md §1.8).
   auto find = [&](const std::string& g) -> const TensorView* {
     const std::string h = hf_of(g);
     const bool projector = g.rfind("mm.", 0) == 0;

@@ -1,5 +1,5 @@
 // Gemma 3 vision tower (SigLIP) and multimodal projector weights, from a llama.cpp mmproj GGUF
-// (formats.md §2.11) or from the vision tensors of a Hugging Face multimodal folder (§1.7, §1.8),
+// (docs/formats.md §2.11) or from the vision tensors of a Hugging Face multimodal folder (§1.7, §1.8),
 // normalized to one layout and checked against VisionConfig and the text model's hidden size.
 //
 // Normalizations (done here, once):
@@ -74,7 +74,7 @@ struct VisionWeights {
 // clip.vision.projection_dim and the projection's width equal `text_hidden`.
 Result<std::unique_ptr<VisionWeights>> load_vision_mmproj(const std::string& path, int text_hidden);
 
-// The vision tensors of a HF multimodal checkpoint (any of the name prefixes of formats.md
+// The vision tensors of a HF multimodal checkpoint (any of the name prefixes of docs/formats.md
 // §1.8), checked against `config` (config.json's vision_config) and `text_hidden`. `source`
 // names the folder in messages.
 Result<std::unique_ptr<VisionWeights>> load_vision_hf(const SafetensorsSet& set, const VisionConfig& config,

@@ -18,7 +18,7 @@
 namespace gemma3 {
 namespace {
 
-// HF per-layer tensor suffix -> GGUF per-layer tensor suffix (formats.md §2.7).
+// HF per-layer tensor suffix -> GGUF per-layer tensor suffix (docs/formats.md §2.7).
 const std::vector<std::pair<std::string, std::string>>& layer_names() {
   static const std::vector<std::pair<std::string, std::string>> names = {
       {"input_layernorm.weight", "attn_norm.weight"},
@@ -51,7 +51,7 @@ std::string gguf_name_for(const std::string& hf) {
 }
 
 // Strips the prefixes the various HF producers put before the text model's tensor names
-// (formats.md §1.8). Returns "" for tensors that are not part of the text decoder.
+// (docs/formats.md §1.8). Returns "" for tensors that are not part of the text decoder.
 std::string canonical_hf_name(const std::string& name) {
   static const char* kPrefixes[] = {"model.language_model.", "language_model.model.", "model.",
                                     "language_model."};

@@ -56,7 +56,7 @@ class Checkpoint {
   uint64_t weight_bytes() const;
 
   // The vision tower + projector: loaded by open() from a multimodal HF folder, or attached
-  // from a llama.cpp mmproj GGUF (formats.md §2.11), which must match this text model (the
+  // from a llama.cpp mmproj GGUF (docs/formats.md §2.11), which must match this text model (the
   // projection's width is H). Sets config().has_vision / vision. nullptr when there is none.
   Status attach_vision(const std::string& mmproj_path);
   const VisionWeights* vision() const { return vision_.get(); }

@@ -1,5 +1,5 @@
 // preprocess (Pillow's BILINEAR resize + rescale/normalize), Pan & Scan boxes, crop and the
-// Pan & Scan prompt layout (image.h; gemma3-architecture.md §3.1, §3.6).
+// Pan & Scan prompt layout (image.h; docs/architecture.md §3.1, §3.6).
 #include "vision/image.h"
 
 #include <fmt/format.h>

@@ -1,5 +1,5 @@
 // Image input for the vision path: decoding (stb_image), Pan & Scan crop boxes, and the
-// reference image processor's preprocessing (gemma3-architecture.md §3.1, §3.6).
+// reference image processor's preprocessing (docs/architecture.md §3.1, §3.6).
 //
 // Everything here is pure host code on bytes and floats; nothing knows about the model.
 #pragma once

@@ -7,7 +7,7 @@ Writes:
   tests/data/tiny-q8_0.gguf  2-D weights Q8_0 (token_embd included, gguf.quants.quantize),
                              1-D tensors (all norms) F32
 
-Conventions reproduced (see /work/shared/reference/formats.md §2.6-2.8, §4):
+Conventions reproduced (see docs/formats.md §2.6-2.8, §4):
   * general.architecture "gemma3", the gemma3.* hyperparameter keys, rope.freq_base = the
     global-layer base, rope.scaling.type "linear" + rope.scaling.factor (the global-layer
     scaling), attention.sliding_window. No local base key (llama.cpp hard-codes 10000).

@@ -41,7 +41,7 @@ sys.path.insert(0, HERE)
 from convert_tiny_to_gguf import gguf_to_hf_name  # noqa: E402
 
 DEFAULT_270M = os.path.join(os.path.expanduser("~"), ".cache", "gemma3", "gemma-3-270m-q4_k_m.gguf")
-GEMMA_TOKENIZER_JSON = "/work/shared/data/gemma3-tokenizer/tokenizer.json"
+
 STOP_IDS = [1, 106]  # <eos>, <end_of_turn>
 TINY_TEXT = "The old ferryman crossed the river at 7:45 and waved to the children. Café!"
 CHAT_TEXT = "<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n"
@@ -385,7 +385,7 @@ def real_cases(writer, log, gguf_path, gemma_tok):
 
     france = [2] + gemma_tok.encode("The capital of France is", add_special_tokens=False).ids
     chat = [2] + gemma_tok.encode(CHAT_TEXT, add_special_tokens=False).ids
-    assert chat[:4] == [2, 105, 2364, 107], chat  # <bos><start_of_turn>user\n (architecture.md §4.2)
+    assert chat[:4] == [2, 105, 2364, 107], chat  # <bos><start_of_turn>user\n (docs/architecture.md §4.2)
     assert chat.count(106) == 1 and chat[-3:] == [105, 4368, 107], chat  # ...<start_of_turn>model\n
     cases = []
     for name, toks, text in (("real270m_france", france, "The capital of France is"),
@@ -475,6 +475,8 @@ def main():
     ap.add_argument("--out", default=os.path.join(DATA, "goldens"))
     ap.add_argument("--gguf-270m", default=DEFAULT_270M)
     ap.add_argument("--skip-270m", action="store_true")
+    ap.add_argument("--gemma-tokenizer-json", default=os.environ.get("GEMMA3_TOKENIZER_JSON", ""),
+                    help="the published Gemma 3 tokenizer.json (or $GEMMA3_TOKENIZER_JSON)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
 
@@ -491,14 +493,15 @@ def main():
     models = {"tiny": tiny_info, "tiny-q8_0": {"files": ["tiny-q8_0.gguf"], "embed_scale": tiny_info["embed_scale"]}}
 
     gemma_tok = None
-    if os.path.exists(GEMMA_TOKENIZER_JSON):
+    if args.gemma_tokenizer_json and os.path.exists(args.gemma_tokenizer_json):
         from tokenizers import Tokenizer
-        gemma_tok = Tokenizer.from_file(GEMMA_TOKENIZER_JSON)
+        gemma_tok = Tokenizer.from_file(args.gemma_tokenizer_json)
     if not args.skip_270m:
         if not os.path.exists(args.gguf_270m):
             sys.exit(f"missing {args.gguf_270m} (use --skip-270m to write only the tiny cases)")
         if gemma_tok is None:
-            sys.exit(f"missing {GEMMA_TOKENIZER_JSON}")
+            sys.exit(f"missing the Gemma 3 tokenizer.json {args.gemma_tokenizer_json!r}: pass "
+                     "--gemma-tokenizer-json PATH or set GEMMA3_TOKENIZER_JSON")
         rc, info = real_cases(writer, log, args.gguf_270m, gemma_tok)
         cases += rc
         models["270m"] = info

