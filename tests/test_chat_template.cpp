@@ -14,17 +14,14 @@
 #include "io/gguf.h"
 #include "model/chat_template.h"
 #include "model/tokenizer_gguf.h"
+#include "test_util.h"
 
 namespace gemma3 {
 namespace {
 
 using Ids = std::vector<int32_t>;
 
-std::string model_270m_path() {
-  if (const char* p = std::getenv("GEMMA3_MODEL_270M")) return p;
-  const char* home = std::getenv("HOME");
-  return std::string(home ? home : "") + "/.cache/gemma3/gemma-3-270m-q4_k_m.gguf";
-}
+using testutil::model_270m_path;
 
 // The tiny vocabulary of test_tokenizer.cpp (17 pieces + 256 byte pieces): enough for the
 // template's structure.

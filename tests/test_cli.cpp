@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "gemma3/gemma3.h"
+#include "test_util.h"
 
 namespace {
 
@@ -78,11 +79,7 @@ CliResult run_cli(const std::vector<std::string>& args, const std::string& input
   return r;
 }
 
-std::string model_270m() {
-  if (const char* env = std::getenv("GEMMA3_MODEL_270M")) return env;
-  const char* home = std::getenv("HOME");
-  return std::string(home ? home : "") + "/.cache/gemma3/gemma-3-270m-q4_k_m.gguf";
-}
+std::string model_270m() { return gemma3::testutil::model_270m_path(); }
 
 #define REQUIRE_MODEL_270M()                                                                          \
   const std::string model = model_270m();                                                             \

@@ -17,6 +17,7 @@
 #include "backend/cpu/cpu_pool.h"
 #include "core/thread_pool.h"
 #include "gemma3/gemma3.h"
+#include "test_util.h"
 
 namespace gemma3 {
 namespace {
@@ -24,12 +25,7 @@ namespace {
 namespace fs = std::filesystem;
 const std::string kData = std::string(GEMMA3_SOURCE_DIR) + "/tests/data";
 
-std::string real_model_path() {
-  const char* env = std::getenv("GEMMA3_MODEL_270M");
-  if (env && *env) return env;
-  const char* home = std::getenv("HOME");
-  return std::string(home ? home : "") + "/.cache/gemma3/gemma-3-270m-q4_k_m.gguf";
-}
+std::string real_model_path() { return testutil::model_270m_path(); }
 
 std::shared_ptr<Model> load(const std::string& path, int threads, int context = 128) {
   LoadOptions o;

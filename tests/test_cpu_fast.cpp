@@ -20,6 +20,7 @@
 #include "backend/cpu/cpu_kernels.h"
 #include "backend/cpu/cpu_pool.h"
 #include "core/quant.h"
+#include "test_util.h"
 
 namespace gemma3 {
 namespace {
@@ -37,13 +38,7 @@ std::unique_ptr<Backend> fast(const std::string& kernels, int threads = 2) {
 }
 std::unique_ptr<Backend> ref(int threads = 2) { return std::move(make_cpu_ref_backend(threads).value()); }
 
-std::vector<float> randn(size_t n, uint32_t seed, float scale = 1.0f) {
-  std::mt19937 g(seed);
-  std::normal_distribution<float> d(0.0f, scale);
-  std::vector<float> v(n);
-  for (float& x : v) x = d(g);
-  return v;
-}
+using testutil::randn;
 
 // A random [rows, cols] tensor of dtype t: random bytes (every bit pattern of the quants),
 // with the fp16 scales overwritten by sane random values.

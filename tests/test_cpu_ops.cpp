@@ -7,6 +7,7 @@
 
 #include "backend/backend.h"
 #include "core/quant.h"
+#include "test_util.h"
 
 namespace gemma3 {
 namespace {
@@ -17,13 +18,7 @@ TensorView f32_view(const std::vector<float>& v, std::vector<int64_t> shape) {
   return TensorView{"w", DType::kF32, std::move(shape), v.data(), v.size() * 4, {}};
 }
 
-std::vector<float> randn(size_t n, uint32_t seed, float scale = 1.0f) {
-  std::mt19937 g(seed);
-  std::normal_distribution<float> d(0.0f, scale);
-  std::vector<float> v(n);
-  for (float& x : v) x = d(g);
-  return v;
-}
+using testutil::randn;
 
 TEST(CpuOps, RmsNormMultipliesByStoredWeight) {
   auto be = cpu();

@@ -22,19 +22,14 @@
 #include "model/make_model.h"
 #include "model/sampler.h"
 #include "model/weights.h"
+#include "test_util.h"
 
 namespace gemma3 {
 namespace {
 
 constexpr float kU = 5.9604645e-8f;  // 2^-24, fp32 unit roundoff
 
-std::vector<float> randn(size_t n, uint32_t seed, float scale = 1.0f) {
-  std::mt19937 g(seed);
-  std::normal_distribution<float> d(0.0f, scale);
-  std::vector<float> v(n);
-  for (float& x : v) x = d(g);
-  return v;
-}
+using testutil::randn;
 
 std::vector<uint8_t> random_bytes(size_t n, uint32_t seed) {
   std::mt19937 g(seed);

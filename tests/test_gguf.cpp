@@ -16,6 +16,7 @@
 #include "core/quant.h"
 #include "io/gguf.h"
 #include "io/gguf_writer.h"
+#include "test_util.h"
 
 namespace gemma3 {
 namespace {
@@ -703,12 +704,7 @@ TEST_F(GgufBad, RandomCorruptionNeverCrashes) {
 
 // ---- the real checkpoint ----------------------------------------------------------------------
 
-std::string real_model_path() {
-  if (const char* env = std::getenv("GEMMA3_MODEL_270M"); env && *env) return env;
-  if (const char* home = std::getenv("HOME"))
-    return std::string(home) + "/.cache/gemma3/gemma-3-270m-q4_k_m.gguf";
-  return "";
-}
+std::string real_model_path() { return testutil::model_270m_path(); }
 
 TEST(GgufRealModel, Gemma3_270M_Q4_K_M) {
   std::string path = real_model_path();

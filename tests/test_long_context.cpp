@@ -23,6 +23,7 @@
 #include "gemma3/gemma3.h"
 #include "model/kv_cache.h"
 #include "model/memory_plan.h"
+#include "test_util.h"
 
 namespace gemma3 {
 namespace {
@@ -31,12 +32,7 @@ namespace fs = std::filesystem;
 std::string fmt_name(KvType kv) { return std::string("state_") + kv_type_name(kv) + ".bin"; }
 const std::string kData = std::string(GEMMA3_SOURCE_DIR) + "/tests/data";
 
-std::string real_model_path() {
-  const char* env = std::getenv("GEMMA3_MODEL_270M");
-  if (env && *env) return env;
-  const char* home = std::getenv("HOME");
-  return std::string(home ? home : "") + "/.cache/gemma3/gemma-3-270m-q4_k_m.gguf";
-}
+std::string real_model_path() { return testutil::model_270m_path(); }
 
 fs::path temp_dir() {
   static const fs::path dir = [] {
@@ -47,13 +43,7 @@ fs::path temp_dir() {
   return dir;
 }
 
-std::vector<float> randn(size_t n, uint32_t seed, float scale = 1.0f) {
-  std::mt19937 g(seed);
-  std::normal_distribution<float> d(0.0f, scale);
-  std::vector<float> v(n);
-  for (float& x : v) x = d(g);
-  return v;
-}
+using testutil::randn;
 
 // max |a - b| relative to max(1, max |b|)
 double rel_err(const std::vector<float>& a, const std::vector<float>& b) {

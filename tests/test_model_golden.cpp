@@ -17,6 +17,7 @@
 #include "gemma3/gemma3.h"
 #include "model/forward.h"
 #include "model/weights.h"
+#include "test_util.h"
 
 namespace gemma3 {
 namespace {
@@ -201,12 +202,7 @@ TEST(TinyGoldenOffset, RopeAtLargePositionsMatchesTransformers) {
 
 // ---- the real Gemma 3 270M (Q4_K_M GGUF), fetched by models/fetch.sh ----
 
-std::string real_model_path() {
-  const char* env = std::getenv("GEMMA3_MODEL_270M");
-  if (env && *env) return env;
-  const char* home = std::getenv("HOME");
-  return std::string(home ? home : "") + "/.cache/gemma3/gemma-3-270m-q4_k_m.gguf";
-}
+std::string real_model_path() { return testutil::model_270m_path(); }
 
 class Real270m : public ::testing::Test {
  protected:

@@ -21,6 +21,7 @@
 #include "io/gguf_writer.h"
 #include "model/spm_proto.h"
 #include "model/tokenizer_gguf.h"
+#include "test_util.h"
 
 namespace gemma3 {
 namespace {
@@ -637,11 +638,7 @@ TEST(TokenizerGguf, Errors) {
 }
 
 // ---- the real Gemma 3 vocabulary -----------------------------------------------------------
-std::string model_270m_path() {
-  if (const char* p = std::getenv("GEMMA3_MODEL_270M")) return p;
-  const char* home = std::getenv("HOME");
-  return std::string(home ? home : "") + "/.cache/gemma3/gemma-3-270m-q4_k_m.gguf";
-}
+using testutil::model_270m_path;
 
 nlohmann::json load_goldens() {
   std::ifstream f(std::string(GEMMA3_SOURCE_DIR) + "/tests/data/tokenizer_goldens.json");

@@ -1,0 +1,36 @@
+// Helpers every test file may use: where the test models are, and reproducible random data.
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace gemma3::testutil {
+
+// The default 270M GGUF: $GEMMA3_MODEL_270M when set (scripts/test.sh sets it), else where
+// models/fetch.sh puts it. Tests that need it skip with a message when the file is missing.
+inline std::string model_270m_path() {
+  if (const char* env = std::getenv("GEMMA3_MODEL_270M"); env && *env) return env;
+  const char* home = std::getenv("HOME");
+  return std::string(home ? home : "") + "/.cache/gemma3/gemma-3-270m-q4_k_m.gguf";
+}
+
+// tests/data/<name> of the source tree ($GEMMA3_SOURCE_DIR when set: tools/gpu-check.sh runs
+// prebuilt test binaries in another copy of the tree).
+inline std::string data_path(const std::string& name) {
+  const char* root = std::getenv("GEMMA3_SOURCE_DIR");
+  return std::string(root && *root ? root : GEMMA3_SOURCE_DIR) + "/tests/data/" + name;
+}
+
+// n values of N(0, scale^2), the same for the same seed.
+inline std::vector<float> randn(size_t n, uint32_t seed, float scale = 1.0f) {
+  std::mt19937 g(seed);
+  std::normal_distribution<float> d(0.0f, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = d(g);
+  return v;
+}
+
+}  // namespace gemma3::testutil
