@@ -318,6 +318,49 @@ TEST(Score, EqualsTheLogitsOfFeedingTheText) {
   EXPECT_EQ(s->position(), p + 70);  // nothing fed by a refused call
 }
 
+// ---- SessionOptions::context ---------------------------------------------------------------
+
+// Sessions of one model with their own context: a longer one holds what the model's default
+// cannot, a shorter one refuses past its own (naming it), fork keeps the source's, and bad
+// values name the field.
+TEST(SessionContext, EachSessionHasItsOwn) {
+  auto m = load(64);
+  ASSERT_TRUE(m);
+  std::vector<int32_t> ids(100, 300);
+  ids[0] = 2;
+  auto def = m->new_session().value();
+  EXPECT_EQ(def->context_length(), 64);
+  EXPECT_EQ(def->feed_tokens(ids).code(), ErrorCode::kOutOfRange);
+
+  SessionOptions so;
+  so.context = 200;
+  auto big = m->new_session(so).value();
+  EXPECT_EQ(big->context_length(), 200);
+  ASSERT_TRUE(big->feed_tokens(ids).ok());
+  GenerateOptions g;
+  g.max_tokens = 4;
+  ASSERT_TRUE(big->generate(g, [](const TokenEvent&) { return true; }).ok());
+  auto copy = big->fork().value();
+  EXPECT_EQ(copy->context_length(), 200);
+  EXPECT_EQ(copy->position(), big->position());
+
+  so.context = 16;
+  auto small = m->new_session(so).value();
+  EXPECT_EQ(small->context_length(), 16);
+  const Status st = small->feed_tokens(std::vector<int32_t>(ids.begin(), ids.begin() + 20));
+  EXPECT_EQ(st.code(), ErrorCode::kOutOfRange);
+  EXPECT_NE(st.message().find("16"), std::string::npos) << st.to_string();
+
+  for (int bad : {-1, 1 << 30}) {
+    so.context = bad;
+    const auto r = m->new_session(so);
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.status().code(), ErrorCode::kInvalidArgument);
+    EXPECT_NE(r.status().message().find("SessionOptions::context"), std::string::npos)
+        << r.status().to_string();
+  }
+}
+
 // ---- LoadOptions::batch_invariant ------------------------------------------------------------
 
 // The logits of every position of `ids` fed in pieces of `piece` tokens (0: one feed call),

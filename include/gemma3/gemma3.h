@@ -76,6 +76,14 @@ struct LoadOptions {
   bool progress = false;  // progress bar on stderr while mapping/checking large files
 };
 
+// Per-session settings (Model::new_session).
+struct SessionOptions {
+  // Tokens this session's context holds (its KV cache is allocated for them): 0 takes the
+  // model's (LoadOptions::context); at most the checkpoint's maximum. Sessions of one model may
+  // differ, e.g. a server's short and long requests.
+  int context = 0;
+};
+
 struct ChatMessage {
   std::string role;  // "system", "user", "model" ("assistant" is accepted as "model")
   std::string content;
@@ -189,7 +197,9 @@ class Model {
   virtual bool is_base_model() const = 0;
   // The plan Model::load checked against the backend's free memory (one session).
   virtual MemoryReport memory_plan() const = 0;
-  virtual Result<std::unique_ptr<Session>> new_session() = 0;
+  // A session with the model's context (LoadOptions::context), or with its own.
+  Result<std::unique_ptr<Session>> new_session() { return new_session(SessionOptions()); }
+  virtual Result<std::unique_ptr<Session>> new_session(const SessionOptions& options) = 0;
   // Bytes read + written per second by a large copy in the backend's memory (GPU: device to
   // device; CPU: a memcpy on each thread), best of a few, measured now (about 0.1-1 s, while
   // sessions on other threads wait): the roofline decode speed is compared with. 0 if it
@@ -200,6 +210,8 @@ class Model {
 class Session {
  public:
   virtual ~Session() = default;
+
+  virtual int context_length() const = 0;  // tokens this session can hold (SessionOptions::context)
 
   // Appends token ids to the context and runs them through the model (chunked prefill).
   virtual Status feed_tokens(const std::vector<int32_t>& ids) = 0;

@@ -64,6 +64,7 @@ class SessionImpl final : public Session {
   void keep_all_logits(bool keep) override { keep_all_ = keep; }
   const std::vector<float>& all_logits() const override { return all_logits_; }
   int position() const override { return static_cast<int>(tokens_.size()); }
+  int context_length() const override { return cache_.plan().context; }
   void clear() override {
     tokens_.clear();
     in_model_turn_ = false;
@@ -168,6 +169,7 @@ class GuardedSession final : public Session {
   void keep_all_logits(bool keep) override { s_->keep_all_logits(keep); }
   const std::vector<float>& all_logits() const override { return s_->all_logits(); }
   int position() const override { return s_->position(); }
+  int context_length() const override { return s_->context_length(); }
   void clear() override { s_->clear(); }
   const Stats& stats() const override { return s_->stats(); }
   void set_activation_hook(ActivationHook hook) override { s_->set_activation_hook(std::move(hook)); }
@@ -234,16 +236,22 @@ class ModelImpl final : public Model, public std::enable_shared_from_this<ModelI
   }
   int image_size() const override { return vision ? vision->image_size() : 0; }
   bool is_base_model() const override { return ckpt->config().base_model; }
-  Result<std::unique_ptr<Session>> new_session() override {
+  using Model::new_session;
+  Result<std::unique_ptr<Session>> new_session(const SessionOptions& so) override {
     return api_guard("new_session", [&]() -> Result<std::unique_ptr<Session>> {
-      GEMMA3_ASSIGN_OR_RETURN(auto s, make_session());
+      const int max = ckpt->config().max_context;
+      if (so.context < 0 || so.context > max)
+        return invalid_argument(fmt::format(
+            "SessionOptions::context is {}; it must be in [0, {}] (0: the model's {}; {}: the checkpoint's maximum)",
+            so.context, max, context, max));
+      GEMMA3_ASSIGN_OR_RETURN(auto s, make_session(so.context ? so.context : context));
       return std::unique_ptr<Session>(std::make_unique<GuardedSession>(std::move(s)));
     });
   }
-  Result<std::unique_ptr<SessionImpl>> make_session() {
+  Result<std::unique_ptr<SessionImpl>> make_session(int session_context) {
     auto s = std::make_unique<SessionImpl>(
         shared_from_this(),
-        plan_kv(ckpt->config(), context, options.prefill_chunk, kv_dtype(options.kv_type)));
+        plan_kv(ckpt->config(), session_context, options.prefill_chunk, kv_dtype(options.kv_type)));
     GEMMA3_TRY(s->init());
     return s;
   }
@@ -382,7 +390,7 @@ Result<std::unique_ptr<Session>> SessionImpl::fork() const {
     bytes = session_state_bytes(st, *model_->backend, cache_);
     GEMMA3_TRY(model_->backend->status());
   }
-  GEMMA3_ASSIGN_OR_RETURN(std::unique_ptr<SessionImpl> copy, model_->make_session());
+  GEMMA3_ASSIGN_OR_RETURN(std::unique_ptr<SessionImpl> copy, model_->make_session(cache_.plan().context));
   SessionState got;
   got.fingerprint = kSameModel;
   {
