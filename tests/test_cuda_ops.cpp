@@ -1129,7 +1129,7 @@ TEST_F(CudaOps, AttentionMatchesCpu) {
       Buf og2(*gpu_, q.size() * 4);
       std::unique_ptr<RecordedStep> step;
       for (int attempt = 0; attempt < 2 && !step; ++attempt) {  // again: the bound's partials grew
-        gpu_->begin_recording();
+        ASSERT_TRUE(gpu_->begin_recording());
         gpu_->attention(qg.f(), KvLayer{ckg.get(), cvg.get(), c.capacity, dt}, bound, og2.f());
         bool again = false;
         auto r = gpu_->end_recording(&again);

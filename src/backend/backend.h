@@ -177,8 +177,9 @@ class Backend {
   // largest pos0 the recording will be replayed with (attention plans its key splits for it).
   // The defaults record nothing.
   virtual bool can_record() const { return false; }
-  // From here until end_recording, this backend's ops are kept, not run.
-  virtual void begin_recording() {}
+  // From here until end_recording, this backend's ops are kept, not run; false when no
+  // recording could start (then issue nothing for it and do not call end_recording).
+  virtual bool begin_recording() { return false; }
   // Ends the recording. Returns it, or no step when it cannot be replayed: an op that cannot be
   // recorded was issued (the caller runs the ops directly), or, with *again set, a workspace had
   // to grow, which the backend did just now, and the same ops must be recorded again. Errors as

@@ -201,7 +201,7 @@ Status forward(const ModelConfig& c, const BackendModel& w, Backend& be, KvCache
     ForwardScratch::Recorded& slot = it->second;
     be.set_step_position(req.pos0);
     for (int attempt = 0; fresh && attempt < 2; ++attempt) {  // a second time after a workspace grew
-      be.begin_recording();
+      if (!be.begin_recording()) break;
       layers(bucket_end - n, true);
       bool again = false;
       GEMMA3_ASSIGN_OR_RETURN(slot.step, be.end_recording(&again));

@@ -674,13 +674,14 @@ class CudaBackend final : public Backend {
   // nodes. What a capture may not hold (a host copy, a synchronization, an allocation) is turned
   // away by the ops themselves (unrecordable), so the capture stays valid and the caller
   // runs such a step directly.
-  void begin_recording() override {
-    if (!error_.ok() || recording_) return;
+  bool begin_recording() override {
+    if (!error_.ok() || recording_) return false;
     if (!step_pos_ && !device_malloc(reinterpret_cast<void**>(&step_pos_), sizeof(int), "step position").ok())
-      return;  // no recording: end_recording says so and the caller runs the ops directly
+      return false;  // the caller runs the ops directly
     if (!check(cudaStreamBeginCapture(stream(), cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture"))
-      return;
+      return false;
     recording_ = true;
+    return true;
   }
 
   Result<std::unique_ptr<RecordedStep>> end_recording(bool* again) override {
