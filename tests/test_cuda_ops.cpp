@@ -1582,7 +1582,7 @@ ModelRun run_tiny(Backend& be, const Checkpoint& ck, DType kv, const std::vector
   step(decode.data(), 3, pos, true);  // 3 tokens: the GEMV path
   pos += 3;
   for (size_t i = 3; i < decode.size(); ++i) step(&decode[i], 1, pos++, false);  // decode steps
-  for (const auto& [key, r] : scratch.recorded) run.recorded += r.step != nullptr;
+  for (const auto& [key, step] : scratch.recorded) run.recorded += step != nullptr;
   return run;
 }
 

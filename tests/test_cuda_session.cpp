@@ -24,12 +24,12 @@ std::string tiny_path() {
   return std::string(root && *root ? root : GEMMA3_SOURCE_DIR) + "/tests/data/tiny-f32.gguf";
 }
 
-std::shared_ptr<Model> load_tiny(BackendKind backend) {
+std::shared_ptr<Model> load_tiny(BackendKind backend, int context = 64) {
   LoadOptions lo;
   lo.backend = backend;
   lo.threads = 2;
   lo.kv_type = KvType::kF32;
-  lo.context = 64;
+  lo.context = context;
   auto m = Model::load(tiny_path(), lo);
   EXPECT_TRUE(m.ok()) << m.status().to_string();
   return m.ok() ? *m : nullptr;
@@ -137,17 +137,11 @@ TEST(CudaSession, RecordedDecodeMatchesDirectAcrossBuckets) {
   for (int i = 0; prompt.size() < 60; ++i) prompt.push_back(300 + (i * 37) % 200);
   auto run = [&](BackendKind backend, bool graphs) {
     if (!graphs) setenv("GEMMA3_CUDA_GRAPHS", "0", 1);
-    LoadOptions lo;
-    lo.backend = backend;
-    lo.threads = 2;
-    lo.kv_type = KvType::kF32;
-    lo.context = 200;
-    auto m = Model::load(tiny_path(), lo);
+    auto m = load_tiny(backend, 200);
     unsetenv("GEMMA3_CUDA_GRAPHS");
     Generated g;
-    EXPECT_TRUE(m.ok()) << m.status().to_string();
-    if (!m.ok()) return g;
-    auto s = (*m)->new_session();
+    if (!m) return g;
+    auto s = m->new_session();
     EXPECT_TRUE(s.ok());
     if (!s.ok()) return g;
     EXPECT_TRUE((*s)->feed_tokens(prompt).ok());

@@ -198,17 +198,17 @@ Status forward(const ModelConfig& c, const BackendModel& w, Backend& be, KvCache
     const int bucket_end =
         std::min<int64_t>(limit, std::max<int64_t>(64, std::bit_ceil(uint32_t(req.pos0 + n))));
     auto [it, fresh] = s.recorded.try_emplace({&cache, n, bucket_end, req.kv_start});
-    ForwardScratch::Recorded& slot = it->second;
-    be.set_step_position(req.pos0);
+    std::unique_ptr<RecordedStep>& step = it->second;
     for (int attempt = 0; fresh && attempt < 2; ++attempt) {  // a second time after a workspace grew
       if (!be.begin_recording()) break;
       layers(bucket_end - n, true);
       bool again = false;
-      GEMMA3_ASSIGN_OR_RETURN(slot.step, be.end_recording(&again));
+      GEMMA3_ASSIGN_OR_RETURN(step, be.end_recording(&again));
       if (!again) break;
     }
-    if (slot.step) {
-      be.replay(*slot.step);
+    if (step) {
+      be.set_step_position(req.pos0);
+      be.replay(*step);
       if (logits_host) be.to_host(s.logits, logits_host, static_cast<uint64_t>(c.vocab_size) * sizeof(float));
       return be.status();
     }

@@ -57,10 +57,7 @@ class ForwardScratch {
   // Recorded steps (Backend::begin_recording) over these buffers and one cache, by (cache, step
   // tokens, end of the position bucket, kv_start); forward() makes and replays them. No step:
   // the ops could not be recorded and run directly.
-  struct Recorded {
-    std::unique_ptr<RecordedStep> step;
-  };
-  std::map<std::tuple<const KvCache*, int, int, int>, Recorded> recorded;
+  std::map<std::tuple<const KvCache*, int, int, int>, std::unique_ptr<RecordedStep>> recorded;
 
  private:
   Backend& backend_;

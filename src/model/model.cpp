@@ -236,14 +236,21 @@ class ModelImpl final : public Model, public std::enable_shared_from_this<ModelI
   }
   int image_size() const override { return vision ? vision->image_size() : 0; }
   bool is_base_model() const override { return ckpt->config().base_model; }
+  // Ids generate may produce and score takes: not past the tokenizer (padding rows,
+  // <image_soft_token> = 262144) nor the image soft token.
+  int n_text_ids() const {
+    const ModelConfig& c = ckpt->config();
+    return std::min(c.vocab_size, std::min(tokenizer().n_vocab(), c.image_token_id));
+  }
   using Model::new_session;
   Result<std::unique_ptr<Session>> new_session(const SessionOptions& so) override {
     return api_guard("new_session", [&]() -> Result<std::unique_ptr<Session>> {
       const int max = ckpt->config().max_context;
       if (so.context < 0 || so.context > max)
-        return invalid_argument(fmt::format(
-            "SessionOptions::context is {}; it must be in [0, {}] (0: the model's {}; {}: the checkpoint's maximum)",
-            so.context, max, context, max));
+        return invalid_argument(
+            fmt::format("SessionOptions::context is {}; it must be in [0, {}] (0: the model's {}; {}: the "
+                        "checkpoint's maximum)",
+                        so.context, max, context, max));
       GEMMA3_ASSIGN_OR_RETURN(auto s, make_session(so.context ? so.context : context));
       return std::unique_ptr<Session>(std::make_unique<GuardedSession>(std::move(s)));
     });
@@ -765,9 +772,9 @@ Result<GenerateResult> SessionImpl::generate(const GenerateOptions& o,
   const bool want_logprobs = o.logprobs || o.top_logprobs > 0;
   const ModelConfig& c = model_->ckpt->config();
   const Tokenizer& tok = model_->tokenizer();
-  // Never produce ids past the tokenizer (padding rows, <image_soft_token> = 262144) nor the
-  // image delimiters (as the JAX sampler forbids them).
-  const int n_allowed = std::min(c.vocab_size, std::min(tok.n_vocab(), c.image_token_id));
+  // Only text ids (ModelImpl::n_text_ids), and never the image delimiters (as the JAX sampler
+  // forbids them).
+  const int n_allowed = model_->n_text_ids();
   const std::vector<int32_t> banned = {c.boi_id, c.eoi_id};
   // Each step's token is picked where the logits are (Backend::sample: on a GPU only the id comes
   // back), with this step's seed drawn from one generator, so a seeded run's tokens do not
@@ -875,7 +882,7 @@ Result<std::vector<float>> SessionImpl::score(const std::vector<int32_t>& contin
   if (tokens_.empty())
     return invalid_argument("score: the context is empty; feed at least <bos> before the scored tokens");
   const ModelConfig& c = model_->ckpt->config();
-  const int n_allowed = std::min(c.vocab_size, std::min(model_->tokenizer().n_vocab(), c.image_token_id));
+  const int n_allowed = model_->n_text_ids();
   for (size_t i = 0; i < continuation.size(); ++i)
     if (continuation[i] < 0 || continuation[i] >= n_allowed)
       return invalid_argument(
@@ -970,7 +977,8 @@ Result<std::shared_ptr<Model>> load_model(const std::string& path, const LoadOpt
     return invalid_argument("LoadOptions::fp8_weights needs the CUDA backend; the CPU runs the stored types");
   if (options.batch_invariant && cuda)
     return invalid_argument(
-        "LoadOptions::batch_invariant is a CPU backend option; the CUDA backend's decode and prefill paths differ "
+        "LoadOptions::batch_invariant is a CPU backend option; the CUDA backend's decode and prefill paths "
+        "differ "
         "(choose BackendKind::kCpu)");
   if (cuda) {
     GEMMA3_ASSIGN_OR_RETURN(m->backend, make_cuda_backend(bo));

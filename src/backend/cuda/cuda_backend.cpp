@@ -125,6 +125,8 @@ class CudaBackend final : public Backend {
     if ((e = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking)) != cudaSuccess)
       return internal_error("CUDA backend: cudaStreamCreate: " + cuda_error_text(e));
     b->stream_ = stream;
+    // The step position recorded ops read (set_step_position), one int for the backend's life.
+    GEMMA3_TRY(b->device_malloc(reinterpret_cast<void**>(&b->step_pos_), sizeof(int), "step position"));
     cublasHandle_t handle = nullptr;
     cublasStatus_t cs = cublasCreate(&handle);
     if (cs != CUBLAS_STATUS_SUCCESS)
@@ -676,8 +678,6 @@ class CudaBackend final : public Backend {
   // runs such a step directly.
   bool begin_recording() override {
     if (!error_.ok() || recording_) return false;
-    if (!step_pos_ && !device_malloc(reinterpret_cast<void**>(&step_pos_), sizeof(int), "step position").ok())
-      return false;  // the caller runs the ops directly
     if (!check(cudaStreamBeginCapture(stream(), cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture"))
       return false;
     recording_ = true;
@@ -715,8 +715,6 @@ class CudaBackend final : public Backend {
 
   void set_step_position(int pos0) override {
     if (!error_.ok() || unrecordable("set_step_position")) return;
-    if (!step_pos_ && !device_malloc(reinterpret_cast<void**>(&step_pos_), sizeof(int), "step position").ok())
-      return fail(out_of_memory("CUDA backend: cannot allocate the step position"));
     // From pageable memory: staged before the call returns.
     check(cudaMemcpyAsync(step_pos_, &pos0, sizeof(int), cudaMemcpyHostToDevice, stream()), "step position");
   }
