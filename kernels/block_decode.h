@@ -149,6 +149,15 @@ GEMMA3_HD uint16_t float_to_half(float f) {
   return static_cast<uint16_t>(sign | h);
 }
 
+// float -> bf16 bits, round to nearest even; NaN stays NaN with the quiet bit set (f32_to_bf16
+// in src/core/dtype.cpp). The KV cache's bf16 encoder and the bf16 GEMM's operand conversion.
+GEMMA3_HD uint16_t float_to_bf16(float f) {
+  uint32_t u = float_bits(f);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7FFFu + ((u >> 16) & 1);  // a large finite value correctly overflows to inf
+  return static_cast<uint16_t>(u >> 16);
+}
+
 // float -> e4m3fn byte, round to nearest even, saturating: |x| >= 448 and +-inf give +-448
 // (e4m3fn has no infinity; vLLM's fp8 KV cache does the same), NaN gives 0 so a cache or
 // weight never holds a NaN code. The algorithm of make_model's f32_to_f8e4m3 (which maps NaN

@@ -4,17 +4,22 @@
 namespace gemma3::cuda {
 namespace {
 
-// out[(r - row0) * cols + i] = W[r, i] * row_scale(r) for row0 <= r < row0 + n_rows; D is the
+// out[(r - row0) * cols + i] = W[r, i] * row_scale(r) for row0 <= r < row0 + n_rows, as fp32
+// (Out = float) or rounded to bf16 bits (Out = uint16_t: the bf16 GEMM's tiles); D is the
 // uploaded layout (dispatch_weight: Q4_0/Q8_0 planar).
 // Preconditions: any grid/block shape (grid-stride loop over n_rows * cols elements).
-template <class D>
-__global__ void dequant_rows_kernel(WeightRef w, int64_t row0, int64_t n_rows, float* out) {
+template <class D, class Out>
+__global__ void dequant_rows_kernel(WeightRef w, int64_t row0, int64_t n_rows, Out* out) {
   const int64_t total = n_rows * w.cols;
   for (int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; idx < total;
        idx += int64_t{gridDim.x} * blockDim.x) {
     const int64_t r = row0 + idx / w.cols, i = idx % w.cols;
     const uint8_t* row = static_cast<const uint8_t*>(w.data) + r * w.row_bytes;
-    out[idx] = blocks::mul(blocks::weight_value<D>(row, w.cols, i), row_scale_of(w, r));
+    const float v = blocks::mul(blocks::weight_value<D>(row, w.cols, i), row_scale_of(w, r));
+    if constexpr (sizeof(Out) == 2)
+      out[idx] = blocks::float_to_bf16(v);
+    else
+      out[idx] = v;
   }
 }
 
@@ -73,15 +78,27 @@ int launch_quantize_fp8_rows(const WeightRef& w, uint8_t* dst, float* scales, St
   }
 }
 
-int launch_dequant_rows(const WeightRef& w, int64_t row0, int64_t n_rows, float* out, Stream stream) {
+namespace {
+template <class Out>
+int dequant_rows(const WeightRef& w, int64_t row0, int64_t n_rows, Out* out, Stream stream) {
   if (row0 < 0 || n_rows < 0 || row0 + n_rows > w.rows) return static_cast<int>(cudaErrorInvalidValue);
   if (n_rows == 0 || w.cols == 0) return 0;
   constexpr int kThreads = 256;
   return dispatch_weight(w.dtype, [&](auto d) {
-    GEMMA3_LAUNCH(dequant_rows_kernel<decltype(d)>, grid_for(n_rows * w.cols, kThreads), kThreads, 0,
-                  as_stream(stream), w, row0, n_rows, out);
+    auto* const kernel = &dequant_rows_kernel<decltype(d), Out>;  // (the macro would split "<D, Out>")
+    GEMMA3_LAUNCH(kernel, grid_for(n_rows * w.cols, kThreads), kThreads, 0, as_stream(stream), w, row0,
+                  n_rows, out);
     return launch_result();
   });
+}
+}  // namespace
+
+int launch_dequant_rows(const WeightRef& w, int64_t row0, int64_t n_rows, float* out, Stream stream) {
+  return dequant_rows(w, row0, n_rows, out, stream);
+}
+
+int launch_dequant_rows_bf16(const WeightRef& w, int64_t row0, int64_t n_rows, uint16_t* out, Stream stream) {
+  return dequant_rows(w, row0, n_rows, out, stream);
 }
 
 int launch_embed(const WeightRef& w, const int32_t* ids, int n, float scale, float* out, Stream stream) {

@@ -17,15 +17,6 @@
 namespace gemma3::cuda {
 namespace {
 
-// fp32 -> bf16 bits, round to nearest even; NaN stays NaN with the quiet bit set. Identical to
-// f32_to_bf16 in src/core/dtype.cpp.
-__device__ __forceinline__ uint16_t to_bf16(float f) {
-  uint32_t u = __float_as_uint(f);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  u += 0x7FFFu + ((u >> 16) & 1);
-  return static_cast<uint16_t>(u >> 16);
-}
-
 // A cache element of type T from an fp32 value: float (fp32), uint16_t (bf16 bits, round to
 // nearest even) or uint8_t (e4m3fn, saturating).
 template <class T>
@@ -33,7 +24,7 @@ __device__ __forceinline__ T encode_kv(float x) {
   if constexpr (sizeof(T) == 4) {
     return x;
   } else if constexpr (sizeof(T) == 2) {
-    return to_bf16(x);
+    return blocks::float_to_bf16(x);
   } else {
     return blocks::float_to_e4m3(x);
   }

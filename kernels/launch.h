@@ -37,6 +37,8 @@ struct WeightRef {
 // ---- dequant.cu ----
 // out[(r - row0) * cols + i] = W[r, i] (dequantized, row scale applied), row0 <= r < row0 + n_rows.
 int launch_dequant_rows(const WeightRef& w, int64_t row0, int64_t n_rows, float* out, Stream stream);
+// The same rows rounded to bf16 bits (round to nearest even): the bf16 GEMM's weight tiles.
+int launch_dequant_rows_bf16(const WeightRef& w, int64_t row0, int64_t n_rows, uint16_t* out, Stream stream);
 // out[t, :] = W[ids[t], :] * scale for t < n; ids: device, [n], each in [0, rows).
 int launch_embed(const WeightRef& w, const int32_t* ids, int n, float scale, float* out, Stream stream);
 
@@ -309,6 +311,8 @@ int launch_sample_sort(const SampleArgs& a, SampleSorted* out, Stream stream);
 // ---- elementwise.cu ----
 // out = gelu_tanh(g) * u over n values.
 int launch_gelu_gate(const float* g, const float* u, int64_t n, float* out, Stream stream);
+// out[i] = x[i] rounded to bf16 bits (round to nearest even) over n values: a GEMM's activations.
+int launch_to_bf16(const float* x, int64_t n, uint16_t* out, Stream stream);
 // out = a + b over n values.
 int launch_add(const float* a, const float* b, int64_t n, float* out, Stream stream);
 

@@ -509,4 +509,25 @@ TEST(CliBench, TgReportsShareOfTheCopyBandwidth) {
   EXPECT_NE(md.out.find("memory roofline (memcpy, 2 threads, same run)"), std::string::npos) << md.out;
 }
 
+// pp rows report the model FLOPs per second. tiny-f32 (H 96, I 160, 4 heads x 32 = 128 query
+// and 2 x 32 = 64 kv width, 8 layers, window 8, vocab 512), pp8 from an empty context:
+// projections and MLP 2 (96 (128 + 2 * 64) + 128 * 96 + 3 * 96 * 160) = 165888 per token and
+// layer, x 8 tokens x 8 layers = 10616832; attention 4 * 128 * (1 + ... + 8 keys) = 18432 per
+// layer (every key inside the window), x 8 = 147456; the LM head for the last token 2 * 96 *
+// 512 = 98304: 10862592 FLOPs per run. The CPU has no GEMM reference, so no pct_of_gemm.
+TEST(CliBench, PpReportsModelFlopsPerSecond) {
+  const std::string tiny = std::string(GEMMA3_SOURCE_DIR) + "/tests/data/tiny-f32.gguf";
+  const CliResult r =
+      run_cli({"bench", "-m", tiny, "-p", "8", "-n", "0", "-r", "2", "-t", "2", "-o", "json"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  const nlohmann::json j = nlohmann::json::parse(r.out);
+  ASSERT_EQ(j.size(), 1u) << r.out;
+  const double tps = j[0].at("avg_ts").get<double>(), tflops = j[0].at("tflop_per_s").get<double>();
+  EXPECT_NEAR(tflops * 1e12, 10862592.0 * tps / 8, 1e-6 * tflops * 1e12) << r.out;
+  EXPECT_FALSE(j[0].contains("pct_of_gemm")) << r.out;
+  const CliResult md = run_cli({"bench", "-m", tiny, "-p", "8", "-n", "0", "-r", "1", "-t", "2"});
+  ASSERT_EQ(md.code, 0) << md.err;
+  EXPECT_NE(md.out.find("| TFLOP/s | % of GEMM |"), std::string::npos) << md.out;
+}
+
 }  // namespace

@@ -17,6 +17,7 @@
 #include "../kernels/block_decode.h"
 #include "../kernels/launch.h"
 #include "backend/backend.h"
+#include "bf16_gemm_reference.h"
 #include "core/quant.h"
 #include "model/forward.h"
 #include "model/make_model.h"
@@ -486,6 +487,46 @@ std::vector<int64_t> awkward_cols(DType t) {
   return {256, 2304};
 }
 
+// docs/cuda.md, "Prefill GEMM": past kGemvMaxTokens tokens the CUDA matmul rounds both operands
+// of a non-F32 weight to bf16 (tensor cores) and sums their exact products in fp32.
+bool gemm_in_bf16(DType t, int n) { return n > cuda::kGemvMaxTokens && t != DType::kF32; }
+
+// Checks the CUDA matmul's out [n, rows] of x [n, cols] and the weight's dense rows against the
+// CPU reference's ref, returning the number of bad values (the first 3 reported under `what`).
+// Both sides sum fp32 products of the same operands (the decoders agree bit for bit) in
+// different orders. Rounding errors of a k-term sum grow like sqrt(k) * u * sum|w x| in practice
+// (the worst case is k * u); 1e-4 * sum|w x| is >= 15 of those for k <= 2336, while an indexing
+// bug (wrong row, token, tile or block) moves a result by ~sum|w x| / sqrt(k). For a bf16 GEMM
+// the operands differ: the result is checked in the same way against the exact sum over the
+// bf16-rounded operands (round_bf16, double), and against the CPU's within the operand
+// rounding's bound, (2 * 2^-8 + 2^-16) sum|w x| < 7.9e-3 sum|w x| (2^-8: bf16's unit
+// roundoff), plus the same 1e-4.
+int check_matmul(const std::vector<float>& dense, const std::vector<float>& x, int64_t rows, int64_t cols,
+                 int n, bool bf16, const float* got, const float* ref, const std::string& what) {
+  int bad = 0;
+  for (int tk = 0; tk < n; ++tk)
+    for (int64_t o = 0; o < rows; ++o) {
+      double mag = 0, exact = 0, mag16 = 0;
+      for (int64_t i = 0; i < cols; ++i) {
+        const float w = dense[o * cols + i], v = x[tk * cols + i];
+        mag += std::fabs(double(w) * v);
+        if (!bf16) continue;
+        const double p = double(round_bf16(w)) * round_bf16(v);
+        exact += p;
+        mag16 += std::fabs(p);
+      }
+      const double g = got[tk * rows + o], c = ref[tk * rows + o];
+      const bool ok = bf16 ? std::fabs(g - exact) <= 1e-4 * mag16 + 1e-30 &&
+                                 std::fabs(g - c) <= (7.9e-3 + 1e-4) * mag + 1e-30
+                           : std::fabs(g - c) <= 1e-4 * mag + 1e-30;
+      if (!ok && ++bad <= 3)
+        ADD_FAILURE() << what << " n " << n << " [" << tk << "," << o << "]: gpu " << g << " cpu " << c
+                      << (bf16 ? " exact over bf16 operands " + std::to_string(exact) : std::string())
+                      << " (sum|wx| " << mag << ")";
+    }
+  return bad;
+}
+
 TEST_F(CudaOps, MatmulMatchesCpuForEveryTypeAndTokenCount) {
   for (DType t : kAllTypes) {
     for (int64_t cols : awkward_cols(t)) {
@@ -501,23 +542,10 @@ TEST_F(CudaOps, MatmulMatchesCpuForEveryTypeAndTokenCount) {
         cpu_->matmul(x.data(), n, **wc, ref.data());
         gpu_->matmul(xg.f(), n, **wg, og.f());
         const auto got = og.read();
-        // Both sides sum the same fp32 products (the decoders agree bit for bit), in different
-        // orders. Rounding errors of a k-term sum grow like sqrt(k) * u * sum|w x| in practice
-        // (the worst case is k * u); 1e-4 * sum|w x| is >= 15 of those for k <= 2336, while an
-        // indexing bug (wrong row, token, tile or block) moves a result by ~sum|w x| / sqrt(k).
-        int bad = 0;
-        for (int tk = 0; tk < n; ++tk)
-          for (int64_t o = 0; o < rows; ++o) {
-            double mag = 0;
-            for (int64_t i = 0; i < cols; ++i)
-              mag += std::fabs(double(tw.dense[o * cols + i]) * x[tk * cols + i]);
-            const double err = std::fabs(double(got[tk * rows + o]) - ref[tk * rows + o]);
-            if (!(err <= 1e-4 * mag + 1e-30) && ++bad <= 3)
-              ADD_FAILURE() << dtype_name(t) << " cols " << cols << " n " << n << " [" << tk << "," << o
-                            << "]: gpu " << got[tk * rows + o] << " cpu " << ref[tk * rows + o]
-                            << " (sum|wx| " << mag << ")";
-          }
-        EXPECT_EQ(bad, 0) << dtype_name(t) << " cols " << cols << " n " << n;
+        const std::string what = std::string(dtype_name(t)) + " cols " + std::to_string(cols);
+        EXPECT_EQ(check_matmul(tw.dense, x, rows, cols, n, gemm_in_bf16(t, n), got.data(), ref.data(), what),
+                  0)
+            << what << " n " << n;
       }
     }
   }
@@ -525,7 +553,7 @@ TEST_F(CudaOps, MatmulMatchesCpuForEveryTypeAndTokenCount) {
 
 // A weight larger than the 64 MiB dequantization scratch: the cuBLAS path runs in several tiles.
 TEST_F(CudaOps, MatmulTilesLargeWeights) {
-  const int64_t rows = 2100, cols = 8192;  // 17.2M elements > 16M scratch floats: 2 tiles
+  const int64_t rows = 4200, cols = 8192;  // 34.4M elements > 32M bf16 in the scratch: 2 tiles
   TestWeight tw(DType::kQ8_0, rows, cols, 3);
   auto wg = gpu_->upload(tw.view);
   auto wc = cpu_->upload(tw.view);
@@ -537,14 +565,10 @@ TEST_F(CudaOps, MatmulTilesLargeWeights) {
   cpu_->matmul(x.data(), n, **wc, ref.data());
   gpu_->matmul(xg.f(), n, **wg, og.f());
   const auto got = og.read();
-  double worst = 0;
-  for (size_t i = 0; i < ref.size(); ++i) {
-    const int64_t tk = static_cast<int64_t>(i) / rows, o = static_cast<int64_t>(i) % rows;
-    double mag = 0;
-    for (int64_t c = 0; c < cols; ++c) mag += std::fabs(double(tw.dense[o * cols + c]) * x[tk * cols + c]);
-    worst = std::max(worst, std::fabs(double(got[i]) - ref[i]) / mag);
-  }
-  EXPECT_LT(worst, 1e-4);  // as above; k = 8192 gives sqrt(k) * u ~ 5e-6
+  // As MatmulMatchesCpu; k = 8192 gives sqrt(k) * u ~ 5e-6.
+  EXPECT_EQ(check_matmul(tw.dense, x, rows, cols, n, gemm_in_bf16(DType::kQ8_0, n), got.data(), ref.data(),
+                         "Q8_0 [2100 x 8192]"),
+            0);
 }
 
 // The decode GEMV (kernels/gemv.cu) at every token count 1..8 and every type, against the CPU
@@ -571,18 +595,10 @@ void expect_matmul_close(Backend& gpu, Backend& cpu, const TestWeight& tw, DType
   cpu.matmul(x.data(), n, **wc, ref.data());
   gpu.matmul(xg.f(), n, **wg, og.f());
   const auto got = og.read();
-  int bad = 0;
-  for (int tk = 0; tk < n; ++tk)
-    for (int64_t o = 0; o < rows; ++o) {
-      double mag = 0;
-      for (int64_t i = 0; i < cols; ++i) mag += std::fabs(double(tw.dense[o * cols + i]) * x[tk * cols + i]);
-      const double err = std::fabs(double(got[tk * rows + o]) - ref[tk * rows + o]);
-      if (!(err <= 1e-4 * mag + 1e-30) && ++bad <= 3)  // as MatmulMatchesCpuForEveryTypeAndTokenCount
-        ADD_FAILURE() << dtype_name(t) << " [" << rows << " x " << cols << "] n " << n << " [" << tk << ","
-                      << o << "]: gpu " << got[tk * rows + o] << " cpu " << ref[tk * rows + o] << " (sum|wx| "
-                      << mag << ")";
-    }
-  EXPECT_EQ(bad, 0) << dtype_name(t) << " [" << rows << " x " << cols << "] n " << n;
+  const std::string what =
+      std::string(dtype_name(t)) + " [" + std::to_string(rows) + " x " + std::to_string(cols) + "]";
+  EXPECT_EQ(check_matmul(tw.dense, x, rows, cols, n, gemm_in_bf16(t, n), got.data(), ref.data(), what), 0)
+      << what << " n " << n;
 }
 
 TEST_F(CudaOps, GemvMatchesCpuForEveryTypeAndTokenCount) {
@@ -645,19 +661,28 @@ TEST_F(CudaOps, StackedWeightsMatchTheirParts) {
           auto w = ref_be.upload_matmul_weight(*views[j]);
           ASSERT_TRUE(w.ok()) << w.status().to_string();
           std::vector<float> out(static_cast<size_t>(n * rows[j]));
+          // A bf16 GEMM (gemm_in_bf16) is held to the exact sum over its rounded operands.
+          const bool bf16 = !c.narrow && gemm_in_bf16(c.t, n);
           if (c.narrow) {
             Buf og(gpu, out.size() * 4);
             gpu.matmul(xg.f(), n, **w, og.f());
             out = og.read();
-          } else {
+          } else if (!bf16) {
             cpu_->matmul(x.data(), n, **w, out.data());
           }
-          want.push_back(out);
           std::vector<double> m(out.size());
           for (int t = 0; t < n; ++t)
-            for (int64_t o = 0; o < rows[j]; ++o)
-              for (int64_t i = 0; i < c.cols; ++i)
-                m[t * rows[j] + o] += std::fabs(double(tw[j]->dense[o * c.cols + i]) * x[t * c.cols + i]);
+            for (int64_t o = 0; o < rows[j]; ++o) {
+              double sum = 0;
+              for (int64_t i = 0; i < c.cols; ++i) {
+                const float wv = tw[j]->dense[o * c.cols + i], xv = x[t * c.cols + i];
+                const double p = bf16 ? double(round_bf16(wv)) * round_bf16(xv) : double(wv) * xv;
+                sum += p;
+                m[t * rows[j] + o] += std::fabs(p);
+              }
+              if (bf16) out[t * rows[j] + o] = static_cast<float>(sum);
+            }
+          want.push_back(out);
           mag.push_back(m);
         }
         if (!geglu) {
@@ -729,42 +754,54 @@ TEST_F(CudaOps, GemvNarrowAndTallMatrices) {
 }
 
 // The planar Q4_0/Q8_0 upload read back exactly: embed (scale 1) returns every row and the
-// cuBLAS path's dequantization (launch_dequant_rows) multiplied by identity rows returns
-// W[:, t] for t < 12; both must equal the CPU's dequantized values (sums of one product and
-// exact zeros, so exact), for one block per row (scales padded to 16 bytes) and for many.
+// cuBLAS path's dequantization multiplied by identity rows returns W[:, t] for t < 12; both
+// must equal the CPU's dequantized values (sums of one product and exact zeros, so exact), for
+// one block per row (scales padded to 16 bytes) and for many. The GEMM's tiles are bf16
+// (launch_dequant_rows_bf16: the values rounded to bf16) or, in a backend made with
+// GEMMA3_CUDA_FP32_GEMM=1, fp32 (launch_dequant_rows: the values themselves).
 TEST_F(CudaOps, PlanarUploadDequantizesExactly) {
-  for (DType t : {DType::kQ4_0, DType::kQ8_0}) {
-    for (int64_t cols : {32, 96, 2080}) {
-      const int64_t rows = 13;
-      TestWeight tw(t, rows, cols, 500 + static_cast<uint32_t>(cols));
-      auto wg = gpu_->upload(tw.view);
-      ASSERT_TRUE(wg.ok()) << wg.status().to_string();
-      std::vector<int32_t> ids(rows);
-      for (int64_t r = 0; r < rows; ++r) ids[r] = static_cast<int32_t>(rows - 1 - r);
-      Buf eg(*gpu_, static_cast<size_t>(rows * cols) * 4);
-      gpu_->embed(**wg, ids.data(), static_cast<int>(rows), 1.0f, eg.f());
-      const auto emb = eg.read();
-      int bad = 0;
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t i = 0; i < cols; ++i)
-          if (!same_float(emb[r * cols + i], tw.dense[ids[r] * cols + i]) && ++bad <= 3)
-            ADD_FAILURE() << dtype_name(t) << " cols " << cols << " embed row " << ids[r] << " element " << i;
-      const int n = static_cast<int>(std::min<int64_t>(cols, 12));  // > 8 tokens: dequantize + cuBLAS
-      if (n > cuda::kGemvMaxTokens) {
-        std::vector<float> x(static_cast<size_t>(n * cols), 0.0f);
-        for (int k = 0; k < n; ++k) x[k * cols + k] = 1.0f;
-        Buf xg(*gpu_, x), og(*gpu_, static_cast<size_t>(n * rows) * 4);
-        gpu_->matmul(xg.f(), n, **wg, og.f());
-        const auto got = og.read();
-        for (int k = 0; k < n; ++k)
-          for (int64_t o = 0; o < rows; ++o)
-            if (!(got[k * rows + o] == tw.dense[o * cols + k]) && ++bad <= 3)
-              ADD_FAILURE() << dtype_name(t) << " cols " << cols << " dequantized [" << o << "," << k
-                            << "]: " << got[k * rows + o] << " vs " << tw.dense[o * cols + k];
+  setenv("GEMMA3_CUDA_FP32_GEMM", "1", 1);
+  auto fp32 = make_cuda_backend({});
+  unsetenv("GEMMA3_CUDA_FP32_GEMM");
+  ASSERT_TRUE(fp32.ok()) << fp32.status().to_string();
+  for (Backend* gpu : {gpu_.get(), fp32->get()})
+    for (DType t : {DType::kQ4_0, DType::kQ8_0}) {
+      const bool bf16_tiles = gpu == gpu_.get();
+      for (int64_t cols : {32, 96, 2080}) {
+        const int64_t rows = 13;
+        TestWeight tw(t, rows, cols, 500 + static_cast<uint32_t>(cols));
+        auto wg = gpu->upload(tw.view);
+        ASSERT_TRUE(wg.ok()) << wg.status().to_string();
+        std::vector<int32_t> ids(rows);
+        for (int64_t r = 0; r < rows; ++r) ids[r] = static_cast<int32_t>(rows - 1 - r);
+        Buf eg(*gpu, static_cast<size_t>(rows * cols) * 4);
+        gpu->embed(**wg, ids.data(), static_cast<int>(rows), 1.0f, eg.f());
+        const auto emb = eg.read();
+        int bad = 0;
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t i = 0; i < cols; ++i)
+            if (!same_float(emb[r * cols + i], tw.dense[ids[r] * cols + i]) && ++bad <= 3)
+              ADD_FAILURE() << dtype_name(t) << " cols " << cols << " embed row " << ids[r] << " element "
+                            << i;
+        const int n = static_cast<int>(std::min<int64_t>(cols, 12));  // > 8 tokens: dequantize + cuBLAS
+        if (n > cuda::kGemvMaxTokens) {
+          std::vector<float> x(static_cast<size_t>(n * cols), 0.0f);
+          for (int k = 0; k < n; ++k) x[k * cols + k] = 1.0f;
+          Buf xg(*gpu, x), og(*gpu, static_cast<size_t>(n * rows) * 4);
+          gpu->matmul(xg.f(), n, **wg, og.f());
+          const auto got = og.read();
+          for (int k = 0; k < n; ++k)
+            for (int64_t o = 0; o < rows; ++o) {
+              const float want = bf16_tiles ? round_bf16(tw.dense[o * cols + k]) : tw.dense[o * cols + k];
+              if (!(got[k * rows + o] == want) && ++bad <= 3)
+                ADD_FAILURE() << dtype_name(t) << " cols " << cols << (bf16_tiles ? " bf16" : " fp32")
+                              << " dequantized [" << o << "," << k << "]: " << got[k * rows + o] << " vs "
+                              << want;
+            }
+        }
+        EXPECT_EQ(bad, 0) << dtype_name(t) << " cols " << cols << (bf16_tiles ? " bf16" : " fp32");
       }
-      EXPECT_EQ(bad, 0) << dtype_name(t) << " cols " << cols;
     }
-  }
 }
 
 TEST_F(CudaOps, EmbedIsBitExactForEveryType) {
@@ -1506,8 +1543,9 @@ TEST_F(CudaOps, Fp8WeightsQuantizeAtUpload) {
         }
       EXPECT_EQ(bad, 0) << dtype_name(t) << " cols " << cols;
       // The quantized values, bit for bit: matmul by the identity (cols > 8 tokens: the
-      // dequantize + cuBLAS path) gives out[t, o] = W[o, t] exactly (one product by 1, the
-      // rest by 0; a -0 weight comes back as +0, hence == rather than the bits).
+      // dequantize + cuBLAS path, whose bf16 operands are the values rounded to bf16) gives
+      // out[t, o] = bf16(W[o, t]) exactly (one product by 1, the rest by 0; a -0 weight comes
+      // back as +0, hence == rather than the bits).
       std::vector<float> eye(static_cast<size_t>(cols * cols), 0.0f);
       for (int64_t i = 0; i < cols; ++i) eye[i * cols + i] = 1.0f;
       Buf eg(g8, eye), wg(g8, static_cast<size_t>(cols * rows) * 4);
@@ -1515,7 +1553,7 @@ TEST_F(CudaOps, Fp8WeightsQuantizeAtUpload) {
       const auto wt = wg.read();
       for (int64_t o = 0; o < rows; ++o)
         for (int64_t i = 0; i < cols; ++i)
-          if (!(wt[i * rows + o] == want[o * cols + i]) && ++bad <= 3)
+          if (!(wt[i * rows + o] == round_bf16(want[o * cols + i])) && ++bad <= 3)
             ADD_FAILURE() << dtype_name(t) << " cols " << cols << " fp8 W[" << o << "," << i
                           << "]: " << wt[i * rows + o] << " vs " << want[o * cols + i];
       EXPECT_EQ(bad, 0) << dtype_name(t) << " cols " << cols;
@@ -1531,14 +1569,10 @@ TEST_F(CudaOps, Fp8WeightsQuantizeAtUpload) {
         cpu_->matmul(x.data(), n, **wc, ref.data());
         g8.matmul(xg.f(), n, **w, mg.f());
         const auto m = mg.read();
-        for (int tk = 0; tk < n; ++tk)
-          for (int64_t o = 0; o < rows; ++o) {
-            double mag = 0;
-            for (int64_t i = 0; i < cols; ++i)
-              mag += std::fabs(double(want[o * cols + i]) * x[tk * cols + i]);
-            ASSERT_NEAR(m[tk * rows + o], ref[tk * rows + o], 1e-4 * mag + 1e-30)  // as MatmulMatchesCpu
-                << dtype_name(t) << " cols " << cols << " n " << n << " [" << tk << "," << o << "]";
-          }
+        const std::string what = std::string(dtype_name(t)) + " as fp8, cols " + std::to_string(cols);
+        ASSERT_EQ(
+            check_matmul(want, x, rows, cols, n, gemm_in_bf16(DType::kF8E4M3, n), m.data(), ref.data(), what),
+            0);
       }
     }
   }
@@ -1608,8 +1642,10 @@ TEST_F(CudaOps, TinyModelMatchesCpu) {
       // with the q8_0 one.
       const bool f32_model = std::string(file) == "tiny-f32.gguf";
       if (emu_small() && f32_model != (kv == DType::kF32 || kv == DType::kBF16)) continue;
+      // The reference multiplies what the GPU multiplies: bf16 operands in the prefill GEMMs.
+      testutil::Bf16GemmReference ref(*cpu_);
       const ModelRun g = run_tiny(*gpu_, **ck, kv, p, d);
-      const ModelRun c = run_tiny(*cpu_, **ck, kv, p, d);
+      const ModelRun c = run_tiny(ref, **ck, kv, p, d);
       ASSERT_EQ(g.logits.size(), c.logits.size());
       // The decode steps (context 64: one position bucket) were recorded once and replayed,
       // each at its own position (the all-row-logits steps run directly).

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "bf16_gemm_reference.h"
 #include "model/forward.h"
 #include "model/kv_cache.h"
 #include "model/weights.h"
@@ -65,7 +66,7 @@ int32_t argmax(const std::vector<float>& v) {
 // The prompt in one chunk, then kSteps - 1 single-token steps. forced: the tokens to feed
 // (teacher forcing); empty: feed this run's own argmax (greedy).
 ParityRun run_model(Backend& be, const Checkpoint& ck, const std::vector<int32_t>& prompt,
-              const std::vector<int32_t>& forced) {
+                    const std::vector<int32_t>& forced) {
   ParityRun run;
   const auto t0 = std::chrono::steady_clock::now();
   const ModelConfig& cfg = ck.config();
@@ -143,14 +144,17 @@ TEST(CudaParity, RealShapeModels) {
 
     auto cpu = cpu_reference();
     ASSERT_TRUE(cpu.ok()) << cpu.status().to_string();
-    const ParityRun ref = run_model(**cpu, **ck, prompt, {});
+    // The oracle multiplies what the GPU multiplies: bf16 operands in the prompt's GEMMs
+    // (docs/cuda.md, "Prefill GEMM"); the decode steps' GEMVs are fp32 on both.
+    testutil::Bf16GemmReference oracle(**cpu);
+    const ParityRun ref = run_model(oracle, **ck, prompt, {});
     ASSERT_EQ(ref.logits.size(), size_t{kSteps});
     auto gpu = make_cuda_backend({});
     ASSERT_TRUE(gpu.ok()) << gpu.status().to_string();
     const ParityRun got = run_model(**gpu, **ck, prompt, ref.tokens);
     ASSERT_EQ(got.logits.size(), size_t{kSteps});
 
-    // CUDA vs CPU, both fp32 with an fp32 cache, same weights: only summation order and libm
+    // CUDA vs CPU, same operands with an fp32 cache, same weights: only summation order and libm
     // differ. The tiny model holds 1e-4 of the largest logit (test_cuda_ops.cpp); the real
     // shapes sum 640..10240 terms per dot over 18..26 layers and 300 keys, so 1e-3 here. A
     // layout, masking or dequantization bug gives O(1). A greedy token may differ only where

@@ -178,6 +178,21 @@ TEST(CudaSession, CopyBandwidthIsMeasuredAndLeavesNoError) {
   EXPECT_GT(generate_on(*m, greedy, 2).context.size(), kPrompt.size());
 }
 
+// The bench's compute roofline: a bf16 GEMM on cuBLAS (the emulator's reference loops here),
+// measured, positive, leaving no error; the CPU has none and says 0.
+TEST(CudaSession, GemmRateIsMeasuredAndLeavesNoError) {
+  if (!cuda_backend_available()) GTEST_SKIP() << "no CUDA device here (nor the emulator build)";
+  auto m = load_tiny(BackendKind::kCuda);
+  ASSERT_TRUE(m);
+  EXPECT_GT(m->gemm_rate(16, 48, 64), 0);
+  EXPECT_EQ(m->gemm_rate(0, 48, 64), 0);
+  SamplingOptions greedy;
+  EXPECT_GT(generate_on(*m, greedy, 2).context.size(), kPrompt.size());
+  auto c = load_tiny(BackendKind::kCpu);
+  ASSERT_TRUE(c);
+  EXPECT_EQ(c->gemm_rate(16, 48, 64), 0);
+}
+
 TEST(DecodeOnDevice, CpuCopyBandwidthIsMeasured) {
   auto m = load_tiny(BackendKind::kCpu);
   ASSERT_TRUE(m);

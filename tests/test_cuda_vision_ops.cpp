@@ -11,6 +11,7 @@
 
 #include "backend/backend.h"
 #include "backend/cpu/cpu_backend.h"
+#include "bf16_gemm_reference.h"
 #include "model/vision.h"
 #include "model/weights.h"
 
@@ -120,7 +121,9 @@ TEST_F(CudaVisionOps, TinyVisionEncoderMatchesCpu) {
   auto ckpt = Checkpoint::open(dir);
   if (!ckpt.ok()) GTEST_SKIP() << "no tiny-vision fixture: " << ckpt.status().to_string();
   const VisionWeights& vw = *(*ckpt)->vision();
-  auto ce = VisionEncoder::create(*cpu_, vw);
+  // The reference multiplies what the GPU multiplies: bf16 operands in the patch GEMMs.
+  testutil::Bf16GemmReference ref(*cpu_);
+  auto ce = VisionEncoder::create(ref, vw);
   auto ge = VisionEncoder::create(*gpu_, vw);
   ASSERT_TRUE(ce.ok() && ge.ok());
   const int S = (*ce)->image_size();

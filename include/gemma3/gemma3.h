@@ -205,6 +205,11 @@ class Model {
   // sessions on other threads wait): the roofline decode speed is compared with. 0 if it
   // could not be measured (e.g. no memory left for the buffers).
   virtual double copy_bandwidth() = 0;
+  // FLOP/s (2 per multiply-add) of a dense bf16 GEMM with fp32 accumulation of the shape
+  // [m, k] x [k, n] on the backend's own library (cuBLAS on a GPU), best of a few, measured
+  // now as copy_bandwidth is: the compute roofline prefill is compared with. 0 on the CPU
+  // backend (no reference library) or if it could not be measured.
+  virtual double gemm_rate(int64_t m, int64_t n, int64_t k) = 0;
 };
 
 class Session {

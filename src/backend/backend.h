@@ -112,6 +112,10 @@ class Backend {
   // device-to-device copy on a GPU, a memcpy on every pool thread on the CPU): the bandwidth
   // roofline `gemma3 bench` puts decode speed against. 0 when it cannot be measured.
   virtual double copy_bandwidth() { return 0; }
+  // Multiply-adds x 2 per second of the backend's dense bf16 GEMM (cuBLAS, fp32 accumulation)
+  // for out [m, n] = a [m, k] b^T, best of a few: the compute roofline `gemma3 bench` puts
+  // prefill against. 0 when the backend has none (the CPU) or it cannot be measured.
+  virtual double gemm_rate(int64_t m, int64_t n, int64_t k) { return 0; }
 
   // ---- ops (shapes in elements; all float* are backend memory) ----
   // out[t, :] = row ids[t] of table (dequantized) * scale. ids: host, [n].

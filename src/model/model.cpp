@@ -234,6 +234,14 @@ class ModelImpl final : public Model, public std::enable_shared_from_this<ModelI
       return 0;
     }
   }
+  double gemm_rate(int64_t m, int64_t n, int64_t k) override {
+    try {
+      std::lock_guard<std::mutex> lock(backend_mutex);
+      return backend->gemm_rate(m, n, k);
+    } catch (...) {
+      return 0;
+    }
+  }
   int image_size() const override { return vision ? vision->image_size() : 0; }
   bool is_base_model() const override { return ckpt->config().base_model; }
   // Ids generate may produce and score takes: not past the tokenizer (padding rows,

@@ -15,7 +15,10 @@
 // embedding counted once: the LM head reads the whole table), the bandwidth that implies, and
 // that bandwidth as a share of a copy measured in the same run on the same backend
 // (Model::copy_bandwidth: bytes read + written per second by a large memcpy on every thread,
-// or a device-to-device copy on a GPU): the memory roofline decode is held to.
+// or a device-to-device copy on a GPU): the memory roofline decode is held to. For pp it shows
+// the model FLOPs per second (prefill_flops) and, on a GPU, that rate as a share of a cuBLAS
+// bf16 GEMM timed in the same run with the shape of one prefill chunk's gate|up projection
+// (Model::gemm_rate): the compute roofline prefill is held to.
 #include <fmt/format.h>
 #include <unistd.h>
 
@@ -55,6 +58,21 @@ Spread spread(const std::vector<double>& v) {
     s.stddev = std::sqrt(ss / static_cast<double>(v.size() - 1));
   }
   return s;
+}
+
+// FLOPs (2 per multiply-add) of feeding n tokens after `depth` tokens: each layer's projections
+// (q, k, v, o) and MLP (gate, up, down) for every token, attention scores and values over the
+// keys each query sees (the window on sliding layers), and the LM head for the last token.
+double prefill_flops(const ModelConfig& c, int n, int depth) {
+  const double H = c.hidden, qw = c.q_width(), kvw = c.kv_width();
+  const double per_token = 2.0 * (H * (qw + 2 * kvw) + qw * H + 3.0 * H * c.intermediate);
+  double flops = per_token * c.n_layers * n + 2.0 * H * c.vocab_size;
+  for (int l = 0; l < c.n_layers; ++l)
+    for (int i = 0; i < n; ++i) {
+      const double keys = depth + i + 1;
+      flops += 4.0 * qw * (c.is_global(l) ? keys : std::min<double>(keys, c.sliding_window));
+    }
+  return flops;
 }
 
 struct Result_ {
@@ -110,11 +128,13 @@ int cmd_bench(int argc, char** argv) {
 
   uint64_t weight_bytes = 0;
   std::string size_label;
+  ModelConfig config;
   {  // tensor sizes only; the mapping is dropped before the model loads
     auto ckpt = Checkpoint::open(model_flags.model);
     if (!ckpt.ok()) return fail("bench", ckpt.status());
     for (const TensorView* t : (*ckpt)->text_tensors()) weight_bytes += t->nbytes;
-    size_label = (*ckpt)->config().size_label;
+    config = (*ckpt)->config();
+    size_label = config.size_label;
   }
 
   auto loaded = load_model(model_flags);
@@ -204,6 +224,13 @@ int cmd_bench(int argc, char** argv) {
   }
   const bool cpu = backend.find("cuda") == std::string::npos && backend.find("CUDA") == std::string::npos;
   const double roofline = model->copy_bandwidth();
+  // The compute roofline: one prefill chunk's gate|up GEMM in bf16 on the backend's library.
+  const int gemm_m = std::min(n_prompt, model_flags.chunk);
+  const double gemm =
+      n_prompt > 0 ? model->gemm_rate(gemm_m, 2 * int64_t{config.intermediate}, config.hidden) : 0;
+  auto pp_flops_per_s = [&](const Result_& r, double tps) {
+    return prefill_flops(config, r.n, r.depth) * tps / r.n;
+  };
 
   if (output == "json") {
     nlohmann::json out = nlohmann::json::array();
@@ -219,7 +246,13 @@ int cmd_bench(int argc, char** argv) {
         j["gb_per_s"] = sp.mean * static_cast<double>(weight_bytes) / 1e9;
         if (roofline > 0) j["pct_of_copy"] = 100.0 * sp.mean * static_cast<double>(weight_bytes) / roofline;
       }
+      if (r.test.rfind("pp", 0) == 0) {
+        const double f = pp_flops_per_s(r, sp.mean);
+        j["tflop_per_s"] = f / 1e12;
+        if (gemm > 0) j["pct_of_gemm"] = 100.0 * f / gemm;
+      }
       if (roofline > 0) j["copy_gb_per_s"] = roofline / 1e9;
+      if (gemm > 0) j["gemm_tflop_per_s"] = gemm / 1e12;
       out.push_back(std::move(j));
     }
     if (!encode_s.empty()) {
@@ -237,24 +270,34 @@ int cmd_bench(int argc, char** argv) {
     return kExitOk;
   }
 
-  std::printf("| model | size | backend | threads | test | t/s | bytes/token | GB/s | %% of copy |\n");
-  std::printf("| ----- | ---: | ------- | ------: | ---- | --: | ----------: | ---: | --------: |\n");
+  std::printf(
+      "| model | size | backend | threads | test | t/s | bytes/token | GB/s | %% of copy | TFLOP/s | %% of "
+      "GEMM |\n");
+  std::printf(
+      "| ----- | ---: | ------- | ------: | ---- | --: | ----------: | ---: | --------: | ------: | "
+      "--------: |\n");
   for (const Result_& r : results) {
     const Spread sp = spread(r.tps);
     const bool tg = r.test.rfind("tg", 0) == 0;
     const std::string test = r.depth > 0 ? fmt::format("{} @ d{}", r.test, r.depth) : r.test;
     const double bw = sp.mean * static_cast<double>(weight_bytes);
-    std::printf("| gemma3 %s | %s | %s | %d | %s | %.2f ± %.2f | %s | %s | %s |\n", size_label.c_str(),
-                human_bytes(weight_bytes).c_str(), backend.c_str(), threads, test.c_str(), sp.mean, sp.stddev,
-                tg ? human_bytes(weight_bytes).c_str() : "",
+    const double flops = tg ? 0 : pp_flops_per_s(r, sp.mean);
+    std::printf("| gemma3 %s | %s | %s | %d | %s | %.2f ± %.2f | %s | %s | %s | %s | %s |\n",
+                size_label.c_str(), human_bytes(weight_bytes).c_str(), backend.c_str(), threads, test.c_str(),
+                sp.mean, sp.stddev, tg ? human_bytes(weight_bytes).c_str() : "",
                 tg ? fmt::format("{:.1f}", bw / 1e9).c_str() : "",
-                tg && roofline > 0 ? fmt::format("{:.1f}", 100.0 * bw / roofline).c_str() : "");
+                tg && roofline > 0 ? fmt::format("{:.1f}", 100.0 * bw / roofline).c_str() : "",
+                tg ? "" : fmt::format("{:.3g}", flops / 1e12).c_str(),
+                !tg && gemm > 0 ? fmt::format("{:.1f}", 100.0 * flops / gemm).c_str() : "");
   }
   if (!encode_s.empty()) {
     const Spread sp = spread(encode_s);
     std::printf("\nimage encode (%dx%d px, vision tower + projector): %.3f ± %.3f s\n", model->image_size(),
                 model->image_size(), sp.mean, sp.stddev);
   }
+  if (gemm > 0)
+    std::printf("\ncompute roofline (cuBLAS bf16 GEMM %d x %lld x %d, same run): %.1f TFLOP/s\n", gemm_m,
+                2 * static_cast<long long>(config.intermediate), config.hidden, gemm / 1e12);
   if (roofline > 0)
     std::printf("\nmemory roofline (%s, same run): %.1f GB/s read+write -> tg bound ~%.1f t/s\n",
                 cpu ? fmt::format("memcpy, {} threads", threads).c_str() : "device-to-device copy",

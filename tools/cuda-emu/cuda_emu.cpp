@@ -1432,10 +1432,21 @@ const char* cublasGetStatusString(cublasStatus_t status) {
 
 namespace {
 
-// C (m x n, ldc) = alpha op(A) op(B) + beta C, column-major, fp32 accumulation in k order.
+// An operand element as fp32: T = float, or uint16_t holding bf16 bits (exact in fp32).
+inline float operand(float v) { return v; }
+inline float operand(uint16_t bits) {
+  const uint32_t u = uint32_t{bits} << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// C (m x n, ldc) = alpha op(A) op(B) + beta C, column-major, fp32 accumulation in k order; A and
+// B of element type T (fp32, or bf16 as on tensor cores: exact products summed in fp32).
+template <class T>
 cublasStatus_t gemm_f32(cublasHandle_t handle, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
-                        int k, float alpha, const float* A, int lda, const float* B, int ldb, float beta,
-                        float* C, int ldc) {
+                        int k, float alpha, const T* A, int lda, const T* B, int ldb, float beta, float* C,
+                        int ldc) {
   if (!handle || !emu::handle_live(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
   if (emu::refuse_on_capturing("cuBLAS (not emulated in captures)", handle->stream))
     return CUBLAS_STATUS_NOT_SUPPORTED;
@@ -1448,10 +1459,8 @@ cublasStatus_t gemm_f32(cublasHandle_t handle, cublasOperation_t ta, cublasOpera
   // Every element the call reads or writes must be device memory (a GPU would fault).
   auto extent = [](int rows, int cols, int ld) { return (size_t(cols) - 1) * size_t(ld) + size_t(rows); };
   if (k > 0 && alpha != 0.0f) {
-    emu::detail::check_device_range("cublasGemmEx A", A,
-                                    extent(a_t ? k : m, a_t ? m : k, lda) * sizeof(float));
-    emu::detail::check_device_range("cublasGemmEx B", B,
-                                    extent(b_t ? n : k, b_t ? k : n, ldb) * sizeof(float));
+    emu::detail::check_device_range("cublasGemmEx A", A, extent(a_t ? k : m, a_t ? m : k, lda) * sizeof(T));
+    emu::detail::check_device_range("cublasGemmEx B", B, extent(b_t ? n : k, b_t ? k : n, ldb) * sizeof(T));
   }
   emu::detail::check_device_range("cublasGemmEx C", C, extent(m, n, ldc) * sizeof(float));
   // op(A)[i, l] = A[i * ai + l * al], op(B)[l, j] = B[l * bl + j * bj].
@@ -1461,9 +1470,9 @@ cublasStatus_t gemm_f32(cublasHandle_t handle, cublasOperation_t ta, cublasOpera
     for (int i = 0; i < m; ++i) {
       float acc = 0.0f;
       if (alpha != 0.0f) {
-        const float* a = A + i * ai;
-        const float* b = B + j * bj;
-        for (int l = 0; l < k; ++l) acc += a[l * al] * b[l * bl];
+        const T* a = A + i * ai;
+        const T* b = B + j * bj;
+        for (int l = 0; l < k; ++l) acc += operand(a[l * al]) * operand(b[l * bl]);
       }
       float& c = C[i + size_t(j) * ldc];
       c = beta == 0.0f ? alpha * acc : alpha * acc + beta * c;  // beta == 0: C is not read
@@ -1479,13 +1488,17 @@ cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa, cub
                             const void* B, cudaDataType_t Btype, int ldb, const void* beta, void* C,
                             cudaDataType_t Ctype, int ldc, cublasComputeType_t computeType,
                             cublasGemmAlgo_t algo) {
-  if (Atype != CUDA_R_32F || Btype != CUDA_R_32F || Ctype != CUDA_R_32F ||
+  // Only what the backend uses: fp32 or bf16 operands, fp32 output and compute.
+  if (Atype != Btype || (Atype != CUDA_R_32F && Atype != CUDA_R_16BF) || Ctype != CUDA_R_32F ||
       (computeType != CUBLAS_COMPUTE_32F && computeType != CUBLAS_COMPUTE_32F_PEDANTIC))
-    return CUBLAS_STATUS_NOT_SUPPORTED;  // only what the backend uses: plain fp32
+    return CUBLAS_STATUS_NOT_SUPPORTED;
   if (!alpha || !beta) return CUBLAS_STATUS_INVALID_VALUE;
-  return gemm_f32(handle, transa, transb, m, n, k, *static_cast<const float*>(alpha),
-                  static_cast<const float*>(A), lda, static_cast<const float*>(B), ldb,
-                  *static_cast<const float*>(beta), static_cast<float*>(C), ldc);
+  const float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
+  if (Atype == CUDA_R_16BF)
+    return gemm_f32(handle, transa, transb, m, n, k, al, static_cast<const uint16_t*>(A), lda,
+                    static_cast<const uint16_t*>(B), ldb, be, static_cast<float*>(C), ldc);
+  return gemm_f32(handle, transa, transb, m, n, k, al, static_cast<const float*>(A), lda,
+                  static_cast<const float*>(B), ldb, be, static_cast<float*>(C), ldc);
 }
 
 cublasStatus_t cublasSgemm(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb, int m,

@@ -108,6 +108,9 @@ class CudaBackend final : public Backend {
     // GEMMA3_CUDA_GRAPHS=0: run every step's ops one by one (no recorded steps), to compare.
     const char* graphs = std::getenv("GEMMA3_CUDA_GRAPHS");
     b->record_steps_ = !(graphs && std::strcmp(graphs, "0") == 0);
+    // GEMMA3_CUDA_FP32_GEMM=1: prefill GEMMs in fp32 (no tensor cores), to compare.
+    const char* fp32 = std::getenv("GEMMA3_CUDA_FP32_GEMM");
+    b->fp32_gemm_ = fp32 && *fp32 && std::strcmp(fp32, "0") != 0;
     if ((e = cudaSetDevice(0)) != cudaSuccess)
       return internal_error("CUDA backend: cudaSetDevice(0): " + cuda_error_text(e));
     cudaDeviceProp prop{};
@@ -143,6 +146,7 @@ class CudaBackend final : public Backend {
   ~CudaBackend() override {
     if (stream_) (void)cudaStreamSynchronize(stream());
     if (scratch_) (void)cudaFree(scratch_);
+    if (act16_) (void)cudaFree(act16_);
     if (ids_) (void)cudaFree(ids_);
     if (partials_) (void)cudaFree(partials_);
     for (void* p : retired_) (void)cudaFree(p);
@@ -203,6 +207,45 @@ class CudaBackend final : public Backend {
     if (end) cudaEventDestroy(end);
     if (src) cudaFree(src);
     if (dst) cudaFree(dst);
+    (void)cudaGetLastError();  // a failure here is not the model's error
+    return best;
+  }
+
+  double gemm_rate(int64_t m, int64_t n, int64_t k) override {
+    if (m <= 0 || n <= 0 || k <= 0 || m > INT32_MAX || n > INT32_MAX || k > INT32_MAX || recording_) return 0;
+    const size_t a_bytes = static_cast<size_t>(m * k) * 2, b_bytes = static_cast<size_t>(n * k) * 2,
+                 c_bytes = static_cast<size_t>(m * n) * 4;
+    void *a = nullptr, *b = nullptr, *c = nullptr;
+    cudaEvent_t start = nullptr, end = nullptr;
+    double best = 0;
+    const float alpha = 1.0f, beta = 0.0f;
+    // Operands of bf16 0x3C3C (~0.0115): nonzero, so the tensor cores draw their real power.
+    if (cudaMalloc(&a, a_bytes) == cudaSuccess && cudaMalloc(&b, b_bytes) == cudaSuccess &&
+        cudaMalloc(&c, c_bytes) == cudaSuccess && cudaEventCreate(&start) == cudaSuccess &&
+        cudaEventCreate(&end) == cudaSuccess && cudaMemsetAsync(a, 0x3C, a_bytes, stream()) == cudaSuccess &&
+        cudaMemsetAsync(b, 0x3C, b_bytes, stream()) == cudaSuccess) {
+      for (int rep = -1; rep < 5; ++rep) {
+        float ms = 0;
+        // The matmul's own call (gemm above): C^T (n x m) = B^T-major weights x activations.
+        if (cudaEventRecord(start, stream()) != cudaSuccess ||
+            cublasGemmEx(static_cast<cublasHandle_t>(cublas_), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n),
+                         static_cast<int>(m), static_cast<int>(k), &alpha, b, CUDA_R_16BF,
+                         static_cast<int>(k), a, CUDA_R_16BF, static_cast<int>(k), &beta, c, CUDA_R_32F,
+                         static_cast<int>(n), CUBLAS_COMPUTE_32F,
+                         CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS ||
+            cudaEventRecord(end, stream()) != cudaSuccess || cudaEventSynchronize(end) != cudaSuccess ||
+            cudaEventElapsedTime(&ms, start, end) != cudaSuccess) {
+          best = 0;
+          break;
+        }
+        if (rep >= 0 && ms > 0) best = std::max(best, 2.0 * double(m) * double(n) * double(k) / (ms * 1e-3));
+      }
+    }
+    if (start) cudaEventDestroy(start);
+    if (end) cudaEventDestroy(end);
+    if (a) cudaFree(a);
+    if (b) cudaFree(b);
+    if (c) cudaFree(c);
     (void)cudaGetLastError();  // a failure here is not the model's error
     return best;
   }
@@ -446,9 +489,12 @@ class CudaBackend final : public Backend {
       check_launch(cuda::launch_gemv(w.ref(), x, n, o, stream_, sm_count_), "matmul_parts (gemv)");
       return;
     }
+    const uint16_t* x16 = nullptr;  // the parts share the rounded activations
+    if (bf16_gemm(w.ref()) && !unrecordable("matmul_parts (cuBLAS)") && !(x16 = to_bf16(x, n, w.cols)))
+      return;
     for (int j = 0; j < parts && error_.ok(); ++j) {
       const int64_t r0 = j > 0 ? w.part_end[j - 1] : 0;
-      matmul_ref(w.rows_ref(r0, w.part_end[j] - r0), w.name, x, n, outs[j]);
+      matmul_ref(w.rows_ref(r0, w.part_end[j] - r0), w.name, x, n, outs[j], x16);
     }
   }
 
@@ -472,8 +518,12 @@ class CudaBackend final : public Backend {
       check_launch(cuda::launch_gemv(w.ref(), x, n, o, stream_, sm_count_), "matmul_geglu (gemv)");
       return;
     }
-    matmul_ref(w.rows_ref(0, half), w.name, x, n, out);
-    matmul_ref(w.rows_ref(half, half), w.name, x, n, up);
+    const uint16_t* x16 = nullptr;  // gate and up share the rounded activations
+    if (n > cuda::kGemvMaxTokens && bf16_gemm(w.ref()) && !unrecordable("matmul_geglu (cuBLAS)") &&
+        !(x16 = to_bf16(x, n, w.cols)))
+      return;
+    matmul_ref(w.rows_ref(0, half), w.name, x, n, out, x16);
+    matmul_ref(w.rows_ref(half, half), w.name, x, n, up, x16);
     gelu_gate(out, up, int64_t{n} * half, out);
   }
 
@@ -484,29 +534,70 @@ class CudaBackend final : public Backend {
     return false;
   }
 
-  // out [n, r.rows] = x [n, r.cols] r^T: the GEMV for n <= 8, else cuBLAS on fp32 tiles.
-  void matmul_ref(const cuda::WeightRef& r, const std::string& name, const float* x, int n, float* out) {
+  // out [n, r.rows] = x [n, r.cols] r^T: the GEMV for n <= 8, else a cuBLAS GEMM (docs/cuda.md,
+  // "Prefill GEMM"): bf16 operands on tensor cores with fp32 accumulation — the activations
+  // rounded to bf16 once per call (x16, when the caller already has them), a BF16 weight read in
+  // place, any other type dequantized into bf16 tiles — or, for an F32 weight (and with
+  // GEMMA3_CUDA_FP32_GEMM=1 for every type), fp32 operands and fp32 tiles.
+  void matmul_ref(const cuda::WeightRef& r, const std::string& name, const float* x, int n, float* out,
+                  const uint16_t* x16 = nullptr) {
     if (r.rows == 0) return;  // no outputs (and the tile clamp needs rows >= 1)
     if (n <= cuda::kGemvMaxTokens) {
       check_launch(cuda::launch_gemv(r, x, n, out, stream_, sm_count_), "matmul (gemv)");
       return;
     }
-    // n > 8: dequantize the weight tile by tile into fp32 and multiply with cuBLAS.
     if (unrecordable("matmul (cuBLAS)")) return;
-    if (r.dtype == DType::kF32 && r.n_scales == 0) {
-      gemm(static_cast<const float*>(r.data), r.rows, 0, x, n, r, name, out);
+    if (!bf16_gemm(r)) {
+      if (r.dtype == DType::kF32 && r.n_scales == 0) {
+        gemm(r.data, CUDA_R_32F, r.rows, 0, x, n, r, name, out);
+        return;
+      }
+      const int64_t tile = std::clamp<int64_t>(kScratchFloats / std::max<int64_t>(r.cols, 1), 1, r.rows);
+      if (!reserve(&scratch_, &scratch_bytes_, static_cast<size_t>(tile * r.cols) * sizeof(float),
+                   "matmul scratch"))
+        return;
+      for (int64_t r0 = 0; r0 < r.rows && error_.ok(); r0 += tile) {
+        const int64_t nr = std::min(tile, r.rows - r0);
+        float* s = static_cast<float*>(scratch_);
+        if (check_launch(cuda::launch_dequant_rows(r, r0, nr, s, stream_), "matmul (dequantize)"))
+          gemm(s, CUDA_R_32F, nr, r0, x, n, r, name, out);
+      }
       return;
     }
-    const int64_t tile = std::clamp<int64_t>(kScratchFloats / std::max<int64_t>(r.cols, 1), 1, r.rows);
-    if (!reserve(&scratch_, &scratch_bytes_, static_cast<size_t>(tile * r.cols) * sizeof(float),
+    if (!x16 && !(x16 = to_bf16(x, n, r.cols))) return;
+    if (r.dtype == DType::kBF16 && r.n_scales == 0 && r.row_bytes == static_cast<uint64_t>(r.cols) * 2) {
+      gemm(r.data, CUDA_R_16BF, r.rows, 0, x16, n, r, name, out);
+      return;
+    }
+    // The same 64 MiB of scratch holds twice the rows in bf16.
+    const int64_t tile = std::clamp<int64_t>(2 * kScratchFloats / std::max<int64_t>(r.cols, 1), 1, r.rows);
+    if (!reserve(&scratch_, &scratch_bytes_, static_cast<size_t>(tile * r.cols) * sizeof(uint16_t),
                  "matmul scratch"))
       return;
     for (int64_t r0 = 0; r0 < r.rows && error_.ok(); r0 += tile) {
       const int64_t nr = std::min(tile, r.rows - r0);
-      float* s = static_cast<float*>(scratch_);
-      if (check_launch(cuda::launch_dequant_rows(r, r0, nr, s, stream_), "matmul (dequantize)"))
-        gemm(s, nr, r0, x, n, r, name, out);
+      auto* s = static_cast<uint16_t*>(scratch_);
+      if (check_launch(cuda::launch_dequant_rows_bf16(r, r0, nr, s, stream_), "matmul (dequantize to bf16)"))
+        gemm(s, CUDA_R_16BF, nr, r0, x16, n, r, name, out);
     }
+  }
+
+  // Whether matmul_ref multiplies this weight in bf16 for n > 8 tokens.
+  bool bf16_gemm(const cuda::WeightRef& r) const {
+    return !fp32_gemm_ && !(r.dtype == DType::kF32 && r.n_scales == 0);
+  }
+
+  // x [n, cols] rounded to bf16 in the activation scratch (valid until the next call), or
+  // nullptr after recording an error.
+  const uint16_t* to_bf16(const float* x, int n, int64_t cols) {
+    const int64_t count = int64_t{n} * cols;
+    if (!reserve(&act16_, &act16_bytes_, static_cast<size_t>(count) * sizeof(uint16_t),
+                 "matmul bf16 activations"))
+      return nullptr;
+    auto* x16 = static_cast<uint16_t*>(act16_);
+    if (!check_launch(cuda::launch_to_bf16(x, count, x16, stream_), "matmul (activations to bf16)"))
+      return nullptr;
+    return x16;
   }
 
   // The CPU reference's RoPE frequencies, bit for bit: inv_freq[i] = 1 / theta^(2i/hd) / scale
@@ -987,19 +1078,21 @@ class CudaBackend final : public Backend {
   }
 
   // out[:, r0 : r0 + nr] (row-major out [n, w.rows]) = x [n, cols] . a^T, a = rows r0.. of the
-  // weight as fp32 [nr, cols]. In cuBLAS's column-major terms: C (nr x n, ldc = w.rows) =
-  // A^T (A: cols x nr, lda = cols) * B (cols x n, ldb = cols).
-  void gemm(const float* a, int64_t nr, int64_t r0, const float* x, int n, const cuda::WeightRef& w,
-            const std::string& name, float* out) {
+  // weight as [nr, cols] of `type` (fp32 or bf16; x the same type), fp32 output and accumulation.
+  // In cuBLAS's column-major terms: C (nr x n, ldc = w.rows) = A^T (A: cols x nr, lda = cols) *
+  // B (cols x n, ldb = cols).
+  void gemm(const void* a, cudaDataType_t type, int64_t nr, int64_t r0, const void* x, int n,
+            const cuda::WeightRef& w, const std::string& name, float* out) {
     const float alpha = 1.0f, beta = 0.0f;
     const cublasStatus_t s =
         cublasGemmEx(static_cast<cublasHandle_t>(cublas_), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(nr), n,
-                     static_cast<int>(w.cols), &alpha, a, CUDA_R_32F, static_cast<int>(w.cols), x, CUDA_R_32F,
+                     static_cast<int>(w.cols), &alpha, a, type, static_cast<int>(w.cols), x, type,
                      static_cast<int>(w.cols), &beta, out + r0, CUDA_R_32F, static_cast<int>(w.rows),
                      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     if (s != CUBLAS_STATUS_SUCCESS)
-      fail(internal_error(fmt::format("CUDA backend: cublasGemmEx ({} x {} x {}, weight {}): {}", nr, n,
-                                      w.cols, name, cublasGetStatusString(s))));
+      fail(internal_error(fmt::format("CUDA backend: cublasGemmEx ({} x {} x {}, {}, weight {}): {}", nr, n,
+                                      w.cols, type == CUDA_R_16BF ? "bf16" : "fp32", name,
+                                      cublasGetStatusString(s))));
     else
       after_op("matmul (cublasGemmEx)");
   }
@@ -1056,9 +1149,12 @@ class CudaBackend final : public Backend {
   std::string device_name_;
   void* stream_ = nullptr;   // cudaStream_t
   void* cublas_ = nullptr;   // cublasHandle_t
-  void* scratch_ = nullptr;  // [tile, cols] fp32 dequantized weight rows (cuBLAS path)
+  void* scratch_ = nullptr;  // [tile, cols] fp32 or bf16 dequantized weight rows (cuBLAS path)
   size_t scratch_bytes_ = 0;
-  void* ids_ = nullptr;  // [n] int32 token ids for embed (+ the stored rows: embed_stored_rows)
+  void* act16_ = nullptr;  // [n, cols] bf16 activations of the bf16 GEMM
+  size_t act16_bytes_ = 0;
+  bool fp32_gemm_ = false;  // GEMMA3_CUDA_FP32_GEMM: fp32 operands for every weight type
+  void* ids_ = nullptr;     // [n] int32 token ids for embed (+ the stored rows: embed_stored_rows)
   size_t ids_bytes_ = 0;
   // Host side of embed_stored_rows' copy.
   std::vector<uint8_t> lookup_staging_;
