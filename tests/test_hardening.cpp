@@ -177,6 +177,34 @@ TEST(HardeningThreads, CountsOutOfRangeAreErrorsNamingTheLimit) {
   EXPECT_TRUE(contains(r.err, "--threads")) << r.err;
 }
 
+// LoadOptions::prefill_chunk: 0 (the default) is the backend's choice, kCpuPrefillChunk on the
+// CPU (the plan equals an explicit 256 and differs from 512); outside [0, 65536] it is an error
+// naming the field.
+TEST(HardeningOptions, PrefillChunkDefaultsPerBackendAndIsRangeChecked) {
+  auto plan = [](int chunk) {
+    LoadOptions o;
+    o.backend = BackendKind::kCpu;
+    o.context = 1024;
+    o.prefill_chunk = chunk;
+    auto m = Model::load(kData + "/tiny", o);
+    EXPECT_TRUE(m.ok()) << m.status().to_string();
+    return m.ok() ? (*m)->memory_plan() : MemoryReport{};
+  };
+  const MemoryReport dflt = plan(0), cpu = plan(kCpuPrefillChunk), other = plan(kCudaPrefillChunk);
+  EXPECT_EQ(dflt.kv_local_bytes, cpu.kv_local_bytes);
+  EXPECT_EQ(dflt.scratch_bytes, cpu.scratch_bytes);
+  EXPECT_LT(dflt.kv_local_bytes, other.kv_local_bytes);
+  for (int chunk : {-1, 65537}) {
+    LoadOptions o;
+    o.backend = BackendKind::kCpu;
+    o.prefill_chunk = chunk;
+    auto m = Model::load(kData + "/tiny", o);
+    ASSERT_FALSE(m.ok()) << chunk;
+    EXPECT_EQ(m.status().code(), ErrorCode::kInvalidArgument);
+    EXPECT_TRUE(contains(m.status().message(), "LoadOptions::prefill_chunk")) << m.status().message();
+  }
+}
+
 // A thread the system refuses (here: no address space left for its stack) is an error value,
 // never std::terminate. Runs in a child process, whose address space is capped.
 TEST(HardeningThreads, ThreadCreationFailureIsAnError) {

@@ -53,12 +53,18 @@ const char* version();
 // The most CPU threads a model may use (LoadOptions::threads; as llama.cpp's GGML_MAX_N_THREADS).
 inline constexpr int kMaxThreads = 512;
 
+// LoadOptions::prefill_chunk's defaults per backend.
+inline constexpr int kCpuPrefillChunk = 256;
+inline constexpr int kCudaPrefillChunk = 512;
+
 struct LoadOptions {
   BackendKind backend = BackendKind::kAuto;
   int threads = 0;  // 0: one per core; at most kMaxThreads
   int context = 0;  // KV cache length in tokens; 0: min(model max, 8192)
   KvType kv_type = KvType::kBF16;
-  int prefill_chunk = 256;    // tokens per prefill step (also sizes the local-layer rings)
+  // Tokens per prefill step (also sizes the local-layer rings); 0: the backend's choice,
+  // kCudaPrefillChunk on a GPU, kCpuPrefillChunk on the CPU.
+  int prefill_chunk = 0;
   std::string mmproj;         // llama.cpp vision projector GGUF (optional)
   bool pan_and_scan = false;  // images: also encode Pan & Scan crops (docs/vision.md)
   // CUDA only (`--weights fp8`): the decoder's bf16/f16/f32 matrices (projections, the tied

@@ -962,8 +962,10 @@ Result<std::shared_ptr<Model>> load_model(const std::string& path, const LoadOpt
   if (options.threads < 0 || options.threads > kMaxThreads)
     return invalid_argument(fmt::format("LoadOptions::threads is {}; it must be in [0, {}] (0: one per core)",
                                         options.threads, kMaxThreads));
-  if (options.prefill_chunk < 1 || options.prefill_chunk > 65536)
-    return invalid_argument(fmt::format("prefill chunk {} must be in [1, 65536]", options.prefill_chunk));
+  if (options.prefill_chunk < 0 || options.prefill_chunk > 65536)
+    return invalid_argument(
+        fmt::format("LoadOptions::prefill_chunk is {}; it must be in [0, 65536] (0: the backend's choice)",
+                    options.prefill_chunk));
   GEMMA3_TRY(check_kv_type(c, options.kv_type));
   // The vision tower + projector (HF multimodal folder, or --mmproj): checked now, uploaded below.
   if (!options.mmproj.empty()) GEMMA3_TRY(m->ckpt->attach_vision(options.mmproj));
@@ -993,13 +995,16 @@ Result<std::shared_ptr<Model>> load_model(const std::string& path, const LoadOpt
   } else {
     GEMMA3_ASSIGN_OR_RETURN(m->backend, make_cpu_backend(bo));
   }
+  // The backend's chunk: a GPU's GEMMs reach their rate past ~300-600 tokens (its ridge point,
+  // docs/cuda.md "Prefill GEMM"); the CPU's are compute-bound from a few dozen.
+  if (m->options.prefill_chunk == 0) m->options.prefill_chunk = cuda ? kCudaPrefillChunk : kCpuPrefillChunk;
   // Weights + one session's KV and scratch, checked before anything large is allocated.
   // Weight bytes as stored (fp8 weights only shrink them: the plan stays an upper bound), the
   // vision tower's included.
   uint64_t weight_bytes = m->ckpt->weight_bytes();
   if (const VisionWeights* vw = m->ckpt->vision())
     for (const TensorView* t : vw->all()) weight_bytes += t->nbytes;
-  m->plan = plan_memory(c, weight_bytes, m->context, options.prefill_chunk, kv_dtype(options.kv_type));
+  m->plan = plan_memory(c, weight_bytes, m->context, m->options.prefill_chunk, kv_dtype(options.kv_type));
   GEMMA3_TRY(check_fits(m->plan, m->backend->free_bytes(), m->backend->name()));
   GEMMA3_ASSIGN_OR_RETURN(m->weights,
                           BackendModel::upload(*m->backend, m->ckpt->weights(), options.progress));

@@ -279,7 +279,9 @@ void ModelFlags::add_to(ArgParser& p, bool with_context) {
   p.add_choice("--backend", {"auto", "cpu", "cuda"}, &backend, "compute backend (default: auto)");
   p.add_choice("--kv-type", {"bf16", "f32", "q8_0", "fp8"}, &kv_type,
                "KV cache element type; q8_0 and fp8 halve it (default: bf16)");
-  p.add_option("--chunk", "N", &chunk, "tokens per prefill step (default: 256)");
+  p.add_option("--chunk", "N", &chunk,
+               fmt::format("tokens per prefill step (default: {} on the CPU, {} with CUDA)", kCpuPrefillChunk,
+                           kCudaPrefillChunk));
   p.add_choice("--weights", {"stored", "fp8"}, &weights,
                "weight types on the device: as stored, or the decoder's bf16/f16/f32 matrices as fp8 e4m3\n"
                "(CUDA only; lookups, norms and the vision tower stay as stored)");
@@ -298,7 +300,8 @@ Status ModelFlags::check() const {
   if (context < 0) return invalid_argument(fmt::format("--ctx must be >= 0, got {}", context));
   if (threads < 0 || threads > kMaxThreads)
     return invalid_argument(fmt::format("--threads must be in [0, {}], got {}", kMaxThreads, threads));
-  if (chunk < 1) return invalid_argument(fmt::format("--chunk must be >= 1, got {}", chunk));
+  if (chunk < 0)
+    return invalid_argument(fmt::format("--chunk must be >= 1 (or 0: the default), got {}", chunk));
   return ok_status();
 }
 

@@ -101,7 +101,7 @@ struct ModelFlags {
   std::string model;
   int context = 0;
   int threads = 0;
-  int chunk = 256;
+  int chunk = 0;  // LoadOptions::prefill_chunk: 0 is the backend's choice
   std::string backend = "auto";
   std::string kv_type = "bf16";
   bool verbose = false;
