@@ -331,6 +331,198 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(AttentionArgs a
   }
 }
 
+// ---- tensor-core prefill kernel ("flash") ------------------------------------------------------
+
+// One warp-wide mma.sync.m16n8k16 (sm_80+): c [16 x 8] += a [16 x 16] b [16 x 8], bf16 operands,
+// fp32 products (exact) and sums. Fragments in the PTX ISA's layout; lane = 4 g + t:
+//   a[0] = A[g][2t, 2t+1]  a[1] = A[g+8][2t, 2t+1]  a[2] = A[g][2t+8, 2t+9]  a[3] = A[g+8][2t+8, 2t+9]
+//   b[0] = B[2t, 2t+1][g]  b[1] = B[2t+8, 2t+9][g]
+//   c[0], c[1] = C[g][2t, 2t+1]   c[2], c[3] = C[g+8][2t, 2t+1]
+// (two bf16 per register, the lower index in the low half). The emulator has no tensor cores:
+// there each lane gathers its rows of A and columns of B from the lanes that hold them, by
+// shuffles of the same layout, and sums the products in k order.
+__device__ __forceinline__ void mma_bf16_16816(float c[4], const uint32_t a[4], const uint32_t b[2]) {
+#if defined(GEMMA3_CUDA_EMU)
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  auto lo = [](uint32_t w) { return blocks::bits_float(w << 16); };
+  auto hi = [](uint32_t w) { return blocks::bits_float(w & 0xFFFF0000u); };
+  for (int kp = 0; kp < 8; ++kp) {  // k = 2 kp, 2 kp + 1: one register of each operand
+    const int ra = kp < 4 ? 0 : 2, rb = kp < 4 ? 0 : 1, src = kp % 4;
+    const uint32_t a0 = __shfl_sync(0xFFFFFFFFu, a[ra], 4 * g + src);        // A[g][k, k+1]
+    const uint32_t a1 = __shfl_sync(0xFFFFFFFFu, a[ra + 1], 4 * g + src);    // A[g+8][k, k+1]
+    const uint32_t b0 = __shfl_sync(0xFFFFFFFFu, b[rb], 4 * (2 * t) + src);  // B[k, k+1][2t]
+    const uint32_t b1 = __shfl_sync(0xFFFFFFFFu, b[rb], 4 * (2 * t + 1) + src);
+    c[0] += lo(a0) * lo(b0) + hi(a0) * hi(b0);
+    c[1] += lo(a0) * lo(b1) + hi(a0) * hi(b1);
+    c[2] += lo(a1) * lo(b0) + hi(a1) * hi(b0);
+    c[3] += lo(a1) * lo(b1) + hi(a1) * hi(b1);
+  }
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// Two consecutive bf16 of shared memory as one register (p 4-byte aligned).
+__device__ __forceinline__ uint32_t ld_bf16x2(const uint16_t* p) {
+#if defined(GEMMA3_CUDA_EMU)
+  return uint32_t{p[0]} | uint32_t{p[1]} << 16;
+#else
+  return *reinterpret_cast<const uint32_t*>(p);
+#endif
+}
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  return uint32_t{blocks::float_to_bf16(lo)} | uint32_t{blocks::float_to_bf16(hi)} << 16;
+}
+
+// Shared memory of flash_attention_kernel<HDP, kWarps, kKeys> in bytes: Q [16 kWarps][HDP + 8],
+// K [kKeys][HDP + 8] and V transposed [HDP][kKeys + 8], bf16 (rows padded by 16 bytes so that
+// the 8 row groups of a fragment load fall in different banks).
+constexpr size_t flash_smem_bytes(int hdp, int warps, int keys) {
+  return (static_cast<size_t>(16 * warps + keys) * (hdp + 8) + static_cast<size_t>(hdp) * (keys + 8)) * 2;
+}
+
+// FlashAttention-2 on tensor cores, for prefill and the vision tower. Block (x, y, z) = (tile of
+// 16 kWarps query rows t0.., head h, split z); warp w owns rows t0 + 16 w .. + 15. The block
+// reads the union of its rows' visible keys [lo(t0), hi(last row)] (split z: its chunk of them)
+// in tiles of kKeys, dequantized by the cache's decoder (the CPU's values, as the other
+// kernels) and rounded to bf16 in shared memory, V transposed. Per tile, per warp:
+// S = Q K^T (HDP / 16 x kKeys / 8 mma), scaled, each row masked to its own range (windows,
+// kv_start, bidirectional groups, as visible_keys), online softmax in fp32 registers (row max by
+// the quad of lanes that share a row; the running sum per lane, summed at the end), O = O alpha
+// + P V with P rounded to bf16 (kKeys / 16 x HDP / 8 mma). q is rounded to bf16, head dims past
+// head_dim are zeros. Output as the prefill kernel: out[t, h, :] = O / l, or the split's partial.
+// Preconditions: gridDim = (ceil(n_tokens / (16 kWarps)), n_heads, splits), blockDim.x = 32
+// kWarps, dynamic shared memory flash_smem_bytes(...), head_dim <= HDP, no pos_dev.
+template <class D, int HDP, int kWarps, int kKeys>
+__global__ void __launch_bounds__(32 * kWarps)
+    flash_attention_kernel(AttentionArgs a, int splits, int chunk) {
+  static_assert(HDP % 16 == 0 && kKeys % 16 == 0, "whole mma tiles");
+  constexpr int kThreads = 32 * kWarps, kRows = 16 * kWarps, kQs = HDP + 8, kVs = kKeys + 8;
+  GEMMA3_DYNAMIC_SHARED(uint16_t, smem);
+  uint16_t* const q_s = smem;               // [kRows][kQs]
+  uint16_t* const k_s = q_s + kRows * kQs;  // [kKeys][kQs]
+  uint16_t* const v_s = k_s + kKeys * kQs;  // [HDP][kVs]: V transposed
+  const int hd = a.head_dim, h = blockIdx.y, t0 = blockIdx.x * kRows;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, tq = lane % 4;
+  const int64_t q_width = int64_t{a.n_heads} * hd;
+  const int64_t gd = int64_t{h / (a.n_heads / a.n_kv_heads)} * hd;
+  const int64_t slot_bytes = int64_t{a.n_kv_heads} * hd / D::kElems * D::kBytes;
+  const uint8_t* kc = static_cast<const uint8_t*>(a.k);
+  const uint8_t* vc = static_cast<const uint8_t*>(a.v);
+
+  for (int i = threadIdx.x; i < kRows * HDP; i += kThreads) {
+    const int r = i / HDP, d = i % HDP;
+    const float x = t0 + r < a.n_tokens && d < hd ? a.q[(t0 + r) * q_width + int64_t{h} * hd + d] : 0.0f;
+    q_s[r * kQs + d] = blocks::float_to_bf16(x);
+  }
+  // The block's keys (lo and hi are nondecreasing in t), this split's part, and each of this
+  // lane's two rows' own range.
+  const int last = (t0 + kRows < a.n_tokens ? t0 + kRows : a.n_tokens) - 1;
+  int64_t lo, hi, lo_last, hi_last;
+  visible_keys(a, t0, &lo, &hi);
+  visible_keys(a, last, &lo_last, &hi_last);
+  const int64_t begin = lo + int64_t{blockIdx.z} * chunk;
+  const int64_t end = hi_last + 1 < begin + chunk ? hi_last + 1 : begin + chunk;  // exclusive
+  int64_t row_lo[2], row_hi[2];
+  for (int e = 0; e < 2; ++e) visible_keys(a, t0 + warp * 16 + g + 8 * e, &row_lo[e], &row_hi[e]);
+
+  float o[HDP / 8][4] = {};
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  for (int64_t j0 = begin; j0 < end; j0 += kKeys) {  // bounds uniform over the block
+    __syncthreads();  // q_s is written (first tile); k_s, v_s are no longer read (later ones)
+    for (int i = threadIdx.x; i < kKeys * HDP; i += kThreads) {
+      const int jj = i / HDP, d = i % HDP;
+      float kx = 0.0f, vx = 0.0f;
+      if (j0 + jj < end && d < hd) {
+        const int64_t slot = (j0 + jj) % a.capacity;
+        kx = blocks::row_value<D>(kc + slot * slot_bytes, gd + d);
+        vx = blocks::row_value<D>(vc + slot * slot_bytes, gd + d);
+      }
+      k_s[jj * kQs + d] = blocks::float_to_bf16(kx);
+      v_s[d * kVs + jj] = blocks::float_to_bf16(vx);
+    }
+    __syncthreads();
+    float sc[kKeys / 8][4] = {};  // S: key tile n covers keys j0 + 8 n ..
+#pragma unroll
+    for (int kk = 0; kk < HDP / 16; ++kk) {
+      const uint16_t* qa = q_s + (warp * 16 + g) * kQs + kk * 16 + 2 * tq;
+      const uint32_t af[4] = {ld_bf16x2(qa), ld_bf16x2(qa + 8 * kQs), ld_bf16x2(qa + 8),
+                              ld_bf16x2(qa + 8 * kQs + 8)};
+#pragma unroll
+      for (int n = 0; n < kKeys / 8; ++n) {
+        const uint16_t* kb = k_s + (n * 8 + g) * kQs + kk * 16 + 2 * tq;
+        const uint32_t bf[2] = {ld_bf16x2(kb), ld_bf16x2(kb + 8)};
+        mma_bf16_16816(sc[n], af, bf);
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {  // row g + 8 e of the warp: registers 2 e, 2 e + 1
+      float mx = -INFINITY;
+#pragma unroll
+      for (int n = 0; n < kKeys / 8; ++n)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int64_t j = j0 + n * 8 + 2 * tq + c;
+          const bool seen = j >= row_lo[e] && j <= row_hi[e] && j < end;
+          const float x = seen ? sc[n][2 * e + c] * a.scale : -INFINITY;
+          sc[n][2 * e + c] = x;
+          mx = fmaxf(mx, x);
+        }
+      mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, 2));
+      const float m_new = fmaxf(m[e], mx), alpha = softmax_rescale(m[e], m_new);
+      l[e] *= alpha;
+#pragma unroll
+      for (int n = 0; n < HDP / 8; ++n) o[n][2 * e] *= alpha, o[n][2 * e + 1] *= alpha;
+#pragma unroll
+      for (int n = 0; n < kKeys / 8; ++n)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const float p = softmax_weight(sc[n][2 * e + c], m_new);
+          sc[n][2 * e + c] = p;
+          l[e] += p;
+        }
+      m[e] = m_new;
+    }
+    // O += P V: S's accumulator layout is the A layout of P, key tiles 2 kk and 2 kk + 1.
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk) {
+      const uint32_t pa[4] = {pack_bf16x2(sc[2 * kk][0], sc[2 * kk][1]),
+                              pack_bf16x2(sc[2 * kk][2], sc[2 * kk][3]),
+                              pack_bf16x2(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
+                              pack_bf16x2(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
+#pragma unroll
+      for (int n = 0; n < HDP / 8; ++n) {
+        const uint16_t* vb = v_s + (n * 8 + g) * kVs + kk * 16 + 2 * tq;
+        const uint32_t bf[2] = {ld_bf16x2(vb), ld_bf16x2(vb + 8)};
+        mma_bf16_16816(o[n], pa, bf);
+      }
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    float sum = l[e];
+    sum += __shfl_xor_sync(0xFFFFFFFFu, sum, 1);
+    sum += __shfl_xor_sync(0xFFFFFFFFu, sum, 2);
+    const int t = t0 + warp * 16 + g + 8 * e;
+    if (t >= a.n_tokens) continue;
+    float* dst =
+        splits == 1 ? a.out + t * q_width + int64_t{h} * hd : partial_row(a, t, h, splits, blockIdx.z) + 2;
+    if (splits > 1 && tq == 0) dst[-2] = m[e], dst[-1] = sum;
+#pragma unroll
+    for (int n = 0; n < HDP / 8; ++n)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int d = n * 8 + 2 * tq + c;
+        if (d < hd) dst[d] = splits == 1 ? o[n][2 * e + c] / sum : o[n][2 * e + c];
+      }
+  }
+}
+
 // ---- decode kernel ---------------------------------------------------------------------------
 
 constexpr int kDecThreads = 256;  // 8 warps
@@ -644,6 +836,23 @@ int launch_attention(const AttentionArgs& a, Stream stream) {
   const cudaStream_t s = as_stream(stream);
   const int rc = dispatch_kv(a.kv_dtype, [&](auto d) {
     using D = decltype(d);
+    if (p.flash_dim > 0) {
+      // Instances (padded head dim, warps, keys per tile) within 48 KiB of shared memory:
+      // 80: 33 KiB, 128: 36 KiB, 256: 37 KiB (2 warps, 16 keys: its 128 fp32 accumulators per
+      // lane leave no room for more).
+      auto launch = [&](auto kernel, int hdp, int warps, int keys) {
+        const int rows = 16 * warps;
+        const dim3 grid(static_cast<unsigned>((a.n_tokens + rows - 1) / rows),
+                        static_cast<unsigned>(a.n_heads), static_cast<unsigned>(p.splits));
+        GEMMA3_LAUNCH(kernel, grid, 32 * warps, flash_smem_bytes(hdp, warps, keys), s, a, p.splits, p.chunk);
+        return launch_result();
+      };
+      static_assert(flash_rows(80) == 64 && flash_rows(128) == 64 && flash_rows(256) == 32,
+                    "rows = 16 warps");
+      if (p.flash_dim == 80) return launch(&flash_attention_kernel<D, 80, 4, 64>, 80, 4, 64);
+      if (p.flash_dim == 128) return launch(&flash_attention_kernel<D, 128, 4, 32>, 128, 4, 32);
+      return launch(&flash_attention_kernel<D, 256, 2, 16>, 256, 2, 16);
+    }
     if (!p.decode) {
       const dim3 grid(static_cast<unsigned>(a.n_tokens * a.n_heads), static_cast<unsigned>(p.splits));
       const size_t smem = static_cast<size_t>(a.head_dim) * sizeof(float);

@@ -146,6 +146,7 @@ struct AttentionArgs {
   float* partials = nullptr;
   int64_t partial_floats = 0;
   int sm_count = 132;
+  bool no_flash = false;  // never the tensor-core prefill kernel (GEMMA3_CUDA_FLASH=0), to compare
 };
 constexpr int kAttentionMaxHeadDim = 512;
 
@@ -209,6 +210,7 @@ inline bool bad_attention_args(const AttentionArgs& a) {
 // per (token, head) row and split, combined by a second kernel when splits > 1.
 struct AttentionPlan {
   bool decode = false;     // the decode kernel (else the prefill kernel)
+  int flash_dim = 0;       // > 0: the tensor-core prefill kernel for head dims padded to this
   int rows_per_block = 0;  // decode: rows (token, query head of one kv head) per block
   int row_groups = 0;      // decode: ceil(n_tokens * group size / rows_per_block)
   int splits = 1;
@@ -225,6 +227,14 @@ struct AttentionPlan {
 // or of a Q8_0 block's quants (its 34-byte blocks are only 2-byte aligned). The decode kernel
 // needs head_dim a multiple of it and 16-byte aligned caches (cudaMalloc gives 256).
 inline int attention_decode_chunk(DType t) { return t == DType::kF32 ? 4 : 8; }
+
+// The tensor-core prefill kernel (kv_attention.cu, "flash" below): head dims up to 256, zero-
+// padded to one of its instances (SigLIP's 72 to 80; Gemma's 128 and 256 as they are), and its
+// query rows per block (16 per warp). 0: none (head_dim > 256).
+GEMMA3_HD constexpr int flash_head_dim(int head_dim) {
+  return head_dim <= 80 ? 80 : head_dim <= 128 ? 128 : head_dim <= 256 ? 256 : 0;
+}
+GEMMA3_HD constexpr int flash_rows(int padded_dim) { return padded_dim > 128 ? 32 : 64; }
 
 // Host-only planning (no device work); the default plan for bad arguments or no tokens.
 // Split only when the blocks without splits leave the device mostly idle: aim for about 4
@@ -257,6 +267,19 @@ inline AttentionPlan attention_plan(const AttentionArgs& a) {
     blocks = int64_t{a.n_kv_heads} * row_groups;
     min_keys = kDecodeMinSplitKeys;
     max_keys = int64_t{1} << 40;
+  }
+  if (!p.decode && !a.no_flash && !a.pos_dev && flash_head_dim(a.head_dim) > 0) {
+    // One block per (tile of query rows, head, split); a tile reads the union of its rows' keys.
+    p.flash_dim = flash_head_dim(a.head_dim);
+    const int tile = flash_rows(p.flash_dim);
+    blocks = (int64_t{a.n_tokens} + tile - 1) / tile * a.n_heads;
+    longest = 0;
+    for (int t0 = 0; t0 < a.n_tokens; t0 += tile) {
+      int64_t lo, hi, lo_end, hi_end;
+      visible_keys(a, t0, &lo, &hi);
+      visible_keys(a, (t0 + tile < a.n_tokens ? t0 + tile : a.n_tokens) - 1, &lo_end, &hi_end);
+      longest = hi_end - lo + 1 > longest ? hi_end - lo + 1 : longest;
+    }
   }
   p.longest = longest;
   p.chunk = static_cast<int>(longest < 0x7FFFFFFF ? longest : 0x7FFFFFFF);

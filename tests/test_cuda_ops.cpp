@@ -271,23 +271,32 @@ TEST(AttentionPlan, SplitsCoverTheLongestRow) {
       {attention_args(512, 4096, 8, 0, 0, 8192), 1, false},            // prefill: rows fill the device
       {attention_args(1, 100000, 8, 0, 0, 100001, 0, 0, 0), 0, true},  // sm_count unknown
   };
-  for (const Case& c : cases) {
-    const cuda::AttentionPlan p = cuda::attention_plan(c.a);
-    const std::string what = "pos0 " + std::to_string(c.a.pos0) + " heads " + std::to_string(c.a.n_heads);
-    EXPECT_EQ(p.decode, c.decode) << what;
-    if (c.splits) EXPECT_EQ(p.splits, c.splits) << what;
-    EXPECT_GE(p.splits, 1) << what;
-    EXPECT_LE(p.splits, cuda::kMaxSplits) << what;
-    EXPECT_GE(int64_t{p.splits} * p.chunk, p.longest) << what;
-    EXPECT_LT(int64_t{p.splits - 1} * p.chunk, p.longest) << what << ": an empty last split";
-    if (p.splits > 1) {
-      EXPECT_EQ(p.chunk % cuda::kAttentionKeyTile, 0) << what;
-      EXPECT_EQ(p.workspace_floats, int64_t{c.a.n_tokens} * c.a.n_heads * p.splits * (c.a.head_dim + 2))
-          << what;
-    } else {
-      EXPECT_EQ(p.workspace_floats, 0) << what;
+  // Each case with the fp32 prefill kernel (the expected splits) and with the tensor-core one,
+  // which serves every prefill call here (head_dim 128) with one block per 64 query rows: its
+  // longest range is a row tile's union of keys (512 tokens at 4096: 8 tiles x 8 heads = 64
+  // blocks, so 9 splits of 512 keys over 4608).
+  for (const bool flash : {false, true})
+    for (Case c : cases) {
+      c.a.no_flash = !flash;
+      if (flash && !c.decode) c.splits = c.a.n_tokens == 512 ? 9 : c.splits;
+      const cuda::AttentionPlan p = cuda::attention_plan(c.a);
+      const std::string what = "pos0 " + std::to_string(c.a.pos0) + " heads " + std::to_string(c.a.n_heads) +
+                               (flash ? " (tensor cores)" : "");
+      EXPECT_EQ(p.decode, c.decode) << what;
+      EXPECT_EQ(p.flash_dim, flash && !c.decode ? 128 : 0) << what;
+      if (c.splits) EXPECT_EQ(p.splits, c.splits) << what;
+      EXPECT_GE(p.splits, 1) << what;
+      EXPECT_LE(p.splits, cuda::kMaxSplits) << what;
+      EXPECT_GE(int64_t{p.splits} * p.chunk, p.longest) << what;
+      EXPECT_LT(int64_t{p.splits - 1} * p.chunk, p.longest) << what << ": an empty last split";
+      if (p.splits > 1) {
+        EXPECT_EQ(p.chunk % cuda::kAttentionKeyTile, 0) << what;
+        EXPECT_EQ(p.workspace_floats, int64_t{c.a.n_tokens} * c.a.n_heads * p.splits * (c.a.head_dim + 2))
+            << what;
+      } else {
+        EXPECT_EQ(p.workspace_floats, 0) << what;
+      }
     }
-  }
 }
 
 // Which kernel serves a call, and the decode kernel's grid. Decode: n_tokens <= 8, head_dim a
@@ -1061,6 +1070,75 @@ std::vector<uint8_t> encode_cache(DType dt, const std::vector<float>& values, in
   return out;
 }
 
+// A CUDA backend whose prefill attention is the fp32 kernel (GEMMA3_CUDA_FLASH=0).
+Result<std::unique_ptr<Backend>> cuda_backend_without_flash() {
+  setenv("GEMMA3_CUDA_FLASH", "0", 1);
+  auto b = make_cuda_backend({});
+  unsetenv("GEMMA3_CUDA_FLASH");
+  return b;
+}
+
+// Whether launch_attention serves this call with the tensor-core prefill kernel.
+bool uses_flash(const AttentionParams& p, int capacity, DType dt, const void* k, const void* v) {
+  cuda::AttentionArgs a;
+  a.n_tokens = p.n_tokens, a.pos0 = p.pos0, a.n_heads = p.n_heads, a.n_kv_heads = p.n_kv_heads;
+  a.head_dim = p.head_dim, a.window = p.window, a.kv_start = p.kv_start, a.capacity = capacity;
+  a.bidir_begin = p.bidir_begin, a.bidir_end = p.bidir_end, a.kv_dtype = dt, a.k = k, a.v = v;
+  return cuda::attention_plan(a).flash_dim > 0;
+}
+
+// The tensor-core prefill kernel (docs/cuda.md, "Tensor-core prefill attention") rounds q, K, V
+// and the softmax weights to bf16; scores, sums and outputs stay fp32. Its distance from the
+// exact result, per output (token t, head h, dim d): a score's operands are each off by at most
+// 2^-8 relative (bf16's unit roundoff), so score j moves by at most delta_j = scale (2 * 2^-8 +
+// 2^-16) sum_d |q_d k_jd|, the normalized weights by at most a factor e^(2 max delta) - 1, and
+// rounding P and V adds 2^-8 each: |error| <= (e^(2 delta) - 1 + 2^-7 + 2^-16) sum_j p_j |v_jd| /
+// sum_j p_j, computed here in double from the cache bytes (the visible keys by visible_keys,
+// checked against the spec in AttentionPlan.VisibleKeysAreTheSpecsMask). A masking, slot or
+// split bug moves outputs by O(0.1) instead.
+std::vector<double> flash_bound(const AttentionParams& p, const std::vector<float>& q,
+                                const std::vector<uint8_t>& ck, const std::vector<uint8_t>& cv, DType dt,
+                                int capacity) {
+  cuda::AttentionArgs a;
+  a.n_tokens = p.n_tokens, a.pos0 = p.pos0, a.n_heads = p.n_heads, a.n_kv_heads = p.n_kv_heads;
+  a.head_dim = p.head_dim, a.window = p.window, a.kv_start = p.kv_start, a.capacity = capacity;
+  a.bidir_begin = p.bidir_begin, a.bidir_end = p.bidir_end;
+  const int hd = p.head_dim, kvw = p.n_kv_heads * hd, group = p.n_heads / p.n_kv_heads;
+  const size_t rb = ck.size() / capacity;
+  const double u2 = 2 * std::ldexp(1.0, -8) + std::ldexp(1.0, -16);
+  std::vector<double> bound(q.size());
+  for (int t = 0; t < p.n_tokens; ++t)
+    for (int h = 0; h < p.n_heads; ++h) {
+      int64_t lo, hi;
+      cuda::visible_keys(a, t, &lo, &hi);
+      const float* qr = q.data() + (int64_t{t} * p.n_heads + h) * hd;
+      const int64_t off = int64_t{h / group} * hd;
+      std::vector<double> s, w;
+      double m = -INFINITY, delta = 0;
+      for (int64_t j = lo; j <= hi; ++j) {
+        const uint8_t* kr = ck.data() + (j % capacity) * rb;
+        double dot = 0, mag = 0;
+        for (int d = 0; d < hd; ++d) {
+          const double x = double(qr[d]) * decode_host(dt, kr, off + d);
+          dot += x, mag += std::fabs(x);
+        }
+        s.push_back(dot * p.scale);
+        m = std::max(m, s.back());
+        delta = std::max(delta, p.scale * u2 * mag);
+      }
+      double l = 0;
+      for (double x : s) w.push_back(std::exp(x - m)), l += w.back();
+      for (int d = 0; d < hd; ++d) {
+        double avg = 0;
+        for (int64_t j = lo; j <= hi; ++j)
+          avg += w[j - lo] * std::fabs(decode_host(dt, cv.data() + (j % capacity) * rb, off + d));
+        bound[(int64_t{t} * p.n_heads + h) * hd + d] = (std::expm1(2 * delta) + u2) * avg / l;
+      }
+      (void)kvw;
+    }
+  return bound;
+}
+
 TEST_F(CudaOps, AttentionMatchesCpu) {
   struct Case {
     const char* what;
@@ -1116,7 +1194,17 @@ TEST_F(CudaOps, AttentionMatchesCpu) {
       {"decode: 2 tokens, head_dim 72, GQA 4, splits", 2, 200, 8, 2, 72, 0, 0, 256},
       // The prefill kernel's own split path (9 tokens: past the decode kernel).
       {"prefill split: 9 tokens, 2 heads, 1500 keys", 9, 1491, 2, 1, 128, 0, 0, 1500},
+      // The tensor-core prefill kernel past one tile of query rows (64; 32 at head_dim 256),
+      // with a partial last tile, a sliding ring, and splits of a long range.
+      {"flash: 70 tokens, head_dim 64, 1100 keys (2 row tiles, splits)", 70, 1030, 2, 1, 64, 0, 0, 1100, 0, 0,
+       false},
+      {"flash: 40 tokens, head_dim 256, window ring", 40, 100, 4, 2, 256, W, 0, W + 40 - 1},
+      {"flash: 75 tokens, GQA 2, head_dim 128, bidir group across the row tiles", 75, 0, 4, 2, 128, 0, 0, 75,
+       50, 70, false},
   };
+  // The same cases with the tensor-core prefill kernel turned off: the fp32 prefill kernel.
+  auto scalar = cuda_backend_without_flash();
+  ASSERT_TRUE(scalar.ok()) << scalar.status().to_string();
   for (DType dt : kKvTypes) {
     for (const Case& c : cases) {
       if (!c.all_types && dt != DType::kBF16) continue;
@@ -1142,9 +1230,7 @@ TEST_F(CudaOps, AttentionMatchesCpu) {
       cpu_->attention(
           q.data(), KvLayer{const_cast<uint8_t*>(ck.data()), const_cast<uint8_t*>(cv.data()), c.capacity, dt},
           p, ref.data());
-      Buf qg(*gpu_, q), ckg(*gpu_, ck), cvg(*gpu_, cv), og(*gpu_, q.size() * 4);
-      gpu_->attention(qg.f(), KvLayer{ckg.get(), cvg.get(), c.capacity, dt}, p, og.f());
-      const auto got = og.read();
+      Buf qg(*gpu_, q), ckg(*gpu_, ck), cvg(*gpu_, cv);
       // Same dequantized values (shared decoders), same fp32 math but the q.k sums (hd terms),
       // the softmax sums and the split combination in another order, and expf vs std::exp
       // (<= 2 ulp): scores (|s| ~ 1..4) agree to ~1e-6 relative, so softmax weights do too;
@@ -1152,8 +1238,19 @@ TEST_F(CudaOps, AttentionMatchesCpu) {
       // split or dequantization bug changes outputs by O(0.01..0.1) even over 128K keys
       // (outputs there are ~1/sqrt(keys) ~ 3e-3 but a wrong chunk moves them by as much).
       const double tol = c.capacity > 10000 ? 3e-6 : 3e-5;
-      for (size_t i = 0; i < ref.size(); ++i)
-        ASSERT_NEAR(got[i], ref[i], tol) << c.what << " (" << dtype_name(dt) << ") i " << i;
+      const bool flash = uses_flash(p, c.capacity, dt, ckg.get(), cvg.get());
+      std::vector<double> flash_tol;
+      if (flash) flash_tol = flash_bound(p, q, ck, cv, dt, c.capacity);
+      for (Backend* gpu : {gpu_.get(), scalar->get()}) {
+        if (gpu != gpu_.get() && !flash) continue;  // the same kernels as above
+        const bool bf16 = flash && gpu == gpu_.get();
+        Buf o(*gpu, q.size() * 4);
+        gpu->attention(qg.f(), KvLayer{ckg.get(), cvg.get(), c.capacity, dt}, p, o.f());
+        const auto got = o.read();
+        for (size_t i = 0; i < ref.size(); ++i)
+          ASSERT_NEAR(got[i], ref[i], bf16 ? flash_tol[i] + tol : tol)
+              << c.what << " (" << dtype_name(dt) << (bf16 ? ", tensor cores" : "") << ") i " << i;
+      }
 
       // The same call recorded (a CUDA graph) with the position read from the step position
       // and the split plan made for the bound (the last position whose keys fit the cache;
@@ -1260,8 +1357,11 @@ TEST_F(CudaOps, SmallAttentionAndGemv) {
       Buf qg(*gpu_, q), ckg(*gpu_, ck), cvg(*gpu_, cv), og(*gpu_, q.size() * 4);
       gpu_->attention(qg.f(), KvLayer{ckg.get(), cvg.get(), c.capacity, dt}, p, og.f());
       const auto got = og.read();
+      std::vector<double> bound(q.size(), 0.0);  // as AttentionMatchesCpu
+      if (uses_flash(p, c.capacity, dt, ckg.get(), cvg.get()))
+        bound = flash_bound(p, q, ck, cv, dt, c.capacity);
       for (size_t i = 0; i < ref.size(); ++i)
-        ASSERT_NEAR(got[i], ref[i], 3e-5) << c.what << " (" << dtype_name(dt) << ") i " << i;
+        ASSERT_NEAR(got[i], ref[i], 3e-5 + bound[i]) << c.what << " (" << dtype_name(dt) << ") i " << i;
     }
   }
   for (DType t : {DType::kBF16, DType::kF8E4M3, DType::kQ4_0, DType::kQ8_0, DType::kQ4_K}) {
@@ -1620,6 +1720,11 @@ ModelRun run_tiny(Backend& be, const Checkpoint& ck, DType kv, const std::vector
   return run;
 }
 
+// TinyModelMatchesCpu's allowance per cache type (the comment there says why).
+double kv_tolerance(DType kv) {
+  return kv == DType::kF32 ? 1e-4 : kv == DType::kBF16 ? 1e-3 : kv == DType::kQ8_0 ? 1e-2 : 3e-2;
+}
+
 TEST_F(CudaOps, TinyModelMatchesCpu) {
   // tools/gpu-check.sh runs prebuilt binaries in another copy of the tree: it points here.
   const char* root = std::getenv("GEMMA3_SOURCE_DIR");
@@ -1631,6 +1736,8 @@ TEST_F(CudaOps, TinyModelMatchesCpu) {
   // GEMMA3_CUDA_EMU_SMALL: 16 tokens (position 28: the rings wrap once).
   const size_t n_decode = emu_small() ? 16 : 40;
   for (int i = 0; decode.size() < n_decode; ++i) decode.push_back((i * 7919 + 13) % 100000);
+  auto fp32_attention = cuda_backend_without_flash();
+  ASSERT_TRUE(fp32_attention.ok()) << fp32_attention.status().to_string();
   for (const char* file : {"tiny-f32.gguf", "tiny-q8_0.gguf"}) {
     auto ck = Checkpoint::open(data + file);
     ASSERT_TRUE(ck.ok()) << ck.status().to_string();
@@ -1643,13 +1750,30 @@ TEST_F(CudaOps, TinyModelMatchesCpu) {
       const bool f32_model = std::string(file) == "tiny-f32.gguf";
       if (emu_small() && f32_model != (kv == DType::kF32 || kv == DType::kBF16)) continue;
       // The reference multiplies what the GPU multiplies: bf16 operands in the prefill GEMMs.
+      // The GPU's prefill attention is the fp32 kernel here; the tensor-core one below.
       testutil::Bf16GemmReference ref(*cpu_);
-      const ModelRun g = run_tiny(*gpu_, **ck, kv, p, d);
+      const ModelRun g = run_tiny(**fp32_attention, **ck, kv, p, d);
       const ModelRun c = run_tiny(ref, **ck, kv, p, d);
+      // With the tensor-core prefill attention (q, K, V and P in bf16: the prompt's 12 tokens
+      // and the 3-token step), against the same GPU without it. Its per-op bound is checked by
+      // AttentionMatchesCpu; through 8 layers it moves the largest logit's scale by 0.1-0.7%
+      // (measured); 3e-2 still catches a wrong mask or slot, which moves logits by O(1). Plus
+      // the cache type's own allowance below: the changed activations flip 8-bit cache codes.
+      const ModelRun f = run_tiny(*gpu_, **ck, kv, p, d);
+      ASSERT_EQ(f.logits.size(), g.logits.size());
+      for (size_t s = 0; s < g.logits.size(); ++s) {
+        double err = 0, mag = 1;
+        for (size_t i = 0; i < g.logits[s].size(); ++i) {
+          err = std::max(err, std::fabs(double(f.logits[s][i]) - g.logits[s][i]));
+          mag = std::max(mag, std::fabs(double(g.logits[s][i])));
+        }
+        EXPECT_LT(err / mag, 3e-2 + kv_tolerance(kv))
+            << file << " kv " << dtype_name(kv) << " tensor-core attention, step " << s;
+      }
       ASSERT_EQ(g.logits.size(), c.logits.size());
       // The decode steps (context 64: one position bucket) were recorded once and replayed,
       // each at its own position (the all-row-logits steps run directly).
-      if (gpu_->can_record()) EXPECT_EQ(g.recorded, 1) << file << " kv " << dtype_name(kv);
+      if (gpu_->can_record()) EXPECT_EQ(f.recorded, 1) << file << " kv " << dtype_name(kv);
       // fp32 everywhere, same weights: only summation order and libm differ (as CPU vs
       // transformers in test_model_golden, held to 1e-4). With a bf16 cache a key/value that
       // lands within an ulp of a bf16 rounding midpoint can round the other way (4e-3
@@ -1657,10 +1781,7 @@ TEST_F(CudaOps, TinyModelMatchesCpu) {
       // way on both sides (KvWriteIsBitExact...), but a flip there moves one element by a
       // Q8_0 step (amax / 127) or an e4m3 ulp (6-12%): 1e-2 and 3e-2. A layout or
       // dequantization bug gives O(1) errors.
-      const double tol = kv == DType::kF32    ? 1e-4
-                         : kv == DType::kBF16 ? 1e-3
-                         : kv == DType::kQ8_0 ? 1e-2
-                                              : 3e-2;
+      const double tol = kv_tolerance(kv);
       for (size_t s = 0; s < g.logits.size(); ++s) {
         double err = 0, mag = 1;
         for (size_t i = 0; i < c.logits[s].size(); ++i) {

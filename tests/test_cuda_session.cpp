@@ -110,21 +110,30 @@ TEST(DecodeOnDevice, SavedStateHoldsTheLogitsAfterGenerate) {
 
 // Greedy generate on the CUDA backend (token picked on the device, logits never copied during
 // decode) gives the CPU's tokens, and last_logits() after it matches the CPU's within the
-// fp32 tolerance of CudaOps.TinyModelMatchesCpu.
+// fp32 tolerance of CudaOps.TinyModelMatchesCpu when the prompt's attention is the fp32 kernel
+// (GEMMA3_CUDA_FLASH=0; the tiny model's weights are F32, so its GEMMs are fp32 too), and within
+// that test's allowance for the tensor-core attention (bf16 q, K, V, P) by default.
 TEST(CudaSession, GreedyGenerateMatchesCpu) {
   if (!cuda_backend_available()) GTEST_SKIP() << "no CUDA device here (nor the emulator build)";
-  auto gm = load_tiny(BackendKind::kCuda), cm = load_tiny(BackendKind::kCpu);
-  ASSERT_TRUE(gm && cm);
+  auto cm = load_tiny(BackendKind::kCpu);
+  ASSERT_TRUE(cm);
   SamplingOptions greedy;
-  const Generated g = generate_on(*gm, greedy, 8), c = generate_on(*cm, greedy, 8);
-  EXPECT_EQ(g.context, c.context);
-  ASSERT_EQ(g.last_logits.size(), c.last_logits.size());
-  double err = 0, mag = 1;
-  for (size_t i = 0; i < c.last_logits.size(); ++i) {
-    err = std::max(err, std::fabs(double(g.last_logits[i]) - c.last_logits[i]));
-    mag = std::max(mag, std::fabs(double(c.last_logits[i])));
+  const Generated c = generate_on(*cm, greedy, 8);
+  for (const bool flash : {false, true}) {
+    if (!flash) setenv("GEMMA3_CUDA_FLASH", "0", 1);
+    auto gm = load_tiny(BackendKind::kCuda);
+    unsetenv("GEMMA3_CUDA_FLASH");
+    ASSERT_TRUE(gm);
+    const Generated g = generate_on(*gm, greedy, 8);
+    EXPECT_EQ(g.context, c.context) << (flash ? "tensor-core" : "fp32") << " attention";
+    ASSERT_EQ(g.last_logits.size(), c.last_logits.size());
+    double err = 0, mag = 1;
+    for (size_t i = 0; i < c.last_logits.size(); ++i) {
+      err = std::max(err, std::fabs(double(g.last_logits[i]) - c.last_logits[i]));
+      mag = std::max(mag, std::fabs(double(c.last_logits[i])));
+    }
+    EXPECT_LT(err / mag, flash ? 3e-2 : 1e-4) << (flash ? "tensor-core" : "fp32") << " attention";
   }
-  EXPECT_LT(err / mag, 1e-4);
 }
 
 // Decode steps as recorded steps (CUDA graphs, replayed with the position read from device

@@ -479,18 +479,23 @@ run_bench() {
   # image (-i) and decodes at 32K context (split-KV); "@nographs": the same bench with every op
   # launched one by one (GEMMA3_CUDA_GRAPHS=0), what the decode step's CUDA graph saves;
   # "@fp32gemm": prefill GEMMs in fp32 without tensor cores (GEMMA3_CUDA_FP32_GEMM=1), what the
-  # bf16 GEMM gains (pp TFLOP/s and % of GEMM columns). In order of value: the rest as time allows.
+  # bf16 GEMM gains (pp TFLOP/s and % of GEMM columns); "@noflash": prefill and vision attention
+  # on the fp32 kernel (GEMMA3_CUDA_FLASH=0), what the tensor-core attention gains (pp at depth,
+  # the image encode). In order of value: the rest as time allows.
   for spec in "270m bf16" "270m bf16 @nographs" "1b bf16" "1b bf16 @fp32gemm" "1b bf16 --weights fp8" "1b q4_k" \
-    "4b q4_0 -i -d 0,32768"; do
+    "4b q4_0 -i -d 0,32768" "4b q4_0 -i -d 0,32768 @noflash"; do
     read -r size type extra <<<"$spec"
     env=(env)
-    if [[ "$extra" == "@nographs" ]]; then
-      env=(env GEMMA3_CUDA_GRAPHS=0)
-      extra=""
-    elif [[ "$extra" == "@fp32gemm" ]]; then
-      env=(env GEMMA3_CUDA_FP32_GEMM=1)
-      extra=""
-    fi
+    local word rest=""
+    for word in $extra; do
+      case "$word" in
+        @nographs) env+=(GEMMA3_CUDA_GRAPHS=0) ;;
+        @fp32gemm) env+=(GEMMA3_CUDA_FP32_GEMM=1) ;;
+        @noflash) env+=(GEMMA3_CUDA_FLASH=0) ;;
+        *) rest+="${rest:+ }$word" ;;
+      esac
+    done
+    extra=$rest
     per=$(cap 100 0)
     if ((per < 25)); then
       say "bench $spec: not run (time budget)"

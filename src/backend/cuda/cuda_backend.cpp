@@ -111,6 +111,9 @@ class CudaBackend final : public Backend {
     // GEMMA3_CUDA_FP32_GEMM=1: prefill GEMMs in fp32 (no tensor cores), to compare.
     const char* fp32 = std::getenv("GEMMA3_CUDA_FP32_GEMM");
     b->fp32_gemm_ = fp32 && *fp32 && std::strcmp(fp32, "0") != 0;
+    // GEMMA3_CUDA_FLASH=0: prefill attention on the fp32 kernel instead of tensor cores, to compare.
+    const char* flash = std::getenv("GEMMA3_CUDA_FLASH");
+    b->flash_attention_ = !(flash && std::strcmp(flash, "0") == 0);
     if ((e = cudaSetDevice(0)) != cudaSuccess)
       return internal_error("CUDA backend: cudaSetDevice(0): " + cuda_error_text(e));
     cudaDeviceProp prop{};
@@ -695,6 +698,7 @@ class CudaBackend final : public Backend {
     a.bidir_begin = p.bidir_begin;
     a.bidir_end = p.bidir_end;
     a.sm_count = sm_count_;
+    a.no_flash = !flash_attention_;
     a.pos_dev = recording_ ? step_pos_ : nullptr;  // pos0 is then the bound the plan is made for
     // Split-KV decode: the partials live in a growable scratch buffer (stream-ordered reuse).
     const cuda::AttentionPlan plan = cuda::attention_plan(a);
@@ -1153,8 +1157,9 @@ class CudaBackend final : public Backend {
   size_t scratch_bytes_ = 0;
   void* act16_ = nullptr;  // [n, cols] bf16 activations of the bf16 GEMM
   size_t act16_bytes_ = 0;
-  bool fp32_gemm_ = false;  // GEMMA3_CUDA_FP32_GEMM: fp32 operands for every weight type
-  void* ids_ = nullptr;     // [n] int32 token ids for embed (+ the stored rows: embed_stored_rows)
+  bool fp32_gemm_ = false;       // GEMMA3_CUDA_FP32_GEMM: fp32 operands for every weight type
+  bool flash_attention_ = true;  // GEMMA3_CUDA_FLASH != 0: the tensor-core prefill attention
+  void* ids_ = nullptr;          // [n] int32 token ids for embed (+ the stored rows: embed_stored_rows)
   size_t ids_bytes_ = 0;
   // Host side of embed_stored_rows' copy.
   std::vector<uint8_t> lookup_staging_;
