@@ -10,14 +10,20 @@ namespace {
 constexpr int kThreads = 256;
 
 // One block per row: mean, then the biased variance of (x - mean), both block sums (the
-// reference sums sequentially; the results agree to fp32 rounding).
-// Preconditions: blockDim.x = kThreads, gridDim.x = rows; out may equal x (each thread
-// reads the elements it later writes, after both sums are complete).
-__global__ void __launch_bounds__(kThreads)
-    layernorm_kernel(const float* x, const float* w, const float* b, int dim, float eps, float* out) {
+// reference sums sequentially; the results agree to fp32 rounding). With a residual `a`, first
+// x += a (the residual step before the next LayerNorm; x is written then).
+// Preconditions: blockDim.x = kThreads, gridDim.x = rows; out may equal x or a (each thread
+// reads the elements it later writes, after both sums are complete); x is written only when a
+// is given.
+__global__ void __launch_bounds__(kThreads) layernorm_kernel(const float* a, float* x, const float* w,
+                                                             const float* b, int dim, float eps, float* out) {
   __shared__ float scratch[32];
-  const float* xr = x + int64_t{blockIdx.x} * dim;
+  float* xr = x + int64_t{blockIdx.x} * dim;
   float* o = out + int64_t{blockIdx.x} * dim;
+  if (a) {
+    const float* ar = a + int64_t{blockIdx.x} * dim;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) xr[i] = xr[i] + ar[i];
+  }
   float s = 0;
   for (int i = threadIdx.x; i < dim; i += blockDim.x) s += xr[i];
   const float mean = block_sum(s, scratch) / static_cast<float>(dim);
@@ -63,13 +69,18 @@ __global__ void avg_pool_kernel(const float* x, int side, int dim, int k, float*
 
 }  // namespace
 
-int launch_layernorm(const float* x, const float* w, const float* b, int64_t rows, int dim, float eps,
-                     float* out, Stream stream) {
+int launch_add_layernorm(const float* a, float* x, const float* w, const float* b, int64_t rows, int dim,
+                         float eps, float* out, Stream stream) {
   if (rows < 0 || rows > 0x7FFFFFFF || dim < 1) return static_cast<int>(cudaErrorInvalidValue);
   if (rows == 0) return 0;
-  GEMMA3_LAUNCH(layernorm_kernel, static_cast<unsigned>(rows), kThreads, 0, as_stream(stream), x, w, b, dim,
-                eps, out);
+  GEMMA3_LAUNCH(layernorm_kernel, static_cast<unsigned>(rows), kThreads, 0, as_stream(stream), a, x, w, b,
+                dim, eps, out);
   return launch_result();
+}
+
+int launch_layernorm(const float* x, const float* w, const float* b, int64_t rows, int dim, float eps,
+                     float* out, Stream stream) {  // x is only read without a residual
+  return launch_add_layernorm(nullptr, const_cast<float*>(x), w, b, rows, dim, eps, out, stream);
 }
 
 int launch_add_bias(const float* x, const float* b, int64_t rows, int dim, float* out, Stream stream) {

@@ -12,6 +12,10 @@ namespace gemma3::cuda {
 // torch.nn.LayerNorm in fp32); w, b [dim] fp32. In place allowed.
 int launch_layernorm(const float* x, const float* w, const float* b, int64_t rows, int dim, float eps,
                      float* out, Stream stream);
+// x += a, then out = layernorm(x) as launch_layernorm, in one pass (Backend::add_layernorm).
+// out may alias a or x.
+int launch_add_layernorm(const float* a, float* x, const float* w, const float* b, int64_t rows, int dim,
+                         float eps, float* out, Stream stream);
 // out[r, i] = x[r, i] + b[i], x/out [rows, dim], b [dim] fp32. In place allowed.
 int launch_add_bias(const float* x, const float* b, int64_t rows, int dim, float* out, Stream stream);
 // out[i] = gelu_tanh(x[i]) over n values. In place allowed.

@@ -88,6 +88,19 @@ TEST_F(CudaVisionOps, LayerNormAddBiasGeluAvgPool) {
     // Different summation order for mean and variance: a few fp32 ulps of the normalized value.
     EXPECT_LE(max_rel(host(d, x.size()), ref), 1e-5f);
 
+    // The fused residual step (x += a, then the LayerNorm; out aliasing a, as the tower calls
+    // it) against the CPU's unfused default: x exactly (one fp32 add), out as above.
+    {
+      const auto a = randn(rows * dim, dim + 7, 0.0f, 1.0f);
+      std::vector<float> x_ref = x, out_ref(x.size()), a_ref = a;
+      cpu_->add_layernorm(a_ref.data(), x_ref.data(), *wc, *bc, rows, dim, 1e-6f, out_ref.data());
+      float* xd = dev(x);
+      float* ad = dev(a);
+      gpu_->add_layernorm(ad, xd, *wg, *bg, rows, dim, 1e-6f, ad);
+      EXPECT_EQ(host(xd, x.size()), x_ref);
+      EXPECT_LE(max_rel(host(ad, x.size()), out_ref), 1e-5f);
+    }
+
     cpu_->add_bias(x.data(), *bc, rows, ref.data());
     float* e = dev(x);
     gpu_->add_bias(e, *bg, rows, e);

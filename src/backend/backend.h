@@ -214,6 +214,13 @@ class Backend {
   // variance, fp32 (torch.nn.LayerNorm). w, b: [dim]. In place allowed.
   virtual void layernorm(const float* x, const BackendWeight& w, const BackendWeight& b, int64_t rows,
                          int dim, float eps, float* out) = 0;
+  // The tower's residual step before a LayerNorm: x += a, then out = layernorm(x) (rows of dim);
+  // out may alias a or x. Default: add, then layernorm; a backend may fuse them.
+  virtual void add_layernorm(const float* a, float* x, const BackendWeight& w, const BackendWeight& b,
+                             int64_t rows, int dim, float eps, float* out) {
+    add(x, a, rows * dim, x);
+    layernorm(x, w, b, rows, dim, eps, out);
+  }
   // out[r, :] = x[r, :] + b for r < rows; b: [dim] (b.cols). In place allowed.
   virtual void add_bias(const float* x, const BackendWeight& b, int64_t rows, float* out) = 0;
   // out = gelu_tanh(x) (gelu_pytorch_tanh), elementwise over n values. In place allowed.

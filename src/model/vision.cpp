@@ -101,10 +101,10 @@ Status VisionEncoder::allocate() {
     owned_.push_back(p);
     *ptr = static_cast<float*>(p);
   }
-  for (void** kv : {&kv_.k, &kv_.v}) {
-    GEMMA3_ASSIGN_OR_RETURN(*kv, be_.allocate(static_cast<size_t>(P * Hv) * sizeof(float)));
-    owned_.push_back(*kv);
-  }
+  // The projections' outputs are the attention's keys and values as they stand: [P, Hv] fp32
+  // is a KvLayer of P slots (patch p in slot p), so there is no cache to copy them into.
+  kv_.k = k_;
+  kv_.v = v_;
   kv_.capacity = static_cast<int>(P);
   kv_.dtype = DType::kF32;
   position_ids_.resize(P);
@@ -159,35 +159,37 @@ Status VisionEncoder::encode(const float* pixels, float* out, const ActivationHo
   ap.bidir_begin = 0;  // every patch sees every patch
   ap.bidir_end = static_cast<int>(P);
 
+  // Each residual add is fused with the LayerNorm after it (Backend::add_layernorm): the
+  // attention's into ln2, the MLP's into the next layer's ln1 or, after the last layer, the
+  // post-LayerNorm (whose output stays in normed_).
+  be.layernorm(x_, *layers_.front().ln1_w, *layers_.front().ln1_b, P, static_cast<int>(Hv), eps, normed_);
   for (size_t l = 0; l < layers_.size(); ++l) {
     const Layer& L = layers_[l];
-    be.layernorm(x_, *L.ln1_w, *L.ln1_b, P, static_cast<int>(Hv), eps, normed_);
     for (auto [w, b, dst] : {std::tuple{L.q_w.get(), L.q_b.get(), q_},
                              {L.k_w.get(), L.k_b.get(), k_},
                              {L.v_w.get(), L.v_b.get(), v_}}) {
       be.matmul(normed_, static_cast<int>(P), *w, dst);
       be.add_bias(dst, *b, P, dst);
     }
-    be.kv_write(k_, v_, static_cast<int>(P), 0, static_cast<int>(Hv), kv_);
-    be.attention(q_, kv_, ap, attn_);
+    be.attention(q_, kv_, ap, attn_);  // kv_ is k_ and v_ (allocate)
     be.matmul(attn_, static_cast<int>(P), *L.o_w, normed_);
     be.add_bias(normed_, *L.o_b, P, normed_);
-    be.add(x_, normed_, P * Hv, x_);
-
-    be.layernorm(x_, *L.ln2_w, *L.ln2_b, P, static_cast<int>(Hv), eps, normed_);
+    be.add_layernorm(normed_, x_, *L.ln2_w, *L.ln2_b, P, static_cast<int>(Hv), eps, normed_);
     be.matmul(normed_, static_cast<int>(P), *L.fc1_w, mlp_);
     be.add_bias(mlp_, *L.fc1_b, P, mlp_);
     be.gelu(mlp_, P * Iv, mlp_);
     be.matmul(mlp_, static_cast<int>(P), *L.fc2_w, normed_);
     be.add_bias(normed_, *L.fc2_b, P, normed_);
-    be.add(x_, normed_, P * Hv, x_);
+    const bool last = l + 1 == layers_.size();
+    be.add_layernorm(normed_, x_, last ? *post_ln_w_ : *layers_[l + 1].ln1_w,
+                     last ? *post_ln_b_ : *layers_[l + 1].ln1_b, P, static_cast<int>(Hv), eps, normed_);
     emit(static_cast<int>(l), "vision_layer_out", x_, P * Hv);
   }
-  be.layernorm(x_, *post_ln_w_, *post_ln_b_, P, static_cast<int>(Hv), eps, x_);
-  emit(-1, "vision_tower", x_, P * Hv);
+  float* const tower = normed_;  // the post-LayerNorm's output
+  emit(-1, "vision_tower", tower, P * Hv);
 
   // Projector: pool the patch grid, Gemma RMSNorm (weight holds 1 + w), project to H.
-  be.avg_pool(x_, side, static_cast<int>(Hv), pool_, pooled_);
+  be.avg_pool(tower, side, static_cast<int>(Hv), pool_, pooled_);
   emit(-1, "vision_pooled", pooled_, N * Hv);
   be.rmsnorm(pooled_, *soft_norm_, N, static_cast<int>(Hv), eps, pooled_);
   be.matmul(pooled_, static_cast<int>(N), *projection_, out_);

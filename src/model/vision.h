@@ -78,7 +78,7 @@ class VisionEncoder {
   float* mlp_ = nullptr;               // [P, Iv]
   float* pooled_ = nullptr;            // [N, Hv]
   float* out_ = nullptr;               // [N, H]
-  KvLayer kv_;                         // fp32 K/V [P, Hv]
+  KvLayer kv_;                         // k_ and v_ as fp32 K/V slots [P, Hv] (no copy)
   std::vector<int32_t> position_ids_;  // host [P]: 0..P-1
   std::vector<float> host_patches_;    // host [P, 3*p*p]
 };

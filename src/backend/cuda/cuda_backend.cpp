@@ -747,6 +747,15 @@ class CudaBackend final : public Backend {
     if (bv) check_launch(cuda::launch_layernorm(x, wv, bv, rows, dim, eps, out, stream_), "layernorm");
   }
 
+  void add_layernorm(const float* a, float* x, const BackendWeight& w, const BackendWeight& b, int64_t rows,
+                     int dim, float eps, float* out) override {
+    if (!error_.ok() || rows <= 0) return;
+    const float* wv = vector_of(w, dim, "add_layernorm");
+    const float* bv = wv ? vector_of(b, dim, "add_layernorm") : nullptr;
+    if (bv)
+      check_launch(cuda::launch_add_layernorm(a, x, wv, bv, rows, dim, eps, out, stream_), "add_layernorm");
+  }
+
   void add_bias(const float* x, const BackendWeight& b, int64_t rows, float* out) override {
     if (!error_.ok() || rows <= 0) return;
     if (const float* bv = vector_of(b, b.cols, "add_bias"))
