@@ -15,7 +15,8 @@
 #   tools/gpu-check.sh --stage 1   start check, CUDA tests (each in its own process: a fault kills
 #                                  the CUDA context), compute-sanitizer, microbenchmarks
 #   tools/gpu-check.sh --stage 2   real-shape parity (random 270M/1B GGUFs, CUDA vs the CPU
-#                                  reference, fp8 weights vs bf16) and model benchmarks
+#                                  reference, fp8 weights vs bf16; the 4B's vision tower) and
+#                                  model benchmarks
 # CI (no GPU): tools/gpu-check.sh --dry-run ... (tests/gpu_check_dry_run.sh): the same flow with
 # every command that needs a GPU replaced by a stub; argument handling and the $OUT layout are real.
 #
@@ -511,6 +512,16 @@ run_bench() {
         continue
       }
       mm=(--mmproj "$models/$size-$type.mmproj.gguf")
+      # Once: the tower's real-shape parity on these files (CudaParity.RealShapeVisionTower).
+      if [[ $dry != 1 && -z "${vision_parity_done:-}" ]]; then
+        vision_parity_done=1
+        GEMMA3_PARITY_VISION="$p,${mm[1]}" timeout "$(cap 90 20)" "$tests_bin" \
+          --gtest_filter='CudaParity.RealShapeVisionTower' --gtest_color=no >>"$out/parity.log" 2>&1
+        rc=$?
+        say "vision parity ($size $type): exit $rc$([[ $rc == 124 ]] && echo ' (timeout)')"
+        grep -E '^parity: vision|Failure' "$out/parity.log" | cut -c1-300 | tee -a "$summary"
+        ((rc != 0)) && failed=1
+      fi
     else
       p=$(make_model "$size" "$type")
       [[ -n "$p" ]] || { failed=1; continue; }
