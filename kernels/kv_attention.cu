@@ -434,11 +434,14 @@ __global__ void __launch_bounds__(32 * kWarps)
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   for (int64_t j0 = begin; j0 < end; j0 += kKeys) {  // bounds uniform over the block
     __syncthreads();  // q_s is written (first tile); k_s, v_s are no longer read (later ones)
+    // Every key read here is in the ring (span <= capacity: launch_attention), so jj < capacity
+    // for each and ring_slot's one subtraction finds its slot.
+    const int64_t first = j0 % a.capacity;
     for (int i = threadIdx.x; i < kKeys * HDP; i += kThreads) {
       const int jj = i / HDP, d = i % HDP;
       float kx = 0.0f, vx = 0.0f;
       if (j0 + jj < end && d < hd) {
-        const int64_t slot = (j0 + jj) % a.capacity;
+        const int64_t slot = ring_slot(first, jj, a.capacity);
         kx = blocks::row_value<D>(kc + slot * slot_bytes, gd + d);
         vx = blocks::row_value<D>(vc + slot * slot_bytes, gd + d);
       }
