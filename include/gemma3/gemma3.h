@@ -33,6 +33,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -46,6 +47,8 @@ enum class BackendKind { kAuto, kCpu, kCuda };
 // Element type of the KV cache. kQ8_0: GGUF Q8_0 blocks (needs head_dim % 32 == 0), kF8: fp8
 // e4m3fn without scale; both about half of bf16, with attention reading them directly.
 enum class KvType { kBF16, kF32, kQ8_0, kF8 };
+const char* kv_type_name(KvType t);  // "bf16", "f32", "q8_0", "fp8"
+std::optional<KvType> kv_type_from_name(std::string_view name);  // those names; nullopt otherwise
 
 // The library's version, "MAJOR.MINOR.PATCH" (CMake's project version).
 const char* version();
@@ -179,7 +182,59 @@ struct MemoryReport {
   uint64_t kv_local_bytes = 0;   // sliding-window layers' rings
   uint64_t scratch_bytes = 0;    // activations of one prefill chunk
   uint64_t total_bytes() const { return weight_bytes + kv_global_bytes + kv_local_bytes + scratch_bytes; }
+  // The settings and shape behind the numbers.
+  int context = 0;        // tokens a session holds (the global layers' slots)
+  int prefill_chunk = 0;  // tokens per prefill step
+  KvType kv_type = KvType::kBF16;
+  uint64_t kv_bytes_per_slot = 0;    // K + V of one position in one layer
+  int kv_local_slots = 0;            // ring slots of one sliding-window layer: min(context, W + chunk - 1)
+  uint64_t kv_all_global_bytes = 0;  // what the cache would take if every layer held the whole context
 };
+
+// ---- inspecting a checkpoint without loading it ----
+
+// One tensor as the checkpoint stores it.
+struct TensorInfo {
+  std::string name;
+  std::string type;            // element type: "BF16", "Q4_K", "F8_E4M3", ...
+  std::vector<int64_t> shape;  // slowest dimension first
+  uint64_t bytes = 0;
+};
+
+// The settings a memory plan depends on (Model::load takes them from LoadOptions).
+struct PlanOptions {
+  int context = 0;  // 0: the model's maximum context
+  KvType kv_type = KvType::kBF16;
+  int prefill_chunk = kCpuPrefillChunk;
+};
+
+// What a checkpoint declares: its architecture, tokenizer ids, tensors, and the memory one
+// session would take (inspect(): at the given PlanOptions; Model::info(): the loaded model's).
+struct ModelInfo {
+  std::string path;
+  std::string format;      // "gguf" or "safetensors"
+  std::string size_label;  // "270M", "1B", "4B", "12B", "27B", or "custom"
+  bool base_model = false;
+  bool has_vision = false;  // a vision tower is present (HF folder, or Model::load's mmproj)
+  int n_layers = 0, hidden = 0, intermediate = 0;
+  int n_heads = 0, n_kv_heads = 0, head_dim = 0;
+  int vocab_size = 0;      // embedding rows (logits per position)
+  int sliding_window = 0;  // W of the sliding-window layers
+  int max_context = 0;
+  std::string layer_pattern;  // one letter per layer: 'L' sliding window, 'G' global
+  float rope_theta_local = 0, rope_theta_global = 0, rope_scale_global = 1;
+  float query_pre_attn_scalar = 0, attention_scale = 0, rms_norm_eps = 0;
+  int tokenizer_size = 0, bos_id = 0;
+  std::vector<int32_t> eos_ids;
+  std::vector<TensorInfo> tensors;  // the text model's, in the checkpoint's order
+  uint64_t weight_bytes = 0;        // the text model's tensors as loaded
+  MemoryReport memory;
+};
+
+// Reads a checkpoint's header, config and tokenizer (maps the file; uploads nothing, touches
+// no tensor data) and plans one session's memory at `plan`. Errors as Model::load's for the
+// file and for the plan's settings.
+Result<ModelInfo> inspect(const std::string& path, const PlanOptions& plan = {});
 
 // Named activation dump: (layer or -1, name, values). Installed on a session for debugging.
 using ActivationHook = std::function<void(int layer, const std::string& name, const float* data, int64_t n)>;
@@ -192,6 +247,9 @@ class Model {
   static Result<std::shared_ptr<Model>> load(const std::string& path, const LoadOptions& options);
 
   virtual const Tokenizer& tokenizer() const = 0;
+  // The checkpoint as inspect() describes it (with the mmproj's vision tower when one was
+  // attached), with the memory plan Model::load checked (one session).
+  virtual const ModelInfo& info() const = 0;
   virtual int context_length() const = 0;  // tokens a session can hold
   virtual int vocab_size() const = 0;      // logits per position
   virtual std::string description() const = 0;

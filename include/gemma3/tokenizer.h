@@ -41,6 +41,9 @@ class Tokenizer {
                                       const std::vector<float>& scores, const std::vector<int32_t>& types);
   static Result<Tokenizer> from_model_file(const std::string& path);         // tokenizer.model
   static Result<Tokenizer> from_serialized_proto(const std::string& bytes);  // ModelProto bytes
+  // The tokenizer a checkpoint carries (a GGUF's metadata, an HF folder's tokenizer files),
+  // read without its weights.
+  static Result<Tokenizer> from_checkpoint(const std::string& path);
 
   // Ids for text, no BOS. With parse_special, control-token text such as "<end_of_turn>"
   // becomes the control id; otherwise it is tokenized as plain text (the default: user text

@@ -16,10 +16,8 @@
 
 namespace gemma3 {
 
-// The cache element type of a KvType (kBF16, kF32, kQ8_0, kF8E4M3), and its CLI spelling.
+// The cache element type of a KvType (kBF16, kF32, kQ8_0, kF8E4M3); its names are in gemma3.h.
 DType kv_dtype(KvType t);
-const char* kv_type_name(KvType t);  // "bf16", "f32", "q8_0", "fp8"
-std::optional<KvType> kv_type_from_name(std::string_view name);
 // Whether the model's heads can be cached in `t`: Q8_0 blocks must not straddle two heads'
 // rows, so it needs head_dim % 32 == 0 (Gemma 3: 256, 128).
 Status check_kv_type(const ModelConfig& config, KvType t);

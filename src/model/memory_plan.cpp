@@ -14,6 +14,15 @@ MemoryReport MemoryPlan::report() const {
   r.kv_global_bytes = kv.global_bytes;
   r.kv_local_bytes = kv.local_bytes;
   r.scratch_bytes = scratch_bytes;
+  r.context = kv.context;
+  r.prefill_chunk = kv.chunk;
+  r.kv_type = kv.dtype == DType::kF32      ? KvType::kF32
+              : kv.dtype == DType::kQ8_0   ? KvType::kQ8_0
+              : kv.dtype == DType::kF8E4M3 ? KvType::kF8
+                                           : KvType::kBF16;
+  r.kv_bytes_per_slot = kv.bytes_per_slot;
+  r.kv_local_slots = local_slots;
+  r.kv_all_global_bytes = kv.all_global_bytes;
   return r;
 }
 
@@ -29,6 +38,8 @@ MemoryPlan plan_memory(const ModelConfig& c, uint64_t weight_bytes, int context,
   p.weight_bytes = weight_bytes;
   p.kv = plan_kv(c, context, chunk, kv);
   p.scratch_bytes = scratch_bytes(c, p.kv.chunk);  // the chunk as the plan clamps it
+  for (int i = 0; i < c.n_layers; ++i)
+    if (!c.is_global(i)) p.local_slots = p.kv.capacity[i];  // every local layer has the same
   return p;
 }
 

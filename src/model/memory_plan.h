@@ -18,6 +18,7 @@ struct MemoryPlan {
   uint64_t weight_bytes = 0;   // the text model's tensors, as the backend holds them
   KvPlan kv;                   // one session's cache
   uint64_t scratch_bytes = 0;  // one session's ForwardScratch
+  int local_slots = 0;         // ring slots of one sliding-window layer (0: none)
   uint64_t total_bytes() const { return weight_bytes + kv.total_bytes() + scratch_bytes; }
   MemoryReport report() const;
 };

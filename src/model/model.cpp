@@ -201,6 +201,31 @@ class GuardedSession final : public Session {
   std::unique_ptr<SessionImpl> s_;
 };
 
+// ModelInfo of an open checkpoint with a memory plan (inspect, Model::info).
+ModelInfo describe(const Checkpoint& ckpt, const MemoryPlan& plan) {
+  const ModelConfig& c = ckpt.config();
+  ModelInfo m;
+  m.path = ckpt.path();
+  m.format = ckpt.format();
+  m.size_label = c.size_label;
+  m.base_model = c.base_model;
+  m.has_vision = c.has_vision || ckpt.vision() != nullptr;
+  m.n_layers = c.n_layers, m.hidden = c.hidden, m.intermediate = c.intermediate;
+  m.n_heads = c.n_heads, m.n_kv_heads = c.n_kv_heads, m.head_dim = c.head_dim;
+  m.vocab_size = c.vocab_size, m.sliding_window = c.sliding_window, m.max_context = c.max_context;
+  for (int i = 0; i < c.n_layers; ++i) m.layer_pattern += c.is_global(i) ? 'G' : 'L';
+  m.rope_theta_local = c.rope_theta_local, m.rope_theta_global = c.rope_theta_global;
+  m.rope_scale_global = c.rope_scale_global, m.query_pre_attn_scalar = c.query_pre_attn_scalar;
+  m.attention_scale = c.attn_scale(), m.rms_norm_eps = c.rms_norm_eps;
+  m.tokenizer_size = ckpt.tokenizer().n_vocab(), m.bos_id = c.bos_id;
+  m.eos_ids.assign(c.eos_ids.begin(), c.eos_ids.end());
+  for (const TensorView* t : ckpt.text_tensors())
+    m.tensors.push_back({t->name, dtype_name(t->dtype), t->shape, t->nbytes});
+  m.weight_bytes = ckpt.weight_bytes();
+  m.memory = plan.report();
+  return m;
+}
+
 class ModelImpl final : public Model, public std::enable_shared_from_this<ModelImpl> {
  public:
   std::unique_ptr<Checkpoint> ckpt;
@@ -210,6 +235,7 @@ class ModelImpl final : public Model, public std::enable_shared_from_this<ModelI
   int context = 0;
   MemoryPlan plan;  // one session's memory, checked against the backend before uploading
   std::unique_ptr<VisionEncoder> vision;  // null without a vision tower
+  ModelInfo info_;                        // describe(*ckpt, plan), made at load
   // The backend serves one caller at a time: its stream, error state, scratch buffers and
   // thread pool (and the vision encoder's buffers) are shared by every session. Sessions take
   // this lock around each forward step, image encode, state copy, allocation and release, so
@@ -218,6 +244,7 @@ class ModelImpl final : public Model, public std::enable_shared_from_this<ModelI
   std::mutex backend_mutex;
 
   const Tokenizer& tokenizer() const override { return ckpt->tokenizer(); }
+  const ModelInfo& info() const override { return info_; }
   int context_length() const override { return context; }
   int vocab_size() const override { return ckpt->config().vocab_size; }
   std::string description() const override {
@@ -944,6 +971,37 @@ const char* finish_reason_name(FinishReason reason) {
   return "?";
 }
 
+namespace {
+Result<ModelInfo> inspect_checkpoint(const std::string& path, const PlanOptions& options) {
+  GEMMA3_ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> ckpt, Checkpoint::open(path));
+  const ModelConfig& c = ckpt->config();
+  if (options.context < 0 || options.context > c.max_context)
+    return out_of_range(
+        fmt::format("PlanOptions::context is {}; it must be in [0, {}] (0: the model's maximum)",
+                    options.context, c.max_context));
+  if (options.prefill_chunk < 1 || options.prefill_chunk > 65536)
+    return invalid_argument(
+        fmt::format("PlanOptions::prefill_chunk is {}; it must be in [1, 65536]", options.prefill_chunk));
+  GEMMA3_TRY(check_kv_type(c, options.kv_type));
+  const MemoryPlan plan =
+      plan_memory(c, ckpt->weight_bytes(), options.context ? options.context : c.max_context,
+                  options.prefill_chunk, kv_dtype(options.kv_type));
+  return describe(*ckpt, plan);
+}
+}  // namespace
+
+Result<ModelInfo> inspect(const std::string& path, const PlanOptions& plan) {
+  return api_guard("inspect", [&] { return inspect_checkpoint(path, plan); });
+}
+
+// Here rather than in tokenizer.cpp: reading a checkpoint (weights.h) builds on the tokenizer.
+Result<Tokenizer> Tokenizer::from_checkpoint(const std::string& path) {
+  return api_guard("Tokenizer::from_checkpoint", [&]() -> Result<Tokenizer> {
+    GEMMA3_ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> ckpt, Checkpoint::open(path));
+    return Tokenizer(ckpt->tokenizer());  // copies share the model (they outlive the checkpoint)
+  });
+}
+
 Result<std::shared_ptr<Model>> Model::load(const std::string& path, const LoadOptions& options) {
   return api_guard("Model::load", [&] { return load_model(path, options); });
 }
@@ -1006,6 +1064,7 @@ Result<std::shared_ptr<Model>> load_model(const std::string& path, const LoadOpt
     for (const TensorView* t : vw->all()) weight_bytes += t->nbytes;
   m->plan = plan_memory(c, weight_bytes, m->context, m->options.prefill_chunk, kv_dtype(options.kv_type));
   GEMMA3_TRY(check_fits(m->plan, m->backend->free_bytes(), m->backend->name()));
+  m->info_ = describe(*m->ckpt, m->plan);
   GEMMA3_ASSIGN_OR_RETURN(m->weights,
                           BackendModel::upload(*m->backend, m->ckpt->weights(), options.progress));
   if (m->ckpt->vision()) {

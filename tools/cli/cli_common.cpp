@@ -18,7 +18,6 @@
 
 #include "core/utf8.h"
 #include "io/read_file.h"
-#include "model/kv_cache.h"
 
 namespace gemma3::cli {
 

@@ -34,7 +34,6 @@
 
 #include "cli_common.h"
 #include "commands.h"
-#include "model/weights.h"
 
 namespace gemma3::cli {
 
@@ -63,14 +62,14 @@ Spread spread(const std::vector<double>& v) {
 // FLOPs (2 per multiply-add) of feeding n tokens after `depth` tokens: each layer's projections
 // (q, k, v, o) and MLP (gate, up, down) for every token, attention scores and values over the
 // keys each query sees (the window on sliding layers), and the LM head for the last token.
-double prefill_flops(const ModelConfig& c, int n, int depth) {
-  const double H = c.hidden, qw = c.q_width(), kvw = c.kv_width();
+double prefill_flops(const ModelInfo& c, int n, int depth) {
+  const double H = c.hidden, qw = double(c.n_heads) * c.head_dim, kvw = double(c.n_kv_heads) * c.head_dim;
   const double per_token = 2.0 * (H * (qw + 2 * kvw) + qw * H + 3.0 * H * c.intermediate);
   double flops = per_token * c.n_layers * n + 2.0 * H * c.vocab_size;
   for (int l = 0; l < c.n_layers; ++l)
     for (int i = 0; i < n; ++i) {
       const double keys = depth + i + 1;
-      flops += 4.0 * qw * (c.is_global(l) ? keys : std::min<double>(keys, c.sliding_window));
+      flops += 4.0 * qw * (c.layer_pattern[l] == 'G' ? keys : std::min<double>(keys, c.sliding_window));
     }
   return flops;
 }
@@ -126,20 +125,13 @@ int cmd_bench(int argc, char** argv) {
   if (model_flags.context == 0) model_flags.context = max_depth + std::max(n_prompt, n_gen) + 1;
   if (image && !p.given("--ctx")) model_flags.context = std::max(model_flags.context, 1024);  // N + 6 ids
 
-  uint64_t weight_bytes = 0;
-  std::string size_label;
-  ModelConfig config;
-  {  // tensor sizes only; the mapping is dropped before the model loads
-    auto ckpt = Checkpoint::open(model_flags.model);
-    if (!ckpt.ok()) return fail("bench", ckpt.status());
-    for (const TensorView* t : (*ckpt)->text_tensors()) weight_bytes += t->nbytes;
-    config = (*ckpt)->config();
-    size_label = config.size_label;
-  }
-
   auto loaded = load_model(model_flags);
   if (!loaded.ok()) return fail("bench", loaded.status());
   std::shared_ptr<Model> model = loaded->model;
+  const ModelInfo& config = model->info();
+  const std::string& size_label = config.size_label;
+  uint64_t weight_bytes = 0;  // every text tensor, as stored
+  for (const TensorInfo& t : config.tensors) weight_bytes += t.bytes;
   auto session_or = model->new_session();
   if (!session_or.ok()) return fail("bench", session_or.status());
   Session& s = **session_or;

@@ -1,19 +1,16 @@
-// gemma3 info: what a checkpoint is and what it will cost to run. Reads only metadata (no
-// backend, no KV cache); the memory plan is plan_memory() itself (src/model/memory_plan.h), the
-// function Model::load checks against the backend's free memory, with the same prefill chunk
-// and KV type a session would use, so the numbers equal what `run` allocates at that context.
+// gemma3 info: what a checkpoint is and what it will cost to run, through the public API only
+// (gemma3::inspect: metadata, no backend, no KV cache). Its memory plan is the one Model::load
+// checks against the backend's free memory, with the same prefill chunk and KV type a session
+// would use, so the numbers equal what `run` allocates at that context.
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <map>
 #include <nlohmann/json.hpp>
 
 #include "cli_common.h"
 #include "commands.h"
-#include "core/dtype.h"
-#include "model/kv_cache.h"
-#include "model/memory_plan.h"
-#include "model/weights.h"
 
 namespace gemma3::cli {
 
@@ -23,13 +20,6 @@ struct TypeTotal {
   int count = 0;
   uint64_t bytes = 0;
 };
-
-// "LLLLLGLLLLLG..." (L: local sliding-window layer, G: global layer)
-std::string layer_pattern(const ModelConfig& c) {
-  std::string s;
-  for (int i = 0; i < c.n_layers; ++i) s += c.is_global(i) ? 'G' : 'L';
-  return s;
-}
 
 }  // namespace
 
@@ -58,39 +48,35 @@ int cmd_info(int argc, char** argv) {
   if (context < 0) return fail("info", kExitUsage, fmt::format("--ctx must be >= 1, got {}", context));
   if (chunk < 1) return fail("info", kExitUsage, fmt::format("--chunk must be >= 1, got {}", chunk));
 
-  auto checkpoint_or = Checkpoint::open(model_path);
-  if (!checkpoint_or.ok()) return fail("info", checkpoint_or.status());
-  const Checkpoint& ckpt = **checkpoint_or;
-  const ModelConfig& c = ckpt.config();
-  if (context == 0) context = c.max_context;
+  PlanOptions plan_options;
+  plan_options.context = context;                                             // 0: the model's maximum
+  plan_options.kv_type = kv_type_from_name(kv_type).value_or(KvType::kBF16);  // add_choice: known names
+  plan_options.prefill_chunk = chunk;
+  auto info_or = inspect(model_path, plan_options);
+  if (!info_or.ok()) return fail("info", info_or.status());
+  const ModelInfo& c = *info_or;
+  const MemoryReport& plan = c.memory;
 
-  std::map<std::string, TypeTotal> by_type;  // dtype name -> count, bytes
+  std::map<std::string, TypeTotal> by_type;  // type name -> count, bytes
   uint64_t tensor_bytes = 0;
-  for (const TensorView* t : ckpt.text_tensors()) {
-    TypeTotal& tt = by_type[dtype_name(t->dtype)];
+  for (const TensorInfo& t : c.tensors) {
+    TypeTotal& tt = by_type[t.type];
     ++tt.count;
-    tt.bytes += t->nbytes;
-    tensor_bytes += t->nbytes;
+    tt.bytes += t.bytes;
+    tensor_bytes += t.bytes;
   }
-  const uint64_t weight_bytes = ckpt.weight_bytes();
-  const KvType kv = *kv_type_from_name(kv_type);  // add_choice admits only known names
-  if (Status s = check_kv_type(c, kv); !s.ok()) return fail("info", s);
-  const MemoryPlan mplan = plan_memory(c, ckpt.weight_bytes(), context, chunk, kv_dtype(kv));
-  const KvPlan& plan = mplan.kv;
-  const int n_global = c.n_global_layers();
+  const uint64_t weight_bytes = c.weight_bytes;
+  const int n_global = static_cast<int>(std::count(c.layer_pattern.begin(), c.layer_pattern.end(), 'G'));
   const int n_local = c.n_layers - n_global;
-  int local_slots = 0;  // ring slots of one local layer (all local layers have the same)
-  for (int i = 0; i < c.n_layers; ++i)
-    if (!c.is_global(i)) local_slots = plan.capacity[i];
-  const double saving =
-      plan.total_bytes() ? static_cast<double>(plan.all_global_bytes) / plan.total_bytes() : 0;
+  const uint64_t kv_total = plan.kv_global_bytes + plan.kv_local_bytes;
+  const double saving = kv_total ? static_cast<double>(plan.kv_all_global_bytes) / kv_total : 0;
 
   if (output == "json") {
     nlohmann::json types = nlohmann::json::object();
     for (const auto& [name, tt] : by_type) types[name] = {{"count", tt.count}, {"bytes", tt.bytes}};
     nlohmann::json j = {
-        {"path", ckpt.path()},
-        {"format", ckpt.format()},
+        {"path", c.path},
+        {"format", c.format},
         {"size_label", c.size_label},
         {"n_layers", c.n_layers},
         {"n_global_layers", n_global},
@@ -101,43 +87,42 @@ int cmd_info(int argc, char** argv) {
         {"n_kv_heads", c.n_kv_heads},
         {"head_dim", c.head_dim},
         {"sliding_window", c.sliding_window},
-        {"layer_pattern", layer_pattern(c)},
+        {"layer_pattern", c.layer_pattern},
         {"max_context", c.max_context},
         {"rope",
          {{"theta_local", c.rope_theta_local},
           {"theta_global", c.rope_theta_global},
           {"scale_global", c.rope_scale_global}}},
         {"query_pre_attn_scalar", c.query_pre_attn_scalar},
-        {"attn_scale", c.attn_scale()},
+        {"attn_scale", c.attention_scale},
         {"rms_norm_eps", c.rms_norm_eps},
         {"vocab_rows", c.vocab_size},
-        {"tokenizer_size", ckpt.tokenizer().n_vocab()},
+        {"tokenizer_size", c.tokenizer_size},
         {"bos_id", c.bos_id},
         {"eos_ids", c.eos_ids},
         {"has_vision", c.has_vision},
-        {"tensors", {{"count", ckpt.text_tensors().size()}, {"bytes", tensor_bytes}, {"by_type", types}}},
+        {"tensors", {{"count", c.tensors.size()}, {"bytes", tensor_bytes}, {"by_type", types}}},
         {"weight_bytes", weight_bytes},
         {"memory",
          {{"context", plan.context},
-          {"chunk", plan.chunk},
+          {"chunk", plan.prefill_chunk},
           {"kv_type", kv_type},
-          {"bytes_per_slot", plan.bytes_per_slot},
+          {"bytes_per_slot", plan.kv_bytes_per_slot},
           {"global_slots", plan.context},
-          {"local_slots", local_slots},
+          {"local_slots", plan.kv_local_slots},
           {"weight_bytes", weight_bytes},
-          {"kv_global_bytes", plan.global_bytes},
-          {"kv_local_bytes", plan.local_bytes},
-          {"kv_total_bytes", plan.total_bytes()},
-          {"kv_all_global_bytes", plan.all_global_bytes},
+          {"kv_global_bytes", plan.kv_global_bytes},
+          {"kv_local_bytes", plan.kv_local_bytes},
+          {"kv_total_bytes", kv_total},
+          {"kv_all_global_bytes", plan.kv_all_global_bytes},
           {"kv_saving", saving},
-          {"scratch_bytes", mplan.scratch_bytes},
-          {"total_bytes", mplan.total_bytes()}}},
+          {"scratch_bytes", plan.scratch_bytes},
+          {"total_bytes", plan.total_bytes()}}},
     };
     if (list_tensors) {
       nlohmann::json list = nlohmann::json::array();
-      for (const TensorView* t : ckpt.text_tensors())
-        list.push_back(
-            {{"name", t->name}, {"type", dtype_name(t->dtype)}, {"shape", t->shape}, {"bytes", t->nbytes}});
+      for (const TensorInfo& t : c.tensors)
+        list.push_back({{"name", t.name}, {"type", t.type}, {"shape", t.shape}, {"bytes", t.bytes}});
       j["tensor_list"] = list;
     }
     std::printf("%s\n", j.dump(2).c_str());
@@ -148,10 +133,10 @@ int cmd_info(int argc, char** argv) {
   auto line = [&o](std::string_view key, const std::string& value) {
     o += fmt::format("{:<18}{}\n", key, value);
   };
-  line("model", fmt::format("{} ({})", ckpt.path(), ckpt.format()));
+  line("model", fmt::format("{} ({})", c.path, c.format));
   line("size", c.size_label + (c.has_vision ? " (text + vision)" : " (text)"));
   line("layers", fmt::format("{} ({} global, {} local)", c.n_layers, n_global, n_local));
-  line("pattern", layer_pattern(c));
+  line("pattern", c.layer_pattern);
   line("hidden H", std::to_string(c.hidden));
   line("intermediate I", std::to_string(c.intermediate));
   line("heads", fmt::format("{} query, {} kv, head dim {}", c.n_heads, c.n_kv_heads, c.head_dim));
@@ -160,44 +145,41 @@ int cmd_info(int argc, char** argv) {
   line("rope", fmt::format("local theta {}, global theta {}, global linear scale {}", c.rope_theta_local,
                            c.rope_theta_global, c.rope_scale_global));
   line("attention scale",
-       fmt::format("{:.7g} (query_pre_attn_scalar {:g})", c.attn_scale(), c.query_pre_attn_scalar));
+       fmt::format("{:.7g} (query_pre_attn_scalar {:g})", c.attention_scale, c.query_pre_attn_scalar));
   line("rms norm eps", fmt::format("{:g}", c.rms_norm_eps));
   line("vocab rows", std::to_string(c.vocab_size));
-  line("tokenizer", fmt::format("{} pieces (bos {}, eos {})", ckpt.tokenizer().n_vocab(), c.bos_id,
-                                fmt::join(c.eos_ids, ", ")));
+  line("tokenizer",
+       fmt::format("{} pieces (bos {}, eos {})", c.tokenizer_size, c.bos_id, fmt::join(c.eos_ids, ", ")));
   o += "\n";
-  line("tensors",
-       fmt::format("{} ({}, {} B)", ckpt.text_tensors().size(), human_bytes(tensor_bytes), tensor_bytes));
+  line("tensors", fmt::format("{} ({}, {} B)", c.tensors.size(), human_bytes(tensor_bytes), tensor_bytes));
   for (const auto& [name, tt] : by_type)
     o +=
         fmt::format("  {:<16}{:>5} tensors  {:>12}  {} B\n", name, tt.count, human_bytes(tt.bytes), tt.bytes);
   line("weights", fmt::format("{} ({} B)", human_bytes(weight_bytes), weight_bytes));
   if (list_tensors) {
     o += "\n";
-    for (const TensorView* t : ckpt.text_tensors())
-      o += fmt::format("  {:<48} {:<8} {:<16} {}\n", t->name, dtype_name(t->dtype), shape_to_string(t->shape),
-                       t->nbytes);
+    for (const TensorInfo& t : c.tensors)
+      o += fmt::format("  {:<48} {:<8} {:<16} {}\n", t.name, t.type,
+                       fmt::format("[{}]", fmt::join(t.shape, ", ")), t.bytes);
   }
 
   o += fmt::format("\nmemory plan at context {} (KV {}, prefill chunk {}):\n", plan.context, kv_type,
-                   plan.chunk);
+                   plan.prefill_chunk);
   auto mem = [&o](std::string_view key, uint64_t bytes, const std::string& note) {
     o += fmt::format("  {:<18}{:>12}  {:>14} B{}{}\n", key, human_bytes(bytes), bytes,
                      note.empty() ? "" : "  ", note);
   };
   mem("weights", weight_bytes, "");
-  mem("kv global", plan.global_bytes,
-      fmt::format("{} layers x {} slots x {} B", n_global, plan.context, plan.bytes_per_slot));
-  mem("kv local rings", plan.local_bytes,
-      fmt::format("{} layers x {} slots x {} B (window {} + chunk {} - 1)", n_local, local_slots,
-                  plan.bytes_per_slot, c.sliding_window, plan.chunk));
-  mem("kv total", plan.total_bytes(), "");
-  mem("kv all-global", plan.all_global_bytes,
+  mem("kv global", plan.kv_global_bytes,
+      fmt::format("{} layers x {} slots x {} B", n_global, plan.context, plan.kv_bytes_per_slot));
+  mem("kv local rings", plan.kv_local_bytes,
+      fmt::format("{} layers x {} slots x {} B (window {} + chunk {} - 1)", n_local, plan.kv_local_slots,
+                  plan.kv_bytes_per_slot, c.sliding_window, plan.prefill_chunk));
+  mem("kv total", kv_total, "");
+  mem("kv all-global", plan.kv_all_global_bytes,
       fmt::format("if every layer cached the full context: {:.2f}x more", saving));
-  mem("scratch", mplan.scratch_bytes, fmt::format("activations of one {}-token chunk", plan.chunk));
-  mem("total", mplan.total_bytes(), "weights + kv + scratch (one session)");
-  if (context > c.max_context)
-    o += fmt::format("note: context {} exceeds the model's max context {}\n", context, c.max_context);
+  mem("scratch", plan.scratch_bytes, fmt::format("activations of one {}-token chunk", plan.prefill_chunk));
+  mem("total", plan.total_bytes(), "weights + kv + scratch (one session)");
   std::fwrite(o.data(), 1, o.size(), stdout);
   return kExitOk;
 }

@@ -18,7 +18,6 @@
 
 #include "cli_common.h"
 #include "commands.h"
-#include "model/weights.h"
 
 namespace gemma3::cli {
 namespace {
@@ -64,9 +63,9 @@ int cmd_tokenize(int argc, char** argv) {
   }
   if (model_path.empty()) return fail("tokenize", kExitUsage, "-m MODEL is required");
   if (!export_path.empty()) {
-    auto checkpoint = Checkpoint::open(model_path);
-    if (!checkpoint.ok()) return fail("tokenize", checkpoint.status());
-    const std::string bytes = (*checkpoint)->tokenizer().sentencepiece_model_proto();
+    auto tokenizer = Tokenizer::from_checkpoint(model_path);
+    if (!tokenizer.ok()) return fail("tokenize", tokenizer.status());
+    const std::string bytes = tokenizer->sentencepiece_model_proto();
     std::ofstream out(export_path, std::ios::binary);
     out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
     if (!out.flush()) return fail("tokenize", kExitBadInput, fmt::format("cannot write {}", export_path));
@@ -78,9 +77,9 @@ int cmd_tokenize(int argc, char** argv) {
   auto text = read_prompt(prompt, file, "text", kMaxTextFileBytes);
   if (!text.ok()) return fail("tokenize", text.status());
 
-  auto checkpoint = Checkpoint::open(model_path);
-  if (!checkpoint.ok()) return fail("tokenize", checkpoint.status());
-  const Tokenizer& tok = (*checkpoint)->tokenizer();
+  auto tokenizer = Tokenizer::from_checkpoint(model_path);
+  if (!tokenizer.ok()) return fail("tokenize", tokenizer.status());
+  const Tokenizer& tok = *tokenizer;
   auto cpu_now = [] {
     timespec ts{};
     clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
