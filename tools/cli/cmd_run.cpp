@@ -8,7 +8,6 @@
 
 #include "cli_common.h"
 #include "commands.h"
-#include "model/chat_template.h"
 
 namespace gemma3::cli {
 
