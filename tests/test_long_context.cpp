@@ -560,6 +560,46 @@ TEST(PromptCache, RestoredSessionContinuesIdentically) {
   }
 }
 
+// Session::feed_tokens_with_state_file (the library's prompt-cache policy, `run --prompt-cache`):
+// a missing file is created, a prefix is restored and only the rest fed, the same prompt is
+// restored whole, a file that is not a prefix (or another setting's) is replaced and says why;
+// the logits always equal a plain feed of the same ids.
+TEST(PromptCache, FeedWithStateFileReusesPrefixes) {
+  const fs::path file = temp_dir() / "feed_with_state_file.bin";
+  fs::remove(file);
+  auto m = load_model(kData + "/tiny", KvType::kBF16, 64, 5);
+  ASSERT_TRUE(m);
+  auto plain = std::move(m->new_session().value());
+  auto s = std::move(m->new_session().value());
+  const auto ids = some_tokens(30);
+  const std::vector<int32_t> head(ids.begin(), ids.begin() + 20);
+  struct Step {
+    std::vector<int32_t> ids;
+    size_t restored;
+    bool reason;  // a file was there and not used
+  };
+  std::vector<int32_t> other = head;
+  other[5] ^= 1;
+  for (const Step& step :
+       {Step{head, 0, false}, Step{ids, 20, false}, Step{ids, 30, false}, Step{other, 0, true}}) {
+    auto use = s->feed_tokens_with_state_file(step.ids, file.string());
+    ASSERT_TRUE(use.ok()) << use.status().to_string();
+    EXPECT_EQ(use->restored, step.restored);
+    EXPECT_EQ(!use->not_reused.empty(), step.reason) << use->not_reused;
+    EXPECT_EQ(s->tokens(), step.ids);
+    plain->clear();
+    ASSERT_TRUE(plain->feed_tokens(step.ids).ok());
+    EXPECT_EQ(s->last_logits(), plain->last_logits());
+    EXPECT_TRUE(fs::exists(file));
+  }
+  auto chunk8 = load_model(kData + "/tiny", KvType::kBF16, 64, 8);  // other settings: not reused
+  auto t = std::move(chunk8->new_session().value());
+  auto use = t->feed_tokens_with_state_file(other, file.string());
+  ASSERT_TRUE(use.ok()) << use.status().to_string();
+  EXPECT_EQ(use->restored, 0u);
+  EXPECT_NE(use->not_reused.find("chunk"), std::string::npos) << use->not_reused;
+}
+
 TEST(PromptCache, MismatchedSettingsAndDamagedFilesAreRejected) {
   const fs::path file = temp_dir() / "state.bin";
   auto m = load_model(kData + "/tiny", KvType::kBF16, 64, 5);

@@ -389,6 +389,18 @@ class Session {
   // database or sent to another process of the same model.
   virtual Result<std::string> save_state_to_memory() const = 0;
   virtual Status load_state_from_memory(std::string_view bytes) = 0;
+  // A prompt fed through a state file, as llama.cpp's --prompt-cache: the context is cleared;
+  // when `state_file` exists and holds a state of this model and settings whose tokens are a
+  // prefix of `ids`, it is loaded and only the rest of `ids` is fed; then the whole context is
+  // saved to `state_file` (created or replaced). Returns how many tokens were restored and,
+  // when a file was there but not used, why (another model's, other settings, corrupt, not a
+  // prefix). Errors of feeding or of writing the file are errors.
+  struct PromptCacheUse {
+    size_t restored = 0;
+    std::string not_reused;  // empty when the file was used or absent
+  };
+  Result<PromptCacheUse> feed_tokens_with_state_file(const std::vector<int32_t>& ids,
+                                                     const std::string& state_file);
   // A new session of the same model holding a copy of this one's context (tokens, K/V, last
   // logits, an open model turn) and stats: the two then continue independently, e.g. to branch
   // a conversation or draw several replies to one prompt. Encoded images are not copied.

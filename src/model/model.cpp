@@ -994,6 +994,30 @@ Result<ModelInfo> inspect(const std::string& path, const PlanOptions& plan) {
   return api_guard("inspect", [&] { return inspect_checkpoint(path, plan); });
 }
 
+Result<Session::PromptCacheUse> Session::feed_tokens_with_state_file(const std::vector<int32_t>& ids,
+                                                                     const std::string& state_file) {
+  return api_guard("Session::feed_tokens_with_state_file", [&]() -> Result<PromptCacheUse> {
+    PromptCacheUse use;
+    clear();
+    if (std::FILE* f = std::fopen(state_file.c_str(), "rb")) {
+      std::fclose(f);
+      const Status st = load_state(state_file);
+      const std::vector<int32_t>& saved = tokens();
+      if (st.ok() && saved.size() <= ids.size() && std::equal(saved.begin(), saved.end(), ids.begin())) {
+        use.restored = saved.size();
+      } else {
+        use.not_reused = st.ok() ? "its tokens are not a prefix of this prompt" : st.to_string();
+        clear();
+      }
+    }
+    if (use.restored == ids.size() && use.restored > 0) return use;  // nothing new to feed or save
+    GEMMA3_TRY(feed_tokens(
+        std::vector<int32_t>(ids.begin() + static_cast<std::ptrdiff_t>(use.restored), ids.end())));
+    GEMMA3_TRY(save_state(state_file));
+    return use;
+  });
+}
+
 // Here rather than in tokenizer.cpp: reading a checkpoint (weights.h) builds on the tokenizer.
 Result<Tokenizer> Tokenizer::from_checkpoint(const std::string& path) {
   return api_guard("Tokenizer::from_checkpoint", [&]() -> Result<Tokenizer> {

@@ -23,31 +23,17 @@ void print_stats(const char* what, int tokens, double seconds) {
 // prefix of them (then only the rest is prefilled), and saves the state after the prompt.
 Status feed_with_prompt_cache(Session& session, const std::string& cache_file,
                               const std::vector<int32_t>& ids) {
-  size_t reused = 0;
-  if (std::FILE* f = std::fopen(cache_file.c_str(), "rb")) {
-    std::fclose(f);
-    const Status st = session.load_state(cache_file);
-    const auto& saved = session.tokens();
-    if (st.ok() && saved.size() <= ids.size() && std::equal(saved.begin(), saved.end(), ids.begin())) {
-      reused = saved.size();
-    } else {
-      std::fprintf(
-          stderr, "prompt cache: not reused (%s)\n",
-          st.ok() ? "its tokens are not a prefix of this prompt" : cli_terms(st.to_string()).c_str());
-      session.clear();
-    }
-  }
-  if (reused == ids.size() && reused > 0) {
-    std::fprintf(stderr, "prompt cache: all %zu prompt tokens restored from %s\n", reused,
+  auto use = session.feed_tokens_with_state_file(ids, cache_file);
+  if (!use.ok()) return use.status();
+  if (!use->not_reused.empty())
+    std::fprintf(stderr, "prompt cache: not reused (%s)\n", cli_terms(use->not_reused).c_str());
+  if (use->restored == ids.size() && use->restored > 0)
+    std::fprintf(stderr, "prompt cache: all %zu prompt tokens restored from %s\n", use->restored,
                  cache_file.c_str());
-    return ok_status();
-  }
-  if (reused > 0)
-    std::fprintf(stderr, "prompt cache: %zu of %zu prompt tokens restored from %s\n", reused, ids.size(),
-                 cache_file.c_str());
-  GEMMA3_TRY(session.feed_tokens(
-      std::vector<int32_t>(ids.begin() + static_cast<std::ptrdiff_t>(reused), ids.end())));
-  return session.save_state(cache_file);
+  else if (use->restored > 0)
+    std::fprintf(stderr, "prompt cache: %zu of %zu prompt tokens restored from %s\n", use->restored,
+                 ids.size(), cache_file.c_str());
+  return ok_status();
 }
 
 }  // namespace
