@@ -36,7 +36,8 @@ int cmd_info(int argc, char** argv) {
   p.add_choice("--kv-type", {"bf16", "f32", "q8_0", "fp8"}, &kv_type,
                "KV cache element type (default: bf16)");
   p.add_option("--chunk", "N", &chunk,
-               "prefill chunk the plan assumes; local rings hold W+N-1 slots (default: 256)");
+               "prefill chunk the plan assumes; local rings hold W+N-1 slots (default: 256, the CPU's; "
+               "CUDA sessions use 512)");
   p.add_choice("-o,--output", {"text", "json"}, &output, "output format (default: text)");
   p.add_flag("--tensors", &list_tensors, "also list every text-model tensor (name, type, shape, bytes)");
   if (Status s = p.parse(argc, argv, 2); !s.ok()) return fail("info", kExitUsage, s.message());
