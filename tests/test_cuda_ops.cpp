@@ -1078,13 +1078,19 @@ Result<std::unique_ptr<Backend>> cuda_backend_without_flash() {
   return b;
 }
 
-// Whether launch_attention serves this call with the tensor-core prefill kernel.
-bool uses_flash(const AttentionParams& p, int capacity, DType dt, const void* k, const void* v) {
+// The launcher's arguments for a backend attention call (no device buffers but k and v).
+cuda::AttentionArgs args_of(const AttentionParams& p, int capacity, DType dt, const void* k = nullptr,
+                            const void* v = nullptr) {
   cuda::AttentionArgs a;
   a.n_tokens = p.n_tokens, a.pos0 = p.pos0, a.n_heads = p.n_heads, a.n_kv_heads = p.n_kv_heads;
   a.head_dim = p.head_dim, a.window = p.window, a.kv_start = p.kv_start, a.capacity = capacity;
   a.bidir_begin = p.bidir_begin, a.bidir_end = p.bidir_end, a.kv_dtype = dt, a.k = k, a.v = v;
-  return cuda::attention_plan(a).flash_dim > 0;
+  return a;
+}
+
+// Whether launch_attention serves this call with the tensor-core prefill kernel.
+bool uses_flash(const AttentionParams& p, int capacity, DType dt, const void* k, const void* v) {
+  return cuda::attention_plan(args_of(p, capacity, dt, k, v)).flash_dim > 0;
 }
 
 // The tensor-core prefill kernel (docs/cuda.md, "Tensor-core prefill attention") rounds q, K, V
@@ -1099,11 +1105,8 @@ bool uses_flash(const AttentionParams& p, int capacity, DType dt, const void* k,
 std::vector<double> flash_bound(const AttentionParams& p, const std::vector<float>& q,
                                 const std::vector<uint8_t>& ck, const std::vector<uint8_t>& cv, DType dt,
                                 int capacity) {
-  cuda::AttentionArgs a;
-  a.n_tokens = p.n_tokens, a.pos0 = p.pos0, a.n_heads = p.n_heads, a.n_kv_heads = p.n_kv_heads;
-  a.head_dim = p.head_dim, a.window = p.window, a.kv_start = p.kv_start, a.capacity = capacity;
-  a.bidir_begin = p.bidir_begin, a.bidir_end = p.bidir_end;
-  const int hd = p.head_dim, kvw = p.n_kv_heads * hd, group = p.n_heads / p.n_kv_heads;
+  const cuda::AttentionArgs a = args_of(p, capacity, dt);
+  const int hd = p.head_dim, group = p.n_heads / p.n_kv_heads;
   const size_t rb = ck.size() / capacity;
   const double u2 = 2 * std::ldexp(1.0, -8) + std::ldexp(1.0, -16);
   std::vector<double> bound(q.size());
@@ -1134,7 +1137,6 @@ std::vector<double> flash_bound(const AttentionParams& p, const std::vector<floa
           avg += w[j - lo] * std::fabs(decode_host(dt, cv.data() + (j % capacity) * rb, off + d));
         bound[(int64_t{t} * p.n_heads + h) * hd + d] = (std::expm1(2 * delta) + u2) * avg / l;
       }
-      (void)kvw;
     }
   return bound;
 }

@@ -550,38 +550,28 @@ class CudaBackend final : public Backend {
       return;
     }
     if (unrecordable("matmul (cuBLAS)")) return;
-    if (!bf16_gemm(r)) {
-      if (r.dtype == DType::kF32 && r.n_scales == 0) {
-        gemm(r.data, CUDA_R_32F, r.rows, 0, x, n, r, name, out);
-        return;
-      }
-      const int64_t tile = std::clamp<int64_t>(kScratchFloats / std::max<int64_t>(r.cols, 1), 1, r.rows);
-      if (!reserve(&scratch_, &scratch_bytes_, static_cast<size_t>(tile * r.cols) * sizeof(float),
-                   "matmul scratch"))
-        return;
-      for (int64_t r0 = 0; r0 < r.rows && error_.ok(); r0 += tile) {
-        const int64_t nr = std::min(tile, r.rows - r0);
-        float* s = static_cast<float*>(scratch_);
-        if (check_launch(cuda::launch_dequant_rows(r, r0, nr, s, stream_), "matmul (dequantize)"))
-          gemm(s, CUDA_R_32F, nr, r0, x, n, r, name, out);
-      }
+    const bool bf16 = bf16_gemm(r);
+    if (bf16 && !x16 && !(x16 = to_bf16(x, n, r.cols))) return;
+    const cudaDataType_t type = bf16 ? CUDA_R_16BF : CUDA_R_32F;
+    const void* xop = bf16 ? static_cast<const void*>(x16) : x;
+    const int64_t elem = bf16 ? 2 : 4;
+    // A weight already of the operand type is read in place; any other is dequantized into tiles
+    // of the 64 MiB scratch (twice the rows in bf16).
+    if (r.n_scales == 0 && r.dtype == (bf16 ? DType::kBF16 : DType::kF32) &&
+        r.row_bytes == static_cast<uint64_t>(r.cols * elem)) {
+      gemm(r.data, type, r.rows, 0, xop, n, r, name, out);
       return;
     }
-    if (!x16 && !(x16 = to_bf16(x, n, r.cols))) return;
-    if (r.dtype == DType::kBF16 && r.n_scales == 0 && r.row_bytes == static_cast<uint64_t>(r.cols) * 2) {
-      gemm(r.data, CUDA_R_16BF, r.rows, 0, x16, n, r, name, out);
-      return;
-    }
-    // The same 64 MiB of scratch holds twice the rows in bf16.
-    const int64_t tile = std::clamp<int64_t>(2 * kScratchFloats / std::max<int64_t>(r.cols, 1), 1, r.rows);
-    if (!reserve(&scratch_, &scratch_bytes_, static_cast<size_t>(tile * r.cols) * sizeof(uint16_t),
-                 "matmul scratch"))
+    const int64_t tile =
+        std::clamp<int64_t>(4 * kScratchFloats / elem / std::max<int64_t>(r.cols, 1), 1, r.rows);
+    if (!reserve(&scratch_, &scratch_bytes_, static_cast<size_t>(tile * r.cols * elem), "matmul scratch"))
       return;
     for (int64_t r0 = 0; r0 < r.rows && error_.ok(); r0 += tile) {
       const int64_t nr = std::min(tile, r.rows - r0);
-      auto* s = static_cast<uint16_t*>(scratch_);
-      if (check_launch(cuda::launch_dequant_rows_bf16(r, r0, nr, s, stream_), "matmul (dequantize to bf16)"))
-        gemm(s, CUDA_R_16BF, nr, r0, x16, n, r, name, out);
+      const int rc =
+          bf16 ? cuda::launch_dequant_rows_bf16(r, r0, nr, static_cast<uint16_t*>(scratch_), stream_)
+               : cuda::launch_dequant_rows(r, r0, nr, static_cast<float*>(scratch_), stream_);
+      if (check_launch(rc, "matmul (dequantize)")) gemm(scratch_, type, nr, r0, xop, n, r, name, out);
     }
   }
 
