@@ -8,13 +8,13 @@
 #include <string>
 #include <vector>
 
+#include "checkpoint/gguf.h"
+#include "checkpoint/hf_config.h"
+#include "checkpoint/safetensors.h"
+#include "checkpoint/weights.h"
 #include "fuzz_common.h"
 #include "gemma3/tokenizer.h"
-#include "io/gguf.h"
-#include "io/hf_config.h"
-#include "io/safetensors.h"
-#include "model/chat_template.h"
-#include "model/weights.h"
+#include "text/chat_template.h"
 
 namespace {
 

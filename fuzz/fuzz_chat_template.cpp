@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "fuzz_common.h"
-#include "model/chat_template.h"
+#include "text/chat_template.h"
 
 namespace {
 

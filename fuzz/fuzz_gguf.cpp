@@ -10,10 +10,10 @@
 #include <cstdlib>
 #include <string>
 
+#include "checkpoint/gguf.h"
+#include "checkpoint/weights.h"
 #include "fuzz_common.h"
-#include "io/gguf.h"
-#include "model/tokenizer_gguf.h"
-#include "model/weights.h"
+#include "text/tokenizer_gguf.h"
 
 namespace {
 

@@ -7,8 +7,8 @@
 #include <string>
 #include <string_view>
 
+#include "checkpoint/hf_config.h"
 #include "fuzz_common.h"
-#include "io/hf_config.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::string_view text(reinterpret_cast<const char*>(data), size);

@@ -11,7 +11,7 @@
 #include <span>
 
 #include "fuzz_common.h"
-#include "vision/image.h"
+#include "image/image.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   using namespace gemma3::vision;

@@ -5,8 +5,8 @@
 #include <cstdint>
 #include <string>
 
+#include "checkpoint/safetensors.h"
 #include "fuzz_common.h"
-#include "io/safetensors.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::string& path = gemma3::fuzz::scratch_path(".safetensors");

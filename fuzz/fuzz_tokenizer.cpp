@@ -16,7 +16,7 @@
 
 #include "fuzz_common.h"
 #include "gemma3/tokenizer.h"
-#include "model/spm_proto.h"
+#include "text/spm_proto.h"
 
 namespace {
 

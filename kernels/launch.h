@@ -300,7 +300,7 @@ inline AttentionPlan attention_plan(const AttentionArgs& a) {
 int launch_attention(const AttentionArgs& a, Stream stream);
 
 // ---- sample.cu ----
-// The device half of Backend::sample (backend.h; the rules of src/model/sampler.h). The logits
+// The device half of Backend::sample (backend.h; the rules of src/backend/sampler.h). The logits
 // row is turned into keys as sampler.cpp does: z = logits with NaN as -inf, edit_ids[0 ..
 // n_bans) set to -inf and edit_ids[n_bans .. n_edits) (the repetition-penalized ids, unique,
 // none banned) divided (z > 0) or multiplied by `penalty`; greedy keys are z, sampling keys

@@ -11,7 +11,7 @@
 #   --filter F     gtest filter (default: the decoder suites, which include a replay of
 #                  fuzz/corpus/image; the preprocessing goldens are left out as slow under valgrind)
 #
-# Builds only tests/test_image.cpp and what it tests (src/vision/image*.cpp, src/core/status.cpp)
+# Builds only tests/test_image.cpp and what it tests (src/image/image*.cpp, src/core/status.cpp)
 # with Release flags plus -g, no sanitizers, CPU only, from a build.ninja it writes in DIR, so it
 # neither needs nor waits for the rest of the library. Needs valgrind (scripts/setup.sh).
 set -euo pipefail
@@ -54,8 +54,8 @@ rule link
   command = g++ \$in -o \$out -lgtest -lgtest_main -lfmt -pthread
   description = LINK \$out
 build $build/obj/status.o: cxx src/core/status.cpp
-build $build/obj/image.o: cxx src/vision/image.cpp
-build $build/obj/image_decode.o: cxx src/vision/image_decode.cpp
+build $build/obj/image.o: cxx src/image/image.cpp
+build $build/obj/image_decode.o: cxx src/image/image_decode.cpp
 build $build/obj/test_image.o: cxx tests/test_image.cpp
 build $build/image_tests: link $build/obj/status.o $build/obj/image.o $build/obj/image_decode.o $
     $build/obj/test_image.o

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <cstring>
@@ -11,11 +12,10 @@
 #include <functional>
 #include <nlohmann/json.hpp>
 #include <string>
-#include <unistd.h>
 #include <vector>
 
-#include "io/gguf.h"
-#include "io/gguf_writer.h"
+#include "checkpoint/gguf.h"
+#include "dev/gguf_writer.h"
 #include "io/mapped_file.h"
 
 namespace gemma3::testutil {

@@ -10,11 +10,11 @@
 #include <string>
 #include <vector>
 
+#include "checkpoint/gguf.h"
 #include "gemma3/gemma3.h"
-#include "io/gguf.h"
-#include "model/chat_template.h"
-#include "model/tokenizer_gguf.h"
 #include "test_util.h"
+#include "text/chat_template.h"
+#include "text/tokenizer_gguf.h"
 
 namespace gemma3 {
 namespace {

@@ -17,12 +17,12 @@
 #include "../kernels/block_decode.h"
 #include "../kernels/launch.h"
 #include "backend/backend.h"
+#include "backend/sampler.h"
 #include "bf16_gemm_reference.h"
+#include "checkpoint/weights.h"
 #include "core/quant.h"
+#include "dev/make_model.h"
 #include "model/forward.h"
-#include "model/make_model.h"
-#include "model/sampler.h"
-#include "model/weights.h"
 #include "test_util.h"
 
 namespace gemma3 {

@@ -20,10 +20,10 @@
 
 #include "backend/backend.h"
 #include "bf16_gemm_reference.h"
+#include "checkpoint/weights.h"
 #include "model/forward.h"
-#include "model/kv_cache.h"
 #include "model/vision.h"
-#include "model/weights.h"
+#include "runtime/kv_cache.h"
 
 namespace gemma3 {
 namespace {

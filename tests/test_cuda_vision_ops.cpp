@@ -12,8 +12,8 @@
 #include "backend/backend.h"
 #include "backend/cpu/cpu_backend.h"
 #include "bf16_gemm_reference.h"
+#include "checkpoint/weights.h"
 #include "model/vision.h"
-#include "model/weights.h"
 
 namespace gemma3 {
 namespace {

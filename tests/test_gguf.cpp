@@ -13,9 +13,9 @@
 #include <string>
 #include <vector>
 
+#include "checkpoint/gguf.h"
 #include "core/quant.h"
-#include "io/gguf.h"
-#include "io/gguf_writer.h"
+#include "dev/gguf_writer.h"
 #include "test_util.h"
 
 namespace gemma3 {

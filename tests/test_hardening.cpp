@@ -17,11 +17,11 @@
 #include <vector>
 
 #include "backend/cpu/cpu_pool.h"
+#include "checkpoint/gguf.h"
 #include "core/thread_pool.h"
 #include "gemma3/gemma3.h"
-#include "io/gguf.h"
 #include "io/read_file.h"
-#include "model/chat_template.h"
+#include "text/chat_template.h"
 
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
 #define GEMMA3_TEST_SANITIZED 1

@@ -11,7 +11,7 @@
 #include <string>
 #include <vector>
 
-#include "io/hf_config.h"
+#include "checkpoint/hf_config.h"
 
 namespace gemma3 {
 namespace {

@@ -1,4 +1,4 @@
-// Image input (src/vision/image.h) against Pillow and transformers' Gemma3ImageProcessorPil:
+// Image input (src/image/image.h) against Pillow and transformers' Gemma3ImageProcessorPil:
 // tests/data/goldens/images.json, written by tools/reference/make_image_goldens.py from the
 // committed images in tests/data/images/. Also the limits and every class of bad image.
 #include <gtest/gtest.h>
@@ -15,7 +15,7 @@
 #include <string>
 #include <vector>
 
-#include "vision/image.h"
+#include "image/image.h"
 
 namespace gemma3::vision {
 namespace {

@@ -8,9 +8,9 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "checkpoint/weights.h"
+#include "dev/make_model.h"
 #include "loader_test_util.h"
-#include "model/make_model.h"
-#include "model/weights.h"
 
 namespace gemma3 {
 namespace {

@@ -21,8 +21,8 @@
 #include "backend/cpu/cpu_backend.h"
 #include "core/quant.h"
 #include "gemma3/gemma3.h"
-#include "model/kv_cache.h"
-#include "model/memory_plan.h"
+#include "runtime/kv_cache.h"
+#include "runtime/memory_plan.h"
 #include "test_util.h"
 
 namespace gemma3 {

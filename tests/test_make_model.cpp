@@ -11,13 +11,13 @@
 #include <filesystem>
 #include <fstream>
 
+#include "checkpoint/gguf.h"
+#include "checkpoint/weights.h"
 #include "core/dtype.h"
+#include "dev/make_model.h"
 #include "gemma3/gemma3.h"
-#include "io/gguf.h"
 #include "loader_test_util.h"
-#include "model/make_model.h"
-#include "model/tokenizer_gguf.h"
-#include "model/weights.h"
+#include "text/tokenizer_gguf.h"
 
 namespace gemma3 {
 namespace {

@@ -14,9 +14,9 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "checkpoint/weights.h"
 #include "gemma3/gemma3.h"
 #include "model/forward.h"
-#include "model/weights.h"
 #include "test_util.h"
 
 namespace gemma3 {

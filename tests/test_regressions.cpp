@@ -8,10 +8,10 @@
 #include <fstream>
 #include <string>
 
-#include "io/gguf.h"
-#include "io/hf_config.h"
-#include "io/safetensors.h"
-#include "model/weights.h"
+#include "checkpoint/gguf.h"
+#include "checkpoint/hf_config.h"
+#include "checkpoint/safetensors.h"
+#include "checkpoint/weights.h"
 
 namespace gemma3 {
 namespace {

@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "io/safetensors.h"
+#include "checkpoint/safetensors.h"
 
 namespace gemma3 {
 namespace {

@@ -4,7 +4,7 @@
 #include <limits>
 #include <map>
 
-#include "model/sampler.h"
+#include "backend/sampler.h"
 
 namespace gemma3 {
 namespace {

@@ -16,12 +16,12 @@
 #include <string>
 #include <vector>
 
+#include "checkpoint/gguf.h"
+#include "dev/gguf_writer.h"
 #include "gemma3/tokenizer.h"
-#include "io/gguf.h"
-#include "io/gguf_writer.h"
-#include "model/spm_proto.h"
-#include "model/tokenizer_gguf.h"
 #include "test_util.h"
+#include "text/spm_proto.h"
+#include "text/tokenizer_gguf.h"
 
 namespace gemma3 {
 namespace {

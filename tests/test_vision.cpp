@@ -23,11 +23,11 @@
 
 #include "backend/backend.h"
 #include "backend/cpu/cpu_backend.h"
+#include "checkpoint/weights.h"
 #include "gemma3/gemma3.h"
 #include "model/forward.h"
-#include "model/kv_cache.h"
 #include "model/vision.h"
-#include "model/weights.h"
+#include "runtime/kv_cache.h"
 
 namespace gemma3 {
 namespace {

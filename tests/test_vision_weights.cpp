@@ -6,11 +6,11 @@
 #include <cmath>
 #include <filesystem>
 
+#include "checkpoint/vision_weights.h"
+#include "checkpoint/weights.h"
 #include "core/quant.h"
+#include "dev/make_model.h"
 #include "loader_test_util.h"
-#include "model/make_model.h"
-#include "model/vision_weights.h"
-#include "model/weights.h"
 
 namespace gemma3 {
 namespace {

@@ -199,7 +199,7 @@ class Backend {
 
   // ---- sampling ----
   // The next token from one row of logits in backend memory ([n_allowed] fp32; ids >=
-  // n_allowed are never produced), by Sampler's rules (model/sampler.h): banned ids excluded,
+  // n_allowed are never produced), by Sampler's rules (backend/sampler.h): banned ids excluded,
   // repetition penalty over history, temperature (0: greedy), top-k, top-p, min-p, one draw.
   // Takes exactly one value from rng per call (this step's seed), greedy included, so a seeded
   // run's tokens do not depend on the backend. This default copies the row to the host and runs

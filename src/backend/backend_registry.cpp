@@ -2,7 +2,7 @@
 // defined in src/backend/cuda/cuda_backend.cpp; without it, here, saying so), and the default
 // of Backend::sample.
 #include "backend/backend.h"
-#include "model/sampler.h"
+#include "backend/sampler.h"
 
 namespace gemma3 {
 

@@ -10,9 +10,9 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "checkpoint/weights.h"
 #include "model/config.h"
-#include "model/kv_cache.h"
-#include "model/weights.h"
+#include "runtime/kv_cache.h"
 
 namespace gemma3 {
 

@@ -19,8 +19,8 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "checkpoint/vision_weights.h"
 #include "model/forward.h"
-#include "model/vision_weights.h"
 
 namespace gemma3 {
 

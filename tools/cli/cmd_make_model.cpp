@@ -1,5 +1,5 @@
 // gemma3 make-model: writes a random-weight Gemma 3 checkpoint with the real shapes and
-// metadata (src/model/make_model.h), for tests and benchmarks without downloading weights.
+// metadata (src/dev/make_model.h), for tests and benchmarks without downloading weights.
 //
 //   gemma3 make-model --size 4b --type q4_k -o /tmp/g4b.gguf --vision   (+ /tmp/g4b.mmproj.gguf)
 //   gemma3 make-model --size tiny --type fp8 -o /tmp/tiny-fp8            (HF folder)
@@ -10,7 +10,7 @@
 
 #include "cli_common.h"
 #include "commands.h"
-#include "model/make_model.h"
+#include "dev/make_model.h"
 
 namespace gemma3::cli {
 namespace {

@@ -21,9 +21,9 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "backend/sampler.h"
 #include "core/quant.h"
 #include "launch.h"
-#include "model/sampler.h"
 #include "vision.h"
 
 namespace gemma3 {

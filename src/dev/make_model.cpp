@@ -1,5 +1,5 @@
 // make-model: random Gemma 3 checkpoints (see make_model.h for the layout and the scales).
-#include "model/make_model.h"
+#include "dev/make_model.h"
 
 #include <fmt/format.h>
 
@@ -14,9 +14,9 @@
 
 #include "core/quant.h"
 #include "core/thread_pool.h"
+#include "dev/gguf_writer.h"
 #include "gemma3/tokenizer.h"
-#include "io/gguf_writer.h"
-#include "model/spm_proto.h"
+#include "text/spm_proto.h"
 
 namespace gemma3 {
 namespace {

@@ -1,4 +1,4 @@
-#include "io/gguf.h"
+#include "checkpoint/gguf.h"
 
 #include <fmt/format.h>
 

@@ -1,4 +1,4 @@
-#include "model/memory_plan.h"
+#include "runtime/memory_plan.h"
 
 #include <fmt/format.h>
 

@@ -1,4 +1,4 @@
-#include "model/tokenizer_bpe.h"
+#include "text/tokenizer_bpe.h"
 
 #include <fmt/format.h>
 

@@ -36,7 +36,7 @@
 #include <vector>
 
 #include "gemma3/status.h"
-#include "model/spm_proto.h"
+#include "text/spm_proto.h"
 
 namespace gemma3 {
 

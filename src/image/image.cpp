@@ -1,6 +1,6 @@
 // preprocess (Pillow's BILINEAR resize + rescale/normalize), Pan & Scan boxes, crop and the
 // Pan & Scan prompt layout (image.h; docs/architecture.md §3.1, §3.6).
-#include "vision/image.h"
+#include "image/image.h"
 
 #include <fmt/format.h>
 

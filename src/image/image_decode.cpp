@@ -33,7 +33,7 @@
 #include <string_view>
 #include <utility>
 
-#include "vision/image.h"
+#include "image/image.h"
 
 namespace gemma3::vision {
 namespace {

@@ -1,4 +1,4 @@
-#include "io/hf_config.h"
+#include "checkpoint/hf_config.h"
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>

@@ -1,13 +1,13 @@
-#include "model/vision_weights.h"
+#include "checkpoint/vision_weights.h"
 
 #include <fmt/format.h>
 
 #include <cmath>
 #include <functional>
 
+#include "checkpoint/gguf.h"
+#include "checkpoint/safetensors.h"
 #include "core/quant.h"
-#include "io/gguf.h"
-#include "io/safetensors.h"
 
 namespace gemma3 {
 namespace {

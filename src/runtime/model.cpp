@@ -11,15 +11,15 @@
 #include <unordered_map>
 
 #include "backend/backend.h"
+#include "checkpoint/weights.h"
 #include "core/api_guard.h"
 #include "gemma3/gemma3.h"
+#include "image/image.h"
 #include "io/read_file.h"
-#include "model/chat_template.h"
 #include "model/forward.h"
-#include "model/memory_plan.h"
 #include "model/vision.h"
-#include "model/weights.h"
-#include "vision/image.h"
+#include "runtime/memory_plan.h"
+#include "text/chat_template.h"
 
 namespace gemma3 {
 namespace {

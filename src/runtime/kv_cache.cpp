@@ -1,4 +1,4 @@
-#include "model/kv_cache.h"
+#include "runtime/kv_cache.h"
 
 #include <fmt/format.h>
 #include <sys/stat.h>
@@ -12,8 +12,8 @@
 #include <iterator>
 #include <memory>
 
+#include "checkpoint/weights.h"
 #include "io/read_file.h"
-#include "model/weights.h"
 
 namespace gemma3 {
 

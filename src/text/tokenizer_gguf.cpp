@@ -1,4 +1,4 @@
-#include "model/tokenizer_gguf.h"
+#include "text/tokenizer_gguf.h"
 
 #include <fmt/format.h>
 

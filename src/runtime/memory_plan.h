@@ -10,7 +10,7 @@
 #include "backend/backend.h"
 #include "gemma3/gemma3.h"
 #include "model/config.h"
-#include "model/kv_cache.h"
+#include "runtime/kv_cache.h"
 
 namespace gemma3 {
 

@@ -1,4 +1,4 @@
-#include "model/weights.h"
+#include "checkpoint/weights.h"
 
 #include <fmt/format.h>
 #include <sys/stat.h>
@@ -8,12 +8,12 @@
 #include <cmath>
 #include <unordered_map>
 
+#include "checkpoint/gguf.h"
+#include "checkpoint/hf_config.h"
+#include "checkpoint/safetensors.h"
+#include "checkpoint/vision_weights.h"
 #include "core/quant.h"
-#include "io/gguf.h"
-#include "io/hf_config.h"
-#include "io/safetensors.h"
-#include "model/tokenizer_gguf.h"
-#include "model/vision_weights.h"
+#include "text/tokenizer_gguf.h"
 
 namespace gemma3 {
 namespace {

@@ -1,4 +1,4 @@
-#include "io/gguf_writer.h"
+#include "dev/gguf_writer.h"
 
 #include <fmt/format.h>
 

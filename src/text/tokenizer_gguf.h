@@ -1,9 +1,9 @@
 // Builds the Gemma 3 tokenizer from the vocabulary stored in a GGUF (docs/formats.md §4).
 #pragma once
 
+#include "checkpoint/gguf.h"
 #include "gemma3/status.h"
 #include "gemma3/tokenizer.h"
-#include "io/gguf.h"
 
 namespace gemma3 {
 

@@ -14,9 +14,9 @@
 #include <string_view>
 #include <vector>
 
+#include "checkpoint/gguf.h"
 #include "core/dtype.h"
 #include "gemma3/status.h"
-#include "io/gguf.h"
 
 namespace gemma3 {
 

@@ -1,5 +1,5 @@
 // Gemma 3 tokenizer: a SentencePiece BPE model. encode() runs our own BPE
-// (model/tokenizer_bpe.h: the library's algorithm on independent chunks, identical ids);
+// (text/tokenizer_bpe.h: the library's algorithm on independent chunks, identical ids);
 // encode_ref() and vocabularies the built-in BPE does not reproduce use the SentencePiece
 // library, which stays loaded as the oracle and for piece lookups.
 //
@@ -32,8 +32,8 @@
 
 #include "core/utf8.h"
 #include "io/mapped_file.h"
-#include "model/spm_proto.h"
-#include "model/tokenizer_bpe.h"
+#include "text/spm_proto.h"
+#include "text/tokenizer_bpe.h"
 
 namespace gemma3 {
 namespace {

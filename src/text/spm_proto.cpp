@@ -1,4 +1,4 @@
-#include "model/spm_proto.h"
+#include "text/spm_proto.h"
 
 #include <fmt/format.h>
 
