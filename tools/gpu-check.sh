@@ -8,7 +8,7 @@
 #   cmake --preset release -B build/gpucheck -DGEMMA3_CUDA=ON
 #   cmake --build build/gpucheck -j2 --target gemma3_cli gemma3_tests cuda_microbench
 #   tools/gpu-check.sh --assemble build/gpucheck
-#       -> gpu-carry/bin/{gemma3,gemma3_tests,cuda_microbench} and gpu-carry/lib/ with every shared
+#       -> gpu-carry/bin/{gemma3,gemma3_tests,cuda_microbench,libgemma3-cuda.so} and gpu-carry/lib/ with every shared
 #          library ldd lists except glibc's and CUDA's; checks that gpu-carry plus the working tree
 #          stay under the device tool's 64 MiB
 # There (the device tool's run with carry ["gpu-carry"]), two calls:
@@ -62,6 +62,9 @@ if [[ "${1:-}" == "--assemble" ]]; then
   rm -rf "$carry" && mkdir -p "$carry/bin" "$carry/lib" "$carry/lib-cxx"
   bins=(gemma3 gemma3_tests)
   [[ -x "$build/cuda_microbench" ]] && bins+=(cuda_microbench)
+  # The CLI loads its CUDA backend, libgemma3-cuda.so, from its own folder (docs/cuda.md, "The
+  # CUDA module"); the test binaries have it linked in.
+  [[ -f "$build/libgemma3-cuda.so" ]] && bins+=(libgemma3-cuda.so)
   for b in "${bins[@]}"; do
     cp "$build/$b" "$carry/bin/"
     strip --strip-debug "$carry/bin/$b" 2>/dev/null || true
@@ -172,6 +175,7 @@ start_check() {
   local dev="$out/device.txt" b missing name dir resolved
   bins=("$bin/gemma3" "$tests_bin")
   [[ -x "$bin/cuda_microbench" ]] && bins+=("$bin/cuda_microbench")
+  [[ -f "$bin/libgemma3-cuda.so" ]] && bins+=("$bin/libgemma3-cuda.so")  # the CLI's CUDA backend
   {
     echo "== nvidia-smi -L"
     if [[ $dry == 1 ]]; then echo "(dry run: nvidia-smi not run)"; else nvidia-smi -L 2>&1; fi

@@ -1,28 +1,132 @@
-// Backend entry points that must exist in every build (with CUDA the factory functions are
-// defined in src/backend/cuda/cuda_backend.cpp; without it, here, saying so), and the default
-// of Backend::sample.
+// The CUDA backend's entry points (backend.h): the backend linked into this program, or the
+// module libgemma3-cuda.so loaded on first use (src/backend/cuda/cuda_module.h), or, in a
+// build without CUDA, an error saying so.
+#include <dlfcn.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
 #include "backend/backend.h"
-#include "backend/sampler.h"
+#include "backend/cuda/cuda_module.h"
+
+// Defined when the backend is linked in (the emulator build, the CUDA test binaries); null
+// otherwise.
+extern "C" const gemma3::CudaModuleApi* gemma3_cuda_module() __attribute__((weak));
 
 namespace gemma3 {
+namespace {
 
-int32_t Backend::sample(const float* logits, int n_allowed, const SamplingOptions& options,
-                        const std::vector<int32_t>& banned, const std::vector<int32_t>& history,
-                        std::mt19937_64& rng) {
-  std::vector<float> host(static_cast<size_t>(n_allowed));
-  to_host(logits, host.data(), host.size() * sizeof(float));
-  SamplingOptions o = options;
-  o.seed = rng();
-  return Sampler(o, n_allowed, banned).sample(host.data(), history);
+struct CudaModule {
+  const CudaModuleApi* api = nullptr;
+  std::string error;  // why there is none
+};
+
+CudaModule checked(const CudaModuleApi* api, const std::string& where) {
+  if (!api || api->abi != kCudaModuleAbi || std::string(api->version) != GEMMA3_VERSION)
+    return {nullptr, "the CUDA backend module " + where + " is from another build of gemma3 (version " +
+                         (api ? api->version : "?") + ", module ABI " + std::to_string(api ? api->abi : 0) +
+                         "); this library is version " GEMMA3_VERSION ", ABI " +
+                         std::to_string(kCudaModuleAbi) + ": install the two together"};
+  return {api, ""};
 }
 
-#ifndef GEMMA3_WITH_CUDA
-Result<std::unique_ptr<Backend>> make_cuda_backend(const BackendOptions&) {
-  return unsupported(
-      "this build of gemma3 has no CUDA backend (configure with -DGEMMA3_CUDA=ON); use BackendKind::kCpu");
+#if defined(GEMMA3_CUDA_MODULE)
+std::string dir_of(const std::string& path) {
+  const size_t slash = path.rfind('/');
+  return slash == std::string::npos ? std::string() : path.substr(0, slash);
 }
-bool cuda_backend_available() { return false; }
-Status cuda_backend_status(Backend&) { return ok_status(); }
+
+// Where to look, in order: $GEMMA3_CUDA_MODULE (a path) alone when set; else the folder of the
+// file holding libgemma3's code (libgemma3.so, or the program it is linked into) and of the
+// running program, each also with bin/ -> lib/ of the install layout; then the dynamic loader's
+// own search (RUNPATH, LD_LIBRARY_PATH, ld.so.cache).
+std::vector<std::string> module_candidates() {
+  if (const char* env = std::getenv("GEMMA3_CUDA_MODULE"); env && *env) return {env};
+  std::vector<std::string> dirs, out;
+  Dl_info info{};
+  if (dladdr(reinterpret_cast<const void*>(&module_candidates), &info) && info.dli_fname)
+    if (char* real = realpath(info.dli_fname, nullptr)) {
+      dirs.push_back(dir_of(real));
+      free(real);
+    }
+  if (char* exe = realpath("/proc/self/exe", nullptr)) {
+    dirs.push_back(dir_of(exe));
+    free(exe);
+  }
+  for (const std::string& d : dirs)
+    for (const std::string& p :
+         {d + "/" GEMMA3_CUDA_MODULE, d + "/" GEMMA3_CUDA_MODULE_RELDIR "/" GEMMA3_CUDA_MODULE})
+      if (!d.empty() && std::find(out.begin(), out.end(), p) == out.end()) out.push_back(p);
+  out.push_back(GEMMA3_CUDA_MODULE);
+  return out;
+}
+
+CudaModule load_module() {
+  std::string looked;
+  for (const std::string& path : module_candidates()) {
+    const bool bare = path.find('/') == std::string::npos;
+    if (!bare && access(path.c_str(), F_OK) != 0) {
+      looked += (looked.empty() ? "" : ", ") + path;
+      continue;
+    }
+    void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);  // never closed (cuda_module.h)
+    if (!handle) {
+      const std::string why = dlerror();
+      // The module itself is missing from the loader's path: report where we looked. Anything
+      // else (a CUDA library it needs is missing, a bad file) is the loader's own message.
+      if (bare && why.find(GEMMA3_CUDA_MODULE ": cannot open shared object file") != std::string::npos) break;
+      return {nullptr, "could not load the CUDA backend module " + path + ": " + why};
+    }
+    auto entry = reinterpret_cast<const CudaModuleApi* (*)()>(dlsym(handle, "gemma3_cuda_module"));
+    if (!entry)
+      return {nullptr, path + " is not a gemma3 CUDA backend module (no gemma3_cuda_module symbol)"};
+    return checked(entry(), path);
+  }
+  return {nullptr, "the CUDA backend module " GEMMA3_CUDA_MODULE " was not found (looked for " + looked +
+                       " and on the library search path); it is built with the CUDA toolkit and installed "
+                       "beside libgemma3, or named by $GEMMA3_CUDA_MODULE"};
+}
 #endif
+
+const CudaModule& cuda_module() {
+  static const CudaModule module = []() -> CudaModule {
+    if (gemma3_cuda_module) return checked(gemma3_cuda_module(), "linked into this program");
+#if defined(GEMMA3_CUDA_MODULE)
+    return load_module();
+#else
+    return {
+        nullptr,
+        "this build of gemma3 has no CUDA backend (configure with -DGEMMA3_CUDA=ON); use BackendKind::kCpu"};
+#endif
+  }();
+  return module;
+}
+
+}  // namespace
+
+Result<std::unique_ptr<Backend>> make_cuda_backend(const BackendOptions& options) {
+  const CudaModule& m = cuda_module();
+  if (!m.api) return unsupported(m.error);
+  return m.api->create(options);
+}
+
+bool cuda_backend_available() {
+  // Without an NVIDIA driver no device can be visible: a CPU machine with the module installed
+  // then never loads it and the CUDA libraries it brings (~570 MB mapped).
+  if (!gemma3_cuda_module && !dlopen("libcuda.so.1", RTLD_LAZY | RTLD_LOCAL)) {
+    (void)dlerror();
+    return false;
+  }
+  const CudaModule& m = cuda_module();
+  return m.api && m.api->available();
+}
+
+Status cuda_backend_status(Backend& backend) {
+  const CudaModule& m = cuda_module();
+  return m.api ? m.api->status(backend) : ok_status();
+}
 
 }  // namespace gemma3

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "backend/cuda/cuda_module.h"
 #include "backend/sampler.h"
 #include "core/quant.h"
 #include "launch.h"
@@ -1179,14 +1180,12 @@ class CudaBackend final : public Backend {
   Status error_;               // first failure; sticky
 };
 
-}  // namespace
-
-Result<std::unique_ptr<Backend>> make_cuda_backend(const BackendOptions& options) {
+Result<std::unique_ptr<Backend>> create_backend(const BackendOptions& options) {
   GEMMA3_ASSIGN_OR_RETURN(std::unique_ptr<CudaBackend> b, CudaBackend::create(options));
   return std::unique_ptr<Backend>(std::move(b));
 }
 
-bool cuda_backend_available() {
+bool any_device() {
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess) {
     (void)cudaGetLastError();
@@ -1195,9 +1194,17 @@ bool cuda_backend_available() {
   return count > 0;
 }
 
-Status cuda_backend_status(Backend& backend) {
+Status backend_status(Backend& backend) {
   if (auto* b = dynamic_cast<CudaBackend*>(&backend)) return b->status();
   return ok_status();
 }
 
+constexpr CudaModuleApi kModuleApi{kCudaModuleAbi, GEMMA3_VERSION, &create_backend, &any_device,
+                                   &backend_status};
+
+}  // namespace
 }  // namespace gemma3
+
+extern "C" __attribute__((visibility("default"))) const gemma3::CudaModuleApi* gemma3_cuda_module() {
+  return &gemma3::kModuleApi;
+}
