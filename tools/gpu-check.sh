@@ -5,7 +5,10 @@
 #
 # Here (no GPU; the GPU machine has CUDA 13, a newer glibc, 16 cores and no network, and gets a
 # copy of the working tree plus the git-ignored paths a call carries):
-#   cmake --preset release -B build/gpucheck -DGEMMA3_CUDA=ON
+#   cmake --preset release -B build/gpucheck -DGEMMA3_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a-real
+#       (sm_90a code only: without the portable PTX the three copies of the kernels, in the
+#       module, gemma3_tests and cuda_microbench, are smaller: with it, 2026-12-03, --assemble
+#       counted 68 MiB of 64; --assemble checks the limit)
 #   cmake --build build/gpucheck -j2 --target gemma3_cli gemma3_tests cuda_microbench
 #   tools/gpu-check.sh --assemble build/gpucheck
 #       -> gpu-carry/bin/{gemma3,gemma3_tests,cuda_microbench,libgemma3-cuda.so} and gpu-carry/lib/ with every shared
