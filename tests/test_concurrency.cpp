@@ -64,7 +64,7 @@ void run_job(Model& model, Job& job, int n) {
   if (job.status.ok()) job.status = session.generate(g, collect).status();
   if (job.status.ok()) job.status = session.feed_text(" and then");
   if (job.status.ok()) job.status = session.generate(g, collect).status();
-  job.logits = session.last_logits();
+  job.logits = testutil::to_vector(session.last_logits());
 }
 
 std::vector<Job> make_jobs(int n) {
@@ -139,7 +139,7 @@ TEST(Concurrency, ImagesFromManyThreadsMatchSequential) {
     ASSERT_TRUE(s.ok()) << s.status().to_string();
     const Status st = (*s)->feed_chat({{"user", "Describe <start_of_image> please", {f.string()}}});
     ASSERT_TRUE(st.ok()) << st.to_string();
-    *logits = (*s)->last_logits();
+    *logits = testutil::to_vector((*s)->last_logits());
   };
   std::vector<std::vector<float>> seq(files.size()), par(files.size());
   for (size_t i = 0; i < files.size(); ++i) run(files[i], &seq[i]);

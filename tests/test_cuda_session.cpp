@@ -14,6 +14,7 @@
 
 #include "backend/backend.h"
 #include "gemma3/gemma3.h"
+#include "test_util.h"
 
 namespace gemma3 {
 namespace {
@@ -55,7 +56,7 @@ Generated generate_on(Model& m, const SamplingOptions& sampling, int max_tokens)
   const Status st = (*s)->generate(o, [](const TokenEvent&) { return true; }).status();
   EXPECT_TRUE(st.ok()) << st.to_string();
   g.context = (*s)->tokens();
-  g.last_logits = (*s)->last_logits();
+  g.last_logits = testutil::to_vector((*s)->last_logits());
   return g;
 }
 
@@ -66,7 +67,7 @@ std::vector<float> replay(Model& m, const std::vector<int32_t>& context) {
   if (!s.ok()) return {};
   EXPECT_TRUE((*s)->feed_tokens(kPrompt).ok());
   for (size_t i = kPrompt.size(); i < context.size(); ++i) EXPECT_TRUE((*s)->feed_tokens({context[i]}).ok());
-  return (*s)->last_logits();
+  return testutil::to_vector((*s)->last_logits());
 }
 
 // After generate, last_logits() are those of the last token it fed back: the same as feeding
@@ -104,7 +105,7 @@ TEST(DecodeOnDevice, SavedStateHoldsTheLogitsAfterGenerate) {
   auto r = m->new_session();
   ASSERT_TRUE(r.ok());
   ASSERT_TRUE((*r)->load_state(path).ok());
-  EXPECT_EQ((*r)->last_logits(), want);
+  EXPECT_EQ(testutil::to_vector((*r)->last_logits()), want);
   std::remove(path.c_str());
 }
 
@@ -159,7 +160,7 @@ TEST(CudaSession, RecordedDecodeMatchesDirectAcrossBuckets) {
     const Status st = (*s)->generate(o, [](const TokenEvent&) { return true; }).status();
     EXPECT_TRUE(st.ok()) << st.to_string();
     g.context = (*s)->tokens();
-    g.last_logits = (*s)->last_logits();
+    g.last_logits = testutil::to_vector((*s)->last_logits());
     return g;
   };
   const Generated recorded = run(BackendKind::kCuda, true), direct = run(BackendKind::kCuda, false),

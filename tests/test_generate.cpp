@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "gemma3/gemma3.h"
+#include "test_util.h"
 
 namespace gemma3 {
 namespace {
@@ -200,7 +201,7 @@ TEST(Generate, LogprobsAreTheModelsDistribution) {
   const int n = std::min(m->vocab_size(), m->tokenizer().n_vocab());
   auto ref = prompted(*m, &p);
   for (size_t i = 0; i < entries.size(); ++i) {
-    const std::vector<double> lp = log_softmax(ref->last_logits(), n);
+    const std::vector<double> lp = log_softmax(testutil::to_vector(ref->last_logits()), n);
     EXPECT_EQ(entries[i].id, generated[i]);
     EXPECT_NEAR(entries[i].logprob, lp[generated[i]], 1e-5) << "token " << i;
     ASSERT_EQ(entries[i].top.size(), 5u);
@@ -300,7 +301,7 @@ TEST(Score, EqualsTheLogitsOfFeedingTheText) {
 
   auto ref = m->new_session().value();
   ASSERT_TRUE(ref->feed_text("Once upon a time").ok());
-  const std::vector<float> first = ref->last_logits();
+  const std::vector<float> first = testutil::to_vector(ref->last_logits());
   ref->keep_all_logits(true);
   ASSERT_TRUE(ref->feed_tokens(cont).ok());
   const int n = std::min(m->vocab_size(), m->tokenizer().n_vocab());

@@ -281,7 +281,7 @@ TEST(KvEightBit, TinyModelLogitsStayNearTheGoldens) {
     auto s = std::move(model->new_session().value());
     s->keep_all_logits(true);
     ASSERT_TRUE(s->feed_tokens(g.tokens).ok());
-    const double e = rel_err(s->all_logits(), g.logits);
+    const double e = rel_err(testutil::to_vector(s->all_logits()), g.logits);
     EXPECT_LT(e, c.tol) << kv_type_name(c.kv);
     std::printf("  tiny_long, KV %s: max rel error of the logits %.2e (bound %.0e)\n", kv_type_name(c.kv), e,
                 c.tol);
@@ -507,7 +507,7 @@ TEST(ContextOverflow, TruncateDropsOldestTurnsAndRefeeds) {
   EXPECT_EQ(msgs[1].content, "eleven twelve thirteen");
   EXPECT_EQ(s->position(), without_first);
   EXPECT_EQ(s->tokens(), probe->tokens());
-  EXPECT_EQ(s->last_logits(), probe->last_logits());
+  EXPECT_EQ(testutil::to_vector(s->last_logits()), testutil::to_vector(probe->last_logits()));
 
   // Fits already: nothing dropped.
   msgs = conv;
@@ -551,11 +551,12 @@ TEST(PromptCache, RestoredSessionContinuesIdentically) {
     const Status st = b->load_state(file.string());
     ASSERT_TRUE(st.ok()) << st.to_string();
     EXPECT_EQ(b->tokens(), ids);
-    EXPECT_EQ(b->last_logits(), a->last_logits());
+    EXPECT_EQ(testutil::to_vector(b->last_logits()), testutil::to_vector(a->last_logits()));
     for (int32_t t : {17, 23, 99, 5, 301, 42, 7, 8, 9, 10, 11, 12}) {
       ASSERT_TRUE(a->feed_tokens({t}).ok());
       ASSERT_TRUE(b->feed_tokens({t}).ok());
-      ASSERT_EQ(a->last_logits(), b->last_logits()) << kv_type_name(kv) << " after token " << t;
+      ASSERT_EQ(testutil::to_vector(a->last_logits()), testutil::to_vector(b->last_logits()))
+          << kv_type_name(kv) << " after token " << t;
     }
   }
 }
@@ -589,7 +590,7 @@ TEST(PromptCache, FeedWithStateFileReusesPrefixes) {
     EXPECT_EQ(s->tokens(), step.ids);
     plain->clear();
     ASSERT_TRUE(plain->feed_tokens(step.ids).ok());
-    EXPECT_EQ(s->last_logits(), plain->last_logits());
+    EXPECT_EQ(testutil::to_vector(s->last_logits()), testutil::to_vector(plain->last_logits()));
     EXPECT_TRUE(fs::exists(file));
   }
   auto chunk8 = load_model(kData + "/tiny", KvType::kBF16, 64, 8);  // other settings: not reused
@@ -697,17 +698,19 @@ TEST(PromptCache, StateInMemoryAndForkContinueIdentically) {
   ASSERT_TRUE(f.ok()) << f.status().to_string();
   auto& c = *f;
   EXPECT_EQ(c->tokens(), ids);
-  EXPECT_EQ(c->last_logits(), a->last_logits());
+  EXPECT_EQ(testutil::to_vector(c->last_logits()), testutil::to_vector(a->last_logits()));
   EXPECT_EQ(b->tokens(), ids);
   for (int32_t t : {17, 23, 99, 5, 301, 42, 7, 8}) {
     for (Session* s : {a.get(), b.get(), c.get()}) ASSERT_TRUE(s->feed_tokens({t}).ok());
-    ASSERT_EQ(b->last_logits(), a->last_logits()) << "memory restore, after token " << t;
-    ASSERT_EQ(c->last_logits(), a->last_logits()) << "fork, after token " << t;
+    ASSERT_EQ(testutil::to_vector(b->last_logits()), testutil::to_vector(a->last_logits()))
+        << "memory restore, after token " << t;
+    ASSERT_EQ(testutil::to_vector(c->last_logits()), testutil::to_vector(a->last_logits()))
+        << "fork, after token " << t;
   }
   // Independent: the fork goes its own way without touching the original.
-  const std::vector<float> before = a->last_logits();
+  const std::vector<float> before = testutil::to_vector(a->last_logits());
   ASSERT_TRUE(c->feed_tokens({11, 12, 13}).ok());
-  EXPECT_EQ(a->last_logits(), before);
+  EXPECT_EQ(testutil::to_vector(a->last_logits()), before);
   EXPECT_EQ(a->position() + 3, c->position());
 }
 

@@ -17,6 +17,7 @@
 #include "dev/make_model.h"
 #include "gemma3/gemma3.h"
 #include "loader_test_util.h"
+#include "test_util.h"
 #include "text/tokenizer_gguf.h"
 
 namespace gemma3 {
@@ -46,7 +47,7 @@ std::vector<float> logits_of(const std::string& path) {
   // <bos>, <start_of_turn>, a few fillers, "\n", a byte piece; 12 tokens cross the tiny window of 8.
   Status st = (*s)->feed_tokens({2, 105, 370, 371, 400, 107, 200, 380, 390, 107, 106, 375});
   EXPECT_TRUE(st.ok()) << st.to_string();
-  return (*s)->last_logits();
+  return testutil::to_vector((*s)->last_logits());
 }
 
 void expect_healthy(const std::vector<float>& l, const std::string& what) {

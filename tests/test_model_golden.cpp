@@ -124,7 +124,7 @@ TEST_P(TinyGolden, PrefillMatchesTransformers) {
   });
   session->keep_all_logits(true);
   ASSERT_TRUE(session->feed_tokens(tokens).ok());
-  const double e_logits = rel_err(session->all_logits(), read_array(c, "logits"));
+  const double e_logits = rel_err(testutil::to_vector(session->all_logits()), read_array(c, "logits"));
   const double e_layers = rel_err(layer_out, read_array(c, "layer_out"));
   // A quantized model's chunks under 16 tokens run int8 decode (int8_decode(); tiny-q8_0 at
   // chunk 5 measured 3.5e-2 / 3.9e-2: its rows are 2 blocks of 32, so no averaging).
@@ -236,7 +236,7 @@ TEST_F(Real270m, LastLogitsAndGreedyContinuationMatchTransformers) {
     auto session = std::move(model_->new_session().value());
     ASSERT_TRUE(session->feed_tokens(tokens_of(c)).ok());
     // The reference ran the same dequantized weights in fp32; the LM head sums 640 products.
-    const double e = rel_err(session->last_logits(), read_array(c, "last_logits"));
+    const double e = rel_err(testutil::to_vector(session->last_logits()), read_array(c, "last_logits"));
     EXPECT_LT(e, int8_decode() ? 1e-1 : 1e-3) << name;
     std::printf("  %s: last-position logits max rel error %.2e\n", name, e);
     // Greedy continuation, token for token.
@@ -298,18 +298,18 @@ TEST_F(Real270m, ChatTurnsKeepTheirContext) {
   ASSERT_TRUE(chat->feed_chat({{"user", "My name is Ada."}}).ok());
   const std::string reply = greedy(*chat, 12);
   ASSERT_TRUE(chat->feed_chat({{"user", "What is my name?"}}).ok());
-  const std::vector<float> incremental = chat->last_logits();
+  const std::vector<float> incremental = testutil::to_vector(chat->last_logits());
 
   auto fresh = std::move(model_->new_session().value());
   ASSERT_TRUE(
       fresh->feed_chat({{"user", "My name is Ada."}, {"model", reply}, {"user", "What is my name?"}}).ok());
   EXPECT_EQ(fresh->position(), chat->position());
   // Turn 2 alone runs through decode (int8 activations), the fresh session through prefill.
-  EXPECT_LT(rel_err(incremental, fresh->last_logits()), int8_decode() ? 1e-1 : 1e-4);
+  EXPECT_LT(rel_err(incremental, testutil::to_vector(fresh->last_logits())), int8_decode() ? 1e-1 : 1e-4);
   const auto top = [](const std::vector<float>& v) {
     return std::max_element(v.begin(), v.end()) - v.begin();
   };
-  EXPECT_EQ(top(incremental), top(fresh->last_logits()));
+  EXPECT_EQ(top(incremental), top(testutil::to_vector(fresh->last_logits())));
   const std::string answer = greedy(*chat, 16);
   std::printf("  turn 1 reply: %s\n  turn 2 answer: %s\n", reply.c_str(), answer.c_str());
 }

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <random>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -32,5 +33,8 @@ inline std::vector<float> randn(size_t n, uint32_t seed, float scale = 1.0f) {
   for (float& x : v) x = d(g);
   return v;
 }
+
+// A copy of a span (Session::last_logits/all_logits view the session's buffer).
+inline std::vector<float> to_vector(std::span<const float> s) { return {s.begin(), s.end()}; }
 
 }  // namespace gemma3::testutil

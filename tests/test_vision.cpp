@@ -28,6 +28,7 @@
 #include "model/forward.h"
 #include "model/vision.h"
 #include "runtime/kv_cache.h"
+#include "test_util.h"
 
 namespace gemma3 {
 namespace {
@@ -272,14 +273,14 @@ TEST(Vision, SecondQuestionAboutTheSameImageUsesTheCache) {
   ASSERT_TRUE(s.ok());
   const std::vector<float> px = slice(goldens()->load("pixels"), 0, 3 * 64 * 64);
   ASSERT_TRUE((*s)->feed_image_pixels(px).ok());
-  const std::vector<float> first = (*s)->last_logits();
+  const std::vector<float> first = testutil::to_vector((*s)->last_logits());
   EXPECT_EQ((*s)->stats().images_encoded, 1);
   EXPECT_GT((*s)->stats().image_encode_seconds, 0.0);
   (*s)->clear();
   ASSERT_TRUE((*s)->feed_image_pixels(px).ok());
   EXPECT_EQ((*s)->stats().images, 1);
   EXPECT_EQ((*s)->stats().images_encoded, 0) << "encoded again";
-  EXPECT_EQ((*s)->last_logits(), first);
+  EXPECT_EQ(testutil::to_vector((*s)->last_logits()), first);
   // A different image is encoded.
   ASSERT_TRUE((*s)->feed_image_pixels(slice(goldens()->load("pixels"), 1, 3 * 64 * 64)).ok());
   EXPECT_EQ((*s)->stats().images_encoded, 1);
@@ -305,7 +306,7 @@ TEST(Vision, EndToEndFromAnImageFile) {
   EXPECT_EQ((*s)->position(), static_cast<int>(ids.size()));
   // The preprocessing is Pillow-exact (image.h), so the fp32 logits tolerance applies.
   const std::vector<float> want = g.load("e2e.last_logits");
-  const float d = max_diff((*s)->last_logits(), want, 520, 520);
+  const float d = max_diff(testutil::to_vector((*s)->last_logits()), want, 520, 520);
   ::testing::Test::RecordProperty("e2e_max_abs_err", fmt::format("{:.2g}", d));
   EXPECT_LE(d, 1e-4f);
 }
@@ -338,7 +339,9 @@ TEST(Vision, ChatPlacesImagesAndCachesThem) {
   for (int32_t id : enc("model\n")) tail.push_back(id);
   ASSERT_TRUE((*manual)->feed_tokens(tail).ok());
   ASSERT_EQ((*chat)->position(), (*manual)->position());
-  EXPECT_LE(max_diff((*chat)->last_logits(), (*manual)->last_logits(), 1, 1), 1e-5f);
+  EXPECT_LE(max_diff(testutil::to_vector((*chat)->last_logits()),
+                     testutil::to_vector((*manual)->last_logits()), 1, 1),
+            1e-5f);
 
   // A marker in the text places the image there; the same file again comes from the cache.
   st = (*chat)->feed_chat({{"user", "And here <start_of_image> again?", {file}}});

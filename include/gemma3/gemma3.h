@@ -34,6 +34,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -353,12 +354,15 @@ class Session {
 
   // Logits of the last fed position ([vocab_size] floats), valid after feed_* / generate. After
   // generate they are the logits after its last token and are copied from the backend on the
-  // first call (a decode step keeps them in backend memory: the token is sampled there); the
-  // reference is valid until the next non-const call on this session.
-  virtual const std::vector<float>& last_logits() const = 0;
+  // first call (a decode step keeps them in backend memory: the token is sampled there).
+  // Lifetime: the span views the session's own buffer; it stays valid until the next non-const
+  // call on this session (feed_*, generate, score, clear, load_state...) or its destruction.
+  // Copy what must outlive that (std::vector<float>(s.begin(), s.end())).
+  virtual std::span<const float> last_logits() const = 0;
   // Logits of every position fed by the next feed_* call are kept when enabled (perplexity, tests).
   virtual void keep_all_logits(bool keep) = 0;
-  virtual const std::vector<float>& all_logits() const = 0;  // [n_fed, vocab_size]
+  // [n_fed, vocab_size] row-major, of the last feed_* call; the same lifetime as last_logits().
+  virtual std::span<const float> all_logits() const = 0;
 
   virtual int position() const = 0;  // tokens in the context
   virtual void clear() = 0;          // forget the context

@@ -57,12 +57,12 @@ class SessionImpl final : public Session {
   Result<GenerateResult> generate(const GenerateOptions& options,
                                   const std::function<bool(const TokenEvent&)>& on_token) override;
   Result<std::vector<float>> score(const std::vector<int32_t>& continuation) override;
-  const std::vector<float>& last_logits() const override {
+  std::span<const float> last_logits() const override {
     fetch_logits();
     return last_logits_;
   }
   void keep_all_logits(bool keep) override { keep_all_ = keep; }
-  const std::vector<float>& all_logits() const override { return all_logits_; }
+  std::span<const float> all_logits() const override { return all_logits_; }
   int position() const override { return static_cast<int>(tokens_.size()); }
   int context_length() const override { return cache_.plan().context; }
   void clear() override {
@@ -165,9 +165,9 @@ class GuardedSession final : public Session {
   Result<std::vector<float>> score(const std::vector<int32_t>& continuation) override {
     return api_guard("score", [&] { return s_->score(continuation); });
   }
-  const std::vector<float>& last_logits() const override { return s_->last_logits(); }
+  std::span<const float> last_logits() const override { return s_->last_logits(); }
   void keep_all_logits(bool keep) override { s_->keep_all_logits(keep); }
-  const std::vector<float>& all_logits() const override { return s_->all_logits(); }
+  std::span<const float> all_logits() const override { return s_->all_logits(); }
   int position() const override { return s_->position(); }
   int context_length() const override { return s_->context_length(); }
   void clear() override { s_->clear(); }
@@ -931,7 +931,8 @@ Result<std::vector<float>> SessionImpl::score(const std::vector<int32_t>& contin
   // In pieces of a few chunks, so that the kept logits stay small (64 rows: 64 MiB at 262K ids).
   constexpr size_t kPiece = 64;
   const size_t V = static_cast<size_t>(c.vocab_size);
-  std::vector<float> out, prev = last_logits();  // the logits that predict the next token
+  const std::span<const float> last = last_logits();
+  std::vector<float> out, prev(last.begin(), last.end());  // the logits that predict the next token
   out.reserve(continuation.size());
   const auto t0 = Clock::now();
   for (size_t off = 0; off < continuation.size(); off += kPiece) {

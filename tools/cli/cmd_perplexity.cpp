@@ -144,7 +144,7 @@ int cmd_perplexity(int argc, char** argv) {
       }
       if (Status s = session->feed_tokens({window.begin() + b, window.begin() + e}); !s.ok())
         return fail("perplexity", s.with_context(fmt::format("window {}", i + 1)));
-      const std::vector<float>& logits = session->all_logits();  // [e - b, n_vocab]
+      const std::span<const float> logits = session->all_logits();  // [e - b, n_vocab]
       if (logits.size() != static_cast<size_t>(e - b) * n_vocab) {
         return fail("perplexity", internal_error(fmt::format("all_logits holds {} floats, expected {} x {}",
                                                              logits.size(), e - b, n_vocab)));
