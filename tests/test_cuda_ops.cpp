@@ -1,5 +1,8 @@
-// The CUDA backend against the CPU reference backend (the oracle), op by op on random inputs
-// at awkward shapes, then the tiny model end to end. Suites needing a GPU skip, saying why,
+// The CUDA backend's own behaviour (its op-by-op comparison with the CPU reference backend on
+// random inputs at awkward shapes is the Cuda row of the conformance suite,
+// test_backend_ops.cpp): large-weight tiling, stacked weights, the planar upload, the fp32
+// prefill attention and recorded replays, timing, errors, fp8 weights, the sampler's
+// frequencies, then the tiny model end to end. Suites needing a GPU skip, saying why,
 // when the build has no CUDA or no device is visible. BlockDecode runs everywhere: it checks
 // that the host/device block decoders of kernels/block_decode.h reproduce src/core/quant.cpp.
 #include <gtest/gtest.h>
@@ -18,6 +21,7 @@
 #include "../kernels/launch.h"
 #include "backend/backend.h"
 #include "backend/sampler.h"
+#include "backend_test_util.h"
 #include "bf16_gemm_reference.h"
 #include "checkpoint/weights.h"
 #include "core/quant.h"
@@ -28,41 +32,15 @@
 namespace gemma3 {
 namespace {
 
-constexpr float kU = 5.9604645e-8f;  // 2^-24, fp32 unit roundoff
-
+using testutil::Buf;
+using testutil::emu_small;
+using testutil::encode_cache;
+using testutil::flash_bound;
+using testutil::kU;
 using testutil::randn;
-
-std::vector<uint8_t> random_bytes(size_t n, uint32_t seed) {
-  std::mt19937 g(seed);
-  std::vector<uint8_t> v(n);
-  for (auto& b : v) b = static_cast<uint8_t>(g());
-  return v;
-}
-
-bool same_float(float a, float b) {
-  if (std::isnan(a) && std::isnan(b)) return true;
-  uint32_t ua, ub;
-  std::memcpy(&ua, &a, 4);
-  std::memcpy(&ub, &b, 4);
-  return ua == ub;
-}
-
-// GEMMA3_CUDA_EMU_SMALL=1 (scripts/test.sh cuda-emu): the CPU emulator (tools/cuda-emu) runs
-// every CUDA thread as a fiber, so the largest cases shrink: attention skips its 100003- and
-// 131072-key cases, the decode timing runs 4096 keys once, the sampling comparison runs 4 of
-// its 40 steps per case over the 262147-entry vocabulary (the non-finite one 3 of 8), the
-// frequency test draws 200 tokens instead of 4000, and the tiny model decodes 16 tokens instead
-// of 40 with each KV cache type once instead of with both models (docs/cuda.md). Unset or 0 on
-// a GPU.
-bool emu_small() {
-  const char* s = std::getenv("GEMMA3_CUDA_EMU_SMALL");
-  return s && *s && std::strcmp(s, "0") != 0;
-}
-
-const DType kAllTypes[] = {DType::kF32,  DType::kF16,  DType::kBF16,   DType::kF8E4M3,
-                           DType::kQ4_0, DType::kQ4_1, DType::kQ5_0,   DType::kQ5_1,
-                           DType::kQ8_0, DType::kQ2_K, DType::kQ3_K,   DType::kQ4_K,
-                           DType::kQ5_K, DType::kQ6_K, DType::kIQ4_NL, DType::kIQ4_XS};
+using testutil::random_bytes;
+using testutil::same_float;
+using testutil::TestWeight;
 
 // Element i of a row through the shared decoders, on the host.
 float decode_host(DType t, const uint8_t* row, int64_t i) {
@@ -91,7 +69,7 @@ float decode_host(DType t, const uint8_t* row, int64_t i) {
 // Fully random bytes (scales may be inf/NaN/subnormal): the decoders must agree with the
 // reference on every bit pattern, not only on well-formed blocks.
 TEST(BlockDecode, MatchesReferenceDequantizer) {
-  for (DType t : kAllTypes) {
+  for (DType t : testutil::all_weight_types()) {
     const DTypeInfo& info = dtype_info(t);
     EXPECT_EQ(info.block_bytes, [&] {
       switch (t) {
@@ -366,58 +344,13 @@ TEST(AttentionPlan, SpanIsEveryKeyTheCallReads) {
 
 // ---- GPU suites -------------------------------------------------------------------------------
 
-// Backend memory holding a copy of host data (or zeros), released with the backend.
-class Buf {
- public:
-  Buf(Backend& be, size_t bytes) : be_(be), bytes_(bytes) {
-    auto r = be.allocate(bytes);
-    EXPECT_TRUE(r.ok()) << r.status().to_string();
-    p_ = r.ok() ? *r : nullptr;
-  }
-  template <class T>
-  Buf(Backend& be, const std::vector<T>& v) : Buf(be, v.size() * sizeof(T)) {
-    if (p_) be.from_host(v.data(), p_, bytes_);
-  }
-  ~Buf() {
-    if (p_) be_.release(p_);
-  }
-  float* f() const { return static_cast<float*>(p_); }
-  void* get() const { return p_; }
-  template <class T = float>
-  std::vector<T> read() const {
-    std::vector<T> v(bytes_ / sizeof(T));
-    if (p_) be_.to_host(p_, v.data(), bytes_);
-    return v;
-  }
-
- private:
-  Backend& be_;
-  size_t bytes_;
-  void* p_ = nullptr;
-};
-
-// The oracle is the CPU *reference* backend (plain loops), not the fast CPU kernels that
-// make_cpu_backend may pick: GEMMA3_CPU_KERNELS=ref selects it, and is restored afterwards.
-std::unique_ptr<Backend> cpu_reference_backend() {
-  const char* old = std::getenv("GEMMA3_CPU_KERNELS");
-  const std::string saved = old ? old : "";
-  setenv("GEMMA3_CPU_KERNELS", "ref", 1);
-  auto be = make_cpu_backend({8});
-  if (old)
-    setenv("GEMMA3_CPU_KERNELS", saved.c_str(), 1);
-  else
-    unsetenv("GEMMA3_CPU_KERNELS");
-  EXPECT_TRUE(be.ok()) << be.status().to_string();
-  return be.ok() ? std::move(*be) : nullptr;
-}
-
 class CudaOps : public ::testing::Test {
  protected:
   void SetUp() override {
     auto g = make_cuda_backend({});
     if (!g.ok()) GTEST_SKIP() << "no CUDA backend here: " << g.status().to_string();
     gpu_ = std::move(*g);
-    cpu_ = cpu_reference_backend();
+    cpu_ = testutil::cpu_reference_backend(8);
   }
   void TearDown() override {
     if (gpu_ && !expect_failure_) {
@@ -428,137 +361,6 @@ class CudaOps : public ::testing::Test {
   std::unique_ptr<Backend> gpu_, cpu_;
   bool expect_failure_ = false;
 };
-
-// A weight of type t, [rows, cols], with its bytes and a host fp32 copy (dequantized by the
-// reference, row scale applied). Types with a quantizer get quantized normal data; the others
-// get random blocks whose fp16 scales are set to small positive values (valid blocks).
-struct TestWeight {
-  std::vector<uint8_t> bytes;
-  std::vector<float> row_scale;
-  std::vector<float> dense;  // [rows, cols]
-  TensorView view;
-
-  TestWeight(DType t, int64_t rows, int64_t cols, uint32_t seed) {
-    const uint64_t rb = *row_bytes(t, cols);
-    bytes.resize(rb * rows);
-    if (t != DType::kF8E4M3 && can_quantize(t)) {
-      const auto src = randn(static_cast<size_t>(rows * cols), seed, 0.5f);
-      for (int64_t r = 0; r < rows; ++r) quantize_row(t, src.data() + r * cols, bytes.data() + r * rb, cols);
-    } else {
-      bytes = random_bytes(bytes.size(), seed);
-      std::mt19937 g(seed + 1);
-      std::uniform_real_distribution<float> u(1e-3f, 2e-2f);
-      auto set_half = [&](uint8_t* p) {
-        const uint16_t h = f32_to_f16(u(g));
-        p[0] = static_cast<uint8_t>(h & 0xFF);
-        p[1] = static_cast<uint8_t>(h >> 8);
-      };
-      const DTypeInfo& info = dtype_info(t);
-      const int64_t nblocks = rows * cols / info.block_elems;
-      for (int64_t b = 0; b < nblocks; ++b) {
-        uint8_t* x = bytes.data() + b * info.block_bytes;
-        switch (t) {
-          case DType::kQ4_1:
-          case DType::kQ5_1:
-          case DType::kQ5_K: set_half(x), set_half(x + 2); break;
-          case DType::kQ5_0:
-          case DType::kIQ4_NL:
-          case DType::kIQ4_XS: set_half(x); break;
-          case DType::kQ2_K: set_half(x + 80), set_half(x + 82); break;
-          case DType::kQ3_K: set_half(x + 108); break;
-          case DType::kF8E4M3:
-            if ((x[0] & 0x7F) == 0x7F) x[0] ^= 1;  // no NaN codes
-            break;
-          default: break;
-        }
-      }
-      if (t == DType::kF8E4M3) {
-        row_scale.resize(static_cast<size_t>(rows));
-        for (float& s : row_scale) s = u(g) * 10;
-      }
-    }
-    view = TensorView{"test_weight", t, {rows, cols}, bytes.data(), bytes.size(), row_scale};
-    dense.resize(static_cast<size_t>(rows * cols));
-    for (int64_t r = 0; r < rows; ++r) {
-      dequantize_row(t, bytes.data() + r * rb, dense.data() + r * cols, cols);
-      if (!row_scale.empty())
-        for (int64_t i = 0; i < cols; ++i) dense[r * cols + i] *= row_scale[r];
-    }
-  }
-};
-
-// Columns for a type: a non-multiple of 32 where the type allows, and one crossing the GEMV's
-// 1024-column x tile with a partial last tile.
-std::vector<int64_t> awkward_cols(DType t) {
-  const int be = dtype_info(t).block_elems;
-  if (be == 1) return {37, 2100};
-  if (be == 32) return {96, 2336};
-  return {256, 2304};
-}
-
-// docs/cuda.md, "Prefill GEMM": past kGemvMaxTokens tokens the CUDA matmul rounds both operands
-// of a non-F32 weight to bf16 (tensor cores) and sums their exact products in fp32.
-bool gemm_in_bf16(DType t, int n) { return n > cuda::kGemvMaxTokens && t != DType::kF32; }
-
-// Checks the CUDA matmul's out [n, rows] of x [n, cols] and the weight's dense rows against the
-// CPU reference's ref, returning the number of bad values (the first 3 reported under `what`).
-// Both sides sum fp32 products of the same operands (the decoders agree bit for bit) in
-// different orders. Rounding errors of a k-term sum grow like sqrt(k) * u * sum|w x| in practice
-// (the worst case is k * u); 1e-4 * sum|w x| is >= 15 of those for k <= 2336, while an indexing
-// bug (wrong row, token, tile or block) moves a result by ~sum|w x| / sqrt(k). For a bf16 GEMM
-// the operands differ: the result is checked in the same way against the exact sum over the
-// bf16-rounded operands (round_bf16, double), and against the CPU's within the operand
-// rounding's bound, (2 * 2^-8 + 2^-16) sum|w x| < 7.9e-3 sum|w x| (2^-8: bf16's unit
-// roundoff), plus the same 1e-4.
-int check_matmul(const std::vector<float>& dense, const std::vector<float>& x, int64_t rows, int64_t cols,
-                 int n, bool bf16, const float* got, const float* ref, const std::string& what) {
-  int bad = 0;
-  for (int tk = 0; tk < n; ++tk)
-    for (int64_t o = 0; o < rows; ++o) {
-      double mag = 0, exact = 0, mag16 = 0;
-      for (int64_t i = 0; i < cols; ++i) {
-        const float w = dense[o * cols + i], v = x[tk * cols + i];
-        mag += std::fabs(double(w) * v);
-        if (!bf16) continue;
-        const double p = double(round_bf16(w)) * round_bf16(v);
-        exact += p;
-        mag16 += std::fabs(p);
-      }
-      const double g = got[tk * rows + o], c = ref[tk * rows + o];
-      const bool ok = bf16 ? std::fabs(g - exact) <= 1e-4 * mag16 + 1e-30 &&
-                                 std::fabs(g - c) <= (7.9e-3 + 1e-4) * mag + 1e-30
-                           : std::fabs(g - c) <= 1e-4 * mag + 1e-30;
-      if (!ok && ++bad <= 3)
-        ADD_FAILURE() << what << " n " << n << " [" << tk << "," << o << "]: gpu " << g << " cpu " << c
-                      << (bf16 ? " exact over bf16 operands " + std::to_string(exact) : std::string())
-                      << " (sum|wx| " << mag << ")";
-    }
-  return bad;
-}
-
-TEST_F(CudaOps, MatmulMatchesCpuForEveryTypeAndTokenCount) {
-  for (DType t : kAllTypes) {
-    for (int64_t cols : awkward_cols(t)) {
-      const int64_t rows = 45;  // not a multiple of the GEMV's 8 rows per block
-      TestWeight tw(t, rows, cols, 7 + static_cast<uint32_t>(cols));
-      auto wg = gpu_->upload(tw.view);
-      auto wc = cpu_->upload(tw.view);
-      ASSERT_TRUE(wg.ok() && wc.ok()) << wg.status().to_string();
-      for (int n : {1, 3, 8, 9, 17}) {  // <= 8: fused GEMV; > 8: dequantize + cuBLAS
-        const auto x = randn(static_cast<size_t>(n * cols), 11 + n);
-        Buf xg(*gpu_, x), og(*gpu_, static_cast<size_t>(n * rows) * 4);
-        std::vector<float> ref(static_cast<size_t>(n * rows));
-        cpu_->matmul(x.data(), n, **wc, ref.data());
-        gpu_->matmul(xg.f(), n, **wg, og.f());
-        const auto got = og.read();
-        const std::string what = std::string(dtype_name(t)) + " cols " + std::to_string(cols);
-        EXPECT_EQ(check_matmul(tw.dense, x, rows, cols, n, gemm_in_bf16(t, n), got.data(), ref.data(), what),
-                  0)
-            << what << " n " << n;
-      }
-    }
-  }
-}
 
 // A weight larger than the 64 MiB dequantization scratch: the cuBLAS path runs in several tiles.
 TEST_F(CudaOps, MatmulTilesLargeWeights) {
@@ -574,53 +376,11 @@ TEST_F(CudaOps, MatmulTilesLargeWeights) {
   cpu_->matmul(x.data(), n, **wc, ref.data());
   gpu_->matmul(xg.f(), n, **wg, og.f());
   const auto got = og.read();
-  // As MatmulMatchesCpu; k = 8192 gives sqrt(k) * u ~ 5e-6.
-  EXPECT_EQ(check_matmul(tw.dense, x, rows, cols, n, gemm_in_bf16(DType::kQ8_0, n), got.data(), ref.data(),
-                         "Q8_0 [2100 x 8192]"),
-            0);
-}
-
-// The decode GEMV (kernels/gemv.cu) at every token count 1..8 and every type, against the CPU
-// reference with MatmulMatchesCpu's tolerance. Columns per type: a short row (one tile, each
-// row group in one block: split 1) and a long one that is a multiple of the type's 16-byte
-// chunk but not of 32 lanes' worth, crosses the x tile at n >= 5 (partial last tile) and makes
-// the block split each row pair over 2, 4 or 8 warps; plain types also at a width whose rows
-// are not 16-byte multiples (the per-element path). 45 rows: not a multiple of any row group.
-std::vector<int64_t> gemv_cols(DType t) {
-  const int be = dtype_info(t).block_elems;
-  if (be == 1) return {40, 2096, 36};  // f16/bf16 at 36 and fp8 at 40, 36: the element path
-  if (be == 32) return {96, 2080};
-  return {256, 2304};
-}
-
-void expect_matmul_close(Backend& gpu, Backend& cpu, const TestWeight& tw, DType t, int64_t rows,
-                         int64_t cols, int n, uint32_t seed) {
-  auto wg = gpu.upload(tw.view);
-  auto wc = cpu.upload(tw.view);
-  ASSERT_TRUE(wg.ok() && wc.ok()) << wg.status().to_string();
-  const auto x = randn(static_cast<size_t>(n * cols), seed);
-  Buf xg(gpu, x), og(gpu, static_cast<size_t>(n * rows) * 4);
-  std::vector<float> ref(static_cast<size_t>(n * rows));
-  cpu.matmul(x.data(), n, **wc, ref.data());
-  gpu.matmul(xg.f(), n, **wg, og.f());
-  const auto got = og.read();
-  const std::string what =
-      std::string(dtype_name(t)) + " [" + std::to_string(rows) + " x " + std::to_string(cols) + "]";
-  EXPECT_EQ(check_matmul(tw.dense, x, rows, cols, n, gemm_in_bf16(t, n), got.data(), ref.data(), what), 0)
-      << what << " n " << n;
-}
-
-TEST_F(CudaOps, GemvMatchesCpuForEveryTypeAndTokenCount) {
-  for (DType t : kAllTypes) {
-    for (int64_t cols : gemv_cols(t)) {
-      const int64_t rows = 45;
-      TestWeight tw(t, rows, cols, 101 + static_cast<uint32_t>(cols));
-      for (int n = 1; n <= cuda::kGemvMaxTokens; ++n) {
-        expect_matmul_close(*gpu_, *cpu_, tw, t, rows, cols, n, 200 + n);
-        if (HasFailure()) return;
-      }
-    }
-  }
+  // As the Cuda/BackendOps.Matmul* tests (check_cuda_matmul); k = 8192 gives sqrt(k) * u ~ 5e-6.
+  EXPECT_EQ(
+      testutil::check_cuda_matmul(tw.dense, x, rows, cols, n, testutil::cuda_gemm_in_bf16(DType::kQ8_0, n),
+                                  got.data(), ref.data(), "Q8_0 [2100 x 8192]"),
+      0);
 }
 
 // Issue #14: q|k|v and gate|up stacked into one weight. For every type the vectorized GEMV
@@ -671,7 +431,7 @@ TEST_F(CudaOps, StackedWeightsMatchTheirParts) {
           ASSERT_TRUE(w.ok()) << w.status().to_string();
           std::vector<float> out(static_cast<size_t>(n * rows[j]));
           // A bf16 GEMM (gemm_in_bf16) is held to the exact sum over its rounded operands.
-          const bool bf16 = !c.narrow && gemm_in_bf16(c.t, n);
+          const bool bf16 = !c.narrow && testutil::cuda_gemm_in_bf16(c.t, n);
           if (c.narrow) {
             Buf og(gpu, out.size() * 4);
             gpu.matmul(xg.f(), n, **w, og.f());
@@ -741,27 +501,6 @@ TEST_F(CudaOps, StackedWeightsMatchTheirParts) {
   EXPECT_FALSE(*s);
 }
 
-// Shapes of the GEMV's other paths: fewer rows than one row group (3), a single row, a row
-// pair over 8 warps at 1 token, and more row groups than the grid (8 blocks per SM: 132 SMs
-// in the emulator), so blocks walk several groups with x staged once.
-TEST_F(CudaOps, GemvNarrowAndTallMatrices) {
-  struct Case {
-    DType t;
-    int64_t rows, cols;
-    int n;
-  };
-  std::vector<Case> cases = {{DType::kBF16, 3, 4096, 1},   {DType::kQ4_0, 1, 4096, 2},
-                             {DType::kQ8_0, 5, 2048, 8},   {DType::kQ4_K, 7, 4096, 1},
-                             {DType::kF8E4M3, 2, 4096, 3}, {DType::kBF16, 17000, 16, 1},
-                             {DType::kQ4_0, 17000, 32, 2}};
-  for (const Case& c : cases) {
-    if (emu_small() && c.rows > 10000 && c.t != DType::kBF16) continue;
-    TestWeight tw(c.t, c.rows, c.cols, 300 + static_cast<uint32_t>(c.rows));
-    expect_matmul_close(*gpu_, *cpu_, tw, c.t, c.rows, c.cols, c.n, 400);
-    if (HasFailure()) return;
-  }
-}
-
 // The planar Q4_0/Q8_0 upload read back exactly: embed (scale 1) returns every row and the
 // cuBLAS path's dequantization multiplied by identity rows returns W[:, t] for t < 12; both
 // must equal the CPU's dequantized values (sums of one product and exact zeros, so exact), for
@@ -813,263 +552,6 @@ TEST_F(CudaOps, PlanarUploadDequantizesExactly) {
     }
 }
 
-TEST_F(CudaOps, EmbedIsBitExactForEveryType) {
-  for (DType t : kAllTypes) {
-    const int64_t rows = 50, cols = dtype_info(t).block_elems == 1 ? 37 : 512;
-    TestWeight tw(t, rows, cols, 21);
-    auto wg = gpu_->upload(tw.view);
-    auto wc = cpu_->upload(tw.view);
-    ASSERT_TRUE(wg.ok() && wc.ok());
-    const std::vector<int32_t> ids = {49, 0, 7, 7, 31};
-    for (int n : {1, 5}) {
-      Buf og(*gpu_, static_cast<size_t>(n * cols) * 4);
-      std::vector<float> ref(static_cast<size_t>(n * cols));
-      cpu_->embed(**wc, ids.data(), n, 33.9411f, ref.data());
-      gpu_->embed(**wg, ids.data(), n, 33.9411f, og.f());
-      const auto got = og.read();
-      // Same decoder, same two roundings ((value * row scale) * scale): identical bits.
-      int bad = 0;
-      for (size_t i = 0; i < ref.size(); ++i)
-        if (!same_float(got[i], ref[i]) && ++bad <= 3)
-          ADD_FAILURE() << dtype_name(t) << " n " << n << " element " << i << ": " << got[i] << " vs "
-                        << ref[i];
-      EXPECT_EQ(bad, 0) << dtype_name(t);
-    }
-  }
-}
-
-// More tokens than a grid.y of tokens could hold (65535): the embed kernel's grid-stride loop.
-TEST_F(CudaOps, EmbedTakesAnyNumberOfTokens) {
-  const int64_t rows = 50, cols = 37;
-  TestWeight tw(DType::kF16, rows, cols, 22);
-  auto wg = gpu_->upload(tw.view);
-  auto wc = cpu_->upload(tw.view);
-  ASSERT_TRUE(wg.ok() && wc.ok());
-  const int n = 70001;
-  std::vector<int32_t> ids(n);
-  for (int t = 0; t < n; ++t) ids[t] = (t * 7) % rows;
-  Buf og(*gpu_, static_cast<size_t>(n * cols) * 4);
-  std::vector<float> ref(static_cast<size_t>(n * cols));
-  cpu_->embed(**wc, ids.data(), n, 2.5f, ref.data());
-  gpu_->embed(**wg, ids.data(), n, 2.5f, og.f());
-  EXPECT_EQ(og.read(), ref);  // one exact product per element (f16 values * 2.5 fit fp32)
-}
-
-TEST_F(CudaOps, RmsNormMatchesCpu) {
-  for (int dim : {37, 128, 256, 1152, 5376}) {
-    for (int64_t rows : {1, 7}) {
-      auto w = randn(dim, 1, 0.3f);
-      for (float& v : w) v += 1.0f;
-      TensorView wv{"norm", DType::kF32, {dim}, w.data(), w.size() * 4, {}};
-      auto wg = gpu_->upload(wv);
-      auto wc = cpu_->upload(wv);
-      ASSERT_TRUE(wg.ok() && wc.ok());
-      const auto x = randn(static_cast<size_t>(rows * dim), 2, 3.0f);
-      std::vector<float> ref(x.size());
-      cpu_->rmsnorm(x.data(), **wc, rows, dim, 1e-6f, ref.data());
-      Buf xg(*gpu_, x);
-      gpu_->rmsnorm(xg.f(), **wg, rows, dim, 1e-6f, xg.f());  // in place, as forward() does for q/k
-      const auto got = xg.read();
-      // Only the sum of squares differs (order); its relative error is ~sqrt(dim) * u, halved
-      // by the square root: 2e-5 relative is > 20x that at dim 5376.
-      for (size_t i = 0; i < ref.size(); ++i)
-        ASSERT_NEAR(got[i], ref[i], 2e-5 * std::fabs(ref[i]) + 1e-30) << "dim " << dim << " i " << i;
-    }
-  }
-}
-
-TEST_F(CudaOps, RopeMatchesCpuIncludingLargePositions) {
-  struct Case {
-    int n, heads, hd, pos0;
-    float theta, scale;
-  };
-  for (const Case& c : {Case{1, 4, 128, 0, 10000.0f, 1.0f}, Case{5, 3, 256, 17, 1e6f, 8.0f},
-                        Case{3, 2, 128, 40000, 1e6f, 8.0f}, Case{2, 8, 256, 131000, 10000.0f, 1.0f},
-                        Case{4, 1, 32, 100000, 1e6f, 8.0f}}) {
-    const auto x = randn(static_cast<size_t>(c.n * c.heads * c.hd), 9);
-    auto ref = x;
-    cpu_->rope(ref.data(), c.n, c.heads, c.hd, c.pos0, c.theta, c.scale);
-    Buf xg(*gpu_, x);
-    gpu_->rope(xg.f(), c.n, c.heads, c.hd, c.pos0, c.theta, c.scale);
-    const auto got = xg.read();
-    // Identical frequencies and angles, products rounded separately: the only difference is
-    // the device's double cos/sin against glibc's (both far below float precision), which can
-    // flip the final float rounding of c or s by one ulp: |error| <= 2 u (|a| + |b|).
-    const int half = c.hd / 2;
-    for (size_t i = 0; i < ref.size(); ++i) {
-      const size_t base = i - i % c.hd, d = i % c.hd % half;
-      const float mag = std::fabs(x[base + d]) + std::fabs(x[base + d + half]);
-      ASSERT_NEAR(got[i], ref[i], 4 * kU * mag + 1e-30) << "pos0 " << c.pos0 << " i " << i;
-    }
-  }
-}
-
-const DType kKvTypes[] = {DType::kF32, DType::kBF16, DType::kQ8_0, DType::kF8E4M3};
-
-TEST_F(CudaOps, KvWriteIsBitExactAndWrapsTheRing) {
-  // 7 tokens at 26: slots 6..9 then 0..2. 13 tokens at 5 (more than the ring): the CPU's
-  // sequential writes leave the last 10 (positions 8..17); the device must not race two
-  // tokens onto one slot.
-  for (auto [n, pos0] : {std::pair{7, 26}, std::pair{13, 5}}) {
-    for (DType dt : kKvTypes) {
-      const int kvw = 2 * 128, capacity = 10;
-      const size_t bytes = static_cast<size_t>(capacity) * *row_bytes(dt, kvw);
-      auto k = randn(static_cast<size_t>(n * kvw), 4), v = randn(static_cast<size_t>(n * kvw), 5, 100.0f);
-      // Saturation, NaN, zero blocks and halfway cases for the 8-bit encoders.
-      k[3] = 1000.0f, k[4] = -INFINITY, k[5] = NAN, v[7] = 0.0f;
-      for (int i = 32; i < 64; ++i) k[i] = 0.0f;
-      k[70] = 0.0146484375f;  // halfway between two e4m3 values
-      std::vector<uint8_t> ck(bytes, 0), cv(bytes, 0);
-      cpu_->kv_write(k.data(), v.data(), n, pos0, kvw, KvLayer{ck.data(), cv.data(), capacity, dt});
-      Buf kg(*gpu_, k), vg(*gpu_, v), ckg(*gpu_, bytes), cvg(*gpu_, bytes);
-      gpu_->kv_write(kg.f(), vg.f(), n, pos0, kvw, KvLayer{ckg.get(), cvg.get(), capacity, dt});
-      // Copies, round-to-nearest-even and the Q8_0 quantizer (correctly rounded divide, products
-      // and round-half-away) are exact operations on both sides: identical bytes.
-      EXPECT_EQ(ckg.read<uint8_t>(), ck) << dtype_name(dt) << " n " << n;
-      EXPECT_EQ(cvg.read<uint8_t>(), cv) << dtype_name(dt) << " n " << n;
-    }
-  }
-}
-
-// Issue #14: the fused QK-norm + RoPE + cache write. Against the CPU reference's five ops
-// (q, k within the rmsnorm and rope tolerances; an fp32 cache within them too) and against the
-// same backend's five launches, bit for bit (the fused kernel promises the same sums, products
-// and encoders). Cases: decode at a large position, a chunk that wraps the ring, a chunk longer
-// than the ring (only its last `capacity` tokens may be written), head dims 256, 128, and 48
-// (not a multiple of 32, while the two heads are: a Q8_0 cache then takes the unfused path).
-TEST_F(CudaOps, QkNormRopeKvWriteMatchesCpuAndTheUnfusedOps) {
-  struct Case {
-    int n, heads, kv_heads, hd, pos0, capacity;
-    float theta, scale;
-  };
-  for (const Case& c : {Case{1, 8, 4, 256, 70000, 64, 1e6f, 8.0f}, Case{3, 4, 1, 128, 26, 28, 10000.0f, 1.0f},
-                        Case{13, 2, 2, 256, 5, 10, 10000.0f, 1.0f}, Case{2, 4, 2, 48, 7, 16, 1e6f, 1.0f}}) {
-    const int qw = c.heads * c.hd, kvw = c.kv_heads * c.hd;
-    auto qn = randn(c.hd, 21, 0.3f), kn = randn(c.hd, 22, 0.3f);
-    for (float& v : qn) v += 1.0f;
-    for (float& v : kn) v += 1.0f;
-    TensorView qv{"q_norm", DType::kF32, {c.hd}, qn.data(), qn.size() * 4, {}};
-    TensorView kv{"k_norm", DType::kF32, {c.hd}, kn.data(), kn.size() * 4, {}};
-    auto qg = gpu_->upload(qv), kg = gpu_->upload(kv), qc = cpu_->upload(qv), kc = cpu_->upload(kv);
-    ASSERT_TRUE(qg.ok() && kg.ok() && qc.ok() && kc.ok());
-    const auto q = randn(static_cast<size_t>(c.n) * qw, 23, 2.0f),
-               k = randn(static_cast<size_t>(c.n) * kvw, 24, 3.0f),
-               v = randn(static_cast<size_t>(c.n) * kvw, 25);
-    for (DType dt : kKvTypes) {
-      SCOPED_TRACE(::testing::Message() << dtype_name(dt) << " n " << c.n << " hd " << c.hd);
-      const size_t bytes = static_cast<size_t>(c.capacity) * *row_bytes(dt, kvw);
-      auto qh = q, kh = k;
-      std::vector<uint8_t> ck(bytes, 0), cv(bytes, 0);
-      cpu_->qk_norm_rope_kv_write(qh.data(), kh.data(), v.data(), **qc, **kc, c.n, c.heads, c.kv_heads, c.hd,
-                                  1e-6f, c.pos0, c.theta, c.scale,
-                                  KvLayer{ck.data(), cv.data(), c.capacity, dt});
-      Buf q1(*gpu_, q), k1(*gpu_, k), v1(*gpu_, v), ck1(*gpu_, bytes), cv1(*gpu_, bytes);
-      gpu_->qk_norm_rope_kv_write(q1.f(), k1.f(), v1.f(), **qg, **kg, c.n, c.heads, c.kv_heads, c.hd, 1e-6f,
-                                  c.pos0, c.theta, c.scale, KvLayer{ck1.get(), cv1.get(), c.capacity, dt});
-      Buf q2(*gpu_, q), k2(*gpu_, k), ck2(*gpu_, bytes), cv2(*gpu_, bytes);
-      gpu_->Backend::qk_norm_rope_kv_write(q2.f(), k2.f(), v1.f(), **qg, **kg, c.n, c.heads, c.kv_heads, c.hd,
-                                           1e-6f, c.pos0, c.theta, c.scale,
-                                           KvLayer{ck2.get(), cv2.get(), c.capacity, dt});
-      const auto fq = q1.read(), fk = k1.read();
-      EXPECT_EQ(fq, q2.read());
-      EXPECT_EQ(fk, k2.read());
-      EXPECT_EQ(ck1.read<uint8_t>(), ck2.read<uint8_t>());
-      EXPECT_EQ(cv1.read<uint8_t>(), cv2.read<uint8_t>());
-      // rmsnorm's 2e-5 (the sum's order) through rope's rotation (|a| + |b| of the normed pair).
-      auto near = [&](const std::vector<float>& got, const std::vector<float>& want) {
-        const int half = c.hd / 2;
-        for (size_t i = 0; i < want.size(); ++i) {
-          const size_t base = i - i % c.hd, d = i % c.hd % half;
-          const double mag = std::fabs(want[base + d]) + std::fabs(want[base + d + half]);
-          ASSERT_NEAR(got[i], want[i], 3e-5 * mag + 1e-30) << "i " << i;
-        }
-      };
-      near(fq, qh);
-      near(fk, kh);
-      if (dt == DType::kF32) {
-        auto to_f = [](const std::vector<uint8_t>& b) {
-          std::vector<float> f(b.size() / 4);
-          std::memcpy(f.data(), b.data(), b.size());
-          return f;
-        };
-        const auto gk = to_f(ck1.read<uint8_t>()), gv = to_f(cv1.read<uint8_t>());
-        const auto rk = to_f(ck), rv = to_f(cv);
-        for (size_t i = 0; i < rk.size(); ++i) ASSERT_NEAR(gk[i], rk[i], 1e-4 * (1 + std::fabs(rk[i]))) << i;
-        EXPECT_EQ(gv, rv);
-      }
-    }
-  }
-}
-
-// Issue #14: the residual step (post-norm, add, the next block's norm) against the CPU
-// reference's three ops and against the same backend's three launches, bit for bit; without a
-// next norm x is all it writes.
-TEST_F(CudaOps, AddRmsNormMatchesCpuAndTheUnfusedOps) {
-  for (int dim : {37, 640, 1152, 5376}) {
-    for (int64_t rows : {1, 5}) {
-      for (bool next : {true, false}) {
-        SCOPED_TRACE(::testing::Message() << "dim " << dim << " rows " << rows << " next " << next);
-        auto wp = randn(dim, 31, 0.3f), wn = randn(dim, 32, 0.3f);
-        for (float& x : wp) x += 1.0f;
-        for (float& x : wn) x += 1.0f;
-        TensorView pv{"post", DType::kF32, {dim}, wp.data(), wp.size() * 4, {}};
-        TensorView nv{"next", DType::kF32, {dim}, wn.data(), wn.size() * 4, {}};
-        auto pg = gpu_->upload(pv), ng = gpu_->upload(nv), pc = cpu_->upload(pv), nc = cpu_->upload(nv);
-        ASSERT_TRUE(pg.ok() && ng.ok() && pc.ok() && nc.ok());
-        const size_t count = static_cast<size_t>(rows) * dim;
-        const auto a = randn(count, 33, 5.0f), x = randn(count, 34, 20.0f);
-        std::vector<float> ah = a, xh = x, normed_h(count, -1.0f);
-        cpu_->add_rmsnorm(ah.data(), **pc, xh.data(), next ? nc->get() : nullptr, rows, dim, 1e-6f,
-                          normed_h.data());
-        const std::vector<float> sentinel(count, -1.0f);
-        Buf a1(*gpu_, a), x1(*gpu_, x), o1(*gpu_, sentinel), a2(*gpu_, a), x2(*gpu_, x), o2(*gpu_, sentinel);
-        gpu_->add_rmsnorm(a1.f(), **pg, x1.f(), next ? ng->get() : nullptr, rows, dim, 1e-6f, o1.f());
-        gpu_->Backend::add_rmsnorm(a2.f(), **pg, x2.f(), next ? ng->get() : nullptr, rows, dim, 1e-6f,
-                                   o2.f());
-        const auto gx = x1.read(), go = o1.read();
-        EXPECT_EQ(gx, x2.read());
-        EXPECT_EQ(go, o2.read());
-        if (!next) EXPECT_EQ(go, sentinel);
-        // x + a * f * w: the factor's relative error (2e-5, rmsnorm's bound) on the added term.
-        // normed: rmsnorm's bound, plus x's error carried through the next factor and weight
-        // (large relative to a normed value whose x cancelled to near 0).
-        for (int64_t r = 0; r < rows; ++r) {
-          double ss = 0;
-          for (int i = 0; i < dim; ++i) ss += double(xh[r * dim + i]) * xh[r * dim + i];
-          const double factor = 1 / std::sqrt(ss / dim + 1e-6);
-          for (int i = 0; i < dim; ++i) {
-            const size_t at = static_cast<size_t>(r * dim + i);
-            const double x_err = 2e-5 * std::fabs(double(xh[at]) - x[at]) + 4 * kU * std::fabs(xh[at]);
-            ASSERT_NEAR(gx[at], xh[at], x_err + 1e-30) << "x " << at;
-            if (next)
-              ASSERT_NEAR(go[at], normed_h[at],
-                          4e-5 * std::fabs(normed_h[at]) + x_err * factor * std::fabs(wn[i]))
-                  << "normed " << at;
-          }
-        }
-      }
-    }
-  }
-}
-
-// Cache bytes of type dt holding `values` ([slots, kv_width]), encoded by the CPU code (not the
-// encoders under test): quantize_row for F32/BF16/Q8_0, make_model's e4m3 for F8E4M3.
-std::vector<uint8_t> encode_cache(DType dt, const std::vector<float>& values, int kv_width) {
-  const uint64_t rb = *row_bytes(dt, kv_width);
-  const size_t slots = values.size() / kv_width;
-  std::vector<uint8_t> out(slots * rb);
-  for (size_t s = 0; s < slots; ++s) {
-    const float* src = values.data() + s * kv_width;
-    uint8_t* dst = out.data() + s * rb;
-    if (dt == DType::kF8E4M3) {
-      for (int i = 0; i < kv_width; ++i) dst[i] = f32_to_f8e4m3(src[i]);
-    } else {
-      quantize_row(dt, src, dst, kv_width);
-    }
-  }
-  return out;
-}
-
 // A CUDA backend whose prefill attention is the fp32 kernel (GEMMA3_CUDA_FLASH=0).
 Result<std::unique_ptr<Backend>> cuda_backend_without_flash() {
   setenv("GEMMA3_CUDA_FLASH", "0", 1);
@@ -1078,180 +560,36 @@ Result<std::unique_ptr<Backend>> cuda_backend_without_flash() {
   return b;
 }
 
-// The launcher's arguments for a backend attention call (no device buffers but k and v).
-cuda::AttentionArgs args_of(const AttentionParams& p, int capacity, DType dt, const void* k = nullptr,
-                            const void* v = nullptr) {
-  cuda::AttentionArgs a;
-  a.n_tokens = p.n_tokens, a.pos0 = p.pos0, a.n_heads = p.n_heads, a.n_kv_heads = p.n_kv_heads;
-  a.head_dim = p.head_dim, a.window = p.window, a.kv_start = p.kv_start, a.capacity = capacity;
-  a.bidir_begin = p.bidir_begin, a.bidir_end = p.bidir_end, a.kv_dtype = dt, a.k = k, a.v = v;
-  return a;
-}
-
-// Whether launch_attention serves this call with the tensor-core prefill kernel.
-bool uses_flash(const AttentionParams& p, int capacity, DType dt, const void* k, const void* v) {
-  return cuda::attention_plan(args_of(p, capacity, dt, k, v)).flash_dim > 0;
-}
-
-// The tensor-core prefill kernel (docs/cuda.md, "Tensor-core prefill attention") rounds q, K, V
-// and the softmax weights to bf16; scores, sums and outputs stay fp32. Its distance from the
-// exact result, per output (token t, head h, dim d): a score's operands are each off by at most
-// 2^-8 relative (bf16's unit roundoff), so score j moves by at most delta_j = scale (2 * 2^-8 +
-// 2^-16) sum_d |q_d k_jd|, the normalized weights by at most a factor e^(2 max delta) - 1, and
-// rounding P and V adds 2^-8 each: |error| <= (e^(2 delta) - 1 + 2^-7 + 2^-16) sum_j p_j |v_jd| /
-// sum_j p_j, computed here in double from the cache bytes (the visible keys by visible_keys,
-// checked against the spec in AttentionPlan.VisibleKeysAreTheSpecsMask). A masking, slot or
-// split bug moves outputs by O(0.1) instead.
-std::vector<double> flash_bound(const AttentionParams& p, const std::vector<float>& q,
-                                const std::vector<uint8_t>& ck, const std::vector<uint8_t>& cv, DType dt,
-                                int capacity) {
-  const cuda::AttentionArgs a = args_of(p, capacity, dt);
-  const int hd = p.head_dim, group = p.n_heads / p.n_kv_heads;
-  const size_t rb = ck.size() / capacity;
-  const double u2 = 2 * std::ldexp(1.0, -8) + std::ldexp(1.0, -16);
-  std::vector<double> bound(q.size());
-  for (int t = 0; t < p.n_tokens; ++t)
-    for (int h = 0; h < p.n_heads; ++h) {
-      int64_t lo, hi;
-      cuda::visible_keys(a, t, &lo, &hi);
-      const float* qr = q.data() + (int64_t{t} * p.n_heads + h) * hd;
-      const int64_t off = int64_t{h / group} * hd;
-      std::vector<double> s, w;
-      double m = -INFINITY, delta = 0;
-      for (int64_t j = lo; j <= hi; ++j) {
-        const uint8_t* kr = ck.data() + (j % capacity) * rb;
-        double dot = 0, mag = 0;
-        for (int d = 0; d < hd; ++d) {
-          const double x = double(qr[d]) * decode_host(dt, kr, off + d);
-          dot += x, mag += std::fabs(x);
-        }
-        s.push_back(dot * p.scale);
-        m = std::max(m, s.back());
-        delta = std::max(delta, p.scale * u2 * mag);
-      }
-      double l = 0;
-      for (double x : s) w.push_back(std::exp(x - m)), l += w.back();
-      for (int d = 0; d < hd; ++d) {
-        double avg = 0;
-        for (int64_t j = lo; j <= hi; ++j)
-          avg += w[j - lo] * std::fabs(decode_host(dt, cv.data() + (j % capacity) * rb, off + d));
-        bound[(int64_t{t} * p.n_heads + h) * hd + d] = (std::expm1(2 * delta) + u2) * avg / l;
-      }
-    }
-  return bound;
-}
-
-TEST_F(CudaOps, AttentionMatchesCpu) {
-  struct Case {
-    const char* what;
-    int n_tokens, pos0, n_heads, n_kv_heads, hd, window, kv_start, capacity;
-    int bidir_begin = 0, bidir_end = 0;
-    bool all_types = true;  // false: a bf16 cache only (the largest cases; head_dim 72 has no Q8_0)
-  };
-  const int W = 8;
-  const Case cases[] = {
-      {"one key", 1, 0, 4, 4, 128, 0, 0, 16},
-      {"window-1 keys", 1, W - 2, 4, 2, 128, W, 0, W},
-      {"window keys", 1, W - 1, 4, 2, 128, W, 0, W},
-      {"window+1 keys (one masked)", 1, W, 4, 2, 128, W, 0, W + 1},
-      {"prefill across the window", W + 3, 0, 8, 2, 256, W, 0, W + W + 2},
-      {"ring wrap", 5, 100, 8, 2, 128, W, 0, W + 4},
-      {"kv_start > 0", 4, 40, 4, 1, 256, 0, 37, 64},
-      {"kv_start inside the window", 3, 45, 4, 4, 128, W, 41, W + 2},
-      {"long causal, several key tiles", 3, 300, 8, 4, 256, 0, 0, 512},
-      {"long causal ring", 2, 1000, 2, 1, 128, 0, 0, 1100},
-      {"head_dim 32, GQA 2", 6, 3, 4, 2, 32, 0, 0, 16},
-      // Bidirectional groups: queries in [begin, end) also see the later keys of the group.
-      {"bidir group inside a causal prefill", 10, 5, 4, 2, 128, 0, 0, 32, 8, 13},
-      {"bidir group at the chunk's ends", 6, 20, 4, 4, 64, 0, 0, 32, 20, 26},
-      {"bidir group on a sliding layer (longer than W)", 12, 20, 4, 2, 128, W, 0, W + 12 - 1, 22, 32},
-      {"bidir group of one token", 4, 9, 2, 1, 128, 0, 0, 16, 10, 11},
-      {"vision tower: the whole input bidirectional", 7, 0, 4, 4, 64, 0, 0, 7, 0, 7},
-      // SigLIP's head_dim 72 (not a multiple of 32: partly idle lanes; no Q8_0 cache for it).
-      {"vision head_dim 72", 9, 0, 4, 4, 72, 0, 0, 9, 0, 9, false},
-      {"head_dim 512 (the kernel's maximum)", 3, 5, 2, 1, 512, 0, 0, 8},
-      // Split-KV decode (one block per (token, head, key chunk), then a combine pass): few
-      // (token, head) rows and long visible ranges, at sizes that leave partial chunks/tiles.
-      {"split: one token over 5000 keys", 1, 4999, 8, 4, 256, 0, 0, 5000},
-      {"split: 3 tokens, 2 heads, ~1030 keys after kv_start", 3, 1800, 2, 1, 128, 0, 770, 1900},
-      {"split: sliding ring, 1 token, window 1024", 1, 70001, 8, 2, 128, 1024, 0, 1024 + 15},
-      {"split: bidir group at the end of a long range", 3, 3000, 4, 1, 128, 0, 0, 3003, 3000, 3003},
-      {"split: one token over 100003 keys", 1, 100002, 2, 1, 128, 0, 0, 100003, 0, 0, false},
-      {"split: one token at 128K, 8 heads (the most splits)", 1, 131071, 8, 1, 256, 0, 0, 131072, 0, 0,
-       false},
-      // Decode kernel (n_tokens <= 8: one block per kv head, split and row group serving every
-      // query head of the group and every token): GQA 1..16, head dims 72 (generic), 128, 256,
-      // 1..8 tokens, one split and many, ring wraps under a window, kv_start, bidir groups.
-      {"decode: GQA 1, one split", 1, 20, 4, 4, 256, 0, 0, 32},
-      {"decode: GQA 2, ring wrap in a window, one split", 1, 1000, 4, 2, 256, 16, 0, 16},
-      {"decode: GQA 4 (1B's), 701 keys, splits", 1, 700, 4, 1, 256, 0, 0, 701},
-      {"decode: GQA 8, head_dim 128, splits", 1, 300, 8, 1, 128, 0, 0, 320},
-      {"decode: GQA 16, 2 tokens (4 row groups)", 2, 150, 16, 1, 128, 0, 0, 160},
-      {"decode: GQA 16, 2000 keys (2 row groups, many splits)", 1, 1999, 16, 1, 256, 0, 0, 2000},
-      {"decode: 8 tokens, GQA 4, window ring wrap", 8, 500, 8, 2, 256, 32, 0, 32 + 8 - 1},
-      {"decode: 5 tokens, kv_start, splits", 5, 400, 4, 2, 128, 0, 250, 512},
-      {"decode: 6 tokens, bidir group on a window ring", 6, 60, 4, 2, 128, 16, 0, 16 + 6 - 1, 61, 65},
-      {"decode: 7 tokens, GQA 2, head_dim 256", 7, 90, 4, 2, 256, 0, 0, 128},
-      {"decode: 4 tokens, head_dim 72, all bidirectional (vision)", 4, 0, 16, 16, 72, 0, 0, 4, 0, 4},
-      {"decode: 2 tokens, head_dim 72, GQA 4, splits", 2, 200, 8, 2, 72, 0, 0, 256},
-      // The prefill kernel's own split path (9 tokens: past the decode kernel).
-      {"prefill split: 9 tokens, 2 heads, 1500 keys", 9, 1491, 2, 1, 128, 0, 0, 1500},
-      // The tensor-core prefill kernel past one tile of query rows (64; 32 at head_dim 256),
-      // with a partial last tile, a sliding ring, and splits of a long range.
-      {"flash: 70 tokens, head_dim 64, 1100 keys (2 row tiles, splits)", 70, 1030, 2, 1, 64, 0, 0, 1100, 0, 0,
-       false},
-      {"flash: 40 tokens, head_dim 256, window ring", 40, 100, 4, 2, 256, W, 0, W + 40 - 1},
-      {"flash: 75 tokens, GQA 2, head_dim 128, bidir group across the row tiles", 75, 0, 4, 2, 128, 0, 0, 75,
-       50, 70, false},
-  };
-  // The same cases with the tensor-core prefill kernel turned off: the fp32 prefill kernel.
+// The CUDA backend's other attention paths on the conformance suite's cases
+// (testutil::attention_cases(); Cuda/BackendOps.Attention checks the default backend on them):
+// where the tensor-core prefill kernel serves a call, the same call on the fp32 prefill kernel
+// (GEMMA3_CUDA_FLASH=0), and each causal or sliding call recorded and replayed. Tolerances as
+// the suite's CUDA row: 3e-5 (3e-6 past 10000 keys), both being fp32 kernels.
+TEST_F(CudaOps, AttentionFp32PrefillAndReplayMatchCpu) {
   auto scalar = cuda_backend_without_flash();
   ASSERT_TRUE(scalar.ok()) << scalar.status().to_string();
-  for (DType dt : kKvTypes) {
-    for (const Case& c : cases) {
-      if (!c.all_types && dt != DType::kBF16) continue;
-      if (dt == DType::kQ8_0 && c.hd % 32 != 0) continue;  // Q8_0 caches need whole blocks per head
-      if (emu_small() && c.capacity > 10000) continue;
+  for (DType dt : testutil::kv_cache_types()) {
+    for (const testutil::AttentionCase& c : testutil::attention_cases()) {
+      if (!testutil::attention_case_runs(c, dt)) continue;
+      if (emu_small() && c.large) continue;
       const int kvw = c.n_kv_heads * c.hd, qw = c.n_heads * c.hd;
       // Identical cache contents on both sides.
       const auto ck = encode_cache(dt, randn(static_cast<size_t>(c.capacity) * kvw, 31), kvw);
       const auto cv = encode_cache(dt, randn(static_cast<size_t>(c.capacity) * kvw, 32), kvw);
       const auto q = randn(static_cast<size_t>(c.n_tokens) * qw, 33);
-      AttentionParams p;
-      p.n_tokens = c.n_tokens;
-      p.pos0 = c.pos0;
-      p.n_heads = c.n_heads;
-      p.n_kv_heads = c.n_kv_heads;
-      p.head_dim = c.hd;
-      p.scale = 1.0f / std::sqrt(static_cast<float>(c.hd));
-      p.window = c.window;
-      p.kv_start = c.kv_start;
-      p.bidir_begin = c.bidir_begin;
-      p.bidir_end = c.bidir_end;
+      const AttentionParams p = testutil::attention_params(c);
       std::vector<float> ref(q.size());
       cpu_->attention(
           q.data(), KvLayer{const_cast<uint8_t*>(ck.data()), const_cast<uint8_t*>(cv.data()), c.capacity, dt},
           p, ref.data());
       Buf qg(*gpu_, q), ckg(*gpu_, ck), cvg(*gpu_, cv);
-      // Same dequantized values (shared decoders), same fp32 math but the q.k sums (hd terms),
-      // the softmax sums and the split combination in another order, and expf vs std::exp
-      // (<= 2 ulp): scores (|s| ~ 1..4) agree to ~1e-6 relative, so softmax weights do too;
-      // outputs are convex combinations of v (|v| < ~5), so |error| < ~1e-5. A masking, slot,
-      // split or dequantization bug changes outputs by O(0.01..0.1) even over 128K keys
-      // (outputs there are ~1/sqrt(keys) ~ 3e-3 but a wrong chunk moves them by as much).
       const double tol = c.capacity > 10000 ? 3e-6 : 3e-5;
-      const bool flash = uses_flash(p, c.capacity, dt, ckg.get(), cvg.get());
-      std::vector<double> flash_tol;
-      if (flash) flash_tol = flash_bound(p, q, ck, cv, dt, c.capacity);
-      for (Backend* gpu : {gpu_.get(), scalar->get()}) {
-        if (gpu != gpu_.get() && !flash) continue;  // the same kernels as above
-        const bool bf16 = flash && gpu == gpu_.get();
-        Buf o(*gpu, q.size() * 4);
-        gpu->attention(qg.f(), KvLayer{ckg.get(), cvg.get(), c.capacity, dt}, p, o.f());
+      if (testutil::cuda_uses_flash(p, c.capacity, dt, ckg.get(), cvg.get())) {
+        Buf o(**scalar, q.size() * 4);
+        (*scalar)->attention(qg.f(), KvLayer{ckg.get(), cvg.get(), c.capacity, dt}, p, o.f());
         const auto got = o.read();
         for (size_t i = 0; i < ref.size(); ++i)
-          ASSERT_NEAR(got[i], ref[i], bf16 ? flash_tol[i] + tol : tol)
-              << c.what << " (" << dtype_name(dt) << (bf16 ? ", tensor cores" : "") << ") i " << i;
+          ASSERT_NEAR(got[i], ref[i], tol) << c.what << " (" << dtype_name(dt) << ", fp32 prefill) i " << i;
       }
 
       // The same call recorded (a CUDA graph) with the position read from the step position
@@ -1326,8 +664,8 @@ TEST_F(CudaOps, DecodeAttentionTiming) {
 // A few small attention and GEMV cases, each reaching a different kernel path, for the
 // compute-sanitizer runs of tools/gpu-check.sh (racecheck on shared memory: the attention
 // kernel's q and score tiles, the split combine, the GEMV's x tile). Small enough for
-// racecheck's slowdown; checked against the CPU as in AttentionMatchesCpu and
-// MatmulMatchesCpuForEveryTypeAndTokenCount.
+// racecheck's slowdown; checked against the CPU as in Cuda/BackendOps.Attention and
+// Cuda/BackendOps.MatmulEveryTypeAndTokenCount.
 TEST_F(CudaOps, SmallAttentionAndGemv) {
   struct Case {
     const char* what;
@@ -1359,8 +697,8 @@ TEST_F(CudaOps, SmallAttentionAndGemv) {
       Buf qg(*gpu_, q), ckg(*gpu_, ck), cvg(*gpu_, cv), og(*gpu_, q.size() * 4);
       gpu_->attention(qg.f(), KvLayer{ckg.get(), cvg.get(), c.capacity, dt}, p, og.f());
       const auto got = og.read();
-      std::vector<double> bound(q.size(), 0.0);  // as AttentionMatchesCpu
-      if (uses_flash(p, c.capacity, dt, ckg.get(), cvg.get()))
+      std::vector<double> bound(q.size(), 0.0);  // as Cuda/BackendOps.Attention
+      if (testutil::cuda_uses_flash(p, c.capacity, dt, ckg.get(), cvg.get()))
         bound = flash_bound(p, q, ck, cv, dt, c.capacity);
       for (size_t i = 0; i < ref.size(); ++i)
         ASSERT_NEAR(got[i], ref[i], 3e-5 + bound[i]) << c.what << " (" << dtype_name(dt) << ") i " << i;
@@ -1389,22 +727,6 @@ TEST_F(CudaOps, SmallAttentionAndGemv) {
         }
     }
   }
-}
-
-TEST_F(CudaOps, GeluGateAndAddMatchCpu) {
-  const int64_t n = 100003;
-  const auto g = randn(n, 41, 3.0f), u = randn(n, 42);
-  std::vector<float> ref(n), sum(n);
-  cpu_->gelu_gate(g.data(), u.data(), n, ref.data());
-  cpu_->add(g.data(), u.data(), n, sum.data());
-  Buf gg(*gpu_, g), ug(*gpu_, u), og(*gpu_, static_cast<size_t>(n) * 4);
-  gpu_->gelu_gate(gg.f(), ug.f(), n, og.f());
-  const auto got = og.read();
-  // tanhf is within 2 ulp of std::tanh and the cubic may be contracted into FMAs: the result
-  // is within a few ulp of |gelu(g) u| <= |g u|.
-  for (int64_t i = 0; i < n; ++i) ASSERT_NEAR(got[i], ref[i], 16 * kU * std::fabs(g[i] * u[i]) + 1e-30) << i;
-  gpu_->add(gg.f(), ug.f(), n, gg.f());  // in place
-  EXPECT_EQ(gg.read(), sum);             // one correctly rounded add: identical
 }
 
 TEST_F(CudaOps, BadArgumentsBecomeAStickyStatus) {
@@ -1440,130 +762,6 @@ TEST_F(CudaOps, AllocationFailureNamesBytesAndFreeAndIsNotSticky) {
 }
 
 // ---- sampling: Backend::sample on the device against the default (host Sampler) -----------
-
-struct SampleCase {
-  const char* what;
-  SamplingOptions o;
-  bool exact;  // false: the softmax sum is the device's (another order): allow rare flips
-};
-
-TEST_F(CudaOps, SampleMatchesCpuSampler) {
-  const int vocab = 262147;  // not a multiple of any block size
-  auto opts = [](float t, int k, float p, float mp, float pen) {
-    SamplingOptions o;
-    o.temperature = t, o.top_k = k, o.top_p = p, o.min_p = mp, o.repeat_penalty = pen;
-    return o;
-  };
-  const SampleCase cases[] = {
-      {"greedy", opts(0, 0, 1, 0, 1), true},
-      {"greedy with penalty", opts(0, 0, 1, 0, 1.3f), true},
-      {"top-k 1", opts(0.8f, 1, 1, 0, 1), true},
-      {"top-k 40, top-p 0.95, penalty", opts(0.8f, 40, 0.95f, 0, 1.1f), true},
-      {"top-k 64, min-p 0.05", opts(1.0f, 64, 1, 0.05f, 1), true},
-      {"top-k 1024 (all on the host)", opts(1.5f, 1024, 1, 0, 1), true},
-      {"top-k 5000, top-p 0.9", opts(1.0f, 5000, 0.9f, 0, 1), false},
-      {"no top-k, top-p 0.9", opts(1.0f, 0, 0.9f, 0, 1), false},
-      {"no top-k, min-p 0.1", opts(0.7f, 0, 1, 0.1f, 1), false},
-      {"plain temperature (full fallback)", opts(1.0f, 0, 1, 0, 1), false},
-  };
-  const std::vector<int32_t> banned = {0, 1, 3, 262146, 999999};  // one outside the vocab
-  std::vector<int32_t> history;
-  for (int i = 0; i < 100; ++i) history.push_back((i * 7919) % vocab);
-  Buf lg(*gpu_, static_cast<size_t>(vocab) * 4);
-  for (const SampleCase& c : cases) {
-    std::mt19937_64 rg(1234), rc(1234);
-    int same = 0;
-    const int steps = emu_small() ? 4 : 40;
-    for (int step = 0; step < steps; ++step) {
-      // Peaked logits (a few strong ids, as a trained model's), with ties: values on a 1/8 grid.
-      auto logits = randn(vocab, 500 + step, 2.0f);
-      for (float& x : logits) x = std::round(x * 8) / 8;
-      for (int j = 0; j < 20; ++j) logits[(step * 131 + j * 9973) % vocab] += 12.0f - j * 0.5f;
-      logits[history[step % 100]] = 16.0f;  // a penalized id at the top
-      gpu_->from_host(logits.data(), lg.get(), logits.size() * 4);
-      const int32_t g = gpu_->sample(lg.f(), vocab, c.o, banned, history, rg);
-      const int32_t e = cpu_->sample(logits.data(), vocab, c.o, banned, history, rc);
-      same += g == e;
-      if (c.exact) ASSERT_EQ(g, e) << c.what << " step " << step;
-      ASSERT_TRUE(g >= 0 && g < vocab && std::find(banned.begin(), banned.end(), g) == banned.end())
-          << c.what << ": banned or out-of-range id " << g;
-    }
-    // Inexact cases differ from the CPU only by the rounding of one double sum (1e-16
-    // relative): a flip needs the draw or a cutoff within that of a boundary.
-    EXPECT_GE(same, steps - 1) << c.what;
-    EXPECT_EQ(rg(), rc()) << c.what << ": both took one value per step";
-  }
-}
-
-// Non-finite logits, device against the host Sampler (which counts NaN as -inf on every path):
-// NaN never wins the argmax nor sorts first in the radix sort (a NaN with the sign bit clear
-// has the largest key bits of all), +inf logits share the probability, a NaN at a penalized id
-// stays -inf, a row with nothing drawable gives 0 on both, and a tiny temperature (keys that
-// overflow float) still matches. Every case has top_k <= 1024 or few candidates: exact.
-TEST_F(CudaOps, SampleTreatsNanAsMinusInfinityLikeTheCpu) {
-  const int vocab = 5003;
-  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
-  float neg_nan;  // sign bit set: sorts last as raw bits, but must still be -inf
-  const uint32_t neg_nan_bits = 0xFFC00001u;
-  std::memcpy(&neg_nan, &neg_nan_bits, 4);
-  struct Row {
-    const char* what;
-    std::vector<float> logits;
-  };
-  std::vector<Row> rows;
-  auto base = [&](uint32_t seed) {
-    auto v = randn(vocab, seed, 2.0f);
-    for (int j = 0; j < 10; ++j) v[(seed * 97 + j * 491) % vocab] += 8.0f - j * 0.5f;
-    return v;
-  };
-  {
-    auto v = base(1);
-    v[0] = nan, v[17] = nan, v[4000] = neg_nan;
-    for (int i = 100; i < vocab; i += 50) v[i] = nan;
-    rows.push_back({"NaN first and scattered", v});
-  }
-  {
-    auto v = base(2);
-    v[3] = inf, v[9] = nan, v[2222] = inf, v[2223] = -inf;
-    rows.push_back({"two +inf among NaN", v});
-  }
-  {
-    auto v = base(3);
-    v[42] = nan;  // 42 is in the history: penalized NaN stays -inf
-    rows.push_back({"NaN at a penalized id", v});
-  }
-  {
-    std::vector<float> v(vocab, nan);
-    v[7] = -inf;
-    rows.push_back({"nothing drawable", v});
-  }
-  auto opts = [](float t, int k, float p, float mp, float pen) {
-    SamplingOptions o;
-    o.temperature = t, o.top_k = k, o.top_p = p, o.min_p = mp, o.repeat_penalty = pen;
-    return o;
-  };
-  const SamplingOptions cases[] = {
-      opts(0, 0, 1, 0, 1),           opts(0, 0, 1, 0, 1.3f),   opts(0.8f, 40, 0.95f, 0, 1.1f),
-      opts(1.0f, 1024, 1, 0.05f, 1), opts(1e-38f, 0, 1, 0, 1), opts(nan, 0, 1, 0, 1)};
-  const std::vector<int32_t> banned = {1, 5002};
-  const std::vector<int32_t> history = {42, 300, 301, 3};
-  Buf lg(*gpu_, static_cast<size_t>(vocab) * 4);
-  for (const Row& row : rows) {
-    gpu_->from_host(row.logits.data(), lg.get(), row.logits.size() * 4);
-    for (const SamplingOptions& o : cases) {
-      std::mt19937_64 rg(99), rc(99);
-      for (int step = 0; step < (emu_small() ? 3 : 8); ++step) {
-        const int32_t g = gpu_->sample(lg.f(), vocab, o, banned, history, rg);
-        const int32_t c = cpu_->sample(row.logits.data(), vocab, o, banned, history, rc);
-        ASSERT_EQ(g, c) << row.what << ", temperature " << o.temperature << " top_k " << o.top_k << " step "
-                        << step;
-        ASSERT_TRUE(g >= 0 && g < vocab) << row.what << ": id " << g;
-        ASSERT_FALSE(std::isnan(row.logits[g]) && std::string(row.what) != "nothing drawable")
-            << row.what << ": picked NaN id " << g;
-      }
-    }
-  }
-}
 
 // The sampled frequencies follow the softmax of hand-picked logits (independent of both
 // samplers): logits {2, 1, 0, -1, -inf...} at temperature 1 with top-k 3 give probabilities
@@ -1672,9 +870,10 @@ TEST_F(CudaOps, Fp8WeightsQuantizeAtUpload) {
         g8.matmul(xg.f(), n, **w, mg.f());
         const auto m = mg.read();
         const std::string what = std::string(dtype_name(t)) + " as fp8, cols " + std::to_string(cols);
-        ASSERT_EQ(
-            check_matmul(want, x, rows, cols, n, gemm_in_bf16(DType::kF8E4M3, n), m.data(), ref.data(), what),
-            0);
+        ASSERT_EQ(testutil::check_cuda_matmul(want, x, rows, cols, n,
+                                              testutil::cuda_gemm_in_bf16(DType::kF8E4M3, n), m.data(),
+                                              ref.data(), what),
+                  0);
       }
     }
   }
@@ -1746,7 +945,7 @@ TEST_F(CudaOps, TinyModelMatchesCpu) {
     std::vector<int32_t> p = prompt, d = decode;
     for (auto& id : p) id %= (*ck)->config().vocab_size;
     for (auto& id : d) id %= (*ck)->config().vocab_size;
-    for (DType kv : kKvTypes) {
+    for (DType kv : testutil::kv_cache_types()) {
       // GEMMA3_CUDA_EMU_SMALL: each cache type once, F32/BF16 with the f32 model, Q8_0/F8E4M3
       // with the q8_0 one.
       const bool f32_model = std::string(file) == "tiny-f32.gguf";
@@ -1758,7 +957,7 @@ TEST_F(CudaOps, TinyModelMatchesCpu) {
       const ModelRun c = run_tiny(ref, **ck, kv, p, d);
       // With the tensor-core prefill attention (q, K, V and P in bf16: the prompt's 12 tokens
       // and the 3-token step), against the same GPU without it. Its per-op bound is checked by
-      // AttentionMatchesCpu; through 8 layers it moves the largest logit's scale by 0.1-0.7%
+      // Cuda/BackendOps.Attention; through 8 layers it moves the largest logit's scale by 0.1-0.7%
       // (measured); 3e-2 still catches a wrong mask or slot, which moves logits by O(1). Plus
       // the cache type's own allowance below: the changed activations flip 8-bit cache codes.
       const ModelRun f = run_tiny(*gpu_, **ck, kv, p, d);
@@ -1780,7 +979,7 @@ TEST_F(CudaOps, TinyModelMatchesCpu) {
       // transformers in test_model_golden, held to 1e-4). With a bf16 cache a key/value that
       // lands within an ulp of a bf16 rounding midpoint can round the other way (4e-3
       // relative on that element), so that case gets 1e-3. The 8-bit caches encode the same
-      // way on both sides (KvWriteIsBitExact...), but a flip there moves one element by a
+      // way on both sides (BackendOps.KvWriteIsBitExact...), but a flip there moves one element by a
       // Q8_0 step (amax / 127) or an e4m3 ulp (6-12%): 1e-2 and 3e-2. A layout or
       // dequantization bug gives O(1) errors.
       const double tol = kv_tolerance(kv);

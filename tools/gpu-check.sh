@@ -29,7 +29,7 @@
 #   --out      result folder (default $OUT, else build/gpu-check-out)
 #   --bin      the binaries (default gpu-carry/bin; gpu-carry/lib is added to LD_LIBRARY_PATH)
 #   --budget   seconds after which no new step starts (default 220: the call ends inside 4 minutes)
-#   --filter   gtest filter of the stage 1 tests (default CudaOps.*:CudaVisionOps.*)
+#   --filter   gtest filter of the stage 1 tests (default Cuda/BackendOps.*:CudaOps.*:CudaVisionOps.*)
 #   --dry-run  no GPU needed: stubs for nvidia-smi, the test runs, the sanitizer, make-model,
 #              parity and bench; cuda_microbench --list for the table format
 # Files under $OUT (at most 8 per call; names of letters, digits, '.', '_', '-'):
@@ -103,7 +103,7 @@ stage=1
 out="${OUT:-$root/build/gpu-check-out}"
 bin="$root/gpu-carry/bin"
 budget=220
-filter='CudaOps.*:CudaVisionOps.*'
+filter='Cuda/BackendOps.*:CudaOps.*:CudaVisionOps.*'
 dry=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -370,7 +370,7 @@ run_sanitizer() {
   fi
   # memcheck: the ops and the tiny model; racecheck (shared-memory hazards): small attention
   # and GEMV cases (racecheck serializes, so only small ones).
-  for spec in "memcheck CudaOps.RmsNorm*:CudaOps.Embed*:CudaOps.KvWrite*:CudaOps.GeluGate*:CudaOps.SmallAttentionAndGemv:CudaOps.SampleTreatsNan*:CudaOps.TinyModelMatchesCpu" \
+  for spec in "memcheck Cuda/BackendOps.RmsNorm/*:Cuda/BackendOps.Embed*:Cuda/BackendOps.KvWrite*:Cuda/BackendOps.GeluGate*:CudaOps.SmallAttentionAndGemv:Cuda/BackendOps.SampleTreatsNan*:CudaOps.TinyModelMatchesCpu" \
     "racecheck CudaOps.SmallAttentionAndGemv"; do
     read -r tool filt <<<"$spec"
     per=$(cap 75 35)  # keep ~35 s for the microbenchmarks

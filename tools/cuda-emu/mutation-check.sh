@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Shows that the CUDA emulator stage (scripts/test.sh cuda-emu) fails when a kernel is wrong.
 # Plants one bug at a time in kernels/kv_attention.cu of a scratch copy of the working tree,
-# rebuilds the emulated test binary there and runs CudaOps.AttentionMatchesCpu, which must
+# rebuilds the emulated test binary there and runs Cuda/BackendOps.Attention/cuda, which must
 # fail for the expected reason:
 #
 #   barrier        decode_attention_kernel's barrier between the softmax step and the value
@@ -74,7 +74,7 @@ run() {
   # In a subshell, so that bash's own "Aborted" line goes to the log too.
   (GEMMA3_CUDA_EMU_SMALL=1 GEMMA3_CUDA_EMU_POLICY="$policy" \
     ASAN_OPTIONS="detect_stack_use_after_return=0" UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1" \
-    timeout 1200 "$build/gemma3_cuda_tests" --gtest_filter=CudaOps.AttentionMatchesCpu) >"$log" 2>&1
+    timeout 1200 "$build/gemma3_cuda_tests" --gtest_filter=Cuda/BackendOps.Attention/cuda) >"$log" 2>&1
   rc=$?
   local got=pass evidence=""
   if ((rc != 0)); then
@@ -125,7 +125,7 @@ run shuffle low-first fail 'cuda-emu: error: divergent warp|The difference betwe
 
 mutate restore ""  # leave the scratch copy as the working tree had it
 echo
-echo "=== mutation-check: kernels/kv_attention.cu, CudaOps.AttentionMatchesCpu (logs: $logs) ==="
+echo "=== mutation-check: kernels/kv_attention.cu, Cuda/BackendOps.Attention/cuda (logs: $logs) ==="
 printf '%s\n' "${summary[@]}"
 if ((failures)); then
   echo "mutation-check: FAILED: $failures case(s) did not behave as expected"
