@@ -1,7 +1,6 @@
 // Chat template tests: rendered ids equal Hugging Face's (transformers' Jinja rendering of the
 // published template, tokenized by `tokenizers`; tests/data/tokenizer_goldens.json), role
 // errors, and user text that cannot forge turns.
-#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <cstdlib>
@@ -23,34 +22,10 @@ using Ids = std::vector<int32_t>;
 
 using testutil::model_270m_path;
 
-// The tiny vocabulary of test_tokenizer.cpp (17 pieces + 256 byte pieces): enough for the
-// template's structure.
+// The tiny vocabulary (17 pieces + 256 byte pieces): enough for the template's structure.
 Tokenizer tiny_tokenizer() {
-  std::vector<std::string> pieces = {"<pad>",
-                                     "<eos>",
-                                     "<bos>",
-                                     "<unk>",
-                                     "<start_of_turn>",
-                                     "<end_of_turn>",
-                                     "\n",
-                                     "\xE2\x96\x81",
-                                     "h",
-                                     "e",
-                                     "l",
-                                     "o",
-                                     "he",
-                                     "ll",
-                                     "hell",
-                                     "hello",
-                                     "\xE2\x96\x81hello"};
-  std::vector<float> scores = {0, 0, 0, 0, 0, 0, 0, -10, -11, -12, -13, -14, -1, -2, -3, -4, -5};
-  std::vector<int32_t> types = {3, 3, 3, 3, 3, 3, 4, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
-  for (int b = 0; b < 256; ++b) {
-    pieces.push_back(fmt::format("<0x{:02X}>", b));
-    scores.push_back(0);
-    types.push_back(6);
-  }
-  auto t = Tokenizer::from_vocab(pieces, scores, types);
+  testutil::TinyVocab v;
+  auto t = Tokenizer::from_vocab(v.pieces, v.scores, v.types);
   EXPECT_TRUE(t.ok()) << t.status().to_string();
   return t.ok() ? t.value() : Tokenizer();
 }

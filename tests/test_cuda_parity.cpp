@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "backend/cpu/cpu_backend.h"
 #include "bf16_gemm_reference.h"
 #include "checkpoint/weights.h"
 #include "model/forward.h"
@@ -40,19 +41,9 @@ std::vector<std::string> parity_models() {
   return out;
 }
 
-// The CPU reference kernels (plain loops), as test_cuda_ops.cpp's oracle.
+// The CPU reference kernels (plain loops), as the conformance suite's oracle.
 Result<std::unique_ptr<Backend>> cpu_reference() {
-  const char* old = std::getenv("GEMMA3_CPU_KERNELS");
-  const std::string saved = old ? old : "";
-  setenv("GEMMA3_CPU_KERNELS", "ref", 1);
-  BackendOptions o;
-  o.threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  auto be = make_cpu_backend(o);
-  if (old)
-    setenv("GEMMA3_CPU_KERNELS", saved.c_str(), 1);
-  else
-    unsetenv("GEMMA3_CPU_KERNELS");
-  return be;
+  return make_cpu_ref_backend(static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
 }
 
 struct ParityRun {

@@ -4,7 +4,6 @@
 // tools/reference/make_tokenizer_goldens.py). encode() (the built-in chunked BPE) is compared
 // with encode_ref() (the SentencePiece library on the whole text) on long random and
 // adversarial texts, and on vocabularies that move or remove the cut points.
-#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -28,40 +27,9 @@ namespace {
 
 using Ids = std::vector<int32_t>;
 
-// ---- tiny vocabulary ------------------------------------------------------------------------
-// 17 hand-written pieces, then the 256 byte pieces <0x00>..<0xFF> (ids 17..272) that
-// SentencePiece requires whenever byte_fallback is on. Types as a GGUF converter writes them:
-// <unk> CONTROL (repaired to UNKNOWN on load).
-constexpr int32_t kByte0 = 17;  // id of <0x00>
-struct TinyVocab {
-  std::vector<std::string> pieces = {"<pad>",
-                                     "<eos>",
-                                     "<bos>",
-                                     "<unk>",
-                                     "<start_of_turn>",
-                                     "<end_of_turn>",
-                                     "\n",
-                                     "\xE2\x96\x81",
-                                     "h",
-                                     "e",
-                                     "l",
-                                     "o",
-                                     "he",
-                                     "ll",
-                                     "hell",
-                                     "hello",
-                                     "\xE2\x96\x81hello"};
-  // Merge scores: higher merges first (he, ll, hell, hello, ▁hello).
-  std::vector<float> scores = {0, 0, 0, 0, 0, 0, 0, -10, -11, -12, -13, -14, -1, -2, -3, -4, -5};
-  std::vector<int32_t> types = {3, 3, 3, 3, 3, 3, 4, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
-  TinyVocab() {
-    for (int b = 0; b < 256; ++b) {
-      pieces.push_back(fmt::format("<0x{:02X}>", b));
-      scores.push_back(0);
-      types.push_back(6);
-    }
-  }
-};
+// ---- tiny vocabulary (testutil::TinyVocab) --------------------------------------------------
+using testutil::TinyVocab;
+constexpr int32_t kByte0 = testutil::kTinyByte0;  // id of <0x00>
 
 Tokenizer tiny_tokenizer() {
   TinyVocab v;

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <random>
 #include <span>
@@ -36,5 +37,42 @@ inline std::vector<float> randn(size_t n, uint32_t seed, float scale = 1.0f) {
 
 // A copy of a span (Session::last_logits/all_logits view the session's buffer).
 inline std::vector<float> to_vector(std::span<const float> s) { return {s.begin(), s.end()}; }
+
+// The tiny vocabulary of the tokenizer and chat-template tests: 17 hand-written pieces, then
+// the 256 byte pieces <0x00>..<0xFF> (ids 17..272) that SentencePiece requires whenever
+// byte_fallback is on. Types as a GGUF converter writes them: <unk> CONTROL (repaired to
+// UNKNOWN on load). For Tokenizer::from_vocab(pieces, scores, types).
+constexpr int32_t kTinyByte0 = 17;  // id of <0x00>
+struct TinyVocab {
+  std::vector<std::string> pieces = {"<pad>",
+                                     "<eos>",
+                                     "<bos>",
+                                     "<unk>",
+                                     "<start_of_turn>",
+                                     "<end_of_turn>",
+                                     "\n",
+                                     "\xE2\x96\x81",
+                                     "h",
+                                     "e",
+                                     "l",
+                                     "o",
+                                     "he",
+                                     "ll",
+                                     "hell",
+                                     "hello",
+                                     "\xE2\x96\x81hello"};
+  // Merge scores: higher merges first (he, ll, hell, hello, ▁hello).
+  std::vector<float> scores = {0, 0, 0, 0, 0, 0, 0, -10, -11, -12, -13, -14, -1, -2, -3, -4, -5};
+  std::vector<int32_t> types = {3, 3, 3, 3, 3, 3, 4, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+  TinyVocab() {
+    for (int b = 0; b < 256; ++b) {
+      char piece[8];
+      std::snprintf(piece, sizeof piece, "<0x%02X>", b);
+      pieces.push_back(piece);
+      scores.push_back(0);
+      types.push_back(6);
+    }
+  }
+};
 
 }  // namespace gemma3::testutil
