@@ -70,7 +70,7 @@ for step in "start check" "tests" "compute-sanitizer" "microbenchmarks" "done"; 
 done
 tests_bin="$bin/gemma3_tests"  # gpu-check.sh's choice: the emulator build's CUDA binary if present
 [[ -x "$bin/gemma3_cuda_tests" ]] && tests_bin="$bin/gemma3_cuda_tests"
-want=$("$tests_bin" --gtest_list_tests --gtest_filter='CudaOps.*:CudaVisionOps.*' | grep -c '^  ')
+want=$("$tests_bin" --gtest_list_tests --gtest_filter='Cuda/BackendOps.*:CudaOps.*:CudaVisionOps.*' | grep -c '^  ')
 [[ "$want" -gt 0 ]] || fail "$tests_bin lists no CUDA tests"
 got=$(grep -c '<testcase' "$out1/tests.xml")
 [[ "$want" == "$got" ]] || fail "tests.xml has $got test cases, the filter lists $want"
