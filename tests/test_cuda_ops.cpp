@@ -27,6 +27,7 @@
 #include "core/quant.h"
 #include "dev/make_model.h"
 #include "model/forward.h"
+#include "runtime/kv_cache.h"
 #include "test_util.h"
 
 namespace gemma3 {
@@ -906,7 +907,7 @@ ModelRun run_tiny(Backend& be, const Checkpoint& ck, DType kv, const std::vector
     req.n = n;
     req.pos0 = pos0;
     req.all_logits = all;
-    Status s = forward(cfg, *w, be, cache, scratch, req, logits.data(), nullptr);
+    Status s = forward(cfg, *w, be, cache.view(), scratch, req, logits.data(), nullptr);
     EXPECT_TRUE(s.ok()) << s.to_string();
     s = cuda_backend_status(be);
     EXPECT_TRUE(s.ok()) << s.to_string();

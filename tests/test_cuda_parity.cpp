@@ -78,7 +78,7 @@ ParityRun run_model(Backend& be, const Checkpoint& ck, const std::vector<int32_t
     req.ids = ids;
     req.n = n;
     req.pos0 = pos0;
-    Status s = forward(cfg, *w, be, cache, scratch, req, logits.data(), nullptr);
+    Status s = forward(cfg, *w, be, cache.view(), scratch, req, logits.data(), nullptr);
     if (s.ok()) s = be.status();
     EXPECT_TRUE(s.ok()) << s.to_string();
     run.tokens.push_back(argmax(logits));

@@ -17,6 +17,7 @@
 #include "checkpoint/weights.h"
 #include "gemma3/gemma3.h"
 #include "model/forward.h"
+#include "runtime/kv_cache.h"
 #include "test_util.h"
 
 namespace gemma3 {
@@ -192,7 +193,7 @@ TEST(TinyGoldenOffset, RopeAtLargePositionsMatchesTransformers) {
     req.pos0 = pos0;
     req.kv_start = pos0;
     req.all_logits = true;
-    ASSERT_TRUE(forward(cfg, *w, *be, cache, scratch, req, logits.data(), nullptr).ok());
+    ASSERT_TRUE(forward(cfg, *w, *be, cache.view(), scratch, req, logits.data(), nullptr).ok());
     // Both sides compute angles as float(pos) * inv_freq in fp32, so even at 1e5 they agree.
     const double e = rel_err(logits, read_array(c, "logits"));
     EXPECT_LT(e, 1e-4) << name;

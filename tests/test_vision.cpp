@@ -256,7 +256,8 @@ TEST(Vision, BidirectionalGroupIsWhatMakesTheDifference) {
         }
       }
       ASSERT_TRUE(
-          forward(c, *w, **be, cache, scratch, req, logits.data() + int64_t{bounds[part]} * V, nullptr).ok());
+          forward(c, *w, **be, cache.view(), scratch, req, logits.data() + int64_t{bounds[part]} * V, nullptr)
+              .ok());
     }
     const std::vector<float> want = g.load(bidir ? "one_image.logits" : "one_image_causal.logits");
     EXPECT_LE(max_diff(logits, want, V, V), 1e-4f) << (bidir ? "bidirectional" : "causal");

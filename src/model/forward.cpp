@@ -93,14 +93,14 @@ Status ForwardScratch::allocate(const ModelConfig& c, int chunk) {
   return ok_status();
 }
 
-Status forward(const ModelConfig& c, const BackendModel& w, Backend& be, KvCache& cache, ForwardScratch& s,
+Status forward(const ModelConfig& c, const BackendModel& w, Backend& be, const KvView& kv, ForwardScratch& s,
                const ForwardRequest& req, float* logits_host, const ActivationHook* hook) {
   const int n = req.n;
-  if (n < 1 || n > cache.plan().chunk)
-    return internal_error(fmt::format("forward: chunk of {} tokens, expected 1..{}", n, cache.plan().chunk));
-  if (req.kv_start < 0 || req.pos0 < req.kv_start || req.pos0 - req.kv_start + n > cache.plan().context)
+  if (n < 1 || n > kv.chunk)
+    return internal_error(fmt::format("forward: chunk of {} tokens, expected 1..{}", n, kv.chunk));
+  if (req.kv_start < 0 || req.pos0 < req.kv_start || req.pos0 - req.kv_start + n > kv.context)
     return out_of_range(fmt::format("positions {}..{} (from {}) exceed the context of {} tokens", req.pos0,
-                                    req.pos0 + n - 1, req.kv_start, cache.plan().context));
+                                    req.pos0 + n - 1, req.kv_start, kv.context));
   if (req.bidir_begin < req.bidir_end && (req.bidir_begin < req.pos0 || req.bidir_end > req.pos0 + n))
     return internal_error(fmt::format("forward: bidirectional group {}..{} is outside the chunk {}..{}",
                                       req.bidir_begin, req.bidir_end - 1, req.pos0, req.pos0 + n - 1));
@@ -148,7 +148,7 @@ Status forward(const ModelConfig& c, const BackendModel& w, Backend& be, KvCache
       const float theta = global ? c.rope_theta_global : c.rope_theta_local;
       const float rope_scale = global ? c.rope_scale_global : 1.0f;  // linear scaling: global layers only
       be.qk_norm_rope_kv_write(s.q, s.k, s.v, *L.q_norm, *L.k_norm, n, c.n_heads, c.n_kv_heads, c.head_dim,
-                               eps, pos, theta, rope_scale, cache.layer(l));
+                               eps, pos, theta, rope_scale, kv.layers[l]);
       emit(l, "q", s.q, n * qw);
       emit(l, "k", s.k, n * kvw);
       emit(l, "v", s.v, n * kvw);
@@ -163,7 +163,7 @@ Status forward(const ModelConfig& c, const BackendModel& w, Backend& be, KvCache
       ap.kv_start = req.kv_start;
       ap.bidir_begin = req.bidir_begin;
       ap.bidir_end = req.bidir_end;
-      be.attention(s.q, cache.layer(l), ap, s.attn);
+      be.attention(s.q, kv.layers[l], ap, s.attn);
       emit(l, "attn", s.attn, n * qw);
       be.matmul(s.attn, n, *L.o, s.a);
       be.add_rmsnorm(s.a, *L.post_attn_norm, s.x, L.ffn_norm.get(), n, static_cast<int>(H), eps, s.normed);
@@ -194,10 +194,10 @@ Status forward(const ModelConfig& c, const BackendModel& w, Backend& be, KvCache
   const bool record = be.can_record() && n <= kMaxRecordedTokens && !req.embeddings && !req.all_logits &&
                       req.bidir_begin == req.bidir_end && !(hook && *hook);
   if (record) {
-    const int limit = req.kv_start + cache.plan().context;
+    const int limit = req.kv_start + kv.context;
     const int bucket_end =
         std::min<int64_t>(limit, std::max<int64_t>(64, std::bit_ceil(uint32_t(req.pos0 + n))));
-    auto [it, fresh] = s.recorded.try_emplace({&cache, n, bucket_end, req.kv_start});
+    auto [it, fresh] = s.recorded.try_emplace({kv.layers.data(), n, bucket_end, req.kv_start});
     std::unique_ptr<RecordedStep>& step = it->second;
     for (int attempt = 0; fresh && attempt < 2; ++attempt) {  // a second time after a workspace grew
       if (!be.begin_recording()) break;

@@ -5,6 +5,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <span>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -12,7 +13,6 @@
 #include "backend/backend.h"
 #include "checkpoint/weights.h"
 #include "model/config.h"
-#include "runtime/kv_cache.h"
 
 namespace gemma3 {
 
@@ -30,6 +30,15 @@ struct BackendModel {
 
   // progress: draw a bar on stderr while uploading (large models).
   static Result<BackendModel> upload(Backend& backend, const Weights& weights, bool progress = false);
+};
+
+// The KV memory one sequence's forward reads and appends to: one KvLayer per layer (position p
+// in slot p % capacity), the positions it can hold and the most tokens one call may append.
+// The runtime owns the memory (runtime/kv_cache.h: KvCache::view()); the graph only uses it.
+struct KvView {
+  std::span<const KvLayer> layers;  // [n_layers]
+  int context = 0;
+  int chunk = 0;
 };
 
 // Per-session activation buffers for chunks of up to `chunk` tokens, in backend memory.
@@ -54,10 +63,10 @@ class ForwardScratch {
   static constexpr int kLogitRows = 16;  // LM head rows computed per step
   float* logits = nullptr;               // [min(chunk, kLogitRows), V]
 
-  // Recorded steps (Backend::begin_recording) over these buffers and one cache, by (cache, step
-  // tokens, end of the position bucket, kv_start); forward() makes and replays them. No step:
-  // the ops could not be recorded and run directly.
-  std::map<std::tuple<const KvCache*, int, int, int>, std::unique_ptr<RecordedStep>> recorded;
+  // Recorded steps (Backend::begin_recording) over these buffers and one cache, by (the cache's
+  // layers, step tokens, end of the position bucket, kv_start); forward() makes and replays
+  // them. No step: the ops could not be recorded and run directly.
+  std::map<std::tuple<const KvLayer*, int, int, int>, std::unique_ptr<RecordedStep>> recorded;
 
  private:
   Backend& backend_;
@@ -87,7 +96,7 @@ struct ForwardRequest {
 // logits_host: [n, V] when all_logits, else [V]. With logits_host null (decode: the token is
 // sampled on the backend) the last token's logits stay in s.logits (backend memory, [V]; needs
 // !all_logits) until the next forward with s, and nothing is copied back.
-Status forward(const ModelConfig& c, const BackendModel& w, Backend& backend, KvCache& cache,
+Status forward(const ModelConfig& c, const BackendModel& w, Backend& backend, const KvView& kv,
                ForwardScratch& s, const ForwardRequest& req, float* logits_host, const ActivationHook* hook);
 
 // bf16(sqrt(H)): the embedding scale is rounded to the checkpoints' dtype before the multiply

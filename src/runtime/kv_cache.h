@@ -13,6 +13,7 @@
 #include "backend/backend.h"
 #include "gemma3/gemma3.h"
 #include "model/config.h"
+#include "model/forward.h"
 
 namespace gemma3 {
 
@@ -46,6 +47,7 @@ class KvCache {
   Status allocate(const ModelConfig& config);
   const KvPlan& plan() const { return plan_; }
   const KvLayer& layer(int i) const { return layers_[i]; }
+  KvView view() const { return {layers_, plan_.context, plan_.chunk}; }
   uint64_t allocated_bytes() const { return allocated_global_ + allocated_local_; }
   uint64_t allocated_global_bytes() const { return allocated_global_; }
   uint64_t allocated_local_bytes() const { return allocated_local_; }

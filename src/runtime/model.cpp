@@ -491,7 +491,7 @@ Status SessionImpl::run_pieces(const std::vector<Piece>& pieces, bool keep_all, 
     float* dst = keep_all ? all_logits_.data() + row * V : to_host ? last_logits_.data() : nullptr;
     {
       std::lock_guard<std::mutex> lock(model_->backend_mutex);
-      GEMMA3_TRY(forward(c, model_->weights, *model_->backend, cache_, scratch_, req, dst, hook));
+      GEMMA3_TRY(forward(c, model_->weights, *model_->backend, cache_.view(), scratch_, req, dst, hook));
     }
     tokens_.insert(tokens_.end(), ids, ids + n);
     row += n;
