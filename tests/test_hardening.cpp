@@ -20,7 +20,7 @@
 #include "checkpoint/gguf.h"
 #include "core/thread_pool.h"
 #include "gemma3/gemma3.h"
-#include "io/read_file.h"
+#include "gemma3/util.h"
 #include "test_util.h"
 #include "text/chat_template.h"
 

@@ -1,6 +1,6 @@
-#include "core/utf8.h"
-
 #include <cstdint>
+
+#include "gemma3/util.h"
 
 namespace gemma3 {
 

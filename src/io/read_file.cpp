@@ -1,5 +1,3 @@
-#include "io/read_file.h"
-
 #include <fcntl.h>
 #include <fmt/format.h>
 #include <sys/stat.h>
@@ -7,6 +5,8 @@
 
 #include <cerrno>
 #include <cstring>
+
+#include "gemma3/util.h"
 
 namespace gemma3 {
 

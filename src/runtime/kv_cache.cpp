@@ -13,7 +13,7 @@
 #include <memory>
 
 #include "checkpoint/weights.h"
-#include "io/read_file.h"
+#include "gemma3/util.h"
 
 namespace gemma3 {
 

@@ -7,7 +7,7 @@
 #include <string>
 #include <string_view>
 
-#include "core/utf8.h"
+#include "gemma3/util.h"
 
 namespace gemma3 {
 namespace {

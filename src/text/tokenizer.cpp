@@ -30,7 +30,7 @@
 #include <functional>
 #include <unordered_map>
 
-#include "core/utf8.h"
+#include "gemma3/util.h"
 #include "io/mapped_file.h"
 #include "text/spm_proto.h"
 #include "text/tokenizer_bpe.h"

@@ -16,8 +16,7 @@
 #include <random>
 #include <sstream>
 
-#include "core/utf8.h"
-#include "io/read_file.h"
+#include "gemma3/util.h"
 
 namespace gemma3::cli {
 

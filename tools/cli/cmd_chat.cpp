@@ -16,7 +16,7 @@
 
 #include "cli_common.h"
 #include "commands.h"
-#include "io/read_file.h"
+#include "gemma3/util.h"
 
 namespace gemma3::cli {
 

@@ -1,9 +1,11 @@
-// Whole-file reads with a size limit and no exceptions: the one way the library and the CLI
-// read a prompt, a prompt cache or an image. std::ifstream throws std::ios_base::failure from
-// a read error (a directory: EISDIR; /proc/self/mem: EIO), never stops on /dev/zero and
-// reports neither as an error; these calls use POSIX open/fstat/read instead.
+// Small text and file utilities that the library uses itself and that programs built on it
+// need too (the CLI, a server): UTF-8 validation, which is what Tokenizer::encode and the chat
+// template accept, and bounded reads of files and lines, which never throw.
+//
+// Thread safety: every function here may be called from any thread.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <istream>
 #include <string>
@@ -12,6 +14,10 @@
 #include "gemma3/status.h"
 
 namespace gemma3 {
+
+// Byte offset of the first invalid UTF-8 sequence (overlong forms, surrogates and code points
+// above U+10FFFF are invalid), or std::string_view::npos when `s` is valid.
+size_t find_invalid_utf8(std::string_view s);
 
 enum class FileKind {
   kRegular,  // regular files only (a prompt cache, an image: their size is checked up front)
@@ -23,6 +29,10 @@ enum class FileKind {
 // kInvalidFile for a directory or another kind of file, or a read error; over the limit,
 // `over_limit` (kOutOfRange for text that cannot fit a context, kInvalidFile for an image)
 // with a message naming the size and the limit.
+//
+// std::ifstream throws std::ios_base::failure from a read error (a directory: EISDIR;
+// /proc/self/mem: EIO), never stops on /dev/zero and reports neither as an error; this call
+// uses POSIX open/fstat/read instead.
 Result<std::string> read_file_limited(const std::string& path, uint64_t max_bytes, std::string_view what,
                                       FileKind kind, ErrorCode over_limit = ErrorCode::kOutOfRange);
 
