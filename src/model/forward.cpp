@@ -67,12 +67,14 @@ ForwardScratch::~ForwardScratch() {
   for (void* p : owned_) backend_.release(p);
 }
 
-Status ForwardScratch::allocate(const ModelConfig& c, int chunk) {
+Status ForwardScratch::allocate(const ModelConfig& c, int chunk, int logit_rows) {
   recorded.clear();
   for (void* p : owned_) backend_.release(p);
   owned_.clear();
   bytes_ = 0;
   const int64_t n = chunk;
+  chunk_ = chunk;
+  logit_rows_ = std::max(logit_rows, std::min(chunk, kLogitRows));
   for (auto [ptr, width] : {std::pair{&x, int64_t{c.hidden}},
                             {&a, c.hidden},
                             {&normed, c.hidden},
@@ -83,7 +85,7 @@ Status ForwardScratch::allocate(const ModelConfig& c, int chunk) {
                             {&gate, c.intermediate},
                             {&up, c.intermediate},
                             {&logits, c.vocab_size}}) {
-    const int64_t rows = ptr == &logits ? std::min<int64_t>(n, kLogitRows) : n;
+    const int64_t rows = ptr == &logits ? logit_rows_ : n;
     const uint64_t bytes = static_cast<uint64_t>(rows * width) * sizeof(float);
     GEMMA3_ASSIGN_OR_RETURN(void* p, backend_.allocate(bytes));
     owned_.push_back(p);
@@ -93,98 +95,137 @@ Status ForwardScratch::allocate(const ModelConfig& c, int chunk) {
   return ok_status();
 }
 
-Status forward(const ModelConfig& c, const BackendModel& w, Backend& be, const KvView& kv, ForwardScratch& s,
-               const ForwardRequest& req, float* logits_host, const ActivationHook* hook) {
-  const int n = req.n;
-  if (n < 1 || n > kv.chunk)
-    return internal_error(fmt::format("forward: chunk of {} tokens, expected 1..{}", n, kv.chunk));
-  if (req.kv_start < 0 || req.pos0 < req.kv_start || req.pos0 - req.kv_start + n > kv.context)
-    return out_of_range(fmt::format("positions {}..{} (from {}) exceed the context of {} tokens", req.pos0,
-                                    req.pos0 + n - 1, req.kv_start, kv.context));
-  if (req.bidir_begin < req.bidir_end && (req.bidir_begin < req.pos0 || req.bidir_end > req.pos0 + n))
-    return internal_error(fmt::format("forward: bidirectional group {}..{} is outside the chunk {}..{}",
-                                      req.bidir_begin, req.bidir_end - 1, req.pos0, req.pos0 + n - 1));
-  for (int t = 0; t < n && !req.embeddings; ++t)
-    if (req.ids[t] < 0 || req.ids[t] >= c.vocab_size)
-      return invalid_argument(
-          fmt::format("token id {} is outside the vocabulary [0, {})", req.ids[t], c.vocab_size));
+namespace {
 
+// One sequence's rows [off, off + n) of a step.
+struct Segment {
+  const KvView* kv;
+  int off, n, pos0, kv_start, bidir_begin, bidir_end;
+  const int32_t* ids;
+  const float* embeddings;
+};
+
+Status check_segment(const ModelConfig& c, const Segment& g) {
+  const int n = g.n;
+  if (n < 1 || n > g.kv->chunk)
+    return internal_error(fmt::format("forward: chunk of {} tokens, expected 1..{}", n, g.kv->chunk));
+  if (g.kv_start < 0 || g.pos0 < g.kv_start || g.pos0 - g.kv_start + n > g.kv->context)
+    return out_of_range(fmt::format("positions {}..{} (from {}) exceed the context of {} tokens", g.pos0,
+                                    g.pos0 + n - 1, g.kv_start, g.kv->context));
+  if (g.bidir_begin < g.bidir_end && (g.bidir_begin < g.pos0 || g.bidir_end > g.pos0 + n))
+    return internal_error(fmt::format("forward: bidirectional group {}..{} is outside the chunk {}..{}",
+                                      g.bidir_begin, g.bidir_end - 1, g.pos0, g.pos0 + n - 1));
+  for (int t = 0; t < n && !g.embeddings; ++t)
+    if (g.ids[t] < 0 || g.ids[t] >= c.vocab_size)
+      return invalid_argument(
+          fmt::format("token id {} is outside the vocabulary [0, {})", g.ids[t], c.vocab_size));
+  return ok_status();
+}
+
+using Emit = std::function<void(int layer, const char* name, const float* buf, int64_t count)>;
+
+// The input rows of the step into s.x: the segments' token embeddings (or image rows). Never
+// recorded: the ids change from step to step.
+void embed_rows(const ModelConfig& c, const BackendModel& w, Backend& be, std::span<const Segment> segs,
+                ForwardScratch& s) {
+  const int64_t H = c.hidden;
+  for (const Segment& g : segs) {
+    if (g.embeddings)
+      be.from_host(g.embeddings, s.x + g.off * H, static_cast<uint64_t>(g.n) * H * sizeof(float));
+    else
+      be.embed(*w.embed, g.ids, g.n, embedding_scale(c.hidden), s.x + g.off * H);
+  }
+}
+
+// The layers over the step's n rows of s.x (the segments, stacked), leaving every row's final
+// norm in s.normed. pos_bound >= 0 (one segment, while recording): the position the ops get
+// instead of the segment's (backend.h, recorded steps).
+void run_layers(const ModelConfig& c, const BackendModel& w, Backend& be, std::span<const Segment> segs,
+                int n, ForwardScratch& s, const Emit& emit, int pos_bound) {
   const int64_t H = c.hidden, I = c.intermediate, qw = c.q_width(), kvw = c.kv_width();
   const float eps = c.rms_norm_eps;
-  std::vector<float> dump;
-  auto emit = [&](int layer, const char* name, const float* buf, int64_t count) {
-    if (!hook || !*hook) return;
-    dump.resize(count);
-    be.to_host(buf, dump.data(), count * sizeof(float));
-    (*hook)(layer, name, dump.data(), count);
-  };
+  // Each block's input norm comes from the step before it: layer 0's here, the others' (and
+  // the final norm) from the residual step that ends the previous block (Backend::add_rmsnorm).
+  be.rmsnorm(s.x, *w.layers[0].attn_norm, n, H, eps, s.normed);
+  for (int l = 0; l < c.n_layers; ++l) {
+    const BackendModel::Layer& L = w.layers[l];
+    const bool global = c.is_global(l);
 
-  if (req.embeddings)
-    be.from_host(req.embeddings, s.x, static_cast<uint64_t>(n) * H * sizeof(float));
-  else
-    be.embed(*w.embed, req.ids, n, embedding_scale(c.hidden), s.x);
-  emit(-1, "embed", s.x, n * H);
-
-  // The layers, then (with lm_head) the last row's logits into s.logits. pos is req.pos0, or,
-  // while recording, the bound of the step's positions (backend.h, recorded steps).
-  auto layers = [&](int pos, bool lm_head) {
-    // Each block's input norm comes from the step before it: layer 0's here, the others' (and
-    // the final norm) from the residual step that ends the previous block (Backend::add_rmsnorm).
-    be.rmsnorm(s.x, *w.layers[0].attn_norm, n, H, eps, s.normed);
-    for (int l = 0; l < c.n_layers; ++l) {
-      const BackendModel::Layer& L = w.layers[l];
-      const bool global = c.is_global(l);
-
-      // Attention block: (norm) -> q/k/v -> QK-norm + RoPE + cache write -> attention -> o ->
-      // post-norm + residual + the MLP's norm.
-      if (L.qkv) {
-        float* const qkv[] = {s.q, s.k, s.v};
-        be.matmul_parts(s.normed, n, *L.qkv, qkv);
-      } else {
-        be.matmul(s.normed, n, *L.q, s.q);
-        be.matmul(s.normed, n, *L.k, s.k);
-        be.matmul(s.normed, n, *L.v, s.v);
-      }
-      const float theta = global ? c.rope_theta_global : c.rope_theta_local;
-      const float rope_scale = global ? c.rope_scale_global : 1.0f;  // linear scaling: global layers only
-      be.qk_norm_rope_kv_write(s.q, s.k, s.v, *L.q_norm, *L.k_norm, n, c.n_heads, c.n_kv_heads, c.head_dim,
-                               eps, pos, theta, rope_scale, kv.layers[l]);
-      emit(l, "q", s.q, n * qw);
-      emit(l, "k", s.k, n * kvw);
-      emit(l, "v", s.v, n * kvw);
+    // Attention block: (norm) -> q/k/v -> QK-norm + RoPE + cache write -> attention -> o ->
+    // post-norm + residual + the MLP's norm. The projections run over every row of the step;
+    // what reads or writes a sequence's cache runs per sequence.
+    if (L.qkv) {
+      float* const qkv[] = {s.q, s.k, s.v};
+      be.matmul_parts(s.normed, n, *L.qkv, qkv);
+    } else {
+      be.matmul(s.normed, n, *L.q, s.q);
+      be.matmul(s.normed, n, *L.k, s.k);
+      be.matmul(s.normed, n, *L.v, s.v);
+    }
+    const float theta = global ? c.rope_theta_global : c.rope_theta_local;
+    const float rope_scale = global ? c.rope_scale_global : 1.0f;  // linear scaling: global layers only
+    for (const Segment& g : segs)
+      be.qk_norm_rope_kv_write(s.q + g.off * qw, s.k + g.off * kvw, s.v + g.off * kvw, *L.q_norm, *L.k_norm,
+                               g.n, c.n_heads, c.n_kv_heads, c.head_dim, eps,
+                               pos_bound >= 0 ? pos_bound : g.pos0, theta, rope_scale, g.kv->layers[l]);
+    emit(l, "q", s.q, n * qw);
+    emit(l, "k", s.k, n * kvw);
+    emit(l, "v", s.v, n * kvw);
+    for (const Segment& g : segs) {
       AttentionParams ap;
-      ap.n_tokens = n;
-      ap.pos0 = pos;
+      ap.n_tokens = g.n;
+      ap.pos0 = pos_bound >= 0 ? pos_bound : g.pos0;
       ap.n_heads = c.n_heads;
       ap.n_kv_heads = c.n_kv_heads;
       ap.head_dim = c.head_dim;
       ap.scale = c.attn_scale();
       ap.window = global ? 0 : c.sliding_window;
-      ap.kv_start = req.kv_start;
-      ap.bidir_begin = req.bidir_begin;
-      ap.bidir_end = req.bidir_end;
-      be.attention(s.q, kv.layers[l], ap, s.attn);
-      emit(l, "attn", s.attn, n * qw);
-      be.matmul(s.attn, n, *L.o, s.a);
-      be.add_rmsnorm(s.a, *L.post_attn_norm, s.x, L.ffn_norm.get(), n, static_cast<int>(H), eps, s.normed);
-      emit(l, "attn_residual", s.x, n * H);
-
-      // MLP block: (norm) -> GeGLU -> down -> post-norm + residual + the next block's norm (the
-      // next layer's, or the final norm after the last layer).
-      if (L.gate_up) {
-        be.matmul_geglu(s.normed, n, *L.gate_up, s.up, s.gate);
-      } else {
-        be.matmul(s.normed, n, *L.gate, s.gate);
-        be.matmul(s.normed, n, *L.up, s.up);
-        be.gelu_gate(s.gate, s.up, n * I, s.gate);
-      }
-      be.matmul(s.gate, n, *L.down, s.a);
-      const BackendWeight& next = l + 1 < c.n_layers ? *w.layers[l + 1].attn_norm : *w.final_norm;
-      be.add_rmsnorm(s.a, *L.post_ffn_norm, s.x, &next, n, static_cast<int>(H), eps, s.normed);
-      emit(l, "layer_out", s.x, n * H);
+      ap.kv_start = g.kv_start;
+      ap.bidir_begin = g.bidir_begin;
+      ap.bidir_end = g.bidir_end;
+      be.attention(s.q + g.off * qw, g.kv->layers[l], ap, s.attn + g.off * qw);
     }
-    if (lm_head) be.matmul(s.normed + (n - 1) * H, 1, *w.embed, s.logits);
+    emit(l, "attn", s.attn, n * qw);
+    be.matmul(s.attn, n, *L.o, s.a);
+    be.add_rmsnorm(s.a, *L.post_attn_norm, s.x, L.ffn_norm.get(), n, static_cast<int>(H), eps, s.normed);
+    emit(l, "attn_residual", s.x, n * H);
+
+    // MLP block: (norm) -> GeGLU -> down -> post-norm + residual + the next block's norm (the
+    // next layer's, or the final norm after the last layer).
+    if (L.gate_up) {
+      be.matmul_geglu(s.normed, n, *L.gate_up, s.up, s.gate);
+    } else {
+      be.matmul(s.normed, n, *L.gate, s.gate);
+      be.matmul(s.normed, n, *L.up, s.up);
+      be.gelu_gate(s.gate, s.up, n * I, s.gate);
+    }
+    be.matmul(s.gate, n, *L.down, s.a);
+    const BackendWeight& next = l + 1 < c.n_layers ? *w.layers[l + 1].attn_norm : *w.final_norm;
+    be.add_rmsnorm(s.a, *L.post_ffn_norm, s.x, &next, n, static_cast<int>(H), eps, s.normed);
+    emit(l, "layer_out", s.x, n * H);
+  }
+}
+
+}  // namespace
+
+Status forward(const ModelConfig& c, const BackendModel& w, Backend& be, const KvView& kv, ForwardScratch& s,
+               const ForwardRequest& req, float* logits_host, const ActivationHook* hook) {
+  const int n = req.n;
+  const Segment seg{&kv,           0, n, req.pos0, req.kv_start, req.bidir_begin, req.bidir_end, req.ids,
+                    req.embeddings};
+  GEMMA3_TRY(check_segment(c, seg));
+  const std::span<const Segment> segs(&seg, 1);
+
+  const int64_t H = c.hidden;
+  std::vector<float> dump;
+  const Emit emit = [&](int layer, const char* name, const float* buf, int64_t count) {
+    if (!hook || !*hook) return;
+    dump.resize(count);
+    be.to_host(buf, dump.data(), count * sizeof(float));
+    (*hook)(layer, name, dump.data(), count);
   };
+  embed_rows(c, w, be, segs, s);
+  emit(-1, "embed", s.x, n * H);
 
   // A step of a few tokens (decode) is recorded once per position bucket and then replayed,
   // when the backend records (the CUDA backend: one graph launch instead of ~200 kernel
@@ -201,7 +242,8 @@ Status forward(const ModelConfig& c, const BackendModel& w, Backend& be, const K
     std::unique_ptr<RecordedStep>& step = it->second;
     for (int attempt = 0; fresh && attempt < 2; ++attempt) {  // a second time after a workspace grew
       if (!be.begin_recording()) break;
-      layers(bucket_end - n, true);
+      run_layers(c, w, be, segs, n, s, emit, bucket_end - n);
+      be.matmul(s.normed + (n - 1) * H, 1, *w.embed, s.logits);
       bool again = false;
       GEMMA3_ASSIGN_OR_RETURN(step, be.end_recording(&again));
       if (!again) break;
@@ -213,7 +255,7 @@ Status forward(const ModelConfig& c, const BackendModel& w, Backend& be, const K
       return be.status();
     }
   }
-  layers(req.pos0, false);
+  run_layers(c, w, be, segs, n, s, emit, -1);
 
   // The tied LM head, for the rows whose logits are wanted (s.normed holds every row's final norm).
   const int first = req.all_logits ? 0 : n - 1, rows = n - first;
@@ -225,6 +267,45 @@ Status forward(const ModelConfig& c, const BackendModel& w, Backend& be, const K
       be.to_host(s.logits, logits_host + static_cast<int64_t>(r) * c.vocab_size,
                  static_cast<uint64_t>(m) * c.vocab_size * sizeof(float));
   }
+  return be.status();
+}
+
+Status forward_batch(const ModelConfig& c, const BackendModel& w, Backend& be,
+                     std::span<const ForwardSeq> seqs, ForwardScratch& s, float* logits_host) {
+  if (seqs.empty()) return ok_status();
+  if (static_cast<int>(seqs.size()) > s.logit_rows())
+    return internal_error(fmt::format("forward_batch: {} sequences, but the scratch holds logits for {}",
+                                      seqs.size(), s.logit_rows()));
+  std::vector<Segment> segs;
+  segs.reserve(seqs.size());
+  int n = 0;
+  for (const ForwardSeq& q : seqs) {
+    segs.push_back({&q.kv, n, q.n, q.pos0, q.kv_start, q.bidir_begin, q.bidir_end, q.ids, q.embeddings});
+    GEMMA3_TRY(check_segment(c, segs.back()));
+    n += q.n;
+  }
+  if (n > s.chunk())
+    return internal_error(fmt::format("forward_batch: {} tokens, but the scratch holds {}", n, s.chunk()));
+  embed_rows(c, w, be, segs, s);
+  run_layers(
+      c, w, be, segs, n, s, [](int, const char*, const float*, int64_t) {}, -1);
+
+  // The LM head over each run of wanted rows that are adjacent in the step and in s.logits (a
+  // decode step: one run over every sequence).
+  const int64_t H = c.hidden, V = c.vocab_size;
+  for (size_t i = 0; i < seqs.size();) {
+    if (!seqs[i].want_logits) {
+      ++i;
+      continue;
+    }
+    size_t j = i + 1;
+    while (j < seqs.size() && seqs[j].want_logits && seqs[j].n == 1) ++j;
+    const int last_row = segs[i].off + segs[i].n - 1;
+    be.matmul(s.normed + last_row * H, static_cast<int>(j - i), *w.embed,
+              s.logits + static_cast<int64_t>(i) * V);
+    i = j;
+  }
+  if (logits_host) be.to_host(s.logits, logits_host, seqs.size() * static_cast<uint64_t>(V) * sizeof(float));
   return be.status();
 }
 

@@ -48,8 +48,12 @@ class ForwardScratch {
   ~ForwardScratch();
   ForwardScratch(const ForwardScratch&) = delete;
   ForwardScratch& operator=(const ForwardScratch&) = delete;
-  Status allocate(const ModelConfig& c, int chunk);
+  // logit_rows: rows of `logits`; at least min(chunk, kLogitRows), and a batched step
+  // (forward_batch) needs one per sequence.
+  Status allocate(const ModelConfig& c, int chunk, int logit_rows = 0);
   uint64_t bytes() const { return bytes_; }
+  int chunk() const { return chunk_; }
+  int logit_rows() const { return logit_rows_; }
 
   float* x = nullptr;                    // [chunk, H] residual stream
   float* a = nullptr;                    // [chunk, H] branch output
@@ -60,8 +64,8 @@ class ForwardScratch {
   float* attn = nullptr;                 // [chunk, nH*hd]
   float* gate = nullptr;                 // [chunk, I]
   float* up = nullptr;                   // [chunk, I]
-  static constexpr int kLogitRows = 16;  // LM head rows computed per step
-  float* logits = nullptr;               // [min(chunk, kLogitRows), V]
+  static constexpr int kLogitRows = 16;  // LM head rows computed per matmul
+  float* logits = nullptr;               // [logit_rows(), V]
 
   // Recorded steps (Backend::begin_recording) over these buffers and one cache, by (the cache's
   // layers, step tokens, end of the position bucket, kv_start); forward() makes and replays
@@ -72,6 +76,7 @@ class ForwardScratch {
   Backend& backend_;
   std::vector<void*> owned_;
   uint64_t bytes_ = 0;
+  int chunk_ = 0, logit_rows_ = 0;
 };
 
 using ActivationHook = std::function<void(int layer, const std::string& name, const float* data, int64_t n)>;
@@ -98,6 +103,34 @@ struct ForwardRequest {
 // !all_logits) until the next forward with s, and nothing is copied back.
 Status forward(const ModelConfig& c, const BackendModel& w, Backend& backend, const KvView& kv,
                ForwardScratch& s, const ForwardRequest& req, float* logits_host, const ActivationHook* hook);
+
+// One sequence's tokens in a batched step (forward_batch): its KV memory, its positions and,
+// for an image, its embeddings and bidirectional group (as ForwardRequest).
+struct ForwardSeq {
+  KvView kv;
+  const int32_t* ids = nullptr;  // host, [n]
+  int n = 0;
+  int pos0 = 0;
+  int kv_start = 0;
+  const float* embeddings = nullptr;
+  int bidir_begin = 0;
+  int bidir_end = 0;
+  bool want_logits = true;  // the logits of its last token (decode; the end of a prompt)
+};
+
+// One step over the tokens of several sequences, each with its own KV memory and positions:
+// the sequences' tokens are stacked (sequence i's rows after those of 0..i-1; at most s.chunk()
+// in all) and every matmul, norm and GeGLU runs over all of them at once, so the weights are
+// read once per step whatever the number of sequences; QK-norm + RoPE + the cache write and
+// attention run per sequence (docs/architecture.md §7, "Batched steps"). The logits of
+// sequence i's last token (when want_logits; at most s.logit_rows() sequences) are left in
+// s.logits row i (backend memory) until the next forward with s, and copied to
+// logits_host [seqs.size(), V] when it is given. A row depends only on its own sequence,
+// never on the others in the step, up to the backend's choice of kernel by the step's token
+// count (the fast CPU backend's int8 decode path below 16 tokens; none with
+// BackendOptions::batch_invariant). Steps of several sequences are not recorded.
+Status forward_batch(const ModelConfig& c, const BackendModel& w, Backend& backend,
+                     std::span<const ForwardSeq> seqs, ForwardScratch& s, float* logits_host);
 
 // bf16(sqrt(H)): the embedding scale is rounded to the checkpoints' dtype before the multiply
 // (HF Gemma3TextScaledWordEmbedding, gemma.cpp EmbeddingScaling; docs/architecture.md §2.1).
