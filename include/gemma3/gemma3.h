@@ -18,8 +18,9 @@
 //     one model may be used from different threads at once: each computes exactly what it
 //     would alone. They share the model's backend, which runs one forward step (a prefill
 //     chunk, a decode token, an image encode) at a time, so N busy sessions each run at about
-//     1/N of the speed (batched decoding of many sequences is a later design). A session keeps
-//     its model alive; the Model may be released while sessions still run.
+//     1/N of the speed; to serve many requests, use an Engine (gemma3/engine.h), which decodes
+//     them together. A session keeps its model alive; the Model may be released while sessions
+//     still run.
 //   - Session: one thread at a time. Its methods are not synchronized: calling two of them
 //     concurrently on one session is a data race. Handing a session from one thread to another
 //     (with the usual happens-before, e.g. a mutex or a join) is fine.

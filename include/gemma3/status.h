@@ -21,6 +21,7 @@ enum class ErrorCode {
   kOutOfMemory,      // allocation or memory plan failed
   kCancelled,        // user stopped generation
   kInternal,         // a bug: an invariant did not hold
+  kUnavailable,      // busy now (a full queue): the same call may succeed later
 };
 
 const char* error_code_name(ErrorCode code);
@@ -54,6 +55,7 @@ Status out_of_range(std::string message);
 Status out_of_memory(std::string message);
 Status cancelled(std::string message);
 Status internal_error(std::string message);
+Status unavailable(std::string message);
 
 // What Result::value() (and * and ->) throws when the Result holds an error. Calling it then is
 // a bug in the caller; what() names the Status, as absl's BadStatusOrAccess does, instead of

@@ -13,6 +13,7 @@ const char* error_code_name(ErrorCode code) {
     case ErrorCode::kOutOfMemory: return "out of memory";
     case ErrorCode::kCancelled: return "cancelled";
     case ErrorCode::kInternal: return "internal error";
+    case ErrorCode::kUnavailable: return "unavailable";
   }
   return "unknown error";
 }
@@ -35,5 +36,6 @@ Status out_of_range(std::string m) { return {ErrorCode::kOutOfRange, std::move(m
 Status out_of_memory(std::string m) { return {ErrorCode::kOutOfMemory, std::move(m)}; }
 Status cancelled(std::string m) { return {ErrorCode::kCancelled, std::move(m)}; }
 Status internal_error(std::string m) { return {ErrorCode::kInternal, std::move(m)}; }
+Status unavailable(std::string m) { return {ErrorCode::kUnavailable, std::move(m)}; }
 
 }  // namespace gemma3

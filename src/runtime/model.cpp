@@ -18,7 +18,9 @@
 #include "image/image.h"
 #include "model/forward.h"
 #include "model/vision.h"
+#include "runtime/engine.h"
 #include "runtime/memory_plan.h"
+#include "runtime/token_stream.h"
 #include "text/chat_template.h"
 
 namespace gemma3 {
@@ -732,81 +734,11 @@ Status SessionImpl::feed_chat(const std::vector<ChatMessage>& messages) {
   return ok_status();
 }
 
-// The log-softmax of a logits row of n ids: logprob(id) = l[id] - max - log(sum exp(l - max)),
-// in double; NaN counts as -inf (as the sampler treats it), and a row without a finite logit
-// gives -inf everywhere.
-class LogSoftmax {
- public:
-  LogSoftmax(const float* logits, int n) : l_(logits), n_(n) {
-    double mx = -INFINITY;
-    for (int i = 0; i < n; ++i)
-      if (!std::isnan(l_[i])) mx = std::max(mx, double(l_[i]));
-    double sum = 0;
-    if (std::isfinite(mx))
-      for (int i = 0; i < n; ++i)
-        if (!std::isnan(l_[i])) sum += std::exp(double(l_[i]) - mx);
-    shift_ = std::isfinite(mx) ? mx + std::log(sum) : INFINITY;
-  }
-  float operator()(int32_t id) const {
-    const float l = l_[id];
-    return std::isnan(l) || !std::isfinite(shift_) ? -INFINITY : static_cast<float>(double(l) - shift_);
-  }
-  // The k most likely ids, most likely first, ties by lower id (k <= n).
-  std::vector<TokenLogprob> top(int k) const {
-    auto before = [&](int32_t a, int32_t b) {  // a ranks before b
-      const float la = std::isnan(l_[a]) ? -INFINITY : l_[a], lb = std::isnan(l_[b]) ? -INFINITY : l_[b];
-      return la > lb || (la == lb && a < b);
-    };
-    std::vector<int32_t> heap;  // the best k so far, the worst of them at the front
-    for (int32_t i = 0; i < n_ && k > 0; ++i) {
-      if (static_cast<int>(heap.size()) < k) {
-        heap.push_back(i);
-        std::push_heap(heap.begin(), heap.end(), before);
-      } else if (before(i, heap.front())) {
-        std::pop_heap(heap.begin(), heap.end(), before);
-        heap.back() = i;
-        std::push_heap(heap.begin(), heap.end(), before);
-      }
-    }
-    std::sort(heap.begin(), heap.end(), before);
-    std::vector<TokenLogprob> out;
-    for (int32_t id : heap) out.push_back({id, (*this)(id)});
-    return out;
-  }
-
- private:
-  const float* l_;
-  int n_;
-  double shift_;
-};
-
-// Sampling options in range, named by their field (a NaN temperature would otherwise divide
-// every logit into NaN).
-Status check_sampling(const SamplingOptions& o) {
-  auto bad = [](const char* field, double v, const char* want) {
-    return invalid_argument(fmt::format("SamplingOptions::{} is {}; it must be {}", field, v, want));
-  };
-  if (!(o.temperature >= 0.0f) || std::isinf(o.temperature))
-    return bad("temperature", o.temperature, "a finite number >= 0 (0: greedy)");
-  if (o.top_k < 0) return bad("top_k", o.top_k, ">= 0 (0: off)");
-  if (!(o.top_p > 0.0f && o.top_p <= 1.0f)) return bad("top_p", o.top_p, "in (0, 1] (1: off)");
-  if (!(o.min_p >= 0.0f && o.min_p <= 1.0f)) return bad("min_p", o.min_p, "in [0, 1] (0: off)");
-  if (!(o.repeat_penalty > 0.0f) || std::isinf(o.repeat_penalty))
-    return bad("repeat_penalty", o.repeat_penalty, "a finite number > 0 (1: off)");
-  if (o.repeat_last_n < -1) return bad("repeat_last_n", o.repeat_last_n, ">= -1 (-1: the whole context)");
-  return ok_status();
-}
-
 Result<GenerateResult> SessionImpl::generate(const GenerateOptions& o,
                                              const std::function<bool(const TokenEvent&)>& on_token) {
   if (tokens_.empty()) return invalid_argument("generate: the context is empty; feed a prompt first");
-  GEMMA3_TRY(check_sampling(o.sampling));
-  if (o.top_logprobs < 0 || o.top_logprobs > kMaxTopLogprobs)
-    return invalid_argument(fmt::format("GenerateOptions::top_logprobs is {}; it must be in [0, {}]",
-                                        o.top_logprobs, kMaxTopLogprobs));
-  const bool want_logprobs = o.logprobs || o.top_logprobs > 0;
+  GEMMA3_TRY(check_generate_options(o));
   const ModelConfig& c = model_->ckpt->config();
-  const Tokenizer& tok = model_->tokenizer();
   // Only text ids (ModelImpl::n_text_ids), and never the image delimiters (as the JAX sampler
   // forbids them).
   const int n_allowed = model_->n_text_ids();
@@ -816,34 +748,15 @@ Result<GenerateResult> SessionImpl::generate(const GenerateOptions& o,
   // depend on the backend.
   Backend& be = *model_->backend;
   std::mt19937_64 rng(o.sampling.seed);
-  auto is_stop = [&](int32_t id) {
-    return std::find(c.eos_ids.begin(), c.eos_ids.end(), id) != c.eos_ids.end();
-  };
-
-  // Text is held back while it could still be the start of a stop string (and, with logprobs,
-  // the entries of its tokens, each with the end of its text in `pending`).
-  std::string pending;
-  std::vector<std::pair<size_t, TokenLogprobs>> pending_logprobs;
+  TokenStream stream(o, model_->tokenizer(), std::vector<int32_t>(c.eos_ids.begin(), c.eos_ids.end()),
+                     n_allowed);
   std::vector<float> row;  // the step's logits on the host (logprobs)
-  // Moves the entries of the tokens whose text ends within the first `bytes` of pending into e.
-  auto take_logprobs = [&](size_t bytes, TokenEvent& e) {
-    size_t k = 0;
-    while (k < pending_logprobs.size() && pending_logprobs[k].first <= bytes)
-      e.logprobs.push_back(std::move(pending_logprobs[k++].second));
-    pending_logprobs.erase(pending_logprobs.begin(),
-                           pending_logprobs.begin() + static_cast<std::ptrdiff_t>(k));
-    for (auto& [end, entry] : pending_logprobs) end -= bytes;
-  };
-  size_t longest_stop = 0;
-  for (const auto& s : o.stop_strings) longest_stop = std::max(longest_stop, s.size());
 
   const auto t0 = Clock::now();
   Status error;
-  GenerateResult result;
-  result.finish = FinishReason::kMaxTokens;
   for (int n = 0; o.max_tokens < 0 || n < o.max_tokens; ++n) {
     if (o.cancel && o.cancel->load()) {
-      result.finish = FinishReason::kCancelled;
+      stream.finish(FinishReason::kCancelled);
       break;
     }
     int32_t id = 0;
@@ -852,7 +765,7 @@ Result<GenerateResult> SessionImpl::generate(const GenerateOptions& o,
       // The logits of a feed (or a loaded state) are on the host: upload them once.
       if (!logits_on_device_)
         be.from_host(last_logits_.data(), scratch_.logits, size_t(n_allowed) * sizeof(float));
-      if (want_logprobs) {
+      if (stream.wants_logprobs()) {
         row.resize(static_cast<size_t>(n_allowed));
         be.to_host(scratch_.logits, row.data(), row.size() * sizeof(float));
       }
@@ -860,57 +773,19 @@ Result<GenerateResult> SessionImpl::generate(const GenerateOptions& o,
       error = be.status();
     }
     if (!error.ok()) break;
-    if (is_stop(id)) {
-      result.finish = FinishReason::kStopToken;
-      break;
-    }
-    pending += tok.decode(id);
-    if (want_logprobs) {
-      const LogSoftmax lp(row.data(), n_allowed);
-      pending_logprobs.push_back({pending.size(), TokenLogprobs{id, lp(id), lp.top(o.top_logprobs)}});
-    }
-    bool stop = false;
-    size_t emit = pending.size();
-    for (const auto& s : o.stop_strings) {
-      if (s.empty()) continue;
-      size_t at = pending.find(s);
-      if (at != std::string::npos) {
-        stop = true;
-        emit = std::min(emit, at);
-      }
-    }
-    if (!stop && longest_stop > 0)
-      emit = pending.size() > longest_stop - 1 ? pending.size() - (longest_stop - 1) : 0;
-    bool keep_going = true;
-    if (emit > 0) {
-      TokenEvent e{id, pending.substr(0, emit), {}};
-      take_logprobs(emit, e);
-      keep_going = on_token(e);
-    }
-    pending.erase(0, stop ? pending.size() : emit);  // the stop string and what follows it: dropped
-    if (stop) pending_logprobs.clear();
-    ++stats_.generated_tokens;
-    ++result.tokens;
-    if (stop || !keep_going) {
-      result.finish = stop ? FinishReason::kStopString : FinishReason::kCallback;
-      break;
-    }
+    if (!stream.accept(id, row.data(), on_token)) break;
     if (tokens_.size() >= static_cast<size_t>(cache_.plan().context)) {
-      result.finish = FinishReason::kContextFull;
+      stream.finish(FinishReason::kContextFull);
       break;
     }
     error = run_pieces({Piece{{id}, nullptr}}, false, /*logits_to_host=*/false);
     if (!error.ok()) break;
   }
-  // Held-back text that did not become a stop string is the reply's end.
-  if (error.ok() && !pending.empty() && result.finish != FinishReason::kCallback) {
-    TokenEvent e{-1, pending, {}};
-    take_logprobs(pending.size(), e);
-    on_token(e);
-  }
+  stats_.generated_tokens += stream.result().tokens;
   stats_.decode_seconds += seconds_since(t0);
   if (!error.ok()) return error;
-  return result;
+  stream.flush(on_token);
+  return stream.result();
 }
 
 Result<std::vector<float>> SessionImpl::score(const std::vector<int32_t>& continuation) {
@@ -1020,6 +895,25 @@ Result<Session::PromptCacheUse> Session::feed_tokens_with_state_file(const std::
 }
 
 // Here rather than in tokenizer.cpp: reading a checkpoint (weights.h) builds on the tokenizer.
+Result<std::unique_ptr<Engine>> Engine::create(std::shared_ptr<Model> model, const EngineOptions& options) {
+  return api_guard("Engine::create", [&]() -> Result<std::unique_ptr<Engine>> {
+    auto* m = dynamic_cast<ModelImpl*>(model.get());
+    if (!m) return invalid_argument("Engine::create: no model (load one with Model::load)");
+    EngineHost h;
+    h.config = &m->ckpt->config();
+    h.weights = &m->weights;
+    h.backend = m->backend.get();
+    h.backend_mutex = &m->backend_mutex;
+    h.tokenizer = &m->tokenizer();
+    h.n_text_ids = m->n_text_ids();
+    h.context = m->context;
+    h.prefill_chunk = m->options.prefill_chunk;
+    h.kv_dtype = kv_dtype(m->options.kv_type);
+    h.owner = std::move(model);
+    return make_engine(std::move(h), options);
+  });
+}
+
 Result<Tokenizer> Tokenizer::from_checkpoint(const std::string& path) {
   return api_guard("Tokenizer::from_checkpoint", [&]() -> Result<Tokenizer> {
     GEMMA3_ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> ckpt, Checkpoint::open(path));

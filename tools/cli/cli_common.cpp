@@ -28,7 +28,8 @@ int exit_code_for(ErrorCode code) {
     case ErrorCode::kInvalidFile:
     case ErrorCode::kUnsupported: return kExitBadInput;
     case ErrorCode::kOutOfRange:
-    case ErrorCode::kOutOfMemory: return kExitResource;
+    case ErrorCode::kOutOfMemory:
+    case ErrorCode::kUnavailable: return kExitResource;
     case ErrorCode::kCancelled: return kExitInterrupted;
     case ErrorCode::kInternal: return kExitInternal;
   }

@@ -1,0 +1,101 @@
+// Many requests at once on one model: an Engine decodes several sequences in each forward step
+// (continuous batching with chunked prefill, docs/batching.md), so N requests share one read of
+// the weights per generated token instead of N.
+//
+// Example (a function body):
+//   auto model = gemma3::Model::load("gemma-3-270m-q4_k_m.gguf", {});
+//   if (!model.ok()) return report(model.status());
+//   auto engine = gemma3::Engine::create(*model, {.max_sequences = 8});
+//   if (!engine.ok()) return report(engine.status());
+//   gemma3::EngineRequest r;
+//   r.messages = {{"user", "Hello"}};
+//   auto done = (*engine)->generate(r, [](const gemma3::TokenEvent& e) { print(e.text); return true; });
+//   return report(done.status());  // as Session::generate; call generate from many threads at once
+//
+// Threads: submit, cancel, generate and stats may be called from any thread, concurrently.
+// The engine runs its steps on a thread of its own, which calls every request's on_token and
+// on_done; a callback may call submit and cancel, but must not call generate or destroy the
+// engine. Destroying the engine cancels what is still queued or running (on_done gets
+// FinishReason::kCancelled) and waits for its thread.
+//
+// Results: a request's tokens are what Session::generate gives for the same prompt and options
+// (same sampler, same per-request seed, same stop rules and finish reasons). Greedy outputs do
+// not depend on the other requests in a step when the model was loaded with
+// LoadOptions::batch_invariant; by default the fast CPU backend's kernel choice depends on a
+// step's token count (int8 activations below 16 tokens, fp32 from 16), so a token's logits
+// can differ from a lone run's within that bound (docs/batching.md).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "gemma3/gemma3.h"
+#include "gemma3/status.h"
+
+namespace gemma3 {
+
+struct EngineOptions {
+  // Sequences decoded together. Each holds KV memory for `context` tokens, reserved when the
+  // engine is made (MemoryReport per sequence: Model::memory_plan() with this context).
+  int max_sequences = 8;
+  // Tokens a sequence can hold (prompt and reply); 0: the model's context (LoadOptions::context).
+  int context = 0;
+  // The most tokens one step runs: one per decoding sequence, the rest prefill chunks of
+  // waiting prompts; 0: the model's prefill chunk (LoadOptions::prefill_chunk), and at least
+  // max_sequences.
+  int step_tokens = 0;
+  // Requests waiting for a free sequence, at most; submit returns kUnavailable beyond.
+  int max_queued = 1024;
+};
+
+// One request. The prompt is exactly one of tokens, text and messages.
+struct EngineRequest {
+  std::vector<int32_t> tokens;        // ids, <bos> first (as Session::feed_tokens)
+  std::string text;                   // completed raw: <bos> + text (as Session::feed_text)
+  std::vector<ChatMessage> messages;  // the chat template with the generation prompt (as feed_chat;
+                                      // text only: images are not supported by the engine yet)
+  GenerateOptions options;            // max_tokens, sampling (with its seed), stop strings, logprobs,
+                                      // cancel (checked before each step)
+};
+
+struct EngineStats {
+  int running = 0;                  // sequences holding a request (prefilling or decoding)
+  int queued = 0;                   // requests waiting for a sequence
+  int max_sequences = 0;            // EngineOptions::max_sequences
+  uint64_t steps = 0;               // forward steps run
+  uint64_t prompt_tokens = 0;       // prompt tokens prefilled
+  uint64_t generated_tokens = 0;    // tokens generated (as GenerateResult::tokens)
+  uint64_t finished = 0;            // requests finished (any reason, errors included)
+  uint64_t kv_bytes = 0;            // KV memory reserved for all sequences
+  uint64_t kv_used_tokens = 0;      // positions held by running sequences now
+  uint64_t kv_capacity_tokens = 0;  // max_sequences * context
+};
+
+class Engine {
+ public:
+  using OnToken = std::function<bool(const TokenEvent&)>;
+  using OnDone = std::function<void(const Result<GenerateResult>&)>;
+
+  virtual ~Engine() = default;
+  static Result<std::unique_ptr<Engine>> create(std::shared_ptr<Model> model, const EngineOptions& options);
+
+  // Queues a request and returns its id. on_token gets its text as Session::generate's
+  // callback does (returning false finishes it with kCallback); on_done gets the result or the
+  // error, exactly once. Errors here (nothing is queued, no callback runs): an empty or
+  // ambiguous prompt, bad options (the fields as Session::generate names them), a prompt that
+  // can never fit a sequence's context (kOutOfRange), a full queue (kUnavailable).
+  virtual Result<uint64_t> submit(EngineRequest request, OnToken on_token, OnDone on_done) = 0;
+  // Finishes a queued or running request with FinishReason::kCancelled before its next step
+  // (its sequence is then free for the next request); the others in the step go on untouched.
+  // Unknown or finished ids: nothing happens.
+  virtual void cancel(uint64_t id) = 0;
+  virtual EngineStats stats() const = 0;
+
+  // submit, then waits for on_done and returns its result. on_token runs on the engine's thread.
+  Result<GenerateResult> generate(EngineRequest request, const OnToken& on_token);
+};
+
+}  // namespace gemma3

@@ -1,0 +1,423 @@
+// Continuous batching (docs/batching.md): a step thread admits queued requests into free
+// sequences and runs one forward_batch per step over one token of every decoding sequence plus
+// prefill chunks of the others, up to EngineOptions::step_tokens; then samples each sequence
+// whose last token's logits came out and passes the ids through that request's TokenStream.
+#include "runtime/engine.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <condition_variable>
+#include <deque>
+#include <exception>
+#include <future>
+#include <random>
+#include <thread>
+#include <unordered_set>
+
+#include "core/api_guard.h"
+#include "runtime/kv_cache.h"
+#include "runtime/token_stream.h"
+
+namespace gemma3 {
+namespace {
+
+struct Job {
+  uint64_t id = 0;
+  std::vector<int32_t> prompt;
+  GenerateOptions options;
+  Engine::OnToken on_token;
+  Engine::OnDone on_done;
+};
+
+// One sequence: its KV memory and, while it holds a request, that request's progress.
+struct Slot {
+  std::unique_ptr<KvCache> cache;
+  std::unique_ptr<Job> job;     // null: free
+  std::vector<int32_t> tokens;  // the positions in the KV memory, in order
+  size_t prefilled = 0;         // prompt tokens run so far
+  int32_t next = -1;            // the sampled token the next step feeds (decoding)
+  std::unique_ptr<TokenStream> stream;
+  std::mt19937_64 rng;
+  Status error;  // a callback threw
+};
+
+class EngineImpl final : public Engine {
+ public:
+  EngineImpl(EngineHost host, const EngineOptions& o, KvPlan plan)
+      : h_(std::move(host)),
+        o_(o),
+        plan_(std::move(plan)),
+        scratch_(std::make_unique<ForwardScratch>(*h_.backend)) {}
+
+  ~EngineImpl() override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    if (thread_.joinable()) thread_.join();
+    // KV memory and scratch go back to the backend under the model's lock (sessions may run).
+    std::lock_guard<std::mutex> lock(*h_.backend_mutex);
+    slots_.clear();
+    scratch_.reset();
+  }
+
+  Status init() {
+    {
+      std::lock_guard<std::mutex> lock(*h_.backend_mutex);
+      slots_.resize(o_.max_sequences);
+      for (Slot& s : slots_) {
+        s.cache = std::make_unique<KvCache>(*h_.backend, plan_);
+        GEMMA3_TRY(s.cache->allocate(*h_.config).with_context("engine KV memory"));
+        stats_.kv_bytes += s.cache->allocated_bytes();
+      }
+      GEMMA3_TRY(scratch_->allocate(*h_.config, o_.step_tokens, o_.max_sequences));
+    }
+    stats_.max_sequences = o_.max_sequences;
+    stats_.kv_capacity_tokens = uint64_t(o_.max_sequences) * plan_.context;
+    thread_ = std::thread([this] { loop(); });
+    return ok_status();
+  }
+
+  Result<uint64_t> submit(EngineRequest r, OnToken on_token, OnDone on_done) override {
+    return api_guard("Engine::submit", [&]() -> Result<uint64_t> {
+      if (!on_token || !on_done) return invalid_argument("Engine::submit: on_token and on_done are required");
+      GEMMA3_TRY(check_generate_options(r.options));
+      auto job = std::make_unique<Job>();
+      GEMMA3_ASSIGN_OR_RETURN(job->prompt, prompt_ids(r));
+      if (job->prompt.size() > static_cast<size_t>(plan_.context))
+        return out_of_range(
+            fmt::format("the prompt is {} tokens, but a sequence holds at most {} (EngineOptions::context)",
+                        job->prompt.size(), plan_.context));
+      job->options = std::move(r.options);
+      job->on_token = std::move(on_token);
+      job->on_done = std::move(on_done);
+      std::lock_guard<std::mutex> lock(mu_);
+      if (stop_) return unavailable("the engine is shutting down");
+      if (static_cast<int>(queue_.size()) >= o_.max_queued)
+        return unavailable(fmt::format("{} requests are queued (EngineOptions::max_queued); try again later",
+                                       queue_.size()));
+      job->id = next_id_++;
+      const uint64_t id = job->id;
+      queue_.push_back(std::move(job));
+      stats_.queued = static_cast<int>(queue_.size());
+      cv_.notify_all();
+      return id;
+    });
+  }
+
+  void cancel(uint64_t id) override {
+    try {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (id > 0 && id < next_id_) cancel_ids_.insert(id);
+      cv_.notify_all();
+    } catch (...) {  // a failed insert (no memory) cancels nothing; nothing leaves the API
+    }
+  }
+
+  EngineStats stats() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return stats_;
+  }
+
+ private:
+  Result<std::vector<int32_t>> prompt_ids(const EngineRequest& r) const {
+    const int given = !r.tokens.empty() + !r.text.empty() + !r.messages.empty();
+    if (given != 1)
+      return invalid_argument(
+          fmt::format("EngineRequest: give exactly one of tokens, text and messages (got {})",
+                      given == 0 ? "none" : "several"));
+    const Tokenizer& tok = *h_.tokenizer;
+    if (!r.tokens.empty()) {
+      for (size_t i = 0; i < r.tokens.size(); ++i)
+        if (r.tokens[i] < 0 || r.tokens[i] >= h_.config->vocab_size)
+          return invalid_argument(
+              fmt::format("EngineRequest::tokens[{}] is id {}, outside the vocabulary [0, {})", i,
+                          r.tokens[i], h_.config->vocab_size));
+      return r.tokens;
+    }
+    if (!r.text.empty()) {
+      GEMMA3_ASSIGN_OR_RETURN(std::vector<int32_t> ids, tok.encode(r.text));
+      ids.insert(ids.begin(), tok.bos_id());
+      return ids;
+    }
+    for (const ChatMessage& m : r.messages)
+      if (!m.images.empty())
+        return unsupported(
+            "EngineRequest::messages: images are not supported by the engine yet; use a Session");
+    return render_chat(tok, r.messages, /*add_bos=*/true, /*add_generation_prompt=*/true);
+  }
+
+  // Calls the request's on_token; an exception from it finishes the request with an error.
+  bool emit(Slot& s, const TokenEvent& e) {
+    try {
+      return s.job->on_token(e);
+    } catch (const std::exception& ex) {
+      s.error = internal_error(fmt::format("Engine: on_token threw: {}", ex.what()));
+    } catch (...) {
+      s.error = internal_error("Engine: on_token threw");
+    }
+    return false;
+  }
+
+  // Ends the slot's request: flushes held-back text (not after an error), calls on_done, frees it.
+  void finish(Slot& s, Status error = ok_status()) {
+    if (error.ok()) error = s.error;
+    if (error.ok() && s.stream) s.stream->flush([&](const TokenEvent& e) { return emit(s, e); });
+    if (error.ok()) error = s.error;
+    const Result<GenerateResult> result =
+        error.ok() ? Result<GenerateResult>(s.stream ? s.stream->result() : GenerateResult{})
+                   : Result<GenerateResult>(error);
+    try {
+      s.job->on_done(result);
+    } catch (...) {  // on_done must not throw (engine.h); nothing to report it to
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (result.ok()) stats_.generated_tokens += result->tokens;
+      ++stats_.finished;
+      cancel_ids_.erase(s.job->id);
+    }
+    s.job.reset();
+    s.stream.reset();
+    s.tokens.clear();
+  }
+
+  static GenerateResult cancelled_result() {
+    GenerateResult r;
+    r.finish = FinishReason::kCancelled;
+    return r;
+  }
+
+  void loop() {
+    while (true) {
+      std::vector<std::unique_ptr<Job>> dropped;  // cancelled while queued
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return stop_ || !queue_.empty() || running_ > 0; });
+        if (stop_) break;
+        for (auto it = queue_.begin(); it != queue_.end();) {
+          if (cancel_ids_.count((*it)->id) || ((*it)->options.cancel && (*it)->options.cancel->load())) {
+            cancel_ids_.erase((*it)->id);
+            dropped.push_back(std::move(*it));
+            it = queue_.erase(it);
+          } else {
+            ++it;
+          }
+        }
+        for (Slot& s : slots_) {
+          if (s.job || queue_.empty()) continue;
+          s.job = std::move(queue_.front());
+          queue_.pop_front();
+          s.prefilled = 0;
+          s.next = -1;
+          s.error = ok_status();
+          s.rng.seed(s.job->options.sampling.seed);
+          s.stream = std::make_unique<TokenStream>(
+              s.job->options, *h_.tokenizer,
+              std::vector<int32_t>(h_.config->eos_ids.begin(), h_.config->eos_ids.end()), h_.n_text_ids);
+          ++running_;
+        }
+        stats_.queued = static_cast<int>(queue_.size());
+        stats_.running = running_;
+        for (Slot& s : slots_)
+          if (s.job && cancel_ids_.count(s.job->id)) s.stream->finish(FinishReason::kCancelled);
+      }
+      for (auto& job : dropped) {
+        try {
+          job->on_done(cancelled_result());
+        } catch (...) {
+        }
+        std::lock_guard<std::mutex> lock(mu_);
+        ++stats_.finished;
+      }
+      step();
+    }
+    // Shutting down: everything still queued or running is cancelled.
+    std::deque<std::unique_ptr<Job>> queued;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      queued.swap(queue_);
+    }
+    for (Slot& s : slots_)
+      if (s.job) {
+        s.stream->finish(FinishReason::kCancelled);
+        finish(s);
+      }
+    for (auto& job : queued) {
+      try {
+        job->on_done(cancelled_result());
+      } catch (...) {
+      }
+    }
+  }
+
+  // One forward step over the running sequences, then their sampling and callbacks.
+  void step() {
+    const ModelConfig& c = *h_.config;
+    // Requests finished before the step: cancelled (by cancel() or their flag) or asking for no tokens.
+    for (Slot& s : slots_) {
+      if (!s.job) continue;
+      const GenerateOptions& go = s.job->options;
+      if (go.cancel && go.cancel->load()) s.stream->finish(FinishReason::kCancelled);
+      if (s.stream->result().finish == FinishReason::kCancelled) {
+        finish(s);
+        --running_;
+      }
+    }
+    std::vector<ForwardSeq> seqs;
+    std::vector<Slot*> who;
+    int budget = o_.step_tokens;
+    for (Slot& s : slots_) {  // one token for each decoding sequence
+      if (!s.job || s.next < 0) continue;
+      ForwardSeq q;
+      q.kv = s.cache->view();
+      q.ids = &s.next;
+      q.n = 1;
+      q.pos0 = static_cast<int>(s.tokens.size());
+      seqs.push_back(q);
+      who.push_back(&s);
+      --budget;
+    }
+    for (Slot& s : slots_) {  // prefill chunks with what is left
+      if (!s.job || s.next >= 0 || budget <= 0) continue;
+      const int left = static_cast<int>(s.job->prompt.size() - s.prefilled);
+      const int n = std::min({left, budget, plan_.chunk});
+      ForwardSeq q;
+      q.kv = s.cache->view();
+      q.ids = s.job->prompt.data() + s.prefilled;
+      q.n = n;
+      q.pos0 = static_cast<int>(s.tokens.size());
+      q.want_logits = n == left;
+      seqs.push_back(q);
+      who.push_back(&s);
+      budget -= n;
+    }
+    if (seqs.empty()) return;
+
+    // The step and every sampling under the backend lock; callbacks after it.
+    const int V = c.vocab_size, n_allowed = h_.n_text_ids;
+    const std::vector<int32_t> banned = {c.boi_id, c.eoi_id};
+    std::vector<int32_t> ids(seqs.size(), -1);
+    std::vector<std::vector<float>> rows(seqs.size());
+    Status error;
+    {
+      std::lock_guard<std::mutex> lock(*h_.backend_mutex);
+      error = forward_batch(c, *h_.weights, *h_.backend, seqs, *scratch_, nullptr);
+      for (size_t i = 0; i < seqs.size() && error.ok(); ++i) {
+        Slot& s = *who[i];
+        s.tokens.insert(s.tokens.end(), seqs[i].ids, seqs[i].ids + seqs[i].n);
+        if (s.next < 0) s.prefilled += seqs[i].n;
+        if (!seqs[i].want_logits || s.job->options.max_tokens == 0) continue;
+        const float* logits = scratch_->logits + static_cast<int64_t>(i) * V;
+        if (s.stream->wants_logprobs()) {
+          rows[i].resize(n_allowed);
+          h_.backend->to_host(logits, rows[i].data(), rows[i].size() * sizeof(float));
+        }
+        ids[i] = h_.backend->sample(logits, n_allowed, s.job->options.sampling, banned, s.tokens, s.rng);
+      }
+      if (error.ok()) error = h_.backend->status();
+    }
+    uint64_t prompt_tokens = 0;
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      Slot& s = *who[i];
+      if (s.next < 0) prompt_tokens += seqs[i].n;
+      if (!error.ok()) {
+        finish(s, error);
+        --running_;
+        continue;
+      }
+      if (!seqs[i].want_logits) continue;
+      if (s.job->options.max_tokens == 0) {  // the prompt only (as Session::generate with max_tokens 0)
+        s.stream->finish(FinishReason::kMaxTokens);
+        finish(s);
+        --running_;
+        continue;
+      }
+      const bool more =
+          s.stream->accept(ids[i], rows[i].data(), [&](const TokenEvent& e) { return emit(s, e); });
+      const int max = s.job->options.max_tokens;
+      if (more && max >= 0 && s.stream->result().tokens >= max) {
+        s.stream->finish(FinishReason::kMaxTokens);
+      } else if (more && s.tokens.size() >= static_cast<size_t>(plan_.context)) {
+        s.stream->finish(FinishReason::kContextFull);
+      } else if (more) {
+        s.next = ids[i];
+        continue;
+      }
+      finish(s);
+      --running_;
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    ++stats_.steps;
+    stats_.prompt_tokens += prompt_tokens;
+    stats_.running = running_;
+    uint64_t used = 0;
+    for (const Slot& s : slots_) used += s.job ? s.tokens.size() : 0;
+    stats_.kv_used_tokens = used;
+  }
+
+  EngineHost h_;
+  const EngineOptions o_;
+  const KvPlan plan_;
+  std::vector<Slot> slots_;  // the engine thread's (and init's, before it starts)
+  std::unique_ptr<ForwardScratch> scratch_;
+  int running_ = 0;  // slots holding a request (engine thread)
+
+  mutable std::mutex mu_;  // guards what follows
+  std::condition_variable cv_;
+  std::deque<std::unique_ptr<Job>> queue_;
+  std::unordered_set<uint64_t> cancel_ids_;
+  uint64_t next_id_ = 1;
+  bool stop_ = false;
+  EngineStats stats_;
+
+  std::thread thread_;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<Engine>> make_engine(EngineHost host, const EngineOptions& options) {
+  EngineOptions o = options;
+  const int max_context = host.config->max_context;
+  if (o.max_sequences < 1 || o.max_sequences > 4096)
+    return invalid_argument(
+        fmt::format("EngineOptions::max_sequences is {}; it must be in [1, 4096]", o.max_sequences));
+  if (o.context < 0 || o.context > max_context)
+    return invalid_argument(
+        fmt::format("EngineOptions::context is {}; it must be in [0, {}] (0: the model's {})", o.context,
+                    max_context, host.context));
+  if (o.step_tokens < 0 || o.step_tokens > 65536)
+    return invalid_argument(
+        fmt::format("EngineOptions::step_tokens is {}; it must be in [0, 65536]", o.step_tokens));
+  if (o.max_queued < 0)
+    return invalid_argument(fmt::format("EngineOptions::max_queued is {}; it must be >= 0", o.max_queued));
+  if (o.context == 0) o.context = host.context;
+  if (o.step_tokens == 0) o.step_tokens = std::max(host.prefill_chunk, o.max_sequences);
+  if (o.step_tokens < o.max_sequences)
+    return invalid_argument(
+        fmt::format("EngineOptions::step_tokens is {}, fewer than max_sequences ({}): every decoding "
+                    "sequence takes one per step",
+                    o.step_tokens, o.max_sequences));
+  // A sequence appends at most this many tokens in one step: its rings hold W + U - 1 slots.
+  const int per_seq = std::min(host.prefill_chunk, o.step_tokens);
+  KvPlan plan = plan_kv(*host.config, o.context, per_seq, host.kv_dtype);
+  auto engine = std::make_unique<EngineImpl>(std::move(host), o, std::move(plan));
+  GEMMA3_TRY(engine->init());
+  return std::unique_ptr<Engine>(std::move(engine));
+}
+
+Result<GenerateResult> Engine::generate(EngineRequest request, const OnToken& on_token) {
+  return api_guard("Engine::generate", [&]() -> Result<GenerateResult> {
+    auto done = std::make_shared<std::promise<Result<GenerateResult>>>();
+    std::future<Result<GenerateResult>> result = done->get_future();
+    GEMMA3_ASSIGN_OR_RETURN(uint64_t id,
+                            submit(std::move(request), on_token,
+                                   [done](const Result<GenerateResult>& r) { done->set_value(r); }));
+    (void)id;
+    return result.get();
+  });
+}
+
+}  // namespace gemma3

@@ -1,0 +1,437 @@
+// The Engine (include/gemma3/engine.h, issue #17): requests decoded together give what a lone
+// Session gives for the same prompt and options (token for token, with batch_invariant, on the
+// tiny model and on the real 270M), whatever else is in the batch; cancellation of one request;
+// requests finishing while others run; many threads submitting at once (also under TSan);
+// a full queue; bad requests; shutdown with work left.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <fstream>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "gemma3/engine.h"
+#include "gemma3/gemma3.h"
+#include "test_util.h"
+
+namespace gemma3 {
+namespace {
+
+std::shared_ptr<Model> load(const std::string& path, int context, bool invariant, int threads = 2) {
+  LoadOptions o;
+  o.backend = BackendKind::kCpu;
+  o.threads = threads;
+  o.context = context;
+  o.batch_invariant = invariant;
+  auto m = Model::load(path, o);
+  EXPECT_TRUE(m.ok()) << m.status().to_string();
+  return m.ok() ? *m : nullptr;
+}
+
+struct Output {
+  Result<GenerateResult> result = Status(ErrorCode::kInternal, "not run");
+  std::string text;
+  std::vector<int32_t> ids;
+  std::vector<TokenLogprobs> logprobs;
+};
+
+Output collect(const std::function<Result<GenerateResult>(const Engine::OnToken&)>& run) {
+  Output out;
+  out.result = run([&](const TokenEvent& e) {
+    out.text += e.text;
+    if (e.id >= 0) out.ids.push_back(e.id);
+    out.logprobs.insert(out.logprobs.end(), e.logprobs.begin(), e.logprobs.end());
+    return true;
+  });
+  return out;
+}
+
+// What a lone session gives for the request.
+Output reference(Model& m, const EngineRequest& r) {
+  auto s = m.new_session().value();
+  Status st = !r.tokens.empty() ? s->feed_tokens(r.tokens)
+              : !r.text.empty() ? s->feed_text(r.text)
+                                : s->feed_chat(r.messages);
+  EXPECT_TRUE(st.ok()) << st.to_string();
+  return collect([&](const Engine::OnToken& on) { return s->generate(r.options, on); });
+}
+
+void expect_same(const Output& got, const Output& want, const std::string& what) {
+  ASSERT_TRUE(want.result.ok()) << what << ": " << want.result.status().to_string();
+  ASSERT_TRUE(got.result.ok()) << what << ": " << got.result.status().to_string();
+  EXPECT_EQ(got.ids, want.ids) << what;
+  EXPECT_EQ(got.text, want.text) << what;
+  EXPECT_EQ(got.result->finish, want.result->finish) << what;
+  EXPECT_EQ(got.result->tokens, want.result->tokens) << what;
+  ASSERT_EQ(got.logprobs.size(), want.logprobs.size()) << what;
+  for (size_t i = 0; i < got.logprobs.size(); ++i) {
+    EXPECT_EQ(got.logprobs[i].id, want.logprobs[i].id) << what << " entry " << i;
+    EXPECT_EQ(got.logprobs[i].logprob, want.logprobs[i].logprob) << what << " entry " << i;
+    EXPECT_EQ(got.logprobs[i].top.size(), want.logprobs[i].top.size()) << what << " entry " << i;
+  }
+}
+
+// Requests of every kind: prompts shorter and longer than the tiny model's window (8) and
+// prefill chunk, greedy and seeded sampling, stop strings, logprobs, max_tokens 0 and 1.
+std::vector<EngineRequest> mixed_requests(int n) {
+  const char* texts[] = {"Once upon a time",
+                         "The",
+                         "In a hole in the ground there lived a hobbit, not a nasty dirty wet hole",
+                         "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30",
+                         "Hello there, general",
+                         "abc"};
+  std::vector<EngineRequest> rs;
+  for (int i = 0; i < n; ++i) {
+    EngineRequest r;
+    if (i % 5 == 3)
+      r.messages = {{"user", texts[i % 6]}};
+    else if (i % 5 == 4)
+      r.tokens = {2, 10 + i, 20 + i, 30 + i};
+    else
+      r.text = texts[i % 6];
+    r.options.max_tokens = 4 + 7 * (i % 4);
+    if (i % 6 == 1) {
+      r.options.sampling.temperature = 0.9f;
+      r.options.sampling.top_k = 40;
+      r.options.sampling.seed = 100 + i;
+    }
+    if (i % 7 == 2) r.options.stop_strings = {"e", "th"};
+    if (i % 4 == 1) r.options.top_logprobs = 3;
+    if (i == 5) r.options.max_tokens = 0;
+    if (i == 6) r.options.max_tokens = 1;
+    rs.push_back(r);
+  }
+  return rs;
+}
+
+// Submits every request at once, waits for all, returns their outputs in order.
+std::vector<Output> run_all(Engine& e, const std::vector<EngineRequest>& rs) {
+  std::vector<Output> outs(rs.size());
+  std::mutex mu;
+  std::condition_variable cv;
+  size_t done = 0;
+  for (size_t i = 0; i < rs.size(); ++i) {
+    Output* o = &outs[i];
+    auto id = e.submit(
+        rs[i],
+        [o](const TokenEvent& ev) {
+          o->text += ev.text;
+          if (ev.id >= 0) o->ids.push_back(ev.id);
+          o->logprobs.insert(o->logprobs.end(), ev.logprobs.begin(), ev.logprobs.end());
+          return true;
+        },
+        [&, o](const Result<GenerateResult>& r) {
+          std::lock_guard<std::mutex> lock(mu);
+          o->result = r;
+          ++done;
+          cv.notify_all();
+        });
+    EXPECT_TRUE(id.ok()) << id.status().to_string();
+    if (!id.ok()) {
+      std::lock_guard<std::mutex> lock(mu);
+      ++done;
+    }
+  }
+  std::unique_lock<std::mutex> lock(mu);
+  cv.wait(lock, [&] { return done == rs.size(); });
+  return outs;
+}
+
+TEST(Engine, BatchedGreedyAndSeededOutputsEqualLoneSessions) {
+  auto m = load(testutil::data_path("tiny"), 128, /*invariant=*/true);
+  ASSERT_TRUE(m);
+  const auto rs = mixed_requests(11);
+  // 4 sequences for 11 requests: requests wait, join running batches, finish at different steps;
+  // a 12-token step budget splits prompts into chunks beside decode tokens.
+  EngineOptions eo;
+  eo.max_sequences = 4;
+  eo.step_tokens = 12;
+  auto e = Engine::create(m, eo);
+  ASSERT_TRUE(e.ok()) << e.status().to_string();
+  const std::vector<Output> got = run_all(**e, rs);
+  for (size_t i = 0; i < rs.size(); ++i)
+    expect_same(got[i], reference(*m, rs[i]), "request " + std::to_string(i));
+  const EngineStats st = (*e)->stats();
+  EXPECT_EQ(st.finished, rs.size());
+  EXPECT_EQ(st.running, 0);
+  EXPECT_EQ(st.queued, 0);
+  EXPECT_GT(st.steps, 0u);
+  EXPECT_EQ(st.kv_used_tokens, 0u);
+  // Fewer steps than the requests' tokens run one at a time: steps were shared.
+  uint64_t tokens = st.prompt_tokens + st.generated_tokens;
+  EXPECT_LT(st.steps, tokens / 2) << "steps " << st.steps << " for " << tokens << " tokens";
+}
+
+TEST(Engine, OneSequenceAndDefaultStepAlsoMatch) {
+  auto m = load(testutil::data_path("tiny"), 128, /*invariant=*/true);
+  ASSERT_TRUE(m);
+  const auto rs = mixed_requests(5);
+  EngineOptions eo;
+  eo.max_sequences = 1;
+  auto e = Engine::create(m, eo);
+  ASSERT_TRUE(e.ok()) << e.status().to_string();
+  const std::vector<Output> got = run_all(**e, rs);
+  for (size_t i = 0; i < rs.size(); ++i)
+    expect_same(got[i], reference(*m, rs[i]), "request " + std::to_string(i));
+}
+
+TEST(Engine, ContextFullFinishesOneSequence) {
+  auto m = load(testutil::data_path("tiny"), 64, /*invariant=*/true);
+  ASSERT_TRUE(m);
+  EngineOptions eo;
+  eo.max_sequences = 2;
+  eo.context = 24;
+  auto e = Engine::create(m, eo);
+  ASSERT_TRUE(e.ok()) << e.status().to_string();
+  EngineRequest full, other;
+  full.text = "Once upon a time";
+  full.options.max_tokens = -1;
+  other.text = "The";
+  other.options.max_tokens = 6;
+  const std::vector<Output> got = run_all(**e, {full, other});
+  ASSERT_TRUE(got[0].result.ok()) << got[0].result.status().to_string();
+  ASSERT_TRUE(got[1].result.ok()) << got[1].result.status().to_string();
+  if (got[0].result->finish != FinishReason::kStopToken) {
+    EXPECT_EQ(got[0].result->finish, FinishReason::kContextFull);
+  }
+  EXPECT_EQ(got[1].result->finish, FinishReason::kMaxTokens);
+  // The same as a lone session of the engine's context.
+  SessionOptions so;
+  so.context = 24;
+  auto s = m->new_session(so).value();
+  ASSERT_TRUE(s->feed_text(full.text).ok());
+  const Output want = collect([&](const Engine::OnToken& on) { return s->generate(full.options, on); });
+  expect_same(got[0], want, "context-full request");
+}
+
+TEST(Engine, CancelInTheMiddleLeavesTheOthersUntouched) {
+  auto m = load(testutil::data_path("tiny"), 128, /*invariant=*/true);
+  ASSERT_TRUE(m);
+  EngineOptions eo;
+  eo.max_sequences = 4;
+  auto e = Engine::create(m, eo);
+  ASSERT_TRUE(e.ok());
+  auto rs = mixed_requests(4);
+  for (auto& r : rs) r.options.max_tokens = 30, r.options.stop_strings.clear();
+  std::atomic<bool> stop{false};
+  rs[1].options.cancel = &stop;
+  std::vector<Output> outs(rs.size());
+  std::mutex mu;
+  std::condition_variable cv;
+  size_t done = 0;
+  std::atomic<uint64_t> cancel_id{0};
+  for (size_t i = 0; i < rs.size(); ++i) {
+    Output* o = &outs[i];
+    auto id = (*e)->submit(
+        rs[i],
+        [&, o, i](const TokenEvent& ev) {
+          o->text += ev.text;
+          if (ev.id >= 0) o->ids.push_back(ev.id);
+          if (i == 1 && o->ids.size() == 3) stop = true;                     // by its flag
+          if (i == 2 && o->ids.size() == 5) (*e)->cancel(cancel_id.load());  // by Engine::cancel
+          return true;
+        },
+        [&, o](const Result<GenerateResult>& r) {
+          std::lock_guard<std::mutex> lock(mu);
+          o->result = r;
+          ++done;
+          cv.notify_all();
+        });
+    ASSERT_TRUE(id.ok());
+    if (i == 2) cancel_id = *id;
+  }
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return done == rs.size(); });
+  }
+  for (size_t i : {size_t{1}, size_t{2}}) {
+    ASSERT_TRUE(outs[i].result.ok()) << outs[i].result.status().to_string();
+    EXPECT_EQ(outs[i].result->finish, FinishReason::kCancelled) << "request " << i;
+  }
+  EXPECT_EQ(outs[1].ids.size(), 3u);
+  // Engine::cancel may land before the step after the 5th token or at the one after it.
+  EXPECT_GE(outs[2].ids.size(), 5u);
+  EXPECT_LE(outs[2].ids.size(), 6u);
+  for (size_t i : {size_t{0}, size_t{3}}) {
+    EngineRequest r = rs[i];
+    expect_same(outs[i], reference(*m, r), "request " + std::to_string(i));
+  }
+}
+
+TEST(Engine, ManyThreadsSubmitAtOnce) {
+  auto m = load(testutil::data_path("tiny"), 128, /*invariant=*/true);
+  ASSERT_TRUE(m);
+  EngineOptions eo;
+  eo.max_sequences = 3;
+  auto e = Engine::create(m, eo);
+  ASSERT_TRUE(e.ok());
+  const auto rs = mixed_requests(8);
+  std::vector<Output> outs(rs.size());
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < rs.size(); ++i)
+    threads.emplace_back([&, i] {
+      outs[i] = collect([&](const Engine::OnToken& on) { return (*e)->generate(rs[i], on); });
+      (void)(*e)->stats();
+    });
+  for (auto& t : threads) t.join();
+  for (size_t i = 0; i < rs.size(); ++i)
+    expect_same(outs[i], reference(*m, rs[i]), "thread " + std::to_string(i));
+}
+
+TEST(Engine, FullQueueIsUnavailableAndShutdownCancelsTheRest) {
+  auto m = load(testutil::data_path("tiny"), 64, /*invariant=*/false, 1);
+  ASSERT_TRUE(m);
+  EngineOptions eo;
+  eo.max_sequences = 1;
+  eo.max_queued = 1;
+  auto e = Engine::create(m, eo);
+  ASSERT_TRUE(e.ok());
+  std::mutex mu;
+  std::condition_variable cv;
+  bool started = false, release = false;
+  std::vector<Result<GenerateResult>> results;
+  auto on_done = [&](const Result<GenerateResult>& r) {
+    std::lock_guard<std::mutex> lock(mu);
+    results.push_back(r);
+  };
+  EngineRequest r;
+  r.text = "Once upon a time";
+  r.options.max_tokens = 50;
+  // The first request holds the only sequence (and the engine's thread) in its callback.
+  ASSERT_TRUE((*e)->submit(
+                      r,
+                      [&](const TokenEvent&) {
+                        std::unique_lock<std::mutex> lock(mu);
+                        started = true;
+                        cv.notify_all();
+                        cv.wait(lock, [&] { return release; });
+                        return true;
+                      },
+                      on_done)
+                  .ok());
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return started; });
+  }
+  auto noop = [](const TokenEvent&) { return true; };
+  ASSERT_TRUE((*e)->submit(r, noop, on_done).ok());  // waits in the queue
+  auto refused = (*e)->submit(r, noop, on_done);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), ErrorCode::kUnavailable);
+  EXPECT_NE(refused.status().message().find("max_queued"), std::string::npos) << refused.status().message();
+  EXPECT_EQ((*e)->stats().queued, 1);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    release = true;
+    cv.notify_all();
+  }
+  e->reset();  // cancels the running and the queued request
+  ASSERT_EQ(results.size(), 2u);
+  for (const auto& res : results) {
+    ASSERT_TRUE(res.ok()) << res.status().to_string();
+    EXPECT_EQ(res->finish, FinishReason::kCancelled);
+  }
+}
+
+TEST(Engine, BadRequestsAreRefusedNamingTheField) {
+  auto m = load(testutil::data_path("tiny"), 32, /*invariant=*/false, 1);
+  ASSERT_TRUE(m);
+  EngineOptions eo;
+  eo.max_sequences = 2;
+  auto e = Engine::create(m, eo);
+  ASSERT_TRUE(e.ok());
+  auto noop = [](const TokenEvent&) { return true; };
+  auto done = [](const Result<GenerateResult>&) { ADD_FAILURE() << "on_done of a refused request"; };
+  auto refuse = [&](const EngineRequest& r, ErrorCode code, const std::string& words) {
+    auto id = (*e)->submit(r, noop, done);
+    ASSERT_FALSE(id.ok()) << words;
+    EXPECT_EQ(id.status().code(), code) << id.status().to_string();
+    EXPECT_NE(id.status().message().find(words), std::string::npos) << id.status().message();
+  };
+  refuse({}, ErrorCode::kInvalidArgument, "exactly one of tokens, text and messages");
+  EngineRequest two;
+  two.text = "a";
+  two.tokens = {2};
+  refuse(two, ErrorCode::kInvalidArgument, "exactly one of");
+  EngineRequest hot;
+  hot.text = "a";
+  hot.options.sampling.temperature = -1;
+  refuse(hot, ErrorCode::kInvalidArgument, "SamplingOptions::temperature");
+  EngineRequest id;
+  id.tokens = {2, 100000};
+  refuse(id, ErrorCode::kInvalidArgument, "EngineRequest::tokens[1]");
+  EngineRequest image;
+  image.messages = {{"user", "look", {"x.png"}}};
+  refuse(image, ErrorCode::kUnsupported, "images");
+  EngineRequest longer;
+  longer.tokens.assign(33, 2);
+  refuse(longer, ErrorCode::kOutOfRange, "at most 32");
+
+  EngineOptions bad;
+  bad.max_sequences = 0;
+  auto no = Engine::create(m, bad);
+  ASSERT_FALSE(no.ok());
+  EXPECT_NE(no.status().message().find("EngineOptions::max_sequences"), std::string::npos);
+  bad = {};
+  bad.step_tokens = 2;
+  bad.max_sequences = 4;
+  no = Engine::create(m, bad);
+  ASSERT_FALSE(no.ok());
+  EXPECT_NE(no.status().message().find("EngineOptions::step_tokens"), std::string::npos);
+  EXPECT_FALSE(Engine::create(nullptr, {}).ok());
+}
+
+TEST(Engine, ACallbackThatThrowsFailsOnlyItsRequest) {
+  auto m = load(testutil::data_path("tiny"), 64, /*invariant=*/true);
+  ASSERT_TRUE(m);
+  EngineOptions eo;
+  eo.max_sequences = 2;
+  auto e = Engine::create(m, eo);
+  ASSERT_TRUE(e.ok());
+  EngineRequest bad, good;
+  bad.text = "The";
+  good.text = "Once upon a time";
+  bad.options.max_tokens = good.options.max_tokens = 12;
+  std::thread t([&] {
+    auto r = (*e)->generate(bad, [](const TokenEvent&) -> bool { throw std::runtime_error("boom"); });
+    ASSERT_FALSE(r.ok());
+    EXPECT_NE(r.status().message().find("boom"), std::string::npos) << r.status().to_string();
+  });
+  const Output got = collect([&](const Engine::OnToken& on) { return (*e)->generate(good, on); });
+  t.join();
+  expect_same(got, reference(*m, good), "the other request");
+}
+
+// The real 270M (Q4_K_M): 8 chat and text requests at once equal lone sessions token for
+// token (batch_invariant), and with the default kernels every request finishes sensibly.
+TEST(EngineReal270m, EightRequestsEqualLoneSessions) {
+  const std::string path = testutil::model_270m_path();
+  if (!std::ifstream(path).good()) GTEST_SKIP() << "no 270M model at " << path << " (models/fetch.sh)";
+  auto m = load(path, 512, /*invariant=*/true);
+  ASSERT_TRUE(m);
+  std::vector<EngineRequest> rs(8);
+  const char* prompts[] = {
+      "The capital of France is", "Write a haiku about the sea.",          "def fibonacci(n):",
+      "List three colours:",      "Once upon a time, in a small village,", "2 + 2 =",
+      "The quick brown fox",      "Explain gravity in one sentence."};
+  for (int i = 0; i < 8; ++i) {
+    if (i % 2)
+      rs[i].messages = {{"user", prompts[i]}};
+    else
+      rs[i].text = prompts[i];
+    rs[i].options.max_tokens = 24;
+  }
+  EngineOptions eo;
+  eo.max_sequences = 8;
+  auto e = Engine::create(m, eo);
+  ASSERT_TRUE(e.ok()) << e.status().to_string();
+  const std::vector<Output> got = run_all(**e, rs);
+  for (size_t i = 0; i < rs.size(); ++i) expect_same(got[i], reference(*m, rs[i]), prompts[i]);
+}
+
+}  // namespace
+}  // namespace gemma3
