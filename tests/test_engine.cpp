@@ -406,6 +406,85 @@ TEST(Engine, ACallbackThatThrowsFailsOnlyItsRequest) {
   expect_same(got, reference(*m, good), "the other request");
 }
 
+// Prefix reuse: a request that continues a finished one (its prompt, its reply, more tokens)
+// runs only the new tokens, one that diverges a few tokens before the old end too, one that
+// diverges further back than the rings keep does not; all give what a fresh session gives.
+TEST(Engine, PrefixReuseGivesWhatAFreshRunGives) {
+  auto m = load(testutil::data_path("tiny"), 256, /*invariant=*/true);
+  ASSERT_TRUE(m);
+  EngineOptions eo;
+  eo.max_sequences = 2;
+  eo.step_tokens = 8;  // rings of W + 8 - 1 = 15 slots: reuse only within 8 tokens of the old end
+  auto e = Engine::create(m, eo);
+  ASSERT_TRUE(e.ok());
+  auto run = [&](const EngineRequest& r) {
+    return collect([&](const Engine::OnToken& on) { return (*e)->generate(r, on); });
+  };
+  EngineRequest a;
+  for (int i = 0; i < 30; ++i) a.tokens.push_back(i == 0 ? 2 : 300 + (i * 37) % 150);
+  a.options.max_tokens = 12;
+  a.options.ignore_eos = true;
+  const Output first = run(a);
+  expect_same(first, reference(*m, a), "first request");
+  ASSERT_EQ(first.ids.size(), 12u);
+  // Held by the sequence: the prompt and every generated id but the last (never fed).
+  std::vector<int32_t> held = a.tokens;
+  held.insert(held.end(), first.ids.begin(), first.ids.end() - 1);
+
+  EngineRequest next = a;  // the next turn: everything so far, then new tokens
+  next.tokens.insert(next.tokens.end(), first.ids.begin(), first.ids.end());
+  for (int i = 0; i < 9; ++i) next.tokens.push_back(200 + i);
+  uint64_t before = (*e)->stats().reused_tokens;
+  expect_same(run(next), reference(*m, next), "next turn");
+  EXPECT_EQ((*e)->stats().reused_tokens - before, held.size());
+  held = next.tokens;  // now held, minus the reply's last id
+  // (the reply to `next` went into the same sequence; rebuild what it holds from a lone run)
+  const Output next_out = reference(*m, next);
+  held.insert(held.end(), next_out.ids.begin(), next_out.ids.end() - 1);
+
+  EngineRequest near = next;  // diverges 5 tokens before the old end: the rings still hold it
+  near.tokens.assign(held.begin(), held.end() - 5);
+  near.tokens.insert(near.tokens.end(), {250, 251, 252});
+  before = (*e)->stats().reused_tokens;
+  expect_same(run(near), reference(*m, near), "diverging near the end");
+  EXPECT_EQ((*e)->stats().reused_tokens - before, held.size() - 5);
+
+  EngineRequest far = a;  // diverges 30+ tokens back: rebuilt from the start
+  far.tokens.assign(a.tokens.begin(), a.tokens.begin() + 20);
+  far.tokens.insert(far.tokens.end(), {260, 261, 262, 263});
+  before = (*e)->stats().reused_tokens;
+  expect_same(run(far), reference(*m, far), "diverging far back");
+  EXPECT_EQ((*e)->stats().reused_tokens - before, 0u);
+}
+
+// The bound: with a step of U = 8 tokens the rings keep the window before a divergence 8
+// tokens back from the old end, not 9.
+TEST(Engine, PrefixReuseBoundIsTheStepSize) {
+  auto m = load(testutil::data_path("tiny"), 256, /*invariant=*/true);
+  ASSERT_TRUE(m);
+  for (const size_t back : {size_t{8}, size_t{9}}) {
+    EngineOptions eo;
+    eo.max_sequences = 1;
+    eo.step_tokens = 8;
+    auto e = Engine::create(m, eo);
+    ASSERT_TRUE(e.ok());
+    EngineRequest a;
+    for (int i = 0; i < 30; ++i) a.tokens.push_back(i == 0 ? 2 : 300 + (i * 41) % 150);
+    a.options.max_tokens = 12;
+    a.options.ignore_eos = true;
+    const Output first = collect([&](const Engine::OnToken& on) { return (*e)->generate(a, on); });
+    ASSERT_EQ(first.ids.size(), 12u);
+    std::vector<int32_t> held = a.tokens;
+    held.insert(held.end(), first.ids.begin(), first.ids.end() - 1);
+    EngineRequest b = a;
+    b.tokens.assign(held.begin(), held.end() - static_cast<std::ptrdiff_t>(back));
+    b.tokens.insert(b.tokens.end(), {250, 251, 252});
+    const Output got = collect([&](const Engine::OnToken& on) { return (*e)->generate(b, on); });
+    expect_same(got, reference(*m, b), "diverging " + std::to_string(back) + " back");
+    EXPECT_EQ((*e)->stats().reused_tokens, back <= 8 ? held.size() - back : 0u) << back;
+  }
+}
+
 // The real 270M (Q4_K_M): 8 chat and text requests at once equal lone sessions token for
 // token (batch_invariant), and with the default kernels every request finishes sensibly.
 TEST(EngineReal270m, EightRequestsEqualLoneSessions) {

@@ -135,6 +135,31 @@ TEST(Generate, StopTokenIsNotInTheContext) {
   EXPECT_NE(s->tokens().back(), 1);
 }
 
+// ignore_eos: the same seeded run goes on past the <eos> it stopped at above, which is then
+// streamed and in the context like any token.
+TEST(Generate, IgnoreEosGoesPastTheStopToken) {
+  auto m = load(4096);
+  ASSERT_TRUE(m);
+  int p = 0;
+  auto s = prompted(*m, &p);
+  GenerateOptions g;
+  g.max_tokens = -1;
+  g.sampling.temperature = 1000;
+  g.sampling.seed = 7;
+  const Outcome stopped = generate(*s, g);
+  ASSERT_TRUE(stopped.result.ok());
+  ASSERT_EQ(stopped.result->finish, FinishReason::kStopToken);
+  const int until_eos = stopped.result->tokens;
+  s = prompted(*m, &p);
+  g.ignore_eos = true;
+  g.max_tokens = until_eos + 5;
+  const Outcome r = generate(*s, g);
+  ASSERT_TRUE(r.result.ok()) << r.result.status().to_string();
+  EXPECT_EQ(r.result->finish, FinishReason::kMaxTokens);
+  EXPECT_EQ(r.result->tokens, until_eos + 5);
+  EXPECT_EQ(s->tokens()[p + until_eos], 1) << "the <eos> sampled where the first run stopped";
+}
+
 // A stop string ends generation where it begins: the text before it is streamed, the string and
 // anything after it are not, and the token that completed it is not in the context.
 TEST(Generate, StopStringsAreNotStreamed) {

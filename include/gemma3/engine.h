@@ -18,6 +18,11 @@
 // engine. Destroying the engine cancels what is still queued or running (on_done gets
 // FinishReason::kCancelled) and waits for its thread.
 //
+// Prefix reuse: a finished request's sequence keeps its KV memory. A new request whose prompt
+// starts with the tokens that sequence holds (the next turn of a chat: the previous prompt, the
+// reply, the new message), or diverges from them at most a step's worth of tokens before their
+// end, takes that sequence and runs only the rest of its prompt (EngineStats::reused_tokens).
+//
 // Results: a request's tokens are what Session::generate gives for the same prompt and options
 // (same sampler, same per-request seed, same stop rules and finish reasons). Greedy outputs do
 // not depend on the other requests in a step when the model was loaded with
@@ -69,6 +74,7 @@ struct EngineStats {
   uint64_t prompt_tokens = 0;       // prompt tokens prefilled
   uint64_t generated_tokens = 0;    // tokens generated (as GenerateResult::tokens)
   uint64_t finished = 0;            // requests finished (any reason, errors included)
+  uint64_t reused_tokens = 0;       // prompt tokens not run again: prefix reuse (see below)
   uint64_t kv_bytes = 0;            // KV memory reserved for all sequences
   uint64_t kv_used_tokens = 0;      // positions held by running sequences now
   uint64_t kv_capacity_tokens = 0;  // max_sequences * context

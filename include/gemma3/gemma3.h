@@ -126,6 +126,10 @@ struct GenerateOptions {
   // step's logits row is then copied to the host.
   bool logprobs = false;
   int top_logprobs = 0;
+  // The end-of-text and end-of-turn ids do not stop generation: they are streamed (their text)
+  // and fed like any other token, so a run makes exactly max_tokens tokens unless something
+  // else stops it (benchmarks; vLLM's and llama-server's ignore_eos).
+  bool ignore_eos = false;
 };
 constexpr int kMaxTopLogprobs = 20;
 

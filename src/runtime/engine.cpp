@@ -149,6 +149,27 @@ class EngineImpl final : public Engine {
     return render_chat(tok, r.messages, /*add_bos=*/true, /*add_generation_prompt=*/true);
   }
 
+  // Prefix reuse (docs/batching.md): how many of `prompt`'s first tokens a free sequence's KV
+  // memory still holds from its last request: their common prefix L, kept to prompt.size() - 1
+  // so that one token runs to give the logits. Global layers hold every position; a local
+  // layer's ring of C slots holds the last C positions the old request wrote, so L is usable
+  // when the ring still has the window before it, positions L - W + 1 .. L - 1: the old request
+  // went at most C - W + 1 positions past L (U, the most tokens a step appends), or never
+  // wrapped.
+  size_t reusable(const Slot& s, const std::vector<int32_t>& prompt) const {
+    const size_t m = std::min(s.tokens.size(), prompt.size() - 1);
+    size_t l = 0;
+    while (l < m && s.tokens[l] == prompt[l]) ++l;
+    if (l == 0) return 0;
+    const ModelConfig& c = *h_.config;
+    for (int i = 0; i < c.n_layers; ++i) {
+      const size_t cap = static_cast<size_t>(plan_.capacity[i]);
+      if (c.is_global(i) || s.tokens.size() <= cap) continue;
+      if (s.tokens.size() - l + c.sliding_window > cap + 1) return 0;
+    }
+    return l;
+  }
+
   // Calls the request's on_token; an exception from it finishes the request with an error.
   bool emit(Slot& s, const TokenEvent& e) {
     try {
@@ -181,7 +202,8 @@ class EngineImpl final : public Engine {
     }
     s.job.reset();
     s.stream.reset();
-    s.tokens.clear();
+    // The KV memory stays for prefix reuse, unless a failed step may have written it.
+    if (!error.ok()) s.tokens.clear();
   }
 
   static GenerateResult cancelled_result() {
@@ -206,11 +228,22 @@ class EngineImpl final : public Engine {
             ++it;
           }
         }
-        for (Slot& s : slots_) {
-          if (s.job || queue_.empty()) continue;
+        while (!queue_.empty()) {
+          Slot* free = nullptr;
+          size_t reuse = 0;
+          for (Slot& s : slots_) {  // the free sequence holding most of the prompt, else the emptiest
+            if (s.job) continue;
+            const size_t l = reusable(s, queue_.front()->prompt);
+            if (!free || l > reuse || (l == reuse && reuse == 0 && s.tokens.size() < free->tokens.size()))
+              free = &s, reuse = l;
+          }
+          if (!free) break;
+          Slot& s = *free;
           s.job = std::move(queue_.front());
           queue_.pop_front();
-          s.prefilled = 0;
+          s.tokens.resize(reuse);
+          s.prefilled = reuse;
+          stats_.reused_tokens += reuse;
           s.next = -1;
           s.error = ok_status();
           s.rng.seed(s.job->options.sampling.seed);

@@ -68,7 +68,7 @@ TokenStream::TokenStream(const GenerateOptions& options, const Tokenizer& tokeni
                          std::vector<int32_t> eos_ids, int n_allowed)
     : o_(options),
       tok_(tokenizer),
-      eos_(std::move(eos_ids)),
+      eos_(options.ignore_eos ? std::vector<int32_t>() : std::move(eos_ids)),
       n_allowed_(n_allowed),
       want_logprobs_(options.logprobs || options.top_logprobs > 0) {
   for (const auto& s : o_.stop_strings) longest_stop_ = std::max(longest_stop_, s.size());

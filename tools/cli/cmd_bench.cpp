@@ -19,14 +19,24 @@
 // the model FLOPs per second (prefill_flops) and, on a GPU, that rate as a share of a cuBLAS
 // bf16 GEMM timed in the same run with the shape of one prefill chunk's gate|up projection
 // (Model::gemm_rate): the compute roofline prefill is held to.
+//
+// --parallel N[,N...] measures many sequences at once instead, as llama.cpp's
+// llama-batched-bench does (-npp P -ntg T -npl N): an Engine with N sequences takes N requests
+// of P random tokens at once, prefills them in one step, then decodes T more tokens for each,
+// one token of every sequence per step. Aggregate pp t/s = N * P / (time until every request
+// has its first token); aggregate tg t/s = N * T / (the rest). End-of-text ids do not stop the
+// requests (GenerateOptions::ignore_eos), so every run has the same length.
 #include <fmt/format.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdio>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <thread>
@@ -34,6 +44,7 @@
 
 #include "cli_common.h"
 #include "commands.h"
+#include "gemma3/engine.h"
 
 namespace gemma3::cli {
 
@@ -74,6 +85,118 @@ double prefill_flops(const ModelInfo& c, int n, int depth) {
   return flops;
 }
 
+struct ParallelRun {
+  double pp_tps = 0, tg_tps = 0;
+};
+
+// One --parallel run: n requests of `prompt` random ids each, `gen` decode steps after the
+// prefill step (max_tokens gen + 1: the first token comes from the prefill).
+Result<ParallelRun> run_parallel(Engine& engine, int n, int prompt, int gen, std::mt19937& rng, int vocab) {
+  std::uniform_int_distribution<int32_t> tok(0, vocab - 1);
+  std::mutex mu;
+  std::condition_variable cv;
+  int first = 0, done = 0;
+  double t_first = 0, t_done = 0;
+  Status error;
+  const double t0 = now_seconds();
+  for (int i = 0; i < n; ++i) {
+    EngineRequest r;
+    r.tokens.resize(prompt);
+    for (int32_t& x : r.tokens) x = tok(rng);
+    r.options.max_tokens = gen + 1;
+    r.options.ignore_eos = true;
+    auto seen = std::make_shared<bool>(false);
+    GEMMA3_TRY(engine
+                   .submit(
+                       std::move(r),
+                       [&, seen](const TokenEvent&) {
+                         if (*seen) return true;
+                         *seen = true;
+                         std::lock_guard<std::mutex> lock(mu);
+                         ++first;
+                         t_first = now_seconds();
+                         return true;
+                       },
+                       [&](const Result<GenerateResult>& res) {
+                         std::lock_guard<std::mutex> lock(mu);
+                         if (!res.ok() && error.ok()) error = res.status();
+                         ++done;
+                         t_done = now_seconds();
+                         cv.notify_all();
+                       })
+                   .status());
+  }
+  std::unique_lock<std::mutex> lock(mu);
+  cv.wait(lock, [&] { return done == n; });
+  GEMMA3_TRY(error);
+  if (first != n)
+    return internal_error(fmt::format("bench: {} of {} requests streamed a first token", first, n));
+  ParallelRun out;
+  out.pp_tps = double(n) * prompt / (t_first - t0);
+  out.tg_tps = gen > 0 ? double(n) * gen / (t_done - t_first) : 0;
+  return out;
+}
+
+int bench_parallel(const std::shared_ptr<Model>& model, const std::vector<int>& ns, int prompt, int gen,
+                   int reps, int threads, const std::string& output, const std::string& model_path) {
+  std::mt19937 rng(1234);
+  struct Row {
+    int n;
+    std::vector<double> pp, tg;
+  };
+  std::vector<Row> rows;
+  for (const int n : ns) {
+    EngineOptions eo;
+    eo.max_sequences = n;
+    eo.context = prompt + gen + 1;
+    eo.step_tokens = std::max(n * prompt, n);  // every prompt in one step, as llama-batched-bench
+    auto engine = Engine::create(model, eo);
+    if (!engine.ok()) return fail("bench", engine.status());
+    Row row{n, {}, {}};
+    for (int rep = -1; rep < reps; ++rep) {  // rep -1: warm-up
+      auto r = run_parallel(**engine, n, prompt, gen, rng, model->tokenizer().n_vocab());
+      if (!r.ok()) return fail("bench", r.status());
+      if (rep < 0) continue;
+      row.pp.push_back(r->pp_tps);
+      row.tg.push_back(r->tg_tps);
+    }
+    rows.push_back(std::move(row));
+  }
+  if (output == "json") {
+    nlohmann::json out = nlohmann::json::array();
+    for (const Row& r : rows) {
+      const Spread pp = spread(r.pp), tg = spread(r.tg);
+      out.push_back({{"model", model_path},
+                     {"threads", threads},
+                     {"test", "parallel"},
+                     {"n_parallel", r.n},
+                     {"n_prompt", prompt},
+                     {"n_gen", gen},
+                     {"pp_samples_ts", r.pp},
+                     {"tg_samples_ts", r.tg},
+                     {"pp_avg_ts", pp.mean},
+                     {"pp_stddev_ts", pp.stddev},
+                     {"tg_avg_ts", tg.mean},
+                     {"tg_stddev_ts", tg.stddev}});
+    }
+    std::printf("%s\n", out.dump(2).c_str());
+    return kExitOk;
+  }
+  std::printf(
+      "| model | threads | sequences | prompt | gen | pp t/s (all) | tg t/s (all) | tg t/s (each) |\n");
+  std::printf(
+      "| ----- | ------: | --------: | -----: | --: | -----------: | -----------: | ------------: |\n");
+  for (const Row& r : rows) {
+    const Spread pp = spread(r.pp), tg = spread(r.tg);
+    std::printf("| gemma3 %s | %d | %d | %d | %d | %.2f ± %.2f | %.2f ± %.2f | %.2f |\n",
+                model->info().size_label.c_str(), threads, r.n, prompt, gen, pp.mean, pp.stddev, tg.mean,
+                tg.stddev, tg.mean / r.n);
+  }
+  for (const Row& r : rows)  // one line per N for scripts (tools/bench/compare-llamacpp-batched.sh)
+    std::printf("parallel %d: pp %.2f t/s, tg %.2f t/s\n", r.n, spread(r.pp).mean, spread(r.tg).mean);
+  return kExitOk;
+}
+
 struct Result_ {
   std::string test;
   int n = 0;
@@ -100,6 +223,10 @@ int cmd_bench(int argc, char** argv) {
                "tokens already in the context before each test; a list runs each depth (default: 0)");
   p.add_option("-r,--repetitions", "N", &reps, "timed repetitions of each test (default: 5)");
   p.add_choice("-o,--output", {"md", "json"}, &output, "report format (default: md)");
+  std::string parallel_list;
+  p.add_option("--parallel", "N[,N...]", &parallel_list,
+               "many sequences at once instead (llama-batched-bench): N requests of -p tokens prefilled in "
+               "one step, then -n decode steps; aggregate t/s per N (default -p 128 -n 128)");
   bool image = false;
   p.add_flag("-i,--image", &image,
              "also time encoding one image (random pixels): the vision tower + projector, -r times");
@@ -121,6 +248,30 @@ int cmd_bench(int argc, char** argv) {
   }
   if (n_prompt < 0 || n_gen < 0 || reps < 1)
     return fail("bench", kExitUsage, "-p and -n must be >= 0 and -r >= 1");
+  std::vector<int> parallel;
+  for (size_t b = 0; !parallel_list.empty() && b <= parallel_list.size();) {
+    const size_t e = std::min(parallel_list.find(',', b), parallel_list.size());
+    const auto n = parse_int(std::string_view(parallel_list).substr(b, e - b));
+    if (!n || *n < 1 || *n > 4096)
+      return fail("bench", kExitUsage,
+                  fmt::format("--parallel expects numbers in [1, 4096] separated by commas, got '{}'",
+                              parallel_list));
+    parallel.push_back(static_cast<int>(*n));
+    b = e + 1;
+  }
+  if (!parallel.empty()) {
+    if (!p.given("--n-prompt")) n_prompt = 128;
+    if (n_prompt < 1) return fail("bench", kExitUsage, "--parallel needs -p >= 1");
+    if (depth_list != "0" || image)
+      return fail("bench", kExitUsage, "--parallel takes neither -d nor --image");
+    if (model_flags.context == 0) model_flags.context = n_prompt + n_gen + 1;
+    auto loaded = load_model(model_flags);
+    if (!loaded.ok()) return fail("bench", loaded.status());
+    const int threads = model_flags.threads > 0
+                            ? model_flags.threads
+                            : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    return bench_parallel(loaded->model, parallel, n_prompt, n_gen, reps, threads, output, model_flags.model);
+  }
   const int max_depth = *std::max_element(depths.begin(), depths.end());
   if (model_flags.context == 0) model_flags.context = max_depth + std::max(n_prompt, n_gen) + 1;
   if (image && !p.given("--ctx")) model_flags.context = std::max(model_flags.context, 1024);  // N + 6 ids
