@@ -13,7 +13,18 @@
 #include <utility>
 #include <vector>
 
+#include "backend/backend.h"
+
 namespace {
+
+// The point of this build: the CUDA suites run on the emulated backend. Were the library unable
+// to find it, every Cuda* test would skip and the stage would pass having run nothing (as it
+// did between the CUDA module's commit and this test).
+TEST(CudaEmu, TheEmulatedBackendIsAvailable) {
+  EXPECT_TRUE(gemma3::cuda_backend_available());
+  auto b = gemma3::make_cuda_backend({});
+  ASSERT_TRUE(b.ok()) << b.status().to_string();
+}
 
 constexpr unsigned kFull = 0xFFFFFFFFu;
 

@@ -337,6 +337,33 @@ TEST(Engine, FullQueueIsUnavailableAndShutdownCancelsTheRest) {
   }
 }
 
+// The memory planner's numbers for N sequences (gemma3 info --parallel N) are what the engine
+// reserves.
+TEST(Engine, KvMemoryIsWhatThePlannerSays) {
+  auto m = load(testutil::data_path("tiny"), 128, /*invariant=*/false, 1);
+  ASSERT_TRUE(m);
+  for (const int n : {1, 3, 40}) {
+    EngineOptions eo;
+    eo.max_sequences = n;
+    auto e = Engine::create(m, eo);
+    ASSERT_TRUE(e.ok()) << e.status().to_string();
+    PlanOptions po;
+    po.context = 128;
+    po.sequences = n;
+    po.prefill_chunk = m->memory_plan().prefill_chunk;
+    auto info = inspect(testutil::data_path("tiny"), po);
+    ASSERT_TRUE(info.ok()) << info.status().to_string();
+    EXPECT_EQ(info->memory.sequences, n);
+    EXPECT_EQ((*e)->stats().kv_bytes, info->memory.kv_global_bytes + info->memory.kv_local_bytes) << n;
+    EXPECT_EQ((*e)->stats().kv_capacity_tokens, uint64_t(n) * 128);
+  }
+  PlanOptions bad;
+  bad.sequences = 0;
+  auto info = inspect(testutil::data_path("tiny"), bad);
+  ASSERT_FALSE(info.ok());
+  EXPECT_NE(info.status().message().find("PlanOptions::sequences"), std::string::npos);
+}
+
 TEST(Engine, BadRequestsAreRefusedNamingTheField) {
   auto m = load(testutil::data_path("tiny"), 32, /*invariant=*/false, 1);
   ASSERT_TRUE(m);

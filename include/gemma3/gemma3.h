@@ -184,13 +184,14 @@ struct Stats {
 // prints the same). Weights are shared by all sessions; KV and scratch are per session.
 struct MemoryReport {
   uint64_t weight_bytes = 0;
-  uint64_t kv_global_bytes = 0;  // global layers: every position of the context
-  uint64_t kv_local_bytes = 0;   // sliding-window layers' rings
+  uint64_t kv_global_bytes = 0;  // global layers: every position of the context (all sequences)
+  uint64_t kv_local_bytes = 0;   // sliding-window layers' rings (all sequences)
   uint64_t scratch_bytes = 0;    // activations of one prefill chunk
   uint64_t total_bytes() const { return weight_bytes + kv_global_bytes + kv_local_bytes + scratch_bytes; }
   // The settings and shape behind the numbers.
   int context = 0;        // tokens a session holds (the global layers' slots)
   int prefill_chunk = 0;  // tokens per prefill step
+  int sequences = 1;      // sequences planned for (PlanOptions::sequences)
   KvType kv_type = KvType::kBF16;
   uint64_t kv_bytes_per_slot = 0;    // K + V of one position in one layer
   int kv_local_slots = 0;            // ring slots of one sliding-window layer: min(context, W + chunk - 1)
@@ -209,9 +210,13 @@ struct TensorInfo {
 
 // The settings a memory plan depends on (Model::load takes them from LoadOptions).
 struct PlanOptions {
-  int context = 0;  // 0: the model's maximum context
+  int context = 0;  // 0: the model's maximum context (per sequence)
   KvType kv_type = KvType::kBF16;
   int prefill_chunk = kCpuPrefillChunk;
+  // Sequences decoded together: 1 is one session; N is an Engine with max_sequences N and its
+  // default step (max(prefill_chunk, N) tokens): N caches of `context` tokens, and the step's
+  // scratch with logits for N rows (gemma3/engine.h).
+  int sequences = 1;
 };
 
 // What a checkpoint declares: its architecture, tokenizer ids, tensors, and the memory one

@@ -13,11 +13,25 @@
 #include "backend/cuda/cuda_module.h"
 
 // Defined when the backend is linked in (the emulator build, the CUDA test binaries); null
-// otherwise.
+// otherwise. The emulator build compiles the backend into libgemma3, a static archive there, and
+// a weak reference pulls nothing out of an archive: it takes a strong one.
+#if defined(GEMMA3_CUDA_EMU)
+extern "C" const gemma3::CudaModuleApi* gemma3_cuda_module();
+#else
 extern "C" const gemma3::CudaModuleApi* gemma3_cuda_module() __attribute__((weak));
+#endif
 
 namespace gemma3 {
 namespace {
+
+// The backend linked into this program, if any.
+const CudaModuleApi* linked_module() {
+#if defined(GEMMA3_CUDA_EMU)
+  return gemma3_cuda_module();
+#else
+  return gemma3_cuda_module ? gemma3_cuda_module() : nullptr;
+#endif
+}
 
 struct CudaModule {
   const CudaModuleApi* api = nullptr;
@@ -93,7 +107,7 @@ CudaModule load_module() {
 
 const CudaModule& cuda_module() {
   static const CudaModule module = []() -> CudaModule {
-    if (gemma3_cuda_module) return checked(gemma3_cuda_module(), "linked into this program");
+    if (const CudaModuleApi* api = linked_module()) return checked(api, "linked into this program");
 #if defined(GEMMA3_CUDA_MODULE)
     return load_module();
 #else
@@ -116,7 +130,7 @@ Result<std::unique_ptr<Backend>> make_cuda_backend(const BackendOptions& options
 bool cuda_backend_available() {
   // Without an NVIDIA driver no device can be visible: a CPU machine with the module installed
   // then never loads it and the CUDA libraries it brings (~570 MB mapped).
-  if (!gemma3_cuda_module && !dlopen("libcuda.so.1", RTLD_LAZY | RTLD_LOCAL)) {
+  if (!linked_module() && !dlopen("libcuda.so.1", RTLD_LAZY | RTLD_LOCAL)) {
     (void)dlerror();
     return false;
   }

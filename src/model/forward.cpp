@@ -126,14 +126,31 @@ using Emit = std::function<void(int layer, const char* name, const float* buf, i
 
 // The input rows of the step into s.x: the segments' token embeddings (or image rows). Never
 // recorded: the ids change from step to step.
+// Adjacent text segments are looked up in one embed call (a decode step: one for the whole
+// batch).
 void embed_rows(const ModelConfig& c, const BackendModel& w, Backend& be, std::span<const Segment> segs,
                 ForwardScratch& s) {
   const int64_t H = c.hidden;
-  for (const Segment& g : segs) {
-    if (g.embeddings)
+  std::vector<int32_t> ids;
+  for (size_t i = 0; i < segs.size();) {
+    const Segment& g = segs[i];
+    if (g.embeddings) {
       be.from_host(g.embeddings, s.x + g.off * H, static_cast<uint64_t>(g.n) * H * sizeof(float));
-    else
-      be.embed(*w.embed, g.ids, g.n, embedding_scale(c.hidden), s.x + g.off * H);
+      ++i;
+      continue;
+    }
+    size_t j = i + 1;
+    while (j < segs.size() && !segs[j].embeddings) ++j;
+    const int32_t* run = g.ids;
+    int n = g.n;
+    if (j > i + 1) {
+      ids.clear();
+      for (size_t k = i; k < j; ++k) ids.insert(ids.end(), segs[k].ids, segs[k].ids + segs[k].n);
+      run = ids.data();
+      n = static_cast<int>(ids.size());
+    }
+    be.embed(*w.embed, run, n, embedding_scale(c.hidden), s.x + g.off * H);
+    i = j;
   }
 }
 

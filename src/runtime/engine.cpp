@@ -17,6 +17,7 @@
 
 #include "core/api_guard.h"
 #include "runtime/kv_cache.h"
+#include "runtime/memory_plan.h"
 #include "runtime/token_stream.h"
 
 namespace gemma3 {
@@ -433,9 +434,20 @@ Result<std::unique_ptr<Engine>> make_engine(EngineHost host, const EngineOptions
         fmt::format("EngineOptions::step_tokens is {}, fewer than max_sequences ({}): every decoding "
                     "sequence takes one per step",
                     o.step_tokens, o.max_sequences));
-  // A sequence appends at most this many tokens in one step: its rings hold W + U - 1 slots.
-  const int per_seq = std::min(host.prefill_chunk, o.step_tokens);
-  KvPlan plan = plan_kv(*host.config, o.context, per_seq, host.kv_dtype);
+  // The memory planner's numbers for this engine (what `gemma3 info --parallel N` prints): each
+  // sequence appends at most U = min(prefill chunk, step) tokens per step, so its rings hold
+  // W + U - 1 slots. Checked against the backend's free memory before anything is allocated.
+  const MemoryPlan mp = plan_memory(*host.config, 0, o.context, host.prefill_chunk, host.kv_dtype,
+                                    o.max_sequences, o.step_tokens);
+  {
+    std::lock_guard<std::mutex> lock(*host.backend_mutex);
+    GEMMA3_TRY(
+        check_fits(mp, host.backend->free_bytes(), host.backend->name())
+            .with_context(fmt::format("an Engine of {} sequences of {} tokens (EngineOptions::max_sequences, "
+                                      "context)",
+                                      o.max_sequences, o.context)));
+  }
+  KvPlan plan = mp.kv;
   auto engine = std::make_unique<EngineImpl>(std::move(host), o, std::move(plan));
   GEMMA3_TRY(engine->init());
   return std::unique_ptr<Engine>(std::move(engine));

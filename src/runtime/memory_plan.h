@@ -16,18 +16,24 @@ namespace gemma3 {
 
 struct MemoryPlan {
   uint64_t weight_bytes = 0;   // the text model's tensors, as the backend holds them
-  KvPlan kv;                   // one session's cache
-  uint64_t scratch_bytes = 0;  // one session's ForwardScratch
+  KvPlan kv;                   // one sequence's cache
+  int sequences = 1;           // caches: one session, or an Engine's max_sequences
+  uint64_t scratch_bytes = 0;  // the ForwardScratch of a session, or of an Engine's step
   int local_slots = 0;         // ring slots of one sliding-window layer (0: none)
-  uint64_t total_bytes() const { return weight_bytes + kv.total_bytes() + scratch_bytes; }
+  uint64_t kv_bytes() const { return kv.total_bytes() * static_cast<uint64_t>(sequences); }
+  uint64_t total_bytes() const { return weight_bytes + kv_bytes() + scratch_bytes; }
   MemoryReport report() const;
 };
 
-// Bytes ForwardScratch::allocate(c, chunk) takes (src/model/forward.h: nine [chunk, width]
-// fp32 buffers and [min(chunk, kLogitRows), V] logits).
-uint64_t scratch_bytes(const ModelConfig& c, int chunk);
+// Bytes ForwardScratch::allocate(c, chunk, logit_rows) takes (src/model/forward.h: nine
+// [chunk, width] fp32 buffers and [max(logit_rows, min(chunk, kLogitRows)), V] logits).
+uint64_t scratch_bytes(const ModelConfig& c, int chunk, int logit_rows = 0);
 
-MemoryPlan plan_memory(const ModelConfig& c, uint64_t weight_bytes, int context, int chunk, DType kv);
+// One session (sequences 1), or an Engine with `sequences` sequences of `context` tokens and
+// `step` tokens per step (0: its default, max(chunk, sequences)); each sequence appends at
+// most min(chunk, step) tokens per step, which sizes its rings.
+MemoryPlan plan_memory(const ModelConfig& c, uint64_t weight_bytes, int context, int chunk, DType kv,
+                       int sequences = 1, int step = 0);
 
 // Ok when free_bytes is 0 (unknown: host memory) or the plan fits; otherwise a
 // resource-exhausted error: "<backend> needs X GiB (weights A, KV B, scratch C), Y GiB free".

@@ -858,10 +858,13 @@ Result<ModelInfo> inspect_checkpoint(const std::string& path, const PlanOptions&
   if (options.prefill_chunk < 1 || options.prefill_chunk > 65536)
     return invalid_argument(
         fmt::format("PlanOptions::prefill_chunk is {}; it must be in [1, 65536]", options.prefill_chunk));
+  if (options.sequences < 1 || options.sequences > 4096)
+    return invalid_argument(
+        fmt::format("PlanOptions::sequences is {}; it must be in [1, 4096]", options.sequences));
   GEMMA3_TRY(check_kv_type(c, options.kv_type));
   const MemoryPlan plan =
       plan_memory(c, ckpt->weight_bytes(), options.context ? options.context : c.max_context,
-                  options.prefill_chunk, kv_dtype(options.kv_type));
+                  options.prefill_chunk, kv_dtype(options.kv_type), options.sequences);
   return describe(*ckpt, plan);
 }
 }  // namespace

@@ -38,6 +38,9 @@ int cmd_info(int argc, char** argv) {
   p.add_option("--chunk", "N", &chunk,
                "prefill chunk the plan assumes; local rings hold W+N-1 slots (default: 256, the CPU's; "
                "CUDA sessions use 512)");
+  int sequences = 1;
+  p.add_option("--parallel", "N", &sequences,
+               "plan for N sequences decoded together (an Engine of N sequences; default: 1)");
   p.add_choice("-o,--output", {"text", "json"}, &output, "output format (default: text)");
   p.add_flag("--tensors", &list_tensors, "also list every text-model tensor (name, type, shape, bytes)");
   if (Status s = p.parse(argc, argv, 2); !s.ok()) return fail("info", kExitUsage, s.message());
@@ -48,11 +51,14 @@ int cmd_info(int argc, char** argv) {
   if (model_path.empty()) return fail("info", kExitUsage, "-m MODEL is required");
   if (context < 0) return fail("info", kExitUsage, fmt::format("--ctx must be >= 1, got {}", context));
   if (chunk < 1) return fail("info", kExitUsage, fmt::format("--chunk must be >= 1, got {}", chunk));
+  if (sequences < 1)
+    return fail("info", kExitUsage, fmt::format("--parallel must be >= 1, got {}", sequences));
 
   PlanOptions plan_options;
   plan_options.context = context;                                             // 0: the model's maximum
   plan_options.kv_type = kv_type_from_name(kv_type).value_or(KvType::kBF16);  // add_choice: known names
   plan_options.prefill_chunk = chunk;
+  plan_options.sequences = sequences;
   auto info_or = inspect(model_path, plan_options);
   if (!info_or.ok()) return fail("info", info_or.status());
   const ModelInfo& c = *info_or;
@@ -106,6 +112,7 @@ int cmd_info(int argc, char** argv) {
         {"weight_bytes", weight_bytes},
         {"memory",
          {{"context", plan.context},
+          {"sequences", plan.sequences},
           {"chunk", plan.prefill_chunk},
           {"kv_type", kv_type},
           {"bytes_per_slot", plan.kv_bytes_per_slot},
@@ -171,16 +178,22 @@ int cmd_info(int argc, char** argv) {
                      note.empty() ? "" : "  ", note);
   };
   mem("weights", weight_bytes, "");
+  const std::string per = plan.sequences > 1 ? fmt::format("{} sequences x ", plan.sequences) : "";
   mem("kv global", plan.kv_global_bytes,
-      fmt::format("{} layers x {} slots x {} B", n_global, plan.context, plan.kv_bytes_per_slot));
+      fmt::format("{}{} layers x {} slots x {} B", per, n_global, plan.context, plan.kv_bytes_per_slot));
   mem("kv local rings", plan.kv_local_bytes,
-      fmt::format("{} layers x {} slots x {} B (window {} + chunk {} - 1)", n_local, plan.kv_local_slots,
-                  plan.kv_bytes_per_slot, c.sliding_window, plan.prefill_chunk));
+      fmt::format("{}{} layers x {} slots x {} B (window {} + chunk {} - 1)", per, n_local,
+                  plan.kv_local_slots, plan.kv_bytes_per_slot, c.sliding_window, plan.prefill_chunk));
   mem("kv total", kv_total, "");
   mem("kv all-global", plan.kv_all_global_bytes,
       fmt::format("if every layer cached the full context: {:.2f}x more", saving));
-  mem("scratch", plan.scratch_bytes, fmt::format("activations of one {}-token chunk", plan.prefill_chunk));
-  mem("total", plan.total_bytes(), "weights + kv + scratch (one session)");
+  mem("scratch", plan.scratch_bytes,
+      plan.sequences > 1 ? fmt::format("activations of one {}-token step, logits of {} rows",
+                                       std::max(plan.prefill_chunk, plan.sequences), plan.sequences)
+                         : fmt::format("activations of one {}-token chunk", plan.prefill_chunk));
+  mem("total", plan.total_bytes(),
+      plan.sequences > 1 ? fmt::format("weights + kv + scratch ({} sequences)", plan.sequences)
+                         : std::string("weights + kv + scratch (one session)"));
   std::fwrite(o.data(), 1, o.size(), stdout);
   return kExitOk;
 }
