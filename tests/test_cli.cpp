@@ -530,4 +530,56 @@ TEST(CliBench, PpReportsModelFlopsPerSecond) {
   EXPECT_NE(md.out.find("| TFLOP/s | % of GEMM |"), std::string::npos) << md.out;
 }
 
+// --parallel: aggregate rates per N (an Engine of N sequences), one json entry per N with the
+// repetitions' samples, and the per-N line scripts parse; flags it does not take are usage errors.
+TEST(CliBench, ParallelReportsAggregateRatesPerSequenceCount) {
+  const std::string tiny = std::string(GEMMA3_SOURCE_DIR) + "/tests/data/tiny-f32.gguf";
+  const CliResult r = run_cli(
+      {"bench", "-m", tiny, "--parallel", "1,3", "-p", "4", "-n", "4", "-r", "2", "-t", "2", "-o", "json"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  const nlohmann::json j = nlohmann::json::parse(r.out);
+  ASSERT_EQ(j.size(), 2u) << r.out;
+  for (size_t i = 0; i < 2; ++i) {
+    EXPECT_EQ(j[i].at("test"), "parallel");
+    EXPECT_EQ(j[i].at("n_parallel").get<int>(), i == 0 ? 1 : 3);
+    EXPECT_EQ(j[i].at("n_prompt").get<int>(), 4);
+    EXPECT_EQ(j[i].at("pp_samples_ts").size(), 2u);
+    EXPECT_EQ(j[i].at("tg_samples_ts").size(), 2u);
+    EXPECT_GT(j[i].at("pp_avg_ts").get<double>(), 0.0);
+    EXPECT_GT(j[i].at("tg_avg_ts").get<double>(), 0.0);
+  }
+  const CliResult md =
+      run_cli({"bench", "-m", tiny, "--parallel", "2", "-p", "4", "-n", "4", "-r", "1", "-t", "2"});
+  ASSERT_EQ(md.code, 0) << md.err;
+  EXPECT_NE(md.out.find("| tg t/s (each) |"), std::string::npos) << md.out;
+  EXPECT_NE(md.out.find("parallel 2: pp "), std::string::npos) << md.out;
+  for (const std::vector<std::string>& bad : {std::vector<std::string>{"--parallel", "0"},
+                                              {"--parallel", "2,x"},
+                                              {"--parallel", "2", "-d", "8"},
+                                              {"--parallel", "2", "-p", "0"}}) {
+    std::vector<std::string> args = {"bench", "-m", tiny};
+    args.insert(args.end(), bad.begin(), bad.end());
+    const CliResult e = run_cli(args);
+    EXPECT_EQ(e.code, 2) << bad[1] << ": " << e.err;
+  }
+}
+
+// info --parallel N plans N sequences: N times one sequence's KV (same context and chunk).
+TEST(CliInfo, ParallelPlansNSequences) {
+  const std::string tiny = std::string(GEMMA3_SOURCE_DIR) + "/tests/data/tiny-f32.gguf";
+  const CliResult one = run_cli({"info", "-m", tiny, "--ctx", "64", "-o", "json"});
+  const CliResult three = run_cli({"info", "-m", tiny, "--ctx", "64", "--parallel", "3", "-o", "json"});
+  ASSERT_EQ(one.code, 0) << one.err;
+  ASSERT_EQ(three.code, 0) << three.err;
+  const nlohmann::json a = nlohmann::json::parse(one.out).at("memory"),
+                       b = nlohmann::json::parse(three.out).at("memory");
+  EXPECT_EQ(a.at("sequences").get<int>(), 1);
+  EXPECT_EQ(b.at("sequences").get<int>(), 3);
+  EXPECT_EQ(b.at("kv_global_bytes").get<uint64_t>(), 3 * a.at("kv_global_bytes").get<uint64_t>());
+  EXPECT_EQ(b.at("kv_local_bytes").get<uint64_t>(), 3 * a.at("kv_local_bytes").get<uint64_t>());
+  const CliResult text = run_cli({"info", "-m", tiny, "--ctx", "64", "--parallel", "3"});
+  EXPECT_NE(text.out.find("3 sequences x "), std::string::npos) << text.out;
+  EXPECT_EQ(run_cli({"info", "-m", tiny, "--parallel", "0"}).code, 2);
+}
+
 }  // namespace
