@@ -101,6 +101,7 @@ class EngineImpl final : public Engine {
                                        queue_.size()));
       job->id = next_id_++;
       const uint64_t id = job->id;
+      live_.insert(id);
       queue_.push_back(std::move(job));
       stats_.queued = static_cast<int>(queue_.size());
       cv_.notify_all();
@@ -111,7 +112,7 @@ class EngineImpl final : public Engine {
   void cancel(uint64_t id) override {
     try {
       std::lock_guard<std::mutex> lock(mu_);
-      if (id > 0 && id < next_id_) cancel_ids_.insert(id);
+      if (live_.count(id)) cancel_ids_.insert(id);  // finished or unknown ids leave nothing behind
       cv_.notify_all();
     } catch (...) {  // a failed insert (no memory) cancels nothing; nothing leaves the API
     }
@@ -200,6 +201,7 @@ class EngineImpl final : public Engine {
       if (result.ok()) stats_.generated_tokens += result->tokens;
       ++stats_.finished;
       cancel_ids_.erase(s.job->id);
+      live_.erase(s.job->id);
     }
     s.job.reset();
     s.stream.reset();
@@ -223,6 +225,7 @@ class EngineImpl final : public Engine {
         for (auto it = queue_.begin(); it != queue_.end();) {
           if (cancel_ids_.count((*it)->id) || ((*it)->options.cancel && (*it)->options.cancel->load())) {
             cancel_ids_.erase((*it)->id);
+            live_.erase((*it)->id);
             dropped.push_back(std::move(*it));
             it = queue_.erase(it);
           } else {
@@ -402,7 +405,8 @@ class EngineImpl final : public Engine {
   mutable std::mutex mu_;  // guards what follows
   std::condition_variable cv_;
   std::deque<std::unique_ptr<Job>> queue_;
-  std::unordered_set<uint64_t> cancel_ids_;
+  std::unordered_set<uint64_t> live_;        // queued or running
+  std::unordered_set<uint64_t> cancel_ids_;  // of live_, asked to cancel
   uint64_t next_id_ = 1;
   bool stop_ = false;
   EngineStats stats_;
