@@ -89,8 +89,9 @@ class Engine {
   static Result<std::unique_ptr<Engine>> create(std::shared_ptr<Model> model, const EngineOptions& options);
 
   // Queues a request and returns its id. on_token gets its text as Session::generate's
-  // callback does (returning false finishes it with kCallback); on_done gets the result or the
-  // error, exactly once. Errors here (nothing is queued, no callback runs): an empty or
+  // callback does (returning false finishes it with kCallback; an exception from it fails the
+  // request with kInternal); on_done gets the result or the error, exactly once, and must not
+  // throw (what it throws is dropped). Errors here (nothing is queued, no callback runs): an empty or
   // ambiguous prompt, bad options (the fields as Session::generate names them), a prompt that
   // can never fit a sequence's context (kOutOfRange), a full queue (kUnavailable).
   virtual Result<uint64_t> submit(EngineRequest request, OnToken on_token, OnDone on_done) = 0;
