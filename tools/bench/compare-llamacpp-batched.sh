@@ -6,13 +6,8 @@
 # gemma3 / llama.cpp.
 #
 # llama.cpp is built from the same llama-cpp-python sdist as tools/bench/compare-llamacpp.sh,
-# in the same git-ignored folder third_party_build/ and the same build dir (its code is never
-# committed):
-#   pip download --no-deps --no-binary llama-cpp-python llama-cpp-python
-# The configure line is the one of compare-llamacpp.sh plus -DLLAMA_BUILD_TOOLS=ON (where
-# llama-batched-bench lives in this llama.cpp: tools/batched-bench) and the llama.cpp commit
-# from the sdist's CHANGELOG (otherwise llama.cpp's build-info would report this repository's
-# HEAD, as the sources sit inside our work tree). Only the two targets are built.
+# in the same git-ignored folder and build dir (tools/bench/llamacpp-build.sh);
+# llama-batched-bench lives in that llama.cpp's tools/batched-bench.
 #
 # Each llama.cpp measurement is one process:
 #   llama-batched-bench -m MODEL -t T -tb T -c N*(NPP+NTG) -npp NPP -ntg NTG -npl N [-fa FA]
@@ -62,31 +57,10 @@ fi
 [[ -x "$GEMMA3" ]] || { echo "gemma3 binary not found; build it or pass -g" >&2; exit 2; }
 
 # ---- llama-batched-bench (and llama-bench) from the llama-cpp-python sdist ---------------------
-BUILD="$WORK/llama.cpp-build"
-LLAMA_BATCHED="$BUILD/bin/llama-batched-bench"
-if [[ ! -x "$LLAMA_BATCHED" || ! -x "$BUILD/bin/llama-bench" ]]; then
-  mkdir -p "$WORK/sdist"
-  if ! ls "$WORK"/sdist/llama_cpp_python-*.tar.gz >/dev/null 2>&1; then
-    echo "== downloading the llama-cpp-python sdist" >&2
-    pip download --no-deps --no-binary llama-cpp-python llama-cpp-python -d "$WORK/sdist" >&2
-  fi
-  SDIST=$(ls "$WORK"/sdist/llama_cpp_python-*.tar.gz | sort -V | tail -1)
-  SRC_PARENT="$WORK/src"
-  if [[ ! -d "$SRC_PARENT" ]]; then
-    mkdir -p "$SRC_PARENT"
-    tar -xzf "$SDIST" -C "$SRC_PARENT"
-  fi
-  LLAMA_SRC=$(ls -d "$SRC_PARENT"/llama_cpp_python-*/vendor/llama.cpp | head -1)
-  # the first "llama.cpp@<hash>" in the CHANGELOG is the one the sdist vendors
-  COMMIT=$(grep -m1 -o 'llama.cpp@[0-9a-f]*' "$LLAMA_SRC/../../CHANGELOG.md" 2>/dev/null | cut -d@ -f2 || true)
-  echo "== building llama-bench and llama-batched-bench from $LLAMA_SRC (llama.cpp ${COMMIT:-unknown})" >&2
-  cmake -S "$LLAMA_SRC" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
-    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
-    -DLLAMA_BUILD_TOOLS=ON ${COMMIT:+-DLLAMA_BUILD_COMMIT=$COMMIT} -DBUILD_SHARED_LIBS=OFF >&2
-  cmake --build "$BUILD" --target llama-bench llama-batched-bench -j "$JOBS" >&2
-fi
-LLAMA_VERSION="$(ls "$WORK"/sdist/llama_cpp_python-*.tar.gz 2>/dev/null | sort -V | tail -1 | xargs -r basename),"
-LLAMA_VERSION+=" $("$LLAMA_BATCHED" --version 2>&1 | grep -m1 '^version' || echo 'version unknown')"
+source "$ROOT/tools/bench/llamacpp-build.sh"
+llamacpp_build "$JOBS" llama-bench llama-batched-bench
+LLAMA_BATCHED="$LLAMACPP_BIN/llama-batched-bench"
+LLAMA_VERSION="$LLAMACPP_SDIST, $("$LLAMA_BATCHED" --version 2>&1 | grep -m1 '^version' || echo 'version unknown')"
 
 # ---- one measurement of each engine: prints "PP_TPS TG_TPS" -----------------------------------
 llama_batched() {  # N

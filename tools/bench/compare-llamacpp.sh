@@ -4,10 +4,7 @@
 # load hits both alike. Prints per-test mean t/s of both and the ratio gemma3 / llama.cpp.
 #
 # llama.cpp is built from the source inside the llama-cpp-python sdist on PyPI, in the
-# git-ignored folder third_party_build/ (its code is never committed):
-#   pip download --no-deps --no-binary llama-cpp-python llama-cpp-python
-# (the sdist, never a wheel; naming the package rather than :all: lets pip fetch the sdist's
-# metadata build tools as wheels instead of compiling cmake and ninja from source first).
+# git-ignored folder third_party_build/ (tools/bench/llamacpp-build.sh).
 #
 # usage: tools/bench/compare-llamacpp.sh [-t THREADS] [-r REPS] [-p N] [-n N] [-g GEMMA3_BIN] [MODEL.gguf ...]
 #   default model: ~/.cache/gemma3/gemma-3-270m-q4_k_m.gguf, plus a Q4_0 and a BF16 270M-shaped
@@ -40,27 +37,10 @@ fi
 [[ -x "$GEMMA3" ]] || { echo "gemma3 binary not found; build it or pass -g" >&2; exit 2; }
 
 # ---- llama-bench from the llama-cpp-python sdist -------------------------------------------
-LLAMA_BENCH="$WORK/llama.cpp-build/bin/llama-bench"
-if [[ ! -x "$LLAMA_BENCH" ]]; then
-  mkdir -p "$WORK/sdist"
-  if ! ls "$WORK"/sdist/llama_cpp_python-*.tar.gz >/dev/null 2>&1; then
-    echo "== downloading the llama-cpp-python sdist" >&2
-    pip download --no-deps --no-binary llama-cpp-python llama-cpp-python -d "$WORK/sdist" >&2
-  fi
-  SDIST=$(ls "$WORK"/sdist/llama_cpp_python-*.tar.gz | sort -V | tail -1)
-  SRC_PARENT="$WORK/src"
-  if [[ ! -d "$SRC_PARENT" ]]; then
-    mkdir -p "$SRC_PARENT"
-    tar -xzf "$SDIST" -C "$SRC_PARENT"
-  fi
-  LLAMA_SRC=$(ls -d "$SRC_PARENT"/llama_cpp_python-*/vendor/llama.cpp | head -1)
-  echo "== building llama-bench from $LLAMA_SRC" >&2
-  cmake -S "$LLAMA_SRC" -B "$WORK/llama.cpp-build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
-    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
-    -DBUILD_SHARED_LIBS=OFF >&2
-  cmake --build "$WORK/llama.cpp-build" --target llama-bench -j "$(nproc)" >&2
-fi
-LLAMA_VERSION=$(ls "$WORK"/sdist/llama_cpp_python-*.tar.gz 2>/dev/null | sort -V | tail -1 | xargs -r basename)
+source "$ROOT/tools/bench/llamacpp-build.sh"
+llamacpp_build "$(nproc)" llama-bench
+LLAMA_BENCH="$LLAMACPP_BIN/llama-bench"
+LLAMA_VERSION=$LLAMACPP_SDIST
 
 # ---- models -----------------------------------------------------------------------------------
 MODELS=("$@")
