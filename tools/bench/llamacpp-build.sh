@@ -5,11 +5,12 @@
 # (the sdist, never a wheel; naming the package rather than :all: lets pip fetch the sdist's
 # metadata build tools as wheels instead of compiling cmake and ninja from source first).
 #
-# llamacpp_build JOBS TARGET...: builds the targets (e.g. llama-bench llama-batched-bench) into
-# $WORK/llama.cpp-build/bin unless they are all there. The build records the llama.cpp commit
-# from the sdist's CHANGELOG (otherwise llama.cpp's build-info would report this repository's
-# HEAD, as the sources sit inside our work tree). Sets LLAMACPP_BIN and LLAMACPP_SDIST (the
-# sdist's file name).
+# llamacpp_build JOBS TARGET...: builds the targets (e.g. llama-bench llama-batched-bench
+# llama-server) into $WORK/llama.cpp-build/bin unless they are all there. The build records the
+# llama.cpp commit from the sdist's CHANGELOG (otherwise llama.cpp's build-info would report this
+# repository's HEAD, as the sources sit inside our work tree). llama-server is built without its
+# web UI (no npm run, no download of prebuilt assets) and without HTTPS (no OpenSSL). Sets
+# LLAMACPP_BIN and LLAMACPP_SDIST (the sdist's file name).
 llamacpp_build() {
   local jobs=$1 t missing=0
   shift
@@ -32,7 +33,8 @@ llamacpp_build() {
     commit=$(grep -m1 -o 'llama.cpp@[0-9a-f]*' "$src/../../CHANGELOG.md" 2>/dev/null | cut -d@ -f2 || true)
     echo "== building $* from $src (llama.cpp ${commit:-unknown})" >&2
     cmake -S "$src" -B "$WORK/llama.cpp-build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
-      -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+      -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON \
+      -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF \
       -DLLAMA_BUILD_TOOLS=ON ${commit:+-DLLAMA_BUILD_COMMIT=$commit} -DBUILD_SHARED_LIBS=OFF >&2
     cmake --build "$WORK/llama.cpp-build" --target "$@" -j "$jobs" >&2
   fi
