@@ -169,9 +169,9 @@ void BackendOps::check_matmul(const TestWeight& w, int n, uint32_t seed) {
         0);
     return;
   }
-  // The fast CPU matmul (cpu_fast_backend.cpp): below kGemmMinTokens tokens, the int8 kernel
-  // where the table has one for the type (no row scales, whole 32-blocks).
-  const bool int8 = (n < cpu::kGemmMinTokens || !kernels_->gemm_f32) &&
+  // The fast CPU matmul (cpu_fast_backend.cpp): up to kQ8MaxTokens tokens (any count without a
+  // GEMM), the int8 kernel where the table has one for the type (no row scales, whole 32-blocks).
+  const bool int8 = (n <= cpu::kQ8MaxTokens || !kernels_->gemm_f32) &&
                     kernels_->dot_q8[static_cast<int>(w.dtype)] && w.row_scale.empty() && w.cols % 32 == 0;
   int bad = 0;
   for (int64_t o = 0; o < w.rows; ++o) {
@@ -250,6 +250,28 @@ TEST_P(BackendOps, MatmulDecodeAndGemmTokenCounts) {
     cases.back().ns = one_to(cpu::kGemmMinTokens - 1);
   }
   uint32_t seed = 500;
+  for (const MatmulCase& c : cases) {
+    TestWeight w(c.t, c.rows, c.cols, seed++);
+    for (int n : c.ns) check_matmul(w, n, seed++);
+    if (HasFailure()) return;
+  }
+}
+
+// The int8 kernels from kQ8TileMinTokens tokens on (kernels_avx2.cpp q8tiles: 4-row x 2-token
+// tiles over weight blocks staged 64 at a time): every type with an int8 kernel, row counts
+// with every tail of a 4-row tile, widths of one segment and of two (the second partial: 73
+// blocks, 9 super-blocks), token counts around the tiles, kGemmMinTokens and kQ8MaxTokens (65:
+// the fp32 GEMM again). Bound: check_matmul's (fp32 summation order + q8_rounding_bound, the
+// activations' int8 rounding: the tiles compute each block's product as the one-row kernel).
+TEST_P(BackendOps, MatmulInt8TilesEveryTypeAndTokenCount) {
+  std::vector<MatmulCase> cases;
+  for (DType t : {DType::kQ4_0, DType::kQ5_0, DType::kQ8_0, DType::kQ4_K, DType::kQ5_K, DType::kQ6_K}) {
+    const bool kq = dtype_info(t).block_elems == 256;
+    for (int64_t rows : {1, 6, 45})
+      for (int64_t cols : {kq ? int64_t{512} : int64_t{640}, kq ? int64_t{2304} : int64_t{2336}})
+        cases.push_back({t, rows, cols, {1, 2, 3, 5, 8, 16, 17, 33, 64, 65}});
+  }
+  uint32_t seed = 900;
   for (const MatmulCase& c : cases) {
     TestWeight w(c.t, c.rows, c.cols, seed++);
     for (int n : c.ns) check_matmul(w, n, seed++);

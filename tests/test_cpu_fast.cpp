@@ -54,18 +54,76 @@ TEST(CpuFast, Int8DecodeErrorIsTypicallySmall) {
       auto x = randn(k, 901);
       auto fb = fast(kn);
       auto fw = fb->upload(w.view).value();
-      std::vector<float> got(rows);
-      fb->matmul(x.data(), 1, *fw, got.data());
-      double err = 0, bound = 0;
-      for (int64_t r = 0; r < rows; ++r) {
-        const float* wrow = w.dense.data() + r * k;
-        double want = 0;
-        for (int64_t i = 0; i < k; ++i) want += static_cast<double>(wrow[i]) * x[i];
-        err += std::fabs(got[r] - want);
-        bound += q8_rounding_bound(t, w.row(r), wrow, x.data(), k);
+      // 1 token: the one-row kernel; 8 and 33: the row x token tiles (33 > kGemmMinTokens)
+      for (int n : {1, 8, 33}) {
+        SCOPED_TRACE(n);
+        const auto xs = randn(static_cast<size_t>(n) * k, 901 + n);
+        std::vector<float> got(static_cast<size_t>(n) * rows);
+        fb->matmul(n == 1 ? x.data() : xs.data(), n, *fw, got.data());
+        double err = 0, bound = 0;
+        for (int tok = 0; tok < n; ++tok) {
+          const float* xt = (n == 1 ? x.data() : xs.data()) + tok * k;
+          for (int64_t r = 0; r < rows; ++r) {
+            const float* wrow = w.dense.data() + r * k;
+            double want = 0;
+            for (int64_t i = 0; i < k; ++i) want += static_cast<double>(wrow[i]) * xt[i];
+            err += std::fabs(got[tok * rows + r] - want);
+            bound += q8_rounding_bound(t, w.row(r), wrow, xt, k);
+          }
+        }
+        EXPECT_LT(err, bound / 4);
+        EXPECT_GT(err, 0.0);  // activations really are rounded (not the fp32 path)
       }
-      EXPECT_LT(err, bound / 4);
-      EXPECT_GT(err, 0.0);  // activations really are rounded (not the fp32 path)
+    }
+  }
+}
+
+// The int8 row x token tiles (kernels_avx2.cpp q8tiles, from kQ8TileMinTokens tokens) against
+// the one-row kernel (one call per token), for every type with an int8 kernel: both sum the
+// same exact int32 block products times the same fp32 scales, only in another order over
+// blocks (the tiles sum per 64-block segment), so they agree to fp32 summation rounding:
+// |diff| <= 2 nb eps sum_b |s_b d_b dot_b| <= ~1e-5 of sum |w x| at these widths (nb <= 73,
+// plus the activations' rounding, which only moves x by <= d/2 per element: below 1% of it).
+// Row counts with every tail of a 4-row tile, one and two segments, token counts around the
+// 2-token tiles.
+TEST(CpuFast, Int8TilesMatchTheOneRowKernel) {
+  for (const std::string& kn : fast_kernel_names()) {
+    const cpu::KernelSet* ks = cpu::select_kernels(kn.c_str());
+    for (DType t : {DType::kQ4_0, DType::kQ5_0, DType::kQ8_0, DType::kQ4_K, DType::kQ5_K, DType::kQ6_K}) {
+      const cpu::DotQ8Fn fn = ks->dot_q8[static_cast<int>(t)];
+      if (!fn) continue;
+      const bool kq = dtype_info(t).block_elems == 256;
+      for (int64_t k : {kq ? int64_t{256} : int64_t{96}, kq ? int64_t{2304} : int64_t{2336}}) {
+        const int rows = 7;
+        const TestWeight w(t, rows, k, 950 + static_cast<int>(t));
+        const int64_t rb = static_cast<int64_t>(*row_bytes(t, k));
+        for (int nt : {2, 3, 5, 8, 16, 17, 33, 64}) {
+          SCOPED_TRACE(kn + " " + dtype_name(t) + " k " + std::to_string(k) + " nt " + std::to_string(nt));
+          const auto x = randn(static_cast<size_t>(nt) * k, 951 + nt);
+          std::vector<cpu::Q8Block> q(static_cast<size_t>(nt) * (k / 32));
+          std::vector<const cpu::Q8Block*> acts(nt);
+          for (int i = 0; i < nt; ++i) {
+            ks->quantize_q8(x.data() + i * k, k, q.data() + i * (k / 32));
+            acts[i] = q.data() + i * (k / 32);
+          }
+          // rows [1, 7) in one call: the 4-row tile and a 2-row tail, the output strided
+          const int64_t ldo = rows + 3;
+          std::vector<float> tiled(static_cast<size_t>(nt) * ldo, -1.0f), one(nt * rows);
+          fn(k, w.bytes.data() + rb, rb, rows - 1, acts.data(), nt, tiled.data() + 1, ldo);
+          for (int i = 0; i < nt; ++i)
+            fn(k, w.bytes.data(), rb, rows, acts.data() + i, 1, one.data() + i * rows, rows);
+          for (int i = 0; i < nt; ++i) {
+            EXPECT_EQ(tiled[i * ldo], -1.0f);  // nothing written outside the rows asked for
+            for (int r = rows + 1; r < ldo; ++r) EXPECT_EQ(tiled[i * ldo + r], -1.0f);
+            for (int r = 1; r < rows; ++r) {
+              double mag = 0;
+              for (int64_t e = 0; e < k; ++e) mag += std::fabs(w.dense[r * k + e] * x[i * k + e]);
+              EXPECT_NEAR(tiled[i * ldo + r], one[i * rows + r], 1e-5 * mag + 1e-6)
+                  << "row " << r << " token " << i;
+            }
+          }
+        }
+      }
     }
   }
 }

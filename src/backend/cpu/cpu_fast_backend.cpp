@@ -3,11 +3,13 @@
 //
 //  * matmul. Weights are read in place from the mapped file (no repacked copy, so resident
 //    memory stays the file plus the KV cache plus the scratch below). Work is split over output
-//    rows. Under kGemmMinTokens tokens (decode), the activations are quantized to int8 blocks
-//    once per call (where the kernel table has an int8 kernel for the weight dtype, else they
-//    stay fp32) and each row is decoded in registers once per tile of up to kMaxTile tokens;
-//    from kGemmMinTokens on (prefill), panels of kGemmPanel rows are dequantized to fp32 and
-//    multiplied by an fp32 GEMM kernel (the reference's result up to summation order).
+//    rows. Up to kQ8MaxTokens tokens (decode, also batched: a token of each sequence), where the
+//    kernel table has an int8 kernel for the weight dtype, the activations are quantized to int8
+//    blocks once per call and the kernel gets every token at once (row x token tiles from
+//    kQ8TileMinTokens on); other dtypes under kGemmMinTokens decode each row in registers once
+//    per tile of up to kMaxTile fp32 tokens. Otherwise (prefill chunks; every call under
+//    batch_invariant), panels of kGemmPanel rows are dequantized to fp32 and multiplied by an
+//    fp32 GEMM kernel (the reference's result up to summation order).
 //  * attention: one task per (token, kv head, key split) handles every query head of the GQA
 //    group, so each cached key/value row is read once per group, not once per head. Only the
 //    keys a query sees are visited (window and ring: slot = position % capacity). In decode the
@@ -120,10 +122,13 @@ class FastCpuBackend final : public HostBackend {
     const int di = static_cast<int>(w.dtype);
     cpu::DotFn fn = k_.dot[di];
     if (!fn && w.view.row_scale.empty()) fn = cpu::portable_kernels().dot[di];
-    if ((n >= kGemmMinTokens || invariant_) && k_.gemm_f32) return matmul_gemm(x, n, w, out);
-    // Decode with int8 activations: each token's row quantized once here (n * k / 32 blocks,
-    // cheap next to the m * k weights), then the int8 dot kernels.
-    const cpu::DotQ8Fn fn8 = w.view.row_scale.empty() && k % 32 == 0 ? k_.dot_q8[di] : nullptr;
+    // Decode with int8 activations (up to kQ8MaxTokens tokens: batched decode steps too): each
+    // token's row quantized once here (n * k / 32 blocks, cheap next to the m * k weights), then
+    // the int8 dot kernels.
+    const cpu::DotQ8Fn fn8 = !invariant_ && n <= cpu::kQ8MaxTokens && w.view.row_scale.empty() && k % 32 == 0
+                                 ? k_.dot_q8[di]
+                                 : nullptr;
+    if (!fn8 && (n >= kGemmMinTokens || invariant_) && k_.gemm_f32) return matmul_gemm(x, n, w, out);
     if (fn8) {
       const int64_t nb = k / 32;
       q8_.resize(static_cast<size_t>(n) * nb);
@@ -147,10 +152,9 @@ class FastCpuBackend final : public HostBackend {
     const void* const* acts = acts_.data();
     const cpu::Q8Block* const* acts8 = q8_acts_.data();
     pool_.run_ranges(m, chunk, [&](int64_t r0, int64_t r1, int) {
-      if (fn8) {  // the whole row range per call, one token tile after the other
-        for (int t = 0; t < n; t += kMaxTile)
-          fn8(k, w.row_ptr(r0), static_cast<int64_t>(w.row_stride), static_cast<int>(r1 - r0), acts8 + t,
-              std::min(kMaxTile, n - t), out + static_cast<int64_t>(t) * m + r0, m);
+      if (fn8) {  // the whole row range and every token per call
+        fn8(k, w.row_ptr(r0), static_cast<int64_t>(w.row_stride), static_cast<int>(r1 - r0), acts8, n,
+            out + r0, m);
         return;
       }
       float tmp[kMaxTile];

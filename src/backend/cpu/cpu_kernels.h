@@ -3,16 +3,19 @@
 // `#pragma GCC target`, so the library still runs on any x86-64 (and non-x86) CPU; the table is
 // picked at run time from the CPU's features (select_kernels()).
 //
-//  * Decode (few tokens): where the table has dot_q8[dtype], each token's activations are
-//    quantized once per matmul to int8 blocks of 32 (Q8Block) and the kernel multiplies int8
-//    weights by int8 activations in integer registers (llama.cpp's approach: ~4x fewer vector
-//    ops per weight than decoding to fp32; relative rounding of a dot ~2^-8 / sqrt(k / 32)).
-//    Otherwise dot[dtype] reads a weight row once, decoding each block into registers against
-//    fp32 activations, for up to kMaxTile tokens.
+//  * Decode (up to kQ8MaxTokens tokens: one sequence, or one token of each of many): where the
+//    table has dot_q8[dtype], each token's activations are quantized once per matmul to int8
+//    blocks of 32 (Q8Block) and the kernel multiplies int8 weights by int8 activations in
+//    integer registers (llama.cpp's approach: ~4x fewer vector ops per weight than decoding to
+//    fp32; relative rounding of a dot ~2^-8 / sqrt(k / 32)); from kQ8TileMinTokens tokens in
+//    tiles of weight rows x tokens over staged weight blocks. Otherwise (below kGemmMinTokens)
+//    dot[dtype] reads a weight row once, decoding each block into registers against fp32
+//    activations, for up to kMaxTile tokens.
 //    Decode and prefill therefore differ by the activation rounding (~1e-3 relative in logits),
 //    as in llama.cpp.
-//  * Prefill (many tokens): dequant[dtype] turns kGemmPanel rows into fp32 once, and gemm_f32
-//    multiplies them with every token in register tiles (an fp32 GEMM: weights reused from L2).
+//  * Prefill (more than kQ8MaxTokens tokens, or from kGemmMinTokens for dtypes without dot_q8,
+//    or always under BackendOptions::batch_invariant): dequant[dtype] turns kGemmPanel rows into fp32 once,
+//    and gemm_f32 multiplies them with every token in register tiles (an fp32 GEMM: weights reused from L2).
 // The reference backend stays the oracle: tests/test_cpu_fast.cpp checks every kernel here
 // against it.
 #pragma once
@@ -29,6 +32,13 @@ constexpr int kGemmPanel = 16;  // weight rows per gemm_f32 call
 // below, the dot kernels (decode), which decode each weight block once in registers.
 constexpr int kGemmMinTokens = 16;
 constexpr int kMaxTile = 4;  // tokens one dot call handles (weights decoded once for all)
+// Up to this many tokens a matmul whose weight dtype has an int8 kernel (dot_q8) runs it with
+// int8-quantized activations, also from kGemmMinTokens on (batched decode: one token per
+// sequence); above, the fp32 GEMM (prefill chunks).
+constexpr int kQ8MaxTokens = 64;
+// From this many tokens on, dot_q8 walks row x token tiles over staged weight blocks
+// (kernels_avx2.cpp); below, one row at a time for up to kMaxTile tokens.
+constexpr int kQ8TileMinTokens = 2;
 constexpr int kNumDTypes = static_cast<int>(DType::kIQ4_XS) + 1;
 
 // out[t] = dot(weight row w (k elements of the weight's dtype), activation row a[t] (k floats))
@@ -44,8 +54,8 @@ struct Q8Block {
   float sum;
   int8_t q[32];
 };
-// For nr consecutive weight rows (row r at w + r * row_bytes, k elements) and nt <= kMaxTile
-// tokens: out[t * ldo + r] = dot(row r, activation row a[t] (k / 32 blocks)). One call per
+// For nr consecutive weight rows (row r at w + r * row_bytes, k elements) and nt tokens (any
+// count): out[t * ldo + r] = dot(row r, activation row a[t] (k / 32 blocks)). One call per
 // range of rows, so the per-row cost is the kernel's loop, not a call and a dispatch.
 using DotQ8Fn = void (*)(int64_t k, const void* w, int64_t row_bytes, int nr, const Q8Block* const* a, int nt,
                          float* out, int64_t ldo);

@@ -303,15 +303,157 @@ void q8rows_t(int64_t k, const uint8_t* w, int64_t row_bytes, int nr, const Q8Bl
   for (int r = 0; r < nr; ++r) q8dot_t<T, NT>(k, w + r * row_bytes, a, out + r, ldo);
 }
 
+// ---- int8 tiles: kTileRows weight rows x kTileTokens tokens (batched decode) ----------------
+//
+// From kQ8TileMinTokens tokens on, a range of rows is walked kTileRows rows at a time: the
+// rows' blocks (kSegBlocks at a time) are decoded once into a staging area on the stack (int8
+// lanes, per-lane fp32 scales, mins), which then stays in L1 while every tile of kTileTokens
+// tokens passes over it. So decoding a weight block (the nibble and scale unpacking of Q4_K,
+// Q5_0, Q6_K) is paid once per step, not once per token tile, and each tile's inner step
+// (one block, 4 rows x 2 tokens) reuses each activation load for 4 rows and each staged
+// weight for 2 tokens with 8 independent accumulators. Arithmetic per (row, token, block):
+// exactly the one-row kernel's (int32 products of the block, converted, times weight scale x
+// activation scale), only the summation order over blocks differs (per segment, then summed).
+constexpr int kTileRows = 4;
+constexpr int kTileTokens = 2;
+constexpr int kSegBlocks = 64;  // multiple of 8: a segment is whole 256-element super-blocks
+
+struct Stage {
+  alignas(32) int8_t q[kSegBlocks][kTileRows][32];    // unsigned formats: q; signed: |q|
+  alignas(32) int8_t sgn[kSegBlocks][kTileRows][32];  // signed formats: q (the sign source)
+  alignas(32) float sc[kSegBlocks][kTileRows][8];     // the block's scale per int32 lane
+  alignas(32) float mn[kTileRows][kSegBlocks];        // Q4_K / Q5_K: the block's min
+};
+
+template <DType T>
+constexpr int64_t seg_offset(int64_t b0) {  // byte offset of block b0 (a multiple of 8) in a row
+  switch (T) {
+    case DType::kQ8_0: return b0 * 34;
+    case DType::kQ4_0: return b0 * 18;
+    case DType::kQ5_0: return b0 * 22;
+    case DType::kQ4_K: return b0 / 8 * 144;
+    case DType::kQ5_K: return b0 / 8 * 176;
+    default: return b0 / 8 * 210;  // Q6_K
+  }
+}
+
+// Rows [0, rr) of the tile (row r at w + r * row_bytes), blocks [b0, b0 + nbs), into st; rows
+// rr..kTileRows-1 are zeros (their outputs are not written).
+template <DType T>
+void stage_rows(const uint8_t* w, int64_t row_bytes, int rr, int64_t b0, int nbs, Stage& st) {
+  constexpr bool kSigned = !(T == DType::kQ4_K || T == DType::kQ5_K);
+  for (int r = 0; r < kTileRows; ++r) {
+    if (r >= rr) {
+      for (int b = 0; b < nbs; ++b) {
+        _mm256_store_si256(reinterpret_cast<__m256i*>(st.q[b][r]), _mm256_setzero_si256());
+        _mm256_store_si256(reinterpret_cast<__m256i*>(st.sgn[b][r]), _mm256_setzero_si256());
+        _mm256_store_ps(st.sc[b][r], _mm256_setzero_ps());
+        st.mn[r][b] = 0.0f;
+      }
+      continue;
+    }
+    each_block<T>(
+        w + r * row_bytes + seg_offset<T>(b0), 32 * static_cast<int64_t>(nbs),
+        [&](int64_t b, const Blk& blk) {
+          if constexpr (kSigned) {
+            _mm256_store_si256(reinterpret_cast<__m256i*>(st.q[b][r]), _mm256_sign_epi8(blk.q, blk.q));
+            _mm256_store_si256(reinterpret_cast<__m256i*>(st.sgn[b][r]), blk.q);
+          } else {
+            _mm256_store_si256(reinterpret_cast<__m256i*>(st.q[b][r]), blk.q);
+          }
+          _mm256_store_ps(st.sc[b][r], _mm256_set_m128(_mm_set1_ps(blk.s_hi), _mm_set1_ps(blk.s_lo)));
+          st.mn[r][b] = blk.m;
+        });
+  }
+}
+
+// out[t * ldo + r] (+)= dot over the staged blocks [0, nbs) of row r < rr and token t < NT, whose
+// blocks are a[t][b0 ..]. `add`: accumulate onto the previous segments' sums.
+template <bool kSigned, bool kMin, int NT>
+void q8_tile(const Stage& st, int nbs, const Q8Block* const* a, int64_t b0, int rr, float* out, int64_t ldo,
+             bool add) {
+  __m256 acc[kTileRows][NT];
+#pragma GCC unroll 4
+  for (int r = 0; r < kTileRows; ++r)
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; ++t) acc[r][t] = _mm256_setzero_ps();
+  const Q8Block* at[NT];
+#pragma GCC unroll 4
+  for (int t = 0; t < NT; ++t) at[t] = a[t] + b0;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int b = 0; b < nbs; ++b) {
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; ++t) {
+      const __m256i av = loadu256(at[t][b].q);
+      const __m256 da = _mm256_broadcast_ss(&at[t][b].d);
+#pragma GCC unroll 4
+      for (int r = 0; r < kTileRows; ++r) {
+        const __m256i wq = _mm256_load_si256(reinterpret_cast<const __m256i*>(st.q[b][r]));
+        __m256i p;
+        if constexpr (kSigned)
+          p = _mm256_maddubs_epi16(
+              wq, _mm256_sign_epi8(av, _mm256_load_si256(reinterpret_cast<const __m256i*>(st.sgn[b][r]))));
+        else
+          p = _mm256_maddubs_epi16(wq, av);
+        const __m256 sd = _mm256_mul_ps(_mm256_load_ps(st.sc[b][r]), da);
+        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), sd, acc[r][t]);
+      }
+    }
+  }
+  for (int t = 0; t < NT; ++t) {
+    float sums[kSegBlocks];
+    if constexpr (kMin)
+      for (int b = 0; b < nbs; ++b) sums[b] = at[t][b].sum;
+    for (int r = 0; r < rr; ++r) {
+      float v = hsum(acc[r][t]);
+      if constexpr (kMin) {  // sum_b m_b * sum(x_b), nbs a multiple of 8 (whole super-blocks)
+        __m256 m = _mm256_setzero_ps();
+        for (int b = 0; b < nbs; b += 8)
+          m = _mm256_fmadd_ps(_mm256_load_ps(st.mn[r] + b), _mm256_loadu_ps(sums + b), m);
+        v -= hsum(m);
+      }
+      float& o = out[t * ldo + r];
+      o = add ? o + v : v;
+    }
+  }
+}
+
+template <DType T>
+void q8tiles(int64_t k, const uint8_t* w, int64_t row_bytes, int nr, const Q8Block* const* a, int nt,
+             float* out, int64_t ldo) {
+  constexpr bool kSigned = !(T == DType::kQ4_K || T == DType::kQ5_K), kMin = !kSigned;
+  Stage st;
+  const int64_t nb = k / 32;
+  for (int r0 = 0; r0 < nr; r0 += kTileRows) {
+    const int rr = nr - r0 < kTileRows ? nr - r0 : kTileRows;
+    for (int64_t b0 = 0; b0 < nb; b0 += kSegBlocks) {
+      const int nbs = static_cast<int>(nb - b0 < kSegBlocks ? nb - b0 : kSegBlocks);
+      stage_rows<T>(w + r0 * row_bytes, row_bytes, rr, b0, nbs, st);
+      for (int t = 0; t < nt; t += kTileTokens) {
+        float* o = out + t * ldo + r0;
+        if (nt - t >= 2)
+          q8_tile<kSigned, kMin, 2>(st, nbs, a + t, b0, rr, o, ldo, b0 > 0);
+        else
+          q8_tile<kSigned, kMin, 1>(st, nbs, a + t, b0, rr, o, ldo, b0 > 0);
+      }
+    }
+  }
+}
+
 template <DType T>
 void q8dot(int64_t k, const void* w, int64_t row_bytes, int nr, const Q8Block* const* a, int nt, float* out,
            int64_t ldo) {
   const uint8_t* wb = static_cast<const uint8_t*>(w);
-  switch (nt) {
-    case 1: return q8rows_t<T, 1>(k, wb, row_bytes, nr, a, out, ldo);
-    case 2: return q8rows_t<T, 2>(k, wb, row_bytes, nr, a, out, ldo);
-    case 3: return q8rows_t<T, 3>(k, wb, row_bytes, nr, a, out, ldo);
-    default: return q8rows_t<T, 4>(k, wb, row_bytes, nr, a, out, ldo);
+  if (nt >= kQ8TileMinTokens) return q8tiles<T>(k, wb, row_bytes, nr, a, nt, out, ldo);
+  for (int t = 0; t < nt; t += kMaxTile) {
+    const Q8Block* const* at = a + t;
+    float* ot = out + t * ldo;
+    switch (nt - t) {
+      case 1: q8rows_t<T, 1>(k, wb, row_bytes, nr, at, ot, ldo); break;
+      case 2: q8rows_t<T, 2>(k, wb, row_bytes, nr, at, ot, ldo); break;
+      case 3: q8rows_t<T, 3>(k, wb, row_bytes, nr, at, ot, ldo); break;
+      default: q8rows_t<T, 4>(k, wb, row_bytes, nr, at, ot, ldo); break;
+    }
   }
 }
 
