@@ -85,7 +85,7 @@ TEST(CpuFast, Int8DecodeErrorIsTypicallySmall) {
 // |diff| <= 2 nb eps sum_b |s_b d_b dot_b| <= ~1e-5 of sum |w x| at these widths (nb <= 73,
 // plus the activations' rounding, which only moves x by <= d/2 per element: below 1% of it).
 // Row counts with every tail of a 4-row tile, one and two segments, token counts around the
-// 2-token tiles.
+// 2-token tiles and kQ8TileMinTokens (below it both sides are the one-row kernel).
 TEST(CpuFast, Int8TilesMatchTheOneRowKernel) {
   for (const std::string& kn : fast_kernel_names()) {
     const cpu::KernelSet* ks = cpu::select_kernels(kn.c_str());

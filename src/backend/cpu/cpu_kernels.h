@@ -37,8 +37,9 @@ constexpr int kMaxTile = 4;  // tokens one dot call handles (weights decoded onc
 // sequence); above, the fp32 GEMM (prefill chunks).
 constexpr int kQ8MaxTokens = 64;
 // From this many tokens on, dot_q8 walks row x token tiles over staged weight blocks
-// (kernels_avx2.cpp); below, one row at a time for up to kMaxTile tokens.
-constexpr int kQ8TileMinTokens = 2;
+// (kernels_avx2.cpp); below, one row at a time for up to kMaxTile tokens (faster there: the
+// staging is paid for by few tokens; at 5 the one-row kernel would decode each row twice).
+constexpr int kQ8TileMinTokens = 5;
 constexpr int kNumDTypes = static_cast<int>(DType::kIQ4_XS) + 1;
 
 // out[t] = dot(weight row w (k elements of the weight's dtype), activation row a[t] (k floats))

@@ -307,13 +307,16 @@ void q8rows_t(int64_t k, const uint8_t* w, int64_t row_bytes, int nr, const Q8Bl
 //
 // From kQ8TileMinTokens tokens on, a range of rows is walked kTileRows rows at a time: the
 // rows' blocks (kSegBlocks at a time) are decoded once into a staging area on the stack (int8
-// lanes, per-lane fp32 scales, mins), which then stays in L1 while every tile of kTileTokens
-// tokens passes over it. So decoding a weight block (the nibble and scale unpacking of Q4_K,
-// Q5_0, Q6_K) is paid once per step, not once per token tile, and each tile's inner step
-// (one block, 4 rows x 2 tokens) reuses each activation load for 4 rows and each staged
-// weight for 2 tokens with 8 independent accumulators. Arithmetic per (row, token, block):
-// exactly the one-row kernel's (int32 products of the block, converted, times weight scale x
-// activation scale), only the summation order over blocks differs (per segment, then summed).
+// lanes, scales, mins), which then stays in L1 while every tile of kTileTokens tokens passes
+// over it. So decoding a weight block (the nibble and scale unpacking of Q4_K, Q5_0, Q6_K) is
+// paid once per step, not once per token tile, and each tile's inner step (one block, 4 rows x
+// 2 tokens) reuses each activation load for 4 rows and each staged weight for 2 tokens with 8
+// independent accumulators. Signed quants are staged as |q| and q (the sign trick's operands,
+// decoded once); the weight scale x activation scale products are formed 4 rows at a time
+// before the block loop (Q6_K, a scale per 16 elements, multiplies per-lane scales in the
+// loop). Arithmetic per (row, token, block) is the one-row kernel's (the exact int32 block
+// product, converted, times the same scale product); only the order of the sum over blocks
+// differs (per segment, then summed).
 constexpr int kTileRows = 4;
 constexpr int kTileTokens = 2;
 constexpr int kSegBlocks = 64;  // multiple of 8: a segment is whole 256-element super-blocks
@@ -321,7 +324,8 @@ constexpr int kSegBlocks = 64;  // multiple of 8: a segment is whole 256-element
 struct Stage {
   alignas(32) int8_t q[kSegBlocks][kTileRows][32];    // unsigned formats: q; signed: |q|
   alignas(32) int8_t sgn[kSegBlocks][kTileRows][32];  // signed formats: q (the sign source)
-  alignas(32) float sc[kSegBlocks][kTileRows][8];     // the block's scale per int32 lane
+  alignas(32) float sc[kSegBlocks][kTileRows][8];     // Q6_K: the scale per int32 lane
+  alignas(32) float s[kSegBlocks][kTileRows];         // the others: the block's scale
   alignas(32) float mn[kTileRows][kSegBlocks];        // Q4_K / Q5_K: the block's min
 };
 
@@ -348,30 +352,35 @@ void stage_rows(const uint8_t* w, int64_t row_bytes, int rr, int64_t b0, int nbs
         _mm256_store_si256(reinterpret_cast<__m256i*>(st.q[b][r]), _mm256_setzero_si256());
         _mm256_store_si256(reinterpret_cast<__m256i*>(st.sgn[b][r]), _mm256_setzero_si256());
         _mm256_store_ps(st.sc[b][r], _mm256_setzero_ps());
-        st.mn[r][b] = 0.0f;
+        st.s[b][r] = st.mn[r][b] = 0.0f;
       }
       continue;
     }
-    each_block<T>(
-        w + r * row_bytes + seg_offset<T>(b0), 32 * static_cast<int64_t>(nbs),
-        [&](int64_t b, const Blk& blk) {
-          if constexpr (kSigned) {
-            _mm256_store_si256(reinterpret_cast<__m256i*>(st.q[b][r]), _mm256_sign_epi8(blk.q, blk.q));
-            _mm256_store_si256(reinterpret_cast<__m256i*>(st.sgn[b][r]), blk.q);
-          } else {
-            _mm256_store_si256(reinterpret_cast<__m256i*>(st.q[b][r]), blk.q);
-          }
-          _mm256_store_ps(st.sc[b][r], _mm256_set_m128(_mm_set1_ps(blk.s_hi), _mm_set1_ps(blk.s_lo)));
-          st.mn[r][b] = blk.m;
-        });
+    each_block<T>(w + r * row_bytes + seg_offset<T>(b0), 32 * static_cast<int64_t>(nbs),
+                  [&](int64_t b, const Blk& blk) {
+                    __m256i* q = reinterpret_cast<__m256i*>(st.q[b][r]);
+                    if constexpr (kSigned) {
+                      _mm256_store_si256(q, _mm256_sign_epi8(blk.q, blk.q));
+                      _mm256_store_si256(reinterpret_cast<__m256i*>(st.sgn[b][r]), blk.q);
+                    } else {
+                      _mm256_store_si256(q, blk.q);
+                    }
+                    if constexpr (T == DType::kQ6_K)
+                      _mm256_store_ps(st.sc[b][r],
+                                      _mm256_set_m128(_mm_set1_ps(blk.s_hi), _mm_set1_ps(blk.s_lo)));
+                    st.s[b][r] = blk.s_lo;
+                    st.mn[r][b] = blk.m;
+                  });
   }
 }
 
 // out[t * ldo + r] (+)= dot over the staged blocks [0, nbs) of row r < rr and token t < NT, whose
 // blocks are a[t][b0 ..]. `add`: accumulate onto the previous segments' sums.
-template <bool kSigned, bool kMin, int NT>
+template <DType T, int NT>
 void q8_tile(const Stage& st, int nbs, const Q8Block* const* a, int64_t b0, int rr, float* out, int64_t ldo,
              bool add) {
+  constexpr bool kSigned = !(T == DType::kQ4_K || T == DType::kQ5_K), kMin = !kSigned;
+  constexpr bool kHalves = T == DType::kQ6_K;  // a scale per 16 elements: per-lane scales
   __m256 acc[kTileRows][NT];
 #pragma GCC unroll 4
   for (int r = 0; r < kTileRows; ++r)
@@ -380,12 +389,21 @@ void q8_tile(const Stage& st, int nbs, const Q8Block* const* a, int64_t b0, int 
   const Q8Block* at[NT];
 #pragma GCC unroll 4
   for (int t = 0; t < NT; ++t) at[t] = a[t] + b0;
+  // sd[b][4 t + r] = weight scale x activation scale
+  alignas(32) float sd[kHalves ? 1 : kSegBlocks][kTileRows * NT];
+  if constexpr (!kHalves)
+    for (int b = 0; b < nbs; ++b) {
+      const __m128 s4 = _mm_load_ps(st.s[b]);
+#pragma GCC unroll 4
+      for (int t = 0; t < NT; ++t) _mm_store_ps(sd[b] + 4 * t, _mm_mul_ps(s4, _mm_set1_ps(at[t][b].d)));
+    }
   const __m256i ones = _mm256_set1_epi16(1);
   for (int b = 0; b < nbs; ++b) {
 #pragma GCC unroll 4
     for (int t = 0; t < NT; ++t) {
       const __m256i av = loadu256(at[t][b].q);
-      const __m256 da = _mm256_broadcast_ss(&at[t][b].d);
+      __m256 da;
+      if constexpr (kHalves) da = _mm256_broadcast_ss(&at[t][b].d);
 #pragma GCC unroll 4
       for (int r = 0; r < kTileRows; ++r) {
         const __m256i wq = _mm256_load_si256(reinterpret_cast<const __m256i*>(st.q[b][r]));
@@ -395,13 +413,17 @@ void q8_tile(const Stage& st, int nbs, const Q8Block* const* a, int64_t b0, int 
               wq, _mm256_sign_epi8(av, _mm256_load_si256(reinterpret_cast<const __m256i*>(st.sgn[b][r]))));
         else
           p = _mm256_maddubs_epi16(wq, av);
-        const __m256 sd = _mm256_mul_ps(_mm256_load_ps(st.sc[b][r]), da);
-        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), sd, acc[r][t]);
+        __m256 f;
+        if constexpr (kHalves)
+          f = _mm256_mul_ps(_mm256_load_ps(st.sc[b][r]), da);
+        else
+          f = _mm256_broadcast_ss(&sd[b][4 * t + r]);
+        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), f, acc[r][t]);
       }
     }
   }
   for (int t = 0; t < NT; ++t) {
-    float sums[kSegBlocks];
+    alignas(32) float sums[kSegBlocks];
     if constexpr (kMin)
       for (int b = 0; b < nbs; ++b) sums[b] = at[t][b].sum;
     for (int r = 0; r < rr; ++r) {
@@ -409,7 +431,7 @@ void q8_tile(const Stage& st, int nbs, const Q8Block* const* a, int64_t b0, int 
       if constexpr (kMin) {  // sum_b m_b * sum(x_b), nbs a multiple of 8 (whole super-blocks)
         __m256 m = _mm256_setzero_ps();
         for (int b = 0; b < nbs; b += 8)
-          m = _mm256_fmadd_ps(_mm256_load_ps(st.mn[r] + b), _mm256_loadu_ps(sums + b), m);
+          m = _mm256_fmadd_ps(_mm256_load_ps(st.mn[r] + b), _mm256_load_ps(sums + b), m);
         v -= hsum(m);
       }
       float& o = out[t * ldo + r];
@@ -421,7 +443,6 @@ void q8_tile(const Stage& st, int nbs, const Q8Block* const* a, int64_t b0, int 
 template <DType T>
 void q8tiles(int64_t k, const uint8_t* w, int64_t row_bytes, int nr, const Q8Block* const* a, int nt,
              float* out, int64_t ldo) {
-  constexpr bool kSigned = !(T == DType::kQ4_K || T == DType::kQ5_K), kMin = !kSigned;
   Stage st;
   const int64_t nb = k / 32;
   for (int r0 = 0; r0 < nr; r0 += kTileRows) {
@@ -432,9 +453,9 @@ void q8tiles(int64_t k, const uint8_t* w, int64_t row_bytes, int nr, const Q8Blo
       for (int t = 0; t < nt; t += kTileTokens) {
         float* o = out + t * ldo + r0;
         if (nt - t >= 2)
-          q8_tile<kSigned, kMin, 2>(st, nbs, a + t, b0, rr, o, ldo, b0 > 0);
+          q8_tile<T, 2>(st, nbs, a + t, b0, rr, o, ldo, b0 > 0);
         else
-          q8_tile<kSigned, kMin, 1>(st, nbs, a + t, b0, rr, o, ldo, b0 > 0);
+          q8_tile<T, 1>(st, nbs, a + t, b0, rr, o, ldo, b0 > 0);
       }
     }
   }
