@@ -2,13 +2,17 @@
 // Session gives for the same prompt and options (token for token, with batch_invariant, on the
 // tiny model and on the real 270M), whatever else is in the batch; cancellation of one request;
 // requests finishing while others run; many threads submitting at once (also under TSan);
-// a full queue; bad requests; shutdown with work left.
+// a full queue; bad requests; shutdown with work left; chat messages with images (files and
+// bytes in memory) on the tiny vision model, alone and beside text requests, prefix reuse that
+// tells images apart, and the image errors.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <fstream>
+#include <iterator>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -391,9 +395,11 @@ TEST(Engine, BadRequestsAreRefusedNamingTheField) {
   EngineRequest id;
   id.tokens = {2, 100000};
   refuse(id, ErrorCode::kInvalidArgument, "EngineRequest::tokens[1]");
-  EngineRequest image;
+  EngineRequest image;  // a text-only model
   image.messages = {{"user", "look", {"x.png"}}};
-  refuse(image, ErrorCode::kUnsupported, "images");
+  refuse(image, ErrorCode::kUnsupported, "no vision tower");
+  image.messages = {{"user", "look", {}, {"\x89PNG"}}};
+  refuse(image, ErrorCode::kUnsupported, "EngineRequest::messages");
   EngineRequest longer;
   longer.tokens.assign(33, 2);
   refuse(longer, ErrorCode::kOutOfRange, "at most 32");
@@ -510,6 +516,181 @@ TEST(Engine, PrefixReuseBoundIsTheStepSize) {
     expect_same(got, reference(*m, b), "diverging " + std::to_string(back) + " back");
     EXPECT_EQ((*e)->stats().reused_tokens, back <= 8 ? held.size() - back : 0u) << back;
   }
+}
+
+// ---- images (tests/data/tiny-vision: 64x64 images, 16 soft tokens each) ----
+
+constexpr int32_t kImageToken = 512;  // image_token_index, tests/data/tiny-vision/config.json
+
+std::string image_file(const std::string& name) { return testutil::data_path("images/" + name); }
+
+std::string file_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+std::shared_ptr<Model> load_vision(int chunk = 64) {
+  LoadOptions o;
+  o.backend = BackendKind::kCpu;
+  o.threads = 2;
+  o.context = 256;
+  o.prefill_chunk = chunk;
+  o.batch_invariant = true;
+  auto m = Model::load(testutil::data_path("tiny-vision"), o);
+  EXPECT_TRUE(m.ok()) << m.status().to_string();
+  return m.ok() ? *m : nullptr;
+}
+
+// Session::feed_chat takes images as bytes in memory: the same context as the file, and the
+// same bytes again come from the session's image cache.
+TEST(EngineImages, SessionFeedChatTakesImageBytes) {
+  auto m = load_vision();
+  ASSERT_TRUE(m);
+  const std::string file = image_file("rgb_300x90.png");
+  auto by_path = m->new_session().value();
+  ASSERT_TRUE(by_path->feed_chat({{"user", "What is this?", {file}}}).ok());
+  auto by_bytes = m->new_session().value();
+  Status st = by_bytes->feed_chat({{"user", "What is this?", {}, {file_bytes(file)}}});
+  ASSERT_TRUE(st.ok()) << st.to_string();
+  EXPECT_EQ(by_bytes->tokens(), by_path->tokens());
+  EXPECT_EQ(testutil::to_vector(by_bytes->last_logits()), testutil::to_vector(by_path->last_logits()));
+  EXPECT_EQ(by_bytes->stats().images_encoded, 1);
+  // Files first, then bytes: the second marker takes the bytes; the file's bytes are cached.
+  st = by_bytes->feed_chat({{"user",
+                             "<start_of_image> or <start_of_image>?",
+                             {image_file("photo_96x64.jpg")},
+                             {file_bytes(file)}}});
+  ASSERT_TRUE(st.ok()) << st.to_string();
+  EXPECT_EQ(by_bytes->stats().images, 3);
+  EXPECT_EQ(by_bytes->stats().images_encoded, 2);
+  st = by_bytes->feed_chat({{"user", "x", {}, {"not an image"}}});
+  EXPECT_FALSE(st.ok());
+  EXPECT_NE(st.message().find("image_bytes[0] of message 0"), std::string::npos) << st.to_string();
+}
+
+// Requests with images (one, two with markers, files and bytes, a later turn, seeded sampling)
+// beside text requests, all at once on 3 sequences with a step of 40 tokens: each equals a lone
+// session, and a lone run on a one-sequence engine.
+TEST(EngineImages, MixedBatchEqualsLoneSessions) {
+  auto m = load_vision();
+  ASSERT_TRUE(m);
+  const std::string a = image_file("rgb_300x90.png"), b = image_file("photo_96x64.jpg");
+  std::vector<EngineRequest> rs(6);
+  rs[0].messages = {{"user", "What is this?", {a}}};
+  rs[1].text = "Once upon a time";
+  rs[2].messages = {{"user", "Compare <start_of_image> with <start_of_image>.", {b}, {file_bytes(a)}}};
+  rs[3].messages = {{"user", "hello"}};
+  rs[4].messages = {{"user", "Describe it.", {}, {file_bytes(image_file("rgba_64x64.png"))}},
+                    {"model", "A square."},
+                    {"user", "And now?", {b}}};
+  rs[5].messages = rs[0].messages;
+  rs[5].options.sampling.temperature = 0.9f;
+  rs[5].options.sampling.seed = 7;
+  for (size_t i = 0; i < rs.size(); ++i) {
+    rs[i].options.max_tokens = 6 + 3 * static_cast<int>(i);
+    rs[i].options.top_logprobs = 2;  // the tiny model's ids may not show an image's effect; these do
+  }
+
+  EngineOptions eo;
+  eo.max_sequences = 3;
+  eo.step_tokens = 40;
+  auto e = Engine::create(m, eo);
+  ASSERT_TRUE(e.ok()) << e.status().to_string();
+  const std::vector<Output> got = run_all(**e, rs);
+  eo.max_sequences = 1;
+  eo.step_tokens = 0;
+  auto lone = Engine::create(m, eo);
+  ASSERT_TRUE(lone.ok()) << lone.status().to_string();
+  for (size_t i = 0; i < rs.size(); ++i) {
+    const Output want = reference(*m, rs[i]);
+    expect_same(got[i], want, "request " + std::to_string(i));
+    expect_same(collect([&](const Engine::OnToken& on) { return (*lone)->generate(rs[i], on); }), want,
+                "lone request " + std::to_string(i));
+  }
+}
+
+// Soft tokens all have one id: a request with another image after the same text must not reuse
+// the KV memory past the image (it would see the first image), one with the same image (bytes of
+// the same file) reuses it all.
+TEST(EngineImages, PrefixReuseTellsImagesApart) {
+  auto m = load_vision(128);
+  ASSERT_TRUE(m);
+  EngineOptions eo;
+  eo.max_sequences = 1;
+  eo.step_tokens = 128;  // rings of W + 128 - 1 slots: they never wrap here, so any prefix is usable
+  auto e = Engine::create(m, eo);
+  ASSERT_TRUE(e.ok());
+  auto run = [&](const EngineRequest& r) {
+    return collect([&](const Engine::OnToken& on) { return (*e)->generate(r, on); });
+  };
+  const std::string x = image_file("rgb_300x90.png"), y = image_file("photo_96x64.jpg");
+  EngineRequest rx, ry;
+  rx.messages = {{"user", "What is in the picture?", {x}}};
+  ry.messages = {{"user", "What is in the picture?", {y}}};
+  rx.options.max_tokens = ry.options.max_tokens = 8;
+  rx.options.ignore_eos = ry.options.ignore_eos = true;
+  rx.options.top_logprobs = ry.options.top_logprobs = 3;  // a wrong image changes them, if not the ids
+  const Output first = run(rx);
+  expect_same(first, reference(*m, rx), "image x");
+
+  auto s = m->new_session().value();  // where the image block starts
+  ASSERT_TRUE(s->feed_chat(rx.messages).ok());
+  const std::vector<int32_t>& ids = s->tokens();
+  const size_t soft = std::find(ids.begin(), ids.end(), kImageToken) - ids.begin();
+  ASSERT_LT(soft, ids.size());
+
+  uint64_t before = (*e)->stats().reused_tokens;
+  expect_same(run(ry), reference(*m, ry), "image y after x");
+  EXPECT_EQ((*e)->stats().reused_tokens - before, soft) << "reused past the image";
+
+  // The same image again (as bytes), the next turn: everything the sequence holds is reused.
+  const Output again = run(rx);
+  EngineRequest next;
+  next.messages = {{"user", "What is in the picture?", {}, {file_bytes(x)}},
+                   {"model", again.text},
+                   {"user", "Are you sure?"}};
+  next.options.max_tokens = 5;
+  before = (*e)->stats().reused_tokens;
+  expect_same(run(next), reference(*m, next), "next turn");
+  EXPECT_GT((*e)->stats().reused_tokens - before, soft + 16);
+}
+
+TEST(EngineImages, ErrorsAreNamed) {
+  auto m = load_vision();
+  ASSERT_TRUE(m);
+  EngineOptions eo;
+  eo.max_sequences = 2;
+  auto e = Engine::create(m, eo);
+  ASSERT_TRUE(e.ok());
+  auto noop = [](const TokenEvent&) { return true; };
+  auto done = [](const Result<GenerateResult>&) { ADD_FAILURE() << "on_done of a refused request"; };
+  auto refuse = [&](Engine& engine, const EngineRequest& r, ErrorCode code, const std::string& words) {
+    auto id = engine.submit(r, noop, done);
+    ASSERT_FALSE(id.ok()) << words;
+    EXPECT_EQ(id.status().code(), code) << id.status().to_string();
+    EXPECT_NE(id.status().message().find(words), std::string::npos) << id.status().message();
+    EXPECT_NE(id.status().message().find("EngineRequest::messages"), std::string::npos)
+        << id.status().message();
+  };
+  EngineRequest r;
+  r.messages = {{"user", "hi"}, {"model", "yes"}, {"user", "and this?", {}, {"not an image at all"}}};
+  refuse(**e, r, ErrorCode::kInvalidFile, "image_bytes[0] of message 2");
+  r.messages = {{"user", "hi", {}, {std::string((64 << 20) + 1, 'x')}}};
+  refuse(**e, r, ErrorCode::kInvalidFile, "over the limit");
+  r.messages = {{"user", "hi", {testutil::data_path("images/no-such.png")}}};
+  refuse(**e, r, ErrorCode::kNotFound, "no-such.png");
+  r.messages = {{"user", "<start_of_image>", {image_file("rgb_300x90.png"), image_file("rgb_300x90.png")}}};
+  refuse(**e, r, ErrorCode::kInvalidArgument, "markers");
+  // A step shorter than an image's 16 soft tokens.
+  eo.step_tokens = 8;
+  auto short_step = Engine::create(m, eo);
+  ASSERT_TRUE(short_step.ok());
+  r.messages = {{"user", "hi", {image_file("rgb_300x90.png")}}};
+  refuse(**short_step, r, ErrorCode::kInvalidArgument, "EngineOptions::step_tokens");
+  // The engine still serves requests.
+  r.options.max_tokens = 3;
+  const Output ok = collect([&](const Engine::OnToken& on) { return (*e)->generate(r, on); });
+  expect_same(ok, reference(*m, r), "after the errors");
 }
 
 // The real 270M (Q4_K_M): 8 chat and text requests at once equal lone sessions token for

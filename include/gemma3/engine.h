@@ -16,12 +16,17 @@
 // The engine runs its steps on a thread of its own, which calls every request's on_token and
 // on_done; a callback may call submit and cancel, but must not call generate or destroy the
 // engine. Destroying the engine cancels what is still queued or running (on_done gets
-// FinishReason::kCancelled) and waits for its thread.
+// FinishReason::kCancelled) and waits for its thread. A request's images are decoded and run
+// through the vision tower inside submit, on the calling thread (one image request at a time;
+// the tower takes the model's backend between the engine's steps, which wait for it), so
+// submit returns once they are encoded; the engine keeps up to 16 encoded images by content
+// for later requests (a chat resends its images every turn).
 //
 // Prefix reuse: a finished request's sequence keeps its KV memory. A new request whose prompt
 // starts with the tokens that sequence holds (the next turn of a chat: the previous prompt, the
 // reply, the new message), or diverges from them at most a step's worth of tokens before their
 // end, takes that sequence and runs only the rest of its prompt (EngineStats::reused_tokens).
+// Images count as their content: a different image at the same place ends the common prefix.
 //
 // Results: a request's tokens are what Session::generate gives for the same prompt and options
 // (same sampler, same per-request seed, same stop rules and finish reasons). Greedy outputs do
@@ -60,8 +65,8 @@ struct EngineOptions {
 struct EngineRequest {
   std::vector<int32_t> tokens;        // ids, <bos> first (as Session::feed_tokens)
   std::string text;                   // completed raw: <bos> + text (as Session::feed_text)
-  std::vector<ChatMessage> messages;  // the chat template with the generation prompt (as feed_chat;
-                                      // text only: images are not supported by the engine yet)
+  std::vector<ChatMessage> messages;  // the chat template with the generation prompt, images
+                                      // included (as feed_chat on an empty session)
   GenerateOptions options;            // max_tokens, sampling (with its seed), stop strings, logprobs,
                                       // cancel (checked before each step)
 };
@@ -93,7 +98,12 @@ class Engine {
   // request with kInternal); on_done gets the result or the error, exactly once, and must not
   // throw (what it throws is dropped). Errors here (nothing is queued, no callback runs): an empty or
   // ambiguous prompt, bad options (the fields as Session::generate names them), a prompt that
-  // can never fit a sequence's context (kOutOfRange), a full queue (kUnavailable).
+  // can never fit a sequence's context (kOutOfRange), a full queue (kUnavailable), and for
+  // images (named "EngineRequest::messages: ..."): a model without a vision tower
+  // (kUnsupported), an image that cannot be read or decoded or is over the limits, an image
+  // block longer than a sequence's step (kInvalidArgument: its soft tokens, 256 on the real
+  // models, run in one step, so EngineOptions::step_tokens and LoadOptions::prefill_chunk must
+  // be at least that).
   virtual Result<uint64_t> submit(EngineRequest request, OnToken on_token, OnDone on_done) = 0;
   // Finishes a queued or running request with FinishReason::kCancelled before its next step
   // (its sequence is then free for the next request); the others in the step go on untouched.

@@ -98,10 +98,14 @@ struct SessionOptions {
 struct ChatMessage {
   std::string role;  // "system", "user", "model" ("assistant" is accepted as "model")
   std::string content;
-  // Image files for a user message, one per "<start_of_image>" marker in `content` (in order),
-  // or all placed before the text when the content has no marker (as the HF chat template does
-  // for image content items). Needs a model with a vision tower.
-  std::vector<std::string> images;
+  // Images for a user message: the files `images` names, then the files `image_bytes` holds in
+  // memory, in that order, one per "<start_of_image>" marker in `content` (in order), or all
+  // placed before the text when the content has no marker (as the HF chat template does for
+  // image content items). Needs a model with a vision tower.
+  std::vector<std::string> images;  // image file paths
+  // Image files' bytes (PNG, JPEG, BMP or GIF; the limits of feed_image_bytes), e.g. a server's
+  // base64 data: URIs decoded; errors name them "image_bytes[k] of message i".
+  std::vector<std::string> image_bytes;
 };
 
 struct SamplingOptions {
@@ -272,12 +276,13 @@ using ActivationHook = std::function<void(int layer, const std::string& name, co
 // [m0..mn] at once when mk is a model turn. A continuation must start with a user message
 // and may not contain a system message.
 //
-// Images: a user message with images gets one image slot per "<start_of_image>" marker in its
-// content (their count must equal images.size()), or, with no markers, one slot per image at
-// the start of the text (where the HF template puts image items that precede the text). The
-// text between slots is encoded piece by piece, so nothing merges across an image. Slot k's
-// position (index into the returned ids where image k's block goes, in message order) is
-// appended to *image_slots; images with image_slots == nullptr are an error.
+// Images: a user message with images (ChatMessage::images, then image_bytes) gets one image
+// slot per "<start_of_image>" marker in its content (their count must equal the number of
+// images), or, with no markers, one slot per image at the start of the text (where the HF
+// template puts image items that precede the text). The text between slots is encoded piece by
+// piece, so nothing merges across an image. Slot k's position (index into the returned ids
+// where image k's block goes, in message order) is appended to *image_slots; images with
+// image_slots == nullptr are an error.
 Result<std::vector<int32_t>> render_chat(const Tokenizer& tokenizer, const std::vector<ChatMessage>& messages,
                                          bool add_bos, bool add_generation_prompt,
                                          std::vector<size_t>* image_slots = nullptr);
@@ -330,7 +335,8 @@ class Session {
   // Plain text: BOS (if the context is empty) + text, no chat template.
   virtual Status feed_text(const std::string& text) = 0;
   // Renders messages with the Gemma 3 chat template, ending with the generation prompt
-  // "<start_of_turn>model\n". On a non-empty session this continues the conversation.
+  // "<start_of_turn>model\n". On a non-empty session this continues the conversation. Images
+  // (ChatMessage::images, image_bytes) are encoded and cached as feed_image does.
   virtual Status feed_chat(const std::vector<ChatMessage>& messages) = 0;
   // Appends one image: "\n\n" <start_of_image> N soft tokens <end_of_image> "\n\n" (N = 256 for
   // the real models; docs/vision.md), or with Pan & Scan the original and its crops with their

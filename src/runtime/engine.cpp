@@ -2,6 +2,8 @@
 // sequences and runs one forward_batch per step over one token of every decoding sequence plus
 // prefill chunks of the others, up to EngineOptions::step_tokens; then samples each sequence
 // whose last token's logits came out and passes the ids through that request's TokenStream.
+// An image block (a prompt's soft tokens with the vision tower's rows) runs as one chunk of one
+// step, as Session runs it (docs/batching.md, "Images").
 #include "runtime/engine.h"
 
 #include <fmt/format.h>
@@ -26,6 +28,7 @@ namespace {
 struct Job {
   uint64_t id = 0;
   std::vector<int32_t> prompt;
+  std::vector<PromptImage> images;  // the prompt's image blocks, in order
   GenerateOptions options;
   Engine::OnToken on_token;
   Engine::OnDone on_done;
@@ -36,8 +39,12 @@ struct Slot {
   std::unique_ptr<KvCache> cache;
   std::unique_ptr<Job> job;     // null: free
   std::vector<int32_t> tokens;  // the positions in the KV memory, in order
-  size_t prefilled = 0;         // prompt tokens run so far
-  int32_t next = -1;            // the sampled token the next step feeds (decoding)
+  // The image blocks of the request the KV memory is (or was) for; those inside `tokens` are
+  // what its soft-token positions hold (prefix reuse compares them).
+  std::vector<PromptImage> images;
+  uint64_t admitted = 0;  // admission order: prefill chunks go to the earliest first
+  size_t prefilled = 0;   // prompt tokens run so far
+  int32_t next = -1;      // the sampled token the next step feeds (decoding)
   std::unique_ptr<TokenStream> stream;
   std::mt19937_64 rng;
   Status error;  // a callback threw
@@ -86,11 +93,18 @@ class EngineImpl final : public Engine {
       if (!on_token || !on_done) return invalid_argument("Engine::submit: on_token and on_done are required");
       GEMMA3_TRY(check_generate_options(r.options));
       auto job = std::make_unique<Job>();
-      GEMMA3_ASSIGN_OR_RETURN(job->prompt, prompt_ids(r));
+      GEMMA3_TRY(prompt_ids(r, *job));
       if (job->prompt.size() > static_cast<size_t>(plan_.context))
         return out_of_range(
             fmt::format("the prompt is {} tokens, but a sequence holds at most {} (EngineOptions::context)",
                         job->prompt.size(), plan_.context));
+      for (const PromptImage& im : job->images)
+        if (im.n > static_cast<size_t>(plan_.chunk))
+          return invalid_argument(fmt::format(
+              "EngineRequest::messages: an image is {} soft tokens, but a sequence runs at most {} tokens "
+              "per step (EngineOptions::step_tokens, LoadOptions::prefill_chunk): an image must be "
+              "prefilled in one step (its tokens attend to each other); raise both to at least {}",
+              im.n, plan_.chunk, im.n));
       job->options = std::move(r.options);
       job->on_token = std::move(on_token);
       job->on_done = std::move(on_done);
@@ -124,7 +138,8 @@ class EngineImpl final : public Engine {
   }
 
  private:
-  Result<std::vector<int32_t>> prompt_ids(const EngineRequest& r) const {
+  // The request's prompt ids (and image blocks) into job.
+  Status prompt_ids(const EngineRequest& r, Job& job) const {
     const int given = !r.tokens.empty() + !r.text.empty() + !r.messages.empty();
     if (given != 1)
       return invalid_argument(
@@ -137,18 +152,35 @@ class EngineImpl final : public Engine {
           return invalid_argument(
               fmt::format("EngineRequest::tokens[{}] is id {}, outside the vocabulary [0, {})", i,
                           r.tokens[i], h_.config->vocab_size));
-      return r.tokens;
+      job.prompt = r.tokens;
+      return ok_status();
     }
     if (!r.text.empty()) {
-      GEMMA3_ASSIGN_OR_RETURN(std::vector<int32_t> ids, tok.encode(r.text));
-      ids.insert(ids.begin(), tok.bos_id());
-      return ids;
+      GEMMA3_ASSIGN_OR_RETURN(job.prompt, tok.encode(r.text));
+      job.prompt.insert(job.prompt.begin(), tok.bos_id());
+      return ok_status();
     }
-    for (const ChatMessage& m : r.messages)
-      if (!m.images.empty())
-        return unsupported(
-            "EngineRequest::messages: images are not supported by the engine yet; use a Session");
-    return render_chat(tok, r.messages, /*add_bos=*/true, /*add_generation_prompt=*/true);
+    bool images = false;
+    for (const ChatMessage& m : r.messages) images |= !m.images.empty() || !m.image_bytes.empty();
+    if (!images) {
+      GEMMA3_ASSIGN_OR_RETURN(job.prompt,
+                              render_chat(tok, r.messages, /*add_bos=*/true, /*add_generation_prompt=*/true));
+      return ok_status();
+    }
+    // Decoded and run through the vision tower here, on the submitting thread (engine.h).
+    if (!h_.render_chat_images) return unsupported("EngineRequest::messages: this engine takes no images");
+    Result<ImagePrompt> p = h_.render_chat_images(r.messages);
+    if (!p.ok()) return p.status().with_context("EngineRequest::messages");
+    job.prompt = std::move(p->ids);
+    job.images = std::move(p->images);
+    return ok_status();
+  }
+
+  // The image block of `images` that covers or starts at position `at`, if any.
+  static const PromptImage* image_at(const std::vector<PromptImage>& images, size_t at) {
+    for (const PromptImage& im : images)
+      if (im.offset <= at && at < im.offset + im.n) return &im;
+    return nullptr;
   }
 
   // Prefix reuse (docs/batching.md): how many of `prompt`'s first tokens a free sequence's KV
@@ -158,10 +190,20 @@ class EngineImpl final : public Engine {
   // when the ring still has the window before it, positions L - W + 1 .. L - 1: the old request
   // went at most C - W + 1 positions past L (U, the most tokens a step appends), or never
   // wrapped.
-  size_t reusable(const Slot& s, const std::vector<int32_t>& prompt) const {
+  size_t reusable(const Slot& s, const Job& job) const {
+    const std::vector<int32_t>& prompt = job.prompt;
     const size_t m = std::min(s.tokens.size(), prompt.size() - 1);
     size_t l = 0;
     while (l < m && s.tokens[l] == prompt[l]) ++l;
+    // Every soft token has the same id: the prefix also ends at the first image block that is
+    // not the same image at the same place in both (or that l would cut).
+    for (const auto* mine : {&s.images, &job.images})
+      for (const PromptImage& im : *mine) {
+        if (im.offset >= l) continue;
+        const PromptImage* other = image_at(mine == &s.images ? job.images : s.images, im.offset);
+        const bool same = other && other->offset == im.offset && other->n == im.n && other->key == im.key;
+        if (!same || l < im.offset + im.n) l = im.offset;
+      }
     if (l == 0) return 0;
     const ModelConfig& c = *h_.config;
     for (int i = 0; i < c.n_layers; ++i) {
@@ -237,7 +279,7 @@ class EngineImpl final : public Engine {
           size_t reuse = 0;
           for (Slot& s : slots_) {  // the free sequence holding most of the prompt, else the emptiest
             if (s.job) continue;
-            const size_t l = reusable(s, queue_.front()->prompt);
+            const size_t l = reusable(s, *queue_.front());
             if (!free || l > reuse || (l == reuse && reuse == 0 && s.tokens.size() < free->tokens.size()))
               free = &s, reuse = l;
           }
@@ -246,6 +288,8 @@ class EngineImpl final : public Engine {
           s.job = std::move(queue_.front());
           queue_.pop_front();
           s.tokens.resize(reuse);
+          s.images = s.job->images;
+          s.admitted = next_admitted_++;
           s.prefilled = reuse;
           stats_.reused_tokens += reuse;
           s.next = -1;
@@ -317,19 +361,43 @@ class EngineImpl final : public Engine {
       who.push_back(&s);
       --budget;
     }
-    for (Slot& s : slots_) {  // prefill chunks with what is left
-      if (!s.job || s.next >= 0 || budget <= 0) continue;
+    // Prefill chunks with what is left, to the earliest admitted first. An image block goes
+    // whole into one step: when it does not fit what is left, it waits for the next step, and
+    // so do the prompts admitted after it (so that the budget frees up for it).
+    std::vector<Slot*> prefilling;
+    for (Slot& s : slots_)
+      if (s.job && s.next < 0) prefilling.push_back(&s);
+    std::sort(prefilling.begin(), prefilling.end(),
+              [](const Slot* a, const Slot* b) { return a->admitted < b->admitted; });
+    for (Slot* sp : prefilling) {
+      Slot& s = *sp;
+      if (budget <= 0) break;
       const int left = static_cast<int>(s.job->prompt.size() - s.prefilled);
-      const int n = std::min({left, budget, plan_.chunk});
       ForwardSeq q;
       q.kv = s.cache->view();
       q.ids = s.job->prompt.data() + s.prefilled;
-      q.n = n;
       q.pos0 = static_cast<int>(s.tokens.size());
-      q.want_logits = n == left;
+      const PromptImage* image = nullptr;  // the next image block at or after the prefilled tokens
+      for (const PromptImage& im : s.job->images)
+        if (im.offset >= s.prefilled) {
+          image = &im;
+          break;
+        }
+      if (image && image->offset == s.prefilled) {  // its soft tokens see each other
+        const int n = static_cast<int>(image->n);
+        if (n > budget) break;
+        q.n = n;
+        q.embeddings = image->embeddings->data();
+        q.bidir_begin = q.pos0;
+        q.bidir_end = q.pos0 + n;
+      } else {  // text, up to the next image block
+        q.n = std::min({left, budget, plan_.chunk});
+        if (image) q.n = std::min(q.n, static_cast<int>(image->offset - s.prefilled));
+      }
+      q.want_logits = q.n == left;
       seqs.push_back(q);
       who.push_back(&s);
-      budget -= n;
+      budget -= q.n;
     }
     if (seqs.empty()) return;
 
@@ -408,6 +476,7 @@ class EngineImpl final : public Engine {
   std::unordered_set<uint64_t> live_;        // queued or running
   std::unordered_set<uint64_t> cancel_ids_;  // of live_, asked to cancel
   uint64_t next_id_ = 1;
+  uint64_t next_admitted_ = 0;
   bool stop_ = false;
   EngineStats stats_;
 

@@ -34,8 +34,12 @@ class ModelImpl;
 // One stretch of a prompt: text ids, or an image's N soft tokens (ids all image_token_id) with
 // their embeddings [N, H], prefilled as one chunk with a bidirectional group.
 struct Piece {
+  Piece() = default;
+  Piece(std::vector<int32_t> i, std::shared_ptr<const std::vector<float>> e, std::string k = {})
+      : ids(std::move(i)), embeddings(std::move(e)), key(std::move(k)) {}
   std::vector<int32_t> ids;
   std::shared_ptr<const std::vector<float>> embeddings;
+  std::string key;  // an image's: EncodedImage::key and its slot (the engine's prefix reuse)
 };
 
 // An image as the prompt shows it: the layout (one slot, or with Pan & Scan the original, its
@@ -43,6 +47,29 @@ struct Piece {
 struct EncodedImage {
   std::vector<vision::PromptPiece> layout;
   std::vector<std::shared_ptr<const std::vector<float>>> slots;
+  std::string key;  // ImageCache's key: the content's identity
+};
+
+// Encoded images by content: file bytes hash + size + Pan & Scan flag (or the pixels' hash).
+// At most kSize entries (~2.6 MB each for 4B), oldest evicted first. A session has its own; an
+// engine has one for all its requests (under its own lock).
+struct ImageCache {
+  static constexpr size_t kSize = 16;
+  std::unordered_map<std::string, std::shared_ptr<const EncodedImage>> map;
+  std::deque<std::string> order;
+  std::shared_ptr<const EncodedImage> find(const std::string& key) const {
+    auto it = map.find(key);
+    return it == map.end() ? nullptr : it->second;
+  }
+  void remember(const std::string& key, std::shared_ptr<const EncodedImage> image) {
+    if (map.count(key)) return;
+    if (map.size() >= kSize) {
+      map.erase(order.front());
+      order.pop_front();
+    }
+    map[key] = std::move(image);
+    order.push_back(key);
+  }
 };
 
 class SessionImpl final : public Session {
@@ -97,29 +124,11 @@ class SessionImpl final : public Session {
   // last_logits_ = scratch_.logits when a decode step left them in backend memory.
   void fetch_logits() const;
   Status feed_pieces(const std::vector<Piece>& pieces);  // run_pieces + prompt stats
-  // The pieces of one image: "\n\n" <boi> | N soft tokens | <eoi> "\n\n" per slot (+ text).
-  Result<std::vector<Piece>> image_pieces(const EncodedImage& image);
-  // Decodes, preprocesses and encodes a file (or takes it from cache_).
-  Result<std::shared_ptr<const EncodedImage>> encode_file(const std::string& path);
-  // An encoded image file's bytes (name: for errors); t0: when the work for it began.
-  Result<std::shared_ptr<const EncodedImage>> encode_bytes(std::string_view bytes, const std::string& name,
-                                                           Clock::time_point t0);
-  Result<std::shared_ptr<const std::vector<float>>> encode_pixels(const std::vector<float>& pixels);
-  Status check_vision() const;
+  // One encoded image's pieces fed (<bos> first on an empty context).
+  Status feed_image_pieces(const EncodedImage& image);
+  const ActivationHook* hook() const { return hook_ ? &hook_ : nullptr; }
 
-  // Encoded images by content: file bytes hash + size + Pan & Scan flag (or the pixels' hash).
-  // At most kImageCacheSize entries (~2.6 MB each for 4B), oldest evicted first.
-  static constexpr size_t kImageCacheSize = 16;
-  std::unordered_map<std::string, std::shared_ptr<const EncodedImage>> image_cache_;
-  std::deque<std::string> image_cache_order_;
-  void remember_image(const std::string& key, std::shared_ptr<const EncodedImage> image) {
-    if (image_cache_.size() >= kImageCacheSize) {
-      image_cache_.erase(image_cache_order_.front());
-      image_cache_order_.pop_front();
-    }
-    image_cache_[key] = std::move(image);
-    image_cache_order_.push_back(key);
-  }
+  ImageCache image_cache_;
 
   std::shared_ptr<ModelImpl> model_;
   // Held from ~SessionImpl's body until cache_ and scratch_ (declared after it, so destroyed
@@ -526,18 +535,23 @@ Status SessionImpl::feed_pieces(const std::vector<Piece>& pieces) {
   return ok_status();
 }
 
-Status SessionImpl::check_vision() const {
-  if (!model_->vision)
+// ---- images: shared by sessions and the engine (EngineHost::render_chat_images) ----
+// `hook` (may be null) sees the vision tower's activations; `stats` (may be null) counts images
+// and encode time.
+
+Status check_vision(const ModelImpl& m) {
+  if (!m.vision)
     return unsupported(fmt::format(
         "{} has no vision tower, so it cannot take images; use a multimodal checkpoint (4B, 12B, 27B) or "
         "attach its projector (LoadOptions::mmproj)",
-        model_->ckpt->path()));
+        m.ckpt->path()));
   return ok_status();
 }
 
-Result<std::shared_ptr<const std::vector<float>>> SessionImpl::encode_pixels(
-    const std::vector<float>& pixels) {
-  VisionEncoder& enc = *model_->vision;
+Result<std::shared_ptr<const std::vector<float>>> encode_pixels(ModelImpl& m,
+                                                                const std::vector<float>& pixels,
+                                                                const ActivationHook* hook, Stats* stats) {
+  VisionEncoder& enc = *m.vision;
   const int S = enc.image_size();
   if (pixels.size() != static_cast<size_t>(3) * S * S)
     return invalid_argument(fmt::format("image pixels: got {} floats, expected 3 x {} x {} = {}",
@@ -546,16 +560,56 @@ Result<std::shared_ptr<const std::vector<float>>> SessionImpl::encode_pixels(
       std::make_shared<std::vector<float>>(static_cast<size_t>(enc.tokens_per_image()) * enc.text_hidden());
   const auto t0 = Clock::now();
   {
-    std::lock_guard<std::mutex> lock(model_->backend_mutex);
-    ActivationHook* hook = hook_ ? &hook_ : nullptr;
+    std::lock_guard<std::mutex> lock(m.backend_mutex);
     GEMMA3_TRY(enc.encode(pixels.data(), out->data(), hook));
   }
-  stats_.image_encode_seconds += seconds_since(t0);
-  ++stats_.images_encoded;
+  if (stats) {
+    stats->image_encode_seconds += seconds_since(t0);
+    ++stats->images_encoded;
+  }
   return std::shared_ptr<const std::vector<float>>(std::move(out));
 }
 
-Result<std::shared_ptr<const EncodedImage>> SessionImpl::encode_file(const std::string& path) {
+// An encoded image file's bytes (name: for errors), or the cached encoding of the same bytes;
+// t0: when the work for it began.
+Result<std::shared_ptr<const EncodedImage>> encode_bytes(ModelImpl& m, ImageCache& cache,
+                                                         std::string_view bytes, const std::string& name,
+                                                         Clock::time_point t0, const ActivationHook* hook,
+                                                         Stats* stats) {
+  const vision::ImageLimits limits;
+  GEMMA3_TRY(vision::check_image_file_size(bytes.size(), name, limits));
+  const uint64_t size = bytes.size();
+  const bool pan_scan = m.options.pan_and_scan;
+  const std::string key =
+      fmt::format("file:{:016x}:{}:{}", std::hash<std::string_view>{}(bytes), size, pan_scan);
+  if (auto hit = cache.find(key)) return hit;
+
+  const std::span<const uint8_t> span(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size());
+  GEMMA3_ASSIGN_OR_RETURN(vision::Image image, vision::decode_image(span, name, limits));
+  std::vector<vision::Image> views;  // slot 0: the whole image, then the Pan & Scan crops
+  if (pan_scan)
+    for (const vision::CropBox& box : vision::pan_and_scan_boxes(image.width, image.height))
+      views.push_back(vision::crop(image, box));
+  auto encoded = std::make_shared<EncodedImage>();
+  encoded->layout = vision::pan_and_scan_prompt(static_cast<int>(views.size()));
+  encoded->key = key;
+  views.insert(views.begin(), std::move(image));
+  vision::PreprocessOptions pre;
+  pre.size = m.vision->image_size();
+  const double decode_seconds = seconds_since(t0);
+  for (const vision::Image& v : views) {
+    GEMMA3_ASSIGN_OR_RETURN(auto features, encode_pixels(m, vision::preprocess(v, pre), hook, stats));
+    encoded->slots.push_back(std::move(features));
+  }
+  if (stats) stats->image_encode_seconds += decode_seconds;
+  cache.remember(key, encoded);
+  return std::shared_ptr<const EncodedImage>(std::move(encoded));
+}
+
+// Decodes, preprocesses and encodes a file (or takes it from the cache).
+Result<std::shared_ptr<const EncodedImage>> encode_file(ModelImpl& m, ImageCache& cache,
+                                                        const std::string& path, const ActivationHook* hook,
+                                                        Stats* stats) {
   const auto t0 = Clock::now();
   // Read the bytes once: they are the cache key and the decoder's input. A regular file only,
   // checked against the size limit before it is read (vision::check_image_file_size's error).
@@ -566,44 +620,13 @@ Result<std::shared_ptr<const EncodedImage>> SessionImpl::encode_file(const std::
   GEMMA3_ASSIGN_OR_RETURN(
       const std::string bytes,
       read_file_limited(path, limits.max_file_bytes, "image", FileKind::kRegular, ErrorCode::kInvalidFile));
-  return encode_bytes(bytes, path, t0);
+  return encode_bytes(m, cache, bytes, path, t0, hook, stats);
 }
 
-Result<std::shared_ptr<const EncodedImage>> SessionImpl::encode_bytes(std::string_view bytes,
-                                                                      const std::string& name,
-                                                                      Clock::time_point t0) {
-  const vision::ImageLimits limits;
-  GEMMA3_TRY(vision::check_image_file_size(bytes.size(), name, limits));
-  const uint64_t size = bytes.size();
-  const bool pan_scan = model_->options.pan_and_scan;
-  const std::string key =
-      fmt::format("file:{:016x}:{}:{}", std::hash<std::string_view>{}(bytes), size, pan_scan);
-  if (auto it = image_cache_.find(key); it != image_cache_.end()) return it->second;
-
-  const std::span<const uint8_t> span(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size());
-  GEMMA3_ASSIGN_OR_RETURN(vision::Image image, vision::decode_image(span, name, limits));
-  std::vector<vision::Image> views;  // slot 0: the whole image, then the Pan & Scan crops
-  if (pan_scan)
-    for (const vision::CropBox& box : vision::pan_and_scan_boxes(image.width, image.height))
-      views.push_back(vision::crop(image, box));
-  auto encoded = std::make_shared<EncodedImage>();
-  encoded->layout = vision::pan_and_scan_prompt(static_cast<int>(views.size()));
-  views.insert(views.begin(), std::move(image));
-  vision::PreprocessOptions pre;
-  pre.size = model_->vision->image_size();
-  const double decode_seconds = seconds_since(t0);
-  for (const vision::Image& v : views) {
-    GEMMA3_ASSIGN_OR_RETURN(auto features, encode_pixels(vision::preprocess(v, pre)));
-    encoded->slots.push_back(std::move(features));
-  }
-  stats_.image_encode_seconds += decode_seconds;
-  remember_image(key, encoded);
-  return std::shared_ptr<const EncodedImage>(std::move(encoded));
-}
-
-Result<std::vector<Piece>> SessionImpl::image_pieces(const EncodedImage& image) {
-  const ModelConfig& c = model_->ckpt->config();
-  const Tokenizer& tok = model_->tokenizer();
+// The pieces of one image: "\n\n" <boi> | N soft tokens | <eoi> "\n\n" per slot (+ text).
+Result<std::vector<Piece>> image_pieces(const ModelImpl& m, const EncodedImage& image, Stats* stats) {
+  const ModelConfig& c = m.ckpt->config();
+  const Tokenizer& tok = m.tokenizer();
   // <start_of_image>/<end_of_image>: the tokenizer's pieces (a GGUF carries no boi/eoi keys),
   // else the config's ids.
   const int32_t boi = tok.find("<start_of_image>").value_or(c.boi_id);
@@ -626,51 +649,100 @@ Result<std::vector<Piece>> SessionImpl::image_pieces(const EncodedImage& image) 
     open.ids.push_back(boi);
     close.ids.insert(close.ids.end(), nl.begin(), nl.end());
     const auto& feats = image.slots[lp.image];
-    Piece soft{std::vector<int32_t>(feats->size() / c.hidden, c.image_token_id), feats};
+    Piece soft{std::vector<int32_t>(feats->size() / c.hidden, c.image_token_id), feats,
+               fmt::format("{}#{}", image.key, lp.image)};
     pieces.push_back(std::move(open));
     pieces.push_back(std::move(soft));
     pieces.push_back(std::move(close));
-    ++stats_.images;
+    if (stats) ++stats->images;
   }
   return pieces;
 }
 
-Status SessionImpl::feed_image(const std::string& path) {
-  GEMMA3_TRY(check_vision());
-  GEMMA3_ASSIGN_OR_RETURN(auto image, encode_file(path));
-  GEMMA3_ASSIGN_OR_RETURN(std::vector<Piece> pieces, image_pieces(*image));
+// Chat messages as pieces: `ids` (what comes before them), then the messages rendered
+// (render_chat with the generation prompt), split where render_chat leaves image slots (at
+// "<start_of_image>" markers, or before the text) with each image's block there: a message's
+// files (ChatMessage::images), then its bytes (image_bytes), as gemma3.h says.
+Result<std::vector<Piece>> chat_pieces(ModelImpl& m, ImageCache& cache, std::vector<int32_t> ids,
+                                       const std::vector<ChatMessage>& messages, bool add_bos,
+                                       const ActivationHook* hook, Stats* stats) {
+  struct Source {
+    const std::string* path;   // a file, or
+    const std::string* bytes;  // a file's bytes,
+    std::string name;          // named so in errors
+  };
+  std::vector<Source> sources;
+  for (size_t i = 0; i < messages.size(); ++i) {
+    const ChatMessage& msg = messages[i];
+    if (msg.images.empty() && msg.image_bytes.empty()) continue;
+    GEMMA3_TRY(check_vision(m));
+    for (const std::string& path : msg.images) sources.push_back({&path, nullptr, path});
+    for (size_t k = 0; k < msg.image_bytes.size(); ++k)
+      sources.push_back({nullptr, &msg.image_bytes[k], fmt::format("image_bytes[{}] of message {}", k, i)});
+  }
+  std::vector<size_t> slots;
+  GEMMA3_ASSIGN_OR_RETURN(std::vector<int32_t> turn, render_chat(m.tokenizer(), messages, add_bos,
+                                                                 /*add_generation_prompt=*/true, &slots));
+  const size_t offset = ids.size();
+  ids.insert(ids.end(), turn.begin(), turn.end());
+  if (slots.size() != sources.size()) return internal_error("chat: image slots and images differ in number");
+  std::vector<Piece> pieces(1);
+  size_t from = 0;
+  for (size_t k = 0; k < slots.size(); ++k) {
+    const size_t at = offset + slots[k];
+    pieces.back().ids.insert(pieces.back().ids.end(), ids.begin() + from, ids.begin() + at);
+    std::shared_ptr<const EncodedImage> image;
+    if (sources[k].path) {
+      GEMMA3_ASSIGN_OR_RETURN(image, encode_file(m, cache, *sources[k].path, hook, stats));
+    } else {
+      GEMMA3_ASSIGN_OR_RETURN(
+          image, encode_bytes(m, cache, *sources[k].bytes, sources[k].name, Clock::now(), hook, stats));
+    }
+    GEMMA3_ASSIGN_OR_RETURN(std::vector<Piece> block, image_pieces(m, *image, stats));
+    pieces.insert(pieces.end(), block.begin(), block.end());
+    pieces.emplace_back();
+    from = at;
+  }
+  pieces.back().ids.insert(pieces.back().ids.end(), ids.begin() + from, ids.end());
+  return pieces;
+}
+
+Status SessionImpl::feed_image_pieces(const EncodedImage& image) {
+  GEMMA3_ASSIGN_OR_RETURN(std::vector<Piece> pieces, image_pieces(*model_, image, &stats_));
   if (tokens_.empty()) pieces.insert(pieces.begin(), Piece{{model_->tokenizer().bos_id()}, nullptr});
   return feed_pieces(pieces);
+}
+
+Status SessionImpl::feed_image(const std::string& path) {
+  GEMMA3_TRY(check_vision(*model_));
+  GEMMA3_ASSIGN_OR_RETURN(auto image, encode_file(*model_, image_cache_, path, hook(), &stats_));
+  return feed_image_pieces(*image);
 }
 
 Status SessionImpl::feed_image_bytes(std::string_view bytes) {
-  GEMMA3_TRY(check_vision());
-  GEMMA3_ASSIGN_OR_RETURN(auto image, encode_bytes(bytes, "image bytes", Clock::now()));
-  GEMMA3_ASSIGN_OR_RETURN(std::vector<Piece> pieces, image_pieces(*image));
-  if (tokens_.empty()) pieces.insert(pieces.begin(), Piece{{model_->tokenizer().bos_id()}, nullptr});
-  return feed_pieces(pieces);
+  GEMMA3_TRY(check_vision(*model_));
+  GEMMA3_ASSIGN_OR_RETURN(
+      auto image, encode_bytes(*model_, image_cache_, bytes, "image bytes", Clock::now(), hook(), &stats_));
+  return feed_image_pieces(*image);
 }
 
 Status SessionImpl::feed_image_pixels(const std::vector<float>& pixels) {
-  GEMMA3_TRY(check_vision());
+  GEMMA3_TRY(check_vision(*model_));
   const std::string key = fmt::format("pixels:{:016x}:{}",
                                       std::hash<std::string_view>{}(std::string_view(
                                           reinterpret_cast<const char*>(pixels.data()), pixels.size() * 4)),
                                       pixels.size());
-  std::shared_ptr<const EncodedImage> image;
-  if (auto it = image_cache_.find(key); it != image_cache_.end()) {
-    image = it->second;
-  } else {
-    GEMMA3_ASSIGN_OR_RETURN(auto features, encode_pixels(pixels));
+  std::shared_ptr<const EncodedImage> image = image_cache_.find(key);
+  if (!image) {
+    GEMMA3_ASSIGN_OR_RETURN(auto features, encode_pixels(*model_, pixels, hook(), &stats_));
     auto e = std::make_shared<EncodedImage>();
     e->layout = vision::pan_and_scan_prompt(0);
     e->slots.push_back(std::move(features));
-    remember_image(key, e);
+    e->key = key;
+    image_cache_.remember(key, e);
     image = std::move(e);
   }
-  GEMMA3_ASSIGN_OR_RETURN(std::vector<Piece> pieces, image_pieces(*image));
-  if (tokens_.empty()) pieces.insert(pieces.begin(), Piece{{model_->tokenizer().bos_id()}, nullptr});
-  return feed_pieces(pieces);
+  return feed_image_pieces(*image);
 }
 
 Status SessionImpl::feed_tokens(const std::vector<int32_t>& ids) {
@@ -698,37 +770,9 @@ Status SessionImpl::feed_chat(const std::vector<ChatMessage>& messages) {
     GEMMA3_ASSIGN_OR_RETURN(std::vector<int32_t> nl, tok.encode("\n"));
     ids.insert(ids.end(), nl.begin(), nl.end());
   }
-  // Images go where render_chat leaves slots (at "<start_of_image>" markers, or before the text).
-  std::vector<std::string> paths;
-  for (const ChatMessage& m : messages) {
-    if (m.images.empty()) continue;
-    GEMMA3_TRY(check_vision());
-    paths.insert(paths.end(), m.images.begin(), m.images.end());
-  }
-  std::vector<size_t> slots;
-  GEMMA3_ASSIGN_OR_RETURN(std::vector<int32_t> turn, render_chat(tok, messages, /*add_bos=*/tokens_.empty(),
-                                                                 /*add_generation_prompt=*/true, &slots));
-  const size_t offset = ids.size();
-  ids.insert(ids.end(), turn.begin(), turn.end());
-  if (paths.empty()) {
-    GEMMA3_TRY(feed_tokens(ids));
-    in_model_turn_ = true;
-    return ok_status();
-  }
-  if (slots.size() != paths.size()) return internal_error("chat: image slots and images differ in number");
-
-  std::vector<Piece> pieces(1);
-  size_t from = 0;
-  for (size_t k = 0; k < slots.size(); ++k) {
-    const size_t at = offset + slots[k];
-    pieces.back().ids.insert(pieces.back().ids.end(), ids.begin() + from, ids.begin() + at);
-    GEMMA3_ASSIGN_OR_RETURN(auto image, encode_file(paths[k]));
-    GEMMA3_ASSIGN_OR_RETURN(std::vector<Piece> block, image_pieces(*image));
-    pieces.insert(pieces.end(), block.begin(), block.end());
-    pieces.emplace_back();
-    from = at;
-  }
-  pieces.back().ids.insert(pieces.back().ids.end(), ids.begin() + from, ids.end());
+  GEMMA3_ASSIGN_OR_RETURN(std::vector<Piece> pieces,
+                          chat_pieces(*model_, image_cache_, std::move(ids), messages,
+                                      /*add_bos=*/tokens_.empty(), hook(), &stats_));
   GEMMA3_TRY(feed_pieces(pieces));
   in_model_turn_ = true;
   return ok_status();
@@ -912,6 +956,26 @@ Result<std::unique_ptr<Engine>> Engine::create(std::shared_ptr<Model> model, con
     h.context = m->context;
     h.prefill_chunk = m->options.prefill_chunk;
     h.kv_dtype = kv_dtype(m->options.kv_type);
+    // Images are encoded on the submitting thread, one request at a time, with one cache of
+    // encoded images for every request (a chat resends its images each turn).
+    struct Images {
+      std::mutex mu;
+      ImageCache cache;
+    };
+    h.render_chat_images = [m, images = std::make_shared<Images>()](
+                               const std::vector<ChatMessage>& messages) -> Result<ImagePrompt> {
+      std::lock_guard<std::mutex> lock(images->mu);
+      GEMMA3_ASSIGN_OR_RETURN(std::vector<Piece> pieces, chat_pieces(*m, images->cache, {}, messages,
+                                                                     /*add_bos=*/true, nullptr, nullptr));
+      ImagePrompt prompt;
+      for (Piece& p : pieces) {
+        if (p.embeddings)
+          prompt.images.push_back(
+              {prompt.ids.size(), p.ids.size(), std::move(p.embeddings), std::move(p.key)});
+        prompt.ids.insert(prompt.ids.end(), p.ids.begin(), p.ids.end());
+      }
+      return prompt;
+    };
     h.owner = std::move(model);
     return make_engine(std::move(h), options);
   });

@@ -140,7 +140,8 @@ Result<std::vector<int32_t>> render_chat(const Tokenizer& tokenizer, const std::
     // The text split at the image slots: segments[0] slot segments[1] slot ... (one segment
     // when there are no images).
     std::vector<std::string_view> segments;
-    if (m.images.empty()) {
+    const size_t n_images = m.images.size() + m.image_bytes.size();  // files, then bytes (gemma3.h)
+    if (n_images == 0) {
       segments.push_back(text);
     } else {
       if (role != "user")
@@ -157,13 +158,13 @@ Result<std::vector<int32_t>> render_chat(const Tokenizer& tokenizer, const std::
         ++markers;
       if (markers == 0) {
         segments.push_back(all.substr(0, head));
-        for (size_t k = 1; k < m.images.size(); ++k) segments.push_back({});
+        for (size_t k = 1; k < n_images; ++k) segments.push_back({});
         segments.push_back(all.substr(head));
-      } else if (markers != m.images.size()) {
+      } else if (markers != n_images) {
         return invalid_argument(
             fmt::format("chat template: message {} has {} \"<start_of_image>\" markers but {} "
                         "images",
-                        i, markers, m.images.size()));
+                        i, markers, n_images));
       } else {
         size_t from = 0;
         for (size_t at = all.find(kMarker); at != std::string_view::npos; at = all.find(kMarker, from)) {
