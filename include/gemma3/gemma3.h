@@ -163,6 +163,12 @@ const char* finish_reason_name(FinishReason reason);  // "stop_token", "max_toke
 struct GenerateResult {
   FinishReason finish = FinishReason::kMaxTokens;
   int tokens = 0;  // tokens this call generated (as Stats::generated_tokens; a stop id is not one)
+  // The tokens the generated ones follow: Session::generate, the context when it was called;
+  // an Engine request, its prompt (images' soft tokens included). OpenAI's usage.prompt_tokens.
+  int prompt_tokens = 0;
+  // Of those, the ones not run for this call: an Engine request's prefix reused from an earlier
+  // request's KV memory (EngineStats::reused_tokens); 0 from Session::generate.
+  int cached_tokens = 0;
 };
 
 struct TokenEvent {

@@ -44,6 +44,7 @@ struct Slot {
   std::vector<PromptImage> images;
   uint64_t admitted = 0;  // admission order: prefill chunks go to the earliest first
   size_t prefilled = 0;   // prompt tokens run so far
+  size_t reused = 0;      // of those, reused from the last request's KV memory
   int32_t next = -1;      // the sampled token the next step feeds (decoding)
   std::unique_ptr<TokenStream> stream;
   std::mt19937_64 rng;
@@ -231,9 +232,11 @@ class EngineImpl final : public Engine {
     if (error.ok()) error = s.error;
     if (error.ok() && s.stream) s.stream->flush([&](const TokenEvent& e) { return emit(s, e); });
     if (error.ok()) error = s.error;
+    GenerateResult done = s.stream ? s.stream->result() : GenerateResult{};
+    done.prompt_tokens = static_cast<int>(s.job->prompt.size());
+    done.cached_tokens = static_cast<int>(s.reused);
     const Result<GenerateResult> result =
-        error.ok() ? Result<GenerateResult>(s.stream ? s.stream->result() : GenerateResult{})
-                   : Result<GenerateResult>(error);
+        error.ok() ? Result<GenerateResult>(done) : Result<GenerateResult>(error);
     try {
       s.job->on_done(result);
     } catch (...) {  // on_done must not throw (engine.h); nothing to report it to
@@ -292,6 +295,7 @@ class EngineImpl final : public Engine {
           s.admitted = next_admitted_++;
           s.prefilled = reuse;
           stats_.reused_tokens += reuse;
+          s.reused = reuse;
           s.next = -1;
           s.error = ok_status();
           s.rng.seed(s.job->options.sampling.seed);
@@ -399,7 +403,14 @@ class EngineImpl final : public Engine {
       who.push_back(&s);
       budget -= q.n;
     }
-    if (seqs.empty()) return;
+    if (seqs.empty()) {  // every request was cancelled: the stats still change
+      std::lock_guard<std::mutex> lock(mu_);
+      stats_.running = running_;
+      uint64_t used = 0;
+      for (const Slot& s : slots_) used += s.job ? s.tokens.size() : 0;
+      stats_.kv_used_tokens = used;
+      return;
+    }
 
     // The step and every sampling under the backend lock; callbacks after it.
     const int V = c.vocab_size, n_allowed = h_.n_text_ids;

@@ -795,6 +795,7 @@ Result<GenerateResult> SessionImpl::generate(const GenerateOptions& o,
   TokenStream stream(o, model_->tokenizer(), std::vector<int32_t>(c.eos_ids.begin(), c.eos_ids.end()),
                      n_allowed);
   std::vector<float> row;  // the step's logits on the host (logprobs)
+  const int prompt_tokens = static_cast<int>(tokens_.size());
 
   const auto t0 = Clock::now();
   Status error;
@@ -829,7 +830,9 @@ Result<GenerateResult> SessionImpl::generate(const GenerateOptions& o,
   stats_.decode_seconds += seconds_since(t0);
   if (!error.ok()) return error;
   stream.flush(on_token);
-  return stream.result();
+  GenerateResult result = stream.result();
+  result.prompt_tokens = prompt_tokens;
+  return result;
 }
 
 Result<std::vector<float>> SessionImpl::score(const std::vector<int32_t>& continuation) {
