@@ -7,9 +7,10 @@
 set -euo pipefail
 
 # clang + libclang-rt-14-dev (libFuzzer, sanitizer runtimes): scripts/fuzz.sh. valgrind:
-# scripts/memcheck.sh.
+# scripts/memcheck.sh. libcpp-httplib-dev: gemma3 serve. curl + python3-venv: scripts/test-server.sh.
 packages=(cmake ninja-build g++ pkg-config libsentencepiece-dev libstb-dev libfmt-dev
-          nlohmann-json3-dev libgtest-dev libgmock-dev libxxhash-dev clang libclang-rt-14-dev valgrind)
+          nlohmann-json3-dev libcpp-httplib-dev libgtest-dev libgmock-dev libxxhash-dev clang libclang-rt-14-dev valgrind
+          curl python3-venv)
 
 for arg in "$@"; do
   case "$arg" in

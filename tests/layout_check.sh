@@ -2,7 +2,8 @@
 # ctest Layout.Includes: the source tree's layering (docs/architecture.md §7) holds. Each folder
 # of src/ includes only the folders listed for it below, and the CLI (tools/cli) and examples/
 # include only the public headers (include/gemma3/) and their own files; the CLI's make-model
-# command also uses the development library's dev/make_model.h.
+# command also uses the development library's dev/make_model.h, and its serve command the HTTP
+# server (tools/server, itself built on the public headers only).
 # usage: tests/layout_check.sh [SOURCE_ROOT]
 set -u
 root=${1:-$(cd "$(dirname "$0")/.." && pwd)}
@@ -50,8 +51,9 @@ while IFS= read -r line; do
   inc=$(sed -E 's/.*#include "([^"]+)".*/\1/' <<<"${line#*:}")
   [[ "$inc" == gemma3/* || "$inc" != */* ]] && continue
   [[ "$file" == */tools/cli/cmd_make_model.cpp && "$inc" == dev/make_model.h ]] && continue
-  fail "${file#$root/} includes \"$inc\": the CLI and examples use only include/gemma3/ (make-model: dev/make_model.h)"
-done < <(grep -rHE '^#include "' "$root/tools/cli" "$root/examples")
+  [[ "$file" == */tools/cli/cmd_serve.cpp && "$inc" == server/server.h ]] && continue
+  fail "${file#$root/} includes \"$inc\": the CLI, the server and examples use only include/gemma3/ (make-model: dev/make_model.h; serve: server/server.h)"
+done < <(grep -rHE '^#include "' "$root/tools/cli" "$root/tools/server" "$root/examples")
 
 if ((fails)); then
   echo "$fails layering violation(s)"

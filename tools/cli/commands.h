@@ -13,6 +13,7 @@ int cmd_tokenize(int argc, char** argv);
 int cmd_info(int argc, char** argv);
 int cmd_bench(int argc, char** argv);
 int cmd_make_model(int argc, char** argv);
+int cmd_serve(int argc, char** argv);
 
 // Prompt and generation counts and speeds of a session, on stderr (run and chat --verbose).
 void print_session_stats(const Stats& stats);

@@ -19,6 +19,7 @@ constexpr const char* kUsage =
     "  tokenize    show the token ids and pieces of a text\n"
     "  info        architecture, tensor types and the memory plan of a checkpoint\n"
     "  bench       prompt and generation speed, llama-bench style (pp/tg tokens/s)\n"
+    "  serve       an OpenAI-compatible HTTP server (chat/completions, many requests at once)\n"
     "  make-model  write a random-weight Gemma 3 checkpoint (any size and type) for tests\n"
     "\n"
     "`gemma3 <command> --help` lists a command's options. `gemma3 --version` prints the version.\n"
@@ -49,9 +50,11 @@ int main(int argc, char** argv) {
   if (cmd == "info") return cmd_info(argc, argv);
   if (cmd == "bench") return cmd_bench(argc, argv);
   if (cmd == "make-model") return cmd_make_model(argc, argv);
+  if (cmd == "serve") return cmd_serve(argc, argv);
   std::fprintf(
       stderr,
-      "gemma3: unknown command '%s' (commands: run, chat, perplexity, tokenize, info; see gemma3 --help)\n",
+      "gemma3: unknown command '%s' (commands: run, chat, perplexity, tokenize, info, bench, serve,\n"
+      "make-model; see gemma3 --help)\n",
       argv[1]);
   return kExitUsage;
 }
