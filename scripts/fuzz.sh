@@ -11,7 +11,7 @@
 #                  (libFuzzer -merge=1 keeps only inputs that add coverage); review before committing
 #   --list         print the target names and exit
 #   TARGET         run only these (default: all of fuzz_gguf fuzz_safetensors fuzz_hf_config
-#                  fuzz_tokenizer fuzz_chat_template fuzz_image)
+#                  fuzz_tokenizer fuzz_chat_template fuzz_image fuzz_openai_request)
 #
 # Fails (exit 1) on any finding: a crash, sanitizer report, leak, timeout (> 25 s for one
 # input) or out-of-memory (> 2 GB RSS). The crashing input is kept under the printed artifacts
@@ -20,7 +20,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-all_targets=(fuzz_gguf fuzz_safetensors fuzz_hf_config fuzz_tokenizer fuzz_chat_template fuzz_image)
+all_targets=(fuzz_gguf fuzz_safetensors fuzz_hf_config fuzz_tokenizer fuzz_chat_template fuzz_image
+             fuzz_openai_request)
 seconds="${FUZZ_TIME:-60}"
 build=build/fuzz
 merge=0
