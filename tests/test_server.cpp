@@ -503,7 +503,15 @@ TEST(Server, ConcurrentClientsGetWhatSequentialRunsGive) {
             "/v1/completions",
             json{{"prompt", prompts[i]}, {"max_tokens", 6}, {"temperature", 0}, {"stream", true}}.dump(),
             "application/json");
-        if (!res || res->status != 200) continue;
+        if (!res) {
+          got[i] = fmt::format("(no response: {}, request {} of client {})", httplib::to_string(res.error()),
+                               k, t);
+          continue;
+        }
+        if (res->status != 200) {
+          got[i] = fmt::format("(status {}: {})", res->status, res->body);
+          continue;
+        }
         for (const std::string& e : sse_events(res->body))
           if (e != "[DONE]") got[i] += json::parse(e)["choices"][0]["text"].get<std::string>();
       }

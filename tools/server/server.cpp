@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 #include <httplib.h>
+#include <sys/socket.h>
 
 #include <algorithm>
 #include <condition_variable>
@@ -83,6 +84,7 @@ struct Server::Impl {
   httplib::Server http;
   std::thread thread;
   Metrics metrics;
+  int listen_fd = -1;  // the listening socket (set_socket_options hands it over)
 
   std::mutex mu;  // guards model, engine, ids
   std::shared_ptr<Model> model;
@@ -196,12 +198,12 @@ struct Server::Impl {
       ch->done = true;
       ch->cv.notify_all();
     };
-    uint64_t id = 0;
+    // Not under mu: submit encodes the request's images on this thread (engine.h).
+    Result<uint64_t> sub = engine->submit(std::move(r.engine), on_token, on_done);
+    if (!sub.ok()) return send_error(res, from_status(sub.status()));
+    const uint64_t id = *sub;
     {
-      std::lock_guard<std::mutex> lock(mu);  // ids before a fast request can finish
-      Result<uint64_t> sub = engine->submit(std::move(r.engine), on_token, on_done);
-      if (!sub.ok()) return send_error(res, from_status(sub.status()));
-      id = *sub;
+      std::lock_guard<std::mutex> lock(mu);
       ids.insert(id);
     }
     // The writer refers to the request: the stream's provider keeps both.
@@ -305,6 +307,13 @@ struct Server::Impl {
       // plus workers for health checks, metrics and the refusals beyond the limit.
       return new httplib::ThreadPool(static_cast<size_t>(opt.max_concurrent) + 16);
     };
+    // Debian's cpp-httplib listens with a backlog of 5: a burst of clients connecting at once
+    // (32 in the tests) overflows it and some get no response. Keep the socket to listen again
+    // with a deep backlog after binding (Linux updates the backlog of a listening socket).
+    http.set_socket_options([this](socket_t sock) {
+      httplib::default_socket_options(sock);
+      listen_fd = sock;
+    });
     http.set_payload_max_length(opt.max_body_bytes);
     http.set_keep_alive_timeout(5);
     http.set_read_timeout(30);
@@ -392,6 +401,7 @@ Result<int> Server::start() {
     return unavailable(
         fmt::format("cannot listen on {}:{} (in use, or not an address of this machine)", m.opt.host, port));
   }
+  if (m.listen_fd >= 0) ::listen(m.listen_fd, 1024);
   m.thread = std::thread([&m] { m.http.listen_after_bind(); });
   return port;
 }
