@@ -12,6 +12,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <fstream>
+#include <future>
 #include <iterator>
 #include <mutex>
 #include <string>
@@ -266,6 +267,41 @@ TEST(Engine, CancelInTheMiddleLeavesTheOthersUntouched) {
   }
 }
 
+// A server's gauges read stats(): cancelling the only running request must bring them to zero
+// (they once kept its values until the next request arrived).
+TEST(Engine, CancellingTheOnlyRequestClearsTheGauges) {
+  auto m = load(testutil::data_path("tiny"), 128, /*invariant=*/true);
+  ASSERT_TRUE(m);
+  auto e = Engine::create(m, {});
+  ASSERT_TRUE(e.ok());
+  EngineRequest r;
+  r.text = "Once upon a time";
+  r.options.max_tokens = 100;
+  r.options.ignore_eos = true;
+  std::atomic<uint64_t> id{0};
+  std::atomic<int> tokens{0};
+  auto done = std::make_shared<std::promise<Result<GenerateResult>>>();
+  auto sub = (*e)->submit(
+      r,
+      [&](const TokenEvent&) {
+        if (++tokens == 2) (*e)->cancel(id.load());
+        return true;
+      },
+      [done](const Result<GenerateResult>& res) { done->set_value(res); });
+  ASSERT_TRUE(sub.ok());
+  id = *sub;
+  const Result<GenerateResult> res = done->get_future().get();
+  ASSERT_TRUE(res.ok());
+  EXPECT_EQ(res->finish, FinishReason::kCancelled);
+  EngineStats s = (*e)->stats();
+  for (int i = 0; i < 200 && (s.running != 0 || s.kv_used_tokens != 0); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    s = (*e)->stats();
+  }
+  EXPECT_EQ(s.running, 0);
+  EXPECT_EQ(s.kv_used_tokens, 0u);
+}
+
 TEST(Engine, ManyThreadsSubmitAtOnce) {
   auto m = load(testutil::data_path("tiny"), 128, /*invariant=*/true);
   ASSERT_TRUE(m);
@@ -460,6 +496,8 @@ TEST(Engine, PrefixReuseGivesWhatAFreshRunGives) {
   const Output first = run(a);
   expect_same(first, reference(*m, a), "first request");
   ASSERT_EQ(first.ids.size(), 12u);
+  EXPECT_EQ(first.result->prompt_tokens, static_cast<int>(a.tokens.size()));
+  EXPECT_EQ(first.result->cached_tokens, 0);
   // Held by the sequence: the prompt and every generated id but the last (never fed).
   std::vector<int32_t> held = a.tokens;
   held.insert(held.end(), first.ids.begin(), first.ids.end() - 1);
@@ -468,8 +506,12 @@ TEST(Engine, PrefixReuseGivesWhatAFreshRunGives) {
   next.tokens.insert(next.tokens.end(), first.ids.begin(), first.ids.end());
   for (int i = 0; i < 9; ++i) next.tokens.push_back(200 + i);
   uint64_t before = (*e)->stats().reused_tokens;
-  expect_same(run(next), reference(*m, next), "next turn");
+  const Output second = run(next);
+  expect_same(second, reference(*m, next), "next turn");
   EXPECT_EQ((*e)->stats().reused_tokens - before, held.size());
+  EXPECT_EQ(second.result->prompt_tokens,
+            static_cast<int>(next.tokens.size()));  // usage as a server reports it
+  EXPECT_EQ(second.result->cached_tokens, static_cast<int>(held.size()));
   held = next.tokens;  // now held, minus the reply's last id
   // (the reply to `next` went into the same sequence; rebuild what it holds from a lone run)
   const Output next_out = reference(*m, next);
