@@ -26,8 +26,8 @@
 #          [-q REQUESTS] [-x CTX] [-e chat|completions] [-f FA] [-P PORT] [-j JOBS]
 #          [-g GEMMA3_BIN] [MODEL.gguf]
 #   default model: ~/.cache/gemma3/gemma-3-270m-q4_k_m.gguf; default threads 2, REPS 2,
-#   NTG 128, REQUESTS (per concurrency level and round) 32, CTX 1024, endpoint chat, PORT 18080,
-#   JOBS (build parallelism) 2. Server logs go to third_party_build/server-logs/.
+#   NTG 128, REQUESTS (per concurrency level and round) 32, CTX 1024, endpoint chat, PORT 18080
+#   (each server start takes the next free port from there), JOBS (build parallelism) 2. Server logs go to third_party_build/server-logs/.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -84,23 +84,34 @@ llamacpp_build "$JOBS" llama-server
 LLAMA_SERVER="$LLAMACPP_BIN/llama-server"
 LLAMA_VERSION="$LLAMACPP_SDIST, $("$LLAMA_SERVER" --version 2>&1 | grep -m1 '^version' || echo 'version unknown')"
 
-if python3 - "$PORT" <<'EOF'
+# A port for the next server: the first one from PORT + (starts so far mod 100) that a plain
+# bind (no SO_REUSEADDR) takes. Each start takes a new port, as the previous server's closed
+# connections sit in TIME_WAIT on its port for a minute, and a server that sets only
+# SO_REUSEPORT (Debian's cpp-httplib) cannot bind it then.
+STARTS=0
+next_port() {
+  local base=$((PORT + STARTS % 100))
+  STARTS=$((STARTS + 1))
+  python3 - "$base" <<'EOF'
 import socket, sys
-s = socket.socket()
-try:
-    s.bind(("127.0.0.1", int(sys.argv[1])))
-except OSError:
-    sys.exit(0)  # taken
-sys.exit(1)
+for p in range(int(sys.argv[1]), int(sys.argv[1]) + 200):
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", p))
+    except OSError:
+        continue
+    finally:
+        s.close()
+    print(p)
+    sys.exit(0)
+sys.exit("no free port from " + sys.argv[1])
 EOF
-then
-  echo "port $PORT is in use; pass a free one with -P" >&2
-  exit 2
-fi
+}
 
 # ---- one server process at a time -------------------------------------------------------------
 mkdir -p "$WORK/server-logs"
 SERVER_PID=""
+LOADGEN_PID=""
 stop_server() {
   if [[ -n "$SERVER_PID" ]]; then
     kill "$SERVER_PID" 2>/dev/null || true
@@ -110,27 +121,36 @@ stop_server() {
     SERVER_PID=""
   fi
 }
-trap stop_server EXIT INT TERM
+# Background children and `wait` (not a foreground command), so that INT/TERM stop the load
+# generator and the server at once instead of after the running measurement.
+on_signal() {
+  [[ -z "$LOADGEN_PID" ]] || kill "$LOADGEN_PID" 2>/dev/null || true
+  stop_server
+  exit 130
+}
+trap stop_server EXIT
+trap on_signal INT TERM
 
-start_server() {  # ENGINE C LOG
+start_server() {  # ENGINE C LOG: sets SERVER_PORT
   local engine=$1 c=$2 log=$3
+  SERVER_PORT=$(next_port)
   if [[ $engine == llama ]]; then
     "$LLAMA_SERVER" -m "$MODEL" -t "$THREADS" -tb "$THREADS" -np "$c" -c $((c * CTX)) \
-      ${FA:+-fa "$FA"} --host 127.0.0.1 --port "$PORT" >"$log" 2>&1 &
+      ${FA:+-fa "$FA"} --host 127.0.0.1 --port "$SERVER_PORT" >"$log" 2>&1 &
   else
     "$GEMMA3" serve -m "$MODEL" -t "$THREADS" -np "$c" --ctx "$CTX" \
-      --host 127.0.0.1 --port "$PORT" >"$log" 2>&1 &
+      --host 127.0.0.1 --port "$SERVER_PORT" >"$log" 2>&1 &
   fi
   SERVER_PID=$!
   local i
-  for i in $(seq 1 600); do  # up to 120 s
+  for i in $(seq 1 600); do  # up to 120 s (sleep in the background: signals are not held up)
     if ! kill -0 "$SERVER_PID" 2>/dev/null; then
       echo "$engine server exited while starting (C=$c); its log $log:" >&2
       tail -20 "$log" >&2
       SERVER_PID=""
       return 1
     fi
-    if python3 - "$PORT" <<'EOF'
+    if python3 - "$SERVER_PORT" <<'EOF'
 import http.client, sys
 try:
     c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=2)
@@ -140,7 +160,7 @@ except OSError:
     sys.exit(1)
 EOF
     then return 0; fi
-    sleep 0.2
+    sleep 0.2 & wait $!
   done
   echo "$engine server not ready after 120 s (C=$c); its log $log" >&2
   return 1
@@ -156,8 +176,14 @@ measure() {  # ENGINE C ROUND
   start_server "$engine" "$c" "$log" || return 1
   local load_before
   load_before=$(cut -d' ' -f1-3 /proc/loadavg)
-  out=$(python3 "$LOADGEN" --url "http://127.0.0.1:$PORT" -c "$c" -r "$per" -n "$NTG" \
-    --endpoint "$ENDPOINT" --label "$engine" --json - 2> >(sed "s/^/    /" >&2)) || rc=$?
+  python3 "$LOADGEN" --url "http://127.0.0.1:$SERVER_PORT" -c "$c" -r "$per" -n "$NTG" \
+    --endpoint "$ENDPOINT" --label "$engine" --json - >"$WORK/.loadgen-$$.json" \
+    2> >(sed "s/^/    /" >&2) &
+  LOADGEN_PID=$!
+  wait "$LOADGEN_PID" || rc=$?
+  LOADGEN_PID=""
+  out=$(cat "$WORK/.loadgen-$$.json")
+  rm -f "$WORK/.loadgen-$$.json"
   stop_server
   if ((rc == 1)); then  # some requests failed: kept in the row (errors, error_samples)
     echo "loadgen against $engine (C=$c): some requests failed; server log $log" >&2
