@@ -32,7 +32,7 @@
 // (same sampler, same per-request seed, same stop rules and finish reasons). Greedy outputs do
 // not depend on the other requests in a step when the model was loaded with
 // LoadOptions::batch_invariant; by default the fast CPU backend's kernel choice depends on a
-// step's token count (int8 activations below 16 tokens, fp32 from 16), so a token's logits
+// step's token count (int8 activations up to 64 tokens, fp32 above), so a token's logits
 // can differ from a lone run's within that bound (docs/batching.md).
 #pragma once
 

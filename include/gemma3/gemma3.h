@@ -78,7 +78,7 @@ struct LoadOptions {
   // values. An error on other backends.
   bool fp8_weights = false;
   // CPU only, for evaluation: a token's logits are the same bits however the text before it
-  // was split across feed calls and prefill chunks. By default decode (under 16 tokens per call)
+  // was split across feed calls and prefill chunks. By default decode (up to 64 tokens per call)
   // multiplies with int8-quantized activations and its own attention path, as llama.cpp does,
   // so feeding text token by token gives logits that differ from one feed of the same text (by
   // up to ~0.8 on the 270M Q4_K_M; see docs/perf.md). This makes every call run the prefill
