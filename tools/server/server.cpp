@@ -311,7 +311,9 @@ struct Server::Impl {
     // (32 in the tests) overflows it and some get no response. Keep the socket to listen again
     // with a deep backlog after binding (Linux updates the backlog of a listening socket).
     http.set_socket_options([this](socket_t sock) {
-      httplib::default_socket_options(sock);
+      httplib::default_socket_options(sock);  // SO_REUSEPORT only, in Debian's 0.11
+      int yes = 1;  // bind a port whose last connections are still in TIME_WAIT (a restart)
+      setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
       listen_fd = sock;
     });
     http.set_payload_max_length(opt.max_body_bytes);
