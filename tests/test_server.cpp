@@ -10,6 +10,7 @@
 #include <atomic>
 #include <chrono>
 #include <fstream>
+#include <functional>
 #include <iterator>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -343,6 +344,23 @@ std::vector<std::string> sse_events(const std::string& body) {
   return out;
 }
 
+// A streamed completion of max_tokens tokens (ignore_eos): `on_bytes` gets the body as it
+// arrives; returning false hangs up.
+void stream_completion(const Running& r, int max_tokens,
+                       const std::function<bool(const char*, size_t)>& on_bytes) {
+  auto c = r.client();
+  httplib::Request req;
+  req.method = "POST";
+  req.path = "/v1/completions";
+  req.body =
+      json{{"prompt", "Once"}, {"max_tokens", max_tokens}, {"ignore_eos", true}, {"stream", true}}.dump();
+  req.set_header("Content-Type", "application/json");
+  req.content_receiver = [&](const char* data, size_t n, uint64_t, uint64_t) { return on_bytes(data, n); };
+  httplib::Response res;
+  httplib::Error err;
+  c->send(req, res, err);
+}
+
 TEST(Server, CompletionsEqualALoneSession) {
   Running r = start("tiny");
   ASSERT_TRUE(r.server);
@@ -461,19 +479,10 @@ TEST(Server, BusyServerAnswers503WithRetryAfter) {
   ASSERT_TRUE(r.server);
   std::atomic<bool> streaming{false};
   std::thread long_request([&] {
-    auto c = r.client();
-    httplib::Request req;
-    req.method = "POST";
-    req.path = "/v1/completions";
-    req.body = R"({"prompt":"Once","max_tokens":200,"ignore_eos":true,"stream":true})";
-    req.set_header("Content-Type", "application/json");
-    req.content_receiver = [&](const char*, size_t, uint64_t, uint64_t) {
+    stream_completion(r, 200, [&](const char*, size_t) {
       streaming = true;
       return true;
-    };
-    httplib::Response res;
-    httplib::Error err;
-    c->send(req, res, err);
+    });
   });
   while (!streaming) std::this_thread::sleep_for(std::chrono::milliseconds(5));
   auto c = r.client();
@@ -535,21 +544,8 @@ TEST(Server, AClientThatGoesAwayFreesItsRequest) {
   so.sse_ping_seconds = 1;
   Running r = start("tiny", so, 4, 4096);
   ASSERT_TRUE(r.server);
-  {
-    auto c = r.client();
-    httplib::Request req;
-    req.method = "POST";
-    req.path = "/v1/completions";
-    req.body = R"({"prompt":"Once","max_tokens":4000,"ignore_eos":true,"stream":true})";
-    req.set_header("Content-Type", "application/json");
-    int chunks = 0;
-    req.content_receiver = [&](const char*, size_t, uint64_t, uint64_t) {
-      return ++chunks < 3;
-    };  // then hang up
-    httplib::Response res;
-    httplib::Error err;
-    c->send(req, res, err);
-  }
+  int chunks = 0;
+  stream_completion(r, 4000, [&](const char*, size_t) { return ++chunks < 3; });  // then hang up
   std::string running, gone;
   for (int i = 0; i < 200 && (running != "0" || gone != "1"); ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
@@ -568,20 +564,11 @@ TEST(Server, StopDrainsThenCancels) {
   std::atomic<bool> streaming{false};
   std::string body;
   std::thread client([&] {
-    auto c = r.client();
-    httplib::Request req;
-    req.method = "POST";
-    req.path = "/v1/completions";
-    req.body = R"({"prompt":"Once","max_tokens":4000,"ignore_eos":true,"stream":true})";
-    req.set_header("Content-Type", "application/json");
-    req.content_receiver = [&](const char* data, size_t n, uint64_t, uint64_t) {
+    stream_completion(r, 4000, [&](const char* data, size_t n) {
       body.append(data, n);
       streaming = true;
       return true;
-    };
-    httplib::Response res;
-    httplib::Error err;
-    c->send(req, res, err);
+    });
   });
   while (!streaming) std::this_thread::sleep_for(std::chrono::milliseconds(5));
   r.server->stop(std::chrono::milliseconds(200));  // the request cannot finish in time: cancelled

@@ -67,15 +67,10 @@ ApiError get_int(const json& o, const char* name, int64_t lo, int64_t hi, int64_
                  bool* given = nullptr) {
   const json* v = field(o, name);
   if (!v) return {};
-  if (!v->is_number_integer()) {
-    // 3.0 is accepted as 3 (JavaScript clients send integers as doubles).
-    if (v->is_number_float() && std::isfinite(v->get<double>()) &&
-        std::floor(v->get<double>()) == v->get<double>() && std::fabs(v->get<double>()) < 9e15) {
-    } else {
-      return type_error(name, "an integer");
-    }
-  }
-  const double d = v->get<double>();
+  // 3.0 is accepted as 3 (JavaScript clients send integers as doubles).
+  const double d = v->is_number() ? v->get<double>() : 0.5;
+  const bool whole_float = v->is_number_float() && std::floor(d) == d && std::fabs(d) < 9e15;
+  if (!v->is_number_integer() && !whole_float) return type_error(name, "an integer");
   const int64_t i = v->is_number_integer() ? v->get<int64_t>() : static_cast<int64_t>(d);
   if (v->is_number_unsigned() &&
       v->get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
@@ -327,7 +322,7 @@ std::string error_json(const ApiError& e) {
   json err = {{"message", e.message}, {"type", e.type}};
   err["param"] = e.param.empty() ? json(nullptr) : json(e.param);
   err["code"] = e.code.empty() ? json(nullptr) : json(e.code);
-  return json{{"error", err}}.dump(-1, ' ', false, json::error_handler_t::replace);
+  return json{{"error", err}}.dump(-1, ' ', false, json::error_handler_t::replace);  // invalid UTF-8: U+FFFD
 }
 
 ApiError decode_image_url(std::string_view url, size_t max_bytes, std::string* bytes) {
@@ -533,9 +528,14 @@ ResponseWriter::ResponseWriter(const ApiRequest& request, std::string id, int64_
                                const Tokenizer& tokenizer)
     : req_(request), id_(std::move(id)), created_(created), model_(std::move(model)), tok_(tokenizer) {}
 
-std::string ResponseWriter::base(bool streaming) const {
+std::string ResponseWriter::envelope(bool streaming, const void* body) const {
   const bool chat = req_.endpoint == Endpoint::kChat;
-  return chat ? (streaming ? "chat.completion.chunk" : "chat.completion") : "text_completion";
+  json j = *static_cast<const json*>(body);
+  j["id"] = id_;
+  j["object"] = chat ? (streaming ? "chat.completion.chunk" : "chat.completion") : "text_completion";
+  j["created"] = created_;
+  j["model"] = model_;
+  return dump(j);
 }
 
 void ResponseWriter::add_logprobs(void* choice_json, const std::vector<TokenLogprobs>& logprobs,
@@ -597,12 +597,8 @@ std::string ResponseWriter::chunk(const std::string& text, const std::vector<Tok
   else
     choice["logprobs"] = nullptr;
   text_offset_ += text.size();
-  json j = {{"id", id_},
-            {"object", base(true)},
-            {"created", created_},
-            {"model", model_},
-            {"choices", json::array({choice})}};
-  return dump(j);
+  const json body = {{"choices", json::array({choice})}};
+  return envelope(true, &body);
 }
 
 std::string ResponseWriter::final_chunk(FinishReason reason) {
@@ -616,18 +612,13 @@ std::string ResponseWriter::final_chunk(FinishReason reason) {
   } else {
     choice["text"] = "";
   }
-  json j = {{"id", id_},
-            {"object", base(true)},
-            {"created", created_},
-            {"model", model_},
-            {"choices", json::array({choice})}};
-  return dump(j);
+  const json body = {{"choices", json::array({choice})}};
+  return envelope(true, &body);
 }
 
 std::string ResponseWriter::usage_chunk(const Usage& usage) const {
-  json j = {{"id", id_},       {"object", base(true)},     {"created", created_},
-            {"model", model_}, {"choices", json::array()}, {"usage", usage_json(usage)}};
-  return dump(j);
+  const json body = {{"choices", json::array()}, {"usage", usage_json(usage)}};
+  return envelope(true, &body);
 }
 
 std::string ResponseWriter::response(const std::string& text, const std::vector<TokenLogprobs>& logprobs,
@@ -641,13 +632,8 @@ std::string ResponseWriter::response(const std::string& text, const std::vector<
     add_logprobs(&choice, logprobs, 0);
   else
     choice["logprobs"] = nullptr;
-  json j = {{"id", id_},
-            {"object", base(false)},
-            {"created", created_},
-            {"model", model_},
-            {"choices", json::array({choice})},
-            {"usage", usage_json(usage)}};
-  return dump(j);
+  const json body = {{"choices", json::array({choice})}, {"usage", usage_json(usage)}};
+  return envelope(false, &body);
 }
 
 }  // namespace gemma3::server

@@ -102,7 +102,8 @@ class ResponseWriter {
                        FinishReason reason, const Usage& usage) const;
 
  private:
-  std::string base(bool streaming) const;
+  // The JSON of `body` (a json object: choices, usage) with id, object, created and model.
+  std::string envelope(bool streaming, const void* body) const;
   void add_logprobs(void* choice_json, const std::vector<TokenLogprobs>& logprobs, size_t text_offset) const;
 
   const ApiRequest& req_;
