@@ -403,12 +403,8 @@ class EngineImpl final : public Engine {
       who.push_back(&s);
       budget -= q.n;
     }
-    if (seqs.empty()) {  // every request was cancelled: the stats still change
-      std::lock_guard<std::mutex> lock(mu_);
-      stats_.running = running_;
-      uint64_t used = 0;
-      for (const Slot& s : slots_) used += s.job ? s.tokens.size() : 0;
-      stats_.kv_used_tokens = used;
+    if (seqs.empty()) {  // every request was cancelled: the gauges still change
+      publish(0, 0);
       return;
     }
 
@@ -465,12 +461,17 @@ class EngineImpl final : public Engine {
       finish(s);
       --running_;
     }
-    std::lock_guard<std::mutex> lock(mu_);
-    ++stats_.steps;
-    stats_.prompt_tokens += prompt_tokens;
-    stats_.running = running_;
+    publish(1, prompt_tokens);
+  }
+
+  // The step's counts and the gauges (running requests, KV positions they hold) into stats_.
+  void publish(uint64_t steps, uint64_t prompt_tokens) {
     uint64_t used = 0;
     for (const Slot& s : slots_) used += s.job ? s.tokens.size() : 0;
+    std::lock_guard<std::mutex> lock(mu_);
+    stats_.steps += steps;
+    stats_.prompt_tokens += prompt_tokens;
+    stats_.running = running_;
     stats_.kv_used_tokens = used;
   }
 
