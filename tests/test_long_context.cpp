@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 #include <stdlib.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -435,6 +436,85 @@ TEST(MemoryPlan, Gemma27bAt128k) {
         kv_type_name(kv), p.kv.global_bytes / 1073741824.0, p.kv.local_bytes / 1073741824.0,
         p.kv.all_global_bytes / 1073741824.0, p.scratch_bytes / 1048576.0);
   }
+}
+
+// Six layers, L L G L L G, two KV heads of 32: a K row of 128 bytes (bf16) per layer.
+ModelConfig paged_config() {
+  ModelConfig c;
+  c.n_layers = 6;
+  c.hidden = 64;
+  c.n_heads = 2;
+  c.n_kv_heads = 2;
+  c.head_dim = 32;
+  c.sliding_window = 8;
+  c.max_context = 4096;
+  c.vocab_size = 100;
+  c.set_layer_pattern(3);
+  return c;
+}
+
+// An Engine's paged cache (docs/batching.md, "Paged KV"): the global layers have memory only
+// for the pages mapped, which read as zeros again after they are unmapped; the rings are whole.
+// A write past the mapped pages would fault (the range has no access), so a kernel that ran
+// past a sequence's pages could not go unnoticed.
+TEST(KvPages, GlobalLayersHoldOnlyTheMappedPages) {
+  const ModelConfig c = paged_config();
+  auto be = std::move(make_cpu_ref_backend(1).value());
+  ASSERT_EQ(be->map_granularity() % 4096, 0u);
+  const KvPlan plan = plan_kv(c, 1000, 16, DType::kBF16, be->map_granularity());
+  const uint64_t row = 2 * 32 * 2;  // n_kv_heads * head_dim bf16
+  EXPECT_EQ(plan.page_tokens, static_cast<int>(be->map_granularity() / row));
+  EXPECT_EQ(plan.page_bytes, plan.bytes_per_slot * plan.page_tokens * 2);
+  EXPECT_EQ(plan.pages_for(1000), (1000 + plan.page_tokens - 1) / plan.page_tokens);
+  KvCache cache(*be, plan);
+  ASSERT_TRUE(cache.allocate(c, /*paged=*/true).ok());
+  EXPECT_EQ(cache.allocated_global_bytes(), 0u);
+  EXPECT_EQ(cache.allocated_local_bytes(), plan.local_bytes);
+  ASSERT_TRUE(cache.map_pages(2).ok());
+  EXPECT_EQ(cache.mapped_pages(), 2);
+  EXPECT_EQ(cache.allocated_global_bytes(), 2 * plan.page_bytes);
+  const KvLayer& g = cache.layer(2);
+  const size_t mapped = 2 * plan.page_tokens * row;
+  std::memset(g.k, 0x5a, mapped);
+  std::memset(g.v, 0x5a, mapped);
+  cache.unmap_pages_from(1);
+  EXPECT_EQ(cache.mapped_pages(), 1);
+  EXPECT_EQ(cache.allocated_global_bytes(), plan.page_bytes);
+  EXPECT_EQ(static_cast<const uint8_t*>(g.k)[0], 0x5a);  // page 0 kept
+  ASSERT_TRUE(cache.map_pages(2).ok());
+  const auto* page1 = static_cast<const uint8_t*>(g.k) + plan.page_tokens * row;
+  EXPECT_TRUE(std::all_of(page1, page1 + plan.page_tokens * row, [](uint8_t b) { return b == 0; }));
+  ASSERT_TRUE(cache.map_pages(1000).ok());  // clamped to the context's pages
+  EXPECT_EQ(cache.mapped_pages(), plan.pages_for(1000));
+  // The last page of the context maps whole, past the context's own rows.
+  std::memset(g.v, 1, static_cast<size_t>(plan.pages_for(1000)) * plan.page_tokens * row);
+
+  KvCache whole(*be, plan);  // unpaged (a Session's): everything allocated, pages only counted
+  ASSERT_TRUE(whole.allocate(c).ok());
+  EXPECT_EQ(whole.allocated_global_bytes(), plan.global_bytes);
+  ASSERT_TRUE(whole.map_pages(3).ok());
+  EXPECT_EQ(whole.mapped_pages(), 3);
+  EXPECT_EQ(whole.allocated_global_bytes(), plan.global_bytes);
+}
+
+// The planner's pool: kv_tokens rounded up to pages, between one context and N contexts.
+TEST(KvPages, PlannerPoolIsClampedAndInPages) {
+  const ModelConfig c = paged_config();
+  const MemoryPlan all = plan_memory(c, 0, 1000, 64, DType::kBF16, 4, 64);
+  const int per = all.kv.pages_for(1000);
+  EXPECT_TRUE(all.paged);
+  EXPECT_EQ(all.kv_pages, 4 * per);
+  EXPECT_EQ(all.kv_global_bytes(), all.kv.page_bytes * 4 * per);
+  EXPECT_EQ(plan_memory(c, 0, 1000, 64, DType::kBF16, 4, 64, 1500).kv_pages, all.kv.pages_for(1500));
+  EXPECT_EQ(plan_memory(c, 0, 1000, 64, DType::kBF16, 4, 64, 100000).kv_pages, 4 * per);
+  EXPECT_EQ(plan_memory(c, 0, 1000, 64, DType::kBF16, 4, 64, 10).kv_pages, per);
+  const MemoryPlan unpaged = plan_memory(c, 0, 1000, 64, DType::kBF16, 4, 64, 1500, /*granularity=*/0);
+  EXPECT_FALSE(unpaged.paged);  // a backend that cannot map on demand: every sequence whole
+  EXPECT_EQ(unpaged.kv_global_bytes(), unpaged.kv.global_bytes * 4);
+  const MemoryReport r = plan_memory(c, 0, 1000, 64, DType::kBF16, 4, 64, 1500).report();
+  EXPECT_EQ(r.kv_pages, all.kv.pages_for(1500));
+  EXPECT_EQ(r.kv_page_tokens, all.kv.page_tokens);
+  EXPECT_EQ(r.kv_global_bytes, uint64_t(r.kv_pages) * r.kv_page_bytes);
 }
 
 TEST(MemoryPlan, TooLittleFreeMemoryIsAClearError) {

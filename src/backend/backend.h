@@ -80,6 +80,18 @@ class Backend {
   // ---- memory ----
   virtual Result<void*> allocate(size_t bytes) = 0;  // zero-filled
   virtual void release(void* ptr) = 0;
+  // Paged memory (the Engine's KV pool, docs/batching.md "Paged KV"): an address range with
+  // nothing behind it, into which pages of memory are put and taken back as a sequence grows
+  // and ends, so that attention still reads one contiguous range per layer (vAttention's
+  // design, not a page table in every kernel). map_granularity() is the unit (offsets and sizes
+  // are multiples of it); 0 when the backend cannot do this: reserve() then allocates the
+  // whole range and map/unmap do nothing (the memory is all there from the start).
+  virtual size_t map_granularity() { return 0; }
+  virtual Result<void*> reserve(size_t bytes) { return allocate(bytes); }
+  virtual void unreserve(void* base, size_t bytes) { release(base); }
+  // Zero-filled memory behind [base + offset, base + offset + bytes) / none (its contents lost).
+  virtual Status map(void* base, size_t offset, size_t bytes) { return ok_status(); }
+  virtual void unmap(void* base, size_t offset, size_t bytes) {}
   virtual void to_host(const void* src, void* dst_host, size_t bytes) = 0;
   virtual void from_host(const void* src_host, void* dst, size_t bytes) = 0;
   // Makes a weight usable by the ops. The view's data must outlive the returned object

@@ -52,7 +52,7 @@ Status check_kv_type(const ModelConfig& config, KvType t) {
   return ok_status();
 }
 
-KvPlan plan_kv(const ModelConfig& config, int context, int chunk, DType dtype) {
+KvPlan plan_kv(const ModelConfig& config, int context, int chunk, DType dtype, uint64_t granularity) {
   KvPlan p;
   p.context = context;
   p.chunk = std::max(1, std::min(chunk, context));
@@ -68,28 +68,84 @@ KvPlan plan_kv(const ModelConfig& config, int context, int chunk, DType dtype) {
     (global ? p.global_bytes : p.local_bytes) += p.bytes_per_slot * p.capacity[i];
     p.all_global_bytes += p.bytes_per_slot * static_cast<uint64_t>(context);
   }
+  p.page_tokens = 16;
+  const uint64_t layer_row = p.bytes_per_slot / 2;  // one position's K in one layer
+  while (granularity > 0 && layer_row * p.page_tokens % granularity != 0 && p.page_tokens < (1 << 20))
+    p.page_tokens += 16;
+  p.page_bytes = p.bytes_per_slot * p.page_tokens * static_cast<uint64_t>(config.n_global_layers());
   return p;
 }
 
 KvCache::~KvCache() {
-  for (KvLayer& l : layers_) {
-    if (l.k) backend_.release(l.k);
-    if (l.v) backend_.release(l.v);
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    KvLayer& l = layers_[i];
+    for (void* p : {l.k, l.v}) {
+      if (!p) continue;
+      if (reserved_[i])
+        backend_.unreserve(p, plan_.bytes_per_slot / 2 * plan_.capacity[i]);
+      else
+        backend_.release(p);
+    }
   }
 }
 
-Status KvCache::allocate(const ModelConfig& config) {
+Status KvCache::allocate(const ModelConfig& config, bool paged) {
+  const uint64_t row = plan_.bytes_per_slot / 2;
+  const size_t gran = paged ? backend_.map_granularity() : 0;
+  if (gran > 0 && row * plan_.page_tokens % gran == 0) page_bytes_ = row * plan_.page_tokens;
   layers_.resize(config.n_layers);
+  reserved_.assign(config.n_layers, false);
   for (int i = 0; i < config.n_layers; ++i) {
-    const uint64_t half = plan_.bytes_per_slot / 2 * plan_.capacity[i];
+    const uint64_t half = row * plan_.capacity[i];
     KvLayer& l = layers_[i];
     l.capacity = plan_.capacity[i];
     l.dtype = plan_.dtype;
-    GEMMA3_ASSIGN_OR_RETURN(l.k, backend_.allocate(half));
-    GEMMA3_ASSIGN_OR_RETURN(l.v, backend_.allocate(half));
-    (config.is_global(i) ? allocated_global_ : allocated_local_) += 2 * half;
+    const bool reserve = page_bytes_ > 0 && config.is_global(i);
+    // A whole number of pages, so the last page of a context that is not a multiple maps whole.
+    const uint64_t bytes = reserve ? page_bytes_ * plan_.pages_for(l.capacity) : half;
+    for (void** p : {&l.k, &l.v}) {
+      GEMMA3_ASSIGN_OR_RETURN(*p, reserve ? backend_.reserve(bytes) : backend_.allocate(bytes));
+      reserved_[i] = reserve;
+    }
+    if (!reserve) (config.is_global(i) ? allocated_global_ : allocated_local_) += 2 * half;
   }
   return ok_status();
+}
+
+Status KvCache::map_pages(int n) {
+  n = std::min(n, plan_.pages_for(plan_.context));
+  if (n <= mapped_pages_) return ok_status();
+  if (page_bytes_ > 0)
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      if (!reserved_[i]) continue;
+      const uint64_t at = page_bytes_ * mapped_pages_, bytes = page_bytes_ * (n - mapped_pages_);
+      for (void* p : {layers_[i].k, layers_[i].v}) {
+        if (Status s = backend_.map(p, at, bytes); !s.ok()) {
+          unmap_pages_from(mapped_pages_);  // the layers mapped so far (the count is unchanged)
+          return s.with_context("engine KV pages");
+        }
+      }
+    }
+  allocated_global_ += 2 * page_bytes_ * (n - mapped_pages_) * reserved_layers();
+  mapped_pages_ = n;
+  return ok_status();
+}
+
+void KvCache::unmap_pages_from(int n) {
+  n = std::max(n, 0);
+  if (page_bytes_ > 0)
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      if (!reserved_[i]) continue;
+      // Every page from n on: after a failed map_pages, some past mapped_pages_ may be mapped.
+      const uint64_t at = page_bytes_ * n, bytes = page_bytes_ * plan_.pages_for(plan_.context) - at;
+      if (bytes == 0) continue;
+      backend_.unmap(layers_[i].k, at, bytes);
+      backend_.unmap(layers_[i].v, at, bytes);
+    }
+  if (n < mapped_pages_) {
+    allocated_global_ -= 2 * page_bytes_ * (mapped_pages_ - n) * reserved_layers();
+    mapped_pages_ = n;
+  }
 }
 
 }  // namespace gemma3

@@ -4,6 +4,7 @@
 // Position p lives in slot p % capacity. `gemma3 info` prints this same plan.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -32,10 +33,17 @@ struct KvPlan {
   uint64_t global_bytes = 0;      // all global layers
   uint64_t local_bytes = 0;       // all local rings
   uint64_t all_global_bytes = 0;  // what caching every layer at full context would need
+  // An Engine's global layers come in pages of page_tokens positions (docs/batching.md, "Paged
+  // KV"): the fewest, a multiple of 16, whose K rows fill whole pages of `granularity` bytes.
+  int page_tokens = 0;
+  uint64_t page_bytes = 0;  // one page: K + V of page_tokens positions in every global layer
   uint64_t total_bytes() const { return global_bytes + local_bytes; }
+  int pages_for(int64_t tokens) const { return static_cast<int>((tokens + page_tokens - 1) / page_tokens); }
 };
 
-KvPlan plan_kv(const ModelConfig& config, int context, int chunk, DType dtype);
+// granularity: the unit the backend maps memory in (Backend::map_granularity; 4 KiB, the
+// CPU's, when planning without a backend).
+KvPlan plan_kv(const ModelConfig& config, int context, int chunk, DType dtype, uint64_t granularity = 4096);
 
 // The cache itself, in backend memory, laid out as the plan says.
 class KvCache {
@@ -44,7 +52,17 @@ class KvCache {
   ~KvCache();
   KvCache(const KvCache&) = delete;
   KvCache& operator=(const KvCache&) = delete;
-  Status allocate(const ModelConfig& config);
+  // paged: the global layers' slots are an address range with nothing behind it until
+  // map_pages() (Backend::reserve); the local rings are allocated whole. A backend that cannot
+  // map memory on demand (map_granularity() 0, or one a page's rows do not fill) allocates
+  // everything, and map_pages only counts.
+  Status allocate(const ModelConfig& config, bool paged = false);
+  // Puts memory behind the first n pages of every global layer (positions
+  // 0 .. n * plan().page_tokens - 1) / takes back every page from the n-th on. Unpaged:
+  // only the count changes.
+  Status map_pages(int n);
+  void unmap_pages_from(int n);
+  int mapped_pages() const { return mapped_pages_; }
   const KvPlan& plan() const { return plan_; }
   const KvLayer& layer(int i) const { return layers_[i]; }
   KvView view() const { return {layers_, plan_.context, plan_.chunk}; }
@@ -56,6 +74,12 @@ class KvCache {
   Backend& backend_;
   KvPlan plan_;
   std::vector<KvLayer> layers_;
+  std::vector<bool> reserved_;  // [L] the layer's K and V came from Backend::reserve
+  uint64_t page_bytes_ = 0;     // one page of one layer's K (or V) when paged; else 0
+  int mapped_pages_ = 0;
+  uint64_t reserved_layers() const {
+    return static_cast<uint64_t>(std::count(reserved_.begin(), reserved_.end(), true));
+  }
   uint64_t allocated_global_ = 0, allocated_local_ = 0;
 };
 

@@ -4,8 +4,11 @@
 #include "backend/cpu/cpu_backend.h"
 
 #include <fmt/format.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -33,6 +36,31 @@ Result<void*> HostBackend::allocate(size_t bytes) {
   return p;
 }
 void HostBackend::release(void* ptr) { std::free(ptr); }
+
+size_t HostBackend::map_granularity() { return static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
+
+Result<void*> HostBackend::reserve(size_t bytes) {
+  void* p = mmap(nullptr, std::max<size_t>(bytes, 1), PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                 -1, 0);
+  if (p == MAP_FAILED)
+    return out_of_memory(
+        fmt::format("cannot reserve {} bytes of address space: {}", bytes, std::strerror(errno)));
+  return p;
+}
+
+void HostBackend::unreserve(void* base, size_t bytes) { munmap(base, std::max<size_t>(bytes, 1)); }
+
+Status HostBackend::map(void* base, size_t offset, size_t bytes) {
+  if (mprotect(static_cast<char*>(base) + offset, bytes, PROT_READ | PROT_WRITE) != 0)
+    return out_of_memory(fmt::format("cannot map {} bytes of host memory: {}", bytes, std::strerror(errno)));
+  return ok_status();
+}
+
+void HostBackend::unmap(void* base, size_t offset, size_t bytes) {
+  char* p = static_cast<char*>(base) + offset;
+  madvise(p, bytes, MADV_DONTNEED);  // anonymous private pages read as zeros when mapped again
+  mprotect(p, bytes, PROT_NONE);
+}
 void HostBackend::to_host(const void* src, void* dst, size_t bytes) { std::memcpy(dst, src, bytes); }
 
 double HostBackend::pool_copy_bandwidth(

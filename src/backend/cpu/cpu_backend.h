@@ -33,6 +33,14 @@ class HostBackend : public Backend {
  public:
   Result<void*> allocate(size_t bytes) override;  // zero-filled
   void release(void* ptr) override;
+  // Paged memory: an mmap'd range with no access, made readable and writable page by page
+  // (mprotect); unmap gives the pages back to the system (madvise MADV_DONTNEED) and takes
+  // access away again, so a stray write past what is mapped faults instead of using memory.
+  size_t map_granularity() override;
+  Result<void*> reserve(size_t bytes) override;
+  void unreserve(void* base, size_t bytes) override;
+  Status map(void* base, size_t offset, size_t bytes) override;
+  void unmap(void* base, size_t offset, size_t bytes) override;
   void to_host(const void* src, void* dst, size_t bytes) override;
   void from_host(const void* src, void* dst, size_t bytes) override;
   // Writes positions pos0.. into ring slots p % capacity, fp32 or bf16 (round to nearest even).
