@@ -560,6 +560,137 @@ TEST(Engine, PrefixReuseBoundIsTheStepSize) {
   }
 }
 
+// ---- paged KV (engine.h, "Paged KV") ----
+
+// Long requests through a pool of one context's pages: they wait for pages, the requests
+// admitted last are preempted when a decoding sequence needs a page, and every request still
+// gives what a lone session gives (greedy, seeded, logprobs); the pages held never exceed the
+// pool.
+TEST(EnginePages, RunningOutPreemptsAndOutputsStillEqualLoneSessions) {
+  auto m = load(testutil::data_path("tiny"), 256, /*invariant=*/true);
+  ASSERT_TRUE(m);
+  EngineOptions eo;
+  eo.max_sequences = 4;
+  eo.step_tokens = 32;
+  eo.kv_tokens = 256;
+  auto e = Engine::create(m, eo);
+  ASSERT_TRUE(e.ok()) << e.status().to_string();
+  const EngineStats st = (*e)->stats();
+  ASSERT_GT(st.kv_page_tokens, 0);
+  EXPECT_EQ(st.kv_pages, (256 + st.kv_page_tokens - 1) / st.kv_page_tokens);
+  EXPECT_EQ(st.kv_capacity_tokens, uint64_t(st.kv_pages) * st.kv_page_tokens);
+  std::vector<EngineRequest> rs;
+  for (int i = 0; i < 6; ++i) {  // 6 x (20..70 prompt + 60..110 generated) tokens, > 2 pools
+    EngineRequest r;
+    for (int j = 0; j < 20 + 10 * i; ++j) r.tokens.push_back(j == 0 ? 2 : 100 + (j * 31 + i * 7) % 300);
+    r.options.max_tokens = 110 - 10 * i;
+    r.options.ignore_eos = true;
+    if (i == 1) {
+      r.options.sampling.temperature = 0.9f;
+      r.options.sampling.seed = 7;
+    }
+    if (i == 2) r.options.top_logprobs = 2;
+    rs.push_back(r);
+  }
+  std::atomic<bool> done{false};
+  std::atomic<int> most{0};
+  std::thread watch([&] {
+    while (!done) {
+      most = std::max(most.load(), (*e)->stats().kv_pages_used);
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+  });
+  const std::vector<Output> outs = run_all(**e, rs);
+  done = true;
+  watch.join();
+  for (size_t i = 0; i < rs.size(); ++i) {
+    expect_same(outs[i], reference(*m, rs[i]), "request " + std::to_string(i));
+    EXPECT_EQ(outs[i].result->prompt_tokens, static_cast<int>(rs[i].tokens.size())) << i;
+  }
+  EXPECT_GT((*e)->stats().preempted, 0u);
+  EXPECT_LE(most.load(), st.kv_pages);
+  EXPECT_GT(most.load(), 0);
+}
+
+// An idle sequence's kept prefix holds pages until a request needs them: then it is dropped
+// (no reuse of it afterwards), while a prefix whose pages were not needed is still reused.
+TEST(EnginePages, IdlePrefixesGiveTheirPagesBack) {
+  auto m = load(testutil::data_path("tiny"), 256, /*invariant=*/true);
+  ASSERT_TRUE(m);
+  EngineOptions eo;
+  eo.max_sequences = 2;
+  eo.kv_tokens = 256;
+  auto e = Engine::create(m, eo);
+  ASSERT_TRUE(e.ok()) << e.status().to_string();
+  auto run = [&](const EngineRequest& r) {
+    return collect([&](const Engine::OnToken& on) { return (*e)->generate(r, on); });
+  };
+  auto prompt = [](int n, int salt) {
+    EngineRequest r;
+    for (int j = 0; j < n; ++j) r.tokens.push_back(100 + (j * 13 + salt) % 300);  // no common first token
+    r.options.max_tokens = 4;
+    r.options.ignore_eos = true;
+    return r;
+  };
+  const EngineRequest a = prompt(180, 1), b = prompt(150, 2);
+  expect_same(run(a), reference(*m, a), "a");
+  const int page = (*e)->stats().kv_page_tokens;
+  for (int i = 0; i < 200 && (*e)->stats().kv_pages_used != 0; ++i)  // the gauges follow the step
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  EXPECT_EQ((*e)->stats().kv_pages_used, 0);   // idle pages are not "used"
+  expect_same(run(b), reference(*m, b), "b");  // needs a's pages: a's prefix is dropped
+  EngineRequest a2 = a;                        // a's next turn: nothing left to reuse
+  a2.tokens.push_back(42);
+  uint64_t before = (*e)->stats().reused_tokens;
+  expect_same(run(a2), reference(*m, a2), "a again");
+  EXPECT_EQ((*e)->stats().reused_tokens, before);
+  const EngineRequest small = prompt(20, 3);  // fits beside a2's pages
+  expect_same(run(small), reference(*m, small), "small");
+  EngineRequest a3 = a2;  // a2's prefix was kept: reused
+  a3.tokens.push_back(43);
+  before = (*e)->stats().reused_tokens;
+  expect_same(run(a3), reference(*m, a3), "a2's next turn");
+  EXPECT_EQ((*e)->stats().reused_tokens - before, a2.tokens.size());
+  EXPECT_GT(page, 0);
+}
+
+TEST(EnginePages, PoolSmallerThanAContextIsRefused) {
+  auto m = load(testutil::data_path("tiny"), 256, /*invariant=*/false);
+  ASSERT_TRUE(m);
+  for (const int64_t kv : {int64_t{-1}, int64_t{255}}) {
+    EngineOptions eo;
+    eo.kv_tokens = kv;
+    auto e = Engine::create(m, eo);
+    ASSERT_FALSE(e.ok()) << kv;
+    EXPECT_EQ(e.status().code(), ErrorCode::kInvalidArgument);
+    EXPECT_NE(e.status().message().find("EngineOptions::kv_tokens"), std::string::npos)
+        << e.status().message();
+  }
+  EngineOptions eo;
+  eo.max_sequences = 8;
+  eo.kv_tokens = 300;  // 8 sequences of 256 share 300 positions (rounded up to pages)
+  auto e = Engine::create(m, eo);
+  ASSERT_TRUE(e.ok()) << e.status().to_string();
+  const EngineStats st = (*e)->stats();
+  EXPECT_EQ(st.kv_pages, (300 + st.kv_page_tokens - 1) / st.kv_page_tokens);
+  PlanOptions po;
+  po.context = 256;
+  po.sequences = 8;
+  po.kv_tokens = 300;
+  po.prefill_chunk = m->memory_plan().prefill_chunk;
+  auto info = inspect(testutil::data_path("tiny"), po);
+  ASSERT_TRUE(info.ok()) << info.status().to_string();
+  EXPECT_EQ(info->memory.kv_pages, st.kv_pages);
+  EXPECT_EQ(st.kv_bytes, info->memory.kv_global_bytes + info->memory.kv_local_bytes);
+  EXPECT_EQ(info->memory.kv_global_bytes, uint64_t(st.kv_pages) * info->memory.kv_page_bytes);
+  po.sequences = 1;
+  po.kv_tokens = 0;
+  auto one = inspect(testutil::data_path("tiny"), po);  // a session: one whole context
+  ASSERT_TRUE(one.ok()) << one.status().to_string();
+  EXPECT_EQ(one->memory.kv_pages, 0);
+  EXPECT_LT(info->memory.kv_global_bytes, 2 * one->memory.kv_global_bytes);  // not 8 contexts
+}
+
 // ---- images (tests/data/tiny-vision: 64x64 images, 16 soft tokens each) ----
 
 constexpr int32_t kImageToken = 512;  // image_token_index, tests/data/tiny-vision/config.json

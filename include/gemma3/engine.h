@@ -28,6 +28,14 @@
 // end, takes that sequence and runs only the rest of its prompt (EngineStats::reused_tokens).
 // Images count as their content: a different image at the same place ends the common prefix.
 //
+// Paged KV: a sequence takes pages of the global layers' pool as it grows. A request is
+// admitted when the pages for its prompt are free; to make room the engine drops the kept
+// prefixes of idle sequences, least recently used first. When a decoding sequence needs a page
+// and none is free, the request admitted last is preempted (vLLM's recompute preemption): its
+// pages are freed and it goes back to the front of the queue, to run its prompt and the tokens
+// it generated as a new prompt and go on where it stopped (its callbacks see nothing of this;
+// EngineStats::preempted counts it).
+//
 // Results: a request's tokens are what Session::generate gives for the same prompt and options
 // (same sampler, same per-request seed, same stop rules and finish reasons). Greedy outputs do
 // not depend on the other requests in a step when the model was loaded with
@@ -59,6 +67,12 @@ struct EngineOptions {
   int step_tokens = 0;
   // Requests waiting for a free sequence, at most; submit returns kUnavailable beyond.
   int max_queued = 1024;
+  // Global-layer KV positions all sequences share: a pool of pages (EngineStats::kv_page_tokens
+  // positions each; the memory is mapped as a sequence grows and unmapped when it is evicted),
+  // so a short request does not hold a whole context. 0: max_sequences * context (every
+  // sequence can hold a whole context at once); else at least `context` (a sequence can always
+  // fill its context) and taken as at most max_sequences * context. See "Paged KV" below.
+  int64_t kv_tokens = 0;
 };
 
 // One request. The prompt is exactly one of tokens, text and messages.
@@ -80,9 +94,13 @@ struct EngineStats {
   uint64_t generated_tokens = 0;    // tokens generated (as GenerateResult::tokens)
   uint64_t finished = 0;            // requests finished (any reason, errors included)
   uint64_t reused_tokens = 0;       // prompt tokens not run again: prefix reuse (see below)
-  uint64_t kv_bytes = 0;            // KV memory reserved for all sequences
+  uint64_t kv_bytes = 0;            // KV memory the engine may use: the page pool and every sequence's rings
   uint64_t kv_used_tokens = 0;      // positions held by running sequences now
-  uint64_t kv_capacity_tokens = 0;  // max_sequences * context
+  uint64_t kv_capacity_tokens = 0;  // the pool's positions: kv_pages * kv_page_tokens
+  int kv_pages = 0;                 // pages in the pool (EngineOptions::kv_tokens)
+  int kv_page_tokens = 0;           // positions per page
+  int kv_pages_used = 0;            // held by running requests (the rest: free, or idle prefixes)
+  uint64_t preempted = 0;           // requests preempted for pages (see "Paged KV")
 };
 
 class Engine {

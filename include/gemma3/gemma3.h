@@ -194,7 +194,8 @@ struct Stats {
 // prints the same). Weights are shared by all sessions; KV and scratch are per session.
 struct MemoryReport {
   uint64_t weight_bytes = 0;
-  uint64_t kv_global_bytes = 0;  // global layers: every position of the context (all sequences)
+  uint64_t kv_global_bytes = 0;  // global layers: every position of the context (a session), or
+                                 // an Engine's pool of pages (kv_pages * kv_page_bytes)
   uint64_t kv_local_bytes = 0;   // sliding-window layers' rings (all sequences)
   uint64_t scratch_bytes = 0;    // activations of one prefill chunk
   uint64_t total_bytes() const { return weight_bytes + kv_global_bytes + kv_local_bytes + scratch_bytes; }
@@ -206,6 +207,12 @@ struct MemoryReport {
   uint64_t kv_bytes_per_slot = 0;    // K + V of one position in one layer
   int kv_local_slots = 0;            // ring slots of one sliding-window layer: min(context, W + chunk - 1)
   uint64_t kv_all_global_bytes = 0;  // what the cache would take if every layer held the whole context
+  // An Engine's global-layer pool (PlanOptions::sequences > 1 or kv_tokens; else 0): pages of
+  // kv_page_tokens positions, kv_page_bytes each (K and V in every global layer), shared by the
+  // sequences and mapped as they grow (gemma3/engine.h, EngineOptions::kv_tokens).
+  int kv_pages = 0;
+  int kv_page_tokens = 0;
+  uint64_t kv_page_bytes = 0;
 };
 
 // ---- inspecting a checkpoint without loading it ----
@@ -227,6 +234,8 @@ struct PlanOptions {
   // default step (max(prefill_chunk, N) tokens): N caches of `context` tokens, and the step's
   // scratch with logits for N rows (gemma3/engine.h).
   int sequences = 1;
+  // Global-layer positions the N sequences share (EngineOptions::kv_tokens); 0: N * context.
+  int64_t kv_tokens = 0;
 };
 
 // What a checkpoint declares: its architecture, tokenizer ids, tensors, and the memory one

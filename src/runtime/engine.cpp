@@ -32,6 +32,12 @@ struct Job {
   GenerateOptions options;
   Engine::OnToken on_token;
   Engine::OnDone on_done;
+  size_t prompt_tokens = 0;  // the request's prompt (GenerateResult::prompt_tokens)
+  // Preempted (engine.h, "Paged KV"): `prompt` is then the prompt and the tokens generated so
+  // far; the request goes on with its stream, sampler state and reused count.
+  std::unique_ptr<TokenStream> stream;
+  std::mt19937_64 rng;
+  size_t reused = 0;
 };
 
 // One sequence: its KV memory and, while it holds a request, that request's progress.
@@ -42,10 +48,11 @@ struct Slot {
   // The image blocks of the request the KV memory is (or was) for; those inside `tokens` are
   // what its soft-token positions hold (prefix reuse compares them).
   std::vector<PromptImage> images;
-  uint64_t admitted = 0;  // admission order: prefill chunks go to the earliest first
-  size_t prefilled = 0;   // prompt tokens run so far
-  size_t reused = 0;      // of those, reused from the last request's KV memory
-  int32_t next = -1;      // the sampled token the next step feeds (decoding)
+  uint64_t admitted = 0;    // admission order: prefill chunks go to the earliest first
+  uint64_t idle_since = 0;  // when its last request finished: the least recent is evicted first
+  size_t prefilled = 0;     // prompt tokens run so far
+  size_t reused = 0;        // of those, reused from the last request's KV memory
+  int32_t next = -1;        // the sampled token the next step feeds (decoding)
   std::unique_ptr<TokenStream> stream;
   std::mt19937_64 rng;
   Status error;  // a callback threw
@@ -53,11 +60,14 @@ struct Slot {
 
 class EngineImpl final : public Engine {
  public:
-  EngineImpl(EngineHost host, const EngineOptions& o, KvPlan plan)
+  EngineImpl(EngineHost host, const EngineOptions& o, const MemoryPlan& mp)
       : h_(std::move(host)),
         o_(o),
-        plan_(std::move(plan)),
-        scratch_(std::make_unique<ForwardScratch>(*h_.backend)) {}
+        plan_(mp.kv),
+        pool_pages_(mp.kv_pages),
+        scratch_(std::make_unique<ForwardScratch>(*h_.backend)) {
+    stats_.kv_bytes = mp.kv_bytes();
+  }
 
   ~EngineImpl() override {
     {
@@ -78,13 +88,14 @@ class EngineImpl final : public Engine {
       slots_.resize(o_.max_sequences);
       for (Slot& s : slots_) {
         s.cache = std::make_unique<KvCache>(*h_.backend, plan_);
-        GEMMA3_TRY(s.cache->allocate(*h_.config).with_context("engine KV memory"));
-        stats_.kv_bytes += s.cache->allocated_bytes();
+        GEMMA3_TRY(s.cache->allocate(*h_.config, /*paged=*/true).with_context("engine KV memory"));
       }
       GEMMA3_TRY(scratch_->allocate(*h_.config, o_.step_tokens, o_.max_sequences));
     }
     stats_.max_sequences = o_.max_sequences;
-    stats_.kv_capacity_tokens = uint64_t(o_.max_sequences) * plan_.context;
+    stats_.kv_capacity_tokens = uint64_t(pool_pages_) * plan_.page_tokens;
+    stats_.kv_pages = pool_pages_;
+    stats_.kv_page_tokens = plan_.page_tokens;
     thread_ = std::thread([this] { loop(); });
     return ok_status();
   }
@@ -106,6 +117,7 @@ class EngineImpl final : public Engine {
               "per step (EngineOptions::step_tokens, LoadOptions::prefill_chunk): an image must be "
               "prefilled in one step (its tokens attend to each other); raise both to at least {}",
               im.n, plan_.chunk, im.n));
+      job->prompt_tokens = job->prompt.size();
       job->options = std::move(r.options);
       job->on_token = std::move(on_token);
       job->on_done = std::move(on_done);
@@ -233,7 +245,7 @@ class EngineImpl final : public Engine {
     if (error.ok() && s.stream) s.stream->flush([&](const TokenEvent& e) { return emit(s, e); });
     if (error.ok()) error = s.error;
     GenerateResult done = s.stream ? s.stream->result() : GenerateResult{};
-    done.prompt_tokens = static_cast<int>(s.job->prompt.size());
+    done.prompt_tokens = static_cast<int>(s.job->prompt_tokens);
     done.cached_tokens = static_cast<int>(s.reused);
     const Result<GenerateResult> result =
         error.ok() ? Result<GenerateResult>(done) : Result<GenerateResult>(error);
@@ -250,19 +262,93 @@ class EngineImpl final : public Engine {
     }
     s.job.reset();
     s.stream.reset();
+    s.idle_since = next_admitted_;
     // The KV memory stays for prefix reuse, unless a failed step may have written it.
-    if (!error.ok()) s.tokens.clear();
+    if (!error.ok()) evict(s);
   }
 
-  static GenerateResult cancelled_result() {
+  // A queued request's result when it is cancelled: what a preempted one generated so far.
+  static GenerateResult cancelled_result(Job& job) {
     GenerateResult r;
+    if (job.stream) {
+      job.stream->finish(FinishReason::kCancelled);
+      r = job.stream->result();
+      r.prompt_tokens = static_cast<int>(job.prompt_tokens);
+      r.cached_tokens = static_cast<int>(job.reused);
+    }
     r.finish = FinishReason::kCancelled;
     return r;
+  }
+
+  // ---- the page pool (engine.h, "Paged KV"; engine thread) ----
+
+  int free_pages() const {
+    int used = 0;
+    for (const Slot& s : slots_) used += s.cache->mapped_pages();
+    return pool_pages_ - used;
+  }
+  // Drops an idle sequence's kept prefix and gives its pages back.
+  static void evict(Slot& s) {
+    s.cache->unmap_pages_from(0);
+    s.tokens.clear();
+    s.images.clear();
+  }
+  // The idle sequence (not `keep`) holding pages that finished longest ago, or null.
+  Slot* least_recent_idle(const Slot* keep) {
+    Slot* best = nullptr;
+    for (Slot& s : slots_)
+      if (!s.job && &s != keep && s.cache->mapped_pages() > 0 && (!best || s.idle_since < best->idle_since))
+        best = &s;
+    return best;
+  }
+  // Frees the running request admitted last: its pages go back to the pool and it goes back
+  // to the front of the queue with what it generated (Job::stream).
+  void preempt(Slot& v) {
+    std::unique_ptr<Job> job = std::move(v.job);
+    if (v.next >= 0) {  // decoding: the tokens it holds and the one it sampled become its prompt
+      job->prompt = v.tokens;
+      job->prompt.push_back(v.next);
+    }
+    job->stream = std::move(v.stream);
+    job->rng = v.rng;
+    job->reused = v.reused;
+    evict(v);
+    v.idle_since = 0;
+    --running_;
+    std::lock_guard<std::mutex> lock(mu_);
+    queue_.push_front(std::move(job));
+    stats_.queued = static_cast<int>(queue_.size());
+    ++stats_.preempted;
+  }
+  // Pages for positions [0, tokens) of s, making room by evicting idle prefixes and then by
+  // preempting the latest admitted requests (possibly s itself: false, s is then free). A
+  // failure to map memory finishes s with the error (false).
+  bool take_pages(Slot& s, int64_t tokens) {
+    const int need = plan_.pages_for(tokens) - s.cache->mapped_pages();
+    while (need > free_pages()) {
+      if (Slot* idle = least_recent_idle(&s)) {
+        evict(*idle);
+        continue;
+      }
+      Slot* last = nullptr;
+      for (Slot& o : slots_)
+        if (o.job && (!last || o.admitted > last->admitted)) last = &o;
+      preempt(*last);
+      if (last == &s) return false;
+    }
+    if (Status st = s.cache->map_pages(plan_.pages_for(tokens)); !st.ok()) {
+      finish(s, st);
+      --running_;
+      return false;
+    }
+    return true;
   }
 
   void loop() {
     while (true) {
       std::vector<std::unique_ptr<Job>> dropped;  // cancelled while queued
+      std::vector<Slot*> admitted;                // their prompt's pages are taken below
+      int promised = 0;                           // pages those take
       {
         std::unique_lock<std::mutex> lock(mu_);
         cv_.wait(lock, [&] { return stop_ || !queue_.empty() || running_ > 0; });
@@ -288,21 +374,38 @@ class EngineImpl final : public Engine {
           }
           if (!free) break;
           Slot& s = *free;
+          // Its prompt's pages: those s keeps for the reused prefix, the rest from the pool (with
+          // the pages of idle sequences, dropped least recent first); else it waits.
+          const int keep = std::min(s.cache->mapped_pages(), plan_.pages_for(static_cast<int64_t>(reuse)));
+          int idle_pages = 0;
+          for (const Slot& o : slots_)
+            if (!o.job && &o != &s) idle_pages += o.cache->mapped_pages();
+          const int need = plan_.pages_for(static_cast<int64_t>(queue_.front()->prompt.size())) - keep;
+          if (need > free_pages() + s.cache->mapped_pages() - keep + idle_pages - promised) break;
+          promised += need;
           s.job = std::move(queue_.front());
           queue_.pop_front();
           s.tokens.resize(reuse);
+          s.cache->unmap_pages_from(keep);
           s.images = s.job->images;
           s.admitted = next_admitted_++;
           s.prefilled = reuse;
           stats_.reused_tokens += reuse;
-          s.reused = reuse;
           s.next = -1;
           s.error = ok_status();
-          s.rng.seed(s.job->options.sampling.seed);
-          s.stream = std::make_unique<TokenStream>(
-              s.job->options, *h_.tokenizer,
-              std::vector<int32_t>(h_.config->eos_ids.begin(), h_.config->eos_ids.end()), h_.n_text_ids);
+          if (s.job->stream) {  // preempted before: it goes on
+            s.stream = std::move(s.job->stream);
+            s.rng = s.job->rng;
+            s.reused = s.job->reused;
+          } else {
+            s.rng.seed(s.job->options.sampling.seed);
+            s.reused = reuse;
+            s.stream = std::make_unique<TokenStream>(
+                s.job->options, *h_.tokenizer,
+                std::vector<int32_t>(h_.config->eos_ids.begin(), h_.config->eos_ids.end()), h_.n_text_ids);
+          }
           ++running_;
+          admitted.push_back(&s);
         }
         stats_.queued = static_cast<int>(queue_.size());
         stats_.running = running_;
@@ -311,12 +414,14 @@ class EngineImpl final : public Engine {
       }
       for (auto& job : dropped) {
         try {
-          job->on_done(cancelled_result());
+          job->on_done(cancelled_result(*job));
         } catch (...) {
         }
         std::lock_guard<std::mutex> lock(mu_);
         ++stats_.finished;
       }
+      // Admission counted these pages as free or idle, so no request is preempted for them.
+      for (Slot* s : admitted) take_pages(*s, static_cast<int64_t>(s->job->prompt.size()));
       step();
     }
     // Shutting down: everything still queued or running is cancelled.
@@ -332,7 +437,7 @@ class EngineImpl final : public Engine {
       }
     for (auto& job : queued) {
       try {
-        job->on_done(cancelled_result());
+        job->on_done(cancelled_result(*job));
       } catch (...) {
       }
     }
@@ -351,6 +456,15 @@ class EngineImpl final : public Engine {
         --running_;
       }
     }
+    // A decoding sequence's next position may start a page: the earliest admitted take theirs
+    // first, preempting the latest (engine.h, "Paged KV").
+    std::vector<Slot*> decoding;
+    for (Slot& s : slots_)
+      if (s.job && s.next >= 0) decoding.push_back(&s);
+    std::sort(decoding.begin(), decoding.end(),
+              [](const Slot* a, const Slot* b) { return a->admitted < b->admitted; });
+    for (Slot* s : decoding)
+      if (s->job) take_pages(*s, static_cast<int64_t>(s->tokens.size()) + 1);
     std::vector<ForwardSeq> seqs;
     std::vector<Slot*> who;
     int budget = o_.step_tokens;
@@ -467,17 +581,21 @@ class EngineImpl final : public Engine {
   // The step's counts and the gauges (running requests, KV positions they hold) into stats_.
   void publish(uint64_t steps, uint64_t prompt_tokens) {
     uint64_t used = 0;
-    for (const Slot& s : slots_) used += s.job ? s.tokens.size() : 0;
+    int pages = 0;
+    for (const Slot& s : slots_)
+      if (s.job) used += s.tokens.size(), pages += s.cache->mapped_pages();
     std::lock_guard<std::mutex> lock(mu_);
     stats_.steps += steps;
     stats_.prompt_tokens += prompt_tokens;
     stats_.running = running_;
     stats_.kv_used_tokens = used;
+    stats_.kv_pages_used = pages;
   }
 
   EngineHost h_;
   const EngineOptions o_;
   const KvPlan plan_;
+  const int pool_pages_;     // the global layers' page pool (EngineOptions::kv_tokens)
   std::vector<Slot> slots_;  // the engine thread's (and init's, before it starts)
   std::unique_ptr<ForwardScratch> scratch_;
   int running_ = 0;  // slots holding a request (engine thread)
@@ -512,7 +630,14 @@ Result<std::unique_ptr<Engine>> make_engine(EngineHost host, const EngineOptions
         fmt::format("EngineOptions::step_tokens is {}; it must be in [0, 65536]", o.step_tokens));
   if (o.max_queued < 0)
     return invalid_argument(fmt::format("EngineOptions::max_queued is {}; it must be >= 0", o.max_queued));
+  if (o.kv_tokens < 0)
+    return invalid_argument(fmt::format("EngineOptions::kv_tokens is {}; it must be >= 0", o.kv_tokens));
   if (o.context == 0) o.context = host.context;
+  if (o.kv_tokens > 0 && o.kv_tokens < o.context)
+    return invalid_argument(
+        fmt::format("EngineOptions::kv_tokens is {}, less than a sequence's context ({}): a sequence must be "
+                    "able to fill its context; raise kv_tokens or lower EngineOptions::context",
+                    o.kv_tokens, o.context));
   if (o.step_tokens == 0) o.step_tokens = std::max(host.prefill_chunk, o.max_sequences);
   if (o.step_tokens < o.max_sequences)
     return invalid_argument(
@@ -522,18 +647,19 @@ Result<std::unique_ptr<Engine>> make_engine(EngineHost host, const EngineOptions
   // The memory planner's numbers for this engine (what `gemma3 info --parallel N` prints): each
   // sequence appends at most U = min(prefill chunk, step) tokens per step, so its rings hold
   // W + U - 1 slots. Checked against the backend's free memory before anything is allocated.
-  const MemoryPlan mp = plan_memory(*host.config, 0, o.context, host.prefill_chunk, host.kv_dtype,
-                                    o.max_sequences, o.step_tokens);
+  // The global layers are a pool of pages, mapped on demand where the backend can.
+  MemoryPlan mp;
   {
     std::lock_guard<std::mutex> lock(*host.backend_mutex);
+    mp = plan_memory(*host.config, 0, o.context, host.prefill_chunk, host.kv_dtype, o.max_sequences,
+                     o.step_tokens, o.kv_tokens, host.backend->map_granularity());
     GEMMA3_TRY(
         check_fits(mp, host.backend->free_bytes(), host.backend->name())
             .with_context(fmt::format("an Engine of {} sequences of {} tokens (EngineOptions::max_sequences, "
                                       "context)",
                                       o.max_sequences, o.context)));
   }
-  KvPlan plan = mp.kv;
-  auto engine = std::make_unique<EngineImpl>(std::move(host), o, std::move(plan));
+  auto engine = std::make_unique<EngineImpl>(std::move(host), o, mp);
   GEMMA3_TRY(engine->init());
   return std::unique_ptr<Engine>(std::move(engine));
 }

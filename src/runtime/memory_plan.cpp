@@ -11,7 +11,10 @@ namespace gemma3 {
 MemoryReport MemoryPlan::report() const {
   MemoryReport r;
   r.weight_bytes = weight_bytes;
-  r.kv_global_bytes = kv.global_bytes * static_cast<uint64_t>(sequences);
+  r.kv_global_bytes = kv_global_bytes();
+  r.kv_pages = kv_pages;
+  r.kv_page_tokens = kv_pages ? kv.page_tokens : 0;
+  r.kv_page_bytes = kv_pages ? kv.page_bytes : 0;
   r.kv_local_bytes = kv.local_bytes * static_cast<uint64_t>(sequences);
   r.sequences = sequences;
   r.scratch_bytes = scratch_bytes;
@@ -36,17 +39,22 @@ uint64_t scratch_bytes(const ModelConfig& c, int chunk, int logit_rows) {
 }
 
 MemoryPlan plan_memory(const ModelConfig& c, uint64_t weight_bytes, int context, int chunk, DType kv,
-                       int sequences, int step) {
+                       int sequences, int step, int64_t kv_tokens, uint64_t granularity) {
   MemoryPlan p;
   p.weight_bytes = weight_bytes;
   p.sequences = std::max(1, sequences);
-  if (p.sequences == 1 && step == 0) {
+  if (p.sequences == 1 && step == 0 && kv_tokens == 0) {
     p.kv = plan_kv(c, context, chunk, kv);
     p.scratch_bytes = scratch_bytes(c, p.kv.chunk);  // the chunk as the plan clamps it
   } else {                                           // an Engine (runtime/engine.cpp: make_engine)
     if (step == 0) step = std::max(chunk, p.sequences);
-    p.kv = plan_kv(c, context, std::min(chunk, step), kv);
+    p.kv = plan_kv(c, context, std::min(chunk, step), kv, granularity);
     p.scratch_bytes = scratch_bytes(c, step, p.sequences);
+    const int64_t all = static_cast<int64_t>(p.kv.pages_for(context)) * p.sequences;
+    p.kv_pages = static_cast<int>(
+        std::clamp<int64_t>(kv_tokens > 0 ? p.kv.pages_for(kv_tokens) : all, p.kv.pages_for(context), all));
+    const uint64_t row = p.kv.bytes_per_slot / 2;
+    p.paged = granularity > 0 && row * p.kv.page_tokens % granularity == 0;
   }
   for (int i = 0; i < c.n_layers; ++i)
     if (!c.is_global(i)) p.local_slots = p.kv.capacity[i];  // every local layer has the same

@@ -20,7 +20,16 @@ struct MemoryPlan {
   int sequences = 1;           // caches: one session, or an Engine's max_sequences
   uint64_t scratch_bytes = 0;  // the ForwardScratch of a session, or of an Engine's step
   int local_slots = 0;         // ring slots of one sliding-window layer (0: none)
-  uint64_t kv_bytes() const { return kv.total_bytes() * static_cast<uint64_t>(sequences); }
+  // An Engine's global layers: a pool of kv_pages pages (KvPlan::page_tokens positions each)
+  // the sequences share; paged false when the backend cannot map memory on demand, so every
+  // sequence's global layers are allocated whole (the pool then only bounds admission).
+  int kv_pages = 0;
+  bool paged = false;
+  uint64_t kv_global_bytes() const {
+    return paged ? kv.page_bytes * static_cast<uint64_t>(kv_pages)
+                 : kv.global_bytes * static_cast<uint64_t>(sequences);
+  }
+  uint64_t kv_bytes() const { return kv_global_bytes() + kv.local_bytes * static_cast<uint64_t>(sequences); }
   uint64_t total_bytes() const { return weight_bytes + kv_bytes() + scratch_bytes; }
   MemoryReport report() const;
 };
@@ -31,9 +40,12 @@ uint64_t scratch_bytes(const ModelConfig& c, int chunk, int logit_rows = 0);
 
 // One session (sequences 1), or an Engine with `sequences` sequences of `context` tokens and
 // `step` tokens per step (0: its default, max(chunk, sequences)); each sequence appends at
-// most min(chunk, step) tokens per step, which sizes its rings.
+// most min(chunk, step) tokens per step, which sizes its rings. An Engine's global layers are
+// a pool of kv_tokens positions in pages (0: sequences * context; at most that, and at least a
+// context: EngineOptions::kv_tokens), mapped on demand with a backend whose map_granularity is
+// `granularity` (0: none; the pool's memory is then every sequence's whole context).
 MemoryPlan plan_memory(const ModelConfig& c, uint64_t weight_bytes, int context, int chunk, DType kv,
-                       int sequences = 1, int step = 0);
+                       int sequences = 1, int step = 0, int64_t kv_tokens = 0, uint64_t granularity = 4096);
 
 // Ok when free_bytes is 0 (unknown: host memory) or the plan fits; otherwise a
 // resource-exhausted error: "<backend> needs X GiB (weights A, KV B, scratch C), Y GiB free".

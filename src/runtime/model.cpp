@@ -908,10 +908,12 @@ Result<ModelInfo> inspect_checkpoint(const std::string& path, const PlanOptions&
   if (options.sequences < 1 || options.sequences > 4096)
     return invalid_argument(
         fmt::format("PlanOptions::sequences is {}; it must be in [1, 4096]", options.sequences));
+  if (options.kv_tokens < 0)
+    return invalid_argument(fmt::format("PlanOptions::kv_tokens is {}; it must be >= 0", options.kv_tokens));
   GEMMA3_TRY(check_kv_type(c, options.kv_type));
   const MemoryPlan plan =
       plan_memory(c, ckpt->weight_bytes(), options.context ? options.context : c.max_context,
-                  options.prefill_chunk, kv_dtype(options.kv_type), options.sequences);
+                  options.prefill_chunk, kv_dtype(options.kv_type), options.sequences, 0, options.kv_tokens);
   return describe(*ckpt, plan);
 }
 }  // namespace

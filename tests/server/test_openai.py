@@ -281,6 +281,34 @@ def png_b64():
 
 
 class Vision(unittest.TestCase):
+    def test_a_pool_of_one_context_preempts_and_still_answers_the_same(self):
+        # docs/batching.md, "Paged KV": 4 sequences share 256 positions; 4 requests of ~125
+        # tokens each (45 + 80) run out of pages, the last admitted are preempted and run again.
+        s = Server(ARGS.model, "-np", "4", "--ctx", "256", "--kv-tokens", "256", "--batch-invariant",
+                   "--alias", MODEL_ID)
+        try:
+            prompts = [f"Story {i}. The old road wound through the {w}, past farms and mills and "
+                       f"quiet villages, and every traveller who walked it told the same tale: once "
+                       f"upon a time, in the {w}," for i, w in enumerate(["valley", "desert", "harbour", "forest"])]
+            want = [greedy(s.client(), p, 80).choices[0].text for p in prompts]
+            got = [None] * len(prompts)
+
+            def run(i):
+                got[i] = greedy(s.client(), prompts[i], 80).choices[0].text
+
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            self.assertEqual(got, want)
+            metrics = urllib.request.urlopen(s.url + "/metrics", timeout=30).read().decode()
+            m = re.search(r"^gemma3:num_preemptions_total (\d+)$", metrics, re.M)
+            self.assertIsNotNone(m, metrics)
+            self.assertGreater(int(m.group(1)), 0)
+        finally:
+            s.stop()
+
     def test_image_as_data_uri(self):
         s = Server(os.path.join(ARGS.vision), "-np", "2", "--ctx", "512")
         try:

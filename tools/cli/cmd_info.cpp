@@ -41,6 +41,9 @@ int cmd_info(int argc, char** argv) {
   int sequences = 1;
   p.add_option("--parallel", "N", &sequences,
                "plan for N sequences decoded together (an Engine of N sequences; default: 1)");
+  uint64_t kv_tokens = 0;
+  p.add_option("--kv-tokens", "N", &kv_tokens,
+               "with --parallel: global-layer KV positions the sequences share, in pages (default: N x ctx)");
   p.add_choice("-o,--output", {"text", "json"}, &output, "output format (default: text)");
   p.add_flag("--tensors", &list_tensors, "also list every text-model tensor (name, type, shape, bytes)");
   if (Status s = p.parse(argc, argv, 2); !s.ok()) return fail("info", kExitUsage, s.message());
@@ -59,6 +62,7 @@ int cmd_info(int argc, char** argv) {
   plan_options.kv_type = kv_type_from_name(kv_type).value_or(KvType::kBF16);  // add_choice: known names
   plan_options.prefill_chunk = chunk;
   plan_options.sequences = sequences;
+  plan_options.kv_tokens = static_cast<int64_t>(std::min<uint64_t>(kv_tokens, uint64_t{1} << 40));
   auto info_or = inspect(model_path, plan_options);
   if (!info_or.ok()) return fail("info", info_or.status());
   const ModelInfo& c = *info_or;
@@ -120,6 +124,9 @@ int cmd_info(int argc, char** argv) {
           {"local_slots", plan.kv_local_slots},
           {"weight_bytes", weight_bytes},
           {"kv_global_bytes", plan.kv_global_bytes},
+          {"kv_pages", plan.kv_pages},
+          {"kv_page_tokens", plan.kv_page_tokens},
+          {"kv_page_bytes", plan.kv_page_bytes},
           {"kv_local_bytes", plan.kv_local_bytes},
           {"kv_total_bytes", kv_total},
           {"kv_all_global_bytes", plan.kv_all_global_bytes},
@@ -179,8 +186,15 @@ int cmd_info(int argc, char** argv) {
   };
   mem("weights", weight_bytes, "");
   const std::string per = plan.sequences > 1 ? fmt::format("{} sequences x ", plan.sequences) : "";
-  mem("kv global", plan.kv_global_bytes,
-      fmt::format("{}{} layers x {} slots x {} B", per, n_global, plan.context, plan.kv_bytes_per_slot));
+  if (plan.kv_pages > 0)
+    mem("kv global", plan.kv_global_bytes,
+        fmt::format("a pool of {} pages of {} positions ({} B: {} layers x {} slots x {} B), shared by the "
+                    "{} sequences, mapped as they grow",
+                    plan.kv_pages, plan.kv_page_tokens, plan.kv_page_bytes, n_global, plan.kv_page_tokens,
+                    plan.kv_bytes_per_slot, plan.sequences));
+  else
+    mem("kv global", plan.kv_global_bytes,
+        fmt::format("{}{} layers x {} slots x {} B", per, n_global, plan.context, plan.kv_bytes_per_slot));
   mem("kv local rings", plan.kv_local_bytes,
       fmt::format("{}{} layers x {} slots x {} B (window {} + chunk {} - 1)", per, n_local,
                   plan.kv_local_slots, plan.kv_bytes_per_slot, c.sliding_window, plan.prefill_chunk));

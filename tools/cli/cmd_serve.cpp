@@ -6,6 +6,7 @@
 #include <pthread.h>
 #include <signal.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -60,6 +61,10 @@ int cmd_serve(int argc, char** argv) {
                "address to listen on (default: 127.0.0.1; 0.0.0.0: every interface)");
   p.add_option("--port", "N", &so.port, "TCP port (default: 8080; 0: any free port, printed at start)");
   p.add_option("-np,--parallel", "N", &eo.max_sequences, "sequences decoded together (default: 8)");
+  uint64_t kv_tokens = 0;
+  p.add_option("--kv-tokens", "N", &kv_tokens,
+               "KV positions of the global layers the sequences share, in pages taken as they grow "
+               "(default: --parallel x --ctx; at least --ctx)");
   p.add_option("--alias", "NAME", &alias, "the model's id in the API (default: the model file's name)");
   p.add_list("--api-key", "KEY", &api_keys,
              "require 'Authorization: Bearer KEY' on /v1/* (repeatable, or comma-separated)");
@@ -90,6 +95,7 @@ int cmd_serve(int argc, char** argv) {
   if (eo.max_sequences < 1 || eo.max_sequences > 1024)
     return fail("serve", kExitUsage,
                 fmt::format("--parallel must be in [1, 1024], got {}", eo.max_sequences));
+  eo.kv_tokens = static_cast<int64_t>(std::min<uint64_t>(kv_tokens, uint64_t{1} << 40));
   if (so.max_concurrent < 1 || so.max_concurrent > 4096)
     return fail("serve", kExitUsage,
                 fmt::format("--max-concurrent must be in [1, 4096], got {}", so.max_concurrent));
@@ -174,10 +180,14 @@ int cmd_serve(int argc, char** argv) {
   auto engine = Engine::create(model, eo);
   if (!engine.ok()) std::_Exit(fail("serve", engine.status()));
   so.limits.context = mf.context > 0 ? mf.context : model->context_length();
+  const EngineStats es = (*engine)->stats();  // before the server takes the engine
   server.set_ready(model, std::move(*engine), so.limits.context);
   ready = true;
-  std::fprintf(stderr, "gemma3 serve: ready: model '%s', %d sequences of %d tokens, %.1f s to load\n",
-               so.model_id.c_str(), eo.max_sequences, so.limits.context, loaded->load_seconds);
+  std::fprintf(stderr,
+               "gemma3 serve: ready: model '%s', %d sequences of %d tokens sharing %llu KV positions "
+               "(%d pages), %.1f s to load\n",
+               so.model_id.c_str(), eo.max_sequences, so.limits.context,
+               static_cast<unsigned long long>(es.kv_capacity_tokens), es.kv_pages, loaded->load_seconds);
   std::fflush(stderr);
   waiter.join();
   std::fprintf(stderr, "gemma3 serve: stopped\n");

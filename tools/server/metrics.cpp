@@ -70,13 +70,12 @@ std::string Metrics::text(const EngineStats& e) const {
   // The two gauges of the Gateway API Inference Extension's model server protocol (llm-d's
   // endpoint picker): queued requests and KV-cache use, under vLLM's names with our prefix.
   gauge("num_requests_waiting", "Requests waiting for a sequence.", e.queued);
-  gauge("kv_cache_usage_perc", "Fraction of the KV cache's token slots held by running requests (0..1).",
-        e.kv_capacity_tokens
-            ? static_cast<double>(e.kv_used_tokens) / static_cast<double>(e.kv_capacity_tokens)
-            : 0);
+  gauge("kv_cache_usage_perc", "Fraction of the KV page pool held by running requests (0..1).",
+        e.kv_pages ? static_cast<double>(e.kv_pages_used) / static_cast<double>(e.kv_pages) : 0);
   gauge("num_requests_running", "Requests holding a sequence (prefilling or decoding).", e.running);
   gauge("max_sequences", "Sequences decoded together (--parallel).", e.max_sequences);
   counter("engine_steps_total", "Forward steps the engine ran.", e.steps);
+  counter("num_preemptions_total", "Requests preempted for KV pages, to run again later.", e.preempted);
   counter("prefix_reused_tokens_total", "Prompt tokens whose KV was reused from an earlier request.",
           e.reused_tokens);
   std::lock_guard<std::mutex> lock(mu_);
