@@ -565,8 +565,8 @@ Result<std::unique_ptr<Backend>> make_cpu_fast_backend(int threads, const std::s
   const cpu::KernelSet* k = cpu::select_kernels(kernels.c_str());
   if (!k)
     return unsupported(
-        fmt::format("CPU kernels '{}' are unknown or cannot run on this CPU (have: portable{})", kernels,
-                    cpu::cpu_has_avx2() ? ", avx2" : ""));
+        fmt::format("CPU kernels '{}' are unknown or cannot run on this CPU (have: portable{}{})", kernels,
+                    cpu::cpu_has_avx2() ? ", avx2" : "", cpu::cpu_has_avx512() ? ", avx512" : ""));
   GEMMA3_TRY(check_cpu_threads(threads));
   auto b = std::make_unique<FastCpuBackend>(threads, *k, batch_invariant);
   if (!b->pool_error().empty()) return out_of_memory(b->pool_error());

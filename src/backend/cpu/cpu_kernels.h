@@ -62,7 +62,7 @@ using DotQ8Fn = void (*)(int64_t k, const void* w, int64_t row_bytes, int nr, co
                          float* out, int64_t ldo);
 
 struct KernelSet {
-  const char* name;  // "avx2", "portable"
+  const char* name;  // "avx512", "avx2", "portable"
   // Per weight dtype: the dot kernel, or null (the backend then dequantizes rows to fp32).
   DotFn dot[kNumDTypes];
   // Decode with int8 activations: per weight dtype an int8 x int8 dot kernel (products summed
@@ -91,12 +91,20 @@ struct KernelSet {
 const KernelSet& portable_kernels();
 // Null when the library was built without the ISA (non-x86 or a compiler that lacks it).
 const KernelSet* avx2_kernels();
+// The same source as avx2_kernels() compiled for AVX-512 + VNNI (kernels_avx512.cpp): the
+// int8 decode kernels use vpdpbusd (ymm registers), the row x token tiles 4 tokens.
+const KernelSet* avx512_kernels();
 
-// What this CPU can run: "avx2" needs AVX2 + FMA + F16C.
+// What this CPU can run: "avx2" needs AVX2 + FMA + F16C; "avx512" that and AVX-512 F, BW, VL
+// and AVX512_VNNI.
 bool cpu_has_avx2();
+bool cpu_has_avx512();
+// The features the named table needs, for messages ("AVX2, FMA, F16C"); "" for "portable" or
+// an unknown name.
+const char* kernels_requirement(const char* name);
 
-// The best table for this CPU, or the one named by `name` ("portable", "avx2") when it can
-// run here; null if the name is unknown or unsupported.
+// The best table for this CPU, or the one named by `name` ("portable", "avx2", "avx512") when
+// it can run here; null if the name is unknown or unsupported.
 const KernelSet* select_kernels(const char* name = nullptr);
 
 }  // namespace gemma3::cpu

@@ -1,7 +1,13 @@
-// AVX2 + FMA + F16C kernels. This whole translation unit is compiled for that ISA through
-// `#pragma GCC target` (CMake needs no per-file flags); nothing here may run before
-// cpu_has_avx2() said yes, so only plain functions are defined after the pragma (no inline
-// library templates whose AVX2 copies could be picked by the linker for other callers).
+// AVX2 + FMA + F16C kernels, and the same source for AVX-512 + VNNI. This translation unit is
+// compiled for its ISA through `#pragma GCC target` (CMake needs no per-file flags); nothing here
+// may run before cpu_has_avx2() (cpu_has_avx512()) said yes, so only plain functions are defined
+// after the pragma (no inline library templates whose AVX2 copies could be picked by the linker
+// for other callers).
+//
+// Compiled twice: as itself (the "avx2" table), and included by kernels_avx512.cpp with
+// GEMMA3_KERNELS_AVX512 defined (the "avx512" table, for AVX-512 F/BW/VL + AVX512_VNNI: every
+// kernel recompiled with EVEX encodings; the int8 decode kernels differ where an #ifdef says so:
+// vpdpbusd for the int8 products, and 4-token row x token tiles).
 //
 // Weight decoding follows ggml's block layouts (docs/formats.md §3; the reference dequantizers in
 // core/quant.cpp): each 32-element block becomes 32 int8 lanes plus fp32 scales (Blk), then
@@ -16,12 +22,26 @@
 #define GEMMA3_HAVE_AVX2_TU 1
 #endif
 
+// The target ISA, applied by a _Pragma (#pragma GCC target does not expand macros; the two
+// levels expand GEMMA3_KERNELS_ISA before it is made a string).
+#ifdef GEMMA3_KERNELS_AVX512
+#define GEMMA3_KERNELS_ISA "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
+#define GEMMA3_KERNELS_NAME "avx512"
+#define GEMMA3_KERNELS_TABLE avx512_kernels
+#else
+#define GEMMA3_KERNELS_ISA "avx2,fma,f16c"
+#define GEMMA3_KERNELS_NAME "avx2"
+#define GEMMA3_KERNELS_TABLE avx2_kernels
+#endif
+#define GEMMA3_KERNELS_PRAGMA_STR(x) _Pragma(#x)
+#define GEMMA3_KERNELS_PRAGMA(x) GEMMA3_KERNELS_PRAGMA_STR(x)
+
 #ifdef GEMMA3_HAVE_AVX2_TU
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+GEMMA3_KERNELS_PRAGMA(clang attribute push(__attribute__((target(GEMMA3_KERNELS_ISA))), apply_to = function))
 #else
 #pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
+GEMMA3_KERNELS_PRAGMA(GCC target(GEMMA3_KERNELS_ISA))
 #endif
 #include <immintrin.h>
 
@@ -255,21 +275,22 @@ void q8_0f(int64_t k, const void* w, const void* const* a, int nt, float* out) {
 
 // ---- quantized weights x int8 activations (decode) -----------------------------------------
 //
-// Per block: the 32 int8 products summed exactly in int32 by maddubs (u8 x s8 -> pairs in
-// int16) and madd (pairs of int16 -> int32), 8 lanes of 4 elements each (lanes 0-3: elements
-// 0-15, lanes 4-7: 16-31), converted to fp32 and FMA'd by (weight scale x activation scale).
-// maddubs needs one unsigned operand: Q4_K/Q5_K quants are 0..31 already; signed weights use
-// the sign trick |w| x (a * sign(w)). No int16 overflow: |w| <= 128, |a| <= 127, two products
-// per lane: 2 * 128 * 127 = 32512 < 32767. Q4_K/Q5_K's min term m * sum(x) uses the block's
-// fp32 activation sum. Even and odd blocks feed separate accumulators (overlapping FMA chains).
+// Per block: the 32 int8 products summed exactly in int32 into 8 lanes of 4 elements each
+// (lanes 0-3: elements 0-15, lanes 4-7: 16-31), converted to fp32 and FMA'd by (weight scale x
+// activation scale). The products take one unsigned operand (u8 x s8): Q4_K/Q5_K quants are
+// 0..31 already; signed weights use the sign trick |w| x (a * sign(w)), |w| <= 128, |a| <= 127.
+// AVX2: maddubs (pairs -> int16: 2 * 128 * 127 = 32512 < 32767, no saturation) and madd (pairs
+// of int16 -> int32). VNNI: vpdpbusd, the four products of a lane summed in int32 in one op
+// (|lane| <= 4 * 128 * 127). Q4_K/Q5_K's min term m * sum(x) uses the block's fp32 activation
+// sum. Even and odd blocks feed separate accumulators (overlapping FMA chains).
 template <bool kSigned>
 inline __m256i dot_i8(__m256i w, __m256i a) {
-  __m256i p;
-  if constexpr (kSigned)
-    p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
-  else
-    p = _mm256_maddubs_epi16(w, a);
-  return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+  const __m256i u = kSigned ? _mm256_sign_epi8(w, w) : w, s = kSigned ? _mm256_sign_epi8(a, w) : a;
+#ifdef GEMMA3_KERNELS_AVX512
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
 }
 
 template <DType T, int NT>
@@ -310,24 +331,80 @@ void q8rows_t(int64_t k, const uint8_t* w, int64_t row_bytes, int nr, const Q8Bl
 // lanes, scales, mins), which then stays in L1 while every tile of kTileTokens tokens passes
 // over it. So decoding a weight block (the nibble and scale unpacking of Q4_K, Q5_0, Q6_K) is
 // paid once per step, not once per token tile, and each tile's inner step (one block, 4 rows x
-// 2 tokens) reuses each activation load for 4 rows and each staged weight for 2 tokens with 8
-// independent accumulators. Signed quants are staged as |q| and q (the sign trick's operands,
-// decoded once); the weight scale x activation scale products are formed 4 rows at a time
-// before the block loop (Q6_K, a scale per 16 elements, multiplies per-lane scales in the
-// loop). Arithmetic per (row, token, block) is the one-row kernel's (the exact int32 block
-// product, converted, times the same scale product); only the order of the sum over blocks
-// differs (per segment, then summed).
+// kTileTokens tokens) reuses each activation load for 4 rows and each staged weight for every
+// token of the tile, with 4 x kTileTokens independent accumulators. The weight scale x
+// activation scale products are formed 4 rows at a time before the block loop (Q6_K, a scale
+// per 16 elements, multiplies per-lane scales in the loop). Arithmetic per (row, token, block)
+// is the one-row kernel's (the exact int32 block product, converted, times the same scale
+// product); only the order of the sum over blocks differs (per segment, then summed).
+//
+// The products per ISA (stage_q, act_operand, dot_lanes): AVX2 stages signed quants as |q|
+// and q (the sign trick's operands, decoded once) for maddubs + madd. VNNI (the avx512 table)
+// uses vpdpbusd (4 u8 x s8 products summed into each int32 lane): unsigned quants (Q4_K/Q5_K)
+// x activations from 0; signed quants q with the activation as the unsigned operand, a + 128
+// (1..255, one xor per token and block for all rows), started from -128 x the lane's four q
+// (staged per row and block, where the sign trick's |q| was), so the lane ends at sum a q
+// exactly: every partial sum stays within 4 * 128 * 128 + 4 * 255 * 128 < 2^31 and the result
+// within 4 * 127 * 128 (exact in fp32). This drops the sign fix and the madd per (row, token,
+// block): 3 ops per 32 products instead of 5, and tiles of 4 tokens (AVX-512VL's 32 ymm
+// registers hold 16 accumulators). Two blocks per zmm register (interleaved by int32 lane so
+// that one 64-bit broadcast scales both) measured no faster on the AMD Zen 4 tried (zmm ops at
+// half rate) and its staging cost more: not kept (docs/perf.md).
 constexpr int kTileRows = 4;
-constexpr int kTileTokens = 2;
+#ifdef GEMMA3_KERNELS_AVX512
+constexpr int kTileTokens = 4;  // 16 accumulators: AVX-512VL has 32 ymm registers
+#else
+constexpr int kTileTokens = 2;  // 8 accumulators of the 16 ymm registers
+#endif
 constexpr int kSegBlocks = 64;  // multiple of 8: a segment is whole 256-element super-blocks
 
 struct Stage {
-  alignas(32) int8_t q[kSegBlocks][kTileRows][32];    // unsigned formats: q; signed: |q|
-  alignas(32) int8_t sgn[kSegBlocks][kTileRows][32];  // signed formats: q (the sign source)
-  alignas(32) float sc[kSegBlocks][kTileRows][8];     // Q6_K: the scale per int32 lane
-  alignas(32) float s[kSegBlocks][kTileRows];         // the others: the block's scale
-  alignas(32) float mn[kTileRows][kSegBlocks];        // Q4_K / Q5_K: the block's min
+  // Signed formats: AVX2 |q| in q and q (the sign source) in aux; VNNI q in q and in aux the
+  // int32 lanes' -128 x (sum of the lane's four q). Unsigned formats: q only.
+  alignas(32) int8_t q[kSegBlocks][kTileRows][32];
+  alignas(32) int8_t aux[kSegBlocks][kTileRows][32];
+  alignas(32) float sc[kSegBlocks][kTileRows][8];  // Q6_K: the scale per int32 lane
+  alignas(32) float s[kSegBlocks][kTileRows];      // the others: the block's scale
+  alignas(32) float mn[kTileRows][kSegBlocks];     // Q4_K / Q5_K: the block's min
 };
+
+inline __m256i load_vec(const int8_t* p) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(p)); }
+
+// The products: the exact int32 sums of 4 staged weights x 4 activations per lane. act_operand
+// turns a token's loaded activation block into the products' operand once for all rows.
+#ifdef GEMMA3_KERNELS_AVX512
+template <bool kSigned>
+inline void stage_q(__m256i q, int8_t* st_q, int8_t* st_aux) {
+  _mm256_store_si256(reinterpret_cast<__m256i*>(st_q), q);
+  if constexpr (kSigned) {
+    const __m256i pairs = _mm256_maddubs_epi16(_mm256_set1_epi8(1), q);  // |pair sum| <= 256
+    _mm256_store_si256(reinterpret_cast<__m256i*>(st_aux), _mm256_madd_epi16(pairs, _mm256_set1_epi16(-128)));
+  }
+}
+template <bool kSigned>
+inline __m256i act_operand(__m256i a) {
+  return kSigned ? _mm256_xor_si256(a, _mm256_set1_epi8(static_cast<char>(0x80))) : a;
+}
+template <bool kSigned>
+inline __m256i dot_lanes(__m256i wq, __m256i aux, __m256i av) {
+  return kSigned ? _mm256_dpbusd_epi32(aux, av, wq) : _mm256_dpbusd_epi32(_mm256_setzero_si256(), wq, av);
+}
+#else
+template <bool kSigned>
+inline void stage_q(__m256i q, int8_t* st_q, int8_t* st_aux) {
+  _mm256_store_si256(reinterpret_cast<__m256i*>(st_q), kSigned ? _mm256_sign_epi8(q, q) : q);
+  if constexpr (kSigned) _mm256_store_si256(reinterpret_cast<__m256i*>(st_aux), q);
+}
+template <bool kSigned>
+inline __m256i act_operand(__m256i a) {
+  return a;
+}
+template <bool kSigned>
+inline __m256i dot_lanes(__m256i wq, __m256i aux, __m256i av) {  // as dot_i8
+  const __m256i p = _mm256_maddubs_epi16(wq, kSigned ? _mm256_sign_epi8(av, aux) : av);
+  return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+}
+#endif
 
 template <DType T>
 constexpr int64_t seg_offset(int64_t b0) {  // byte offset of block b0 (a multiple of 8) in a row
@@ -349,8 +426,7 @@ void stage_rows(const uint8_t* w, int64_t row_bytes, int rr, int64_t b0, int nbs
   for (int r = 0; r < kTileRows; ++r) {
     if (r >= rr) {
       for (int b = 0; b < nbs; ++b) {
-        _mm256_store_si256(reinterpret_cast<__m256i*>(st.q[b][r]), _mm256_setzero_si256());
-        _mm256_store_si256(reinterpret_cast<__m256i*>(st.sgn[b][r]), _mm256_setzero_si256());
+        stage_q<kSigned>(_mm256_setzero_si256(), st.q[b][r], st.aux[b][r]);
         _mm256_store_ps(st.sc[b][r], _mm256_setzero_ps());
         st.s[b][r] = st.mn[r][b] = 0.0f;
       }
@@ -358,13 +434,7 @@ void stage_rows(const uint8_t* w, int64_t row_bytes, int rr, int64_t b0, int nbs
     }
     each_block<T>(w + r * row_bytes + seg_offset<T>(b0), 32 * static_cast<int64_t>(nbs),
                   [&](int64_t b, const Blk& blk) {
-                    __m256i* q = reinterpret_cast<__m256i*>(st.q[b][r]);
-                    if constexpr (kSigned) {
-                      _mm256_store_si256(q, _mm256_sign_epi8(blk.q, blk.q));
-                      _mm256_store_si256(reinterpret_cast<__m256i*>(st.sgn[b][r]), blk.q);
-                    } else {
-                      _mm256_store_si256(q, blk.q);
-                    }
+                    stage_q<kSigned>(blk.q, st.q[b][r], st.aux[b][r]);
                     if constexpr (T == DType::kQ6_K)
                       _mm256_store_ps(st.sc[b][r],
                                       _mm256_set_m128(_mm_set1_ps(blk.s_hi), _mm_set1_ps(blk.s_lo)));
@@ -397,28 +467,20 @@ void q8_tile(const Stage& st, int nbs, const Q8Block* const* a, int64_t b0, int 
 #pragma GCC unroll 4
       for (int t = 0; t < NT; ++t) _mm_store_ps(sd[b] + 4 * t, _mm_mul_ps(s4, _mm_set1_ps(at[t][b].d)));
     }
-  const __m256i ones = _mm256_set1_epi16(1);
   for (int b = 0; b < nbs; ++b) {
+    __m256i av[NT];
 #pragma GCC unroll 4
-    for (int t = 0; t < NT; ++t) {
-      const __m256i av = loadu256(at[t][b].q);
-      __m256 da;
-      if constexpr (kHalves) da = _mm256_broadcast_ss(&at[t][b].d);
+    for (int t = 0; t < NT; ++t) av[t] = act_operand<kSigned>(loadu256(at[t][b].q));
 #pragma GCC unroll 4
-      for (int r = 0; r < kTileRows; ++r) {
-        const __m256i wq = _mm256_load_si256(reinterpret_cast<const __m256i*>(st.q[b][r]));
-        __m256i p;
-        if constexpr (kSigned)
-          p = _mm256_maddubs_epi16(
-              wq, _mm256_sign_epi8(av, _mm256_load_si256(reinterpret_cast<const __m256i*>(st.sgn[b][r]))));
-        else
-          p = _mm256_maddubs_epi16(wq, av);
-        __m256 f;
-        if constexpr (kHalves)
-          f = _mm256_mul_ps(_mm256_load_ps(st.sc[b][r]), da);
-        else
-          f = _mm256_broadcast_ss(&sd[b][4 * t + r]);
-        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), f, acc[r][t]);
+    for (int r = 0; r < kTileRows; ++r) {
+      const __m256i wq = load_vec(st.q[b][r]);
+      const __m256i aux = kSigned ? load_vec(st.aux[b][r]) : wq;
+#pragma GCC unroll 4
+      for (int t = 0; t < NT; ++t) {
+        const __m256 f = kHalves
+                             ? _mm256_mul_ps(_mm256_load_ps(st.sc[b][r]), _mm256_broadcast_ss(&at[t][b].d))
+                             : _mm256_broadcast_ss(&sd[b][4 * t + r]);
+        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_lanes<kSigned>(wq, aux, av[t])), f, acc[r][t]);
       }
     }
   }
@@ -452,10 +514,12 @@ void q8tiles(int64_t k, const uint8_t* w, int64_t row_bytes, int nr, const Q8Blo
       stage_rows<T>(w + r0 * row_bytes, row_bytes, rr, b0, nbs, st);
       for (int t = 0; t < nt; t += kTileTokens) {
         float* o = out + t * ldo + r0;
-        if (nt - t >= 2)
-          q8_tile<T, 2>(st, nbs, a + t, b0, rr, o, ldo, b0 > 0);
-        else
-          q8_tile<T, 1>(st, nbs, a + t, b0, rr, o, ldo, b0 > 0);
+        switch (nt - t < kTileTokens ? nt - t : kTileTokens) {
+          case 1: q8_tile<T, 1>(st, nbs, a + t, b0, rr, o, ldo, b0 > 0); break;
+          case 2: q8_tile<T, 2>(st, nbs, a + t, b0, rr, o, ldo, b0 > 0); break;
+          case 3: q8_tile<T, 3>(st, nbs, a + t, b0, rr, o, ldo, b0 > 0); break;
+          default: q8_tile<T, 4>(st, nbs, a + t, b0, rr, o, ldo, b0 > 0); break;  // 3, 4: VNNI only
+        }
       }
     }
   }
@@ -802,9 +866,9 @@ float exp_sub_sum(float* x, int64_t n, float max) {
 namespace gemma3::cpu {
 namespace {
 
-KernelSet make_avx2() {
+KernelSet make_table() {
   KernelSet k{};
-  k.name = "avx2";
+  k.name = GEMMA3_KERNELS_NAME;
   auto set = [&k](DType t, DotFn fn) { k.dot[static_cast<int>(t)] = fn; };
   set(DType::kF32, f32_dot);
   set(DType::kF16, f16_dot);
@@ -842,8 +906,8 @@ KernelSet make_avx2() {
 
 }  // namespace
 
-const KernelSet* avx2_kernels() {
-  static const KernelSet k = make_avx2();
+const KernelSet* GEMMA3_KERNELS_TABLE() {
+  static const KernelSet k = make_table();
   return &k;
 }
 
@@ -852,7 +916,7 @@ const KernelSet* avx2_kernels() {
 #else  // !GEMMA3_HAVE_AVX2_TU
 
 namespace gemma3::cpu {
-const KernelSet* avx2_kernels() { return nullptr; }
+const KernelSet* GEMMA3_KERNELS_TABLE() { return nullptr; }
 }  // namespace gemma3::cpu
 
 #endif

@@ -122,12 +122,30 @@ bool cpu_has_avx2() {
 #endif
 }
 
+bool cpu_has_avx512() {
+#if defined(__x86_64__) || defined(__i386__)
+  // __builtin_cpu_supports also checks that the OS saves the zmm state (XCR0).
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
+const char* kernels_requirement(const char* name) {
+  if (name && std::strcmp(name, "avx2") == 0) return "AVX2, FMA, F16C";
+  if (name && std::strcmp(name, "avx512") == 0) return "AVX2, FMA, F16C, AVX-512 F/BW/VL, AVX512_VNNI";
+  return "";
+}
+
 const KernelSet* select_kernels(const char* name) {
   const KernelSet* avx2 = cpu_has_avx2() ? avx2_kernels() : nullptr;
+  const KernelSet* avx512 = cpu_has_avx512() ? avx512_kernels() : nullptr;
   if (name == nullptr || name[0] == '\0' || std::strcmp(name, "auto") == 0)
-    return avx2 ? avx2 : &portable_kernels();
+    return avx512 ? avx512 : avx2 ? avx2 : &portable_kernels();
   if (std::strcmp(name, "portable") == 0) return &portable_kernels();
   if (std::strcmp(name, "avx2") == 0) return avx2;
+  if (std::strcmp(name, "avx512") == 0) return avx512;
   return nullptr;
 }
 
