@@ -2,8 +2,9 @@
 // per Backend op (backend.h) — shapes at awkward sizes, every weight and KV cache type, decode
 // and GEMM token counts, the attention mask's edge cases — run on every backend against the CPU
 // reference backend (plain loops, the oracle). Rows (the gtest parameter):
-//   Cpu/BackendOps.*/portable, Cpu/BackendOps.*/avx2: the fast CPU backend on each kernel table
-//     this CPU can run (avx2 skips, saying so, elsewhere);
+//   Cpu/BackendOps.*/portable, Cpu/BackendOps.*/avx2, Cpu/BackendOps.*/avx512: the fast CPU
+//     backend on each kernel table this CPU can run (avx2 and avx512 skip elsewhere, naming the
+//     CPU features they need);
 //   Cuda/BackendOps.*/cuda: the CUDA backend (on the CPU emulator in the GEMMA3_CUDA_EMU build);
 //     skips with make_cuda_backend's status without CUDA or a device.
 // Each row holds its backend to its own error model (RowTolerance below, with the reasoning).
@@ -113,7 +114,9 @@ class BackendOps : public ::testing::TestWithParam<BackendRow> {
     const BackendRow& row = GetParam();
     if (row.kind == Kind::kCpuFast) {
       kernels_ = cpu::select_kernels(row.name.c_str());
-      if (!kernels_) GTEST_SKIP() << "the " << row.name << " CPU kernels cannot run on this CPU";
+      if (!kernels_)
+        GTEST_SKIP() << "the " << row.name << " CPU kernels cannot run on this CPU (they need "
+                     << cpu::kernels_requirement(row.name.c_str()) << ")";
       auto b = make_cpu_fast_backend(2, row.name);
       ASSERT_TRUE(b.ok()) << b.status().to_string();
       be_ = std::move(*b);
@@ -258,7 +261,8 @@ TEST_P(BackendOps, MatmulDecodeAndGemmTokenCounts) {
 }
 
 // The int8 kernels from kQ8TileMinTokens tokens on (kernels_avx2.cpp q8tiles: 4-row x 2-token
-// tiles over weight blocks staged 64 at a time): every type with an int8 kernel, row counts
+// tiles over weight blocks staged 64 at a time; avx512: two blocks per register, so an odd block
+// count, 2336 columns, leaves half of one): every type with an int8 kernel, row counts
 // with every tail of a 4-row tile, widths of one segment and of two (the second partial: 73
 // blocks, 9 super-blocks), token counts around the tiles, kGemmMinTokens and kQ8MaxTokens (65:
 // the fp32 GEMM again). Bound: check_matmul's (fp32 summation order + q8_rounding_bound, the
@@ -795,7 +799,8 @@ TEST_P(BackendOps, SampleTreatsNanAsMinusInfinity) {
 #if GEMMA3_BACKEND_OPS_ROWS & 1
 INSTANTIATE_TEST_SUITE_P(Cpu, BackendOps,
                          ::testing::Values(BackendRow{"portable", Kind::kCpuFast},
-                                           BackendRow{"avx2", Kind::kCpuFast}),
+                                           BackendRow{"avx2", Kind::kCpuFast},
+                                           BackendRow{"avx512", Kind::kCpuFast}),
                          row_name);
 #endif
 #if GEMMA3_BACKEND_OPS_ROWS & 2

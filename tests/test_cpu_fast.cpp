@@ -26,7 +26,8 @@ namespace {
 
 std::vector<std::string> fast_kernel_names() {
   std::vector<std::string> names = {"portable"};
-  if (cpu::select_kernels("avx2")) names.push_back("avx2");
+  for (const char* isa : {"avx2", "avx512"})
+    if (cpu::select_kernels(isa)) names.push_back(isa);
   return names;
 }
 
@@ -78,7 +79,8 @@ TEST(CpuFast, Int8DecodeErrorIsTypicallySmall) {
   }
 }
 
-// The int8 row x token tiles (kernels_avx2.cpp q8tiles, from kQ8TileMinTokens tokens) against
+// The int8 row x token tiles (kernels_avx2.cpp q8tiles, from kQ8TileMinTokens tokens; on the
+// avx512 table two blocks per register, so odd block counts leave half a register) against
 // the one-row kernel (one call per token), for every type with an int8 kernel: both sum the
 // same exact int32 block products times the same fp32 scales, only in another order over
 // blocks (the tiles sum per 64-block segment), so they agree to fp32 summation rounding:
