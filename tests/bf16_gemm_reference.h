@@ -26,6 +26,7 @@ class Bf16GemmReference final : public Backend {
   void release(void* ptr) override { in_.release(ptr); }
   void to_host(const void* src, void* dst, size_t bytes) override { in_.to_host(src, dst, bytes); }
   void from_host(const void* src, void* dst, size_t bytes) override { in_.from_host(src, dst, bytes); }
+  void copy(const void* src, void* dst, size_t bytes) override { in_.copy(src, dst, bytes); }
 
   // The stored weight, and for a matrix that is not F32 also its values rounded to bf16 (as an
   // F32 weight of the wrapped backend).

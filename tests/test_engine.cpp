@@ -17,6 +17,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "gemma3/engine.h"
@@ -390,11 +391,15 @@ TEST(Engine, KvMemoryIsWhatThePlannerSays) {
     PlanOptions po;
     po.context = 128;
     po.sequences = n;
+    po.kv_tokens = n * 128;  // an Engine's plan, also for n = 1 (not a session's)
     po.prefill_chunk = m->memory_plan().prefill_chunk;
     auto info = inspect(testutil::data_path("tiny"), po);
     ASSERT_TRUE(info.ok()) << info.status().to_string();
     EXPECT_EQ(info->memory.sequences, n);
-    EXPECT_EQ((*e)->stats().kv_bytes, info->memory.kv_global_bytes + info->memory.kv_local_bytes) << n;
+    EXPECT_EQ(info->memory.kv_checkpoint_bytes, info->memory.kv_local_bytes) << n;  // the rings again
+    EXPECT_EQ((*e)->stats().kv_bytes,
+              info->memory.kv_global_bytes + info->memory.kv_local_bytes + info->memory.kv_checkpoint_bytes)
+        << n;
     EXPECT_EQ((*e)->stats().kv_capacity_tokens, uint64_t(n) * 128);
   }
   PlanOptions bad;
@@ -560,6 +565,52 @@ TEST(Engine, PrefixReuseBoundIsTheStepSize) {
   }
 }
 
+// Ring checkpoints: prompts sharing a system prompt and differing after it (a new question)
+// reuse the shared part from the checkpoint taken at the end of the last prompt, when they
+// diverge at most a step (U = 8) before that end; 9 before, and without checkpoints, they do
+// not; every output equals a fresh run.
+TEST(Engine, RingCheckpointReusesASharedSystemPrompt) {
+  auto m = load(testutil::data_path("tiny"), 256, /*invariant=*/true);
+  ASSERT_TRUE(m);
+  std::vector<int32_t> system;
+  for (int i = 0; i < 30; ++i) system.push_back(i == 0 ? 2 : 300 + (i * 29) % 150);
+  auto ask = [&](int question, int n) {
+    EngineRequest r;
+    r.tokens = system;
+    for (int i = 0; i < n; ++i) r.tokens.push_back(100 + 10 * question + i);
+    r.options.max_tokens = 12;  // the reply takes the live rings far past the system prompt
+    r.options.ignore_eos = true;
+    return r;
+  };
+  for (const bool checkpoints : {true, false}) {
+    EngineOptions eo;
+    eo.max_sequences = 1;
+    eo.step_tokens = 8;  // rings of W + 8 - 1 = 15 slots
+    eo.ring_checkpoints = checkpoints;
+    auto e = Engine::create(m, eo);
+    ASSERT_TRUE(e.ok()) << e.status().to_string();
+    auto run = [&](const EngineRequest& r) {
+      return collect([&](const Engine::OnToken& on) { return (*e)->generate(r, on); });
+    };
+    const std::string what = checkpoints ? "with checkpoints" : "without";
+    expect_same(run(ask(0, 5)), reference(*m, ask(0, 5)), what + ": first");
+    // {question, its tokens after the system prompt, reused with checkpoints}: each reuses the
+    // system prompt when the last prompt ended at most U = 8 tokens past it (0 ended 5 past,
+    // 1 ended 8 past, 2 ended 9 past: 3 runs from the start, 3 ended 4 past).
+    for (const auto& [question, n, reused] :
+         {std::tuple{1, 8, 30}, std::tuple{2, 9, 30}, std::tuple{3, 4, 0}, std::tuple{4, 3, 30}}) {
+      const EngineRequest r = ask(question, n);
+      const uint64_t before = (*e)->stats().reused_tokens;
+      const Output got = run(r);
+      expect_same(got, reference(*m, r), what + ": question " + std::to_string(question));
+      const int want = checkpoints ? reused : 0;
+      EXPECT_EQ((*e)->stats().reused_tokens - before, static_cast<uint64_t>(want))
+          << what << " question " << question;
+      EXPECT_EQ(got.result->cached_tokens, want) << what << " question " << question;
+    }
+  }
+}
+
 // ---- paged KV (engine.h, "Paged KV") ----
 
 // Long requests through a pool of one context's pages: they wait for pages, the requests
@@ -681,7 +732,8 @@ TEST(EnginePages, PoolSmallerThanAContextIsRefused) {
   auto info = inspect(testutil::data_path("tiny"), po);
   ASSERT_TRUE(info.ok()) << info.status().to_string();
   EXPECT_EQ(info->memory.kv_pages, st.kv_pages);
-  EXPECT_EQ(st.kv_bytes, info->memory.kv_global_bytes + info->memory.kv_local_bytes);
+  EXPECT_EQ(st.kv_bytes,
+            info->memory.kv_global_bytes + info->memory.kv_local_bytes + info->memory.kv_checkpoint_bytes);
   EXPECT_EQ(info->memory.kv_global_bytes, uint64_t(st.kv_pages) * info->memory.kv_page_bytes);
   po.sequences = 1;
   po.kv_tokens = 0;

@@ -27,6 +27,10 @@
 // reply, the new message), or diverges from them at most a step's worth of tokens before their
 // end, takes that sequence and runs only the rest of its prompt (EngineStats::reused_tokens).
 // Images count as their content: a different image at the same place ends the common prefix.
+// With EngineOptions::ring_checkpoints a sequence also keeps its rings as they were at the end
+// of its prompt, so a prompt that diverges from that prompt at most a step's worth of tokens
+// before its end (the same system prompt and a new question, a regenerated or edited last
+// message) reuses the prefix too.
 //
 // Paged KV: a sequence takes pages of the global layers' pool as it grows. A request is
 // admitted when the pages for its prompt are free; to make room the engine drops the kept
@@ -73,6 +77,10 @@ struct EngineOptions {
   // sequence can hold a whole context at once); else at least `context` (a sequence can always
   // fill its context) and taken as at most max_sequences * context. See "Paged KV" below.
   int64_t kv_tokens = 0;
+  // A copy of each sequence's sliding-window rings taken at the end of its prompt, so that a
+  // later prompt diverging within a step of that end reuses the prefix (see "Prefix reuse").
+  // It costs the rings' memory again (MemoryReport::kv_checkpoint_bytes).
+  bool ring_checkpoints = true;
 };
 
 // One request. The prompt is exactly one of tokens, text and messages.

@@ -194,11 +194,14 @@ struct Stats {
 // prints the same). Weights are shared by all sessions; KV and scratch are per session.
 struct MemoryReport {
   uint64_t weight_bytes = 0;
-  uint64_t kv_global_bytes = 0;  // global layers: every position of the context (a session), or
-                                 // an Engine's pool of pages (kv_pages * kv_page_bytes)
-  uint64_t kv_local_bytes = 0;   // sliding-window layers' rings (all sequences)
-  uint64_t scratch_bytes = 0;    // activations of one prefill chunk
-  uint64_t total_bytes() const { return weight_bytes + kv_global_bytes + kv_local_bytes + scratch_bytes; }
+  uint64_t kv_global_bytes = 0;      // global layers: every position of the context (a session), or
+                                     // an Engine's pool of pages (kv_pages * kv_page_bytes)
+  uint64_t kv_local_bytes = 0;       // sliding-window layers' rings (all sequences)
+  uint64_t scratch_bytes = 0;        // activations of one prefill chunk
+  uint64_t kv_checkpoint_bytes = 0;  // an Engine's ring checkpoints: the rings again (EngineOptions)
+  uint64_t total_bytes() const {
+    return weight_bytes + kv_global_bytes + kv_local_bytes + kv_checkpoint_bytes + scratch_bytes;
+  }
   // The settings and shape behind the numbers.
   int context = 0;        // tokens a session holds (the global layers' slots)
   int prefill_chunk = 0;  // tokens per prefill step

@@ -93,6 +93,8 @@ class Backend {
   virtual Status map(void* base, size_t offset, size_t bytes) { return ok_status(); }
   virtual void unmap(void* base, size_t offset, size_t bytes) {}
   virtual void to_host(const void* src, void* dst_host, size_t bytes) = 0;
+  // Within backend memory, in order with the ops (a device-to-device copy on a GPU).
+  virtual void copy(const void* src, void* dst, size_t bytes) = 0;
   virtual void from_host(const void* src_host, void* dst, size_t bytes) = 0;
   // Makes a weight usable by the ops. The view's data must outlive the returned object
   // (the CPU backend reads mapped memory in place).

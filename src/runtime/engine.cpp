@@ -50,9 +50,14 @@ struct Slot {
   std::vector<PromptImage> images;
   uint64_t admitted = 0;    // admission order: prefill chunks go to the earliest first
   uint64_t idle_since = 0;  // when its last request finished: the least recent is evicted first
-  size_t prefilled = 0;     // prompt tokens run so far
-  size_t reused = 0;        // of those, reused from the last request's KV memory
-  int32_t next = -1;        // the sampled token the next step feeds (decoding)
+  // Its ring checkpoint (docs/batching.md, "Prefix reuse"): the rings as they were after the
+  // first ckpt positions of `tokens` (the end of a prompt); 0: none. `restore`: admission
+  // chose it, so the rings are put back before the request's first step.
+  size_t ckpt = 0;
+  bool restore = false;
+  size_t prefilled = 0;  // prompt tokens run so far
+  size_t reused = 0;     // of those, reused from the last request's KV memory
+  int32_t next = -1;     // the sampled token the next step feeds (decoding)
   std::unique_ptr<TokenStream> stream;
   std::mt19937_64 rng;
   Status error;  // a callback threw
@@ -89,6 +94,8 @@ class EngineImpl final : public Engine {
       for (Slot& s : slots_) {
         s.cache = std::make_unique<KvCache>(*h_.backend, plan_);
         GEMMA3_TRY(s.cache->allocate(*h_.config, /*paged=*/true).with_context("engine KV memory"));
+        if (o_.ring_checkpoints)
+          GEMMA3_TRY(s.cache->allocate_checkpoint().with_context("engine ring checkpoints"));
       }
       GEMMA3_TRY(scratch_->allocate(*h_.config, o_.step_tokens, o_.max_sequences));
     }
@@ -203,7 +210,8 @@ class EngineImpl final : public Engine {
   // when the ring still has the window before it, positions L - W + 1 .. L - 1: the old request
   // went at most C - W + 1 positions past L (U, the most tokens a step appends), or never
   // wrapped.
-  size_t reusable(const Slot& s, const Job& job) const {
+  size_t reusable(const Slot& s, const Job& job, bool* from_checkpoint) const {
+    *from_checkpoint = false;
     const std::vector<int32_t>& prompt = job.prompt;
     const size_t m = std::min(s.tokens.size(), prompt.size() - 1);
     size_t l = 0;
@@ -218,13 +226,24 @@ class EngineImpl final : public Engine {
         if (!same || l < im.offset + im.n) l = im.offset;
       }
     if (l == 0) return 0;
+    // Whether the rings, as they were after `end` positions, still hold the window before l.
     const ModelConfig& c = *h_.config;
-    for (int i = 0; i < c.n_layers; ++i) {
-      const size_t cap = static_cast<size_t>(plan_.capacity[i]);
-      if (c.is_global(i) || s.tokens.size() <= cap) continue;
-      if (s.tokens.size() - l + c.sliding_window > cap + 1) return 0;
+    auto rings_hold = [&](size_t end) {
+      for (int i = 0; i < c.n_layers; ++i) {
+        const size_t cap = static_cast<size_t>(plan_.capacity[i]);
+        if (c.is_global(i) || end <= cap) continue;
+        if (end - l + c.sliding_window > cap + 1) return false;
+      }
+      return true;
+    };
+    if (rings_hold(s.tokens.size())) return l;
+    // The checkpoint at the end of the old prompt: a prompt that diverges within a step of
+    // that end (a shared system prompt, a regenerated or edited last message).
+    if (s.ckpt >= l && rings_hold(s.ckpt)) {
+      *from_checkpoint = true;
+      return l;
     }
-    return l;
+    return 0;
   }
 
   // Calls the request's on_token; an exception from it finishes the request with an error.
@@ -292,6 +311,8 @@ class EngineImpl final : public Engine {
     s.cache->unmap_pages_from(0);
     s.tokens.clear();
     s.images.clear();
+    s.ckpt = 0;
+    s.restore = false;
   }
   // The idle sequence (not `keep`) holding pages that finished longest ago, or null.
   Slot* least_recent_idle(const Slot* keep) {
@@ -366,11 +387,13 @@ class EngineImpl final : public Engine {
         while (!queue_.empty()) {
           Slot* free = nullptr;
           size_t reuse = 0;
+          bool from_checkpoint = false;
           for (Slot& s : slots_) {  // the free sequence holding most of the prompt, else the emptiest
             if (s.job) continue;
-            const size_t l = reusable(s, *queue_.front());
+            bool ckpt = false;
+            const size_t l = reusable(s, *queue_.front(), &ckpt);
             if (!free || l > reuse || (l == reuse && reuse == 0 && s.tokens.size() < free->tokens.size()))
-              free = &s, reuse = l;
+              free = &s, reuse = l, from_checkpoint = ckpt;
           }
           if (!free) break;
           Slot& s = *free;
@@ -387,6 +410,8 @@ class EngineImpl final : public Engine {
           queue_.pop_front();
           s.tokens.resize(reuse);
           s.cache->unmap_pages_from(keep);
+          s.restore = from_checkpoint;
+          if (reuse < s.ckpt) s.ckpt = 0;  // the positions after reuse are rewritten
           s.images = s.job->images;
           s.admitted = next_admitted_++;
           s.prefilled = reuse;
@@ -421,7 +446,15 @@ class EngineImpl final : public Engine {
         ++stats_.finished;
       }
       // Admission counted these pages as free or idle, so no request is preempted for them.
-      for (Slot* s : admitted) take_pages(*s, static_cast<int64_t>(s->job->prompt.size()));
+      for (Slot* s : admitted) {
+        if (!s->job) continue;  // preempted by one admitted before it (admission counts against that)
+        if (s->restore) {
+          std::lock_guard<std::mutex> lock(*h_.backend_mutex);
+          s->cache->restore_rings();
+          s->restore = false;
+        }
+        take_pages(*s, static_cast<int64_t>(s->job->prompt.size()));
+      }
       step();
     }
     // Shutting down: everything still queued or running is cancelled.
@@ -535,6 +568,10 @@ class EngineImpl final : public Engine {
         Slot& s = *who[i];
         s.tokens.insert(s.tokens.end(), seqs[i].ids, seqs[i].ids + seqs[i].n);
         if (s.next < 0) s.prefilled += seqs[i].n;
+        if (s.next < 0 && seqs[i].want_logits && o_.ring_checkpoints) {  // the end of its prompt
+          s.cache->save_rings();
+          s.ckpt = s.tokens.size();
+        }
         if (!seqs[i].want_logits || s.job->options.max_tokens == 0) continue;
         const float* logits = scratch_->logits + static_cast<int64_t>(i) * V;
         if (s.stream->wants_logprobs()) {
@@ -653,6 +690,7 @@ Result<std::unique_ptr<Engine>> make_engine(EngineHost host, const EngineOptions
     std::lock_guard<std::mutex> lock(*host.backend_mutex);
     mp = plan_memory(*host.config, 0, o.context, host.prefill_chunk, host.kv_dtype, o.max_sequences,
                      o.step_tokens, o.kv_tokens, host.backend->map_granularity());
+    mp.ring_checkpoints = o.ring_checkpoints;
     GEMMA3_TRY(
         check_fits(mp, host.backend->free_bytes(), host.backend->name())
             .with_context(fmt::format("an Engine of {} sequences of {} tokens (EngineOptions::max_sequences, "

@@ -77,6 +77,7 @@ KvPlan plan_kv(const ModelConfig& config, int context, int chunk, DType dtype, u
 }
 
 KvCache::~KvCache() {
+  if (checkpoint_) backend_.release(checkpoint_);
   for (size_t i = 0; i < layers_.size(); ++i) {
     KvLayer& l = layers_[i];
     for (void* p : {l.k, l.v}) {
@@ -95,6 +96,8 @@ Status KvCache::allocate(const ModelConfig& config, bool paged) {
   if (gran > 0 && row * plan_.page_tokens % gran == 0) page_bytes_ = row * plan_.page_tokens;
   layers_.resize(config.n_layers);
   reserved_.assign(config.n_layers, false);
+  global_.resize(config.n_layers);
+  for (int i = 0; i < config.n_layers; ++i) global_[i] = config.is_global(i);
   for (int i = 0; i < config.n_layers; ++i) {
     const uint64_t half = row * plan_.capacity[i];
     KvLayer& l = layers_[i];
@@ -110,6 +113,33 @@ Status KvCache::allocate(const ModelConfig& config, bool paged) {
     if (!reserve) (config.is_global(i) ? allocated_global_ : allocated_local_) += 2 * half;
   }
   return ok_status();
+}
+
+Status KvCache::allocate_checkpoint() {
+  GEMMA3_ASSIGN_OR_RETURN(checkpoint_, backend_.allocate(plan_.local_bytes));
+  return ok_status();
+}
+
+void KvCache::copy_rings(bool save) {
+  char* at = static_cast<char*>(checkpoint_);
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    if (global_[i]) continue;
+    const uint64_t half = plan_.bytes_per_slot / 2 * plan_.capacity[i];
+    for (void* p : {layers_[i].k, layers_[i].v}) {
+      if (save)
+        backend_.copy(p, at, half);
+      else
+        backend_.copy(at, p, half);
+      at += half;
+    }
+  }
+}
+
+void KvCache::save_rings() {
+  if (checkpoint_) copy_rings(true);
+}
+void KvCache::restore_rings() {
+  if (checkpoint_) copy_rings(false);
 }
 
 Status KvCache::map_pages(int n) {

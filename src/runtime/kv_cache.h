@@ -63,6 +63,12 @@ class KvCache {
   Status map_pages(int n);
   void unmap_pages_from(int n);
   int mapped_pages() const { return mapped_pages_; }
+  // A ring checkpoint (an Engine's prefix reuse, docs/batching.md): a copy of every local
+  // layer's ring, K and V, in backend memory. allocate_checkpoint() takes the rings' bytes
+  // again; save_rings() copies the rings into it, restore_rings() copies it back.
+  Status allocate_checkpoint();
+  void save_rings();
+  void restore_rings();
   const KvPlan& plan() const { return plan_; }
   const KvLayer& layer(int i) const { return layers_[i]; }
   KvView view() const { return {layers_, plan_.context, plan_.chunk}; }
@@ -75,7 +81,11 @@ class KvCache {
   KvPlan plan_;
   std::vector<KvLayer> layers_;
   std::vector<bool> reserved_;  // [L] the layer's K and V came from Backend::reserve
-  uint64_t page_bytes_ = 0;     // one page of one layer's K (or V) when paged; else 0
+  std::vector<bool> global_;    // [L] a global layer
+  void* checkpoint_ = nullptr;  // [local layers][K, V] rings, or null
+  // Copies every local layer's K and V to (save) or from the checkpoint.
+  void copy_rings(bool save);
+  uint64_t page_bytes_ = 0;  // one page of one layer's K (or V) when paged; else 0
   int mapped_pages_ = 0;
   uint64_t reserved_layers() const {
     return static_cast<uint64_t>(std::count(reserved_.begin(), reserved_.end(), true));

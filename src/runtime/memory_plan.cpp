@@ -16,6 +16,7 @@ MemoryReport MemoryPlan::report() const {
   r.kv_page_tokens = kv_pages ? kv.page_tokens : 0;
   r.kv_page_bytes = kv_pages ? kv.page_bytes : 0;
   r.kv_local_bytes = kv.local_bytes * static_cast<uint64_t>(sequences);
+  r.kv_checkpoint_bytes = kv_checkpoint_bytes();
   r.sequences = sequences;
   r.scratch_bytes = scratch_bytes;
   r.context = kv.context;
@@ -55,6 +56,7 @@ MemoryPlan plan_memory(const ModelConfig& c, uint64_t weight_bytes, int context,
         std::clamp<int64_t>(kv_tokens > 0 ? p.kv.pages_for(kv_tokens) : all, p.kv.pages_for(context), all));
     const uint64_t row = p.kv.bytes_per_slot / 2;
     p.paged = granularity > 0 && row * p.kv.page_tokens % granularity == 0;
+    p.ring_checkpoints = true;  // EngineOptions' default
   }
   for (int i = 0; i < c.n_layers; ++i)
     if (!c.is_global(i)) p.local_slots = p.kv.capacity[i];  // every local layer has the same

@@ -25,11 +25,17 @@ struct MemoryPlan {
   // sequence's global layers are allocated whole (the pool then only bounds admission).
   int kv_pages = 0;
   bool paged = false;
+  bool ring_checkpoints = false;  // an Engine's copy of each sequence's rings (EngineOptions)
+  uint64_t kv_checkpoint_bytes() const {
+    return ring_checkpoints ? kv.local_bytes * static_cast<uint64_t>(sequences) : 0;
+  }
   uint64_t kv_global_bytes() const {
     return paged ? kv.page_bytes * static_cast<uint64_t>(kv_pages)
                  : kv.global_bytes * static_cast<uint64_t>(sequences);
   }
-  uint64_t kv_bytes() const { return kv_global_bytes() + kv.local_bytes * static_cast<uint64_t>(sequences); }
+  uint64_t kv_bytes() const {
+    return kv_global_bytes() + kv.local_bytes * static_cast<uint64_t>(sequences) + kv_checkpoint_bytes();
+  }
   uint64_t total_bytes() const { return weight_bytes + kv_bytes() + scratch_bytes; }
   MemoryReport report() const;
 };

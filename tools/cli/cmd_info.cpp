@@ -79,7 +79,7 @@ int cmd_info(int argc, char** argv) {
   const uint64_t weight_bytes = c.weight_bytes;
   const int n_global = static_cast<int>(std::count(c.layer_pattern.begin(), c.layer_pattern.end(), 'G'));
   const int n_local = c.n_layers - n_global;
-  const uint64_t kv_total = plan.kv_global_bytes + plan.kv_local_bytes;
+  const uint64_t kv_total = plan.kv_global_bytes + plan.kv_local_bytes + plan.kv_checkpoint_bytes;
   const double saving = kv_total ? static_cast<double>(plan.kv_all_global_bytes) / kv_total : 0;
 
   if (output == "json") {
@@ -128,6 +128,7 @@ int cmd_info(int argc, char** argv) {
           {"kv_page_tokens", plan.kv_page_tokens},
           {"kv_page_bytes", plan.kv_page_bytes},
           {"kv_local_bytes", plan.kv_local_bytes},
+          {"kv_checkpoint_bytes", plan.kv_checkpoint_bytes},
           {"kv_total_bytes", kv_total},
           {"kv_all_global_bytes", plan.kv_all_global_bytes},
           {"kv_saving", saving},
@@ -198,6 +199,9 @@ int cmd_info(int argc, char** argv) {
   mem("kv local rings", plan.kv_local_bytes,
       fmt::format("{}{} layers x {} slots x {} B (window {} + chunk {} - 1)", per, n_local,
                   plan.kv_local_slots, plan.kv_bytes_per_slot, c.sliding_window, plan.prefill_chunk));
+  if (plan.kv_checkpoint_bytes > 0)
+    mem("kv checkpoints", plan.kv_checkpoint_bytes,
+        "each sequence's rings at the end of its prompt (prefix reuse)");
   mem("kv total", kv_total, "");
   mem("kv all-global", plan.kv_all_global_bytes,
       fmt::format("if every layer cached the full context: {:.2f}x more", saving));

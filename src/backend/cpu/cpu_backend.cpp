@@ -82,6 +82,7 @@ double HostBackend::pool_copy_bandwidth(
   return best;
 }
 void HostBackend::from_host(const void* src, void* dst, size_t bytes) { std::memcpy(dst, src, bytes); }
+void HostBackend::copy(const void* src, void* dst, size_t bytes) { std::memcpy(dst, src, bytes); }
 
 namespace {
 

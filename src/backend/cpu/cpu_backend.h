@@ -43,6 +43,7 @@ class HostBackend : public Backend {
   void unmap(void* base, size_t offset, size_t bytes) override;
   void to_host(const void* src, void* dst, size_t bytes) override;
   void from_host(const void* src, void* dst, size_t bytes) override;
+  void copy(const void* src, void* dst, size_t bytes) override;
   // Writes positions pos0.. into ring slots p % capacity, fp32 or bf16 (round to nearest even).
   void kv_write(const float* k, const float* v, int n, int pos0, int kv_width, const KvLayer& cache) override;
   // Vision tower ops (backend.h), single-threaded plain loops: shared by both CPU backends;

@@ -286,6 +286,11 @@ class CudaBackend final : public Backend {
       check(cudaStreamSynchronize(stream()), "from_host (synchronize)");
   }
 
+  void copy(const void* src, void* dst, size_t bytes) override {
+    if (!error_.ok() || bytes == 0 || unrecordable("copy")) return;
+    check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream()), "copy");
+  }
+
   Result<std::unique_ptr<BackendWeight>> upload(const TensorView& t) override {
     GEMMA3_TRY(error_);
     auto w = std::make_unique<CudaWeight>();
