@@ -611,6 +611,65 @@ TEST(Engine, RingCheckpointReusesASharedSystemPrompt) {
   }
 }
 
+// A request sharing a system prompt with one running now copies that sequence's prefix (its
+// global positions and its ring checkpoint) instead of running it again, and both give what a
+// fresh run gives.
+TEST(Engine, ARunningRequestsSystemPromptIsCopied) {
+  auto m = load(testutil::data_path("tiny"), 256, /*invariant=*/true);
+  ASSERT_TRUE(m);
+  EngineOptions eo;
+  eo.max_sequences = 3;
+  eo.step_tokens = 8;
+  auto e = Engine::create(m, eo);
+  ASSERT_TRUE(e.ok()) << e.status().to_string();
+  std::vector<int32_t> system;
+  for (int i = 0; i < 60; ++i) system.push_back(i == 0 ? 2 : 300 + (i * 23) % 150);
+  EngineRequest a, b;
+  a.tokens = b.tokens = system;
+  a.tokens.insert(a.tokens.end(), {101, 102, 103, 104});
+  b.tokens.insert(b.tokens.end(), {111, 112, 113, 114, 115});
+  a.options.max_tokens = 30;
+  a.options.ignore_eos = b.options.ignore_eos = true;
+  b.options.max_tokens = 10;
+  b.options.top_logprobs = 2;  // exact logprobs: any difference in the copied KV shows
+  // a's first token (its prompt and checkpoint done) holds the engine until b is queued.
+  std::promise<void> a_started, b_queued;
+  std::shared_future<void> queued = b_queued.get_future().share();
+  bool first = true;
+  Output got_a;
+  auto a_done = std::async(std::launch::async, [&] {
+    return collect([&](const Engine::OnToken& on) {
+      return (*e)->generate(a, [&](const TokenEvent& ev) {
+        if (std::exchange(first, false)) {
+          a_started.set_value();
+          queued.wait();
+        }
+        return on(ev);
+      });
+    });
+  });
+  a_started.get_future().wait();
+  std::promise<Result<GenerateResult>> b_result;
+  Output got_b;
+  auto id = (*e)->submit(
+      b,
+      [&](const TokenEvent& ev) {
+        got_b.text += ev.text;
+        if (ev.id >= 0) got_b.ids.push_back(ev.id);
+        got_b.logprobs.insert(got_b.logprobs.end(), ev.logprobs.begin(), ev.logprobs.end());
+        return true;
+      },
+      [&](const Result<GenerateResult>& r) { b_result.set_value(r); });
+  ASSERT_TRUE(id.ok()) << id.status().to_string();
+  b_queued.set_value();
+  got_b.result = b_result.get_future().get();
+  got_a = a_done.get();
+  expect_same(got_a, reference(*m, a), "a");
+  expect_same(got_b, reference(*m, b), "b");
+  EXPECT_EQ(got_b.result->cached_tokens, 60);
+  EXPECT_EQ((*e)->stats().copied_tokens, 60u);
+}
+
 // ---- paged KV (engine.h, "Paged KV") ----
 
 // Long requests through a pool of one context's pages: they wait for pages, the requests

@@ -30,7 +30,8 @@
 // With EngineOptions::ring_checkpoints a sequence also keeps its rings as they were at the end
 // of its prompt, so a prompt that diverges from that prompt at most a step's worth of tokens
 // before its end (the same system prompt and a new question, a regenerated or edited last
-// message) reuses the prefix too.
+// message) reuses the prefix too, from its own sequence or, copied (at least 32 tokens more
+// than its own gives), from another one's, running or idle (EngineStats::copied_tokens).
 //
 // Paged KV: a sequence takes pages of the global layers' pool as it grows. A request is
 // admitted when the pages for its prompt are free; to make room the engine drops the kept
@@ -102,6 +103,7 @@ struct EngineStats {
   uint64_t generated_tokens = 0;    // tokens generated (as GenerateResult::tokens)
   uint64_t finished = 0;            // requests finished (any reason, errors included)
   uint64_t reused_tokens = 0;       // prompt tokens not run again: prefix reuse (see below)
+  uint64_t copied_tokens = 0;       // of those, copied from another sequence's prefix
   uint64_t kv_bytes = 0;            // KV memory the engine may use: the page pool and every sequence's rings
   uint64_t kv_used_tokens = 0;      // positions held by running sequences now
   uint64_t kv_capacity_tokens = 0;  // the pool's positions: kv_pages * kv_page_tokens

@@ -16,6 +16,7 @@
 #include <random>
 #include <thread>
 #include <unordered_set>
+#include <utility>
 
 #include "core/api_guard.h"
 #include "runtime/kv_cache.h"
@@ -24,6 +25,9 @@
 
 namespace gemma3 {
 namespace {
+
+// The least a copy of another sequence's prefix must add to what a request's own sequence gives.
+constexpr size_t kMinCopyTokens = 32;
 
 struct Job {
   uint64_t id = 0;
@@ -55,6 +59,10 @@ struct Slot {
   // chose it, so the rings are put back before the request's first step.
   size_t ckpt = 0;
   bool restore = false;
+  // Admission chose another sequence's prefix for it: copied before its first step. A source
+  // is `pinned` until then (not evicted).
+  Slot* copy_from = nullptr;
+  bool pinned = false;
   size_t prefilled = 0;  // prompt tokens run so far
   size_t reused = 0;     // of those, reused from the last request's KV memory
   int32_t next = -1;     // the sampled token the next step feeds (decoding)
@@ -203,21 +211,15 @@ class EngineImpl final : public Engine {
     return nullptr;
   }
 
-  // Prefix reuse (docs/batching.md): how many of `prompt`'s first tokens a free sequence's KV
-  // memory still holds from its last request: their common prefix L, kept to prompt.size() - 1
-  // so that one token runs to give the logits. Global layers hold every position; a local
-  // layer's ring of C slots holds the last C positions the old request wrote, so L is usable
-  // when the ring still has the window before it, positions L - W + 1 .. L - 1: the old request
-  // went at most C - W + 1 positions past L (U, the most tokens a step appends), or never
-  // wrapped.
-  size_t reusable(const Slot& s, const Job& job, bool* from_checkpoint) const {
-    *from_checkpoint = false;
+  // The common prefix of the first `limit` tokens s holds and job's prompt, kept to
+  // prompt.size() - 1 so that one token runs to give the logits. Every soft token has the same
+  // id: the prefix also ends at the first image block that is not the same image at the same
+  // place in both (or that it would cut).
+  size_t common_prefix(const Slot& s, const Job& job, size_t limit) const {
     const std::vector<int32_t>& prompt = job.prompt;
-    const size_t m = std::min(s.tokens.size(), prompt.size() - 1);
+    const size_t m = std::min({limit, s.tokens.size(), prompt.size() - 1});
     size_t l = 0;
     while (l < m && s.tokens[l] == prompt[l]) ++l;
-    // Every soft token has the same id: the prefix also ends at the first image block that is
-    // not the same image at the same place in both (or that l would cut).
     for (const auto* mine : {&s.images, &job.images})
       for (const PromptImage& im : *mine) {
         if (im.offset >= l) continue;
@@ -225,25 +227,47 @@ class EngineImpl final : public Engine {
         const bool same = other && other->offset == im.offset && other->n == im.n && other->key == im.key;
         if (!same || l < im.offset + im.n) l = im.offset;
       }
-    if (l == 0) return 0;
-    // Whether the rings, as they were after `end` positions, still hold the window before l.
+    return l;
+  }
+
+  // Whether rings as they were after writing positions 0 .. end - 1 still hold what continuing
+  // at position l needs. Global layers hold every position; a local layer's ring of C slots
+  // holds the last C positions written, and l needs the window before it, positions
+  // l - W + 1 .. l - 1: so end went at most C - W + 1 positions past l (U, the most tokens a
+  // step appends), or the ring never wrapped.
+  bool rings_hold(size_t end, size_t l) const {
     const ModelConfig& c = *h_.config;
-    auto rings_hold = [&](size_t end) {
-      for (int i = 0; i < c.n_layers; ++i) {
-        const size_t cap = static_cast<size_t>(plan_.capacity[i]);
-        if (c.is_global(i) || end <= cap) continue;
-        if (end - l + c.sliding_window > cap + 1) return false;
-      }
-      return true;
-    };
-    if (rings_hold(s.tokens.size())) return l;
-    // The checkpoint at the end of the old prompt: a prompt that diverges within a step of
-    // that end (a shared system prompt, a regenerated or edited last message).
-    if (s.ckpt >= l && rings_hold(s.ckpt)) {
+    for (int i = 0; i < c.n_layers; ++i) {
+      const size_t cap = static_cast<size_t>(plan_.capacity[i]);
+      if (c.is_global(i) || end <= cap) continue;
+      if (end - l + c.sliding_window > cap + 1) return false;
+    }
+    return true;
+  }
+
+  // Prefix reuse (docs/batching.md): how many of the prompt's first tokens a free sequence's KV
+  // memory still holds from its last request, with its live rings or, where those have moved on,
+  // its ring checkpoint (the end of its last prompt: *from_checkpoint).
+  size_t reusable(const Slot& s, const Job& job, bool* from_checkpoint) const {
+    *from_checkpoint = false;
+    const size_t l = common_prefix(s, job, s.tokens.size());
+    if (l == 0) return 0;
+    if (rings_hold(s.tokens.size(), l)) return l;
+    // A prompt that diverges within a step of the old prompt's end (a shared system prompt, a
+    // regenerated or edited last message).
+    if (s.ckpt >= l && rings_hold(s.ckpt, l)) {
       *from_checkpoint = true;
       return l;
     }
     return 0;
+  }
+
+  // The prefix another sequence (running or idle) could give by copying its global layers'
+  // positions and its ring checkpoint: a system prompt shared with a request running now.
+  size_t copyable(const Slot& o, const Job& job) const {
+    if (o.ckpt == 0) return 0;
+    const size_t l = common_prefix(o, job, o.ckpt);
+    return l > 0 && rings_hold(o.ckpt, l) ? l : 0;
   }
 
   // Calls the request's on_token; an exception from it finishes the request with an error.
@@ -318,7 +342,8 @@ class EngineImpl final : public Engine {
   Slot* least_recent_idle(const Slot* keep) {
     Slot* best = nullptr;
     for (Slot& s : slots_)
-      if (!s.job && &s != keep && s.cache->mapped_pages() > 0 && (!best || s.idle_since < best->idle_since))
+      if (!s.job && &s != keep && !s.pinned && s.cache->mapped_pages() > 0 &&
+          (!best || s.idle_since < best->idle_since))
         best = &s;
     return best;
   }
@@ -389,7 +414,7 @@ class EngineImpl final : public Engine {
           size_t reuse = 0;
           bool from_checkpoint = false;
           for (Slot& s : slots_) {  // the free sequence holding most of the prompt, else the emptiest
-            if (s.job) continue;
+            if (s.job || s.pinned) continue;  // pinned: the source of a copy admitted this round
             bool ckpt = false;
             const size_t l = reusable(s, *queue_.front(), &ckpt);
             if (!free || l > reuse || (l == reuse && reuse == 0 && s.tokens.size() < free->tokens.size()))
@@ -397,12 +422,21 @@ class EngineImpl final : public Engine {
           }
           if (!free) break;
           Slot& s = *free;
+          // A longer prefix in another sequence's ring checkpoint (a request running now, or
+          // idle, with the same system prompt): copied rather than run again.
+          Slot* source = nullptr;
+          size_t copy = 0;
+          for (Slot& o : slots_) {
+            const size_t l = &o == &s || o.pinned ? 0 : copyable(o, *queue_.front());
+            if (l >= std::max(reuse, copy) + kMinCopyTokens) source = &o, copy = l;
+          }
           // Its prompt's pages: those s keeps for the reused prefix, the rest from the pool (with
-          // the pages of idle sequences, dropped least recent first); else it waits.
-          const int keep = std::min(s.cache->mapped_pages(), plan_.pages_for(static_cast<int64_t>(reuse)));
+          // the pages of idle sequences but the source, dropped least recent first); else it waits.
+          const int keep =
+              source ? 0 : std::min(s.cache->mapped_pages(), plan_.pages_for(static_cast<int64_t>(reuse)));
           int idle_pages = 0;
           for (const Slot& o : slots_)
-            if (!o.job && &o != &s) idle_pages += o.cache->mapped_pages();
+            if (!o.job && &o != &s && &o != source && !o.pinned) idle_pages += o.cache->mapped_pages();
           const int need = plan_.pages_for(static_cast<int64_t>(queue_.front()->prompt.size())) - keep;
           if (need > free_pages() + s.cache->mapped_pages() - keep + idle_pages - promised) break;
           promised += need;
@@ -412,6 +446,15 @@ class EngineImpl final : public Engine {
           s.cache->unmap_pages_from(keep);
           s.restore = from_checkpoint;
           if (reuse < s.ckpt) s.ckpt = 0;  // the positions after reuse are rewritten
+          if (source) {
+            s.tokens.assign(s.job->prompt.begin(), s.job->prompt.begin() + static_cast<std::ptrdiff_t>(copy));
+            s.restore = false;
+            s.ckpt = 0;
+            s.copy_from = source;
+            source->pinned = true;
+            reuse = copy;
+            stats_.copied_tokens += copy;
+          }
           s.images = s.job->images;
           s.admitted = next_admitted_++;
           s.prefilled = reuse;
@@ -453,7 +496,21 @@ class EngineImpl final : public Engine {
           s->cache->restore_rings();
           s->restore = false;
         }
-        take_pages(*s, static_cast<int64_t>(s->job->prompt.size()));
+        Slot* from = std::exchange(s->copy_from, nullptr);
+        if (take_pages(*s, static_cast<int64_t>(s->job->prompt.size())) && from) {
+          if (from->ckpt >= s->tokens.size()) {
+            std::lock_guard<std::mutex> lock(*h_.backend_mutex);
+            s->cache->copy_prefix(*from->cache, static_cast<int>(s->tokens.size()));
+          } else {  // the source lost its prefix (preempted): the prompt runs from the start
+            std::lock_guard<std::mutex> lock(mu_);
+            stats_.reused_tokens -= s->tokens.size();
+            stats_.copied_tokens -= s->tokens.size();
+            if (s->reused == s->tokens.size()) s->reused = 0;
+            s->tokens.clear();
+            s->prefilled = 0;
+          }
+        }
+        if (from) from->pinned = false;
       }
       step();
     }

@@ -120,8 +120,8 @@ Status KvCache::allocate_checkpoint() {
   return ok_status();
 }
 
-void KvCache::copy_rings(bool save) {
-  char* at = static_cast<char*>(checkpoint_);
+void KvCache::copy_rings(void* checkpoint, bool save) {
+  char* at = static_cast<char*>(checkpoint);
   for (size_t i = 0; i < layers_.size(); ++i) {
     if (global_[i]) continue;
     const uint64_t half = plan_.bytes_per_slot / 2 * plan_.capacity[i];
@@ -136,10 +136,20 @@ void KvCache::copy_rings(bool save) {
 }
 
 void KvCache::save_rings() {
-  if (checkpoint_) copy_rings(true);
+  if (checkpoint_) copy_rings(checkpoint_, true);
 }
 void KvCache::restore_rings() {
-  if (checkpoint_) copy_rings(false);
+  if (checkpoint_) copy_rings(checkpoint_, false);
+}
+
+void KvCache::copy_prefix(const KvCache& from, int tokens) {
+  const uint64_t bytes = plan_.bytes_per_slot / 2 * static_cast<uint64_t>(tokens);
+  for (size_t i = 0; i < layers_.size(); ++i)
+    if (global_[i]) {
+      backend_.copy(from.layers_[i].k, layers_[i].k, bytes);
+      backend_.copy(from.layers_[i].v, layers_[i].v, bytes);
+    }
+  if (from.checkpoint_) copy_rings(from.checkpoint_, false);
 }
 
 Status KvCache::map_pages(int n) {

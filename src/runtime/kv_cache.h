@@ -69,6 +69,10 @@ class KvCache {
   Status allocate_checkpoint();
   void save_rings();
   void restore_rings();
+  // Positions 0 .. tokens - 1 of every global layer from `from` (a cache of the same plan),
+  // and its ring checkpoint into this cache's rings: another sequence's prefix, as the
+  // sequence had it at its checkpoint. This cache's pages for those positions must be mapped.
+  void copy_prefix(const KvCache& from, int tokens);
   const KvPlan& plan() const { return plan_; }
   const KvLayer& layer(int i) const { return layers_[i]; }
   KvView view() const { return {layers_, plan_.context, plan_.chunk}; }
@@ -83,8 +87,8 @@ class KvCache {
   std::vector<bool> reserved_;  // [L] the layer's K and V came from Backend::reserve
   std::vector<bool> global_;    // [L] a global layer
   void* checkpoint_ = nullptr;  // [local layers][K, V] rings, or null
-  // Copies every local layer's K and V to (save) or from the checkpoint.
-  void copy_rings(bool save);
+  // Copies every local layer's K and V to (save) or from `checkpoint` (this cache's or another's).
+  void copy_rings(void* checkpoint, bool save);
   uint64_t page_bytes_ = 0;  // one page of one layer's K (or V) when paged; else 0
   int mapped_pages_ = 0;
   uint64_t reserved_layers() const {
