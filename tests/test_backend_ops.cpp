@@ -261,8 +261,8 @@ TEST_P(BackendOps, MatmulDecodeAndGemmTokenCounts) {
 }
 
 // The int8 kernels from kQ8TileMinTokens tokens on (kernels_avx2.cpp q8tiles: 4-row x 2-token
-// tiles over weight blocks staged 64 at a time; avx512: two blocks per register, so an odd block
-// count, 2336 columns, leaves half of one): every type with an int8 kernel, row counts
+// tiles over weight blocks staged 64 at a time; avx512: 4-row x 4-token tiles; 2336 columns: an
+// odd block count): every type with an int8 kernel, row counts
 // with every tail of a 4-row tile, widths of one segment and of two (the second partial: 73
 // blocks, 9 super-blocks), token counts around the tiles, kGemmMinTokens and kQ8MaxTokens (65:
 // the fp32 GEMM again). Bound: check_matmul's (fp32 summation order + q8_rounding_bound, the

@@ -3,7 +3,8 @@
 // features, a spinning worker pool, GQA-aware attention).
 //
 // make_cpu_backend() (backend.h) builds the fast backend unless the environment variable
-// GEMMA3_CPU_KERNELS says otherwise: "ref" (reference backend), "portable", "avx2", "auto".
+// GEMMA3_CPU_KERNELS says otherwise: "ref" (reference backend), "portable", "avx2", "avx512",
+// "auto".
 #pragma once
 
 #include <cstdint>
@@ -68,7 +69,7 @@ class HostBackend : public Backend {
 // the system refuses to start is an out-of-memory error naming it.
 Status check_cpu_threads(int threads);
 Result<std::unique_ptr<Backend>> make_cpu_ref_backend(int threads);
-// kernels: "auto" (best for this CPU), "portable", "avx2"; an error if it cannot run here.
+// kernels: "auto" (best for this CPU), "portable", "avx2", "avx512"; an error if it cannot run here.
 // batch_invariant: BackendOptions::batch_invariant.
 Result<std::unique_ptr<Backend>> make_cpu_fast_backend(int threads, const std::string& kernels,
                                                        bool batch_invariant = false);
