@@ -61,6 +61,10 @@ int cmd_serve(int argc, char** argv) {
                "address to listen on (default: 127.0.0.1; 0.0.0.0: every interface)");
   p.add_option("--port", "N", &so.port, "TCP port (default: 8080; 0: any free port, printed at start)");
   p.add_option("-np,--parallel", "N", &eo.max_sequences, "sequences decoded together (default: 8)");
+  bool no_checkpoints = false;
+  p.add_flag("--no-ring-checkpoints", &no_checkpoints,
+             "keep no copy of each sequence's rings at the end of its prompt: saves that memory (gemma3 "
+             "info --parallel N shows it), but prompts sharing only a system prompt run it again");
   uint64_t kv_tokens = 0;
   p.add_option("--kv-tokens", "N", &kv_tokens,
                "KV positions of the global layers the sequences share, in pages taken as they grow "
@@ -95,6 +99,7 @@ int cmd_serve(int argc, char** argv) {
   if (eo.max_sequences < 1 || eo.max_sequences > 1024)
     return fail("serve", kExitUsage,
                 fmt::format("--parallel must be in [1, 1024], got {}", eo.max_sequences));
+  eo.ring_checkpoints = !no_checkpoints;
   eo.kv_tokens = static_cast<int64_t>(std::min<uint64_t>(kv_tokens, uint64_t{1} << 40));
   if (so.max_concurrent < 1 || so.max_concurrent > 4096)
     return fail("serve", kExitUsage,
