@@ -5,6 +5,7 @@
 // with encode_ref() (the SentencePiece library on the whole text) on long random and
 // adversarial texts, and on vocabularies that move or remove the cut points.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -527,7 +528,10 @@ GgufWriter tiny_gguf_writer() {
 }
 
 Result<Tokenizer> tokenizer_from_writer(const GgufWriter& w) {
-  const std::string path = ::testing::TempDir() + "/gemma3_tokenizer_test.gguf";
+  // One name per process: ctest runs the TokenizerGguf tests in parallel processes, and one
+  // removing a shared name while another opened it failed a CI run.
+  const std::string path =
+      ::testing::TempDir() + "/gemma3_tokenizer_test_" + std::to_string(getpid()) + ".gguf";
   Status st = w.write(path, std::vector<std::vector<uint8_t>>{});
   if (!st.ok()) return st;
   Result<GgufFile> f = GgufFile::open(path);
