@@ -13,6 +13,7 @@
 // core/quant.cpp): each 32-element block becomes 32 int8 lanes plus fp32 scales (Blk), then
 // fp32 (widened and FMA'd against fp32 activations in decode, or dequantized into the prefill
 // GEMM's panels).
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -444,11 +445,38 @@ void stage_rows(const uint8_t* w, int64_t row_bytes, int rr, int64_t b0, int nbs
   }
 }
 
+// The next stage's weight bytes, asked for a few cache lines at a time while the current
+// stage's tiles compute (step() once per block of a tile). The weights stream from memory once
+// per step (the LM head is most of a small model's bytes): left to the hardware prefetcher the
+// staging loads waited on DRAM, and prefetching a whole stage at once stalled on the miss
+// buffers (docs/perf.md).
+struct Prefetch {
+  const uint8_t* w = nullptr;  // rows [0, rows) at w + r * row_bytes, bytes [lo, hi) of each
+  int64_t row_bytes = 0, lo = 0, hi = 0, off = 0;
+  int rows = 0, r = 0, per_step = 0;
+  void step() {
+    for (int i = 0; i < per_step && r < rows; ++i) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + r * row_bytes + off), _MM_HINT_T0);
+      if ((off += 64) >= hi + 63) ++r, off = lo;  // + 63: the line holding byte hi - 1
+    }
+  }
+};
+
+template <DType T>
+Prefetch next_stage(const uint8_t* w, int64_t row_bytes, int rows, int64_t b0, int nbs, int steps) {
+  Prefetch pf;
+  pf.w = w, pf.row_bytes = row_bytes, pf.rows = rows;
+  pf.lo = pf.off = seg_offset<T>(b0), pf.hi = seg_offset<T>(b0 + nbs);  // K formats: whole super-blocks
+  const int64_t lines = rows * ((pf.hi - pf.lo) / 64 + 2);
+  pf.per_step = static_cast<int>((lines + steps - 1) / steps);
+  return pf;
+}
+
 // out[t * ldo + r] (+)= dot over the staged blocks [0, nbs) of row r < rr and token t < NT, whose
 // blocks are a[t][b0 ..]. `add`: accumulate onto the previous segments' sums.
 template <DType T, int NT>
 void q8_tile(const Stage& st, int nbs, const Q8Block* const* a, int64_t b0, int rr, float* out, int64_t ldo,
-             bool add) {
+             bool add, Prefetch& pf) {
   constexpr bool kSigned = !(T == DType::kQ4_K || T == DType::kQ5_K), kMin = !kSigned;
   constexpr bool kHalves = T == DType::kQ6_K;  // a scale per 16 elements: per-lane scales
   __m256 acc[kTileRows][NT];
@@ -468,6 +496,7 @@ void q8_tile(const Stage& st, int nbs, const Q8Block* const* a, int64_t b0, int 
       for (int t = 0; t < NT; ++t) _mm_store_ps(sd[b] + 4 * t, _mm_mul_ps(s4, _mm_set1_ps(at[t][b].d)));
     }
   for (int b = 0; b < nbs; ++b) {
+    pf.step();
     __m256i av[NT];
 #pragma GCC unroll 4
     for (int t = 0; t < NT; ++t) av[t] = act_operand<kSigned>(loadu256(at[t][b].q));
@@ -512,13 +541,22 @@ void q8tiles(int64_t k, const uint8_t* w, int64_t row_bytes, int nr, const Q8Blo
     for (int64_t b0 = 0; b0 < nb; b0 += kSegBlocks) {
       const int nbs = static_cast<int>(nb - b0 < kSegBlocks ? nb - b0 : kSegBlocks);
       stage_rows<T>(w + r0 * row_bytes, row_bytes, rr, b0, nbs, st);
+      const int steps = (nt + kTileTokens - 1) / kTileTokens * nbs;  // blocks the tiles walk
+      Prefetch pf;  // the next segment of these rows, else the next rows' first
+      if (b0 + kSegBlocks < nb)
+        pf = next_stage<T>(w + r0 * row_bytes, row_bytes, rr, b0 + kSegBlocks,
+                           static_cast<int>(std::min<int64_t>(nb - b0 - kSegBlocks, kSegBlocks)), steps);
+      else if (r0 + kTileRows < nr)
+        pf = next_stage<T>(w + (r0 + kTileRows) * row_bytes, row_bytes,
+                           std::min(nr - r0 - kTileRows, kTileRows), 0,
+                           static_cast<int>(std::min<int64_t>(nb, kSegBlocks)), steps);
       for (int t = 0; t < nt; t += kTileTokens) {
         float* o = out + t * ldo + r0;
         switch (nt - t < kTileTokens ? nt - t : kTileTokens) {
-          case 1: q8_tile<T, 1>(st, nbs, a + t, b0, rr, o, ldo, b0 > 0); break;
-          case 2: q8_tile<T, 2>(st, nbs, a + t, b0, rr, o, ldo, b0 > 0); break;
-          case 3: q8_tile<T, 3>(st, nbs, a + t, b0, rr, o, ldo, b0 > 0); break;
-          default: q8_tile<T, 4>(st, nbs, a + t, b0, rr, o, ldo, b0 > 0); break;  // 3, 4: VNNI only
+          case 1: q8_tile<T, 1>(st, nbs, a + t, b0, rr, o, ldo, b0 > 0, pf); break;
+          case 2: q8_tile<T, 2>(st, nbs, a + t, b0, rr, o, ldo, b0 > 0, pf); break;
+          case 3: q8_tile<T, 3>(st, nbs, a + t, b0, rr, o, ldo, b0 > 0, pf); break;
+          default: q8_tile<T, 4>(st, nbs, a + t, b0, rr, o, ldo, b0 > 0, pf); break;  // 3, 4: VNNI only
         }
       }
     }
