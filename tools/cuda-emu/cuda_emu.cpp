@@ -152,9 +152,54 @@ std::map<uintptr_t, size_t>::const_iterator find_allocation(const void* p, size_
   return it;
 }
 
+// ---- driver virtual memory (cuda_emu.h): reservations, handles, mappings
+
+struct Reservation {
+  size_t bytes = 0;
+  void* mmap_base = nullptr;  // the mmap'd region the aligned range lies in
+  size_t mmap_bytes = 0;
+  struct Mapping {
+    size_t bytes;
+    CUmemGenericAllocationHandle handle;
+    bool accessible;  // cuMemSetAccess done
+  };
+  std::map<uintptr_t, Mapping> mapped;  // start -> mapping
+};
+std::map<uintptr_t, Reservation> reservations;                            // aligned start -> reservation
+std::map<CUmemGenericAllocationHandle, std::pair<size_t, bool>> handles;  // -> (bytes, mapped)
+CUmemGenericAllocationHandle next_handle = 1;
+
+Reservation* find_reservation(uintptr_t a, size_t bytes) {
+  auto it = reservations.upper_bound(a);
+  if (it == reservations.begin()) return nullptr;
+  --it;
+  if (a < it->first || a - it->first > it->second.bytes || bytes > it->second.bytes - (a - it->first))
+    return nullptr;
+  return &it->second;
+}
+
+// Whether [p, p + bytes) lies in accessible mappings of one reservation that follow each other
+// with no gap (one past the end counts when bytes == 0).
+bool in_accessible_mappings(const void* p, size_t bytes) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p), end = a + bytes;
+  Reservation* r = find_reservation(a, bytes);
+  if (!r) return false;
+  auto it = r->mapped.upper_bound(a);
+  if (it == r->mapped.begin()) return false;
+  --it;  // the mapping starting at or before a
+  uintptr_t at = it->first + it->second.bytes;
+  if (!it->second.accessible || a > at) return false;
+  while (end > at) {  // the rest must be in the next mapping, starting where this one ends
+    ++it;
+    if (it == r->mapped.end() || it->first != at || !it->second.accessible) return false;
+    at += it->second.bytes;
+  }
+  return true;
+}
+
 bool is_device_range(const void* p, size_t bytes) {
   std::lock_guard<std::mutex> lock(mem_mutex);
-  return find_allocation(p, bytes) != allocations.end();
+  return find_allocation(p, bytes) != allocations.end() || in_accessible_mappings(p, bytes);
 }
 
 // For the copy and memset calls: CUDA returns cudaErrorInvalidValue for such a pointer; say why.
@@ -1191,6 +1236,169 @@ cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total) {
   std::lock_guard<std::mutex> lock(emu::mem_mutex);
   *total = options().memory_bytes;
   *free_bytes = options().memory_bytes - emu::allocated;
+  return cudaSuccess;
+}
+
+// ---- driver virtual memory --------------------------------------------------------------------
+
+namespace {
+size_t vmm_granularity() {
+  size_t g = size_t{2} << 20;
+  if (const char* e = getenv("GEMMA3_CUDA_EMU_VMM_GRANULARITY"); e && *e) {
+    char* end = nullptr;
+    const unsigned long long v = strtoull(e, &end, 10);
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    if (*end != '\0' || v == 0 || v % page != 0)
+      emu::die("GEMMA3_CUDA_EMU_VMM_GRANULARITY=%s: expected a positive multiple of %zu bytes", e, page);
+    g = static_cast<size_t>(v);
+  }
+  return g;
+}
+
+bool device_prop_ok(const CUmemAllocationProp* prop) {
+  return prop && prop->type == CU_MEM_ALLOCATION_TYPE_PINNED &&
+         prop->location.type == CU_MEM_LOCATION_TYPE_DEVICE && prop->location.id == 0;
+}
+
+CUresult vmm_error(const char* call, const char* why) {
+  fprintf(stderr, "cuda-emu: %s: %s (CUDA_ERROR_INVALID_VALUE)\n", call, why);
+  return CUDA_ERROR_INVALID_VALUE;
+}
+}  // namespace
+
+CUresult cuMemGetAllocationGranularity(size_t* granularity, const CUmemAllocationProp* prop,
+                                       CUmemAllocationGranularity_flags) {
+  if (!granularity || !device_prop_ok(prop)) return CUDA_ERROR_INVALID_VALUE;
+  *granularity = vmm_granularity();
+  return CUDA_SUCCESS;
+}
+
+CUresult cuMemAddressReserve(CUdeviceptr* ptr, size_t size, size_t alignment, CUdeviceptr addr,
+                             unsigned long long flags) {
+  const size_t g = vmm_granularity();
+  if (!ptr || size == 0 || size % g != 0 || addr != 0 || flags != 0 || (alignment != 0 && alignment % g != 0))
+    return vmm_error("cuMemAddressReserve",
+                     "size not a multiple of the granularity, or an unsupported argument");
+  const size_t align = std::max(alignment, g), total = size + align;
+  void* m = mmap(nullptr, total, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (m == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
+  const uintptr_t start = (reinterpret_cast<uintptr_t>(m) + align - 1) / align * align;
+  std::lock_guard<std::mutex> lock(emu::mem_mutex);
+  emu::Reservation& r = emu::reservations[start];
+  r.bytes = size, r.mmap_base = m, r.mmap_bytes = total;
+  *ptr = start;
+  return CUDA_SUCCESS;
+}
+
+CUresult cuMemAddressFree(CUdeviceptr ptr, size_t size) {
+  std::lock_guard<std::mutex> lock(emu::mem_mutex);
+  auto it = emu::reservations.find(ptr);
+  if (it == emu::reservations.end() || it->second.bytes != size)
+    return vmm_error("cuMemAddressFree", "not a reservation's start and size");
+  if (!it->second.mapped.empty()) return vmm_error("cuMemAddressFree", "the reservation still has mappings");
+  munmap(it->second.mmap_base, it->second.mmap_bytes);
+  emu::reservations.erase(it);
+  return CUDA_SUCCESS;
+}
+
+CUresult cuMemCreate(CUmemGenericAllocationHandle* handle, size_t size, const CUmemAllocationProp* prop,
+                     unsigned long long flags) {
+  if (!handle || size == 0 || size % vmm_granularity() != 0 || !device_prop_ok(prop) || flags != 0)
+    return vmm_error("cuMemCreate", "size not a multiple of the granularity, or an unsupported property");
+  std::lock_guard<std::mutex> lock(emu::mem_mutex);
+  if (size > options().memory_bytes - emu::allocated) return CUDA_ERROR_OUT_OF_MEMORY;
+  emu::allocated += size;
+  *handle = emu::next_handle++;
+  emu::handles[*handle] = {size, false};
+  return CUDA_SUCCESS;
+}
+
+CUresult cuMemRelease(CUmemGenericAllocationHandle handle) {
+  std::lock_guard<std::mutex> lock(emu::mem_mutex);
+  auto it = emu::handles.find(handle);
+  if (it == emu::handles.end()) return vmm_error("cuMemRelease", "not a live handle");
+  // CUDA frees a mapped handle's memory at its cuMemUnmap; the backend never releases one mapped.
+  if (it->second.second) return vmm_error("cuMemRelease", "the handle is still mapped (not emulated)");
+  emu::allocated -= it->second.first;
+  emu::handles.erase(it);
+  return CUDA_SUCCESS;
+}
+
+CUresult cuMemMap(CUdeviceptr ptr, size_t size, size_t offset, CUmemGenericAllocationHandle handle,
+                  unsigned long long flags) {
+  std::lock_guard<std::mutex> lock(emu::mem_mutex);
+  auto h = emu::handles.find(handle);
+  if (h == emu::handles.end() || h->second.second || h->second.first != size || offset != 0 || flags != 0)
+    return vmm_error("cuMemMap", "not a live unmapped handle of this size (or an offset / flags)");
+  emu::Reservation* r = emu::find_reservation(ptr, size);
+  if (!r || ptr % vmm_granularity() != 0)
+    return vmm_error("cuMemMap", "not an aligned range of a reservation");
+  auto next = r->mapped.lower_bound(ptr);
+  if ((next != r->mapped.end() && next->first < ptr + size) ||
+      (next != r->mapped.begin() && std::prev(next)->first + std::prev(next)->second.bytes > ptr))
+    return vmm_error("cuMemMap", "the range overlaps a mapping");
+  r->mapped[ptr] = {size, handle, false};
+  h->second.second = true;
+  return CUDA_SUCCESS;
+}
+
+CUresult cuMemUnmap(CUdeviceptr ptr, size_t size) {
+  std::lock_guard<std::mutex> lock(emu::mem_mutex);
+  emu::Reservation* r = emu::find_reservation(ptr, size);
+  auto it = r ? r->mapped.find(ptr) : decltype(r->mapped.find(ptr)){};
+  if (!r || it == r->mapped.end() || it->second.bytes != size)
+    return vmm_error("cuMemUnmap", "not one whole mapping");
+  void* p = reinterpret_cast<void*>(ptr);
+  madvise(p, size, MADV_DONTNEED);
+  mprotect(p, size, PROT_NONE);
+  emu::handles[it->second.handle].second = false;
+  r->mapped.erase(it);
+  return CUDA_SUCCESS;
+}
+
+CUresult cuMemSetAccess(CUdeviceptr ptr, size_t size, const CUmemAccessDesc* desc, size_t count) {
+  if (!desc || count != 1 || desc->location.type != CU_MEM_LOCATION_TYPE_DEVICE || desc->location.id != 0 ||
+      desc->flags != CU_MEM_ACCESS_FLAGS_PROT_READWRITE)
+    return vmm_error("cuMemSetAccess", "only read-write access for device 0 is emulated");
+  std::lock_guard<std::mutex> lock(emu::mem_mutex);
+  emu::Reservation* r = emu::find_reservation(ptr, size);
+  if (!r) return vmm_error("cuMemSetAccess", "not a range of a reservation");
+  for (uintptr_t at = ptr; at < ptr + size;) {  // whole mappings, one after another
+    auto it = r->mapped.find(at);
+    if (it == r->mapped.end() || it->second.bytes > ptr + size - at)
+      return vmm_error("cuMemSetAccess", "the range is not made of whole mappings");
+    at += it->second.bytes;
+  }
+  for (uintptr_t at = ptr; at < ptr + size;) {
+    auto it = r->mapped.find(at);
+    void* p = reinterpret_cast<void*>(at);
+    if (!it->second.accessible) {
+      mprotect(p, it->second.bytes, PROT_READ | PROT_WRITE);
+      memset(p, 0xFF, it->second.bytes);  // uninitialized device memory reads as NaN / -1
+      it->second.accessible = true;
+    }
+    at += it->second.bytes;
+  }
+  return CUDA_SUCCESS;
+}
+
+cudaError_t cudaGetDriverEntryPointByVersion(const char* symbol, void** func, unsigned int,
+                                             unsigned long long, cudaDriverEntryPointQueryResult* status) {
+  if (!symbol || !func) return emu::record(cudaErrorInvalidValue);
+  const std::pair<const char*, void*> table[] = {
+      {"cuMemGetAllocationGranularity", reinterpret_cast<void*>(&cuMemGetAllocationGranularity)},
+      {"cuMemAddressReserve", reinterpret_cast<void*>(&cuMemAddressReserve)},
+      {"cuMemAddressFree", reinterpret_cast<void*>(&cuMemAddressFree)},
+      {"cuMemCreate", reinterpret_cast<void*>(&cuMemCreate)},
+      {"cuMemRelease", reinterpret_cast<void*>(&cuMemRelease)},
+      {"cuMemMap", reinterpret_cast<void*>(&cuMemMap)},
+      {"cuMemUnmap", reinterpret_cast<void*>(&cuMemUnmap)},
+      {"cuMemSetAccess", reinterpret_cast<void*>(&cuMemSetAccess)},
+  };
+  *func = nullptr;
+  for (const auto& [name, fn] : table)
+    if (strcmp(name, symbol) == 0) *func = fn;
+  if (status) *status = *func ? cudaDriverEntryPointSuccess : cudaDriverEntryPointSymbolNotFound;
   return cudaSuccess;
 }
 
