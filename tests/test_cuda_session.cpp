@@ -16,6 +16,7 @@
 #include "backend/backend.h"
 #include "gemma3/engine.h"
 #include "gemma3/gemma3.h"
+#include "runtime/kv_cache.h"
 #include "test_util.h"
 
 namespace gemma3 {
@@ -182,11 +183,10 @@ TEST(CudaSession, RecordedDecodeMatchesDirectAcrossBuckets) {
 // The Engine's batched steps on the CUDA backend (forward_batch: several sequences' rows in one
 // matmul, attention per sequence, one embed for the step): 4 requests decoded together give
 // the greedy tokens of lone CPU sessions.
-TEST(CudaSession, EngineBatchMatchesCpuGreedy) {
-  if (!cuda_backend_available()) GTEST_SKIP() << "no CUDA device here (nor the emulator build)";
-  auto cm = load_tiny(BackendKind::kCpu);
-  auto gm = load_tiny(BackendKind::kCuda);
-  ASSERT_TRUE(cm && gm);
+// Four requests of 7-13 prompt tokens and 8 greedy tokens each, submitted at once from four
+// threads to an Engine on `gm`, against a CPU Session each.
+void expect_engine_matches_cpu(const std::shared_ptr<Model>& gm, const std::shared_ptr<Model>& cm,
+                               const EngineOptions& eo, EngineStats* stats = nullptr) {
   std::vector<std::vector<int32_t>> prompts;
   for (int r = 0; r < 4; ++r) {
     std::vector<int32_t> p = kPrompt;
@@ -194,8 +194,6 @@ TEST(CudaSession, EngineBatchMatchesCpuGreedy) {
     p.push_back(380 + r);
     prompts.push_back(p);
   }
-  EngineOptions eo;
-  eo.max_sequences = 4;
   auto e = Engine::create(gm, eo);
   ASSERT_TRUE(e.ok()) << e.status().to_string();
   std::vector<std::vector<int32_t>> got(prompts.size());
@@ -213,6 +211,7 @@ TEST(CudaSession, EngineBatchMatchesCpuGreedy) {
       EXPECT_TRUE(res.ok()) << res.status().to_string();
     });
   for (auto& t : threads) t.join();
+  if (stats) *stats = (*e)->stats();
   for (size_t r = 0; r < prompts.size(); ++r) {
     auto s = cm->new_session().value();
     ASSERT_TRUE(s->feed_tokens(prompts[r]).ok());
@@ -226,6 +225,103 @@ TEST(CudaSession, EngineBatchMatchesCpuGreedy) {
                  }).ok());
     EXPECT_EQ(got[r], want) << "request " << r;
   }
+}
+
+TEST(CudaSession, EngineBatchMatchesCpuGreedy) {
+  if (!cuda_backend_available()) GTEST_SKIP() << "no CUDA device here (nor the emulator build)";
+  auto cm = load_tiny(BackendKind::kCpu);
+  auto gm = load_tiny(BackendKind::kCuda);
+  ASSERT_TRUE(cm && gm);
+  EngineOptions eo;
+  eo.max_sequences = 4;
+  expect_engine_matches_cpu(gm, cm, eo);
+}
+
+// The tiny model's global layer: one position's K (or V) is 2 kv heads x 32 fp32 values.
+constexpr size_t kTinyRowBytes = 2 * 32 * 4;
+
+// An Engine on the CUDA backend with its global KV mapped page by page (the driver's virtual
+// memory; tools/cuda-emu emulates it) and a pool of one context: the requests cross pages while
+// decoding, wait for pages and may be preempted, and still give the CPU's greedy tokens.
+TEST(CudaSession, EnginePagedKvMatchesCpuGreedy) {
+  if (!cuda_backend_available()) GTEST_SKIP() << "no CUDA device here (nor the emulator build)";
+  // The emulator maps 2 MiB at a time as a GPU does: 8192 positions of the tiny model's rows,
+  // more than its context. 4 KiB makes pages of 16 positions there (a GPU ignores the variable).
+  setenv("GEMMA3_CUDA_EMU_VMM_GRANULARITY", "4096", 1);
+  auto probe = make_cuda_backend({});
+  ASSERT_TRUE(probe.ok()) << probe.status().to_string();
+  const size_t gran = (*probe)->map_granularity();
+  probe->reset();
+  if (gran == 0) GTEST_SKIP() << "this CUDA backend maps no memory on demand (no driver VMM)";
+  const size_t page_tokens = gran / kTinyRowBytes;
+  if (page_tokens > 16)
+    GTEST_SKIP()
+        << "the device maps " << gran << " bytes at a time: pages of " << page_tokens
+        << " positions, longer than this test's requests (CudaSession.KvPagesAreMappedOnDemand covers it)";
+  auto cm = load_tiny(BackendKind::kCpu);
+  auto gm = load_tiny(BackendKind::kCuda);
+  ASSERT_TRUE(cm && gm);
+  EngineOptions eo;
+  eo.max_sequences = 4;
+  eo.kv_tokens = 64;  // the whole context: 4 pages for four requests of up to 21 positions
+  EngineStats st;
+  expect_engine_matches_cpu(gm, cm, eo, &st);
+  EXPECT_EQ(st.kv_page_tokens, 16);
+  EXPECT_EQ(st.kv_pages, 4);
+}
+
+// KvCache on the CUDA backend, paged: memory exists only behind mapped pages (free device
+// memory drops by them), a page mapped again reads as zeros, the pages kept keep their bytes,
+// and ranges across pages copy as one (the mappings are contiguous in the address space).
+TEST(CudaSession, KvPagesAreMappedOnDemand) {
+  if (!cuda_backend_available()) GTEST_SKIP() << "no CUDA device here (nor the emulator build)";
+  setenv("GEMMA3_CUDA_EMU_VMM_GRANULARITY", "4096", 1);  // the emulator's; a GPU ignores it
+  auto made = make_cuda_backend({});
+  ASSERT_TRUE(made.ok()) << made.status().to_string();
+  Backend& be = **made;
+  const size_t gran = be.map_granularity();
+  ASSERT_GT(gran, 0u) << "the CUDA backend maps no memory on demand (driver VMM entry points missing)";
+  ModelConfig c;
+  c.n_layers = 3;
+  c.hidden = 64;
+  c.n_heads = 2;
+  c.n_kv_heads = 2;
+  c.head_dim = 32;
+  c.sliding_window = 8;
+  c.vocab_size = 100;
+  c.set_layer_pattern(3);         // layer 2 global
+  const size_t row = 2 * 32 * 2;  // bf16
+  const int page = static_cast<int>(gran / row), context = 3 * page - 5;
+  c.max_context = context;
+  const KvPlan plan = plan_kv(c, context, 16, DType::kBF16, gran);
+  ASSERT_EQ(plan.page_tokens, page);
+  KvCache cache(be, plan);
+  ASSERT_TRUE(cache.allocate(c, /*paged=*/true).ok());
+  EXPECT_EQ(cache.allocated_global_bytes(), 0u);
+  const uint64_t free0 = be.free_bytes();
+  ASSERT_TRUE(cache.map_pages(2).ok());
+  EXPECT_EQ(cache.allocated_global_bytes(), 2 * plan.page_bytes);
+  EXPECT_LE(be.free_bytes() + 2 * plan.page_bytes, free0) << "mapping two pages took no device memory";
+  const KvLayer& g = cache.layer(2);
+  const size_t page_bytes = page * row;
+  std::vector<uint8_t> bytes(2 * page_bytes, 0x5a), back(2 * page_bytes);
+  be.from_host(bytes.data(), g.k, bytes.size());
+  be.copy(g.k, g.v, bytes.size());  // across the two pages
+  cache.unmap_pages_from(1);
+  EXPECT_EQ(cache.mapped_pages(), 1);
+  ASSERT_TRUE(cache.map_pages(2).ok());
+  be.to_host(g.v, back.data(), back.size());
+  EXPECT_TRUE(std::all_of(back.begin(), back.begin() + page_bytes, [](uint8_t b) { return b == 0x5a; }))
+      << "page 0 lost its bytes";
+  EXPECT_TRUE(std::all_of(back.begin() + page_bytes, back.end(), [](uint8_t b) { return b == 0; }))
+      << "page 1 does not read as zeros after it was mapped again";
+  ASSERT_TRUE(cache.map_pages(1000).ok());  // clamped to the context's 3 pages
+  EXPECT_EQ(cache.mapped_pages(), 3);
+  std::vector<uint8_t> all(3 * page_bytes, 7);
+  be.from_host(all.data(), g.k, all.size());  // the last page maps whole, past the context
+  cache.unmap_pages_from(0);
+  EXPECT_EQ(cache.allocated_global_bytes(), 0u);
+  EXPECT_TRUE(cuda_backend_status(be).ok()) << cuda_backend_status(be).to_string();
 }
 
 // The bench's roofline: a copy in backend memory, measured, positive; the model still works

@@ -511,6 +511,14 @@ TEST(KvPages, PlannerPoolIsClampedAndInPages) {
   const MemoryPlan unpaged = plan_memory(c, 0, 1000, 64, DType::kBF16, 4, 64, 1500, /*granularity=*/0);
   EXPECT_FALSE(unpaged.paged);  // a backend that cannot map on demand: every sequence whole
   EXPECT_EQ(unpaged.kv_global_bytes(), unpaged.kv.global_bytes * 4);
+  // A GPU maps 2 MiB at a time: pages of 16384 of these 128-byte rows. Longer than the context,
+  // such a page would hold a whole context per sequence for nothing: not paged, pages of 16.
+  const MemoryPlan coarse = plan_memory(c, 0, 1000, 64, DType::kBF16, 4, 64, 1500, size_t{2} << 20);
+  EXPECT_FALSE(coarse.paged);
+  EXPECT_EQ(coarse.kv.page_tokens, 16);
+  EXPECT_EQ(coarse.kv_pages, coarse.kv.pages_for(1500));
+  EXPECT_EQ(plan_kv(c, 40000, 64, DType::kBF16, size_t{2} << 20).page_tokens, 16384);
+  EXPECT_TRUE(plan_memory(c, 0, 40000, 64, DType::kBF16, 4, 64, 0, size_t{2} << 20).paged);
   const MemoryReport r = plan_memory(c, 0, 1000, 64, DType::kBF16, 4, 64, 1500).report();
   EXPECT_EQ(r.kv_pages, all.kv.pages_for(1500));
   EXPECT_EQ(r.kv_page_tokens, all.kv.page_tokens);

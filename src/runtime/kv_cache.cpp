@@ -72,6 +72,10 @@ KvPlan plan_kv(const ModelConfig& config, int context, int chunk, DType dtype, u
   const uint64_t layer_row = p.bytes_per_slot / 2;  // one position's K in one layer
   while (granularity > 0 && layer_row * p.page_tokens % granularity != 0 && p.page_tokens < (1 << 20))
     p.page_tokens += 16;
+  // A page longer than the context (a GPU maps 2 MiB at a time: 131072 positions of a Q8_0 row
+  // of 272 bytes) would make every sequence hold a whole page for nothing: such a plan is not
+  // paged (KvCache::allocate, plan_memory) and counts in pages of 16 positions.
+  if (p.page_tokens > context) p.page_tokens = 16;
   p.page_bytes = p.bytes_per_slot * p.page_tokens * static_cast<uint64_t>(config.n_global_layers());
   return p;
 }

@@ -8,6 +8,7 @@
 // kept as a sticky Status; later ops become no-ops, to_host poisons its output with NaN bytes,
 // and cuda_backend_status() synchronizes and returns it. Nothing here aborts.
 #include <cublas_v2.h>
+#include <cuda.h>  // the driver API's types (virtual memory); its functions via the runtime
 #include <cuda_runtime_api.h>
 #include <fmt/format.h>
 
@@ -15,6 +16,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <random>
 #include <unordered_set>
 #include <utility>
@@ -132,6 +134,7 @@ class CudaBackend final : public Backend {
     if ((e = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking)) != cudaSuccess)
       return internal_error("CUDA backend: cudaStreamCreate: " + cuda_error_text(e));
     b->stream_ = stream;
+    b->init_vmm();
     // The step position recorded ops read (set_step_position), one int for the backend's life.
     GEMMA3_TRY(b->device_malloc(reinterpret_cast<void**>(&b->step_pos_), sizeof(int), "step position"));
     cublasHandle_t handle = nullptr;
@@ -149,6 +152,10 @@ class CudaBackend final : public Backend {
 
   ~CudaBackend() override {
     if (stream_) (void)cudaStreamSynchronize(stream());
+    for (const auto& [at, handle] : vmm_mapped_) {  // a KvCache outliving its backend: none should
+      (void)vmm_.unmap(at, vmm_granularity_);
+      (void)vmm_.release(handle);
+    }
     if (scratch_) (void)cudaFree(scratch_);
     if (act16_) (void)cudaFree(act16_);
     if (ids_) (void)cudaFree(ids_);
@@ -289,6 +296,88 @@ class CudaBackend final : public Backend {
   void copy(const void* src, void* dst, size_t bytes) override {
     if (!error_.ok() || bytes == 0 || unrecordable("copy")) return;
     check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream()), "copy");
+  }
+
+  // ---- memory mapped on demand (an Engine's paged KV, backend.h) ----
+  //
+  // The driver's virtual memory management: reserve() takes an address range with nothing
+  // behind it (cuMemAddressReserve); map() puts a physical allocation of one granule (2 MiB on
+  // current GPUs) behind each granule of the range (cuMemCreate + cuMemMap + cuMemSetAccess)
+  // and zeroes it; unmap() gives them back. Addresses never move, so kernels and recorded steps
+  // (CUDA graphs) keep reading one contiguous range per layer. The driver functions come
+  // through the runtime (cudaGetDriverEntryPointByVersion), so the library does not link
+  // libcuda; map_granularity() is 0 (everything allocated whole, as before) when any is missing
+  // or GEMMA3_CUDA_VMM=0.
+  size_t map_granularity() override { return vmm_granularity_; }
+
+  Result<void*> reserve(size_t bytes) override {
+    if (vmm_granularity_ == 0) return allocate(bytes);
+    GEMMA3_TRY(error_);
+    CUdeviceptr p = 0;
+    const CUresult r = vmm_.reserve(&p, round_to_granule(bytes), 0, 0, 0);
+    if (r != CUDA_SUCCESS)
+      return out_of_memory(fmt::format("CUDA backend: cannot reserve {} bytes of device address space: {}",
+                                       bytes, cu_error_text(r)));
+    return reinterpret_cast<void*>(p);
+  }
+
+  void unreserve(void* base, size_t bytes) override {
+    if (vmm_granularity_ == 0) return release(base);
+    if (!base) return;
+    unmap(base, 0, round_to_granule(bytes));
+    check_cu(vmm_.free(reinterpret_cast<CUdeviceptr>(base), round_to_granule(bytes)), "cuMemAddressFree");
+  }
+
+  Status map(void* base, size_t offset, size_t bytes) override {
+    if (vmm_granularity_ == 0 || bytes == 0) return ok_status();
+    GEMMA3_TRY(error_);
+    if (recording_) return internal_error("CUDA backend: map while recording a step");
+    const CUdeviceptr from = reinterpret_cast<CUdeviceptr>(base) + offset;
+    if (from % vmm_granularity_ != 0 || bytes % vmm_granularity_ != 0)
+      return internal_error(
+          fmt::format("CUDA backend: map of {} bytes at offset {}: not whole granules of {} bytes", bytes,
+                      offset, vmm_granularity_));
+    CUmemAllocationProp prop = device_allocation();
+    CUmemAccessDesc access{};
+    access.location = prop.location;
+    access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+    for (CUdeviceptr at = from; at < from + bytes; at += vmm_granularity_) {
+      if (vmm_mapped_.count(at)) continue;
+      CUmemGenericAllocationHandle h = 0;
+      CUresult r = vmm_.create(&h, vmm_granularity_, &prop, 0);
+      const char* call = "cuMemCreate";
+      if (r == CUDA_SUCCESS && (r = vmm_.map(at, vmm_granularity_, 0, h, 0)) != CUDA_SUCCESS)
+        call = "cuMemMap";
+      if (r == CUDA_SUCCESS && (r = vmm_.set_access(at, vmm_granularity_, &access, 1)) != CUDA_SUCCESS) {
+        call = "cuMemSetAccess";
+        (void)vmm_.unmap(at, vmm_granularity_);
+      }
+      if (r != CUDA_SUCCESS) {
+        if (h) (void)vmm_.release(h);
+        unmap(base, offset, static_cast<size_t>(at - from));  // this call's granules so far
+        return out_of_memory(fmt::format(
+            "CUDA backend: cannot map {} bytes of device memory ({}: {}), {} bytes ({:.1f} MiB) free", bytes,
+            call, cu_error_text(r), free_bytes(), static_cast<double>(free_bytes()) / (1 << 20)));
+      }
+      vmm_mapped_[at] = h;
+    }
+    if (!check(cudaMemsetAsync(reinterpret_cast<void*>(from), 0, bytes, stream()), "cudaMemsetAsync (map)"))
+      return error_;
+    return ok_status();
+  }
+
+  void unmap(void* base, size_t offset, size_t bytes) override {
+    if (vmm_granularity_ == 0 || bytes == 0 || unrecordable("unmap")) return;
+    const CUdeviceptr from = reinterpret_cast<CUdeviceptr>(base) + offset;
+    auto it = vmm_mapped_.lower_bound(from);
+    if (it == vmm_mapped_.end() || it->first >= from + bytes) return;  // nothing mapped there
+    // Work queued on the stream may still read these pages (the driver does not wait for it).
+    if (!check(cudaStreamSynchronize(stream()), "cudaStreamSynchronize (unmap)")) return;
+    while (it != vmm_mapped_.end() && it->first < from + bytes) {
+      check_cu(vmm_.unmap(it->first, vmm_granularity_), "cuMemUnmap");
+      check_cu(vmm_.release(it->second), "cuMemRelease");
+      it = vmm_mapped_.erase(it);
+    }
   }
 
   Result<std::unique_ptr<BackendWeight>> upload(const TensorView& t) override {
@@ -1154,6 +1243,70 @@ class CudaBackend final : public Backend {
     }
     return ids[keep - 1];
   }
+
+  // Looks the driver's virtual memory functions up; vmm_granularity_ stays 0 without them.
+  void init_vmm() {
+    const char* env = std::getenv("GEMMA3_CUDA_VMM");
+    if (env && std::strcmp(env, "0") == 0) return;
+    const std::pair<const char*, void**> wanted[] = {
+        {"cuMemGetAllocationGranularity", reinterpret_cast<void**>(&vmm_.granularity)},
+        {"cuMemAddressReserve", reinterpret_cast<void**>(&vmm_.reserve)},
+        {"cuMemAddressFree", reinterpret_cast<void**>(&vmm_.free)},
+        {"cuMemCreate", reinterpret_cast<void**>(&vmm_.create)},
+        {"cuMemRelease", reinterpret_cast<void**>(&vmm_.release)},
+        {"cuMemMap", reinterpret_cast<void**>(&vmm_.map)},
+        {"cuMemUnmap", reinterpret_cast<void**>(&vmm_.unmap)},
+        {"cuMemSetAccess", reinterpret_cast<void**>(&vmm_.set_access)},
+    };
+    for (const auto& [name, fn] : wanted) {
+      cudaDriverEntryPointQueryResult found{};
+      // 12000: the functions' CUDA 12 signatures (unchanged since 10.2)
+      if (cudaGetDriverEntryPointByVersion(name, fn, 12000, cudaEnableDefault, &found) != cudaSuccess ||
+          found != cudaDriverEntryPointSuccess || !*fn) {
+        (void)cudaGetLastError();
+        return;
+      }
+    }
+    const CUmemAllocationProp prop = device_allocation();
+    size_t g = 0;
+    if (vmm_.granularity(&g, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM) == CUDA_SUCCESS && g > 0)
+      vmm_granularity_ = g;
+  }
+
+  static CUmemAllocationProp device_allocation() {
+    CUmemAllocationProp prop{};
+    prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+    prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    prop.location.id = 0;  // create() selects device 0
+    return prop;
+  }
+
+  size_t round_to_granule(size_t bytes) const {
+    return (std::max<size_t>(bytes, 1) + vmm_granularity_ - 1) / vmm_granularity_ * vmm_granularity_;
+  }
+
+  static std::string cu_error_text(CUresult r) { return fmt::format("CUresult {}", static_cast<int>(r)); }
+
+  // A failed driver call on memory already given out: sticky, as a failed runtime call.
+  bool check_cu(CUresult r, const char* what) {
+    if (r == CUDA_SUCCESS) return true;
+    if (error_.ok()) fail(internal_error(fmt::format("CUDA backend: {}: {}", what, cu_error_text(r))));
+    return false;
+  }
+
+  struct DriverVmm {
+    CUresult (*granularity)(size_t*, const CUmemAllocationProp*, CUmemAllocationGranularity_flags) = nullptr;
+    CUresult (*reserve)(CUdeviceptr*, size_t, size_t, CUdeviceptr, unsigned long long) = nullptr;
+    CUresult (*free)(CUdeviceptr, size_t) = nullptr;
+    CUresult (*create)(CUmemGenericAllocationHandle*, size_t, const CUmemAllocationProp*,
+                       unsigned long long) = nullptr;
+    CUresult (*release)(CUmemGenericAllocationHandle) = nullptr;
+    CUresult (*map)(CUdeviceptr, size_t, size_t, CUmemGenericAllocationHandle, unsigned long long) = nullptr;
+    CUresult (*unmap)(CUdeviceptr, size_t) = nullptr;
+    CUresult (*set_access)(CUdeviceptr, size_t, const CUmemAccessDesc*, size_t) = nullptr;
+  } vmm_;
+  size_t vmm_granularity_ = 0;  // 0: no virtual memory management (map_granularity)
+  std::map<CUdeviceptr, CUmemGenericAllocationHandle> vmm_mapped_;  // each mapped granule's start
 
   std::string device_name_;
   void* stream_ = nullptr;   // cudaStream_t
