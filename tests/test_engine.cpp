@@ -672,6 +672,70 @@ TEST(Engine, ARunningRequestsSystemPromptIsCopied) {
   EXPECT_EQ((*e)->stats().copied_tokens, 60u);
 }
 
+// A burst of requests with the same 60-token system prompt, queued together (a first request
+// holds the engine until they are): the first runs the prefix, the others wait for its prompt
+// to finish and copy it, instead of all computing it in the same steps; every output (with
+// exact logprobs) equals a fresh run's.
+TEST(Engine, ABurstSharingASystemPromptComputesItOnce) {
+  auto m = load(testutil::data_path("tiny"), 256, /*invariant=*/true);
+  ASSERT_TRUE(m);
+  EngineOptions eo;
+  eo.max_sequences = 5;
+  eo.step_tokens = 8;
+  auto e = Engine::create(m, eo);
+  ASSERT_TRUE(e.ok()) << e.status().to_string();
+  EngineRequest hold;
+  hold.tokens = {2, 410, 411, 412};
+  hold.options.max_tokens = 12;
+  hold.options.ignore_eos = true;
+  std::promise<void> held, queued;
+  std::shared_future<void> all_queued = queued.get_future().share();
+  bool first = true;
+  auto hold_done = std::async(std::launch::async, [&] {
+    return collect([&](const Engine::OnToken& on) {
+      return (*e)->generate(hold, [&](const TokenEvent& ev) {
+        if (std::exchange(first, false)) {
+          held.set_value();
+          all_queued.wait();
+        }
+        return on(ev);
+      });
+    });
+  });
+  held.get_future().wait();
+  std::vector<int32_t> system;
+  for (int i = 0; i < 60; ++i) system.push_back(i == 0 ? 2 : 300 + (i * 29) % 150);
+  std::vector<EngineRequest> burst(4);
+  std::vector<Output> got(burst.size());
+  std::vector<std::promise<Result<GenerateResult>>> results(burst.size());
+  for (size_t r = 0; r < burst.size(); ++r) {
+    burst[r].tokens = system;
+    for (int i = 0; i < 3; ++i) burst[r].tokens.push_back(static_cast<int32_t>(100 + 10 * r + i));
+    burst[r].options.max_tokens = 6;
+    burst[r].options.ignore_eos = true;
+    burst[r].options.top_logprobs = 2;  // exact logprobs: any difference in the copied KV shows
+    Output* o = &got[r];
+    auto id = (*e)->submit(
+        burst[r],
+        [o](const TokenEvent& ev) {
+          o->text += ev.text;
+          if (ev.id >= 0) o->ids.push_back(ev.id);
+          o->logprobs.insert(o->logprobs.end(), ev.logprobs.begin(), ev.logprobs.end());
+          return true;
+        },
+        [&results, r](const Result<GenerateResult>& res) { results[r].set_value(res); });
+    ASSERT_TRUE(id.ok()) << id.status().to_string();
+  }
+  queued.set_value();
+  for (size_t r = 0; r < burst.size(); ++r) got[r].result = results[r].get_future().get();
+  expect_same(hold_done.get(), reference(*m, hold), "hold");
+  for (size_t r = 0; r < burst.size(); ++r) {
+    expect_same(got[r], reference(*m, burst[r]), "burst request " + std::to_string(r));
+    EXPECT_EQ(got[r].result->cached_tokens, r == 0 ? 0 : 60) << "burst request " << r;
+  }
+  EXPECT_EQ((*e)->stats().copied_tokens, 3u * 60u);
+}
+
 // ---- paged KV (engine.h, "Paged KV") ----
 
 // Long requests through a pool of one context's pages: they wait for pages, the requests

@@ -31,7 +31,10 @@
 // of its prompt, so a prompt that diverges from that prompt at most a step's worth of tokens
 // before its end (the same system prompt and a new question, a regenerated or edited last
 // message) reuses the prefix too, from its own sequence or, copied (at least 32 tokens more
-// than its own gives), from another one's, running or idle (EngineStats::copied_tokens).
+// than its own gives), from another one's, running or idle (EngineStats::copied_tokens). A
+// request whose prompt shares such a prefix with one still running its prompt (a burst of
+// requests with the same system prompt) waits for that prompt to finish and copies it, so the
+// prefix is computed once; the requests queued behind it wait too.
 //
 // Paged KV: a sequence takes pages of the global layers' pool as it grows. A request is
 // admitted when the pages for its prompt are free; to make room the engine drops the kept

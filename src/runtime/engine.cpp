@@ -270,6 +270,23 @@ class EngineImpl final : public Engine {
     return l > 0 && rings_hold(o.ckpt, l) ? l : 0;
   }
 
+  // The longest prefix of job's prompt that a request prefilling now will hold in its ring
+  // checkpoint once its prompt is done (copyable then): the same system prompt in a burst of
+  // requests admitted together, which none of them has computed yet. Prompts without images.
+  size_t pending_prefix(const Job& job) const {
+    size_t best = 0;
+    if (!o_.ring_checkpoints || !job.images.empty()) return 0;
+    for (const Slot& o : slots_) {
+      if (!o.job || o.next >= 0 || !o.job->images.empty()) continue;  // free, decoding, images
+      const std::vector<int32_t>& p = o.job->prompt;
+      const size_t m = std::min(p.size(), job.prompt.size() - 1);
+      size_t l = 0;
+      while (l < m && p[l] == job.prompt[l]) ++l;
+      if (l > best && rings_hold(p.size(), l)) best = l;
+    }
+    return best;
+  }
+
   // Calls the request's on_token; an exception from it finishes the request with an error.
   bool emit(Slot& s, const TokenEvent& e) {
     try {
@@ -430,6 +447,10 @@ class EngineImpl final : public Engine {
             const size_t l = &o == &s || o.pinned ? 0 : copyable(o, *queue_.front());
             if (l >= std::max(reuse, copy) + kMinCopyTokens) source = &o, copy = l;
           }
+          // A request still prefilling will soon hold a longer prefix: wait for it and copy it
+          // then, rather than compute the same prefix twice in the same steps (first come, first
+          // served: the requests behind wait too; it is running, so this ends).
+          if (pending_prefix(*queue_.front()) >= std::max(reuse, copy) + kMinCopyTokens) break;
           // Its prompt's pages: those s keeps for the reused prefix, the rest from the pool (with
           // the pages of idle sequences but the source, dropped least recent first); else it waits.
           const int keep =
