@@ -322,6 +322,16 @@ TEST(CudaSession, KvPagesAreMappedOnDemand) {
   cache.unmap_pages_from(0);
   EXPECT_EQ(cache.allocated_global_bytes(), 0u);
   EXPECT_TRUE(cuda_backend_status(be).ok()) << cuda_backend_status(be).to_string();
+  {  // Q8_0 rows (2 x 34 bytes) fill whole granules only every (granularity / 4) positions: a
+     // layer's reservation (whole pages) is then more than its context's bytes rounded up to
+     // granules, and the cache must give back exactly what it reserved (on a GPU, 2 MiB
+     // granules make such pages longer than this context: not paged)
+    const KvPlan q8 = plan_kv(c, 1500, 16, DType::kQ8_0, gran);
+    KvCache qc(be, q8);
+    ASSERT_TRUE(qc.allocate(c, /*paged=*/true).ok());
+    ASSERT_TRUE(qc.map_pages(1).ok());
+  }
+  EXPECT_TRUE(cuda_backend_status(be).ok()) << cuda_backend_status(be).to_string();
 }
 
 // The bench's roofline: a copy in backend memory, measured, positive; the model still works

@@ -86,8 +86,8 @@ KvCache::~KvCache() {
     KvLayer& l = layers_[i];
     for (void* p : {l.k, l.v}) {
       if (!p) continue;
-      if (reserved_[i])
-        backend_.unreserve(p, plan_.bytes_per_slot / 2 * plan_.capacity[i]);
+      if (reserved(i))  // the size allocate() reserved: whole pages
+        backend_.unreserve(p, page_bytes_ * plan_.pages_for(plan_.capacity[i]));
       else
         backend_.release(p);
     }
@@ -99,7 +99,6 @@ Status KvCache::allocate(const ModelConfig& config, bool paged) {
   const size_t gran = paged ? backend_.map_granularity() : 0;
   if (gran > 0 && row * plan_.page_tokens % gran == 0) page_bytes_ = row * plan_.page_tokens;
   layers_.resize(config.n_layers);
-  reserved_.assign(config.n_layers, false);
   global_.resize(config.n_layers);
   for (int i = 0; i < config.n_layers; ++i) global_[i] = config.is_global(i);
   for (int i = 0; i < config.n_layers; ++i) {
@@ -112,7 +111,6 @@ Status KvCache::allocate(const ModelConfig& config, bool paged) {
     const uint64_t bytes = reserve ? page_bytes_ * plan_.pages_for(l.capacity) : half;
     for (void** p : {&l.k, &l.v}) {
       GEMMA3_ASSIGN_OR_RETURN(*p, reserve ? backend_.reserve(bytes) : backend_.allocate(bytes));
-      reserved_[i] = reserve;
     }
     if (!reserve) (config.is_global(i) ? allocated_global_ : allocated_local_) += 2 * half;
   }
@@ -161,7 +159,7 @@ Status KvCache::map_pages(int n) {
   if (n <= mapped_pages_) return ok_status();
   if (page_bytes_ > 0)
     for (size_t i = 0; i < layers_.size(); ++i) {
-      if (!reserved_[i]) continue;
+      if (!reserved(i)) continue;
       const uint64_t at = page_bytes_ * mapped_pages_, bytes = page_bytes_ * (n - mapped_pages_);
       for (void* p : {layers_[i].k, layers_[i].v}) {
         if (Status s = backend_.map(p, at, bytes); !s.ok()) {
@@ -179,7 +177,7 @@ void KvCache::unmap_pages_from(int n) {
   n = std::max(n, 0);
   if (page_bytes_ > 0)
     for (size_t i = 0; i < layers_.size(); ++i) {
-      if (!reserved_[i]) continue;
+      if (!reserved(i)) continue;
       // Every page from n on: after a failed map_pages, some past mapped_pages_ may be mapped.
       const uint64_t at = page_bytes_ * n, bytes = page_bytes_ * plan_.pages_for(plan_.context) - at;
       if (bytes == 0) continue;

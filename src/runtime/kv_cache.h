@@ -84,15 +84,16 @@ class KvCache {
   Backend& backend_;
   KvPlan plan_;
   std::vector<KvLayer> layers_;
-  std::vector<bool> reserved_;  // [L] the layer's K and V came from Backend::reserve
   std::vector<bool> global_;    // [L] a global layer
   void* checkpoint_ = nullptr;  // [local layers][K, V] rings, or null
   // Copies every local layer's K and V to (save) or from `checkpoint` (this cache's or another's).
   void copy_rings(void* checkpoint, bool save);
   uint64_t page_bytes_ = 0;  // one page of one layer's K (or V) when paged; else 0
   int mapped_pages_ = 0;
+  // Whether layer i's K and V come from Backend::reserve (paged global layers).
+  bool reserved(size_t i) const { return page_bytes_ > 0 && global_[i]; }
   uint64_t reserved_layers() const {
-    return static_cast<uint64_t>(std::count(reserved_.begin(), reserved_.end(), true));
+    return page_bytes_ > 0 ? static_cast<uint64_t>(std::count(global_.begin(), global_.end(), true)) : 0;
   }
   uint64_t allocated_global_ = 0, allocated_local_ = 0;
 };
