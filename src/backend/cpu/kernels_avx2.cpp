@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "backend/cpu/cpu_kernels.h"
 
@@ -531,6 +532,160 @@ void q8_tile(const Stage& st, int nbs, const Q8Block* const* a, int64_t b0, int 
   }
 }
 
+#ifdef GEMMA3_KERNELS_AVX512
+// ---- VNNI, signed formats with one scale per block (Q8_0, Q4_0, Q5_0): 8 rows per lane -------
+//
+// The tiles above spend, per (row, token, block), a vpdpbusd on 32 products, a conversion and an
+// FMA, and leave 8 partial sums per row to add at the end. Here a stage of 8 rows is transposed
+// so that int32 lane r of a register is row r: register j of a block holds elements 4j..4j+3 of
+// the 8 rows. A block of one token is then 8 vpdpbusd, each with the token's 4 activations
+// broadcast from memory, into one register of 8 row sums (exact, in int32), and one conversion
+// and FMA for 8 rows: 256 products for about 11 ops instead of 24. vpdpbusd takes its unsigned
+// operand from the weights, staged as q + 128 (0..255), and the token as the signed one; the lane
+// starts from -128 x (the sum of the token's 32 quants) so that it ends at sum q a exactly
+// (|partial sums| <= 32 * 255 * 127 + 128 * 32 * 127 < 2^21, exact in fp32 too).
+constexpr int kRows8 = 8;
+constexpr int kTokens8 = 8;  // 8 fp32 accumulators + 8 weight registers + temporaries
+
+template <DType T>
+constexpr bool kRowLanes = T == DType::kQ8_0 || T == DType::kQ4_0 || T == DType::kQ5_0;
+
+struct Stage8 {
+  alignas(32) int8_t raw[kSegBlocks][kRows8][32];  // each row's decoded quants, as stage_rows
+  alignas(32) uint8_t q[kSegBlocks][8][32];        // [block][j][row r: elements 4j..4j+3] + 128
+  alignas(32) float s[kSegBlocks][kRows8];         // the rows' block scales
+};
+
+template <DType T>
+void stage_rows8(const uint8_t* w, int64_t row_bytes, int rr, int64_t b0, int nbs, Stage8& st) {
+  for (int r = 0; r < kRows8; ++r) {
+    if (r >= rr) {
+      for (int b = 0; b < nbs; ++b) {
+        _mm256_store_si256(reinterpret_cast<__m256i*>(st.raw[b][r]), _mm256_setzero_si256());
+        st.s[b][r] = 0.0f;
+      }
+      continue;
+    }
+    each_block<T>(w + r * row_bytes + seg_offset<T>(b0), 32 * static_cast<int64_t>(nbs),
+                  [&](int64_t b, const Blk& blk) {
+                    _mm256_store_si256(reinterpret_cast<__m256i*>(st.raw[b][r]), blk.q);
+                    st.s[b][r] = blk.s_lo;
+                  });
+  }
+  const __m256i bias = _mm256_set1_epi8(static_cast<char>(0x80));
+  for (int b = 0; b < nbs; ++b) {  // an 8 x 8 transpose of 32-bit groups
+    __m256i x[8], t[8], u[8];
+    for (int r = 0; r < 8; ++r) x[r] = load_vec(st.raw[b][r]);
+    for (int r = 0; r < 8; r += 2) {
+      t[r] = _mm256_unpacklo_epi32(x[r], x[r + 1]);
+      t[r + 1] = _mm256_unpackhi_epi32(x[r], x[r + 1]);
+    }
+    for (int h = 0; h < 8; h += 4) {
+      u[h] = _mm256_unpacklo_epi64(t[h], t[h + 2]);
+      u[h + 1] = _mm256_unpackhi_epi64(t[h], t[h + 2]);
+      u[h + 2] = _mm256_unpacklo_epi64(t[h + 1], t[h + 3]);
+      u[h + 3] = _mm256_unpackhi_epi64(t[h + 1], t[h + 3]);
+    }
+    for (int j = 0; j < 4; ++j) {
+      const __m256i lo = _mm256_permute2x128_si256(u[j], u[j + 4], 0x20);
+      const __m256i hi = _mm256_permute2x128_si256(u[j], u[j + 4], 0x31);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(st.q[b][j]), _mm256_xor_si256(lo, bias));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(st.q[b][j + 4]), _mm256_xor_si256(hi, bias));
+    }
+  }
+}
+
+// out[t * ldo + r] (+)= dot over the staged blocks of row r < rr and token t < NT; qsum[t][b]:
+// -128 x the sum of token t's quants in block b0 + b.
+template <int NT>
+void q8_tile8(const Stage8& st, int nbs, const Q8Block* const* a, const int32_t* const* qsum, int64_t b0,
+              int rr, float* out, int64_t ldo, bool add, Prefetch& pf) {
+  __m256 acc[NT];
+#pragma GCC unroll 8
+  for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
+  for (int b = 0; b < nbs; ++b) {
+    pf.step();
+    __m256i wq[8];
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) wq[j] = load_vec(reinterpret_cast<const int8_t*>(st.q[b][j]));
+    const __m256 sw = _mm256_load_ps(st.s[b]);
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t) {
+      const Q8Block& ab = a[t][b0 + b];
+      __m256i d = _mm256_set1_epi32(qsum[t][b]);
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j)  // the token's 4 quants broadcast from memory
+        d = _mm256_dpbusd_epi32(d, wq[j], _mm256_broadcastd_epi32(_mm_loadu_si32(ab.q + 4 * j)));
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(sw, _mm256_set1_ps(ab.d)), acc[t]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) {
+    float* o = out + t * ldo;
+    if (rr == kRows8) {
+      _mm256_storeu_ps(o, add ? _mm256_add_ps(_mm256_loadu_ps(o), acc[t]) : acc[t]);
+    } else {
+      alignas(32) float v[8];
+      _mm256_store_ps(v, acc[t]);
+      for (int r = 0; r < rr; ++r) o[r] = add ? o[r] + v[r] : v[r];
+    }
+  }
+}
+
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i x = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  x = _mm_add_epi32(x, _mm_shuffle_epi32(x, 0x4E));
+  x = _mm_add_epi32(x, _mm_shuffle_epi32(x, 0xB1));
+  return _mm_cvtsi128_si32(x);
+}
+
+template <DType T>
+void q8tiles8(int64_t k, const uint8_t* w, int64_t row_bytes, int nr, const Q8Block* const* a, int nt,
+              float* out, int64_t ldo) {
+  Stage8 st;
+  const int64_t nb = k / 32;
+  // -128 x each token's block sums of quants, once per call (the rows of a call share them)
+  thread_local std::vector<int32_t> sums;
+  sums.resize(static_cast<size_t>(nt * nb));
+  const __m256i ones = _mm256_set1_epi8(1);
+  for (int t = 0; t < nt; ++t)
+    for (int64_t b = 0; b < nb; ++b) {
+      const __m256i l = _mm256_dpbusd_epi32(_mm256_setzero_si256(), ones, loadu256(a[t][b].q));
+      sums[t * nb + b] = -128 * hsum_epi32(l);
+    }
+  for (int r0 = 0; r0 < nr; r0 += kRows8) {
+    const int rr = std::min(nr - r0, kRows8);
+    for (int64_t b0 = 0; b0 < nb; b0 += kSegBlocks) {
+      const int nbs = static_cast<int>(std::min<int64_t>(nb - b0, kSegBlocks));
+      stage_rows8<T>(w + r0 * row_bytes, row_bytes, rr, b0, nbs, st);
+      const int steps = (nt + kTokens8 - 1) / kTokens8 * nbs;
+      Prefetch pf;  // the next segment of these rows, else the next rows' first
+      if (b0 + kSegBlocks < nb)
+        pf = next_stage<T>(w + r0 * row_bytes, row_bytes, rr, b0 + kSegBlocks,
+                           static_cast<int>(std::min<int64_t>(nb - b0 - kSegBlocks, kSegBlocks)), steps);
+      else if (r0 + kRows8 < nr)
+        pf = next_stage<T>(w + (r0 + kRows8) * row_bytes, row_bytes, std::min(nr - r0 - kRows8, kRows8), 0,
+                           static_cast<int>(std::min<int64_t>(nb, kSegBlocks)), steps);
+      for (int t = 0; t < nt; t += kTokens8) {
+        const int32_t* qs[kTokens8];
+        for (int i = 0; i < kTokens8 && t + i < nt; ++i) qs[i] = sums.data() + (t + i) * nb + b0;
+        float* o = out + t * ldo + r0;
+        const bool add = b0 > 0;
+        switch (std::min(nt - t, kTokens8)) {
+          case 1: q8_tile8<1>(st, nbs, a + t, qs, b0, rr, o, ldo, add, pf); break;
+          case 2: q8_tile8<2>(st, nbs, a + t, qs, b0, rr, o, ldo, add, pf); break;
+          case 3: q8_tile8<3>(st, nbs, a + t, qs, b0, rr, o, ldo, add, pf); break;
+          case 4: q8_tile8<4>(st, nbs, a + t, qs, b0, rr, o, ldo, add, pf); break;
+          case 5: q8_tile8<5>(st, nbs, a + t, qs, b0, rr, o, ldo, add, pf); break;
+          case 6: q8_tile8<6>(st, nbs, a + t, qs, b0, rr, o, ldo, add, pf); break;
+          case 7: q8_tile8<7>(st, nbs, a + t, qs, b0, rr, o, ldo, add, pf); break;
+          default: q8_tile8<8>(st, nbs, a + t, qs, b0, rr, o, ldo, add, pf); break;
+        }
+      }
+    }
+  }
+}
+#endif
+
 template <DType T>
 void q8tiles(int64_t k, const uint8_t* w, int64_t row_bytes, int nr, const Q8Block* const* a, int nt,
              float* out, int64_t ldo) {
@@ -567,6 +722,10 @@ template <DType T>
 void q8dot(int64_t k, const void* w, int64_t row_bytes, int nr, const Q8Block* const* a, int nt, float* out,
            int64_t ldo) {
   const uint8_t* wb = static_cast<const uint8_t*>(w);
+#ifdef GEMMA3_KERNELS_AVX512
+  if constexpr (kRowLanes<T>)
+    if (nt >= kQ8TileMinTokens) return q8tiles8<T>(k, wb, row_bytes, nr, a, nt, out, ldo);
+#endif
   if (nt >= kQ8TileMinTokens) return q8tiles<T>(k, wb, row_bytes, nr, a, nt, out, ldo);
   for (int t = 0; t < nt; t += kMaxTile) {
     const Q8Block* const* at = a + t;
