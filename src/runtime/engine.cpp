@@ -211,15 +211,20 @@ class EngineImpl final : public Engine {
     return nullptr;
   }
 
+  // How many first ids a and a prompt share, at most limit and prompt.size() - 1.
+  static size_t shared_ids(const std::vector<int32_t>& a, const std::vector<int32_t>& prompt, size_t limit) {
+    const size_t m = std::min({limit, a.size(), prompt.size() - 1});
+    size_t l = 0;
+    while (l < m && a[l] == prompt[l]) ++l;
+    return l;
+  }
+
   // The common prefix of the first `limit` tokens s holds and job's prompt, kept to
   // prompt.size() - 1 so that one token runs to give the logits. Every soft token has the same
   // id: the prefix also ends at the first image block that is not the same image at the same
   // place in both (or that it would cut).
   size_t common_prefix(const Slot& s, const Job& job, size_t limit) const {
-    const std::vector<int32_t>& prompt = job.prompt;
-    const size_t m = std::min({limit, s.tokens.size(), prompt.size() - 1});
-    size_t l = 0;
-    while (l < m && s.tokens[l] == prompt[l]) ++l;
+    size_t l = shared_ids(s.tokens, job.prompt, limit);
     for (const auto* mine : {&s.images, &job.images})
       for (const PromptImage& im : *mine) {
         if (im.offset >= l) continue;
@@ -278,11 +283,8 @@ class EngineImpl final : public Engine {
     if (!o_.ring_checkpoints || !job.images.empty()) return 0;
     for (const Slot& o : slots_) {
       if (!o.job || o.next >= 0 || !o.job->images.empty()) continue;  // free, decoding, images
-      const std::vector<int32_t>& p = o.job->prompt;
-      const size_t m = std::min(p.size(), job.prompt.size() - 1);
-      size_t l = 0;
-      while (l < m && p[l] == job.prompt[l]) ++l;
-      if (l > best && rings_hold(p.size(), l)) best = l;
+      const size_t l = shared_ids(o.job->prompt, job.prompt, o.job->prompt.size());
+      if (l > best && rings_hold(o.job->prompt.size(), l)) best = l;
     }
     return best;
   }

@@ -106,7 +106,7 @@ Status KvCache::allocate(const ModelConfig& config, bool paged) {
     KvLayer& l = layers_[i];
     l.capacity = plan_.capacity[i];
     l.dtype = plan_.dtype;
-    const bool reserve = page_bytes_ > 0 && config.is_global(i);
+    const bool reserve = reserved(i);
     // A whole number of pages, so the last page of a context that is not a multiple maps whole.
     const uint64_t bytes = reserve ? page_bytes_ * plan_.pages_for(l.capacity) : half;
     for (void** p : {&l.k, &l.v}) {

@@ -473,6 +473,20 @@ Prefetch next_stage(const uint8_t* w, int64_t row_bytes, int rows, int64_t b0, i
   return pf;
 }
 
+// The stage after rows [r0, r0 + rows) x blocks [b0, b0 + kSegBlocks) of nr rows x nb blocks:
+// the next segment of these rows, else the next rows' first (none after the last).
+template <DType T>
+Prefetch after_stage(const uint8_t* w, int64_t row_bytes, int nr, int r0, int rows, int64_t nb, int64_t b0,
+                     int steps) {
+  if (b0 + kSegBlocks < nb)
+    return next_stage<T>(w + r0 * row_bytes, row_bytes, std::min(nr - r0, rows), b0 + kSegBlocks,
+                         static_cast<int>(std::min<int64_t>(nb - b0 - kSegBlocks, kSegBlocks)), steps);
+  if (r0 + rows < nr)
+    return next_stage<T>(w + (r0 + rows) * row_bytes, row_bytes, std::min(nr - r0 - rows, rows), 0,
+                         static_cast<int>(std::min<int64_t>(nb, kSegBlocks)), steps);
+  return {};
+}
+
 // out[t * ldo + r] (+)= dot over the staged blocks [0, nbs) of row r < rr and token t < NT, whose
 // blocks are a[t][b0 ..]. `add`: accumulate onto the previous segments' sums.
 template <DType T, int NT>
@@ -658,13 +672,7 @@ void q8tiles8(int64_t k, const uint8_t* w, int64_t row_bytes, int nr, const Q8Bl
       const int nbs = static_cast<int>(std::min<int64_t>(nb - b0, kSegBlocks));
       stage_rows8<T>(w + r0 * row_bytes, row_bytes, rr, b0, nbs, st);
       const int steps = (nt + kTokens8 - 1) / kTokens8 * nbs;
-      Prefetch pf;  // the next segment of these rows, else the next rows' first
-      if (b0 + kSegBlocks < nb)
-        pf = next_stage<T>(w + r0 * row_bytes, row_bytes, rr, b0 + kSegBlocks,
-                           static_cast<int>(std::min<int64_t>(nb - b0 - kSegBlocks, kSegBlocks)), steps);
-      else if (r0 + kRows8 < nr)
-        pf = next_stage<T>(w + (r0 + kRows8) * row_bytes, row_bytes, std::min(nr - r0 - kRows8, kRows8), 0,
-                           static_cast<int>(std::min<int64_t>(nb, kSegBlocks)), steps);
+      Prefetch pf = after_stage<T>(w, row_bytes, nr, r0, kRows8, nb, b0, steps);
       for (int t = 0; t < nt; t += kTokens8) {
         const int32_t* qs[kTokens8];
         for (int i = 0; i < kTokens8 && t + i < nt; ++i) qs[i] = sums.data() + (t + i) * nb + b0;
@@ -697,14 +705,7 @@ void q8tiles(int64_t k, const uint8_t* w, int64_t row_bytes, int nr, const Q8Blo
       const int nbs = static_cast<int>(nb - b0 < kSegBlocks ? nb - b0 : kSegBlocks);
       stage_rows<T>(w + r0 * row_bytes, row_bytes, rr, b0, nbs, st);
       const int steps = (nt + kTileTokens - 1) / kTileTokens * nbs;  // blocks the tiles walk
-      Prefetch pf;  // the next segment of these rows, else the next rows' first
-      if (b0 + kSegBlocks < nb)
-        pf = next_stage<T>(w + r0 * row_bytes, row_bytes, rr, b0 + kSegBlocks,
-                           static_cast<int>(std::min<int64_t>(nb - b0 - kSegBlocks, kSegBlocks)), steps);
-      else if (r0 + kTileRows < nr)
-        pf = next_stage<T>(w + (r0 + kTileRows) * row_bytes, row_bytes,
-                           std::min(nr - r0 - kTileRows, kTileRows), 0,
-                           static_cast<int>(std::min<int64_t>(nb, kSegBlocks)), steps);
+      Prefetch pf = after_stage<T>(w, row_bytes, nr, r0, kTileRows, nb, b0, steps);
       for (int t = 0; t < nt; t += kTileTokens) {
         float* o = out + t * ldo + r0;
         switch (nt - t < kTileTokens ? nt - t : kTileTokens) {
